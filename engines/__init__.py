@@ -1,0 +1,1 @@
+"""Inference engines: the contract (``base``) and llmlb's built-in backends."""

@@ -1,0 +1,116 @@
+"""The engine contract every inference backend implements (built-in or plugin).
+
+An ``Engine`` names the artifact formats it handles, says whether it can run here (and why
+not), and ``load``s a model directory into a ``LoadedModel``. A loaded model generates by
+yielding one ``Started`` event, then ``TokenText`` events (one per generated token), and ends
+with one ``Finished`` event;
+llmlb's serving layer turns those into OpenAI responses, applies stop sequences and counts
+usage, so engines stay small. Loaded models are used by one request at a time (llmlb
+serialises calls), so engines need no locking of their own.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether an engine can run on this machine; ``reason`` explains a no."""
+
+    available: bool
+    reason: str = ""
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What llmlb's settings ask of every engine when it loads a model."""
+
+    context_length: int = 4096  # upper bound; the model's own limit wins when smaller
+
+
+@dataclass(frozen=True)
+class Started:
+    """The first event: how many tokens the prompt has."""
+
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenText:
+    """One generated token's text ('' while a multi-byte character is incomplete)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event: why generation ended, "stop" (end of sequence) or "length"."""
+
+    reason: str
+
+
+GenerationEvent = Started | TokenText | Finished
+
+CHAT, COMPLETION, EMBEDDINGS = "chat", "completion", "embeddings"
+
+
+class EngineError(RuntimeError):
+    """A model cannot be loaded or run; the message is shown to the client."""
+
+
+class InvalidPrompt(EngineError):
+    """The request's prompt cannot be run (too long, rejected by the chat template)."""
+
+
+class LoadedModel(ABC):
+    """A model in memory. Implement the methods named in ``capabilities``."""
+
+    capabilities: frozenset[str] = frozenset()
+    context_length: int | None = None
+
+    def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
+        """Generate the assistant's reply to OpenAI-style messages, using the chat template."""
+        raise EngineError("this model does not support chat completions")
+
+    def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
+        """Continue a raw prompt."""
+        raise EngineError("this model does not support text completions")
+
+    def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        """Embeddings for each text, and the number of tokens read."""
+        raise EngineError("this model does not support embeddings")
+
+    def unload(self) -> None:  # noqa: B027 - optional hook
+        """Free memory now, rather than when the object is collected."""
+
+
+class Engine(ABC):
+    """A backend for one or more artifact formats."""
+
+    #: short name shown in GET /v0/engines
+    name: str = ""
+    #: format name -> artifact file suffixes that mark a model directory of that format
+    formats: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @abstractmethod
+    def availability(self) -> Availability:
+        """Can this engine run here? Import its library lazily and say why not."""
+
+    @abstractmethod
+    def load(self, model_dir: Path, artifacts: Sequence[Path],
+             options: LoadOptions = LoadOptions()) -> LoadedModel:  # noqa: B008
+        """Load the model in ``model_dir``; ``artifacts`` are its files of this format."""

@@ -1,0 +1,157 @@
+"""GGUF models with llama-cpp-python: the chat template from the GGUF metadata, every layer on
+the GPU when llama.cpp was built with CUDA (or Metal) and one is present."""
+
+from __future__ import annotations
+
+import codecs
+import os
+import random
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .base import (
+    CHAT,
+    COMPLETION,
+    EMBEDDINGS,
+    Availability,
+    Engine,
+    EngineError,
+    Finished,
+    GenerationEvent,
+    InvalidPrompt,
+    LoadedModel,
+    LoadOptions,
+    SamplingParams,
+    Started,
+    TokenText,
+)
+from .textgen import FALLBACK_CHAT_TEMPLATE, plain_messages
+
+# Architectures llama.cpp runs as encoders: they give embeddings, not text.
+ENCODER_ARCHITECTURES = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3",
+                         "t5encoder", "modern-bert", "neo-bert"}
+_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+
+
+def pick_main_file(artifacts: Sequence[Path]) -> Path:
+    """The file to open: the first shard of a split model, never a projector (mmproj)."""
+    candidates = [a for a in artifacts if "mmproj" not in a.name.lower()] or list(artifacts)
+    shards = [a for a in candidates if _SPLIT.search(a.name)]
+    if shards:
+        return min(shards, key=lambda a: a.name)
+    return max(candidates, key=lambda a: a.stat().st_size)
+
+
+class GGUFModel(LoadedModel):
+    def __init__(self, llm, embedding: bool) -> None:  # noqa: ANN001 - llama_cpp.Llama
+        import llama_cpp
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self._llm = llm
+        self._lib = llama_cpp
+        self.context_length = llm.n_ctx()
+        if embedding:
+            self.capabilities = frozenset({EMBEDDINGS})
+            return
+        self.capabilities = frozenset({CHAT, COMPLETION})
+        meta = llm.metadata
+        eos, bos = llm.token_eos(), llm.token_bos()
+        self._formatter = Jinja2ChatFormatter(
+            template=meta.get("tokenizer.chat_template") or FALLBACK_CHAT_TEMPLATE,
+            eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+        )
+
+    def _is_end(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._llm._model.vocab, token))
+
+    def _generate(self, prompt_tokens: list[int], params: SamplingParams,
+                  ) -> Iterator[GenerationEvent]:
+        llm = self._llm
+        room = self.context_length - len(prompt_tokens)
+        if room <= 0:
+            raise InvalidPrompt(f"the prompt has {len(prompt_tokens)} tokens; this model's "
+                              f"context holds {self.context_length}")
+        max_tokens = min(params.max_tokens, room)
+        llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
+        yield Started(len(prompt_tokens))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        produced = 0
+        reason = "length"
+        # OpenAI semantics: temperature and top_p only (no top-k, min-p or penalties).
+        for token in llm.generate(prompt_tokens, temp=params.temperature, top_p=params.top_p,
+                                  top_k=0, min_p=0.0, repeat_penalty=1.0):
+            if self._is_end(token):
+                reason = "stop"
+                break
+            produced += 1
+            yield TokenText(decoder.decode(llm.detokenize([token])))
+            if produced >= max_tokens:
+                break
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield TokenText(tail)
+        yield Finished(reason)
+
+    def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
+        try:
+            formatted = self._formatter(messages=plain_messages(messages))
+        except Exception as exc:  # template errors are about the request's messages
+            raise InvalidPrompt(f"the chat template rejected the messages: {exc}") from exc
+        tokens = self._llm.tokenize(formatted.prompt.encode("utf-8"),
+                                    add_bos=not formatted.added_special, special=True)
+        return self._generate(tokens, params)
+
+    def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
+        return self._generate(self._llm.tokenize(prompt.encode("utf-8"), add_bos=True,
+                                                 special=True), params)
+
+    def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        counts = [len(self._llm.tokenize(t.encode("utf-8"), add_bos=True, special=True))
+                  for t in texts]
+        vectors = self._llm.embed(list(texts), normalize=True)
+        return vectors, sum(counts)
+
+    def unload(self) -> None:
+        self._llm.close()
+
+
+class GGUFEngine(Engine):
+    name = "llama.cpp"
+    formats = {"gguf": (".gguf",)}
+
+    def availability(self) -> Availability:
+        try:
+            import llama_cpp
+        except ImportError:
+            return Availability(False, "llama-cpp-python is not installed "
+                                       "(pip install 'llmlb[gguf]')")
+        gpu = bool(llama_cpp.llama_supports_gpu_offload())
+        return Availability(True, device="gpu" if gpu else "cpu")
+
+    def load(self, model_dir: Path, artifacts: Sequence[Path],
+             options: LoadOptions = LoadOptions()) -> LoadedModel:  # noqa: B008
+        import llama_cpp
+
+        path = str(pick_main_file(artifacts))
+        try:
+            # A vocab-only open reads the metadata (training context, architecture) cheaply,
+            # so the real context is sized before any KV cache is allocated.
+            probe = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+            meta = dict(probe.metadata)
+            probe.close()
+            arch = meta.get("general.architecture", "")
+            trained = int(meta.get(f"{arch}.context_length") or options.context_length)
+            embedding = arch in ENCODER_ARCHITECTURES
+            llm = llama_cpp.Llama(
+                model_path=path,
+                n_ctx=min(trained, options.context_length),
+                n_gpu_layers=-1 if llama_cpp.llama_supports_gpu_offload() else 0,
+                n_threads=os.cpu_count() or 1,
+                embedding=embedding,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise EngineError(f"llama.cpp could not load {Path(path).name}: {exc}") from exc
+        return GGUFModel(llm, embedding)

@@ -1,0 +1,225 @@
+"""ONNX models with onnxruntime (CUDA provider when a GPU is there, CPU otherwise).
+
+Decoders in the layout Hugging Face's exports use (``onnx/model.onnx`` with ``input_ids``,
+``attention_mask``, ``position_ids`` and ``past_key_values.N.key/value`` inputs, ``logits`` and
+``present.N.key/value`` outputs; ``config.json`` and ``tokenizer.json`` at the root) generate
+with the KV cache; encoder exports (``last_hidden_state`` output) give embeddings.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .base import (
+    CHAT,
+    COMPLETION,
+    EMBEDDINGS,
+    Availability,
+    Engine,
+    EngineError,
+    Finished,
+    GenerationEvent,
+    InvalidPrompt,
+    LoadedModel,
+    LoadOptions,
+    SamplingParams,
+    Started,
+    TokenText,
+)
+from .textgen import ChatTemplate, IncrementalDecoder, read_json, sample_next, token_text
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
+              "tensor(int64)": "int64", "tensor(int32)": "int32"}
+
+
+def _cuda_present() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def pick_graph(artifacts: Sequence[Path]) -> Path:
+    """``model.onnx`` when present, else the only graph (e.g. ``model_q4f16.onnx``)."""
+    for name in ("model.onnx", "decoder_model_merged.onnx"):
+        for a in artifacts:
+            if a.name == name:
+                return a
+    return sorted(artifacts, key=lambda a: (len(a.name), a.name))[0]
+
+
+class _Tokenizer:
+    def __init__(self, model_dir: Path) -> None:
+        from tokenizers import Tokenizer
+
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise EngineError("tokenizer.json is missing next to the ONNX model")
+        self.tok = Tokenizer.from_file(str(path))
+        self.config = read_json(model_dir / "tokenizer_config.json")
+
+    def encode(self, text: str, special: bool) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=special).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, text: str) -> int | None:
+        return self.tok.token_to_id(text) if text else None
+
+
+class OnnxDecoder(LoadedModel):
+    capabilities = frozenset({CHAT, COMPLETION})
+
+    def __init__(self, session, model_dir: Path, options: LoadOptions) -> None:  # noqa: ANN001
+        import numpy as np
+
+        self._np = np
+        self._session = session
+        self._tok = _Tokenizer(model_dir)
+        config = read_json(model_dir / "config.json")
+        inputs = {i.name: i for i in session.get_inputs()}
+        self._past_names = sorted((n for n in inputs if n.startswith("past_key_values.")),
+                                  key=lambda n: (int(n.split(".")[1]), n))
+        self._present_names = [n.replace("past_key_values.", "present.")
+                               for n in self._past_names]
+        self._has_positions = "position_ids" in inputs
+        self._has_mask = "attention_mask" in inputs
+        first = inputs[self._past_names[0]]
+        self._past_dtype = np.dtype(_ORT_TYPES.get(first.type, "float32"))
+        heads = first.shape[1] if isinstance(first.shape[1], int) else config.get(
+            "num_key_value_heads", config.get("num_attention_heads"))
+        head_dim = first.shape[3] if isinstance(first.shape[3], int) else config.get(
+            "head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        self._past_shape = (1, int(heads), 0, int(head_dim))
+        trained = int(config.get("max_position_embeddings") or options.context_length)
+        self.context_length = min(trained, options.context_length)
+        tc = self._tok.config
+        self._template = ChatTemplate(tc.get("chat_template"), token_text(tc.get("bos_token")),
+                                      token_text(tc.get("eos_token")))
+        gen = read_json(model_dir / "generation_config.json")
+        eos = gen.get("eos_token_id", config.get("eos_token_id"))
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        eos_ids.append(self._tok.token_id(token_text(tc.get("eos_token"))))
+        self._eos = {int(i) for i in eos_ids if i is not None}
+
+    def _generate(self, ids: list[int], params: SamplingParams) -> Iterator[GenerationEvent]:
+        np = self._np
+        room = self.context_length - len(ids)
+        if room <= 0:
+            raise InvalidPrompt(f"the prompt has {len(ids)} tokens; this model's context "
+                              f"holds {self.context_length}")
+        max_new = min(params.max_tokens, room)
+        rng = np.random.default_rng(params.seed if params.seed is not None
+                                    else random.getrandbits(64))
+        yield Started(len(ids))
+        past = {n: np.zeros(self._past_shape, dtype=self._past_dtype) for n in self._past_names}
+        step_ids = ids
+        total = 0
+        decoder = IncrementalDecoder(self._tok.decode)
+        produced, reason = 0, "length"
+        while produced < max_new:
+            feed = {"input_ids": np.array([step_ids], dtype=np.int64), **past}
+            total += len(step_ids)
+            if self._has_mask:
+                feed["attention_mask"] = np.ones((1, total), dtype=np.int64)
+            if self._has_positions:
+                feed["position_ids"] = np.arange(total - len(step_ids), total,
+                                                 dtype=np.int64)[None, :]
+            outputs = self._session.run(["logits", *self._present_names], feed)
+            past = dict(zip(self._past_names, outputs[1:], strict=True))
+            token = sample_next(outputs[0][0, -1], params.temperature, params.top_p, rng)
+            if token in self._eos:
+                reason = "stop"
+                break
+            produced += 1
+            yield TokenText(decoder.push(token))
+            step_ids = [token]
+        tail = decoder.flush()
+        if tail:
+            yield TokenText(tail)
+        yield Finished(reason)
+
+    def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
+        try:
+            prompt = self._template.render(messages)
+        except Exception as exc:
+            raise InvalidPrompt(f"the chat template rejected the messages: {exc}") from exc
+        # The template writes the special tokens itself; the tokenizer must not add more.
+        return self._generate(self._tok.encode(prompt, special=False), params)
+
+    def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
+        return self._generate(self._tok.encode(prompt, special=True), params)
+
+    def unload(self) -> None:
+        del self._session
+
+
+class OnnxEncoder(LoadedModel):
+    capabilities = frozenset({EMBEDDINGS})
+
+    def __init__(self, session, model_dir: Path, options: LoadOptions) -> None:  # noqa: ANN001
+        import numpy as np
+
+        self._np, self._session = np, session
+        self._tok = _Tokenizer(model_dir)
+        self._inputs = {i.name for i in session.get_inputs()}
+        self.context_length = options.context_length
+
+    def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        np = self._np
+        vectors, tokens = [], 0
+        for text in texts:  # one at a time: no padding to get wrong, exact token counts
+            encoding = self._tok.tok.encode(text)
+            ids = encoding.ids[: self.context_length]
+            feed = {"input_ids": np.array([ids], dtype=np.int64)}
+            if "attention_mask" in self._inputs:
+                feed["attention_mask"] = np.ones((1, len(ids)), dtype=np.int64)
+            if "token_type_ids" in self._inputs:
+                feed["token_type_ids"] = np.zeros((1, len(ids)), dtype=np.int64)
+            hidden = self._session.run(None, feed)[0][0]
+            pooled = hidden.mean(axis=0)
+            vectors.append((pooled / max(float(np.linalg.norm(pooled)), 1e-12)).tolist())
+            tokens += len(ids)
+        return vectors, tokens
+
+
+class OnnxEngine(Engine):
+    name = "onnxruntime"
+    formats = {"onnx": (".onnx",)}
+
+    def availability(self) -> Availability:
+        try:
+            import onnxruntime as ort
+            import tokenizers  # noqa: F401
+        except ImportError as exc:
+            return Availability(False, f"{exc.name} is not installed (pip install 'llmlb[onnx]')")
+        cuda = "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_present()
+        return Availability(True, device="cuda" if cuda else "cpu")
+
+    def load(self, model_dir: Path, artifacts: Sequence[Path],
+             options: LoadOptions = LoadOptions()) -> LoadedModel:  # noqa: B008
+        import onnxruntime as ort
+
+        graph = pick_graph(artifacts)
+        providers = ["CPUExecutionProvider"]
+        if self.availability().device == "cuda":
+            providers.insert(0, "CUDAExecutionProvider")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # errors only; onnxruntime's warnings go to stderr
+        try:
+            session = ort.InferenceSession(str(graph), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise EngineError(f"onnxruntime could not load {graph.name}: {exc}") from exc
+        names = {i.name for i in session.get_inputs()}
+        if any(n.startswith("past_key_values.") for n in names):
+            return OnnxDecoder(session, model_dir, options)
+        outputs = {o.name for o in session.get_outputs()}
+        if "last_hidden_state" in outputs or "token_embeddings" in outputs:
+            return OnnxEncoder(session, model_dir, options)
+        raise EngineError(f"{graph.name} is neither a decoder with past_key_values inputs nor "
+                          "an encoder with a last_hidden_state output")

@@ -1,0 +1,11 @@
+"""Production defaults for ``gunicorn -c gunicorn.conf.py wsgi:app``.
+
+The values come from llmlb's settings (LLMLB_HOST, LLMLB_PORT, LLMLB_WORKERS, LLMLB_THREADS,
+...), so this file and ``llmlb serve`` always agree. For a node that runs models, keep one
+worker with several threads: every worker process would load its own copy of each model.
+"""
+
+from llmlb.config import load_settings
+from llmlb.server import gunicorn_options
+
+globals().update(gunicorn_options(load_settings()))

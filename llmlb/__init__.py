@@ -1,0 +1,88 @@
+"""llmlb: an OpenAI-compatible LLM load balancer and node runtime.
+
+``create_app`` is the application factory; gunicorn imports ``wsgi:app`` which calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from .config import Settings, load_settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("llmlb")
+LOG_FORMAT = "%(asctime)s [%(levelname)s] %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    logger = logging.getLogger("llmlb")
+    logger.setLevel(level.upper())
+    if not any(getattr(h, "_llmlb", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler._llmlb = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
+    """Build the app from Settings, or from overrides on top of the environment."""
+    from . import auth, errors
+    from .api import admin_routes, openai_routes, registry_routes
+    from .runtime import build_runtime
+
+    settings = config if isinstance(config, Settings) else load_settings(config)
+    configure_logging(settings.log_level)
+    rt = build_runtime(settings)
+
+    app = Flask(__name__, static_folder="dashboard/static",
+                template_folder="dashboard/templates")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["SECRET_KEY"] = settings.secret_key or rt.db.setdefault_meta(
+        "secret_key", secrets.token_hex(32))
+    app.config["SESSION_COOKIE_HTTPONLY"] = True
+    app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["llmlb"] = rt
+
+    errors.init_app(app)
+    app.register_blueprint(openai_routes.bp)
+    app.register_blueprint(registry_routes.bp)
+    app.register_blueprint(admin_routes.bp)
+
+    worker = str(os.getpid())
+
+    @app.after_request
+    def tag_worker(response):  # which gunicorn worker answered: for operators behind nginx
+        response.headers["X-LLMLB-Worker"] = worker
+        return response
+
+    if settings.trusted_proxies:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        n = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n,  # type: ignore
+                                x_port=n, x_prefix=n)
+
+    if settings.dev:
+        log.warning("=" * 72)
+        log.warning("DEVELOPMENT MODE: the API key 'sk_debug' and the login admin/test are "
+                    "accepted. Never run this on a network others can reach.")
+        log.warning("=" * 72)
+    generated = auth.ensure_first_admin(rt.db, settings.admin_username,
+                                        settings.admin_password)
+    if generated:
+        log.warning("Created the first admin user '%s' with the password: %s  (shown once; "
+                    "set LLMLB_ADMIN_PASSWORD to choose it)", settings.admin_username, generated)
+    log.info("llmlb ready: models in %s, catalog %s (%d models), database %s",
+             settings.models_dir, settings.supported_models, len(rt.catalog.models()),
+             settings.database)
+    return app

@@ -1,0 +1,3 @@
+from llmlb.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Flask blueprints: thin routes over the serving, hub and registry logic."""

@@ -1,0 +1,59 @@
+"""``/v1``: the OpenAI API. Thin: parse, call the serving layer, respond."""
+
+from __future__ import annotations
+
+from flask import Blueprint
+
+from .. import errors
+from ..model_info import catalog_object, model_object
+from ..serving import openai as serving
+from ..storage import InvalidModelId, normalize_model_id
+from .common import json_body, require, respond, runtime
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+
+
+def valid_id(raw: str) -> str:
+    try:
+        return normalize_model_id(raw)
+    except InvalidModelId as exc:
+        raise errors.invalid_model_id(str(exc)) from None
+
+
+@bp.get("/models")
+@require("api")
+def list_models():
+    listed = runtime().dispatcher.list_models()
+    return respond({"object": "list", "data": [model_object(m, n) for m, n in listed]})
+
+
+@bp.get("/models/<path:model_id>")
+@require("api")
+def get_model(model_id: str):
+    model_id = valid_id(model_id)
+    rt = runtime()
+    located = rt.dispatcher.locate(model_id)
+    if located is not None:
+        return respond(model_object(*located))
+    entry = rt.catalog.get(model_id)
+    if entry is not None:
+        return respond(catalog_object(entry))
+    raise errors.model_not_found(model_id, in_catalog_hint=False)
+
+
+@bp.post("/chat/completions")
+@require("api")
+def chat_completions():
+    return respond(serving.chat_completion(runtime().dispatcher, json_body()))
+
+
+@bp.post("/completions")
+@require("api")
+def completions():
+    return respond(serving.completion(runtime().dispatcher, json_body()))
+
+
+@bp.post("/embeddings")
+@require("api")
+def embeddings():
+    return respond(serving.embeddings(runtime().dispatcher, json_body()))

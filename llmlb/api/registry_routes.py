@@ -1,0 +1,38 @@
+"""``/v0``: llmlb's own API for nodes and operators (manifests, engines), and ``/health``."""
+
+from __future__ import annotations
+
+from flask import Blueprint, request
+
+from .. import errors
+from ..model_info import manifest
+from .common import require, respond, runtime
+from .openai_routes import valid_id
+
+bp = Blueprint("registry", __name__)
+
+
+@bp.get("/health")
+def health():
+    """Liveness for load balancers and nginx; needs no key."""
+    return respond({"status": "ok"})
+
+
+@bp.get("/v0/models/registry/<path:model_id>/manifest.json")
+@require("node", "api")
+def model_manifest(model_id: str):
+    model_id = valid_id(model_id)
+    rt = runtime()
+    local = rt.node.find(model_id)
+    entry = rt.catalog.get(model_id)
+    if local is None and entry is None:
+        raise errors.model_not_found(model_id, in_catalog_hint=False)
+    blob_base = request.host_url.rstrip("/") + "/v1/models/blob"
+    return respond(manifest(model_id, local, entry, rt.settings.hf_endpoint, blob_base))
+
+
+@bp.get("/v0/engines")
+@require("api")
+def engines():
+    rt = runtime()
+    return respond({"engines": rt.engines.describe(), "loaded": rt.pool.loaded()})

@@ -1,0 +1,160 @@
+"""API keys (hashed, with scopes) and dashboard users (hashed passwords). No Flask here.
+
+Keys are 256-bit random strings, so one SHA-256 is the right hash: it allows a direct lookup
+and cannot be brute-forced. Passwords are low-entropy and get werkzeug's salted slow hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from .db import Database
+
+log = logging.getLogger(__name__)
+
+SCOPES = ("api", "node", "admin")
+DEV_API_KEY = "sk_debug"
+DEV_USERNAME, DEV_PASSWORD = "admin", "test"
+_LAST_USED_EVERY = 60.0  # seconds between last_used_at writes for one key
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as."""
+
+    kind: str  # "key" | "user" | "dev"
+    name: str
+    scopes: frozenset[str]
+    key_id: int | None = None
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: int
+    name: str
+    prefix: str
+    scopes: tuple[str, ...]
+    created_at: float
+    last_used_at: float | None
+    revoked: bool
+
+
+def _hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def parse_scopes(scopes: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    items = scopes.split(",") if isinstance(scopes, str) else list(scopes)
+    cleaned = tuple(sorted({s.strip() for s in items if s.strip()}))
+    unknown = [s for s in cleaned if s not in SCOPES]
+    if unknown or not cleaned:
+        raise ValueError(f"scopes must be some of {', '.join(SCOPES)}; got {scopes!r}")
+    return cleaned
+
+
+def create_api_key(db: Database, name: str, scopes: str | list[str]) -> tuple[str, KeyRecord]:
+    """Create a key; the plaintext is returned once and never stored."""
+    scope_tuple = parse_scopes(scopes)
+    key = "sk-" + secrets.token_urlsafe(32)
+    now = time.time()
+    with db.transaction() as conn:
+        cur = conn.execute(
+            "INSERT INTO api_keys(name, prefix, key_hash, scopes, created_at) VALUES (?,?,?,?,?)",
+            (name, key[:10], _hash_key(key), ",".join(scope_tuple), now))
+        key_id = cur.lastrowid
+    return key, KeyRecord(key_id, name, key[:10], scope_tuple, now, None, False)
+
+
+def list_api_keys(db: Database) -> list[KeyRecord]:
+    rows = db.conn().execute("SELECT * FROM api_keys ORDER BY id").fetchall()
+    return [KeyRecord(r["id"], r["name"], r["prefix"], tuple(r["scopes"].split(",")),
+                      r["created_at"], r["last_used_at"], r["revoked_at"] is not None)
+            for r in rows]
+
+
+def revoke_api_key(db: Database, key_id: int) -> bool:
+    with db.transaction() as conn:
+        cur = conn.execute("UPDATE api_keys SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
+                           (time.time(), key_id))
+        return cur.rowcount == 1
+
+
+def authenticate_key(db: Database, key: str, *, dev: bool = False) -> Principal | None:
+    if dev and hmac.compare_digest(key, DEV_API_KEY):
+        return Principal("dev", "sk_debug", frozenset(SCOPES))
+    row = db.conn().execute(
+        "SELECT id, name, scopes, last_used_at FROM api_keys "
+        "WHERE key_hash=? AND revoked_at IS NULL", (_hash_key(key),)).fetchone()
+    if row is None:
+        return None
+    now = time.time()
+    if row["last_used_at"] is None or now - row["last_used_at"] > _LAST_USED_EVERY:
+        db.conn().execute("UPDATE api_keys SET last_used_at=? WHERE id=?", (now, row["id"]))
+    return Principal("key", row["name"], frozenset(row["scopes"].split(",")), row["id"])
+
+
+def key_from_headers(headers) -> str | None:  # noqa: ANN001 - any Mapping of headers
+    auth = headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return (headers.get("X-API-Key") or "").strip() or None
+
+
+# --- users ------------------------------------------------------------------------------------
+
+def create_user(db: Database, username: str, password: str) -> bool:
+    """Create a user unless the name exists; True when created."""
+    with db.transaction() as conn:
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO users(username, password_hash, created_at) VALUES (?,?,?)",
+            (username, generate_password_hash(password), time.time()))
+        return cur.rowcount == 1
+
+
+def set_password(db: Database, username: str, password: str) -> bool:
+    with db.transaction() as conn:
+        cur = conn.execute("UPDATE users SET password_hash=? WHERE username=?",
+                           (generate_password_hash(password), username))
+        return cur.rowcount == 1
+
+
+def check_login(db: Database, username: str, password: str, *, dev: bool = False,
+                ) -> Principal | None:
+    if dev and username == DEV_USERNAME and hmac.compare_digest(password, DEV_PASSWORD):
+        return Principal("dev", DEV_USERNAME, frozenset(SCOPES))
+    row = db.conn().execute("SELECT password_hash FROM users WHERE username=?",
+                            (username,)).fetchone()
+    if row is None or not check_password_hash(row["password_hash"], password):
+        return None
+    return Principal("user", username, frozenset(SCOPES))
+
+
+def user_principal(db: Database, username: str, *, dev: bool = False) -> Principal | None:
+    """The principal of a logged-in session, if the user still exists."""
+    if dev and username == DEV_USERNAME:
+        return Principal("dev", DEV_USERNAME, frozenset(SCOPES))
+    row = db.conn().execute("SELECT 1 FROM users WHERE username=?", (username,)).fetchone()
+    return Principal("user", username, frozenset(SCOPES)) if row else None
+
+
+def ensure_first_admin(db: Database, username: str, password: str | None) -> str | None:
+    """Create the first admin when there is no user yet.
+
+    Returns the generated password when one was made (to print once), else None. Safe to call
+    from every worker: only the one whose insert wins creates the user.
+    """
+    if db.conn().execute("SELECT 1 FROM users LIMIT 1").fetchone():
+        return None
+    generated = None if password else secrets.token_urlsafe(12)
+    created = create_user(db, username, password or generated)
+    return generated if created else None

@@ -1,0 +1,195 @@
+"""The ``llmlb`` command: ``serve``, ``keys``, ``users``, ``models``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from .config import OPTIONS, SettingsError, load_settings
+
+_TYPES = {"int": int, "float": float, "str": str, "path": click.Path(), "list": str}
+
+
+def _env_help() -> str:
+    import textwrap
+
+    # "\b" keeps click from re-wrapping the block below it.
+    lines = ["Settings (defaults < $LLMLB_HOME/.env < environment < flags):", "", "\b"]
+    for o in OPTIONS:
+        lines.append(f"  {' / '.join(o.env)}")
+        lines.extend(textwrap.wrap(o.help, 90, initial_indent="      ",
+                                   subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def settings_flags(command: Any) -> Any:
+    """Add a flag for every setting that has one, with the setting's help and env names."""
+    for option in reversed(OPTIONS):
+        if option.flag is None:
+            continue
+        help_text = f"{option.help} [env: {', '.join(option.env)}]"
+        if option.kind == "bool":
+            command = click.option(option.flag, option.attr, is_flag=True, default=None,
+                                   help=help_text)(command)
+        else:
+            command = click.option(option.flag, option.attr, type=_TYPES[option.kind],
+                                   default=None, help=help_text)(command)
+    return command
+
+
+def _settings(flags: dict[str, Any]):
+    try:
+        return load_settings(flags)
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@click.group(epilog=_env_help(), context_settings={"max_content_width": 100})
+@click.version_option(package_name="llmlb")
+def main() -> None:
+    """llmlb: an OpenAI-compatible LLM load balancer and node runtime.
+
+    `llmlb serve` starts it standalone (balancer and node in one process) on port 8080.
+    """
+
+
+@main.command(epilog=_env_help(), context_settings={"max_content_width": 100})
+@settings_flags
+def serve(**flags: Any) -> None:
+    """Start llmlb standalone: the OpenAI API, the model hub and dashboard, and a node."""
+    from .catalog import CatalogError
+    from .server import serve as run
+
+    settings = _settings(flags)
+    try:
+        run(settings)
+    except CatalogError as exc:
+        raise click.ClickException(f"the model catalog is invalid: {exc}") from None
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys."""
+
+
+def _db(home: str | None, database: str | None):
+    from .db import Database
+
+    return Database(_settings({"home": home, "database": database}).database)
+
+
+_db_flags = [click.option("--home", default=None, help="LLMLB_HOME to use."),
+             click.option("--database", default=None, help="Database file to use.")]
+
+
+def db_flags(command: Any) -> Any:
+    for flag in reversed(_db_flags):
+        command = flag(command)
+    return command
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="What the key is for (shown in listings).")
+@click.option("--scope", "scopes", default="api", show_default=True,
+              help="Comma-separated scopes: api (inference), node (model sync), admin.")
+@db_flags
+def keys_create(name: str, scopes: str, home: str | None, database: str | None) -> None:
+    """Create a key and print it once (it is stored hashed)."""
+    from .auth import create_api_key
+
+    try:
+        key, record = create_api_key(_db(home, database), name, scopes)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(key)
+    click.echo(f"Created key {record.id} '{name}' with scopes {','.join(record.scopes)}. "
+               "It is shown only this once.", err=True)
+
+
+@keys.command("list")
+@db_flags
+def keys_list(home: str | None, database: str | None) -> None:
+    """List keys (never their secret)."""
+    from .auth import list_api_keys
+
+    for k in list_api_keys(_db(home, database)):
+        state = "revoked" if k.revoked else "active"
+        click.echo(f"{k.id}\t{k.prefix}…\t{k.name}\t{','.join(k.scopes)}\t{state}")
+
+
+@keys.command("revoke")
+@click.argument("key_id", type=int)
+@db_flags
+def keys_revoke(key_id: int, home: str | None, database: str | None) -> None:
+    """Revoke a key by its id."""
+    from .auth import revoke_api_key
+
+    if not revoke_api_key(_db(home, database), key_id):
+        raise click.ClickException(f"no active key with id {key_id}")
+    click.echo(f"Revoked key {key_id}")
+
+
+# --- users --------------------------------------------------------------------------------------
+
+@main.group()
+def users() -> None:
+    """Manage dashboard users."""
+
+
+@users.command("set-password")
+@click.argument("username")
+@click.password_option()
+@db_flags
+def users_set_password(username: str, password: str, home: str | None,
+                       database: str | None) -> None:
+    """Set a user's password, creating the user when missing."""
+    from .auth import create_user, set_password
+
+    db = _db(home, database)
+    if not set_password(db, username, password):
+        create_user(db, username, password)
+    click.echo(f"Password set for {username}")
+
+
+# --- models -------------------------------------------------------------------------------------
+
+@main.group()
+def models() -> None:
+    """Inspect models on disk and the catalog."""
+
+
+@models.command("list")
+@settings_flags
+def models_list(**flags: Any) -> None:
+    """List servable models (local and shared) with their format and size."""
+    from .plugins import EngineRegistry, load_plugins
+    from .storage import merged_listing
+
+    settings = _settings(flags)
+    table = EngineRegistry(load_plugins(settings.plugins_dir)).format_table()
+    for m in merged_listing([(settings.models_dir, "local"),
+                             (settings.shared_models_dir, "shared")], table):
+        click.echo(f"{m.id}\t{m.format}\t{m.size_bytes / 1e6:.1f} MB\t{m.source}\t{m.path}")
+
+
+@models.command("check-catalog")
+@settings_flags
+def models_check_catalog(**flags: Any) -> None:
+    """Validate the catalog file and print its models."""
+    from .catalog import CatalogError, load_catalog
+
+    settings = _settings(flags)
+    try:
+        catalog = load_catalog(settings.supported_models)
+    except CatalogError as exc:
+        raise click.ClickException(str(exc)) from None
+    for m in catalog.values():
+        click.echo(f"{m.id}\t{m.source}\t{m.repo_id}\t{m.size_bytes / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Every error body llmlb sends: ``{"error": {"message", "type", "code", "param"?}}``.
+
+``APIError`` carries status, type, code, message and optional headers; the constructors below
+are the one place where each code's status and wording are decided. ``init_app`` installs
+handlers so that any 4xx/5xx under the API prefixes (404, 405 and 413 included) is JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+API_PREFIXES = ("/v1", "/v0", "/api", "/ws")
+
+
+class APIError(Exception):
+    """An error a client sees as OpenAI-style JSON."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_body(message: str, type: str, code: str | None, param: str | None = None) -> dict:
+    error: dict[str, Any] = {"message": message, "type": type, "code": code}
+    if param is not None:
+        error["param"] = param
+    return {"error": error}
+
+
+# --- the codes -------------------------------------------------------------------------------
+
+def invalid_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, code=code, param=param)
+
+
+def invalid_json(detail: str) -> APIError:
+    return APIError(400, f"Invalid JSON body: {detail}", code="invalid_json")
+
+
+def invalid_model_id(reason: str, param: str | None = "model") -> APIError:
+    return APIError(400, f"Invalid model ID: {reason}", code="invalid_model_id", param=param)
+
+
+def model_not_found(model_id: str, *, in_catalog_hint: bool = True) -> APIError:
+    if in_catalog_hint:
+        message = f"Model '{model_id}' is not supported. Check supported_models.json."
+    else:
+        message = f"Model '{model_id}' not found"
+    return APIError(404, message, code="model_not_found", param="model")
+
+
+def model_not_supported(model_id: str) -> APIError:
+    return APIError(400, f"Model '{model_id}' is not in supported models list",
+                    code="model_not_supported", param="model_id")
+
+
+def insufficient_memory(required_bytes: int, available_bytes: int) -> APIError:
+    return APIError(
+        400,
+        f"Insufficient VRAM. Required: {_gb(required_bytes)}, Available: {_gb(available_bytes)}",
+        type="resource_error", code="insufficient_memory")
+
+
+def model_downloading(model_id: str, progress: float, retry_after: int = 10) -> APIError:
+    return APIError(
+        503, f"Model '{model_id}' is still downloading ({int(progress * 100)}% complete)",
+        type="service_unavailable", code="model_downloading",
+        headers={"Retry-After": str(retry_after)})
+
+
+def download_failed(cause: str) -> APIError:
+    return APIError(502, f"Failed to download model: {cause}", type="upstream_error",
+                    code="download_failed")
+
+
+def model_busy(model_id: str, retry_after: int = 2) -> APIError:
+    return APIError(503, f"Model '{model_id}' is busy: too many requests are waiting for it. "
+                    "Retry shortly.", type="service_unavailable", code="model_busy",
+                    headers={"Retry-After": str(retry_after)})
+
+
+def engine_unavailable(model_id: str, fmt: str, reason: str) -> APIError:
+    return APIError(503, f"Model '{model_id}' needs the {fmt} engine, which is unavailable "
+                    f"on this node: {reason}", type="service_unavailable",
+                    code="engine_unavailable")
+
+
+def model_load_failed(model_id: str, cause: str) -> APIError:
+    return APIError(500, f"Model '{model_id}' could not be loaded: {cause}",
+                    type="server_error", code="model_load_failed")
+
+
+def unsupported_operation(model_id: str, operation: str) -> APIError:
+    return APIError(400, f"Model '{model_id}' does not support {operation}",
+                    code="unsupported_operation", param="model")
+
+
+def unauthorized(message: str = "Missing API key. Send 'Authorization: Bearer <key>' or "
+                 "'X-API-Key: <key>'.") -> APIError:
+    return APIError(401, message, type="authentication_error", code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"})
+
+
+def forbidden(scope: str) -> APIError:
+    return APIError(403, f"This API key lacks the scope required here ({scope})",
+                    type="permission_error", code="insufficient_scope")
+
+
+def not_found(path: str) -> APIError:
+    return APIError(404, f"Unknown URL: {path}", code="not_found")
+
+
+def method_not_allowed(method: str, path: str) -> APIError:
+    return APIError(405, f"Method {method} is not allowed for {path}", code="method_not_allowed")
+
+
+def request_too_large(limit: int) -> APIError:
+    return APIError(413, f"Request body is larger than the limit of {limit} bytes",
+                    code="request_too_large")
+
+
+def internal_error() -> APIError:
+    return APIError(500, "Internal server error; the details are in the server log",
+                    type="server_error", code="internal_error")
+
+
+def from_exception(exc: BaseException) -> APIError:
+    """The APIError for any exception raised while serving (engines' errors included)."""
+    from engines.base import EngineError, InvalidPrompt
+
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidPrompt):
+        return APIError(400, f"Invalid prompt: {exc}", code="invalid_prompt", param="messages")
+    if isinstance(exc, EngineError):
+        return APIError(500, f"The engine failed: {exc}", type="server_error",
+                        code="engine_error")
+    return internal_error()
+
+
+def _gb(n: int) -> str:
+    gb = n / 1024**3
+    return f"{gb:.0f}GB" if gb >= 10 or gb == int(gb) else f"{gb:.1f}GB"
+
+
+# --- Flask wiring -----------------------------------------------------------------------------
+
+def is_api_path(path: str) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in API_PREFIXES)
+
+
+def init_app(app) -> None:  # noqa: ANN001 - Flask app, imported lazily to keep this module pure
+    from flask import jsonify, request
+    from werkzeug.exceptions import HTTPException
+
+    def respond(err: APIError):
+        response = jsonify(err.body())
+        response.status_code = err.status
+        for key, value in err.headers.items():
+            response.headers[key] = value
+        return response
+
+    @app.errorhandler(APIError)
+    def handle_api_error(err: APIError):
+        return respond(err)
+
+    @app.errorhandler(HTTPException)
+    def handle_http_exception(exc: HTTPException):
+        if not is_api_path(request.path):
+            return exc
+        if exc.code == 404:
+            err = not_found(request.path)
+        elif exc.code == 405:
+            err = method_not_allowed(request.method, request.path)
+            allowed = exc.get_response().headers.get("Allow")
+            if allowed:
+                err.headers["Allow"] = allowed
+        elif exc.code == 413:
+            err = request_too_large(app.config.get("MAX_CONTENT_LENGTH") or 0)
+        elif exc.code == 400 and "JSON" in (exc.description or ""):
+            err = invalid_json(exc.description or "could not parse")
+        else:
+            err = APIError(exc.code or 500, exc.description or exc.name,
+                           type="invalid_request_error" if (exc.code or 500) < 500
+                           else "server_error", code=(exc.name or "error").lower().replace(" ", "_"))
+        return respond(err)
+
+    @app.errorhandler(Exception)
+    def handle_unexpected(exc: Exception):
+        err = from_exception(exc)
+        if err.code == "internal_error":
+            log.exception("Unhandled error on %s %s", request.method, request.path)
+        if not is_api_path(request.path):
+            return "Internal server error", 500
+        return respond(err)

@@ -1,0 +1,78 @@
+"""How models are described to clients: OpenAI model objects (ST-6) and manifests (ST-7)."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import quote
+
+from .catalog import CatalogModel
+from .storage import LocalModel
+
+
+def model_object(model: LocalModel, nodes: list[str]) -> dict:
+    return {
+        "id": model.id, "object": "model", "created": model.created, "owned_by": model.source,
+        "format": model.format, "size_bytes": model.size_bytes, "status": "ready",
+        "nodes": nodes,
+    }
+
+
+def catalog_object(entry: CatalogModel) -> dict:
+    """A catalog model that is not on disk yet: requesting it downloads it."""
+    return {
+        "id": entry.id, "object": "model", "created": 0, "owned_by": "catalog",
+        "format": entry.format, "size_bytes": entry.size_bytes, "status": "not_downloaded",
+        "nodes": [],
+    }
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def model_files(model: LocalModel) -> list[tuple[str, int]]:
+    """Every file a node needs to run the model: artifacts and their companions
+    (config, tokenizer), as (relative path, size), without llmlb's dot files."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(model.path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            full = Path(dirpath) / name
+            files.append((str(full.relative_to(model.path)), full.stat().st_size))
+    return files
+
+
+def manifest(model_id: str, local: LocalModel | None, entry: CatalogModel | None,
+             hf_endpoint: str, blob_base: str) -> dict:
+    """The manifest nodes sync from: the files on disk when the balancer has the model,
+    else the catalog's artifacts with their Hugging Face URLs."""
+    repo = entry.repo_id if entry else None
+    if local is not None:
+        artifacts = set(local.artifacts)
+        known = {a.filename: a for a in entry.artifacts} if entry else {}
+        files = []
+        for rel, size in model_files(local):
+            item = {"filename": rel, "format": local.format if rel in artifacts else "support",
+                    "size_bytes": size,
+                    "url": f"{blob_base}/{quote(model_id)}/{quote(rel)}"}
+            if rel in known and known[rel].sha256:
+                item["sha256"] = known[rel].sha256
+            files.append(item)
+        created = _iso(local.created)
+    else:
+        assert entry is not None
+        files = []
+        for art in entry.artifacts:
+            item = {"filename": art.filename, "format": entry.format,
+                    "size_bytes": art.size_bytes,
+                    "url": f"{hf_endpoint}/{entry.repo_id}/resolve/{quote(entry.revision)}/"
+                           f"{quote(art.filename)}"}
+            if art.sha256:
+                item["sha256"] = art.sha256
+            files.append(item)
+        created = None
+    return {"model_id": model_id, "repo": repo, "files": files, "created_at": created}

@@ -1,0 +1,205 @@
+"""Loaded models of this process (EN-4): reuse, idle unload, a cap, reload on change, and one
+generation at a time per model with a bounded queue.
+
+The libraries under the engines are not thread-safe, so every use of a loaded model holds its
+lock; requests that find it busy wait in line, and past ``max_queued_requests`` get a 503 with
+``Retry-After`` at once. A ``Lease`` is taken before the response starts, so a busy model is a
+clean error and never a broken stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from engines.base import EngineError, LoadedModel, LoadOptions
+
+from . import errors
+from .plugins import EngineRegistry
+from .storage import LocalModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Entry:
+    model: LocalModel
+    loaded: LoadedModel
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    waiting: int = 0
+    busy: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    stale: bool = False  # replaced by a newer load; unloaded when its last user leaves
+
+
+class Lease:
+    """The right to use one loaded model until ``release()`` (idempotent)."""
+
+    def __init__(self, pool: ModelPool, entry: _Entry) -> None:
+        self._pool, self._entry = pool, entry
+        self.model = entry.loaded
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._pool._release(self._entry)
+
+    def __enter__(self) -> LoadedModel:
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class ModelPool:
+    def __init__(self, registry: EngineRegistry, *, max_loaded: int, keep_alive: float,
+                 max_queued: int, load_options: LoadOptions) -> None:
+        self._registry = registry
+        self._max_loaded, self._keep_alive, self._max_queued = max_loaded, keep_alive, max_queued
+        self._options = load_options
+        self._entries: dict[str, _Entry] = {}
+        self._mutex = threading.Lock()
+        self._load_locks: dict[str, threading.Lock] = {}
+        self._janitor: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # --- public -----------------------------------------------------------------------------
+
+    def lease(self, model: LocalModel) -> Lease:
+        """Load (or reuse) the model and wait for its turn; raise APIError when not possible."""
+        self._ensure_janitor()
+        while True:
+            entry = self._entry_for(model)
+            with self._mutex:
+                if entry.stale:  # unloaded between lookup and here: look again
+                    continue
+                if entry.waiting >= self._max_queued:
+                    raise errors.model_busy(model.id)
+                entry.waiting += 1
+                break
+        entry.lock.acquire()
+        with self._mutex:
+            entry.waiting -= 1
+            entry.busy += 1
+        return Lease(self, entry)
+
+    def loaded(self) -> list[dict]:
+        with self._mutex:
+            return [{"id": e.model.id, "format": e.model.format, "busy": bool(e.busy),
+                     "waiting": e.waiting, "idle_seconds": round(time.monotonic() - e.last_used)}
+                    for e in self._entries.values()]
+
+    def unload_all(self) -> None:
+        with self._mutex:
+            entries = list(self._entries.values())
+            self._entries.clear()
+        for entry in entries:
+            self._unload(entry)
+        self._stop.set()
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _entry_for(self, model: LocalModel) -> _Entry:
+        with self._mutex:
+            entry = self._entries.get(model.id)
+            if entry and entry.model.fingerprint == model.fingerprint \
+                    and entry.model.path == model.path:
+                return entry
+            load_lock = self._load_locks.setdefault(model.id, threading.Lock())
+        with load_lock:  # one load per model at a time; others wait and reuse its result
+            with self._mutex:
+                entry = self._entries.get(model.id)
+                if entry and entry.model.fingerprint == model.fingerprint \
+                        and entry.model.path == model.path:
+                    return entry
+            if entry is not None:
+                log.info("Model %s changed on disk; reloading", model.id)
+                self._retire(entry)
+            self._make_room()
+            loaded = self._load(model)
+            entry = _Entry(model, loaded)
+            with self._mutex:
+                self._entries[model.id] = entry
+            return entry
+
+    def _load(self, model: LocalModel) -> LoadedModel:
+        found = self._registry.for_format(model.format)
+        if found is None:
+            raise errors.engine_unavailable(model.id, model.format, "no engine is registered")
+        availability = self._registry.availability(found.engine)
+        if not availability.available:
+            raise errors.engine_unavailable(model.id, model.format, availability.reason)
+        started = time.monotonic()
+        try:
+            artifacts = [model.path / a for a in model.artifacts]
+            loaded = found.engine.load(model.path, artifacts, self._options)
+        except EngineError as exc:
+            raise errors.model_load_failed(model.id, str(exc)) from exc
+        except MemoryError:
+            raise errors.model_load_failed(model.id, "out of memory") from None
+        log.info("Model loaded successfully: %s (%s via %s, %.1fs)", model.id, model.format,
+                 found.engine.name, time.monotonic() - started)
+        return loaded
+
+    def _retire(self, entry: _Entry) -> None:
+        with self._mutex:
+            if self._entries.get(entry.model.id) is entry:
+                del self._entries[entry.model.id]
+            entry.stale = True
+            idle = entry.busy == 0 and entry.waiting == 0
+        if idle:
+            self._unload(entry)
+
+    def _make_room(self) -> None:
+        with self._mutex:
+            live = list(self._entries.values())
+        while len(live) >= self._max_loaded:
+            idle = [e for e in live if e.busy == 0 and e.waiting == 0]
+            if not idle:
+                log.warning("All %d loaded models are busy; loading one more than "
+                            "LLMLB_MAX_LOADED_MODELS allows", len(live))
+                return
+            victim = min(idle, key=lambda e: e.last_used)
+            log.info("Unloading %s to make room (LLMLB_MAX_LOADED_MODELS=%d)",
+                     victim.model.id, self._max_loaded)
+            self._retire(victim)
+            live.remove(victim)
+
+    def _release(self, entry: _Entry) -> None:
+        with self._mutex:
+            entry.busy -= 1
+            entry.last_used = time.monotonic()
+            unload = entry.stale and entry.busy == 0 and entry.waiting == 0
+        entry.lock.release()
+        if unload:
+            self._unload(entry)
+
+    def _unload(self, entry: _Entry) -> None:
+        try:
+            entry.loaded.unload()
+        except Exception:  # unloading must never break a request
+            log.exception("Unloading %s failed", entry.model.id)
+        log.info("Model unloaded: %s", entry.model.id)
+
+    def _ensure_janitor(self) -> None:
+        if self._janitor is None or not self._janitor.is_alive():
+            with self._mutex:
+                if self._janitor is None or not self._janitor.is_alive():
+                    self._janitor = threading.Thread(target=self._sweep, daemon=True,
+                                                     name="llmlb-model-janitor")
+                    self._janitor.start()
+
+    def _sweep(self) -> None:
+        interval = max(0.2, min(5.0, self._keep_alive / 4))
+        while not self._stop.wait(interval):
+            now = time.monotonic()
+            with self._mutex:
+                expired = [e for e in self._entries.values() if e.busy == 0
+                           and e.waiting == 0 and now - e.last_used > self._keep_alive]
+            for entry in expired:
+                log.info("Model %s idle for %.0fs (LLMLB_KEEP_ALIVE_SECONDS); unloading",
+                         entry.model.id, now - entry.last_used)
+                self._retire(entry)

@@ -1,0 +1,1 @@
+"""The OpenAI protocol, free of Flask: request validation, response shaping, SSE."""

@@ -1,0 +1,149 @@
+"""Request types of the OpenAI endpoints, validated with pydantic; errors name the field."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .. import errors
+
+MAX_TOKENS_LIMIT = 1_000_000  # beyond any context window: larger is a client bug
+MAX_STOP_SEQUENCES = 4
+
+
+class _Request(BaseModel):
+    # strict: "5" is not a number and 1 is not a boolean, as in OpenAI's API.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None
+    n: int | None = Field(default=None, ge=1, le=1)
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKENS_LIMIT)
+    echo: bool | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("exactly one prompt per request is supported")
+        return value
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str
+    input: str | list[str] = Field()
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: None = Field(default=None, description="not supported")
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, value: str | list[str]) -> str | list[str]:
+        items = [value] if isinstance(value, str) else value
+        if not items:
+            raise ValueError("must not be empty")
+        if len(items) > 2048:
+            raise ValueError("at most 2048 inputs per request")
+        return value
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+ChatRequest.model_rebuild()
+CompletionRequest.model_rebuild()
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def _param(loc: tuple[Any, ...]) -> str:
+    """'messages[0].content' from pydantic's loc, dropping the union-member type tags."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in _TYPE_TAGS and "[" not in part and not part.startswith("function-"):
+            out += f".{part}" if out else part
+    return out
+
+
+def parse(cls: type[BaseModel], body: dict) -> Any:
+    """Validate a JSON body; raise a 400 naming the first field at fault."""
+    try:
+        return cls.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        param = _param(first["loc"]) or None
+        if first["type"] == "missing":
+            raise errors.invalid_request(f"Missing required parameter: '{param}'", param,
+                                         code="missing_required_parameter") from None
+        message = first["msg"].removeprefix("Value error, ")
+        if param == "dimensions":
+            message = "the dimensions parameter is not supported"
+        raise errors.invalid_request(f"Invalid value for '{param}': {message}", param) from None

@@ -1,0 +1,50 @@
+"""Server-sent events framing: one ``data:`` line per chunk, errors as a ``data: {"error"}``
+event, always ending with ``data: [DONE]``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator
+
+from .. import errors
+
+log = logging.getLogger(__name__)
+
+
+def event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class SSEStream:
+    """The body of a streaming response. The WSGI server calls ``close()`` when the request
+    ends, also when the client left before the first byte, so ``on_close`` always runs (a
+    generator that never started would skip its ``finally``)."""
+
+    def __init__(self, chunks: Iterable[dict], on_close: Callable[[], None]) -> None:
+        self._chunks, self._on_close = chunks, on_close
+
+    def __iter__(self) -> Iterator[str]:
+        return _frames(self._chunks)
+
+    def close(self) -> None:
+        self._on_close()
+
+
+def _frames(chunks: Iterable[dict]) -> Iterator[str]:
+    try:
+        for chunk in chunks:
+            yield event(chunk)
+    except errors.APIError as exc:
+        yield event(exc.body())
+    except GeneratorExit:
+        raise
+    except Exception as exc:  # headers are sent: the error can only travel as an event
+        log.exception("Stream failed")
+        err = errors.from_exception(exc)
+        yield event(err.body())
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,83 @@
+"""From engine events to text: stop sequences, finish reason and token usage, the same for
+every engine (so engines need not implement stops)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from engines.base import Finished, GenerationEvent, Started, TokenText
+
+
+class TextStream:
+    """Iterate to get text deltas; afterwards ``finish_reason`` and the token counts are set.
+
+    Text that might be the start of a stop sequence is held back until it is clear that it is
+    not; when a stop sequence appears, the text before it is emitted and the engine is stopped.
+    """
+
+    def __init__(self, events: Iterator[GenerationEvent], stops: list[str]) -> None:
+        self._events = events
+        self._stops = stops
+        self._hold = max((len(s) for s in stops), default=1) - 1
+        self.finish_reason: str | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def __iter__(self) -> Iterator[str]:
+        pending = ""
+        try:
+            for event in self._events:
+                if isinstance(event, Started):
+                    self.prompt_tokens = event.prompt_tokens
+                    continue
+                if isinstance(event, Finished):
+                    self.finish_reason = event.reason
+                    break
+                if not isinstance(event, TokenText):
+                    continue
+                self.completion_tokens += 1
+                pending += event.text
+                if not self._stops:
+                    if pending:
+                        yield pending
+                    pending = ""
+                    continue
+                cut = self._first_stop(pending)
+                if cut is not None:
+                    if pending[:cut]:
+                        yield pending[:cut]
+                    pending = ""
+                    self.finish_reason = "stop"
+                    return
+                safe = len(pending) - self._held_suffix(pending)
+                if safe > 0:
+                    yield pending[:safe]
+                    pending = pending[safe:]
+            if pending:
+                yield pending
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the engine and free the model, also when iteration never began."""
+        close = getattr(self._events, "close", None)
+        if close is not None:
+            close()
+
+    def _first_stop(self, text: str) -> int | None:
+        hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
+        return min(hits) if hits else None
+
+    def _held_suffix(self, text: str) -> int:
+        """Length of the longest end of ``text`` that begins some stop sequence."""
+        for size in range(min(self._hold, len(text)), 0, -1):
+            tail = text[-size:]
+            if any(s.startswith(tail) for s in self._stops):
+                return size
+        return 0
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}

@@ -1,0 +1,185 @@
+"""Model storage: ids, paths, format detection and listing. No network, no Flask.
+
+Models are plain directories, ``<models_dir>/<model-id>/<artifacts>`` (ST-1). The id is checked
+before any file system access (ST-3), so no id can reach outside the model roots. Directories
+whose name starts with a dot (``.locks``, ``.downloads``) belong to llmlb and are never models.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote
+
+MAX_ID_LENGTH = 256
+MAX_DEPTH = 4  # "org/name" ids nest; deeper trees are not scanned for models
+
+# Format name -> artifact suffixes, in the order formats are preferred when a directory holds
+# several. Engine plugins may add formats (see plugins.format_table).
+BUILTIN_FORMATS: dict[str, tuple[str, ...]] = {
+    "metal": (".metal.bin",),
+    "gguf": (".gguf",),
+    "safetensors": (".safetensors",),
+    "onnx": (".onnx",),
+}
+# Hugging Face ONNX exports keep the graph in onnx/; the tokenizer and config stay at the root.
+ARTIFACT_SUBDIRS = ("onnx",)
+
+_SEGMENT = re.compile(r"[a-z0-9_\-][a-z0-9_.\-]*")
+
+
+class InvalidModelId(ValueError):
+    """The id breaks a rule of ST-3; the message names the reason."""
+
+
+def normalize_model_id(raw: object) -> str:
+    """Check a model id and return it lower-cased, or raise InvalidModelId with the reason."""
+    if not isinstance(raw, str):
+        raise InvalidModelId("must be a string")
+    if raw == "":
+        raise InvalidModelId("is empty")
+    if len(raw) > MAX_ID_LENGTH:
+        raise InvalidModelId(f"is longer than {MAX_ID_LENGTH} characters ({len(raw)})")
+    for ch in raw:
+        if unicodedata.category(ch).startswith("C"):
+            raise InvalidModelId(f"contains a control character (U+{ord(ch):04X})")
+        if not ch.isascii():
+            raise InvalidModelId(f"contains a non-ASCII character '{ch}'")
+    decoded = unquote(raw)
+    if ".." in raw.replace("\\", "/").split("/") or ".." in decoded.replace("\\", "/").split("/"):
+        raise InvalidModelId("contains path traversal")
+    if "\\" in raw:
+        raise InvalidModelId("contains a backslash")
+    if raw.startswith("/"):
+        raise InvalidModelId("is an absolute path")
+    if raw.endswith("/"):
+        raise InvalidModelId("ends with '/'")
+    if "//" in raw:
+        raise InvalidModelId("contains an empty path segment")
+    model_id = raw.lower()
+    for segment in model_id.split("/"):
+        if segment.startswith(".") or segment.endswith("."):
+            raise InvalidModelId(f"segment '{segment}' starts or ends with '.'")
+        if not _SEGMENT.fullmatch(segment):
+            bad = next(ch for ch in segment if not (ch.isalnum() or ch in "-_."))
+            raise InvalidModelId(f"contains the character '{bad}' (allowed: letters, digits, "
+                                 "'-', '_', '.', '/')")
+    return model_id
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A model directory that can be served."""
+
+    id: str
+    path: Path
+    format: str
+    artifacts: tuple[str, ...]  # paths relative to ``path``
+    size_bytes: int
+    created: int
+    source: str  # "local" | "shared"
+    fingerprint: tuple = field(compare=False, repr=False, default=())
+
+
+def detect_format(directory: Path, formats: Mapping[str, tuple[str, ...]] = BUILTIN_FORMATS,
+                  ) -> tuple[str, list[Path]] | None:
+    """The one place formats are detected: (format, artifact files) or None if not a model."""
+    files: list[Path] = []
+    for sub in ("", *ARTIFACT_SUBDIRS):
+        try:
+            with os.scandir(directory / sub if sub else directory) as it:
+                files.extend(Path(e.path) for e in it if not e.name.startswith(".")
+                             and e.is_file())
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+    for fmt, suffixes in formats.items():
+        matches = [f for f in files if f.name.lower().endswith(suffixes)]
+        if matches:
+            return fmt, sorted(matches)
+    return None
+
+
+def describe(model_id: str, directory: Path, source: str,
+             formats: Mapping[str, tuple[str, ...]] = BUILTIN_FORMATS) -> LocalModel | None:
+    detected = detect_format(directory, formats)
+    if detected is None:
+        return None
+    fmt, artifacts = detected
+    stats = [(str(a.relative_to(directory)), a.stat()) for a in artifacts]
+    return LocalModel(
+        id=model_id, path=directory, format=fmt,
+        artifacts=tuple(rel for rel, _ in stats),
+        size_bytes=sum(st.st_size for _, st in stats),
+        created=int(max((st.st_mtime for _, st in stats), default=0)),
+        source=source,
+        fingerprint=tuple((rel, st.st_size, st.st_mtime_ns) for rel, st in stats),
+    )
+
+
+def model_dir(root: Path, model_id: str) -> Path | None:
+    """The directory of a (validated) id under root, matching case-insensitively."""
+    exact = root.joinpath(*model_id.split("/"))
+    if exact.is_dir():
+        return exact
+    current = root
+    for segment in model_id.split("/"):
+        try:
+            with os.scandir(current) as it:
+                match = next((e for e in it if e.name.lower() == segment and e.is_dir()), None)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return None
+        if match is None:
+            return None
+        current = Path(match.path)
+    return current
+
+
+def find_model(root: Path | None, model_id: str, source: str,
+               formats: Mapping[str, tuple[str, ...]] = BUILTIN_FORMATS) -> LocalModel | None:
+    if root is None:
+        return None
+    directory = model_dir(root, model_id)
+    return describe(model_id, directory, source, formats) if directory else None
+
+
+def list_models(root: Path | None, source: str,
+                formats: Mapping[str, tuple[str, ...]] = BUILTIN_FORMATS) -> list[LocalModel]:
+    """Every servable model under root, found by walking at most MAX_DEPTH levels."""
+    if root is None:
+        return []
+    found: list[LocalModel] = []
+
+    def walk(directory: Path, prefix: str, depth: int) -> None:
+        try:
+            with os.scandir(directory) as it:
+                entries = [e for e in it if not e.name.startswith(".") and e.is_dir()]
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return
+        for entry in entries:
+            rel = f"{prefix}{entry.name}"
+            try:
+                model_id = normalize_model_id(rel)
+            except InvalidModelId:
+                continue
+            model = describe(model_id, Path(entry.path), source, formats)
+            if model is not None:
+                found.append(model)
+            elif depth < MAX_DEPTH:
+                walk(Path(entry.path), rel + "/", depth + 1)
+
+    walk(root, "", 1)
+    return sorted(found, key=lambda m: m.id)
+
+
+def merged_listing(roots: Iterable[tuple[Path | None, str]],
+                   formats: Mapping[str, tuple[str, ...]] = BUILTIN_FORMATS) -> list[LocalModel]:
+    """Models from several roots; the first root that has an id wins (local before shared)."""
+    seen: dict[str, LocalModel] = {}
+    for root, source in roots:
+        for model in list_models(root, source, formats):
+            seen.setdefault(model.id, model)
+    return sorted(seen.values(), key=lambda m: m.id)

@@ -1,0 +1,181 @@
+"""Shared fixtures: an isolated LLMLB_HOME, real llmlb servers on loopback (in-process with
+werkzeug, or as subprocesses: `llmlb serve`, gunicorn), and the official openai client."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+from werkzeug.serving import make_server as make_wsgi_server
+
+from llmlb import create_app
+from llmlb.config import OPTIONS
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+# Nothing in the tests may reach the real hub: point it at a closed local port by default.
+CLOSED_ENDPOINT = "http://127.0.0.1:9"
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def llmlb_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh LLMLB_HOME, with every llmlb setting removed from the environment."""
+    for option in OPTIONS:
+        for name in option.env:
+            monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("LLMLB_HOME", str(home))
+    monkeypatch.setenv("HF_ENDPOINT", CLOSED_ENDPOINT)
+    return home
+
+
+@dataclass
+class LiveServer:
+    url: str
+    app: object
+    _server: object
+    _thread: threading.Thread
+
+    @property
+    def runtime(self):  # noqa: ANN201
+        return self.app.extensions["llmlb"]
+
+    @property
+    def models_dir(self) -> Path:
+        return self.runtime.settings.models_dir
+
+    def client(self, api_key: str = "sk_debug", **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0,
+                             timeout=kwargs.pop("timeout", 120), **kwargs)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join(timeout=10)
+        self.runtime.close()
+
+
+@pytest.fixture
+def make_server(llmlb_home: Path) -> Iterator[Callable[..., LiveServer]]:
+    """Start a real llmlb HTTP server in this process; overrides are settings."""
+    servers: list[LiveServer] = []
+
+    def start(**overrides) -> LiveServer:
+        config = {"home": llmlb_home, "dev": True, "hf_endpoint": CLOSED_ENDPOINT,
+                  "plugins_dir": [str(llmlb_home / "plugins")], **overrides}
+        app = create_app(config)
+        server = make_wsgi_server("127.0.0.1", 0, app, threaded=True)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        live = LiveServer(f"http://127.0.0.1:{server.server_port}", app, server, thread)
+        servers.append(live)
+        return live
+
+    yield start
+    for live in servers:
+        live.stop()
+
+
+@pytest.fixture
+def server(make_server: Callable[..., LiveServer]) -> LiveServer:
+    return make_server()
+
+
+@pytest.fixture
+def client(server: LiveServer) -> openai.OpenAI:
+    return server.client()
+
+
+# --- subprocess servers ---------------------------------------------------------------------
+
+@dataclass
+class Proc:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 60,
+                 ) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n"
+                               f"{log_path.read_text(errors='replace')}")
+        try:
+            if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server did not become healthy:\n{log_path.read_text(errors='replace')}")
+
+
+@pytest.fixture
+def start_process(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+    """Run a server command (in its own process group) and wait for /health."""
+    procs: list[Proc] = []
+
+    def start(args: list[str], env: dict[str, str], port: int, wait: bool = True) -> Proc:
+        log_path = tmp_path / f"server-{len(procs)}.log"
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        process = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=log_path.open("wb"),
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        proc = Proc(f"http://127.0.0.1:{port}", process, log_path)
+        procs.append(proc)
+        if wait:
+            wait_healthy(proc.url, process, log_path)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop(signal.SIGKILL)
+
+
+def llmlb_command() -> list[str]:
+    return [str(VENV_BIN / "llmlb")] if (VENV_BIN / "llmlb").exists() else \
+        [sys.executable, "-m", "llmlb"]
+
+
+def gunicorn_command() -> list[str]:
+    exe = VENV_BIN / "gunicorn"
+    return [str(exe)] if exe.exists() else [shutil.which("gunicorn") or "gunicorn"]
+
+
+def save_artifact(name: str, data: bytes) -> Path:
+    """Keep something a test produced (screenshots) under test-artifacts/."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    path.write_bytes(data)
+    return path

@@ -1,0 +1,76 @@
+"""Settings: defaults < ~/.llmlb/.env < environment < CLI flags, and every one documented."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from llmlb.config import OPTIONS, SettingsError, load_settings
+
+from .conftest import llmlb_command
+
+
+def test_defaults_live_under_llmlb_home(llmlb_home: Path) -> None:
+    s = load_settings()
+    assert s.home == llmlb_home
+    assert s.models_dir == llmlb_home / "models"
+    assert s.database == llmlb_home / "llmlb.db"
+    assert s.port == 8080 and s.dev is False
+    assert s.resolve_wait_seconds == 300 and s.download_timeout_seconds == 300
+    assert s.supported_models.name == "supported_models.json"
+
+
+def test_layers_in_order(llmlb_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (llmlb_home / ".env").write_text("LLMLB_PORT=9001\nHF_TOKEN=hf_from_dotenv\n"
+                                     "LLMLB_KEEP_ALIVE_SECONDS=7\n")
+    s = load_settings()
+    assert (s.port, s.hf_token, s.keep_alive_seconds) == (9001, "hf_from_dotenv", 7)
+    assert s.sources["port"] == "~/.llmlb/.env"
+
+    monkeypatch.setenv("LLMLB_PORT", "9002")
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    s = load_settings()
+    assert (s.port, s.hf_token, s.keep_alive_seconds) == (9002, "hf_from_env", 7)
+
+    s = load_settings({"port": 9003})
+    assert s.port == 9003 and s.sources["port"] == "flag"
+
+
+def test_models_dir_names(llmlb_home: Path, monkeypatch: pytest.MonkeyPatch,
+                          tmp_path: Path) -> None:
+    monkeypatch.setenv("LLM_MODELS_DIR", str(tmp_path / "compat"))
+    assert load_settings().models_dir == tmp_path / "compat"
+    monkeypatch.setenv("XLLM_MODELS_DIR", str(tmp_path / "preferred"))
+    assert load_settings().models_dir == tmp_path / "preferred"
+    assert load_settings({"models_dir": tmp_path / "flag"}).models_dir == tmp_path / "flag"
+
+
+def test_bad_values_are_named(llmlb_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMLB_PORT", "eighty")
+    with pytest.raises(SettingsError, match="LLMLB_PORT must be a number"):
+        load_settings()
+
+
+def test_allowlist_defaults_to_the_hf_endpoint_host(llmlb_home: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example.com/")
+    s = load_settings()
+    assert s.hf_endpoint == "https://hf-mirror.example.com"
+    assert s.download_allowlist == ("hf-mirror.example.com",)
+    monkeypatch.setenv("LLMLB_DOWNLOAD_ALLOWLIST", "none")
+    assert load_settings().download_allowlist == ()
+
+
+def test_help_documents_every_setting(llmlb_home: Path) -> None:
+    top = subprocess.run([*llmlb_command(), "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    serve = subprocess.run([*llmlb_command(), "serve", "--help"], capture_output=True,
+                           text=True, check=True).stdout
+    for option in OPTIONS:
+        for name in option.env:
+            assert name in top, f"{name} missing from llmlb --help"
+        if option.flag:
+            assert option.flag in serve, f"{option.flag} missing from llmlb serve --help"
+    assert "auto_repair" not in top.lower() and "LLM_AUTO_REPAIR" not in top
