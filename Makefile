@@ -1,0 +1,58 @@
+# llmlb: `make run` sets up .venv and starts llmlb on port 8080; `make test` runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# pip picks this exact CPU build from the machine's wheel cache; a looser range would pull a
+# multi-GB CUDA build. On a GPU machine: make run TORCH_SPEC="torch>=2.4,<3".
+TORCH_SPEC ?= torch==2.13.0
+# llama-cpp-python builds from source: lean flags (no examples, tools, server or tests) and a
+# portable AVX2 CPU build. pip caches the wheel, so only the first install pays for it.
+# With CUDA: make run LLAMA_CMAKE_ARGS="-DGGML_CUDA=on" (and pip cache remove llama_cpp_python).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+export CMAKE_ARGS ?= $(LLAMA_CMAKE_ARGS)
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+
+ARGS ?=
+
+.PHONY: run test install lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+
+$(VENV)/.installed: $(VENV)/bin/python setup.cfg pyproject.toml
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[engines]"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[engines,test]"
+	@# Playwright drives Debian's Chromium: its own browser download cannot work offline.
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq chromium; }
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/llmlb serve $(ARGS)
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check llmlb engines plugins tests bench
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python bench/api_latency.py
+	$(BIN)/python bench/engine_overhead.py
+	$(BIN)/python bench/download.py
+	$(BIN)/python bench/hub.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info test-artifacts bench/.work

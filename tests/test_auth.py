@@ -1,0 +1,118 @@
+"""API keys with scopes, the first admin, and development mode (AP-3)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from llmlb import auth
+from llmlb.db import Database
+
+from .conftest import LiveServer, llmlb_command
+
+
+def make_key(server: LiveServer, scopes: str) -> str:
+    key, _ = auth.create_api_key(server.runtime.db, f"test-{scopes}", scopes)
+    return key
+
+
+@pytest.fixture
+def prod(make_server) -> LiveServer:
+    return make_server(dev=False, admin_password="s3cret-pass")
+
+
+def test_no_key_wrong_key_and_missing_scope(prod: LiveServer) -> None:
+    url = f"{prod.url}/v1/models"
+    r = requests.get(url, timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert r.headers["WWW-Authenticate"] == "Bearer"
+    r = requests.get(url, headers={"Authorization": "Bearer sk-wrong"}, timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["message"] == "Invalid API key"
+
+    node_key = make_key(prod, "node")
+    r = requests.get(url, headers={"Authorization": f"Bearer {node_key}"}, timeout=10)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_scope"
+
+    api_key = make_key(prod, "api")
+    assert requests.get(url, headers={"Authorization": f"Bearer {api_key}"},
+                        timeout=10).status_code == 200
+    assert requests.get(url, headers={"X-API-Key": api_key}, timeout=10).status_code == 200
+    # an inference key cannot manage keys
+    r = requests.get(f"{prod.url}/api/keys", headers={"X-API-Key": api_key}, timeout=10)
+    assert r.status_code == 403
+
+
+def test_openai_sdk_with_a_created_key(prod: LiveServer) -> None:
+    key = make_key(prod, "api")
+    assert prod.client(api_key=key).models.list().data == []
+    with pytest.raises(openai.AuthenticationError):
+        prod.client(api_key="sk-nope").models.list()
+
+
+def test_dev_key_only_in_dev_mode(prod: LiveServer, make_server) -> None:
+    r = requests.get(f"{prod.url}/v1/models", headers={"Authorization": "Bearer sk_debug"},
+                     timeout=10)
+    assert r.status_code == 401
+    dev = make_server(dev=True)
+    r = requests.get(f"{dev.url}/v1/models", headers={"Authorization": "Bearer sk_debug"},
+                     timeout=10)
+    assert r.status_code == 200
+
+
+def test_keys_are_stored_hashed_and_revocable(prod: LiveServer) -> None:
+    admin = make_key(prod, "admin")
+    headers = {"Authorization": f"Bearer {admin}"}
+    r = requests.post(f"{prod.url}/api/keys", json={"name": "ci", "scopes": ["api"]},
+                      headers=headers, timeout=10)
+    assert r.status_code == 201
+    created = r.json()
+    assert created["key"].startswith("sk-") and created["scopes"] == ["api"]
+    raw_db = Path(prod.runtime.settings.database).read_bytes()
+    assert created["key"].encode() not in raw_db
+    listed = requests.get(f"{prod.url}/api/keys", headers=headers, timeout=10).json()["keys"]
+    assert all("key" not in k for k in listed)
+    r = requests.delete(f"{prod.url}/api/keys/{created['id']}", headers=headers, timeout=10)
+    assert r.status_code == 200
+    r = requests.get(f"{prod.url}/v1/models", headers={"X-API-Key": created["key"]}, timeout=10)
+    assert r.status_code == 401
+    r = requests.post(f"{prod.url}/api/keys", json={"name": "x", "scopes": ["root"]},
+                      headers=headers, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "scopes"
+
+
+def test_cli_creates_a_key_printed_once(llmlb_home: Path, make_server) -> None:
+    result = subprocess.run([*llmlb_command(), "keys", "create", "--name", "N", "--scope",
+                             "api"], capture_output=True, text=True, check=True)
+    key = result.stdout.strip()
+    assert key.startswith("sk-") and "shown only this once" in result.stderr
+    listing = subprocess.run([*llmlb_command(), "keys", "list"], capture_output=True,
+                             text=True, check=True).stdout
+    assert "N" in listing and key not in listing
+    server = make_server(dev=False)
+    assert server.client(api_key=key).models.list().data == []
+
+
+def test_first_admin_password_generated_once(llmlb_home: Path, make_server,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    make_server(dev=False)
+    generated = [r.getMessage() for r in caplog.records if "first admin" in r.getMessage()]
+    assert len(generated) == 1
+    password = generated[0].split("password: ")[1].split()[0]
+    db = Database(llmlb_home / "llmlb.db")
+    assert auth.check_login(db, "admin", password) is not None
+    assert auth.check_login(db, "admin", "wrong") is None
+    caplog.clear()
+    make_server(dev=False)  # a restart (or a second worker) never prints it again
+    assert not [r for r in caplog.records if "first admin" in r.getMessage()]
+
+
+def test_first_admin_from_environment(llmlb_home: Path, make_server) -> None:
+    make_server(dev=False, admin_username="root", admin_password="from-env-pw")
+    db = Database(llmlb_home / "llmlb.db")
+    assert auth.check_login(db, "root", "from-env-pw") is not None
+    assert auth.check_login(db, "admin", "test") is None  # no default secret outside dev
+    assert auth.check_login(db, "admin", "test", dev=True) is not None
