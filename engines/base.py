@@ -29,7 +29,7 @@ class Availability:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int
+    max_tokens: int | None = None  # None: as many as the context leaves room for
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
@@ -58,9 +58,15 @@ class TokenText:
 
 @dataclass(frozen=True)
 class Finished:
-    """The last event: why generation ended, "stop" (end of sequence) or "length"."""
+    """The last event: why generation ended, "stop" (end of sequence) or "length".
+
+    An engine that learns the true token counts only at the end (one relaying another server,
+    say) may give them here; they replace llmlb's own counts.
+    """
 
     reason: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 GenerationEvent = Started | TokenText | Finished
@@ -76,7 +82,7 @@ class InvalidPrompt(EngineError):
     """The request's prompt cannot be run (too long, rejected by the chat template)."""
 
 
-class LoadedModel(ABC):
+class LoadedModel:
     """A model in memory. Implement the methods named in ``capabilities``."""
 
     capabilities: frozenset[str] = frozenset()

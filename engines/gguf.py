@@ -73,19 +73,18 @@ class GGUFModel(LoadedModel):
         if room <= 0:
             raise InvalidPrompt(f"the prompt has {len(prompt_tokens)} tokens; this model's "
                               f"context holds {self.context_length}")
-        max_tokens = min(params.max_tokens, room)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
         yield Started(len(prompt_tokens))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        produced = 0
         reason = "length"
         # OpenAI semantics: temperature and top_p only (no top-k, min-p or penalties).
-        for token in llm.generate(prompt_tokens, temp=params.temperature, top_p=params.top_p,
-                                  top_k=0, min_p=0.0, repeat_penalty=1.0):
+        tokens = llm.generate(prompt_tokens, temp=params.temperature, top_p=params.top_p,
+                              top_k=0, min_p=0.0, repeat_penalty=1.0)
+        for produced, token in enumerate(tokens, start=1):
             if self._is_end(token):
                 reason = "stop"
                 break
-            produced += 1
             yield TokenText(decoder.decode(llm.detokenize([token])))
             if produced >= max_tokens:
                 break

@@ -113,7 +113,7 @@ class OnnxDecoder(LoadedModel):
         if room <= 0:
             raise InvalidPrompt(f"the prompt has {len(ids)} tokens; this model's context "
                               f"holds {self.context_length}")
-        max_new = min(params.max_tokens, room)
+        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
         rng = np.random.default_rng(params.seed if params.seed is not None
                                     else random.getrandbits(64))
         yield Started(len(ids))

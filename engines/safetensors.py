@@ -82,7 +82,7 @@ class CausalLM(LoadedModel):
         if room <= 0:
             raise InvalidPrompt(f"the prompt has {len(input_ids)} tokens; this model's context "
                               f"holds {self.context_length}")
-        max_new = min(params.max_tokens, room)
+        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
         cancelled = threading.Event()
         streamer = _TokenQueue()
         errors: list[BaseException] = []

@@ -105,6 +105,28 @@ def client(server: LiveServer) -> openai.OpenAI:
     return server.client()
 
 
+# --- tiny real models ------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random-weight models (the same Llama as safetensors, GGUF and ONNX; a BERT)."""
+    from .tinymodels import build_all
+
+    return build_all(tmp_path_factory.mktemp("tiny-models"))
+
+
+def install(server: LiveServer, tiny: dict[str, Path], key: str, model_id: str) -> str:
+    """Copy one of the tiny models into the server's models directory, as a user would."""
+    src = tiny[key]
+    dst = server.models_dir / model_id
+    if src.is_file():
+        dst.mkdir(parents=True)
+        shutil.copy(src, dst / src.name)
+    else:
+        shutil.copytree(src, dst)
+    return model_id
+
+
 # --- subprocess servers ---------------------------------------------------------------------
 
 @dataclass

@@ -12,28 +12,12 @@ import openai
 import pytest
 import requests
 
-from .conftest import LiveServer
-from .tinymodels import build_all, make_llama_safetensors
+from .conftest import LiveServer, install
+from .tinymodels import make_llama_safetensors
 
 FORMATS = ["gguf", "safetensors", "onnx"]
 MODEL_DIRS = {"gguf": "llama-gguf", "safetensors": "llama-st", "onnx": "llama-onnx"}
 HELLO = [{"role": "user", "content": "Hello! How are you?"}]
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_all(tmp_path_factory.mktemp("tiny-models"))
-
-
-def install(server: LiveServer, tiny: dict[str, Path], key: str, model_id: str) -> str:
-    src = tiny[key]
-    dst = server.models_dir / model_id
-    if src.is_file():
-        dst.mkdir(parents=True)
-        shutil.copy(src, dst / src.name)
-    else:
-        shutil.copytree(src, dst)
-    return model_id
 
 
 @pytest.fixture

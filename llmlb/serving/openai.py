@@ -35,7 +35,7 @@ def _model_id(raw: str) -> str:
 
 def _params(req: protocol.ChatRequest | protocol.CompletionRequest) -> SamplingParams:
     return SamplingParams(
-        max_tokens=req.token_limit or protocol.MAX_TOKENS_LIMIT,
+        max_tokens=req.token_limit,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         seed=req.seed,

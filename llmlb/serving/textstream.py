@@ -32,6 +32,10 @@ class TextStream:
                     continue
                 if isinstance(event, Finished):
                     self.finish_reason = event.reason
+                    if event.prompt_tokens is not None:
+                        self.prompt_tokens = event.prompt_tokens
+                    if event.completion_tokens is not None:
+                        self.completion_tokens = event.completion_tokens
                     break
                 if not isinstance(event, TokenText):
                     continue

@@ -1,0 +1,129 @@
+"""Example engine plugin: serve a model that runs on another OpenAI-compatible server.
+
+Put a file ending in ``.upstream.json`` in a model directory, e.g.
+``~/.llmlb/models/big-llama/model.upstream.json``::
+
+    {"base_url": "http://gpu-box:8000/v1", "model": "meta-llama/Llama-3.1-70B-Instruct",
+     "api_key_env": "GPU_BOX_KEY"}
+
+and ``big-llama`` is listed by ``GET /v1/models`` and answers chat, completion and embedding
+calls by relaying them (streamed) to that server: vLLM, Ollama, llama.cpp's server, another
+llmlb, or a hosted API. ``api_key_env`` names an environment variable, so the secret stays out
+of the file. This shows the whole plugin contract: a new format (``upstream``) with its file
+suffix, an availability check, ``load`` and a loaded model that streams ``TokenText`` events.
+It uses only the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from engines.base import (
+    CHAT,
+    COMPLETION,
+    EMBEDDINGS,
+    Availability,
+    Engine,
+    EngineError,
+    Finished,
+    GenerationEvent,
+    LoadedModel,
+    LoadOptions,
+    SamplingParams,
+    Started,
+    TokenText,
+)
+from llmlb.hookspecs import hookimpl
+
+TIMEOUT = 300
+
+
+class UpstreamModel(LoadedModel):
+    capabilities = frozenset({CHAT, COMPLETION, EMBEDDINGS})
+
+    def __init__(self, base_url: str, model: str, api_key: str | None) -> None:
+        self.base_url, self.model, self.api_key = base_url.rstrip("/"), model, api_key
+
+    def _post(self, path: str, body: dict):  # noqa: ANN202 - an open HTTP response
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(f"{self.base_url}{path}", method="POST",
+                                         data=json.dumps(body).encode(), headers=headers)
+        try:
+            return urllib.request.urlopen(request, timeout=TIMEOUT)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:500]
+            raise EngineError(f"upstream {self.base_url} answered {exc.code}: {detail}") from exc
+        except OSError as exc:
+            raise EngineError(f"upstream {self.base_url} unreachable: {exc}") from exc
+
+    def _stream(self, path: str, body: dict, params: SamplingParams,
+                ) -> Iterator[GenerationEvent]:
+        body = {**body, "model": self.model, "stream": True,
+                "stream_options": {"include_usage": True},
+                "temperature": params.temperature, "top_p": params.top_p}
+        if params.max_tokens is not None:
+            body["max_tokens"] = params.max_tokens
+        if params.seed is not None:
+            body["seed"] = params.seed
+        response = self._post(path, body)
+        yield Started(0)  # the upstream reports the real count with its usage, at the end
+        reason, usage = "stop", {}
+        with response:
+            for raw in response:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    raise EngineError(f"upstream error: {chunk['error'].get('message')}")
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices", []):
+                    text = choice.get("text") or (choice.get("delta") or {}).get("content")
+                    if text:
+                        yield TokenText(text)
+                    reason = choice.get("finish_reason") or reason
+        yield Finished(reason, usage.get("prompt_tokens"), usage.get("completion_tokens"))
+
+    def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
+        return self._stream("/chat/completions", {"messages": messages}, params)
+
+    def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
+        return self._stream("/completions", {"prompt": prompt}, params)
+
+    def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        with self._post("/embeddings", {"model": self.model, "input": list(texts),
+                                        "encoding_format": "float"}) as response:
+            result = json.load(response)
+        vectors = [item["embedding"] for item in sorted(result["data"],
+                                                        key=lambda d: d["index"])]
+        return vectors, int(result.get("usage", {}).get("prompt_tokens", 0))
+
+
+class UpstreamEngine(Engine):
+    name = "openai-upstream"
+    formats = {"upstream": (".upstream.json",)}
+
+    def availability(self) -> Availability:
+        return Availability(True, device="remote")
+
+    def load(self, model_dir: Path, artifacts: Sequence[Path],
+             options: LoadOptions = LoadOptions()) -> LoadedModel:  # noqa: B008
+        try:
+            config = json.loads(artifacts[0].read_text())
+            base_url, model = config["base_url"], config["model"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise EngineError(f"{artifacts[0].name} needs base_url and model: {exc}") from exc
+        key_env = config.get("api_key_env")
+        return UpstreamModel(base_url, model, os.environ.get(key_env) if key_env else None)
+
+
+@hookimpl
+def register_engines():
+    return [UpstreamEngine()]

@@ -1,0 +1,219 @@
+"""Engine plugins (EN-2): drop-in files, entry points, overriding a built-in, and the
+meta-test that every hook has a test."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import shutil
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from llmlb import hookspecs
+from llmlb.plugins import EngineRegistry, load_plugins
+
+from .conftest import REPO, install
+from .test_engines import HELLO
+
+DEV = {"Authorization": "Bearer sk_debug"}
+
+SHOUTING_GGUF = '''
+from engines.base import TokenText
+from engines.gguf import GGUFEngine
+from llmlb.hookspecs import hookimpl
+
+
+class Shouting:
+    def __init__(self, inner):
+        self.inner = inner
+        self.capabilities = inner.capabilities
+        self.context_length = inner.context_length
+
+    def chat(self, messages, params):
+        for event in self.inner.chat(messages, params):
+            yield TokenText(event.text.upper()) if isinstance(event, TokenText) else event
+
+    def unload(self):
+        self.inner.unload()
+
+
+class ShoutingGGUF(GGUFEngine):
+    name = "shouting-gguf"
+
+    def load(self, model_dir, artifacts, options):
+        return Shouting(super().load(model_dir, artifacts, options))
+
+
+@hookimpl
+def register_engines():
+    return [ShoutingGGUF()]
+'''
+
+SLOW_ENGINE = '''
+import time
+from engines.base import CHAT, Availability, Engine, Finished, LoadedModel, Started, TokenText
+from llmlb.hookspecs import hookimpl
+
+
+class Slow(LoadedModel):
+    capabilities = frozenset({CHAT})
+
+    def __init__(self, delay):
+        self.delay = delay
+
+    def chat(self, messages, params):
+        yield Started(1)
+        for i in range(params.max_tokens or 5):
+            time.sleep(self.delay)
+            yield TokenText(f"{i} ")
+        yield Finished("length")
+
+
+class SlowEngine(Engine):
+    name = "slow"
+    formats = {"slow": (".slow",)}
+
+    def availability(self):
+        return Availability(True)
+
+    def load(self, model_dir, artifacts, options):
+        return Slow(float(artifacts[0].read_text()))
+
+
+@hookimpl
+def register_engines():
+    return [SlowEngine()]
+'''
+
+
+def write_plugin(directory: Path, name: str, source: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.py").write_text(textwrap.dedent(source))
+
+
+def test_hook_register_engines(make_server, llmlb_home: Path, tiny) -> None:
+    """A dropped-in file overrides the built-in engine of its format and serves it."""
+    plain = make_server()
+    install(plain, tiny, "llama-gguf", "m")
+    expected = plain.client().chat.completions.create(model="m", messages=HELLO, max_tokens=8,
+                                                      temperature=0).choices[0].message.content
+
+    plugins = llmlb_home / "my-plugins"
+    write_plugin(plugins, "shouting", SHOUTING_GGUF)
+    server = make_server(plugins_dir=[str(plugins)])
+    got = server.client().chat.completions.create(model="m", messages=HELLO, max_tokens=8,
+                                                  temperature=0).choices[0].message.content
+    assert got == expected.upper() and got != expected
+    engines = requests.get(f"{server.url}/v0/engines", headers=DEV, timeout=30).json()
+    gguf = [e for e in engines["engines"] if e["format"] == "gguf"]
+    assert [(e["name"], e["active"]) for e in gguf] == [("shouting-gguf", True),
+                                                        ("llama.cpp", False)]
+
+
+def test_plugin_adds_a_format_and_the_queue_is_bounded(make_server, llmlb_home: Path) -> None:
+    plugins = llmlb_home / "p"
+    write_plugin(plugins, "slow", SLOW_ENGINE)
+    server = make_server(plugins_dir=[str(plugins)], max_queued_requests=1)
+    (server.models_dir / "snail").mkdir()
+    (server.models_dir / "snail" / "model.slow").write_text("0.05")
+    assert [m.id for m in server.client().models.list().data] == ["snail"]
+
+    results: list[object] = []
+
+    def call() -> None:
+        try:
+            results.append(server.client().chat.completions.create(
+                model="snail", messages=HELLO, max_tokens=30).usage.completion_tokens)
+        except openai.APIStatusError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)  # one generating, one waiting, the rest turned away
+    for t in threads:
+        t.join()
+    busy = [r for r in results if isinstance(r, openai.APIStatusError)]
+    assert sorted(r for r in results if isinstance(r, int)) == [30, 30]
+    assert len(busy) == 2
+    assert all(e.status_code == 503 and e.body["code"] == "model_busy" for e in busy)
+    assert all(e.response.headers["Retry-After"] for e in busy)
+
+
+def test_entry_point_plugins_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = tmp_path / "site"
+    write_plugin(pkg, "llmlb_slow_ep", SLOW_ENGINE)
+    dist = pkg / "llmlb_slow_ep-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: llmlb-slow-ep\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[llmlb.engines]\nslow = llmlb_slow_ep\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    registry = EngineRegistry(load_plugins(()))
+    entry = registry.for_format("slow")
+    assert entry is not None and entry.engine.name == "slow"
+    assert ".slow" in registry.format_table()["slow"]
+
+
+def test_loading_twice_registers_once(llmlb_home: Path) -> None:
+    plugins = llmlb_home / "p"
+    write_plugin(plugins, "slow", SLOW_ENGINE)
+    first = EngineRegistry(load_plugins((plugins,))).describe()
+    second = EngineRegistry(load_plugins((plugins,))).describe()
+    assert first == second
+    assert [e["name"] for e in second].count("slow") == 1
+
+
+def test_a_broken_plugin_is_skipped(make_server, llmlb_home: Path,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    plugins = llmlb_home / "p"
+    write_plugin(plugins, "broken", "import does_not_exist\n")
+    server = make_server(plugins_dir=[str(plugins)])
+    assert server.client().models.list().data == []
+    assert any("broken.py failed to import" in r.getMessage() for r in caplog.records)
+
+
+def test_example_upstream_plugin(make_server, llmlb_home: Path, tiny,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped example relays to another OpenAI-compatible server (here, llmlb)."""
+    upstream = make_server()
+    install(upstream, tiny, "llama-onnx", "tiny")
+    install(upstream, tiny, "bert-embed", "embed")
+    monkeypatch.setenv("UPSTREAM_KEY", "sk_debug")
+    front = make_server(plugins_dir=[str(REPO / "plugins")])
+    for name, target in (("relayed", "tiny"), ("relayed-embed", "embed")):
+        (front.models_dir / name).mkdir()
+        (front.models_dir / name / "model.upstream.json").write_text(
+            f'{{"base_url": "{upstream.url}/v1", "model": "{target}", '
+            '"api_key_env": "UPSTREAM_KEY"}')
+    direct = upstream.client().chat.completions.create(model="tiny", messages=HELLO,
+                                                       max_tokens=12, temperature=0)
+    relayed = front.client().chat.completions.create(model="relayed", messages=HELLO,
+                                                     max_tokens=12, temperature=0)
+    assert relayed.choices[0].message.content == direct.choices[0].message.content
+    assert relayed.usage.prompt_tokens == direct.usage.prompt_tokens
+    assert relayed.usage.completion_tokens == 12
+    chunks = [c.choices[0].delta.content for c in front.client().chat.completions.create(
+        model="relayed", messages=HELLO, max_tokens=12, temperature=0, stream=True)
+        if c.choices and c.choices[0].delta.content]
+    assert "".join(chunks) == direct.choices[0].message.content and len(chunks) > 3
+    vectors = front.client().embeddings.create(model="relayed-embed", input=["a", "b"]).data
+    assert len(vectors) == 2 and len(vectors[0].embedding) == 32
+    shutil.rmtree(upstream.models_dir / "tiny")
+    with pytest.raises(openai.InternalServerError) as info:
+        front.client().chat.completions.create(model="relayed", messages=HELLO)
+    assert "model_not_found" in info.value.body["message"]
+
+
+def test_every_hook_has_a_test() -> None:
+    hooks = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+             if hasattr(fn, "llmlb_spec")]
+    assert hooks, "no hooks found"
+    tests = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    missing = [h for h in hooks if not re.search(rf"def test_hook_{h}\b", tests)]
+    assert not missing, f"hooks without a test_hook_<name> test: {missing}"
