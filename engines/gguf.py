@@ -122,9 +122,10 @@ class GGUFEngine(Engine):
 
     def availability(self) -> Availability:
         try:
+            import gguf  # noqa: F401 - reads the metadata
             import llama_cpp
-        except ImportError:
-            return Availability(False, "llama-cpp-python is not installed "
+        except ImportError as exc:
+            return Availability(False, f"{exc.name} is not installed "
                                        "(pip install 'llmlb[gguf]')")
         gpu = bool(llama_cpp.llama_supports_gpu_offload())
         return Availability(True, device="gpu" if gpu else "cpu")
@@ -135,14 +136,18 @@ class GGUFEngine(Engine):
 
         path = str(pick_main_file(artifacts))
         try:
-            # A vocab-only open reads the metadata (training context, architecture) cheaply,
-            # so the real context is sized before any KV cache is allocated.
-            probe = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
-            meta = dict(probe.metadata)
-            probe.close()
-            arch = meta.get("general.architecture", "")
-            trained = int(meta.get(f"{arch}.context_length") or options.context_length)
-            embedding = arch in ENCODER_ARCHITECTURES
+            # The metadata (architecture, training context) sizes the context before any KV
+            # cache is allocated; the gguf package reads it without loading the weights.
+            from gguf import GGUFReader
+
+            fields = GGUFReader(path).fields
+            arch = str(fields["general.architecture"].contents())
+            trained_field = fields.get(f"{arch}.context_length")
+            trained = int(trained_field.contents()) if trained_field else options.context_length
+        except (KeyError, ValueError, OSError) as exc:
+            raise EngineError(f"{Path(path).name} is not a readable GGUF file: {exc}") from exc
+        embedding = arch in ENCODER_ARCHITECTURES
+        try:
             llm = llama_cpp.Llama(
                 model_path=path,
                 n_ctx=min(trained, options.context_length),

@@ -23,8 +23,12 @@ LOG_FORMAT = "%(asctime)s [%(levelname)s] %(message)s"
 
 
 def configure_logging(level: str) -> None:
+    """Log to stderr, unless the host program (a test runner, an embedding app) already
+    configured logging: then llmlb's records go to its handlers."""
     logger = logging.getLogger("llmlb")
     logger.setLevel(level.upper())
+    if logging.getLogger().handlers:
+        return
     if not any(getattr(h, "_llmlb", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))

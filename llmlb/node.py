@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from engines.base import CHAT, COMPLETION, EMBEDDINGS, GenerationEvent, SamplingParams
 
 from . import errors
 from .model_pool import Lease, ModelPool
 from .resolver import Resolver
-from .storage import LocalModel
+from .storage import InvalidModelId, LocalModel, normalize_model_id
 
 OPERATION_NAMES = {CHAT: "chat completions", COMPLETION: "text completions",
                    EMBEDDINGS: "embeddings"}
@@ -64,6 +65,28 @@ class LocalNode:
 
     def find(self, model_id: str) -> LocalModel | None:
         return self.resolver.find(model_id)
+
+    def blob_path(self, rest: str) -> Path:
+        """The file named by ``<model-id>/<filename>`` (either may contain '/'), refusing
+        anything outside the model's directory and llmlb's own dot files."""
+        parts = rest.split("/")
+        for cut in range(len(parts) - 1, 0, -1):
+            try:
+                model_id = normalize_model_id("/".join(parts[:cut]))
+            except InvalidModelId:
+                continue
+            model = self.find(model_id)
+            if model is None:
+                continue
+            names = parts[cut:]
+            if any(n in ("", ".", "..") or n.startswith(".") or "\\" in n for n in names):
+                raise errors.invalid_request(f"Invalid file name: {'/'.join(names)}", "filename")
+            path = model.path.joinpath(*names).resolve()
+            if path.is_file() and path.is_relative_to(model.path.resolve()):
+                return path
+            raise errors.APIError(404, f"Model '{model_id}' has no file "
+                                  f"'{'/'.join(names)}'", code="file_not_found")
+        raise errors.model_not_found("/".join(parts[:-1]), in_catalog_hint=False)
 
     def run(self, call: InferenceCall) -> Generation | tuple[list[list[float]], int]:
         model = self.resolver.resolve(call.model_id)

@@ -3,6 +3,8 @@ werkzeug, or as subprocesses: `llmlb serve`, gunicorn), and the official openai 
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import shutil
 import signal
@@ -23,11 +25,14 @@ from werkzeug.serving import make_server as make_wsgi_server
 from llmlb import create_app
 from llmlb.config import OPTIONS
 
+from .fake_hub import FakeHub
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 # Nothing in the tests may reach the real hub: point it at a closed local port by default.
 CLOSED_ENDPOINT = "http://127.0.0.1:9"
 ARTIFACTS = REPO / "test-artifacts"
+HELLO = [{"role": "user", "content": "Hello! How are you?"}]
 
 
 def free_port() -> int:
@@ -127,6 +132,47 @@ def install(server: LiveServer, tiny: dict[str, Path], key: str, model_id: str) 
     return model_id
 
 
+# --- a Hugging Face stand-in --------------------------------------------------------------
+
+@pytest.fixture
+def hub() -> Iterator[FakeHub]:
+    """A server on loopback speaking the Hugging Face endpoints huggingface_hub uses."""
+    with FakeHub() as h:
+        yield h
+
+
+def artifact(path: Path, filename: str) -> dict:
+    return {"filename": filename, "size_bytes": path.stat().st_size}
+
+
+def write_catalog(path: Path, models: list[dict]) -> Path:
+    full = [{"name": m["id"], "required_vram_mb": 64, "tags": ["test"], **m} for m in models]
+    path.write_text(json.dumps({"models": full}))
+    return path
+
+
+@pytest.fixture
+def published(hub: FakeHub, tiny: dict[str, Path], tmp_path: Path) -> Path:
+    """Tiny models published on the fake hub, and a catalog naming them."""
+    gguf = tiny["llama-gguf"]
+    hub.add_repo("llmlb-test/tiny-gguf", {"model.gguf": gguf, "README.md": b"# tiny\n",
+                                          "model-f16.gguf": b"other quantisation" * 1000},
+                 downloads=1234, likes=56)
+    hub.add_repo("llmlb-test/tiny-st", tiny["llama-st"])
+    hub.add_repo("llmlb-test/private", {"model.gguf": gguf}, private=True, token="hf_secret")
+    st_files = sorted(p.name for p in tiny["llama-st"].iterdir())
+    return write_catalog(tmp_path / "catalog.json", [
+        {"id": "tiny-gguf", "source": "hf_gguf", "repo_id": "llmlb-test/tiny-gguf",
+         "artifacts": [artifact(gguf, "model.gguf")]},
+        {"id": "tiny-st", "source": "hf_safetensors", "repo_id": "llmlb-test/tiny-st",
+         "artifacts": [artifact(tiny["llama-st"] / f, f) for f in st_files]},
+        {"id": "private-gguf", "source": "hf_gguf", "repo_id": "llmlb-test/private",
+         "artifacts": [artifact(gguf, "model.gguf")]},
+        {"id": "bad-sha", "source": "hf_gguf", "repo_id": "llmlb-test/tiny-gguf",
+         "artifacts": [{**artifact(gguf, "model.gguf"), "sha256": "0" * 64}]},
+    ])
+
+
 # --- subprocess servers ---------------------------------------------------------------------
 
 @dataclass
@@ -201,3 +247,12 @@ def save_artifact(name: str, data: bytes) -> Path:
     path = ARTIFACTS / name
     path.write_bytes(data)
     return path
+
+
+def raw_get(server: LiveServer, path: str) -> tuple[int, dict]:
+    """GET a path exactly as written (no client-side normalisation of '..')."""
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", path, headers={"Authorization": "Bearer sk_debug"})
+    response = conn.getresponse()
+    return response.status, json.loads(response.read() or b"{}")

@@ -12,12 +12,11 @@ import openai
 import pytest
 import requests
 
-from .conftest import LiveServer, install
+from .conftest import HELLO, LiveServer, install
 from .tinymodels import make_llama_safetensors
 
 FORMATS = ["gguf", "safetensors", "onnx"]
 MODEL_DIRS = {"gguf": "llama-gguf", "safetensors": "llama-st", "onnx": "llama-onnx"}
-HELLO = [{"role": "user", "content": "Hello! How are you?"}]
 
 
 @pytest.fixture

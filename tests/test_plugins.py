@@ -18,8 +18,7 @@ import requests
 from llmlb import hookspecs
 from llmlb.plugins import EngineRegistry, load_plugins
 
-from .conftest import REPO, install
-from .test_engines import HELLO
+from .conftest import HELLO, REPO, install
 
 DEV = {"Authorization": "Bearer sk_debug"}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 
 from llmlb.storage import InvalidModelId, detect_format, list_models, normalize_model_id
 
-from .conftest import LiveServer
+from .conftest import LiveServer, raw_get
 
 BAD_IDS = {
     "../x": "path traversal",
@@ -43,15 +42,6 @@ def test_bad_id_is_400_naming_the_reason(server: LiveServer, bad: str, reason: s
     assert reason in error["message"]
 
 
-def _raw_get(server: LiveServer, path: str) -> tuple[int, dict]:
-    """GET a path exactly as written (no client-side normalisation of '..')."""
-    host, port = server.url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    conn.request("GET", path, headers={"Authorization": "Bearer sk_debug"})
-    response = conn.getresponse()
-    return response.status, json.loads(response.read() or b"{}")
-
-
 def test_traversal_in_urls_never_reaches_outside(server: LiveServer, tmp_path: Path) -> None:
     # A model directory right outside models_dir that a traversal would find.
     outside = server.models_dir.parent / "secret"
@@ -59,11 +49,11 @@ def test_traversal_in_urls_never_reaches_outside(server: LiveServer, tmp_path: P
     (outside / "model.gguf").write_bytes(b"GGUF")
     for path in ("/v1/models/../secret", "/v1/models/..%2fsecret", "/v1/models/%2e%2e/secret",
                  "/v0/models/registry/..%2Fsecret/manifest.json"):
-        status, body = _raw_get(server, path)
+        status, body = raw_get(server, path)
         assert status in (400, 404), path
         assert "error" in body
         assert "secret" not in json.dumps(body.get("data", ""))
-    status, body = _raw_get(server, "/v1/models/..%2fsecret")
+    status, body = raw_get(server, "/v1/models/..%2fsecret")
     assert status == 400 and body["error"]["code"] == "invalid_model_id"
 
 

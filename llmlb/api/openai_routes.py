@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint
+from flask import Blueprint, send_file
 
 from .. import errors
 from ..model_info import catalog_object, model_object
@@ -39,6 +39,15 @@ def get_model(model_id: str):
     if entry is not None:
         return respond(catalog_object(entry))
     raise errors.model_not_found(model_id, in_catalog_hint=False)
+
+
+@bp.get("/models/blob/<path:rest>")
+@require("node")
+def model_blob(rest: str):
+    """A model file for nodes that sync from this balancer (LB-4); Range requests work."""
+    path = runtime().node.blob_path(rest)
+    return send_file(path, conditional=True, etag=True, max_age=0,
+                     mimetype="application/octet-stream")
 
 
 @bp.post("/chat/completions")

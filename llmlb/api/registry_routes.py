@@ -31,6 +31,12 @@ def model_manifest(model_id: str):
     return respond(manifest(model_id, local, entry, rt.settings.hf_endpoint, blob_base))
 
 
+@bp.get("/v0/models/<path:model_id>/status")
+@require("api", "node")
+def model_status(model_id: str):
+    return respond(runtime().resolver.status(valid_id(model_id)))
+
+
 @bp.get("/v0/engines")
 @require("api")
 def engines():

@@ -1,0 +1,327 @@
+"""API latency: p50/p90/p99/max of cheap API paths under real gunicorn.
+
+* ``GET /v1/models`` with 100 model directories on disk (each holds a small dummy
+  ``model.gguf``; listing never loads a model),
+* the ``model_not_found`` path: ``POST /v1/chat/completions`` naming a model that is neither on
+  disk nor in the catalog (404),
+* ``GET /health`` as the floor: what HTTP, gunicorn, Flask and this Python client cost alone.
+
+The server is ``gunicorn -c gunicorn.conf.py wsgi:app`` with ``LLMLB_WORKERS=2`` and
+``LLMLB_DEV=1`` (key ``sk_debug``), ``HF_ENDPOINT`` pointing at a closed local port. Requests
+are sequential from one ``requests.Session``: once with keep-alive and once with
+``Connection: close`` (a new TCP connection per request); the three paths are interleaved
+request by request, after a warm-up. The same paths are then timed in-process (Flask's test
+client on ``create_app``, no HTTP) to separate llmlb's own time from the server's and the
+client's; ``--profile`` adds cProfile's hot spots of that in-process run.
+
+Run: ``.venv/bin/python bench/api_latency.py [--requests 2000] [--profile]``. The home
+directory lives under ``bench/.work/``; the last line printed is the JSON summary, also saved
+as ``bench/.work/results/api_latency-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = REPO / "bench" / ".work"
+VENV_BIN = Path(sys.executable).parent
+CLOSED_ENDPOINT = "http://127.0.0.1:9"  # nothing may reach the real hub
+N_MODELS = 100
+MISSING_MODEL = "bench-no-such-model"
+AUTH = {"Authorization": "Bearer sk_debug"}
+CHAT_BODY = {"model": MISSING_MODEL, "messages": [{"role": "user", "content": "hi"}]}
+TARGET_P99_MS = 10.0
+
+
+def make_home(root: Path) -> Path:
+    shutil.rmtree(root, ignore_errors=True)
+    home = root / "home"
+    for i in range(N_MODELS):
+        d = home / "models" / f"bench-model-{i:03d}"
+        d.mkdir(parents=True)
+        (d / "model.gguf").write_bytes(b"GGUF" + bytes(1020))
+    return home
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_environ() -> dict[str, str]:
+    from llmlb.config import OPTIONS
+
+    names = {n for o in OPTIONS for n in o.env}
+    return {k: v for k, v in os.environ.items() if k not in names}
+
+
+def start_gunicorn(home: Path, port: int, workers: int, log: Path) -> subprocess.Popen:
+    env = {**clean_environ(), "LLMLB_HOME": str(home), "LLMLB_PORT": str(port),
+           "LLMLB_WORKERS": str(workers), "LLMLB_DEV": "1", "HF_ENDPOINT": CLOSED_ENDPOINT,
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+                            cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"gunicorn did not become healthy:\n{log.read_text()}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# --- the paths ----------------------------------------------------------------------------------
+
+def check(path: str, status: int, body: dict) -> None:
+    """Every response is checked, so a fast wrong answer cannot pass for a fast right one."""
+    if path == "health":
+        ok = status == 200
+    elif path == "models":
+        ok = status == 200 and len(body.get("data", [])) == N_MODELS
+    else:
+        ok = status == 404 and body.get("error", {}).get("code") == "model_not_found"
+    if not ok:
+        raise RuntimeError(f"{path}: unexpected answer {status} {str(body)[:300]}")
+
+
+def http_call(session: requests.Session, base: str, path: str, headers: dict,
+              workers: Counter) -> float:
+    t0 = time.perf_counter()
+    if path == "health":
+        r = session.get(f"{base}/health", headers=headers)
+    elif path == "models":
+        r = session.get(f"{base}/v1/models", headers={**AUTH, **headers})
+    else:
+        r = session.post(f"{base}/v1/chat/completions", json=CHAT_BODY,
+                         headers={**AUTH, **headers})
+    body = r.json()
+    elapsed = time.perf_counter() - t0
+    check(path, r.status_code, body)
+    workers[r.headers.get("X-LLMLB-Worker", "?")] += 1
+    return elapsed
+
+
+def measure_http(base: str, paths: list[str], n: int, warmup: int, keep_alive: bool,
+                 ) -> tuple[dict[str, list[float]], dict[str, int]]:
+    headers = {} if keep_alive else {"Connection": "close"}
+    workers: Counter = Counter()
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    with requests.Session() as session:
+        for _ in range(warmup):
+            for p in paths:
+                http_call(session, base, p, headers, Counter())
+        for _ in range(n):
+            for p in paths:
+                times[p].append(http_call(session, base, p, headers, workers))
+    return times, dict(workers)
+
+
+def in_process_app(home: Path):  # noqa: ANN201 - a Flask app
+    os.environ.clear()
+    os.environ.update(clean_environ())
+    from llmlb import create_app
+
+    return create_app({"home": home, "dev": True, "hf_endpoint": CLOSED_ENDPOINT,
+                       "log_level": "WARNING"})
+
+
+def in_process_calls(app) -> dict[str, Callable[[], None]]:  # noqa: ANN001
+    client = app.test_client()
+
+    def health() -> None:
+        r = client.get("/health")
+        check("health", r.status_code, r.get_json())
+
+    def models() -> None:
+        r = client.get("/v1/models", headers=AUTH)
+        check("models", r.status_code, r.get_json())
+
+    def not_found() -> None:
+        r = client.post("/v1/chat/completions", json=CHAT_BODY, headers=AUTH)
+        check("not_found", r.status_code, r.get_json())
+
+    return {"health": health, "models": models, "not_found": not_found}
+
+
+def measure_in_process(calls: dict[str, Callable[[], None]], n: int, warmup: int,
+                       ) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {p: [] for p in calls}
+    for _ in range(n):
+        for p, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[p].append(time.perf_counter() - t0)
+    return times
+
+
+def profile(calls: dict[str, Callable[[], None]], n: int, top: int) -> dict[str, str]:
+    """cProfile of n in-process requests per path: the functions with most own time, and
+    llmlb's functions by cumulative time."""
+    out = {}
+    for path in ("models", "not_found"):
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(n):
+            calls[path]()
+        prof.disable()
+        buf = io.StringIO()
+        stats = pstats.Stats(prof, stream=buf).strip_dirs()
+        buf.write(f"=== {path}: {n} in-process requests, by own time ===\n")
+        stats.sort_stats("tottime").print_stats(top)
+        buf.write(f"=== {path}: llmlb's functions by cumulative time ===\n")
+        stats.sort_stats("cumulative").print_stats(r"llmlb|engines", top)
+        out[path] = buf.getvalue()
+    return out
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+def percentile(sorted_ms: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    k = max(0, min(len(sorted_ms) - 1, int(round(q / 100 * len(sorted_ms) + 0.5)) - 1))
+    return sorted_ms[k]
+
+
+def stats_ms(seconds: list[float]) -> dict[str, float]:
+    ms = sorted(s * 1000 for s in seconds)
+    return {"n": len(ms), "p50": percentile(ms, 50), "p90": percentile(ms, 90),
+            "p99": percentile(ms, 99), "max": ms[-1], "mean": sum(ms) / len(ms)}
+
+
+def print_table(title: str, table: dict[str, dict[str, float]], judge: bool) -> None:
+    print(title)
+    print(f"  {'path':36s} {'n':>5s} {'p50':>7s} {'p90':>7s} {'p99':>7s} {'max':>7s} "
+          f"{'mean':>7s}  (ms)")
+    labels = {"health": "GET /health (floor)", "models": f"GET /v1/models ({N_MODELS} models)",
+              "not_found": "POST /v1/chat/completions -> 404"}
+    for path, s in table.items():
+        verdict = ""
+        if judge and path != "health":
+            verdict = f"  p99 < {TARGET_P99_MS:g} ms: {'yes' if s['p99'] < TARGET_P99_MS else 'NO'}"
+        print(f"  {labels[path]:36s} {s['n']:5d} {s['p50']:7.2f} {s['p90']:7.2f} "
+              f"{s['p99']:7.2f} {s['max']:7.2f} {s['mean']:7.2f}{verdict}")
+
+
+def machine() -> dict:
+    import flask
+    import gunicorn
+
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "gunicorn": gunicorn.__version__, "flask": flask.__version__,
+            "requests": requests.__version__, "loadavg_start": os.getloadavg()[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000, help="measured requests per path")
+    parser.add_argument("--no-keepalive-requests", type=int, default=1000,
+                        help="measured requests per path with a new connection each")
+    parser.add_argument("--warmup", type=int, default=200, help="unmeasured requests per path")
+    parser.add_argument("--workers", type=int, default=2, help="LLMLB_WORKERS")
+    parser.add_argument("--profile", action="store_true",
+                        help="print cProfile hot spots of the in-process requests")
+    parser.add_argument("--profile-requests", type=int, default=500)
+    args = parser.parse_args()
+
+    info = machine()
+    root = WORK / "api_latency"
+    home = make_home(root)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    paths = ["health", "models", "not_found"]
+    server = start_gunicorn(home, port, args.workers, root / "gunicorn.log")
+    try:
+        keep, keep_workers = measure_http(base, paths, args.requests, args.warmup, True)
+        fresh, fresh_workers = measure_http(base, paths, args.no_keepalive_requests,
+                                            args.warmup // 4, False)
+    finally:
+        stop(server)
+    # In-process, after gunicorn is gone, so nothing else competes for the cores.
+    app = in_process_app(home)
+    calls = in_process_calls(app)
+    inproc = measure_in_process(calls, args.requests, args.warmup)
+    hot = profile(calls, args.profile_requests, 25) if args.profile else {}
+    app.extensions["llmlb"].close()
+    info["loadavg_end"] = os.getloadavg()[0]
+
+    results = {
+        "keepalive": {p: stats_ms(t) for p, t in keep.items()},
+        "no_keepalive": {p: stats_ms(t) for p, t in fresh.items()},
+        "in_process": {p: stats_ms(t) for p, t in inproc.items()},
+    }
+    print(f"llmlb API latency: gunicorn gthread, {args.workers} workers, {N_MODELS} models on "
+          f"disk; sequential requests from one client, {args.warmup} warm-up per path")
+    print(f"machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, gunicorn "
+          f"{info['gunicorn']}, Flask {info['flask']}, requests {info['requests']}")
+    print()
+    print_table(f"HTTP, keep-alive (one connection; answered by workers {keep_workers})",
+                results["keepalive"], True)
+    print_table(f"HTTP, Connection: close (new TCP connection per request; workers "
+                f"{fresh_workers})", results["no_keepalive"], True)
+    print_table("in-process (Flask test client on create_app: llmlb's own time, no HTTP)",
+                results["in_process"], False)
+    ok = all(results["keepalive"][p]["p99"] < TARGET_P99_MS for p in ("models", "not_found"))
+    print(f"\nkeep-alive p99 under {TARGET_P99_MS:g} ms for both paths: {'yes' if ok else 'NO'}; "
+          f"load average {info['loadavg_start']:.2f} at start, {info['loadavg_end']:.2f} at end")
+    for text in hot.values():
+        print()
+        print(text.rstrip())
+    summary = {"bench": "api_latency", "models_on_disk": N_MODELS, "workers": args.workers,
+               "requests": args.requests, "no_keepalive_requests": args.no_keepalive_requests,
+               "warmup": args.warmup, "target_p99_ms": TARGET_P99_MS, "p99_ok": ok,
+               "workers_seen": {"keepalive": keep_workers, "no_keepalive": fresh_workers},
+               "machine": info, "results": results}
+    out_dir = WORK / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out_dir / f"api_latency-{stamp}.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, separators=(",", ":")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,569 @@
+"""Engine overhead: tokens/s and time to first token through llmlb's HTTP API versus the same
+library called directly on the same model.
+
+For each model (GGUF f16 and f32 with llama-cpp-python, safetensors with transformers + torch,
+all with the same random ~63M-parameter Llama weights from ``tests.tinymodels``):
+
+* **llmlb**: a real ``llmlb serve`` process; the official ``openai`` SDK streams
+  ``/v1/chat/completions`` (``temperature=0``, ``max_tokens=N``) and times every chunk.
+* **direct**: a separate worker process that loads the model and generates exactly the way
+  ``engines/gguf.py`` and ``engines/safetensors.py`` do (same constructor arguments, chat
+  template, tokenisation, sampling parameters, streaming and incremental detokenisation), with
+  no HTTP, no Flask and no llmlb code at all.
+
+Both processes keep their models loaded; runs alternate (direct first on even repetitions,
+llmlb first on odd ones) and only one of them computes at a time, so they never share the two
+cores. The tiny models never emit EOS, so every run generates exactly ``max_tokens`` tokens
+(checked against ``usage``).
+
+Figures, per model, medians over the repetitions:
+
+* TTFT: request sent (direct: chat template applied) -> first non-empty text.
+* decode tok/s: (tokens - 1) / (last token - first token), the steady generation rate.
+* end-to-end tok/s: tokens / (request sent -> stream finished).
+* ratio: llmlb / direct decode tok/s (goal >= 0.95).
+
+Run: ``.venv/bin/python bench/engine_overhead.py [--reps 7] [--max-tokens 128]``. Models and
+the server's home live under ``bench/.work/``; the last line printed is the JSON summary, also
+saved as ``bench/.work/results/engine_overhead-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = REPO / "bench" / ".work"
+MODELS = WORK / "models"
+VENV_BIN = Path(sys.executable).parent
+CLOSED_ENDPOINT = "http://127.0.0.1:9"  # nothing may reach the real hub
+
+MODEL_SHAPE = dict(hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=4,
+                   intermediate_size=2048, vocab_size=8192)
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Write a short story about a fox who travels from Paris to "
+                                "Tokyo, and what it learns on the way."},
+]
+# Same as engines/textgen.FALLBACK_CHAT_TEMPLATE (only used when a model ships none).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CONTEXT_LENGTH = 4096  # llmlb's default LLMLB_CONTEXT_LENGTH
+ALL_MODELS = ("gguf-f16", "gguf-f32", "safetensors")
+
+
+# --- models -----------------------------------------------------------------------------------
+
+def build_models(gguf_dtypes: list[str]) -> dict[str, tuple[str, Path]]:
+    """name -> (format, path); built once under bench/.work/models and reused."""
+    sys.path.insert(0, str(REPO))
+    from tests.tinymodels import make_llama_gguf, make_llama_safetensors
+
+    st_dir = MODELS / "llama-63m-st"
+    marker = st_dir / ".complete"
+    if not marker.exists():
+        print(f"building the safetensors model in {st_dir} ...", flush=True)
+        shutil.rmtree(st_dir, ignore_errors=True)
+        make_llama_safetensors(st_dir, **MODEL_SHAPE)
+        marker.write_text(json.dumps(MODEL_SHAPE))
+    models: dict[str, tuple[str, Path]] = {}
+    for dtype in gguf_dtypes:
+        path = MODELS / f"llama-63m-{dtype}.gguf"
+        if not path.exists() or path.stat().st_mtime < marker.stat().st_mtime:
+            print(f"building {path.name} ...", flush=True)
+            tmp = path.with_suffix(".tmp")
+            make_llama_gguf(st_dir, tmp, dtype=dtype)
+            tmp.replace(path)
+        models[f"gguf-{dtype}"] = ("gguf", path)
+    models["safetensors"] = ("safetensors", st_dir)
+    return models
+
+
+def install_models(home: Path, models: dict[str, tuple[str, Path]]) -> dict[str, str]:
+    """Copy each model into <home>/models/<id>/ the way an operator would; name -> model id."""
+    ids = {}
+    for name, (fmt, src) in models.items():
+        model_id = f"bench-{name}"
+        dst = home / "models" / model_id
+        dst.mkdir(parents=True)
+        if fmt == "gguf":
+            shutil.copy(src, dst / "model.gguf")
+        else:
+            for f in src.iterdir():
+                if not f.name.startswith("."):
+                    shutil.copy(f, dst / f.name)
+        ids[name] = model_id
+    return ids
+
+
+# --- the direct worker (a separate process) ---------------------------------------------------
+
+class DirectGGUF:
+    """engines/gguf.py's GGUFEngine.load + GGUFModel.chat, with llama-cpp-python only."""
+
+    def __init__(self, path: Path) -> None:
+        import llama_cpp
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        probe = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        meta = dict(probe.metadata)
+        probe.close()
+        arch = meta.get("general.architecture", "")
+        trained = int(meta.get(f"{arch}.context_length") or CONTEXT_LENGTH)
+        self.llm = llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=min(trained, CONTEXT_LENGTH),
+            n_gpu_layers=-1 if llama_cpp.llama_supports_gpu_offload() else 0,
+            n_threads=os.cpu_count() or 1,
+            embedding=False,
+            verbose=False,
+        )
+        self.lib = llama_cpp
+        eos, bos = llm.token_eos(), llm.token_bos()
+        self.formatter = Jinja2ChatFormatter(
+            template=llm.metadata.get("tokenizer.chat_template") or FALLBACK_CHAT_TEMPLATE,
+            eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+        )
+
+    def run(self, messages: list[dict], max_tokens: int) -> dict:
+        import codecs
+        import random
+
+        llm = self.llm
+        t0 = time.perf_counter()
+        formatted = self.formatter(messages=messages)
+        tokens = llm.tokenize(formatted.prompt.encode("utf-8"),
+                              add_bos=not formatted.added_special, special=True)
+        llm.set_seed(random.getrandbits(32))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        times, parts, produced = [], [], 0
+        for token in llm.generate(tokens, temp=0.0, top_p=1.0, top_k=0, min_p=0.0,
+                                  repeat_penalty=1.0):
+            if self.lib.llama_vocab_is_eog(llm._model.vocab, token):
+                break
+            produced += 1
+            text = decoder.decode(llm.detokenize([token]))
+            if text:
+                times.append(time.perf_counter())
+                parts.append(text)
+            if produced >= max_tokens:
+                break
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            times.append(time.perf_counter())
+            parts.append(tail)
+        t_end = time.perf_counter()
+        return _timing(t0, times, t_end, produced, "".join(parts), len(tokens))
+
+
+class DirectTransformers:
+    """engines/safetensors.py's SafetensorsEngine.load + CausalLM.chat, with transformers and
+    torch only: generate() in a thread, a streamer that queues token ids, windowed decoding."""
+
+    def __init__(self, path: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if torch.cuda.is_available():
+            device = "cuda"
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            device, dtype = "cpu", torch.float32
+        self.device = device
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        ids = self.model.generation_config.eos_token_id
+        ids = ids if isinstance(ids, list) else [ids]
+        self.eos = {i for i in [*ids, self.tok.eos_token_id] if i is not None}
+        if not getattr(self.tok, "chat_template", None):
+            self.tok.chat_template = FALLBACK_CHAT_TEMPLATE
+
+    def run(self, messages: list[dict], max_tokens: int) -> dict:
+        import queue
+        import threading
+
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        done = object()
+        t0 = time.perf_counter()
+        prompt = self.tok.apply_chat_template(messages, tokenize=False,
+                                              add_generation_prompt=True)
+        input_ids = list(self.tok(prompt, add_special_tokens=False)["input_ids"])
+        tokens: queue.Queue = queue.Queue()
+        cancelled = threading.Event()
+
+        class Streamer:
+            skipped = False
+
+            def put(self, value: Any) -> None:
+                if not self.skipped:
+                    self.skipped = True  # the first call carries the prompt
+                    return
+                for token in value.reshape(-1).tolist():
+                    tokens.put(token)
+
+            def end(self) -> None:
+                tokens.put(done)
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, *_args: Any, **_kwargs: Any) -> bool:
+                return cancelled.is_set()
+
+        kwargs = dict(
+            input_ids=torch.tensor([input_ids], device=self.device),
+            attention_mask=torch.ones((1, len(input_ids)), dtype=torch.long, device=self.device),
+            max_new_tokens=max_tokens, do_sample=False, streamer=Streamer(),
+            stopping_criteria=StoppingCriteriaList([Cancelled()]),
+            pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None
+            else next(iter(self.eos), 0),
+            temperature=None, top_p=None, top_k=None,
+        )
+
+        def generate() -> None:
+            with torch.inference_mode():
+                self.model.generate(**kwargs)
+
+        thread = threading.Thread(target=generate, daemon=True)
+        thread.start()
+        decode = lambda ids: self.tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+        ids: list[int] = []
+        prefix = read = produced = 0
+        times, parts = [], []
+        while True:
+            token = tokens.get()
+            if token is done or token in self.eos:
+                break
+            produced += 1
+            ids.append(token)  # engines/textgen.IncrementalDecoder.push
+            prefix_text = decode(ids[prefix:read])
+            new_text = decode(ids[prefix:])
+            if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+                prefix, read = read, len(ids)
+                times.append(time.perf_counter())
+                parts.append(new_text[len(prefix_text):])
+        cancelled.set()
+        thread.join()
+        t_end = time.perf_counter()
+        return _timing(t0, times, t_end, produced, "".join(parts), len(input_ids))
+
+
+def _timing(t0: float, times: list[float], t_end: float, produced: int, text: str,
+            prompt_tokens: int) -> dict:
+    return {"ttft": times[0] - t0 if times else None,
+            "decode": times[-1] - times[0] if len(times) > 1 else None,
+            "total": t_end - t0, "tokens": produced, "chunks": len(times), "text": text,
+            "prompt_tokens": prompt_tokens}
+
+
+def direct_worker() -> None:
+    """Serve load/run commands as JSON lines on stdin; answers go to the real stdout only
+    (libraries' prints are sent to stderr)."""
+    out: IO[str] = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    loaded: dict[str, DirectGGUF | DirectTransformers] = {}
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        try:
+            if cmd["op"] == "load":
+                started = time.perf_counter()
+                cls = DirectGGUF if cmd["format"] == "gguf" else DirectTransformers
+                loaded[cmd["name"]] = cls(Path(cmd["path"]))
+                answer: dict = {"ok": True, "seconds": time.perf_counter() - started}
+            elif cmd["op"] == "run":
+                answer = {"ok": True, **loaded[cmd["name"]].run(cmd["messages"],
+                                                                cmd["max_tokens"])}
+            else:
+                break
+        except Exception as exc:  # reported to the parent, which stops
+            answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        out.write(json.dumps(answer) + "\n")
+
+
+class Direct:
+    """The parent's handle on the direct worker process."""
+
+    def __init__(self, log: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--direct-worker"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=log.open("wb"), text=True, cwd=REPO)
+
+    def call(self, **cmd: Any) -> dict:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the direct worker exited ({self.proc.wait()})")
+        answer = json.loads(line)
+        if not answer.pop("ok"):
+            raise RuntimeError(f"direct worker: {answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# --- llmlb ------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    from llmlb.config import OPTIONS
+
+    names = {n for o in OPTIONS for n in o.env}
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def start_server(home: Path, port: int, n_models: int, log: Path,
+                 extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    import requests
+
+    env = clean_env(LLMLB_HOME=str(home), LLMLB_DEV="1", HF_ENDPOINT=CLOSED_ENDPOINT,
+                    LLMLB_KEEP_ALIVE_SECONDS="3600", LLMLB_MAX_LOADED_MODELS=str(n_models),
+                    **(extra_env or {}))
+    proc = subprocess.Popen([str(VENV_BIN / "llmlb"), "serve", "--port", str(port)], cwd=REPO,
+                            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llmlb exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"llmlb did not become healthy:\n{log.read_text()}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def server_threads(arbiter_pid: int) -> int | None:
+    """OS threads of the (first) gunicorn worker: Python threads plus native ones (OpenMP)."""
+    try:
+        children = Path(f"/proc/{arbiter_pid}/task/{arbiter_pid}/children").read_text().split()
+        return len(os.listdir(f"/proc/{children[0]}/task"))
+    except (OSError, IndexError):
+        return None
+
+
+def via_llmlb(client: Any, model_id: str, max_tokens: int) -> dict:
+    times, parts, usage = [], [], None
+    t0 = time.perf_counter()
+    stream = client.chat.completions.create(
+        model=model_id, messages=MESSAGES, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    for chunk in stream:
+        now = time.perf_counter()
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                times.append(now)
+                parts.append(choice.delta.content)
+    t_end = time.perf_counter()
+    timing = _timing(t0, times, t_end, usage.completion_tokens if usage else -1,
+                     "".join(parts), usage.prompt_tokens if usage else -1)
+    return timing
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+def rates(run: dict) -> dict:
+    n = run["tokens"]
+    return {"ttft_ms": run["ttft"] * 1000,
+            "decode_tps": (run["chunks"] - 1) / run["decode"],
+            "e2e_tps": n / run["total"]}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> dict:
+    import llama_cpp
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
+            "loadavg_start": os.getloadavg()[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=7, help="measured runs per side and model")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured runs per side first")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--models", default=",".join(ALL_MODELS),
+                        help=f"comma-separated, some of {', '.join(ALL_MODELS)}")
+    parser.add_argument("--llmlb-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the llmlb server (diagnostics, e.g. "
+                             "LLMLB_THREADS=1); repeatable")
+    parser.add_argument("--direct-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.direct_worker:
+        direct_worker()
+        return
+
+    import openai
+
+    info = machine()
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = set(wanted) - set(ALL_MODELS)
+    if unknown:
+        parser.error(f"unknown models: {', '.join(sorted(unknown))}")
+    built = build_models([m.removeprefix("gguf-") for m in wanted if m.startswith("gguf-")])
+    models = {m: built[m] for m in wanted}
+    server_env = dict(item.split("=", 1) for item in args.llmlb_env)
+    run_dir = WORK / "engine_overhead"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    home = run_dir / "home"
+    home.mkdir(parents=True)
+    ids = install_models(home, models)
+    port = free_port()
+    server = start_server(home, port, len(models), run_dir / "server.log", server_env)
+    direct = Direct(run_dir / "direct.log")
+    results: dict[str, dict] = {}
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk_debug",
+                               max_retries=0, timeout=600)
+        runs: dict[str, dict[str, list[dict]]] = {m: {"direct": [], "llmlb": []} for m in models}
+        for name, (fmt, path) in models.items():
+            t = time.perf_counter()
+            via_llmlb(client, ids[name], args.max_tokens)  # loads the model in the server
+            server_load = time.perf_counter() - t
+            loaded = direct.call(op="load", name=name, format=fmt, path=str(path))
+            print(f"{name}: first llmlb request (load + generate) {server_load:.1f}s, "
+                  f"direct load {loaded['seconds']:.1f}s", flush=True)
+            for _ in range(args.warmup):
+                direct.call(op="run", name=name, messages=MESSAGES, max_tokens=args.max_tokens)
+                via_llmlb(client, ids[name], args.max_tokens)
+        for rep in range(args.reps):
+            for name in models:
+                order = ("direct", "llmlb") if rep % 2 == 0 else ("llmlb", "direct")
+                for side in order:
+                    if side == "direct":
+                        run = direct.call(op="run", name=name, messages=MESSAGES,
+                                          max_tokens=args.max_tokens)
+                    else:
+                        run = via_llmlb(client, ids[name], args.max_tokens)
+                    runs[name][side].append(run)
+                d, s = rates(runs[name]["direct"][-1]), rates(runs[name]["llmlb"][-1])
+                print(f"  rep {rep + 1}/{args.reps} {name:12s} decode tok/s direct "
+                      f"{d['decode_tps']:7.1f}  llmlb {s['decode_tps']:7.1f}   TTFT ms direct "
+                      f"{d['ttft_ms']:6.1f}  llmlb {s['ttft_ms']:6.1f}", flush=True)
+
+        for name, sides in runs.items():
+            summary: dict[str, Any] = {"format": models[name][0]}
+            for side, side_runs in sides.items():
+                r = [rates(x) for x in side_runs]
+                summary[side] = {
+                    "decode_tps": median([x["decode_tps"] for x in r]),
+                    "e2e_tps": median([x["e2e_tps"] for x in r]),
+                    "ttft_ms": median([x["ttft_ms"] for x in r]),
+                    "decode_tps_min": min(x["decode_tps"] for x in r),
+                    "decode_tps_max": max(x["decode_tps"] for x in r),
+                    "tokens": sorted({x["tokens"] for x in side_runs}),
+                    "chunks": sorted({x["chunks"] for x in side_runs}),
+                    "prompt_tokens": sorted({x["prompt_tokens"] for x in side_runs}),
+                }
+            d, s = summary["direct"], summary["llmlb"]
+            summary["decode_ratio"] = s["decode_tps"] / d["decode_tps"]
+            summary["e2e_ratio"] = s["e2e_tps"] / d["e2e_tps"]
+            summary["ttft_diff_ms"] = s["ttft_ms"] - d["ttft_ms"]
+            texts = {x["text"] for v in sides.values() for x in v}
+            summary["same_output"] = len(texts) == 1
+            summary["tokens_ok"] = d["tokens"] == s["tokens"] == [args.max_tokens]
+            results[name] = summary
+        info["server_threads_end"] = server_threads(server.pid)
+    finally:
+        direct.close()
+        stop_server(server)
+
+    info["loadavg_end"] = os.getloadavg()[0]
+    print()
+    print(f"llmlb vs direct, {args.reps} runs each after {args.warmup} warm-up, "
+          f"max_tokens={args.max_tokens}, temperature=0, streaming; medians")
+    print(f"machine: {info['cpu']}, {info['cores']} cores; llama-cpp-python "
+          f"{info['llama_cpp_python']}, torch {info['torch']} ({info['torch_threads']} threads), "
+          f"transformers {info['transformers']}")
+    header = (f"{'model':12s} {'decode tok/s':>22s} {'ratio':>6s} {'e2e tok/s':>17s} "
+              f"{'ratio':>6s} {'TTFT ms':>17s} {'diff':>7s}  checks")
+    print(header)
+    print(f"{'':12s} {'direct':>10s} {'llmlb':>11s} {'':>6s} {'direct':>8s} {'llmlb':>8s} "
+          f"{'':>6s} {'direct':>8s} {'llmlb':>8s}")
+    for name, r in results.items():
+        d, s = r["direct"], r["llmlb"]
+        checks = []
+        checks.append("tokens ok" if r["tokens_ok"] else f"tokens {d['tokens']}/{s['tokens']}")
+        checks.append("same text" if r["same_output"] else "TEXT DIFFERS")
+        checks.append("PASS" if r["decode_ratio"] >= 0.95 else "BELOW 0.95")
+        print(f"{name:12s} {d['decode_tps']:10.1f} {s['decode_tps']:11.1f} "
+              f"{r['decode_ratio']:6.3f} {d['e2e_tps']:8.1f} {s['e2e_tps']:8.1f} "
+              f"{r['e2e_ratio']:6.3f} {d['ttft_ms']:8.1f} {s['ttft_ms']:8.1f} "
+              f"{r['ttft_diff_ms']:+7.1f}  {', '.join(checks)}")
+    print(f"load average: {info['loadavg_start']:.2f} at start, {info['loadavg_end']:.2f} at "
+          f"end; llmlb worker OS threads at the end: {info.get('server_threads_end')}")
+    if server_env:
+        print(f"llmlb server environment added: {server_env}")
+    summary_json = {"bench": "engine_overhead", "max_tokens": args.max_tokens,
+                    "reps": args.reps, "warmup": args.warmup, "llmlb_env": server_env,
+                    "machine": info,
+                    "results": results}
+    out_dir = WORK / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out_dir / f"engine_overhead-{stamp}.json").write_text(json.dumps(summary_json, indent=2))
+    print(json.dumps(summary_json, separators=(",", ":")))
+
+
+if __name__ == "__main__":
+    main()

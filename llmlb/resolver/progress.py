@@ -1,0 +1,68 @@
+"""Download progress every process can read (RS-7): one small JSON file per model next to its
+lock, replaced atomically, so gunicorn workers and nodes sharing the directory all see it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+QUEUED, DOWNLOADING, ERROR = "queued", "downloading", "error"
+_SUFFIX = ".progress.json"
+
+
+@dataclass
+class Progress:
+    model_id: str
+    status: str  # queued | downloading | error
+    downloaded_bytes: int = 0
+    total_bytes: int = 0
+    error_message: str | None = None
+    host: str = field(default_factory=lambda: os.uname().nodename)
+    pid: int = field(default_factory=os.getpid)
+    updated_at: float = field(default_factory=time.time)
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.downloaded_bytes / self.total_bytes) if self.total_bytes else 0.0
+
+
+def key(model_id: str) -> str:
+    """A file name for an id (ids may contain '/')."""
+    return quote(model_id, safe="")
+
+
+class ProgressStore:
+    def __init__(self, locks_dir: Path) -> None:
+        self.dir = locks_dir
+
+    def _path(self, model_id: str) -> Path:
+        return self.dir / f"{key(model_id)}{_SUFFIX}"
+
+    def write(self, record: Progress) -> None:
+        record.updated_at = time.time()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self._path(record.model_id)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(record)))
+        os.replace(tmp, path)
+
+    def read(self, model_id: str) -> Progress | None:
+        try:
+            return Progress(**json.loads(self._path(model_id).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def clear(self, model_id: str) -> None:
+        self._path(model_id).unlink(missing_ok=True)
+
+    def all(self) -> list[Progress]:
+        records = []
+        for path in self.dir.glob(f"*{_SUFFIX}"):
+            record = self.read(unquote(path.name[: -len(_SUFFIX)]))
+            if record is not None:
+                records.append(record)
+        return records

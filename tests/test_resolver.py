@@ -1,0 +1,282 @@
+"""Automatic model resolution (RS): local → shared (in place) → download → error, against a
+local server that speaks the Hugging Face endpoints, with the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from .conftest import HELLO, LiveServer, raw_get
+from .fake_hub import FakeHub
+from .tinymodels import make_llama_gguf, make_llama_safetensors
+
+DEV = {"Authorization": "Bearer sk_debug"}
+
+
+@pytest.fixture
+def resolving(make_server, hub: FakeHub, published: Path):
+    def start(**overrides) -> LiveServer:
+        return make_server(**{"supported_models": published, "hf_endpoint": hub.endpoint,
+                              "download_timeout_seconds": 3, **overrides})
+    return start
+
+
+def status(server: LiveServer, model_id: str) -> dict:
+    return requests.get(f"{server.url}/v0/models/{model_id}/status", headers=DEV,
+                        timeout=10).json()
+
+
+def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("llmlb")]
+
+
+def test_seed_001_flow(resolving, hub: FakeHub, tiny, caplog: pytest.LogCaptureFixture
+                       ) -> None:
+    server = resolving()
+    hub.throttle_bps = 400_000  # ~1.5 s for the 570 KB model: progress in steps
+    assert status(server, "tiny-gguf")["status"] == "not_downloaded"
+    reply = server.client().chat.completions.create(model="tiny-gguf", messages=HELLO,
+                                                    max_tokens=5)
+    assert reply.choices[0].message.content and reply.usage.completion_tokens == 5
+    log = messages(caplog)
+    assert "Model resolution started: tiny-gguf" in log
+    assert "Model not found locally, downloading from HuggingFace..." in log
+    steps = [m for m in log if m.startswith("Download progress: ")]
+    assert [s.split("%")[0] for s in steps] == [f"Download progress: {p}" for p in
+                                                range(10, 101, 10)]
+    assert steps[0].endswith("MB / 0.6 MB)")
+    assert "Download completed: tiny-gguf" in log
+    assert any(m.startswith("Model loaded successfully") for m in log)
+    assert log.index("Download completed: tiny-gguf") < next(
+        i for i, m in enumerate(log) if m.startswith("Model loaded successfully"))
+
+    # Only the catalog's artifact was fetched; the files sit in a plain directory.
+    assert hub.downloads("llmlb-test/tiny-gguf", "model.gguf") == 1
+    assert hub.downloads("llmlb-test/tiny-gguf", "model-f16.gguf") == 0
+    assert hub.downloads("llmlb-test/tiny-gguf", "README.md") == 0
+    model_dir = server.models_dir / "tiny-gguf"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["model.gguf"]
+    assert (model_dir / "model.gguf").read_bytes() == tiny["llama-gguf"].read_bytes()
+    assert not list(server.models_dir.rglob("*.partial"))
+    assert status(server, "tiny-gguf") == {
+        "model_id": "tiny-gguf", "status": "local", "progress": 1.0,
+        "downloaded_bytes": model_dir.joinpath("model.gguf").stat().st_size,
+        "total_bytes": model_dir.joinpath("model.gguf").stat().st_size,
+        "local_path": str(model_dir)}
+    server.client().chat.completions.create(model="tiny-gguf", messages=HELLO, max_tokens=2)
+    assert hub.downloads("llmlb-test/tiny-gguf", "model.gguf") == 1
+    assert "tiny-gguf" in [m.id for m in server.client().models.list().data]
+
+
+def test_status_shows_rising_progress(resolving, hub: FakeHub) -> None:
+    server = resolving()
+    hub.throttle_bps = 250_000  # the safetensors model is ~590 KB over 5 files
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(reply=server.client()
+                              .chat.completions.create(model="tiny-st", messages=HELLO,
+                                                       max_tokens=3)))
+    thread.start()
+    seen = []
+    while thread.is_alive():
+        s = status(server, "tiny-st")
+        if s["status"] != "not_downloaded" or seen:  # (the request may not have begun yet)
+            seen.append(s)
+            assert s["status"] in ("downloading", "local")
+        time.sleep(0.1)
+    thread.join()
+    downloading = [s["progress"] for s in seen if s["status"] == "downloading"]
+    assert len(set(downloading)) >= 3 and downloading == sorted(downloading)
+    assert all(s["total_bytes"] > 500_000 for s in seen)
+    assert seen[-1]["status"] == "local" or status(server, "tiny-st")["status"] == "local"
+    assert result["reply"].usage.completion_tokens == 3
+
+
+def test_unknown_model(resolving, hub: FakeHub) -> None:
+    server = resolving()
+    with pytest.raises(openai.NotFoundError) as info:
+        server.client().chat.completions.create(model="unknown-model", messages=HELLO)
+    assert info.value.body["message"] == ("Model 'unknown-model' is not supported. "
+                                          "Check supported_models.json.")
+    assert hub.requests == []  # decided without asking anyone
+    r = requests.get(f"{server.url}/v0/models/unknown-model/status", headers=DEV, timeout=10)
+    assert r.status_code == 404
+
+
+def test_wrong_sha256_is_never_ready(resolving, hub: FakeHub) -> None:
+    server = resolving()
+    with pytest.raises(openai.APIStatusError) as info:
+        server.client().chat.completions.create(model="bad-sha", messages=HELLO)
+    assert info.value.status_code == 502
+    body = info.value.body
+    assert body["code"] == "download_failed" and body["type"] == "upstream_error"
+    assert body["message"].startswith("Failed to download model: Checksum mismatch")
+    assert not (server.models_dir / "bad-sha").exists()
+    assert not list(server.models_dir.rglob("*.partial"))
+    assert "bad-sha" not in [m.id for m in server.client().models.list().data]
+    s = status(server, "bad-sha")
+    assert s["status"] == "error" and "Checksum mismatch" in s["error_message"]
+
+
+@pytest.mark.parametrize("fault,cause", [
+    ({"status": 500, "method": "GET", "times": None}, "HTTP 500"),
+    ({"hang_after": 100_000, "times": None}, "Network timeout"),
+])
+def test_upstream_failures_are_502_and_retryable(resolving, hub: FakeHub, fault: dict,
+                                                 cause: str) -> None:
+    server = resolving(download_timeout_seconds=1.5)
+    hub.inject("model.gguf", **fault)
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as info:
+        server.client().chat.completions.create(model="tiny-gguf", messages=HELLO)
+    assert time.monotonic() - started < 30
+    assert info.value.status_code == 502
+    assert info.value.body["code"] == "download_failed"
+    assert cause in info.value.body["message"]
+    s = status(server, "tiny-gguf")
+    assert s["status"] == "error" and cause in s["error_message"]
+    # The lock was released: once the hub behaves, the next request succeeds.
+    hub.clear_faults()
+    hub.release()
+    reply = server.client().chat.completions.create(model="tiny-gguf", messages=HELLO,
+                                                    max_tokens=2)
+    assert reply.usage.completion_tokens == 2
+
+
+def test_cut_connections_resume_with_range(resolving, hub: FakeHub, tiny) -> None:
+    server = resolving()
+    hub.inject("model.gguf", cut_after=200_000, times=2)
+    reply = server.client().chat.completions.create(model="tiny-gguf", messages=HELLO,
+                                                    max_tokens=2)
+    assert reply.usage.completion_tokens == 2
+    ranges = [r.range for r in hub.requests if r.method == "GET" and "/cdn/" in r.path]
+    assert ranges[0] is None and ranges[1] == "bytes=200000-" and ranges[2] == "bytes=400000-"
+    size = tiny["llama-gguf"].stat().st_size
+    assert hub.bytes_served("llmlb-test/tiny-gguf", "model.gguf") == size
+
+
+def test_private_repo_needs_hf_token(resolving, hub: FakeHub) -> None:
+    server = resolving()
+    with pytest.raises(openai.APIStatusError) as info:
+        server.client().chat.completions.create(model="private-gguf", messages=HELLO)
+    assert info.value.status_code == 502
+    assert "set HF_TOKEN" in info.value.body["message"]
+    with_token = resolving(hf_token="hf_secret", models_dir=server.models_dir.parent / "m2")
+    reply = with_token.client().chat.completions.create(model="private-gguf", messages=HELLO,
+                                                        max_tokens=2)
+    assert reply.usage.completion_tokens == 2
+
+
+def test_hf_token_from_dotenv(llmlb_home: Path, resolving, hub: FakeHub) -> None:
+    (llmlb_home / ".env").write_text("HF_TOKEN=hf_secret\n")
+    server = resolving()
+    assert server.client().chat.completions.create(
+        model="private-gguf", messages=HELLO, max_tokens=1).usage.completion_tokens == 1
+
+
+def test_shared_path_is_used_in_place(resolving, hub: FakeHub, tiny, tmp_path: Path) -> None:
+    shared = tmp_path / "nfs"
+    shutil.copytree(tiny["llama-gguf"].parent, shared / "tiny-gguf")
+    server = resolving(shared_models_dir=shared)
+    client = server.client()
+    before = client.chat.completions.create(model="tiny-gguf", messages=HELLO, max_tokens=8,
+                                            temperature=0).choices[0].message.content
+    assert hub.requests == []
+    assert [p.name for p in server.models_dir.iterdir() if not p.name.startswith(".")] == []
+    assert status(server, "tiny-gguf")["local_path"] == str(shared / "tiny-gguf")
+
+    # An updated file on the shared path is used by the next load, still in place.
+    other = make_llama_safetensors(tmp_path / "other", seed=11)
+    make_llama_gguf(other, shared / "tiny-gguf" / "model.gguf")
+    after = client.chat.completions.create(model="tiny-gguf", messages=HELLO, max_tokens=8,
+                                           temperature=0).choices[0].message.content
+    assert after != before
+    assert [p.name for p in server.models_dir.iterdir() if not p.name.startswith(".")] == []
+
+
+def test_missing_shared_path_falls_back_to_download(resolving, hub: FakeHub,
+                                                    tmp_path: Path) -> None:
+    server = resolving(shared_models_dir=tmp_path / "unmounted-nfs")
+    reply = server.client().chat.completions.create(model="tiny-gguf", messages=HELLO,
+                                                    max_tokens=2)
+    assert reply.usage.completion_tokens == 2
+    assert (server.models_dir / "tiny-gguf" / "model.gguf").is_file()
+
+
+def test_allowlist_blocks_other_hosts(resolving, hub: FakeHub) -> None:
+    server = resolving(download_allowlist=["huggingface.co"])
+    with pytest.raises(openai.NotFoundError) as info:
+        server.client().chat.completions.create(model="tiny-gguf", messages=HELLO)
+    assert "LLMLB_DOWNLOAD_ALLOWLIST" in info.value.body["message"]
+    assert hub.requests == []
+
+
+def test_wait_limit_gives_503_with_progress(resolving, hub: FakeHub) -> None:
+    server = resolving(resolve_wait_seconds=1)
+    hub.throttle_bps = 150_000  # ~4 s
+    with pytest.raises(openai.InternalServerError) as info:
+        server.client().chat.completions.create(model="tiny-gguf", messages=HELLO)
+    assert info.value.status_code == 503
+    body = info.value.body
+    assert body["code"] == "model_downloading" and body["type"] == "service_unavailable"
+    assert body["message"].startswith("Model 'tiny-gguf' is still downloading (")
+    assert body["message"].endswith("% complete)")
+    assert int(info.value.response.headers["Retry-After"]) > 0
+    # The download carries on without the request that started it.
+    deadline = time.monotonic() + 30
+    while status(server, "tiny-gguf")["status"] != "local" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert status(server, "tiny-gguf")["status"] == "local"
+    assert hub.downloads("llmlb-test/tiny-gguf", "model.gguf") == 1
+
+
+def test_too_many_waiters_get_503_at_once(resolving, hub: FakeHub) -> None:
+    server = resolving(max_resolve_waiters=1)
+    hub.throttle_bps = 300_000
+    first = threading.Thread(target=lambda: server.client().chat.completions.create(
+        model="tiny-gguf", messages=HELLO, max_tokens=1))
+    first.start()
+    while status(server, "tiny-gguf")["status"] != "downloading":
+        time.sleep(0.05)
+    with pytest.raises(openai.InternalServerError) as info:
+        server.client().chat.completions.create(model="tiny-gguf", messages=HELLO)
+    assert info.value.body["code"] == "model_downloading"
+    first.join()
+
+
+def test_blob_route_serves_ranges_to_nodes(resolving, tiny) -> None:
+    server = resolving()
+    shutil.copytree(tiny["llama-st"], server.models_dir / "org" / "tiny")
+    url = f"{server.url}/v1/models/blob/org/tiny/model.safetensors"
+    data = (tiny["llama-st"] / "model.safetensors").read_bytes()
+    assert requests.get(url, headers=DEV, timeout=10).content == data
+    part = requests.get(url, headers={**DEV, "Range": "bytes=100-199"}, timeout=10)
+    assert part.status_code == 206 and part.content == data[100:200]
+    assert part.headers["Content-Range"] == f"bytes 100-199/{len(data)}"
+    from llmlb import auth
+
+    api_key, _ = auth.create_api_key(server.runtime.db, "inference only", "api")
+    assert requests.get(url, headers={"X-API-Key": api_key}, timeout=10).status_code == 403
+    for bad in ("org/tiny/../../secret", "org/tiny/.hidden", "org/tiny/nope.bin",
+                "nothere/model.safetensors", "org/tiny/%2e%2e/%2e%2e/x"):
+        status_code, body = raw_get(server, f"/v1/models/blob/{bad}")
+        assert status_code in (400, 404) and "error" in body, bad
+
+
+def test_node_fetches_through_the_balancer(make_server, resolving, tiny, hub: FakeHub,
+                                           tmp_path: Path) -> None:
+    balancer = make_server()
+    shutil.copytree(tiny["llama-st"], balancer.models_dir / "tiny-st")
+    node = resolving(balancer_url=balancer.url, node_api_key="sk_debug",
+                     download_allowlist=["none"], models_dir=tmp_path / "node-models")
+    reply = node.client().chat.completions.create(model="tiny-st", messages=HELLO,
+                                                  max_tokens=2)
+    assert reply.usage.completion_tokens == 2
+    assert hub.requests == []  # the node never went to the internet
+    for f in (tiny["llama-st"]).iterdir():
+        assert (tmp_path / "node-models" / "tiny-st" / f.name).read_bytes() == f.read_bytes()
