@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import pstats
+import re
 import shutil
 import signal
 import socket
@@ -156,7 +157,7 @@ def in_process_app(home: Path):  # noqa: ANN201 - a Flask app
     from llmlb import create_app
 
     return create_app({"home": home, "dev": True, "hf_endpoint": CLOSED_ENDPOINT,
-                       "log_level": "WARNING"})
+                       "log_level": "ERROR"})
 
 
 def in_process_calls(app) -> dict[str, Callable[[], None]]:  # noqa: ANN001
@@ -202,12 +203,12 @@ def profile(calls: dict[str, Callable[[], None]], n: int, top: int) -> dict[str,
             calls[path]()
         prof.disable()
         buf = io.StringIO()
-        stats = pstats.Stats(prof, stream=buf).strip_dirs()
-        buf.write(f"=== {path}: {n} in-process requests, by own time ===\n")
-        stats.sort_stats("tottime").print_stats(top)
-        buf.write(f"=== {path}: llmlb's functions by cumulative time ===\n")
-        stats.sort_stats("cumulative").print_stats(r"llmlb|engines", top)
-        out[path] = buf.getvalue()
+        buf.write(f"=== {path}: {n} in-process requests under cProfile, by own time ===\n")
+        pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime").print_stats(top)
+        buf.write(f"=== {path}: llmlb's own functions by cumulative time ===\n")
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(
+            rf"{re.escape(str(REPO))}/(llmlb|engines)/", top)
+        out[path] = re.sub(rf"{re.escape(str(REPO))}/", "", buf.getvalue())
     return out
 
 
@@ -239,9 +240,37 @@ def print_table(title: str, table: dict[str, dict[str, float]], judge: bool) -> 
               f"{s['p99']:7.2f} {s['max']:7.2f} {s['mean']:7.2f}{verdict}")
 
 
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Share of all cores busy over ``seconds`` (from /proc/stat), 0..1; -1 if unknown."""
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return -1.0
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.10) -> float:
+    """Wait (up to max_wait seconds) until other processes leave the cores idle; the last
+    busy share seen. Benchmarks on two cores are worthless while something else runs."""
+    deadline = time.monotonic() + max_wait
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() < deadline:
+        print(f"waiting for a quiet machine: {busy:.0%} of the cores busy", flush=True)
+        busy = cpu_busy(2.0)
+    if busy > threshold:
+        print(f"WARNING: the machine is busy ({busy:.0%} of the cores) before the benchmark; "
+              "figures will be disturbed", flush=True)
+    return busy
+
+
 def machine() -> dict:
-    import flask
-    import gunicorn
+    from importlib.metadata import version
 
     cpu = platform.machine()
     try:
@@ -252,7 +281,7 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "gunicorn": gunicorn.__version__, "flask": flask.__version__,
+            "gunicorn": version("gunicorn"), "flask": version("flask"),
             "requests": requests.__version__, "loadavg_start": os.getloadavg()[0]}
 
 
@@ -266,9 +295,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="print cProfile hot spots of the in-process requests")
     parser.add_argument("--profile-requests", type=int, default=500)
+    parser.add_argument("--wait-quiet", type=float, default=120, metavar="SECONDS",
+                        help="wait up to this long for other processes to leave the cores idle")
     args = parser.parse_args()
 
     info = machine()
+    info["busy_before"] = wait_quiet(args.wait_quiet)
     root = WORK / "api_latency"
     home = make_home(root)
     port = free_port()
@@ -288,6 +320,7 @@ def main() -> None:
     hot = profile(calls, args.profile_requests, 25) if args.profile else {}
     app.extensions["llmlb"].close()
     info["loadavg_end"] = os.getloadavg()[0]
+    info["busy_after"] = cpu_busy()
 
     results = {
         "keepalive": {p: stats_ms(t) for p, t in keep.items()},
@@ -307,7 +340,9 @@ def main() -> None:
                 results["in_process"], False)
     ok = all(results["keepalive"][p]["p99"] < TARGET_P99_MS for p in ("models", "not_found"))
     print(f"\nkeep-alive p99 under {TARGET_P99_MS:g} ms for both paths: {'yes' if ok else 'NO'}; "
-          f"load average {info['loadavg_start']:.2f} at start, {info['loadavg_end']:.2f} at end")
+          f"other load {info['busy_before']:.0%} of the cores busy just before, "
+          f"{info['busy_after']:.0%} just after; load average {info['loadavg_start']:.2f} -> "
+          f"{info['loadavg_end']:.2f}")
     for text in hot.values():
         print()
         print(text.rstrip())

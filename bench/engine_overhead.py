@@ -6,19 +6,19 @@ all with the same random ~63M-parameter Llama weights from ``tests.tinymodels``)
 
 * **llmlb**: a real ``llmlb serve`` process; the official ``openai`` SDK streams
   ``/v1/chat/completions`` (``temperature=0``, ``max_tokens=N``) and times every chunk.
-* **direct**: a separate worker process that loads the model and generates exactly the way
+* **direct**: a worker process per model that loads it and generates exactly the way
   ``engines/gguf.py`` and ``engines/safetensors.py`` do (same constructor arguments, chat
   template, tokenisation, sampling parameters, streaming and incremental detokenisation), with
   no HTTP, no Flask and no llmlb code at all.
 
-Both processes keep their models loaded; runs alternate (direct first on even repetitions,
+All processes keep their models loaded; runs alternate (direct first on even repetitions,
 llmlb first on odd ones) and only one of them computes at a time, so they never share the two
 cores. The tiny models never emit EOS, so every run generates exactly ``max_tokens`` tokens
 (checked against ``usage``).
 
 Figures, per model, medians over the repetitions:
 
-* TTFT: request sent (direct: chat template applied) -> first non-empty text.
+* TTFT: request sent (direct: before the chat template is applied) -> first non-empty text.
 * decode tok/s: (tokens - 1) / (last token - first token), the steady generation rate.
 * end-to-end tok/s: tokens / (request sent -> stream finished).
 * ratio: llmlb / direct decode tok/s (goal >= 0.95).
@@ -418,6 +418,35 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Share of all cores busy over ``seconds`` (from /proc/stat), 0..1; -1 if unknown."""
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return -1.0
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.10) -> float:
+    """Wait (up to max_wait seconds) until other processes leave the cores idle; the last
+    busy share seen. Benchmarks on two cores are worthless while something else runs."""
+    deadline = time.monotonic() + max_wait
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() < deadline:
+        print(f"waiting for a quiet machine: {busy:.0%} of the cores busy", flush=True)
+        busy = cpu_busy(2.0)
+    if busy > threshold:
+        print(f"WARNING: the machine is busy ({busy:.0%} of the cores) before the benchmark; "
+              "figures will be disturbed", flush=True)
+    return busy
+
+
 def machine() -> dict:
     import llama_cpp
     import torch
@@ -447,6 +476,8 @@ def main() -> None:
     parser.add_argument("--llmlb-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for the llmlb server (diagnostics, e.g. "
                              "LLMLB_THREADS=1); repeatable")
+    parser.add_argument("--wait-quiet", type=float, default=120, metavar="SECONDS",
+                        help="wait up to this long for other processes to leave the cores idle")
     parser.add_argument("--direct-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.direct_worker:
@@ -456,6 +487,7 @@ def main() -> None:
     import openai
 
     info = machine()
+    info["busy_before"] = wait_quiet(args.wait_quiet)
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(wanted) - set(ALL_MODELS)
     if unknown:
@@ -470,7 +502,9 @@ def main() -> None:
     ids = install_models(home, models)
     port = free_port()
     server = start_server(home, port, len(models), run_dir / "server.log", server_env)
-    direct = Direct(run_dir / "direct.log")
+    # One direct worker per model: each library alone in its process, as a user calling it
+    # directly would have it (llmlb, by design, holds every model in one process).
+    directs = {name: Direct(run_dir / f"direct-{name}.log") for name in models}
     results: dict[str, dict] = {}
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk_debug",
@@ -480,6 +514,7 @@ def main() -> None:
             t = time.perf_counter()
             via_llmlb(client, ids[name], args.max_tokens)  # loads the model in the server
             server_load = time.perf_counter() - t
+            direct = directs[name]
             loaded = direct.call(op="load", name=name, format=fmt, path=str(path))
             print(f"{name}: first llmlb request (load + generate) {server_load:.1f}s, "
                   f"direct load {loaded['seconds']:.1f}s", flush=True)
@@ -491,8 +526,8 @@ def main() -> None:
                 order = ("direct", "llmlb") if rep % 2 == 0 else ("llmlb", "direct")
                 for side in order:
                     if side == "direct":
-                        run = direct.call(op="run", name=name, messages=MESSAGES,
-                                          max_tokens=args.max_tokens)
+                        run = directs[name].call(op="run", name=name, messages=MESSAGES,
+                                                 max_tokens=args.max_tokens)
                     else:
                         run = via_llmlb(client, ids[name], args.max_tokens)
                     runs[name][side].append(run)
@@ -525,10 +560,12 @@ def main() -> None:
             results[name] = summary
         info["server_threads_end"] = server_threads(server.pid)
     finally:
-        direct.close()
+        for direct in directs.values():
+            direct.close()
         stop_server(server)
 
     info["loadavg_end"] = os.getloadavg()[0]
+    info["busy_after"] = cpu_busy()
     print()
     print(f"llmlb vs direct, {args.reps} runs each after {args.warmup} warm-up, "
           f"max_tokens={args.max_tokens}, temperature=0, streaming; medians")
@@ -550,8 +587,10 @@ def main() -> None:
               f"{r['decode_ratio']:6.3f} {d['e2e_tps']:8.1f} {s['e2e_tps']:8.1f} "
               f"{r['e2e_ratio']:6.3f} {d['ttft_ms']:8.1f} {s['ttft_ms']:8.1f} "
               f"{r['ttft_diff_ms']:+7.1f}  {', '.join(checks)}")
-    print(f"load average: {info['loadavg_start']:.2f} at start, {info['loadavg_end']:.2f} at "
-          f"end; llmlb worker OS threads at the end: {info.get('server_threads_end')}")
+    print(f"other load: {info['busy_before']:.0%} of the cores busy just before, "
+          f"{info['busy_after']:.0%} just after (should be ~0%); load average "
+          f"{info['loadavg_start']:.2f} -> {info['loadavg_end']:.2f}; llmlb worker OS threads "
+          f"at the end: {info.get('server_threads_end')}")
     if server_env:
         print(f"llmlb server environment added: {server_env}")
     summary_json = {"bench": "engine_overhead", "max_tokens": args.max_tokens,

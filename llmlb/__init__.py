@@ -40,7 +40,7 @@ def configure_logging(level: str) -> None:
 def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     """Build the app from Settings, or from overrides on top of the environment."""
     from . import auth, errors
-    from .api import admin_routes, openai_routes, registry_routes
+    from .api import admin_routes, dashboard_routes, hub_routes, openai_routes, registry_routes, ws
     from .runtime import build_runtime
 
     settings = config if isinstance(config, Settings) else load_settings(config)
@@ -61,6 +61,10 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(openai_routes.bp)
     app.register_blueprint(registry_routes.bp)
     app.register_blueprint(admin_routes.bp)
+    app.register_blueprint(hub_routes.bp)
+    ws.sock.init_app(app)
+    app.register_blueprint(ws.bp)
+    app.register_blueprint(dashboard_routes.bp)
 
     worker = str(os.getpid())
 
@@ -86,6 +90,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     if generated:
         log.warning("Created the first admin user '%s' with the password: %s  (shown once; "
                     "set LLMLB_ADMIN_PASSWORD to choose it)", settings.admin_username, generated)
+    rt.hub.reconcile()  # pulls a restart cut off carry on
     log.info("llmlb ready: models in %s, catalog %s (%d models), database %s",
              settings.models_dir, settings.supported_models, len(rt.catalog.models()),
              settings.database)

@@ -42,6 +42,16 @@ MIGRATIONS: tuple[str, ...] = (
         payload TEXT NOT NULL
     );
     """,
+    """
+    CREATE TABLE IF NOT EXISTS hf_stats (
+        repo_id TEXT PRIMARY KEY,
+        downloads INTEGER,
+        likes INTEGER,
+        ok INTEGER NOT NULL,
+        fetched_at REAL NOT NULL,
+        claimed_at REAL
+    );
+    """,
 )
 
 

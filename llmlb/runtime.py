@@ -13,6 +13,10 @@ from .catalog import Catalog
 from .config import Settings
 from .db import Database
 from .dispatch import Dispatcher
+from .events import StatusEvents
+from .hardware import node_memory
+from .hf_stats import HFStats
+from .hub import Hub
 from .model_pool import ModelPool
 from .node import LocalNode
 from .plugins import EngineRegistry, load_plugins
@@ -32,6 +36,8 @@ class Runtime:
     pool: ModelPool
     node: LocalNode
     dispatcher: Dispatcher
+    hub: Hub
+    events: StatusEvents
 
     def close(self) -> None:
         self.pool.unload_all()
@@ -50,4 +56,11 @@ def build_runtime(settings: Settings) -> Runtime:
                      max_queued=settings.max_queued_requests,
                      load_options=LoadOptions(context_length=settings.context_length))
     node = LocalNode(resolver, pool)
-    return Runtime(settings, db, catalog, pm, engines, resolver, pool, node, Dispatcher([node]))
+    dispatcher = Dispatcher([node])
+    stats = HFStats(db, settings.hf_endpoint, settings.hf_token, settings.hf_stats_ttl_seconds,
+                    settings.hub_timeout_seconds)
+    hub = Hub(db, catalog, resolver, dispatcher, stats, node_memory)
+    events = StatusEvents(hub.snapshot, on_tick=hub.reconcile)
+    resolver.on_progress(lambda _model_id: events.poke())
+    return Runtime(settings, db, catalog, pm, engines, resolver, pool, node, dispatcher, hub,
+                   events)

@@ -29,7 +29,7 @@ class FileLock:
         self._thread_lock = _thread_lock(path)
         self._fd: int | None = None
 
-    def try_acquire(self) -> bool:
+    def try_acquire(self, record_owner: bool = True) -> bool:
         if not self._thread_lock.acquire(blocking=False):
             return False
         try:
@@ -45,8 +45,9 @@ class FileLock:
             self._thread_lock.release()
             raise
         self._fd = fd
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.uname().nodename} {os.getpid()}\n".encode())
+        if record_owner:  # for operators looking at .locks/: who downloads this
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.uname().nodename} {os.getpid()}\n".encode())
         return True
 
     def acquire(self, timeout: float | None = None, poll: float = 0.2) -> bool:
@@ -70,7 +71,7 @@ class FileLock:
 
     def held_elsewhere(self) -> bool:
         """Whether another thread, process or node holds the lock right now."""
-        if self.try_acquire():
+        if self.try_acquire(record_owner=False):
             self.release()
             return False
         return True
