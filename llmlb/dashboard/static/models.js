@@ -7,7 +7,7 @@ const localBox = document.getElementById("local");
 const live = document.getElementById("live");
 
 // --- tabs -----------------------------------------------------------------------------------
-function showTab(name) {
+function showTab(name, remember = true) {
   for (const tab of document.querySelectorAll(".tab")) {
     const active = tab.dataset.tab === name;
     tab.classList.toggle("active", active);
@@ -16,7 +16,7 @@ function showTab(name) {
   document.getElementById("panel-hub").hidden = name !== "hub";
   document.getElementById("panel-local").hidden = name !== "local";
   if (name === "local") loadLocal();
-  history.replaceState(null, "", name === "local" ? "#local" : "#hub");
+  if (remember) history.replaceState(null, "", name === "local" ? "#local" : "#hub");
 }
 for (const tab of document.querySelectorAll(".tab")) {
   tab.addEventListener("click", () => showTab(tab.dataset.tab));
@@ -188,6 +188,6 @@ async function remove(id) {
   loadHub();
 }
 
-showTab(location.hash === "#local" ? "local" : "hub");
+showTab(location.hash === "#local" ? "local" : "hub", false);
 loadHub();
 connect();
