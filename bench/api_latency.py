@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import requests
+from cpuwatch import CpuMonitor, cpu_model, wait_quiet
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "bench" / ".work"
@@ -136,18 +137,57 @@ def http_call(session: requests.Session, base: str, path: str, headers: dict,
     return elapsed
 
 
+class Stretches:
+    """Measure in stretches of ``size`` rounds (one request per path each); a stretch during
+    which other processes used more than ``max_foreign`` of the cores is thrown away and
+    measured again (``retries`` times at most, then kept and counted)."""
+
+    def __init__(self, size: int, max_foreign: float, retries: int) -> None:
+        self.size, self.max_foreign, self.retries = size, max_foreign, retries
+        self.monitor = CpuMonitor()
+        self.redone = self.kept_disturbed = 0
+        self.foreign_max = 0.0
+
+    def run(self, rounds: int, paths: list[str], call: Callable[[str], float],
+            ) -> dict[str, list[float]]:
+        times: dict[str, list[float]] = {p: [] for p in paths}
+        done = 0
+        while done < rounds:
+            n = min(self.size, rounds - done)
+            for attempt in range(self.retries + 1):
+                self.monitor.start()
+                got = {p: [] for p in paths}
+                for _ in range(n):
+                    for p in paths:
+                        got[p].append(call(p))
+                foreign = self.monitor.foreign()
+                if foreign <= self.max_foreign:
+                    break
+                if attempt == self.retries:
+                    self.kept_disturbed += 1
+                    print(f"  a stretch stayed disturbed ({foreign:.0%} of the cores used by "
+                          "other processes); kept", flush=True)
+                    break
+                self.redone += 1
+                print(f"  stretch disturbed ({foreign:.0%} of the cores used by other "
+                      "processes); measuring it again", flush=True)
+                wait_quiet(60)
+            self.foreign_max = max(self.foreign_max, foreign)
+            for p in paths:
+                times[p].extend(got[p])
+            done += n
+        return times
+
+
 def measure_http(base: str, paths: list[str], n: int, warmup: int, keep_alive: bool,
-                 ) -> tuple[dict[str, list[float]], dict[str, int]]:
+                 stretches: Stretches) -> tuple[dict[str, list[float]], dict[str, int]]:
     headers = {} if keep_alive else {"Connection": "close"}
     workers: Counter = Counter()
-    times: dict[str, list[float]] = {p: [] for p in paths}
     with requests.Session() as session:
         for _ in range(warmup):
             for p in paths:
                 http_call(session, base, p, headers, Counter())
-        for _ in range(n):
-            for p in paths:
-                times[p].append(http_call(session, base, p, headers, workers))
+        times = stretches.run(n, paths, lambda p: http_call(session, base, p, headers, workers))
     return times, dict(workers)
 
 
@@ -179,17 +219,17 @@ def in_process_calls(app) -> dict[str, Callable[[], None]]:  # noqa: ANN001
 
 
 def measure_in_process(calls: dict[str, Callable[[], None]], n: int, warmup: int,
-                       ) -> dict[str, list[float]]:
+                       stretches: Stretches) -> dict[str, list[float]]:
     for _ in range(warmup):
         for call in calls.values():
             call()
-    times: dict[str, list[float]] = {p: [] for p in calls}
-    for _ in range(n):
-        for p, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            times[p].append(time.perf_counter() - t0)
-    return times
+
+    def timed(path: str) -> float:
+        t0 = time.perf_counter()
+        calls[path]()
+        return time.perf_counter() - t0
+
+    return stretches.run(n, list(calls), timed)
 
 
 def profile(calls: dict[str, Callable[[], None]], n: int, top: int) -> dict[str, str]:
@@ -240,49 +280,12 @@ def print_table(title: str, table: dict[str, dict[str, float]], judge: bool) -> 
               f"{s['p99']:7.2f} {s['max']:7.2f} {s['mean']:7.2f}{verdict}")
 
 
-def cpu_busy(seconds: float = 1.0) -> float:
-    """Share of all cores busy over ``seconds`` (from /proc/stat), 0..1; -1 if unknown."""
-    def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return -1.0
-    return 1 - (idle1 - idle0) / max(1, total1 - total0)
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.10) -> float:
-    """Wait (up to max_wait seconds) until other processes leave the cores idle; the last
-    busy share seen. Benchmarks on two cores are worthless while something else runs."""
-    deadline = time.monotonic() + max_wait
-    busy = cpu_busy()
-    while busy > threshold and time.monotonic() < deadline:
-        print(f"waiting for a quiet machine: {busy:.0%} of the cores busy", flush=True)
-        busy = cpu_busy(2.0)
-    if busy > threshold:
-        print(f"WARNING: the machine is busy ({busy:.0%} of the cores) before the benchmark; "
-              "figures will be disturbed", flush=True)
-    return busy
-
-
 def machine() -> dict:
     from importlib.metadata import version
 
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             "gunicorn": version("gunicorn"), "flask": version("flask"),
-            "requests": requests.__version__, "loadavg_start": os.getloadavg()[0]}
+            "requests": version("requests"), "loadavg_start": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -297,30 +300,39 @@ def main() -> None:
     parser.add_argument("--profile-requests", type=int, default=500)
     parser.add_argument("--wait-quiet", type=float, default=120, metavar="SECONDS",
                         help="wait up to this long for other processes to leave the cores idle")
+    parser.add_argument("--max-foreign", type=float, default=0.05, metavar="SHARE",
+                        help="a stretch of 100 rounds during which other processes used more "
+                             "than this share of the cores is measured again")
+    parser.add_argument("--retries", type=int, default=5,
+                        help="how often a disturbed stretch is measured again at most")
     args = parser.parse_args()
 
     info = machine()
-    info["busy_before"] = wait_quiet(args.wait_quiet)
     root = WORK / "api_latency"
     home = make_home(root)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     paths = ["health", "models", "not_found"]
+    stretches = Stretches(100, args.max_foreign, args.retries)
     server = start_gunicorn(home, port, args.workers, root / "gunicorn.log")
     try:
-        keep, keep_workers = measure_http(base, paths, args.requests, args.warmup, True)
+        info["busy_before"] = wait_quiet(args.wait_quiet)
+        keep, keep_workers = measure_http(base, paths, args.requests, args.warmup, True,
+                                          stretches)
         fresh, fresh_workers = measure_http(base, paths, args.no_keepalive_requests,
-                                            args.warmup // 4, False)
+                                            args.warmup // 4, False, stretches)
     finally:
         stop(server)
     # In-process, after gunicorn is gone, so nothing else competes for the cores.
     app = in_process_app(home)
     calls = in_process_calls(app)
-    inproc = measure_in_process(calls, args.requests, args.warmup)
+    inproc = measure_in_process(calls, args.requests, args.warmup, stretches)
     hot = profile(calls, args.profile_requests, 25) if args.profile else {}
     app.extensions["llmlb"].close()
     info["loadavg_end"] = os.getloadavg()[0]
-    info["busy_after"] = cpu_busy()
+    info["stretches_measured_again"] = stretches.redone
+    info["disturbed_stretches_kept"] = stretches.kept_disturbed
+    info["foreign_cpu_max"] = stretches.foreign_max
 
     results = {
         "keepalive": {p: stats_ms(t) for p, t in keep.items()},
@@ -340,9 +352,10 @@ def main() -> None:
                 results["in_process"], False)
     ok = all(results["keepalive"][p]["p99"] < TARGET_P99_MS for p in ("models", "not_found"))
     print(f"\nkeep-alive p99 under {TARGET_P99_MS:g} ms for both paths: {'yes' if ok else 'NO'}; "
-          f"other load {info['busy_before']:.0%} of the cores busy just before, "
-          f"{info['busy_after']:.0%} just after; load average {info['loadavg_start']:.2f} -> "
-          f"{info['loadavg_end']:.2f}")
+          f"other processes: {info['busy_before']:.0%} of the cores busy before, at most "
+          f"{stretches.foreign_max:.0%} during a kept stretch; {stretches.redone} stretches "
+          f"measured again, {stretches.kept_disturbed} disturbed kept; load average "
+          f"{info['loadavg_start']:.2f} -> {info['loadavg_end']:.2f}")
     for text in hot.values():
         print()
         print(text.rstrip())

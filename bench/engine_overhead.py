@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from cpuwatch import CpuMonitor, cpu_model, wait_quiet
+
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "bench" / ".work"
 MODELS = WORK / "models"
@@ -408,43 +410,9 @@ def via_llmlb(client: Any, model_id: str, max_tokens: int) -> dict:
 # --- the benchmark ----------------------------------------------------------------------------
 
 def rates(run: dict) -> dict:
-    n = run["tokens"]
     return {"ttft_ms": run["ttft"] * 1000,
             "decode_tps": (run["chunks"] - 1) / run["decode"],
-            "e2e_tps": n / run["total"]}
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def cpu_busy(seconds: float = 1.0) -> float:
-    """Share of all cores busy over ``seconds`` (from /proc/stat), 0..1; -1 if unknown."""
-    def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return -1.0
-    return 1 - (idle1 - idle0) / max(1, total1 - total0)
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.10) -> float:
-    """Wait (up to max_wait seconds) until other processes leave the cores idle; the last
-    busy share seen. Benchmarks on two cores are worthless while something else runs."""
-    deadline = time.monotonic() + max_wait
-    busy = cpu_busy()
-    while busy > threshold and time.monotonic() < deadline:
-        print(f"waiting for a quiet machine: {busy:.0%} of the cores busy", flush=True)
-        busy = cpu_busy(2.0)
-    if busy > threshold:
-        print(f"WARNING: the machine is busy ({busy:.0%} of the cores) before the benchmark; "
-              "figures will be disturbed", flush=True)
-    return busy
+            "e2e_tps": run["tokens"] / run["total"]}
 
 
 def machine() -> dict:
@@ -452,18 +420,27 @@ def machine() -> dict:
     import torch
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             "llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
             "loadavg_start": os.getloadavg()[0]}
+
+
+def summarize(side_runs: list[dict]) -> dict:
+    r = [rates(x) for x in side_runs]
+    return {
+        "decode_tps": statistics.median(x["decode_tps"] for x in r),
+        "e2e_tps": statistics.median(x["e2e_tps"] for x in r),
+        "ttft_ms": statistics.median(x["ttft_ms"] for x in r),
+        "decode_tps_min": min(x["decode_tps"] for x in r),
+        "decode_tps_max": max(x["decode_tps"] for x in r),
+        "ttft_ms_min": min(x["ttft_ms"] for x in r),
+        "ttft_ms_max": max(x["ttft_ms"] for x in r),
+        "tokens": sorted({x["tokens"] for x in side_runs}),
+        "chunks": sorted({x["chunks"] for x in side_runs}),
+        "prompt_tokens": sorted({x["prompt_tokens"] for x in side_runs}),
+        "foreign_cpu_max": max(x["foreign_cpu"] for x in side_runs),
+    }
 
 
 def main() -> None:
@@ -478,6 +455,11 @@ def main() -> None:
                              "LLMLB_THREADS=1); repeatable")
     parser.add_argument("--wait-quiet", type=float, default=120, metavar="SECONDS",
                         help="wait up to this long for other processes to leave the cores idle")
+    parser.add_argument("--max-foreign", type=float, default=0.05, metavar="SHARE",
+                        help="a direct/llmlb pair during which other processes used more than "
+                             "this share of the cores is measured again")
+    parser.add_argument("--retries", type=int, default=4,
+                        help="how often a disturbed pair is measured again at most")
     parser.add_argument("--direct-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.direct_worker:
@@ -486,15 +468,14 @@ def main() -> None:
 
     import openai
 
-    info = machine()
-    info["busy_before"] = wait_quiet(args.wait_quiet)
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(wanted) - set(ALL_MODELS)
     if unknown:
         parser.error(f"unknown models: {', '.join(sorted(unknown))}")
+    server_env = dict(item.split("=", 1) for item in args.llmlb_env)
+    info = machine()
     built = build_models([m.removeprefix("gguf-") for m in wanted if m.startswith("gguf-")])
     models = {m: built[m] for m in wanted}
-    server_env = dict(item.split("=", 1) for item in args.llmlb_env)
     run_dir = WORK / "engine_overhead"
     shutil.rmtree(run_dir, ignore_errors=True)
     home = run_dir / "home"
@@ -505,103 +486,115 @@ def main() -> None:
     # One direct worker per model: each library alone in its process, as a user calling it
     # directly would have it (llmlb, by design, holds every model in one process).
     directs = {name: Direct(run_dir / f"direct-{name}.log") for name in models}
-    results: dict[str, dict] = {}
+    monitor = CpuMonitor()
+    retried = 0
+    disturbed_kept = {name: 0 for name in models}
+    runs: dict[str, dict[str, list[dict]]] = {m: {"direct": [], "llmlb": []} for m in models}
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk_debug",
                                max_retries=0, timeout=600)
-        runs: dict[str, dict[str, list[dict]]] = {m: {"direct": [], "llmlb": []} for m in models}
+
+        def measure(name: str, side: str) -> dict:
+            monitor.start()
+            if side == "direct":
+                run = directs[name].call(op="run", name=name, messages=MESSAGES,
+                                         max_tokens=args.max_tokens)
+            else:
+                run = via_llmlb(client, ids[name], args.max_tokens)
+            run["foreign_cpu"] = monitor.foreign()
+            return run
+
         for name, (fmt, path) in models.items():
             t = time.perf_counter()
             via_llmlb(client, ids[name], args.max_tokens)  # loads the model in the server
             server_load = time.perf_counter() - t
-            direct = directs[name]
-            loaded = direct.call(op="load", name=name, format=fmt, path=str(path))
+            loaded = directs[name].call(op="load", name=name, format=fmt, path=str(path))
             print(f"{name}: first llmlb request (load + generate) {server_load:.1f}s, "
                   f"direct load {loaded['seconds']:.1f}s", flush=True)
             for _ in range(args.warmup):
-                direct.call(op="run", name=name, messages=MESSAGES, max_tokens=args.max_tokens)
-                via_llmlb(client, ids[name], args.max_tokens)
+                measure(name, "direct")
+                measure(name, "llmlb")
+        info["busy_before"] = wait_quiet(args.wait_quiet)
         for rep in range(args.reps):
             for name in models:
                 order = ("direct", "llmlb") if rep % 2 == 0 else ("llmlb", "direct")
+                for attempt in range(args.retries + 1):
+                    pair = {side: measure(name, side) for side in order}
+                    foreign = max(r["foreign_cpu"] for r in pair.values())
+                    if foreign <= args.max_foreign:
+                        break
+                    if attempt == args.retries:
+                        disturbed_kept[name] += 1
+                        print(f"  rep {rep + 1} {name}: still disturbed ({foreign:.0%} of the "
+                              "cores used by other processes); kept", flush=True)
+                        break
+                    retried += 1
+                    print(f"  rep {rep + 1} {name}: disturbed ({foreign:.0%} of the cores used "
+                          "by other processes); measuring again", flush=True)
+                    wait_quiet(60)
                 for side in order:
-                    if side == "direct":
-                        run = directs[name].call(op="run", name=name, messages=MESSAGES,
-                                                 max_tokens=args.max_tokens)
-                    else:
-                        run = via_llmlb(client, ids[name], args.max_tokens)
-                    runs[name][side].append(run)
-                d, s = rates(runs[name]["direct"][-1]), rates(runs[name]["llmlb"][-1])
+                    runs[name][side].append(pair[side])
+                d, s = rates(pair["direct"]), rates(pair["llmlb"])
                 print(f"  rep {rep + 1}/{args.reps} {name:12s} decode tok/s direct "
                       f"{d['decode_tps']:7.1f}  llmlb {s['decode_tps']:7.1f}   TTFT ms direct "
-                      f"{d['ttft_ms']:6.1f}  llmlb {s['ttft_ms']:6.1f}", flush=True)
-
-        for name, sides in runs.items():
-            summary: dict[str, Any] = {"format": models[name][0]}
-            for side, side_runs in sides.items():
-                r = [rates(x) for x in side_runs]
-                summary[side] = {
-                    "decode_tps": median([x["decode_tps"] for x in r]),
-                    "e2e_tps": median([x["e2e_tps"] for x in r]),
-                    "ttft_ms": median([x["ttft_ms"] for x in r]),
-                    "decode_tps_min": min(x["decode_tps"] for x in r),
-                    "decode_tps_max": max(x["decode_tps"] for x in r),
-                    "tokens": sorted({x["tokens"] for x in side_runs}),
-                    "chunks": sorted({x["chunks"] for x in side_runs}),
-                    "prompt_tokens": sorted({x["prompt_tokens"] for x in side_runs}),
-                }
-            d, s = summary["direct"], summary["llmlb"]
-            summary["decode_ratio"] = s["decode_tps"] / d["decode_tps"]
-            summary["e2e_ratio"] = s["e2e_tps"] / d["e2e_tps"]
-            summary["ttft_diff_ms"] = s["ttft_ms"] - d["ttft_ms"]
-            texts = {x["text"] for v in sides.values() for x in v}
-            summary["same_output"] = len(texts) == 1
-            summary["tokens_ok"] = d["tokens"] == s["tokens"] == [args.max_tokens]
-            results[name] = summary
+                      f"{d['ttft_ms']:6.1f}  llmlb {s['ttft_ms']:6.1f}   other load "
+                      f"{foreign:4.0%}", flush=True)
         info["server_threads_end"] = server_threads(server.pid)
     finally:
         for direct in directs.values():
             direct.close()
         stop_server(server)
 
+    results: dict[str, dict] = {}
+    for name, sides in runs.items():
+        r: dict[str, Any] = {"format": models[name][0]}
+        r["direct"], r["llmlb"] = summarize(sides["direct"]), summarize(sides["llmlb"])
+        d, s = r["direct"], r["llmlb"]
+        r["decode_ratio"] = s["decode_tps"] / d["decode_tps"]
+        r["e2e_ratio"] = s["e2e_tps"] / d["e2e_tps"]
+        r["ttft_diff_ms"] = s["ttft_ms"] - d["ttft_ms"]
+        r["same_output"] = len({x["text"] for v in sides.values() for x in v}) == 1
+        r["tokens_ok"] = d["tokens"] == s["tokens"] == [args.max_tokens]
+        r["disturbed_runs_kept"] = disturbed_kept[name]
+        results[name] = r
     info["loadavg_end"] = os.getloadavg()[0]
-    info["busy_after"] = cpu_busy()
+    info["pairs_measured_again"] = retried
+
     print()
     print(f"llmlb vs direct, {args.reps} runs each after {args.warmup} warm-up, "
           f"max_tokens={args.max_tokens}, temperature=0, streaming; medians")
     print(f"machine: {info['cpu']}, {info['cores']} cores; llama-cpp-python "
           f"{info['llama_cpp_python']}, torch {info['torch']} ({info['torch_threads']} threads), "
           f"transformers {info['transformers']}")
-    header = (f"{'model':12s} {'decode tok/s':>22s} {'ratio':>6s} {'e2e tok/s':>17s} "
-              f"{'ratio':>6s} {'TTFT ms':>17s} {'diff':>7s}  checks")
-    print(header)
+    if server_env:
+        print(f"llmlb server environment added: {server_env}")
+    print(f"{'model':12s} {'decode tok/s':>22s} {'ratio':>6s} {'e2e tok/s':>17s} "
+          f"{'ratio':>6s} {'TTFT ms':>17s} {'diff':>7s}  checks")
     print(f"{'':12s} {'direct':>10s} {'llmlb':>11s} {'':>6s} {'direct':>8s} {'llmlb':>8s} "
           f"{'':>6s} {'direct':>8s} {'llmlb':>8s}")
     for name, r in results.items():
         d, s = r["direct"], r["llmlb"]
-        checks = []
-        checks.append("tokens ok" if r["tokens_ok"] else f"tokens {d['tokens']}/{s['tokens']}")
-        checks.append("same text" if r["same_output"] else "TEXT DIFFERS")
-        checks.append("PASS" if r["decode_ratio"] >= 0.95 else "BELOW 0.95")
+        checks = ["tokens ok" if r["tokens_ok"] else f"tokens {d['tokens']}/{s['tokens']}",
+                  "same text" if r["same_output"] else "TEXT DIFFERS",
+                  "PASS" if r["decode_ratio"] >= 0.95 else "BELOW 0.95"]
+        if r["disturbed_runs_kept"]:
+            checks.append(f"{r['disturbed_runs_kept']} disturbed runs kept")
         print(f"{name:12s} {d['decode_tps']:10.1f} {s['decode_tps']:11.1f} "
               f"{r['decode_ratio']:6.3f} {d['e2e_tps']:8.1f} {s['e2e_tps']:8.1f} "
               f"{r['e2e_ratio']:6.3f} {d['ttft_ms']:8.1f} {s['ttft_ms']:8.1f} "
               f"{r['ttft_diff_ms']:+7.1f}  {', '.join(checks)}")
-    print(f"other load: {info['busy_before']:.0%} of the cores busy just before, "
-          f"{info['busy_after']:.0%} just after (should be ~0%); load average "
-          f"{info['loadavg_start']:.2f} -> {info['loadavg_end']:.2f}; llmlb worker OS threads "
-          f"at the end: {info.get('server_threads_end')}")
-    if server_env:
-        print(f"llmlb server environment added: {server_env}")
-    summary_json = {"bench": "engine_overhead", "max_tokens": args.max_tokens,
-                    "reps": args.reps, "warmup": args.warmup, "llmlb_env": server_env,
-                    "machine": info,
-                    "results": results}
+    print(f"other processes: {info['busy_before']:.0%} of the cores busy before the measured "
+          f"runs; {retried} disturbed pairs measured again; load average "
+          f"{info['loadavg_start']:.2f} -> {info['loadavg_end']:.2f}; llmlb worker OS threads at "
+          f"the end: {info.get('server_threads_end')}")
+    summary = {"bench": "engine_overhead", "max_tokens": args.max_tokens, "reps": args.reps,
+               "warmup": args.warmup, "llmlb_env": server_env, "machine": info,
+               "results": results}
     out_dir = WORK / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out_dir / f"engine_overhead-{stamp}.json").write_text(json.dumps(summary_json, indent=2))
-    print(json.dumps(summary_json, separators=(",", ":")))
+    (out_dir / f"engine_overhead-{stamp}.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, separators=(",", ":")))
 
 
 if __name__ == "__main__":
