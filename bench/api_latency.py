@@ -12,7 +12,9 @@ are sequential from one ``requests.Session``: once with keep-alive and once with
 ``Connection: close`` (a new TCP connection per request); the three paths are interleaved
 request by request, after a warm-up. The same paths are then timed in-process (Flask's test
 client on ``create_app``, no HTTP) to separate llmlb's own time from the server's and the
-client's; ``--profile`` adds cProfile's hot spots of that in-process run.
+client's; ``--profile`` adds cProfile's hot spots of that in-process run. Requests are timed in
+stretches of 100 rounds; a stretch during which other processes took more than 5% of the cores
+is measured again (see ``cpuwatch.py``), so a busy neighbour does not end up in the p99.
 
 Run: ``.venv/bin/python bench/api_latency.py [--requests 2000] [--profile]``. The home
 directory lives under ``bench/.work/``; the last line printed is the JSON summary, also saved

@@ -54,6 +54,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         "secret_key", secrets.token_hex(32))
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
+    app.config["SESSION_COOKIE_SECURE"] = settings.secure_cookies
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["llmlb"] = rt
 

@@ -97,6 +97,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("trusted_proxies", ("LLMLB_TRUSTED_PROXIES",), 0, "int",
            "Reverse proxies in front of llmlb whose X-Forwarded-* headers are trusted "
            "(1 behind nginx)."),
+    Option("secure_cookies", ("LLMLB_SECURE_COOKIES",), False, "bool",
+           "Mark the dashboard's session cookie Secure (HTTPS only); set it behind TLS."),
     Option("hf_stats_ttl_seconds", ("LLMLB_HF_STATS_TTL_SECONDS",), 3600.0, "float",
            "How long Hugging Face download/like counts are cached."),
     Option("hub_timeout_seconds", ("LLMLB_HUB_TIMEOUT_SECONDS",), 2.0, "float",
@@ -141,6 +143,7 @@ class Settings:
     secret_key: str | None
     plugins_dir: tuple[Path, ...]
     trusted_proxies: int
+    secure_cookies: bool
     hf_stats_ttl_seconds: float
     hub_timeout_seconds: float
     sources: dict[str, str] = field(default_factory=dict, compare=False)

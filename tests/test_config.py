@@ -74,3 +74,10 @@ def test_help_documents_every_setting(llmlb_home: Path) -> None:
         if option.flag:
             assert option.flag in serve, f"{option.flag} missing from llmlb serve --help"
     assert "auto_repair" not in top.lower() and "LLM_AUTO_REPAIR" not in top
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [name for o in OPTIONS for name in o.env if f"`{name}`" not in readme]
+    assert not missing, f"README.md does not document {missing}"
+    assert "make run" in readme and "make test" in readme
