@@ -51,10 +51,15 @@ class Hub:
     def _registered(self) -> set[str]:
         return {r[0] for r in self.db.conn().execute("SELECT model_id FROM registrations")}
 
-    def status_of(self, model_id: str, registered: set[str] | None = None) -> HubStatus:
-        located = self.dispatcher.locate(model_id)
-        if located is not None:
-            return HubStatus(READY, 1.0, nodes=len(located[1]))
+    def _ready(self) -> dict[str, int]:
+        """Model id -> number of nodes that have it, from one listing (not one per model)."""
+        return {model.id: len(nodes) for model, nodes in self.dispatcher.list_models()}
+
+    def status_of(self, model_id: str, registered: set[str] | None = None,
+                  ready: dict[str, int] | None = None) -> HubStatus:
+        ready = self._ready() if ready is None else ready
+        if model_id in ready:
+            return HubStatus(READY, 1.0, nodes=ready[model_id])
         record = self.resolver.progress.read(model_id)
         if record is not None:
             running = self.resolver.download_state(model_id) == "running"
@@ -70,11 +75,11 @@ class Hub:
 
     def list_models(self) -> list[dict]:
         catalog = self.catalog.models()
-        registered = self._registered()
+        registered, ready = self._registered(), self._ready()
         stats = self.stats.get_many(sorted({m.repo_id for m in catalog.values()}))
         items = []
         for entry in catalog.values():
-            st = self.status_of(entry.id, registered)
+            st = self.status_of(entry.id, registered, ready)
             item = {"model": entry.to_json(), "status": st.status,
                     "hf_stats": stats.get(entry.repo_id), "available_nodes": st.nodes}
             if st.progress is not None and st.status in (DOWNLOADING_, ERROR_):
@@ -92,10 +97,10 @@ class Hub:
 
     def snapshot(self) -> dict[str, tuple[str, int | None]]:
         """Each catalog model's status and whole-percent progress: what events report."""
-        registered = self._registered()
+        registered, ready = self._registered(), self._ready()
         out = {}
         for model_id in self.catalog.models():
-            st = self.status_of(model_id, registered)
+            st = self.status_of(model_id, registered, ready)
             pct = int(st.progress * 100) if st.status == DOWNLOADING_ else None
             out[model_id] = (st.status, pct)
         return out
