@@ -107,10 +107,8 @@ class GGUFModel(LoadedModel):
                                                  special=True), params)
 
     def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
-        counts = [len(self._llm.tokenize(t.encode("utf-8"), add_bos=True, special=True))
-                  for t in texts]
-        vectors = self._llm.embed(list(texts), normalize=True)
-        return vectors, sum(counts)
+        vectors, tokens = self._llm.embed(list(texts), normalize=True, return_count=True)
+        return vectors, tokens
 
     def unload(self) -> None:
         self._llm.close()
