@@ -4,6 +4,7 @@ meta-test that every hook has a test."""
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import shutil
 import textwrap
@@ -91,6 +92,38 @@ def register_engines():
 '''
 
 
+FAILING_ENGINE = '''
+from engines.base import CHAT, Availability, Engine, EngineError, LoadedModel, Started, TokenText
+from llmlb.hookspecs import hookimpl
+
+
+class Failing(LoadedModel):
+    capabilities = frozenset({CHAT})
+
+    def chat(self, messages, params):
+        yield Started(1)
+        yield TokenText("partial ")
+        yield TokenText("answer ")
+        raise EngineError("the GPU fell off the bus")
+
+
+class FailingEngine(Engine):
+    name = "failing"
+    formats = {"failing": (".failing",)}
+
+    def availability(self):
+        return Availability(True)
+
+    def load(self, model_dir, artifacts, options):
+        return Failing()
+
+
+@hookimpl
+def register_engines():
+    return [FailingEngine()]
+'''
+
+
 def write_plugin(directory: Path, name: str, source: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{name}.py").write_text(textwrap.dedent(source))
@@ -143,6 +176,33 @@ def test_plugin_adds_a_format_and_the_queue_is_bounded(make_server, llmlb_home: 
     assert len(busy) == 2
     assert all(e.status_code == 503 and e.body["code"] == "model_busy" for e in busy)
     assert all(e.response.headers["Retry-After"] for e in busy)
+
+
+def test_error_mid_stream_is_an_sse_event(make_server, llmlb_home: Path) -> None:
+    plugins = llmlb_home / "p"
+    write_plugin(plugins, "failing", FAILING_ENGINE)
+    server = make_server(plugins_dir=[str(plugins)])
+    (server.models_dir / "flaky").mkdir()
+    (server.models_dir / "flaky" / "model.failing").write_text("")
+    r = requests.post(f"{server.url}/v1/chat/completions", stream=True, timeout=30,
+                      headers=DEV, json={"model": "flaky", "messages": HELLO, "stream": True})
+    assert r.status_code == 200
+    events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "engine_error" and "fell off the bus" in error["message"]
+    texts = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-2]]
+    assert "".join(t for t in texts if t) == "partial answer "
+    # The SDK raises on the error event, after the text that came first.
+    received = []
+    with pytest.raises(openai.APIError, match="fell off the bus"):
+        for chunk in server.client().chat.completions.create(model="flaky", messages=HELLO,
+                                                             stream=True):
+            received.append(chunk.choices[0].delta.content or "")
+    assert "".join(received) == "partial answer "
+    # Without streaming it is a plain 500 JSON error, and the model is free again.
+    with pytest.raises(openai.InternalServerError):
+        server.client().chat.completions.create(model="flaky", messages=HELLO)
 
 
 def test_entry_point_plugins_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

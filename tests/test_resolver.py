@@ -280,3 +280,16 @@ def test_node_fetches_through_the_balancer(make_server, resolving, tiny, hub: Fa
     assert hub.requests == []  # the node never went to the internet
     for f in (tiny["llama-st"]).iterdir():
         assert (tmp_path / "node-models" / "tiny-st" / f.name).read_bytes() == f.read_bytes()
+
+
+@pytest.mark.parametrize("endpoint,cause", [
+    ("http://127.0.0.1:9", "Cannot connect"),            # connection refused
+    ("http://hub.nonexistent.invalid", "Cannot connect"),  # DNS failure
+])
+def test_unreachable_source_is_502(resolving, endpoint: str, cause: str) -> None:
+    server = resolving(hf_endpoint=endpoint)
+    with pytest.raises(openai.APIStatusError) as info:
+        server.client().chat.completions.create(model="tiny-gguf", messages=HELLO)
+    assert info.value.status_code == 502
+    assert info.value.body["message"].startswith(f"Failed to download model: {cause}")
+    assert status(server, "tiny-gguf")["status"] == "error"
