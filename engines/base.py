@@ -82,6 +82,15 @@ class InvalidPrompt(EngineError):
     """The request's prompt cannot be run (too long, rejected by the chat template)."""
 
 
+def token_budget(prompt_tokens: int, context_length: int, max_tokens: int | None) -> int:
+    """How many tokens may be generated after a prompt; InvalidPrompt if it fills the context."""
+    room = context_length - prompt_tokens
+    if room <= 0:
+        raise InvalidPrompt(f"the prompt has {prompt_tokens} tokens; this model's context "
+                            f"holds {context_length}")
+    return room if max_tokens is None else min(max_tokens, room)
+
+
 class LoadedModel:
     """A model in memory. Implement the methods named in ``capabilities``."""
 

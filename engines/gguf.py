@@ -25,6 +25,7 @@ from .base import (
     SamplingParams,
     Started,
     TokenText,
+    token_budget,
 )
 from .textgen import FALLBACK_CHAT_TEMPLATE, plain_messages
 
@@ -69,11 +70,7 @@ class GGUFModel(LoadedModel):
     def _generate(self, prompt_tokens: list[int], params: SamplingParams,
                   ) -> Iterator[GenerationEvent]:
         llm = self._llm
-        room = self.context_length - len(prompt_tokens)
-        if room <= 0:
-            raise InvalidPrompt(f"the prompt has {len(prompt_tokens)} tokens; this model's "
-                              f"context holds {self.context_length}")
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        max_tokens = token_budget(len(prompt_tokens), self.context_length, params.max_tokens)
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
         yield Started(len(prompt_tokens))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

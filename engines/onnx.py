@@ -28,6 +28,7 @@ from .base import (
     SamplingParams,
     Started,
     TokenText,
+    token_budget,
 )
 from .textgen import ChatTemplate, IncrementalDecoder, read_json, sample_next, token_text
 
@@ -109,11 +110,7 @@ class OnnxDecoder(LoadedModel):
 
     def _generate(self, ids: list[int], params: SamplingParams) -> Iterator[GenerationEvent]:
         np = self._np
-        room = self.context_length - len(ids)
-        if room <= 0:
-            raise InvalidPrompt(f"the prompt has {len(ids)} tokens; this model's context "
-                              f"holds {self.context_length}")
-        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
+        max_new = token_budget(len(ids), self.context_length, params.max_tokens)
         rng = np.random.default_rng(params.seed if params.seed is not None
                                     else random.getrandbits(64))
         yield Started(len(ids))

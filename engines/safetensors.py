@@ -24,6 +24,7 @@ from .base import (
     SamplingParams,
     Started,
     TokenText,
+    token_budget,
 )
 from .textgen import FALLBACK_CHAT_TEMPLATE, IncrementalDecoder, plain_messages, read_json
 
@@ -78,11 +79,7 @@ class CausalLM(LoadedModel):
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        room = self.context_length - len(input_ids)
-        if room <= 0:
-            raise InvalidPrompt(f"the prompt has {len(input_ids)} tokens; this model's context "
-                              f"holds {self.context_length}")
-        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
+        max_new = token_budget(len(input_ids), self.context_length, params.max_tokens)
         cancelled = threading.Event()
         streamer = _TokenQueue()
         errors: list[BaseException] = []

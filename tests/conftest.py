@@ -173,6 +173,15 @@ def published(hub: FakeHub, tiny: dict[str, Path], tmp_path: Path) -> Path:
     ])
 
 
+@pytest.fixture
+def hub_server(make_server, hub: FakeHub, published: Path) -> Callable[..., LiveServer]:
+    """Start servers whose catalog is ``published`` and whose Hugging Face is ``hub``."""
+    def start(**overrides) -> LiveServer:
+        return make_server(**{"supported_models": published, "hf_endpoint": hub.endpoint,
+                              "download_timeout_seconds": 3, **overrides})
+    return start
+
+
 # --- subprocess servers ---------------------------------------------------------------------
 
 @dataclass

@@ -33,11 +33,10 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
-def dash(make_server, hub: FakeHub, published: Path):
+def dash(hub_server):
+    """A production-mode server (no sk_debug, no admin/test) with a known admin password."""
     def start(**overrides) -> LiveServer:
-        return make_server(**{"supported_models": published, "hf_endpoint": hub.endpoint,
-                              "download_timeout_seconds": 3, "dev": False,
-                              "admin_password": "correct horse", **overrides})
+        return hub_server(**{"dev": False, "admin_password": "correct horse", **overrides})
     return start
 
 

@@ -19,14 +19,6 @@ from .fake_hub import FakeHub
 DEV = {"Authorization": "Bearer sk_debug"}
 
 
-@pytest.fixture
-def hub_server(make_server, hub: FakeHub, published: Path):
-    def start(**overrides) -> LiveServer:
-        return make_server(**{"supported_models": published, "hf_endpoint": hub.endpoint,
-                              "download_timeout_seconds": 3, **overrides})
-    return start
-
-
 def models(server: LiveServer) -> dict[str, dict]:
     r = requests.get(f"{server.url}/api/models", headers=DEV, timeout=10)
     assert r.status_code == 200

@@ -19,14 +19,6 @@ from .tinymodels import make_llama_gguf, make_llama_safetensors
 DEV = {"Authorization": "Bearer sk_debug"}
 
 
-@pytest.fixture
-def resolving(make_server, hub: FakeHub, published: Path):
-    def start(**overrides) -> LiveServer:
-        return make_server(**{"supported_models": published, "hf_endpoint": hub.endpoint,
-                              "download_timeout_seconds": 3, **overrides})
-    return start
-
-
 def status(server: LiveServer, model_id: str) -> dict:
     return requests.get(f"{server.url}/v0/models/{model_id}/status", headers=DEV,
                         timeout=10).json()
@@ -36,9 +28,9 @@ def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name.startswith("llmlb")]
 
 
-def test_seed_001_flow(resolving, hub: FakeHub, tiny, caplog: pytest.LogCaptureFixture
+def test_seed_001_flow(hub_server, hub: FakeHub, tiny, caplog: pytest.LogCaptureFixture
                        ) -> None:
-    server = resolving()
+    server = hub_server()
     hub.throttle_bps = 400_000  # ~1.5 s for the 570 KB model: progress in steps
     assert status(server, "tiny-gguf")["status"] == "not_downloaded"
     reply = server.client().chat.completions.create(model="tiny-gguf", messages=HELLO,
@@ -74,8 +66,8 @@ def test_seed_001_flow(resolving, hub: FakeHub, tiny, caplog: pytest.LogCaptureF
     assert "tiny-gguf" in [m.id for m in server.client().models.list().data]
 
 
-def test_status_shows_rising_progress(resolving, hub: FakeHub) -> None:
-    server = resolving()
+def test_status_shows_rising_progress(hub_server, hub: FakeHub) -> None:
+    server = hub_server()
     hub.throttle_bps = 250_000  # the safetensors model is ~590 KB over 5 files
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(reply=server.client()
@@ -97,8 +89,8 @@ def test_status_shows_rising_progress(resolving, hub: FakeHub) -> None:
     assert result["reply"].usage.completion_tokens == 3
 
 
-def test_unknown_model(resolving, hub: FakeHub) -> None:
-    server = resolving()
+def test_unknown_model(hub_server, hub: FakeHub) -> None:
+    server = hub_server()
     with pytest.raises(openai.NotFoundError) as info:
         server.client().chat.completions.create(model="unknown-model", messages=HELLO)
     assert info.value.body["message"] == ("Model 'unknown-model' is not supported. "
@@ -108,8 +100,8 @@ def test_unknown_model(resolving, hub: FakeHub) -> None:
     assert r.status_code == 404
 
 
-def test_wrong_sha256_is_never_ready(resolving, hub: FakeHub) -> None:
-    server = resolving()
+def test_wrong_sha256_is_never_ready(hub_server, hub: FakeHub) -> None:
+    server = hub_server()
     with pytest.raises(openai.APIStatusError) as info:
         server.client().chat.completions.create(model="bad-sha", messages=HELLO)
     assert info.value.status_code == 502
@@ -127,9 +119,9 @@ def test_wrong_sha256_is_never_ready(resolving, hub: FakeHub) -> None:
     ({"status": 500, "method": "GET", "times": None}, "HTTP 500"),
     ({"hang_after": 100_000, "times": None}, "Network timeout"),
 ])
-def test_upstream_failures_are_502_and_retryable(resolving, hub: FakeHub, fault: dict,
+def test_upstream_failures_are_502_and_retryable(hub_server, hub: FakeHub, fault: dict,
                                                  cause: str) -> None:
-    server = resolving(download_timeout_seconds=1.5)
+    server = hub_server(download_timeout_seconds=1.5)
     hub.inject("model.gguf", **fault)
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as info:
@@ -148,8 +140,8 @@ def test_upstream_failures_are_502_and_retryable(resolving, hub: FakeHub, fault:
     assert reply.usage.completion_tokens == 2
 
 
-def test_cut_connections_resume_with_range(resolving, hub: FakeHub, tiny) -> None:
-    server = resolving()
+def test_cut_connections_resume_with_range(hub_server, hub: FakeHub, tiny) -> None:
+    server = hub_server()
     hub.inject("model.gguf", cut_after=200_000, times=2)
     reply = server.client().chat.completions.create(model="tiny-gguf", messages=HELLO,
                                                     max_tokens=2)
@@ -160,29 +152,29 @@ def test_cut_connections_resume_with_range(resolving, hub: FakeHub, tiny) -> Non
     assert hub.bytes_served("llmlb-test/tiny-gguf", "model.gguf") == size
 
 
-def test_private_repo_needs_hf_token(resolving, hub: FakeHub) -> None:
-    server = resolving()
+def test_private_repo_needs_hf_token(hub_server, hub: FakeHub) -> None:
+    server = hub_server()
     with pytest.raises(openai.APIStatusError) as info:
         server.client().chat.completions.create(model="private-gguf", messages=HELLO)
     assert info.value.status_code == 502
     assert "set HF_TOKEN" in info.value.body["message"]
-    with_token = resolving(hf_token="hf_secret", models_dir=server.models_dir.parent / "m2")
+    with_token = hub_server(hf_token="hf_secret", models_dir=server.models_dir.parent / "m2")
     reply = with_token.client().chat.completions.create(model="private-gguf", messages=HELLO,
                                                         max_tokens=2)
     assert reply.usage.completion_tokens == 2
 
 
-def test_hf_token_from_dotenv(llmlb_home: Path, resolving, hub: FakeHub) -> None:
+def test_hf_token_from_dotenv(llmlb_home: Path, hub_server, hub: FakeHub) -> None:
     (llmlb_home / ".env").write_text("HF_TOKEN=hf_secret\n")
-    server = resolving()
+    server = hub_server()
     assert server.client().chat.completions.create(
         model="private-gguf", messages=HELLO, max_tokens=1).usage.completion_tokens == 1
 
 
-def test_shared_path_is_used_in_place(resolving, hub: FakeHub, tiny, tmp_path: Path) -> None:
+def test_shared_path_is_used_in_place(hub_server, hub: FakeHub, tiny, tmp_path: Path) -> None:
     shared = tmp_path / "nfs"
     shutil.copytree(tiny["llama-gguf"].parent, shared / "tiny-gguf")
-    server = resolving(shared_models_dir=shared)
+    server = hub_server(shared_models_dir=shared)
     client = server.client()
     before = client.chat.completions.create(model="tiny-gguf", messages=HELLO, max_tokens=8,
                                             temperature=0).choices[0].message.content
@@ -199,25 +191,25 @@ def test_shared_path_is_used_in_place(resolving, hub: FakeHub, tiny, tmp_path: P
     assert [p.name for p in server.models_dir.iterdir() if not p.name.startswith(".")] == []
 
 
-def test_missing_shared_path_falls_back_to_download(resolving, hub: FakeHub,
+def test_missing_shared_path_falls_back_to_download(hub_server, hub: FakeHub,
                                                     tmp_path: Path) -> None:
-    server = resolving(shared_models_dir=tmp_path / "unmounted-nfs")
+    server = hub_server(shared_models_dir=tmp_path / "unmounted-nfs")
     reply = server.client().chat.completions.create(model="tiny-gguf", messages=HELLO,
                                                     max_tokens=2)
     assert reply.usage.completion_tokens == 2
     assert (server.models_dir / "tiny-gguf" / "model.gguf").is_file()
 
 
-def test_allowlist_blocks_other_hosts(resolving, hub: FakeHub) -> None:
-    server = resolving(download_allowlist=["huggingface.co"])
+def test_allowlist_blocks_other_hosts(hub_server, hub: FakeHub) -> None:
+    server = hub_server(download_allowlist=["huggingface.co"])
     with pytest.raises(openai.NotFoundError) as info:
         server.client().chat.completions.create(model="tiny-gguf", messages=HELLO)
     assert "LLMLB_DOWNLOAD_ALLOWLIST" in info.value.body["message"]
     assert hub.requests == []
 
 
-def test_wait_limit_gives_503_with_progress(resolving, hub: FakeHub) -> None:
-    server = resolving(resolve_wait_seconds=1)
+def test_wait_limit_gives_503_with_progress(hub_server, hub: FakeHub) -> None:
+    server = hub_server(resolve_wait_seconds=1)
     hub.throttle_bps = 150_000  # ~4 s
     with pytest.raises(openai.InternalServerError) as info:
         server.client().chat.completions.create(model="tiny-gguf", messages=HELLO)
@@ -235,8 +227,8 @@ def test_wait_limit_gives_503_with_progress(resolving, hub: FakeHub) -> None:
     assert hub.downloads("llmlb-test/tiny-gguf", "model.gguf") == 1
 
 
-def test_too_many_waiters_get_503_at_once(resolving, hub: FakeHub) -> None:
-    server = resolving(max_resolve_waiters=1)
+def test_too_many_waiters_get_503_at_once(hub_server, hub: FakeHub) -> None:
+    server = hub_server(max_resolve_waiters=1)
     hub.throttle_bps = 300_000
     first = threading.Thread(target=lambda: server.client().chat.completions.create(
         model="tiny-gguf", messages=HELLO, max_tokens=1))
@@ -249,8 +241,8 @@ def test_too_many_waiters_get_503_at_once(resolving, hub: FakeHub) -> None:
     first.join()
 
 
-def test_blob_route_serves_ranges_to_nodes(resolving, tiny) -> None:
-    server = resolving()
+def test_blob_route_serves_ranges_to_nodes(hub_server, tiny) -> None:
+    server = hub_server()
     shutil.copytree(tiny["llama-st"], server.models_dir / "org" / "tiny")
     url = f"{server.url}/v1/models/blob/org/tiny/model.safetensors"
     data = (tiny["llama-st"] / "model.safetensors").read_bytes()
@@ -268,11 +260,11 @@ def test_blob_route_serves_ranges_to_nodes(resolving, tiny) -> None:
         assert status_code in (400, 404) and "error" in body, bad
 
 
-def test_node_fetches_through_the_balancer(make_server, resolving, tiny, hub: FakeHub,
+def test_node_fetches_through_the_balancer(make_server, hub_server, tiny, hub: FakeHub,
                                            tmp_path: Path) -> None:
     balancer = make_server()
     shutil.copytree(tiny["llama-st"], balancer.models_dir / "tiny-st")
-    node = resolving(balancer_url=balancer.url, node_api_key="sk_debug",
+    node = hub_server(balancer_url=balancer.url, node_api_key="sk_debug",
                      download_allowlist=["none"], models_dir=tmp_path / "node-models")
     reply = node.client().chat.completions.create(model="tiny-st", messages=HELLO,
                                                   max_tokens=2)
@@ -286,8 +278,8 @@ def test_node_fetches_through_the_balancer(make_server, resolving, tiny, hub: Fa
     ("http://127.0.0.1:9", "Cannot connect"),            # connection refused
     ("http://hub.nonexistent.invalid", "Cannot connect"),  # DNS failure
 ])
-def test_unreachable_source_is_502(resolving, endpoint: str, cause: str) -> None:
-    server = resolving(hf_endpoint=endpoint)
+def test_unreachable_source_is_502(hub_server, endpoint: str, cause: str) -> None:
+    server = hub_server(hf_endpoint=endpoint)
     with pytest.raises(openai.APIStatusError) as info:
         server.client().chat.completions.create(model="tiny-gguf", messages=HELLO)
     assert info.value.status_code == 502
