@@ -10,11 +10,16 @@ all with the same random ~63M-parameter Llama weights from ``tests.tinymodels``)
   ``engines/gguf.py`` and ``engines/safetensors.py`` do (same constructor arguments, chat
   template, tokenisation, sampling parameters, streaming and incremental detokenisation), with
   no HTTP, no Flask and no llmlb code at all.
+* **raw** (a diagnostic, ``--no-raw`` skips it): llmlb again, read by a minimal socket client
+  instead of the SDK, to show how much of the gap is the client's own CPU time, which on a
+  small machine competes with the model for the same cores.
 
 All processes keep their models loaded; runs alternate (direct first on even repetitions,
-llmlb first on odd ones) and only one of them computes at a time, so they never share the two
-cores. The tiny models never emit EOS, so every run generates exactly ``max_tokens`` tokens
-(checked against ``usage``).
+last on odd ones) and only one of them computes at a time, so they never share the cores. A
+repetition during which other processes took more than 5% of the cores is measured again
+(``cpuwatch.py``). The tiny models never emit EOS, so every run generates exactly
+``max_tokens`` tokens (checked against ``usage``), and greedy decoding must give the same text
+on every side (checked too).
 
 Figures, per model, medians over the repetitions:
 
@@ -402,9 +407,49 @@ def via_llmlb(client: Any, model_id: str, max_tokens: int) -> dict:
                 times.append(now)
                 parts.append(choice.delta.content)
     t_end = time.perf_counter()
-    timing = _timing(t0, times, t_end, usage.completion_tokens if usage else -1,
-                     "".join(parts), usage.prompt_tokens if usage else -1)
-    return timing
+    return _timing(t0, times, t_end, usage.completion_tokens if usage else -1,
+                   "".join(parts), usage.prompt_tokens if usage else -1)
+
+
+def via_raw_http(port: int, model_id: str, max_tokens: int) -> dict:
+    """The same request from a minimal client: one socket, HTTP/1.0 (so no chunked framing),
+    SSE frames split by hand. It shows how much of the gap is the openai SDK's own CPU time,
+    which on a small machine competes with the server for the same cores."""
+    body = json.dumps({"model": model_id, "messages": MESSAGES, "max_tokens": max_tokens,
+                       "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n"
+            "Authorization: Bearer sk_debug\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    times, parts, usage = [], [], {}
+    buf, in_body = b"", False
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(head + body)
+        while data := sock.recv(65536):
+            now = time.perf_counter()
+            buf += data
+            if not in_body:
+                if b"\r\n\r\n" not in buf:
+                    continue
+                status, buf = buf.split(b"\r\n\r\n", 1)
+                if b" 200 " not in status.split(b"\r\n", 1)[0]:
+                    raise RuntimeError(f"llmlb answered {status[:200]!r}")
+                in_body = True
+            *frames, buf = buf.split(b"\n\n")
+            for frame in frames:
+                payload = frame.removeprefix(b"data: ")
+                if payload == b"[DONE]":
+                    continue
+                chunk = json.loads(payload)
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices", []):
+                    if choice["delta"].get("content"):
+                        times.append(now)
+                        parts.append(choice["delta"]["content"])
+    t_end = time.perf_counter()
+    return _timing(t0, times, t_end, usage.get("completion_tokens", -1), "".join(parts),
+                   usage.get("prompt_tokens", -1))
 
 
 # --- the benchmark ----------------------------------------------------------------------------
@@ -460,6 +505,8 @@ def main() -> None:
                              "this share of the cores is measured again")
     parser.add_argument("--retries", type=int, default=4,
                         help="how often a disturbed pair is measured again at most")
+    parser.add_argument("--no-raw", action="store_true",
+                        help="skip the third side, llmlb read by a minimal HTTP client")
     parser.add_argument("--direct-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.direct_worker:
@@ -489,7 +536,8 @@ def main() -> None:
     monitor = CpuMonitor()
     retried = 0
     disturbed_kept = {name: 0 for name in models}
-    runs: dict[str, dict[str, list[dict]]] = {m: {"direct": [], "llmlb": []} for m in models}
+    sides = ("direct", "llmlb") + (() if args.no_raw else ("raw",))
+    runs: dict[str, dict[str, list[dict]]] = {m: {s: [] for s in sides} for m in models}
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk_debug",
                                max_retries=0, timeout=600)
@@ -499,8 +547,10 @@ def main() -> None:
             if side == "direct":
                 run = directs[name].call(op="run", name=name, messages=MESSAGES,
                                          max_tokens=args.max_tokens)
-            else:
+            elif side == "llmlb":
                 run = via_llmlb(client, ids[name], args.max_tokens)
+            else:
+                run = via_raw_http(port, ids[name], args.max_tokens)
             run["foreign_cpu"] = monitor.foreign()
             return run
 
@@ -512,12 +562,12 @@ def main() -> None:
             print(f"{name}: first llmlb request (load + generate) {server_load:.1f}s, "
                   f"direct load {loaded['seconds']:.1f}s", flush=True)
             for _ in range(args.warmup):
-                measure(name, "direct")
-                measure(name, "llmlb")
+                for side in sides:
+                    measure(name, side)
         info["busy_before"] = wait_quiet(args.wait_quiet)
         for rep in range(args.reps):
             for name in models:
-                order = ("direct", "llmlb") if rep % 2 == 0 else ("llmlb", "direct")
+                order = sides if rep % 2 == 0 else sides[::-1]
                 for attempt in range(args.retries + 1):
                     pair = {side: measure(name, side) for side in order}
                     foreign = max(r["foreign_cpu"] for r in pair.values())
@@ -534,11 +584,12 @@ def main() -> None:
                     wait_quiet(60)
                 for side in order:
                     runs[name][side].append(pair[side])
-                d, s = rates(pair["direct"]), rates(pair["llmlb"])
-                print(f"  rep {rep + 1}/{args.reps} {name:12s} decode tok/s direct "
-                      f"{d['decode_tps']:7.1f}  llmlb {s['decode_tps']:7.1f}   TTFT ms direct "
-                      f"{d['ttft_ms']:6.1f}  llmlb {s['ttft_ms']:6.1f}   other load "
-                      f"{foreign:4.0%}", flush=True)
+                now = {side: rates(pair[side]) for side in sides}
+                print(f"  rep {rep + 1}/{args.reps} {name:12s} decode tok/s "
+                      + " ".join(f"{side} {r['decode_tps']:6.1f}" for side, r in now.items())
+                      + "   TTFT ms "
+                      + " ".join(f"{side} {r['ttft_ms']:5.1f}" for side, r in now.items())
+                      + f"   other load {foreign:3.0%}", flush=True)
         info["server_threads_end"] = server_threads(server.pid)
     finally:
         for direct in directs.values():
@@ -546,15 +597,19 @@ def main() -> None:
         stop_server(server)
 
     results: dict[str, dict] = {}
-    for name, sides in runs.items():
+    for name, by_side in runs.items():
         r: dict[str, Any] = {"format": models[name][0]}
-        r["direct"], r["llmlb"] = summarize(sides["direct"]), summarize(sides["llmlb"])
+        for side in sides:
+            r[side] = summarize(by_side[side])
         d, s = r["direct"], r["llmlb"]
         r["decode_ratio"] = s["decode_tps"] / d["decode_tps"]
         r["e2e_ratio"] = s["e2e_tps"] / d["e2e_tps"]
         r["ttft_diff_ms"] = s["ttft_ms"] - d["ttft_ms"]
-        r["same_output"] = len({x["text"] for v in sides.values() for x in v}) == 1
-        r["tokens_ok"] = d["tokens"] == s["tokens"] == [args.max_tokens]
+        if "raw" in r:
+            r["raw_decode_ratio"] = r["raw"]["decode_tps"] / d["decode_tps"]
+            r["raw_ttft_diff_ms"] = r["raw"]["ttft_ms"] - d["ttft_ms"]
+        r["same_output"] = len({x["text"] for v in by_side.values() for x in v}) == 1
+        r["tokens_ok"] = all(r[side]["tokens"] == [args.max_tokens] for side in sides)
         r["disturbed_runs_kept"] = disturbed_kept[name]
         results[name] = r
     info["loadavg_end"] = os.getloadavg()[0]
@@ -574,7 +629,7 @@ def main() -> None:
           f"{'':>6s} {'direct':>8s} {'llmlb':>8s}")
     for name, r in results.items():
         d, s = r["direct"], r["llmlb"]
-        checks = ["tokens ok" if r["tokens_ok"] else f"tokens {d['tokens']}/{s['tokens']}",
+        checks = ["tokens ok" if r["tokens_ok"] else "TOKEN COUNT WRONG",
                   "same text" if r["same_output"] else "TEXT DIFFERS",
                   "PASS" if r["decode_ratio"] >= 0.95 else "BELOW 0.95"]
         if r["disturbed_runs_kept"]:
@@ -583,6 +638,14 @@ def main() -> None:
               f"{r['decode_ratio']:6.3f} {d['e2e_tps']:8.1f} {s['e2e_tps']:8.1f} "
               f"{r['e2e_ratio']:6.3f} {d['ttft_ms']:8.1f} {s['ttft_ms']:8.1f} "
               f"{r['ttft_diff_ms']:+7.1f}  {', '.join(checks)}")
+    if "raw" in sides:
+        print("llmlb with a minimal HTTP client instead of the openai SDK (client CPU excluded "
+              "as far as possible):")
+        for name, r in results.items():
+            raw = r["raw"]
+            print(f"{name:12s} decode tok/s {raw['decode_tps']:7.1f}  ratio "
+                  f"{r['raw_decode_ratio']:.3f}   TTFT ms {raw['ttft_ms']:6.1f}  diff "
+                  f"{r['raw_ttft_diff_ms']:+6.1f}")
     print(f"other processes: {info['busy_before']:.0%} of the cores busy before the measured "
           f"runs; {retried} disturbed pairs measured again; load average "
           f"{info['loadavg_start']:.2f} -> {info['loadavg_end']:.2f}; llmlb worker OS threads at "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -120,6 +121,31 @@ def describe(model_id: str, directory: Path, source: str,
     )
 
 
+_names_cache: dict[str, tuple[int, dict[str, str]]] = {}
+_names_lock = threading.Lock()
+
+
+def _lower_names(directory: Path) -> dict[str, str] | None:
+    """Lower-cased name -> real name of the subdirectories, re-read only when the directory
+    changes (its mtime moves whenever an entry is added, removed or renamed)."""
+    try:
+        mtime = directory.stat().st_mtime_ns
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return None
+    key = str(directory)
+    cached = _names_cache.get(key)
+    if cached is not None and cached[0] == mtime:
+        return cached[1]
+    try:
+        with os.scandir(directory) as it:
+            names = {e.name.lower(): e.name for e in it if e.is_dir()}
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return None
+    with _names_lock:
+        _names_cache[key] = (mtime, names)
+    return names
+
+
 def model_dir(root: Path, model_id: str) -> Path | None:
     """The directory of a (validated) id under root, matching case-insensitively."""
     exact = root.joinpath(*model_id.split("/"))
@@ -127,14 +153,10 @@ def model_dir(root: Path, model_id: str) -> Path | None:
         return exact
     current = root
     for segment in model_id.split("/"):
-        try:
-            with os.scandir(current) as it:
-                match = next((e for e in it if e.name.lower() == segment and e.is_dir()), None)
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
+        names = _lower_names(current)
+        if names is None or segment not in names:
             return None
-        if match is None:
-            return None
-        current = Path(match.path)
+        current = current / names[segment]
     return current
 
 
