@@ -37,8 +37,13 @@ class InvalidModelId(ValueError):
     """The id breaks a rule of ST-3; the message names the reason."""
 
 
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_\-](?:[A-Za-z0-9_.\-]*[A-Za-z0-9_\-])?")
+
+
 def normalize_model_id(raw: object) -> str:
     """Check a model id and return it lower-cased, or raise InvalidModelId with the reason."""
+    if isinstance(raw, str) and len(raw) <= MAX_ID_LENGTH and _PLAIN_ID.fullmatch(raw):
+        return raw.lower()  # the common one-segment id: nothing else can be wrong with it
     if not isinstance(raw, str):
         raise InvalidModelId("must be a string")
     if raw == "":
@@ -86,31 +91,43 @@ class LocalModel:
     fingerprint: tuple = field(compare=False, repr=False, default=())
 
 
-def detect_format(directory: Path, formats: Mapping[str, tuple[str, ...]] = BUILTIN_FORMATS,
-                  ) -> tuple[str, list[Path]] | None:
-    """The one place formats are detected: (format, artifact files) or None if not a model."""
-    files: list[Path] = []
+def _artifacts(directory: str, formats: Mapping[str, tuple[str, ...]],
+               ) -> tuple[str, list[tuple[str, os.stat_result]]] | None:
+    """(format, [(relative path, stat)]) of the first format with files in directory."""
     for sub in ("", *ARTIFACT_SUBDIRS):
         try:
-            with os.scandir(directory / sub if sub else directory) as it:
-                files.extend(Path(e.path) for e in it if not e.name.startswith(".")
-                             and e.is_file())
+            with os.scandir(os.path.join(directory, sub) if sub else directory) as it:
+                entries = [e for e in it if not e.name.startswith(".") and e.is_file()]
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             continue
-    for fmt, suffixes in formats.items():
-        matches = [f for f in files if f.name.lower().endswith(suffixes)]
-        if matches:
-            return fmt, sorted(matches)
+        for fmt, suffixes in formats.items():
+            matches = sorted((e for e in entries if e.name.lower().endswith(suffixes)),
+                             key=lambda e: e.name)
+            if matches:
+                return fmt, [(f"{sub}/{e.name}" if sub else e.name, e.stat())
+                             for e in matches]
     return None
+
+
+def detect_format(directory: Path, formats: Mapping[str, tuple[str, ...]] = BUILTIN_FORMATS,
+                  ) -> tuple[str, list[Path]] | None:
+    """The one place formats are detected: (format, artifact files) or None if not a model.
+
+    Artifacts at the top of the directory win; the subdirectories that exports use
+    (``onnx/``) are looked into only when the top holds none."""
+    found = _artifacts(str(directory), formats)
+    if found is None:
+        return None
+    return found[0], [directory / rel for rel, _ in found[1]]
 
 
 def describe(model_id: str, directory: Path, source: str,
              formats: Mapping[str, tuple[str, ...]] = BUILTIN_FORMATS) -> LocalModel | None:
-    detected = detect_format(directory, formats)
-    if detected is None:
+    # Plain strings and DirEntry stats: listing hundreds of models stays in milliseconds.
+    found = _artifacts(str(directory), formats)
+    if found is None:
         return None
-    fmt, artifacts = detected
-    stats = [(str(a.relative_to(directory)), a.stat()) for a in artifacts]
+    fmt, stats = found
     return LocalModel(
         id=model_id, path=directory, format=fmt,
         artifacts=tuple(rel for rel, _ in stats),
