@@ -244,13 +244,17 @@ def profile(calls: dict[str, Callable[[], None]], n: int, top: int) -> dict[str,
         for _ in range(n):
             calls[path]()
         prof.disable()
-        buf = io.StringIO()
-        buf.write(f"=== {path}: {n} in-process requests under cProfile, by own time ===\n")
-        pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime").print_stats(top)
-        buf.write(f"=== {path}: llmlb's own functions by cumulative time ===\n")
-        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(
+        own, cumulative = io.StringIO(), io.StringIO()
+        stats = pstats.Stats(prof)  # takes the profiler's data: build it once
+        stats.stream = cumulative  # type: ignore[attr-defined]
+        stats.sort_stats("cumulative").print_stats(
             rf"{re.escape(str(REPO))}/(llmlb|engines)/", top)
-        out[path] = re.sub(rf"{re.escape(str(REPO))}/", "", buf.getvalue())
+        stats.stream = own  # type: ignore[attr-defined]
+        stats.strip_dirs().sort_stats("tottime").print_stats(top)
+        out[path] = (f"=== {path}: {n} in-process requests under cProfile, by own time ===\n"
+                     f"{own.getvalue()}"
+                     f"=== {path}: llmlb's own functions by cumulative time ===\n"
+                     + re.sub(rf"{re.escape(str(REPO))}/", "", cumulative.getvalue()))
     return out
 
 
@@ -282,12 +286,25 @@ def print_table(title: str, table: dict[str, dict[str, float]], judge: bool) -> 
               f"{s['p99']:7.2f} {s['max']:7.2f} {s['mean']:7.2f}{verdict}")
 
 
+def git_state() -> str:
+    """The commit measured, with '+dirty' when llmlb's or the engines' code differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "llmlb", "engines",
+                                "plugins"], cwd=REPO, text=True, capture_output=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def machine() -> dict:
     from importlib.metadata import version
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             "gunicorn": version("gunicorn"), "flask": version("flask"),
-            "requests": version("requests"), "loadavg_start": os.getloadavg()[0]}
+            "requests": version("requests"), "loadavg_start": os.getloadavg()[0], "llmlb_commit": git_state()}
 
 
 def main() -> None:
@@ -316,7 +333,17 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     paths = ["health", "models", "not_found"]
     stretches = Stretches(100, args.max_foreign, args.retries)
-    server = start_gunicorn(home, port, args.workers, root / "gunicorn.log")
+    try:
+        server = start_gunicorn(home, port, args.workers, root / "gunicorn.log")
+    except RuntimeError as exc:
+        if "database is locked" not in str(exc):
+            raise
+        # Two workers creating a fresh SQLite database at once can lose the race for
+        # "PRAGMA journal_mode=WAL" (llmlb/db.py); the database exists now, so try once more.
+        print("WARNING: gunicorn failed to boot: a worker got 'database is locked' while "
+              "creating the database (first-start race); starting it again", flush=True)
+        info["boot_retried"] = True
+        server = start_gunicorn(home, port, args.workers, root / "gunicorn-2.log")
     try:
         info["busy_before"] = wait_quiet(args.wait_quiet)
         keep, keep_workers = measure_http(base, paths, args.requests, args.warmup, True,
@@ -344,7 +371,8 @@ def main() -> None:
     print(f"llmlb API latency: gunicorn gthread, {args.workers} workers, {N_MODELS} models on "
           f"disk; sequential requests from one client, {args.warmup} warm-up per path")
     print(f"machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, gunicorn "
-          f"{info['gunicorn']}, Flask {info['flask']}, requests {info['requests']}")
+          f"{info['gunicorn']}, Flask {info['flask']}, requests {info['requests']}; llmlb "
+          f"{info['llmlb_commit']}")
     print()
     print_table(f"HTTP, keep-alive (one connection; answered by workers {keep_workers})",
                 results["keepalive"], True)

@@ -14,8 +14,9 @@ all with the same random ~63M-parameter Llama weights from ``tests.tinymodels``)
   instead of the SDK, to show how much of the gap is the client's own CPU time, which on a
   small machine competes with the model for the same cores.
 
-All processes keep their models loaded; runs alternate (direct first on even repetitions,
-last on odd ones) and only one of them computes at a time, so they never share the cores. A
+All processes keep their models loaded; the sides take turns (the order rotates, so each
+comes first after a model switch equally often) and only one of them computes at a time, so
+they never share the cores. A
 repetition during which other processes took more than 5% of the cores is measured again
 (``cpuwatch.py``). The tiny models never emit EOS, so every run generates exactly
 ``max_tokens`` tokens (checked against ``usage``), and greedy decoding must give the same text
@@ -28,7 +29,7 @@ Figures, per model, medians over the repetitions:
 * end-to-end tok/s: tokens / (request sent -> stream finished).
 * ratio: llmlb / direct decode tok/s (goal >= 0.95).
 
-Run: ``.venv/bin/python bench/engine_overhead.py [--reps 7] [--max-tokens 128]``. Models and
+Run: ``.venv/bin/python bench/engine_overhead.py [--reps 6] [--max-tokens 128]``. Models and
 the server's home live under ``bench/.work/``; the last line printed is the JSON summary, also
 saved as ``bench/.work/results/engine_overhead-<time>.json``.
 """
@@ -125,13 +126,13 @@ class DirectGGUF:
 
     def __init__(self, path: Path) -> None:
         import llama_cpp
+        from gguf import GGUFReader
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        probe = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-        meta = dict(probe.metadata)
-        probe.close()
-        arch = meta.get("general.architecture", "")
-        trained = int(meta.get(f"{arch}.context_length") or CONTEXT_LENGTH)
+        fields = GGUFReader(str(path)).fields
+        arch = str(fields["general.architecture"].contents())
+        trained_field = fields.get(f"{arch}.context_length")
+        trained = int(trained_field.contents()) if trained_field else CONTEXT_LENGTH
         self.llm = llm = llama_cpp.Llama(
             model_path=str(path),
             n_ctx=min(trained, CONTEXT_LENGTH),
@@ -460,6 +461,19 @@ def rates(run: dict) -> dict:
             "e2e_tps": run["tokens"] / run["total"]}
 
 
+def git_state() -> str:
+    """The commit measured, with '+dirty' when llmlb's or the engines' code differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "llmlb", "engines",
+                                "plugins"], cwd=REPO, text=True, capture_output=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def machine() -> dict:
     import llama_cpp
     import torch
@@ -468,7 +482,7 @@ def machine() -> dict:
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             "llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
-            "loadavg_start": os.getloadavg()[0]}
+            "loadavg_start": os.getloadavg()[0], "llmlb_commit": git_state()}
 
 
 def summarize(side_runs: list[dict]) -> dict:
@@ -490,7 +504,8 @@ def summarize(side_runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=7, help="measured runs per side and model")
+    parser.add_argument("--reps", type=int, default=6,
+                        help="measured runs per side and model (best a multiple of the sides)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured runs per side first")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--models", default=",".join(ALL_MODELS),
@@ -571,7 +586,9 @@ def main() -> None:
         info["busy_before"] = wait_quiet(args.wait_quiet)
         for rep in range(args.reps):
             for name in models:
-                order = sides if rep % 2 == 0 else sides[::-1]
+                # Rotate, so that every side comes first (right after another model ran, with
+                # cold caches) equally often.
+                order = sides[rep % len(sides):] + sides[:rep % len(sides)]
                 for attempt in range(args.retries + 1):
                     pair = {side: measure(name, side) for side in order}
                     foreign = max(r["foreign_cpu"] for r in pair.values())
@@ -624,7 +641,7 @@ def main() -> None:
           f"max_tokens={args.max_tokens}, temperature=0, streaming; medians")
     print(f"machine: {info['cpu']}, {info['cores']} cores; llama-cpp-python "
           f"{info['llama_cpp_python']}, torch {info['torch']} ({info['torch_threads']} threads), "
-          f"transformers {info['transformers']}")
+          f"transformers {info['transformers']}; llmlb {info['llmlb_commit']}")
     if server_env:
         print(f"llmlb server environment added: {server_env}")
     print(f"{'model':12s} {'decode tok/s':>22s} {'ratio':>6s} {'e2e tok/s':>17s} "

@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from . import compute
 from .base import (
     CHAT,
     COMPLETION,
@@ -91,21 +92,23 @@ class GGUFModel(LoadedModel):
         yield Finished(reason)
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
+        return compute.stream(lambda: self._chat(messages, params))
+
+    def _chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
         try:
             formatted = self._formatter(messages=plain_messages(messages))
         except Exception as exc:  # template errors are about the request's messages
             raise InvalidPrompt(f"the chat template rejected the messages: {exc}") from exc
         tokens = self._llm.tokenize(formatted.prompt.encode("utf-8"),
                                     add_bos=not formatted.added_special, special=True)
-        return self._generate(tokens, params)
+        yield from self._generate(tokens, params)
 
     def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
-        return self._generate(self._llm.tokenize(prompt.encode("utf-8"), add_bos=True,
-                                                 special=True), params)
+        return compute.stream(lambda: self._generate(
+            self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True), params))
 
     def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
-        vectors, tokens = self._llm.embed(list(texts), normalize=True, return_count=True)
-        return vectors, tokens
+        return compute.call(self._llm.embed, list(texts), normalize=True, return_count=True)
 
     def unload(self) -> None:
         self._llm.close()
@@ -127,6 +130,9 @@ class GGUFEngine(Engine):
 
     def load(self, model_dir: Path, artifacts: Sequence[Path],
              options: LoadOptions = LoadOptions()) -> LoadedModel:  # noqa: B008
+        return compute.call(self._load, artifacts, options)
+
+    def _load(self, artifacts: Sequence[Path], options: LoadOptions) -> LoadedModel:
         import llama_cpp
 
         path = str(pick_main_file(artifacts))

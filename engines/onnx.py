@@ -13,6 +13,7 @@ import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from . import compute
 from .base import (
     CHAT,
     COMPLETION,
@@ -147,10 +148,12 @@ class OnnxDecoder(LoadedModel):
         except Exception as exc:
             raise InvalidPrompt(f"the chat template rejected the messages: {exc}") from exc
         # The template writes the special tokens itself; the tokenizer must not add more.
-        return self._generate(self._tok.encode(prompt, special=False), params)
+        ids = self._tok.encode(prompt, special=False)
+        return compute.stream(lambda: self._generate(ids, params))
 
     def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
-        return self._generate(self._tok.encode(prompt, special=True), params)
+        ids = self._tok.encode(prompt, special=True)
+        return compute.stream(lambda: self._generate(ids, params))
 
     def unload(self) -> None:
         del self._session
@@ -168,6 +171,9 @@ class OnnxEncoder(LoadedModel):
         self.context_length = options.context_length
 
     def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        return compute.call(self._embed, texts)
+
+    def _embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
         np = self._np
         vectors, tokens = [], 0
         for text in texts:  # one at a time: no padding to get wrong, exact token counts
@@ -200,6 +206,10 @@ class OnnxEngine(Engine):
 
     def load(self, model_dir: Path, artifacts: Sequence[Path],
              options: LoadOptions = LoadOptions()) -> LoadedModel:  # noqa: B008
+        return compute.call(self._load, model_dir, artifacts, options)
+
+    def _load(self, model_dir: Path, artifacts: Sequence[Path],
+              options: LoadOptions) -> LoadedModel:
         import onnxruntime as ort
 
         graph = pick_graph(artifacts)

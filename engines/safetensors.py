@@ -1,6 +1,7 @@
 """safetensors models with transformers + torch: CUDA and half precision when a GPU is there,
-float32 on the CPU otherwise. Causal LMs generate in a background thread that hands tokens to
-the request through a queue; encoder models (BERT and friends) give mean-pooled embeddings."""
+float32 on the CPU otherwise. Causal LMs generate on the compute thread, whose streamer hands
+tokens to the request through a queue; encoder models (BERT and friends) give mean-pooled
+embeddings."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from . import compute
 from .base import (
     CHAT,
     COMPLETION,
@@ -115,8 +117,9 @@ class CausalLM(LoadedModel):
                 streamer.end()
 
         yield Started(len(input_ids))
-        thread = threading.Thread(target=run, name="llmlb-generate", daemon=True)
-        thread.start()
+        # generate() runs on the process's compute thread (see engines/compute.py); its
+        # streamer hands the tokens to this, the request's, thread.
+        job = compute.submit(run)
         decoder = IncrementalDecoder(
             lambda ids: self._tok.decode(ids, skip_special_tokens=True))
         produced, reason = 0, "length"
@@ -137,8 +140,9 @@ class CausalLM(LoadedModel):
                 raise EngineError(f"generation failed: {errors[0]}") from errors[0]
             yield Finished(reason)
         finally:
-            cancelled.set()  # the client went away or we are done: stop the thread early
-            thread.join()
+            cancelled.set()  # the client went away or we are done: stop generating early
+            if not job.cancel():
+                job.result()
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
         try:
@@ -164,6 +168,9 @@ class Encoder(LoadedModel):
         self.context_length = context_length
 
     def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        return compute.call(self._embed, texts)
+
+    def _embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
         import torch
 
         batch = self._tok(list(texts), padding=True, truncation=True,
@@ -194,6 +201,9 @@ class SafetensorsEngine(Engine):
 
     def load(self, model_dir: Path, artifacts: Sequence[Path],
              options: LoadOptions = LoadOptions()) -> LoadedModel:  # noqa: B008
+        return compute.call(self._load, model_dir, options)
+
+    def _load(self, model_dir: Path, options: LoadOptions) -> LoadedModel:
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         config = read_json(model_dir / "config.json")

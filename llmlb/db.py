@@ -4,6 +4,7 @@ events and small settings. One connection per thread; schema versions in ``user_
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -69,7 +70,6 @@ class Database:
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
             self._local.conn = conn
@@ -88,12 +88,18 @@ class Database:
         conn.execute("COMMIT")
 
     def _migrate(self) -> None:
-        with self.transaction() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in filter(str.strip, script.split(";")):
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={i}")
+        # Workers start together: switching a new file to WAL needs it to themselves (SQLite
+        # answers "database is locked" at once instead of waiting), so the first setup runs
+        # under a file lock. WAL is a property of the file; later connections inherit it.
+        with open(self.path.with_name(self.path.name + ".init-lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.conn().execute("PRAGMA journal_mode=WAL")
+            with self.transaction() as conn:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                    for statement in filter(str.strip, script.split(";")):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version={i}")
 
     def get_meta(self, key: str) -> str | None:
         row = self.conn().execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

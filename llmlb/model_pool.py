@@ -9,6 +9,7 @@ clean error and never a broken stream.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -142,6 +143,7 @@ class ModelPool:
             raise errors.model_load_failed(model.id, "out of memory") from None
         log.info("Model loaded successfully: %s (%s via %s, %.1fs)", model.id, model.format,
                  found.engine.name, time.monotonic() - started)
+        gc.freeze()  # the engine's libraries and the model's objects stay: spare them GC passes
         return loaded
 
     def _retire(self, entry: _Entry) -> None:
