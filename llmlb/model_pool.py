@@ -143,7 +143,6 @@ class ModelPool:
             raise errors.model_load_failed(model.id, "out of memory") from None
         log.info("Model loaded successfully: %s (%s via %s, %.1fs)", model.id, model.format,
                  found.engine.name, time.monotonic() - started)
-        gc.freeze()  # the engine's libraries and the model's objects stay: spare them GC passes
         return loaded
 
     def _retire(self, entry: _Entry) -> None:
@@ -184,6 +183,7 @@ class ModelPool:
             entry.loaded.unload()
         except Exception:  # unloading must never break a request
             log.exception("Unloading %s failed", entry.model.id)
+        gc.collect()  # models hold reference cycles: free their memory (and VRAM) now
         log.info("Model unloaded: %s", entry.model.id)
 
     def _ensure_janitor(self) -> None:
