@@ -19,7 +19,10 @@ Downloaded copies are deleted between runs (llmlb's through ``DELETE /api/models
 also drops the ``.downloads`` staging dir), then ``os.sync()`` writes the dirty pages back, so
 one run's disk writes do not slow the next. A run during which processes outside this
 benchmark's tree took more than ``--max-foreign`` of the cores (see ``cpuwatch.py``) is run
-again (up to two more times). Figures are medians in MB/s (10^6 bytes per second).
+again (up to two more times), and the processes to blame are named. Figures are medians in
+MB/s (10^6 bytes per second); each run also shows the user/system CPU time of the process that
+downloaded (curl, this process, or llmlb's gunicorn worker): on a VM the kernel's share of a
+page-cache write varies a lot from run to run, and that shows up there.
 
 Then ``POST /v1/chat/completions`` naming a model in no catalog is timed against the same
 ``llmlb serve`` (``--requests`` sequential requests on a keep-alive ``requests.Session``, after a
@@ -29,7 +32,7 @@ warm-up): p50/p99/max in ms (SPEC: under 1 s; aim: p99 under 10 ms).
 prints where its time goes (socket reads, file writes, sha256, the progress callback).
 
 Run: ``.venv/bin/python bench/download.py [--size-mb 1024] [--reps 5] [--requests 1000]
-[--profile] [--keep-file]``. Everything lives under ``bench/.work/download/``; the 1 GB file is
+[--profile] [--keep-file] [--wait-quiet 120] [--max-foreign 0.05]``. Everything lives under ``bench/.work/download/``; the 1 GB file is
 deleted at the end unless ``--keep-file``. The last line printed is the JSON summary, also saved
 as ``bench/.work/results/download-<time>.json``.
 """
@@ -524,7 +527,9 @@ def main() -> None:
     parser.add_argument("--size-mb", type=int, default=1024, help="file size in MiB")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--requests", type=int, default=1000, help="model_not_found requests")
-    parser.add_argument("--max-foreign", type=float, default=0.15,
+    parser.add_argument("--wait-quiet", type=float, default=120, metavar="SECONDS",
+                        help="wait up to this long for idle cores before measuring")
+    parser.add_argument("--max-foreign", type=float, default=0.05, metavar="SHARE",
                         help="share of the cores other processes may take during a run")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--keep-file", action="store_true", help="keep (and reuse) the file")
@@ -578,7 +583,7 @@ def main() -> None:
         cold_seconds, cold = bench.llmlb_http()
         print(f"warm-up via llmlb serve: {size / cold_seconds / MB:.0f} MB/s, its first "
               f"POST /api/models/register took {cold['register_ms']:.0f} ms")
-        wait_quiet(30)
+        busy_before = wait_quiet(args.wait_quiet)
 
         print(f"\n{args.reps} repetitions of {size / MB:.0f} MB, order rotating:")
         runs = measure_downloads(bench, args.reps, args.max_foreign)
@@ -625,7 +630,7 @@ def main() -> None:
         "bench": "download", "started": time.strftime("%Y-%m-%dT%H:%M:%S",
                                                       time.localtime(started)),
         "cpu": cpu_model(), "cores": os.cpu_count(),
-        "load_avg_before": round(load_before[0], 2),
+        "load_avg_before": round(load_before[0], 2), "busy_before": round(busy_before, 3),
         "load_avg_after": round(os.getloadavg()[0], 2),
         "size_bytes": size, "reps": args.reps,
         "median_mb_per_s": {m: round(v, 1) for m, v in medians.items()},

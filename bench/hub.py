@@ -32,7 +32,8 @@ the register request sent on a connection held by the other worker than the WebS
 ``/proc`` (the socket's inode in the worker's file descriptors); the downloading worker is the
 record's ``pid``.
 
-Run: ``.venv/bin/python bench/hub.py [--requests 500] [--ws-mb 20] [--throttle-bps 2000000]``.
+Run: ``.venv/bin/python bench/hub.py [--requests 500] [--ws-mb 20] [--throttle-bps 2000000]
+[--skip-listing] [--skip-ws] [--wait-quiet 120] [--max-foreign 0.05]``.
 Everything lives under ``bench/.work/hub/``; the last line printed is the JSON summary, also saved
 as ``bench/.work/results/hub-<time>.json``.
 """
@@ -504,7 +505,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--ws-mb", type=int, default=20, help="size of the pulled file (MB)")
     parser.add_argument("--throttle-bps", type=int, default=2_000_000)
-    parser.add_argument("--max-foreign", type=float, default=0.10,
+    parser.add_argument("--wait-quiet", type=float, default=120, metavar="SECONDS",
+                        help="wait up to this long for idle cores before measuring")
+    parser.add_argument("--max-foreign", type=float, default=0.05, metavar="SHARE",
                         help="share of the cores other processes may take during a stretch")
     parser.add_argument("--skip-listing", action="store_true")
     parser.add_argument("--skip-ws", action="store_true")
@@ -519,7 +522,7 @@ def main() -> None:
     with socket.socket() as s:  # the "closed" variant needs port 9 closed
         if s.connect_ex(("127.0.0.1", 9)) == 0:
             raise SystemExit("something listens on 127.0.0.1:9")
-    wait_quiet(30)
+    busy_before = wait_quiet(args.wait_quiet)
 
     listing: list[dict] = []
     if not args.skip_listing:
@@ -552,7 +555,7 @@ def main() -> None:
     summary = {
         "bench": "hub", "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "cpu": cpu_model(), "cores": os.cpu_count(),
-        "load_avg_before": round(load_before[0], 2),
+        "load_avg_before": round(load_before[0], 2), "busy_before": round(busy_before, 3),
         "load_avg_after": round(os.getloadavg()[0], 2),
         "listing": listing, "ws": ws_results,
         "listing_p99_under_50ms": all(r["p99_ms"] < 50 for r in listing) if listing else None,
