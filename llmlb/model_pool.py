@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from engines import compute
 from engines.base import EngineError, LoadedModel, LoadOptions
 
 from . import errors
@@ -180,7 +181,9 @@ class ModelPool:
 
     def _unload(self, entry: _Entry) -> None:
         try:
-            entry.loaded.unload()
+            # On the compute thread: behind any generation still finishing its last token
+            # there (a cancelled stream), never under its feet.
+            compute.call(entry.loaded.unload)
         except Exception:  # unloading must never break a request
             log.exception("Unloading %s failed", entry.model.id)
         gc.collect()  # models hold reference cycles: free their memory (and VRAM) now
