@@ -26,32 +26,37 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import os
-import platform
 import pstats
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import requests
-from cpuwatch import CpuMonitor, cpu_model, wait_quiet
+from common import (
+    AUTH,
+    CLOSED_ENDPOINT,
+    MISSING_MODEL_CHAT,
+    REPO,
+    WAIT_QUIET_OTHERS_HELP,
+    WORK_ROOT,
+    Proc,
+    add_quiet_args,
+    clean_env,
+    free_port,
+    gunicorn_cmd,
+    llmlb_free_environ,
+    machine_info,
+    percentile,
+    save_summary,
+    start_server,
+)
+from cpuwatch import CpuMonitor, wait_quiet
 
-REPO = Path(__file__).resolve().parent.parent
-WORK = REPO / "bench" / ".work"
-VENV_BIN = Path(sys.executable).parent
-CLOSED_ENDPOINT = "http://127.0.0.1:9"  # nothing may reach the real hub
 N_MODELS = 100
-MISSING_MODEL = "bench-no-such-model"
-AUTH = {"Authorization": "Bearer sk_debug"}
-CHAT_BODY = {"model": MISSING_MODEL, "messages": [{"role": "user", "content": "hi"}]}
 TARGET_P99_MS = 10.0
 
 
@@ -65,47 +70,10 @@ def make_home(root: Path) -> Path:
     return home
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_environ() -> dict[str, str]:
-    from llmlb.config import OPTIONS
-
-    names = {n for o in OPTIONS for n in o.env}
-    return {k: v for k, v in os.environ.items() if k not in names}
-
-
-def start_gunicorn(home: Path, port: int, workers: int, log: Path) -> subprocess.Popen:
-    env = {**clean_environ(), "LLMLB_HOME": str(home), "LLMLB_PORT": str(port),
-           "LLMLB_WORKERS": str(workers), "LLMLB_DEV": "1", "HF_ENDPOINT": CLOSED_ENDPOINT,
-           "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
-                            cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"gunicorn did not become healthy:\n{log.read_text()}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+def start_gunicorn(home: Path, port: int, workers: int, log: Path) -> Proc:
+    env = clean_env(LLMLB_HOME=str(home), LLMLB_PORT=str(port), LLMLB_WORKERS=str(workers),
+                    LLMLB_DEV="1", HF_ENDPOINT=CLOSED_ENDPOINT)
+    return start_server(gunicorn_cmd(), env, log, port, name="gunicorn")
 
 
 # --- the paths ----------------------------------------------------------------------------------
@@ -130,7 +98,7 @@ def http_call(session: requests.Session, base: str, path: str, headers: dict,
     elif path == "models":
         r = session.get(f"{base}/v1/models", headers={**AUTH, **headers})
     else:
-        r = session.post(f"{base}/v1/chat/completions", json=CHAT_BODY,
+        r = session.post(f"{base}/v1/chat/completions", json=MISSING_MODEL_CHAT,
                          headers={**AUTH, **headers})
     body = r.json()
     elapsed = time.perf_counter() - t0
@@ -195,7 +163,7 @@ def measure_http(base: str, paths: list[str], n: int, warmup: int, keep_alive: b
 
 def in_process_app(home: Path):  # noqa: ANN201 - a Flask app
     os.environ.clear()
-    os.environ.update(clean_environ())
+    os.environ.update(llmlb_free_environ())
     from llmlb import create_app
 
     return create_app({"home": home, "dev": True, "hf_endpoint": CLOSED_ENDPOINT,
@@ -214,7 +182,7 @@ def in_process_calls(app) -> dict[str, Callable[[], None]]:  # noqa: ANN001
         check("models", r.status_code, r.get_json())
 
     def not_found() -> None:
-        r = client.post("/v1/chat/completions", json=CHAT_BODY, headers=AUTH)
+        r = client.post("/v1/chat/completions", json=MISSING_MODEL_CHAT, headers=AUTH)
         check("not_found", r.status_code, r.get_json())
 
     return {"health": health, "models": models, "not_found": not_found}
@@ -260,12 +228,6 @@ def profile(calls: dict[str, Callable[[], None]], n: int, top: int) -> dict[str,
 
 # --- figures ------------------------------------------------------------------------------------
 
-def percentile(sorted_ms: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    k = max(0, min(len(sorted_ms) - 1, int(round(q / 100 * len(sorted_ms) + 0.5)) - 1))
-    return sorted_ms[k]
-
-
 def stats_ms(seconds: list[float]) -> dict[str, float]:
     ms = sorted(s * 1000 for s in seconds)
     return {"n": len(ms), "p50": percentile(ms, 50), "p90": percentile(ms, 90),
@@ -286,25 +248,11 @@ def print_table(title: str, table: dict[str, dict[str, float]], judge: bool) -> 
               f"{s['p99']:7.2f} {s['max']:7.2f} {s['mean']:7.2f}{verdict}")
 
 
-def git_state() -> str:
-    """The commit measured, with '+dirty' when llmlb's or the engines' code differs from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "llmlb", "engines",
-                                "plugins"], cwd=REPO, text=True, capture_output=True,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 def machine() -> dict:
     from importlib.metadata import version
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "gunicorn": version("gunicorn"), "flask": version("flask"),
-            "requests": version("requests"), "loadavg_start": os.getloadavg()[0], "llmlb_commit": git_state()}
+    return machine_info(gunicorn=version("gunicorn"), flask=version("flask"),
+                        requests=version("requests"))
 
 
 def main() -> None:
@@ -317,17 +265,15 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="print cProfile hot spots of the in-process requests")
     parser.add_argument("--profile-requests", type=int, default=500)
-    parser.add_argument("--wait-quiet", type=float, default=120, metavar="SECONDS",
-                        help="wait up to this long for other processes to leave the cores idle")
-    parser.add_argument("--max-foreign", type=float, default=0.05, metavar="SHARE",
-                        help="a stretch of 100 rounds during which other processes used more "
-                             "than this share of the cores is measured again")
+    add_quiet_args(parser, wait_help=WAIT_QUIET_OTHERS_HELP,
+                   foreign_help="a stretch of 100 rounds during which other processes used "
+                                "more than this share of the cores is measured again")
     parser.add_argument("--retries", type=int, default=5,
                         help="how often a disturbed stretch is measured again at most")
     args = parser.parse_args()
 
     info = machine()
-    root = WORK / "api_latency"
+    root = WORK_ROOT / "api_latency"
     home = make_home(root)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -351,7 +297,7 @@ def main() -> None:
         fresh, fresh_workers = measure_http(base, paths, args.no_keepalive_requests,
                                             args.warmup // 4, False, stretches)
     finally:
-        stop(server)
+        server.stop(timeout=30)
     # In-process, after gunicorn is gone, so nothing else competes for the cores.
     app = in_process_app(home)
     calls = in_process_calls(app)
@@ -394,11 +340,7 @@ def main() -> None:
                "warmup": args.warmup, "target_p99_ms": TARGET_P99_MS, "p99_ok": ok,
                "workers_seen": {"keepalive": keep_workers, "no_keepalive": fresh_workers},
                "machine": info, "results": results}
-    out_dir = WORK / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out_dir / f"api_latency-{stamp}.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, separators=(",", ":")))
+    save_summary("api_latency", summary, indent=2, separators=(",", ":"))
 
 
 if __name__ == "__main__":

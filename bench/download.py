@@ -40,17 +40,11 @@ as ``bench/.work/results/download-<time>.json``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
-import json
 import os
-import platform
 import pstats
 import resource
-import select
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,182 +52,57 @@ import time
 from pathlib import Path
 
 import requests
-from cpuwatch import CpuMonitor, cpu_model, wait_quiet
+from common import (
+    AUTH,
+    MISSING_MODEL,
+    MISSING_MODEL_CHAT,
+    REPO,
+    WORK_ROOT,
+    Monitor,
+    Proc,
+    add_quiet_args,
+    announce,
+    clean_env,
+    free_port,
+    hf_quiet_env,
+    llmlb_serve_cmd,
+    measure_in_stretches,
+    percentile,
+    proc_stat,
+    run_facts,
+    save_summary,
+    start_fake_hub,
+    start_server,
+    write_one_model_catalog,
+    write_random_file,
+)
+from cpuwatch import wait_quiet
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # llmlb and tests.fake_hub from this checkout
 
-WORK = REPO / "bench" / ".work" / "download"
-RESULTS = REPO / "bench" / ".work" / "results"
-VENV_BIN = Path(sys.executable).parent
+WORK = WORK_ROOT / "download"
 HUB_REPO = "bench-org/download-1g"
 FILENAME = "model-1g.gguf"
 MODEL_ID = "bench-download-1g"
-MISSING_MODEL = "bench-no-such-model"
-AUTH = {"Authorization": "Bearer sk_debug"}
 POLL_SECONDS = 0.05
 METHODS = ("curl", "curl_null", "hf_hub_download", "llmlb_inprocess", "llmlb_http")
 MB = 1e6
 
 # Before huggingface_hub is imported (it reads these once): no progress bars, no telemetry,
-# and its caches inside the work directory.
-os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-os.environ["HF_HOME"] = str(WORK / "hf-home")
+# and its caches inside the work directory. The processes started below inherit them.
+os.environ.update(hf_quiet_env(WORK / "hf-home"))
 
 
-# --- helpers ----------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without any llmlb setting, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LLMLB_", "XLLM_")) and k not in ("LLM_MODELS_DIR", "HF_TOKEN")}
-    return {**env, "PYTHONUNBUFFERED": "1", **extra}
-
-
-class Proc:
-    """A server subprocess in its own session (so stopping it reaches its children)."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path,
-                 stdout_pipe: bool = False) -> None:
-        self.log = log
-        self.popen = subprocess.Popen(
-            args, cwd=REPO, env=env, start_new_session=True,
-            stdout=subprocess.PIPE if stdout_pipe else log.open("wb"),
-            stderr=log.open("ab") if stdout_pipe else subprocess.STDOUT)
-
-    def first_line(self, timeout: float) -> str:
-        assert self.popen.stdout is not None
-        ready, _, _ = select.select([self.popen.stdout], [], [], timeout)
-        if not ready:
-            raise RuntimeError(f"no output in {timeout} s:\n{self.log.read_text()}")
-        line = self.popen.stdout.readline().decode().strip()
-        if not line:
-            raise RuntimeError(f"process ended:\n{self.log.read_text()}")
-        return line
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
-
-
-def wait_healthy(url: str, proc: Proc, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"server exited:\n{proc.log.read_text(errors='replace')}")
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"server not healthy:\n{proc.log.read_text(errors='replace')}")
-
+# --- files ------------------------------------------------------------------------------------
 
 def make_file(path: Path, size: int, keep: bool) -> None:
     if keep and path.is_file() and path.stat().st_size == size:
         print(f"reusing {path} ({size / MB:.0f} MB)")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    block = 16 << 20
-    with path.open("wb") as f:
-        left = size
-        while left:
-            n = min(block, left)
-            f.write(os.urandom(n))
-            left -= n
+    write_random_file(path, size)
     print(f"wrote {path.relative_to(REPO)} ({size / MB:.0f} MB random) in "
           f"{time.perf_counter() - t0:.1f} s")
-
-
-def write_catalog(path: Path, size: int) -> None:
-    path.write_text(json.dumps({"models": [{
-        "id": MODEL_ID, "name": "Download benchmark (1 GB)", "source": "hf_gguf",
-        "repo_id": HUB_REPO, "required_vram_mb": 64, "tags": ["bench"],
-        "artifacts": [{"filename": FILENAME, "size_bytes": size}]}]}))
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int, int]:
-    """(name, parent pid, user jiffies, system jiffies) of a process, its threads included."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    rest = stat[stat.rfind(")") + 2:].split()
-    return stat[stat.find("(") + 1:stat.rfind(")")], int(rest[1]), int(rest[11]), int(rest[12])
-
-
-def _proc_stats() -> dict[int, tuple[str, int, int, int]]:
-    out = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                out[int(name)] = _proc_stat(int(name))
-    return out
-
-
-def children_of(pid: int) -> list[int]:
-    return sorted(p for p, (_n, ppid, _u, _s) in _proc_stats().items() if ppid == pid)
-
-
-class Monitor:
-    """``cpuwatch.CpuMonitor`` that also counts this process's children that have ended and been
-    waited for (``curl``): CpuMonitor only sees live processes, so it would call them foreign.
-    ``culprits()`` names the outside processes that used the most CPU meanwhile."""
-
-    @staticmethod
-    def _ticks() -> tuple[int, int]:
-        """(reaped children's jiffies, all CPUs' jiffies since boot)."""
-        stat = Path("/proc/self/stat").read_text()
-        rest = stat[stat.rfind(")") + 2:].split()
-        reaped = int(rest[13]) + int(rest[14])  # cutime + cstime
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        return reaped, sum(fields)
-
-    def start(self) -> None:
-        self._monitor = CpuMonitor()
-        self._monitor.start()
-        self._start = self._ticks()
-        self._procs = _proc_stats()
-
-    def foreign(self) -> float:
-        share = self._monitor.foreign()
-        reaped, total = self._ticks()
-        self._total = total - self._start[1]
-        return max(0.0, share - (reaped - self._start[0]) / max(1, self._total))
-
-    def culprits(self, top: int = 3) -> str:
-        now = _proc_stats()
-        mine, stack = set(), [os.getpid()]
-        while stack:
-            pid = stack.pop()
-            mine.add(pid)
-            stack.extend(p for p, v in now.items() if v[1] == pid and p not in mine)
-        used = []
-        for pid, (name, _ppid, user, system) in now.items():
-            if pid in mine:
-                continue
-            before = self._procs.get(pid, (name, 0, 0, 0))
-            ticks = user + system - before[2] - before[3]
-            if ticks > 0:
-                used.append((ticks, f"{name}[{pid}]"))
-        used.sort(reverse=True)
-        return ", ".join(f"{n} {t / max(1, self._total):.0%}" for t, n in used[:top]) or "kernel?"
 
 
 # --- the methods ------------------------------------------------------------------------------
@@ -344,7 +213,7 @@ class Bench:
             usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # curl, once waited for
             return usage.ru_utime, usage.ru_stime
         if method == "llmlb_http":
-            _name, _ppid, user, system = _proc_stat(self.worker_pid)
+            _name, _ppid, user, system = proc_stat(self.worker_pid)
             tick = os.sysconf("SC_CLK_TCK")
             return user / tick, system / tick
         times = os.times()
@@ -420,11 +289,10 @@ def measure_not_found(server_url: str, n: int, max_foreign: float) -> dict:
     session = requests.Session()
     session.trust_env = False
     url = f"{server_url}/v1/chat/completions"
-    body = {"model": MISSING_MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
     def one() -> float:
         t0 = time.perf_counter()
-        r = session.post(url, json=body, headers=AUTH, timeout=30)
+        r = session.post(url, json=MISSING_MODEL_CHAT, headers=AUTH, timeout=30)
         dt = time.perf_counter() - t0
         if r.status_code != 404 or r.json()["error"]["code"] != "model_not_found":
             raise RuntimeError(f"expected model_not_found, got {r.status_code} {r.text}")
@@ -432,28 +300,12 @@ def measure_not_found(server_url: str, n: int, max_foreign: float) -> dict:
 
     for _ in range(50):
         one()
-    samples: list[float] = []
-    monitor = Monitor()
-    redone = disturbed = 0
-    stretch = 100
-    while len(samples) < n:
-        k = min(stretch, n - len(samples))
-        for attempt in range(3):
-            monitor.start()
-            part = [one() for _ in range(k)]
-            foreign = monitor.foreign()
-            if foreign <= max_foreign:
-                break
-            if attempt < 2:
-                redone += 1
-        else:
-            disturbed += 1
-        samples.extend(part)
-    ms = [s * 1000 for s in samples]
+    measured = measure_in_stretches(one, n, max_foreign)
+    ms = [s * 1000 for s in measured.samples]
     return {"n": len(ms), "p50_ms": round(percentile(ms, 50), 3),
             "p99_ms": round(percentile(ms, 99), 3), "max_ms": round(max(ms), 3),
-            "mean_ms": round(statistics.fmean(ms), 3), "stretches_redone": redone,
-            "stretches_disturbed": disturbed}
+            "mean_ms": round(statistics.fmean(ms), 3), "stretches_redone": measured.redone,
+            "stretches_disturbed": measured.disturbed}
 
 
 # --- profile ----------------------------------------------------------------------------------
@@ -527,19 +379,13 @@ def main() -> None:
     parser.add_argument("--size-mb", type=int, default=1024, help="file size in MiB")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--requests", type=int, default=1000, help="model_not_found requests")
-    parser.add_argument("--wait-quiet", type=float, default=120, metavar="SECONDS",
-                        help="wait up to this long for idle cores before measuring")
-    parser.add_argument("--max-foreign", type=float, default=0.05, metavar="SHARE",
-                        help="share of the cores other processes may take during a run")
+    add_quiet_args(parser, foreign_help="share of the cores other processes may take during a run")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--keep-file", action="store_true", help="keep (and reuse) the file")
     args = parser.parse_args()
     size = args.size_mb << 20
 
-    started = time.time()
-    load_before = os.getloadavg()
-    print(f"download benchmark: {cpu_model()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}, load average {load_before[0]:.2f}")
+    started, load_before = announce("download")
     WORK.mkdir(parents=True, exist_ok=True)
     for stale in ("server-home", "inproc-home", "hf-local-dir", "curl"):
         shutil.rmtree(WORK / stale, ignore_errors=True)
@@ -547,12 +393,13 @@ def main() -> None:
     big = data_dir / FILENAME
     make_file(big, size, args.keep_file)
     catalog = WORK / "catalog.json"
-    write_catalog(catalog, size)
+    write_one_model_catalog(catalog, MODEL_ID, "Download benchmark (1 GB)", HUB_REPO, FILENAME,
+                            size)
 
     procs: list[Proc] = []
     try:
-        hub = Proc([sys.executable, "-m", "tests.fake_hub", "--repo", f"{HUB_REPO}={data_dir}",
-                    "--port", "0"], clean_env(), WORK / "fake-hub.log", stdout_pipe=True)
+        hub = start_fake_hub(HUB_REPO, data_dir, clean_env(from_options=False),
+                             WORK / "fake-hub.log")
         procs.append(hub)
         endpoint = hub.first_line(timeout=300)  # it hashes the file first
         print(f"fake hub (separate process, unthrottled): {endpoint}")
@@ -560,19 +407,18 @@ def main() -> None:
         home = WORK / "server-home"
         home.mkdir()
         port = free_port()
-        server = Proc([str(VENV_BIN / "llmlb"), "serve", "--port", str(port)],
-                      clean_env(LLMLB_HOME=str(home), LLMLB_DEV="1", HF_ENDPOINT=endpoint,
-                                LLMLB_SUPPORTED_MODELS=str(catalog),
-                                LLMLB_RESOLVE_WAIT_SECONDS="3600",
-                                HF_HUB_DISABLE_TELEMETRY="1"),
-                      WORK / "llmlb-serve.log")
+        server = start_server(
+            llmlb_serve_cmd(port),
+            clean_env(from_options=False, LLMLB_HOME=str(home), LLMLB_DEV="1",
+                      HF_ENDPOINT=endpoint, LLMLB_SUPPORTED_MODELS=str(catalog),
+                      LLMLB_RESOLVE_WAIT_SECONDS="3600", HF_HUB_DISABLE_TELEMETRY="1"),
+            WORK / "llmlb-serve.log", port, name="llmlb serve")
         procs.append(server)
         server_url = f"http://127.0.0.1:{port}"
-        wait_healthy(server_url, server)
         print(f"llmlb serve: {server_url} (LLMLB_HOME={home.relative_to(REPO)})")
 
         bench = Bench(endpoint, server_url, home, catalog, size)
-        bench.worker_pid = children_of(server.popen.pid)[0]
+        bench.worker_pid = server.children()[0]
         plan = bench.check_plan()
         print(f"llmlb verifies sha256 {plan['sha256'][:16]}... while downloading "
               f"(redirected to {plan['url'].split('?')[0].replace(endpoint, '')})")
@@ -627,11 +473,7 @@ def main() -> None:
             shutil.rmtree(data_dir, ignore_errors=True)
 
     summary = {
-        "bench": "download", "started": time.strftime("%Y-%m-%dT%H:%M:%S",
-                                                      time.localtime(started)),
-        "cpu": cpu_model(), "cores": os.cpu_count(),
-        "load_avg_before": round(load_before[0], 2), "busy_before": round(busy_before, 3),
-        "load_avg_after": round(os.getloadavg()[0], 2),
+        **run_facts("download", started, load_before, busy_before),
         "size_bytes": size, "reps": args.reps,
         "median_mb_per_s": {m: round(v, 1) for m, v in medians.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
@@ -642,10 +484,7 @@ def main() -> None:
     }
     if profile is not None:
         summary["profile"] = profile
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"download-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
-        json.dumps(summary, indent=1))
-    print(json.dumps(summary))
+    save_summary("download", summary, indent=1)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -50,13 +48,24 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from cpuwatch import CpuMonitor, cpu_model, wait_quiet
+from common import (
+    CLOSED_ENDPOINT,
+    DEV_API_KEY,
+    REPO,
+    WAIT_QUIET_OTHERS_HELP,
+    WORK_ROOT,
+    Proc,
+    add_quiet_args,
+    clean_env,
+    free_port,
+    llmlb_serve_cmd,
+    machine_info,
+    save_summary,
+    start_server,
+)
+from cpuwatch import CpuMonitor, wait_quiet
 
-REPO = Path(__file__).resolve().parent.parent
-WORK = REPO / "bench" / ".work"
-MODELS = WORK / "models"
-VENV_BIN = Path(sys.executable).parent
-CLOSED_ENDPOINT = "http://127.0.0.1:9"  # nothing may reach the real hub
+MODELS = WORK_ROOT / "models"
 
 MODEL_SHAPE = dict(hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=4,
                    intermediate_size=2048, vocab_size=8192)
@@ -337,51 +346,12 @@ class Direct:
 
 # --- llmlb ------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    from llmlb.config import OPTIONS
-
-    names = {n for o in OPTIONS for n in o.env}
-    env = {k: v for k, v in os.environ.items() if k not in names}
-    return {**env, "PYTHONUNBUFFERED": "1", **extra}
-
-
-def start_server(home: Path, port: int, n_models: int, log: Path,
-                 extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    import requests
-
+def start_llmlb(home: Path, port: int, n_models: int, log: Path,
+                extra_env: dict[str, str] | None = None) -> Proc:
     env = clean_env(LLMLB_HOME=str(home), LLMLB_DEV="1", HF_ENDPOINT=CLOSED_ENDPOINT,
                     LLMLB_KEEP_ALIVE_SECONDS="3600", LLMLB_MAX_LOADED_MODELS=str(n_models),
                     **(extra_env or {}))
-    proc = subprocess.Popen([str(VENV_BIN / "llmlb"), "serve", "--port", str(port)], cwd=REPO,
-                            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llmlb exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"llmlb did not become healthy:\n{log.read_text()}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    return start_server(llmlb_serve_cmd(port), env, log, port, name="llmlb")
 
 
 def server_threads(arbiter_pid: int) -> int | None:
@@ -420,7 +390,7 @@ def via_raw_http(port: int, model_id: str, max_tokens: int) -> dict:
                        "temperature": 0, "stream": True,
                        "stream_options": {"include_usage": True}}).encode()
     head = (f"POST /v1/chat/completions HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n"
-            "Authorization: Bearer sk_debug\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {DEV_API_KEY}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
     times, parts, usage = [], [], {}
     buf, in_body = b"", False
@@ -461,28 +431,14 @@ def rates(run: dict) -> dict:
             "e2e_tps": run["tokens"] / run["total"]}
 
 
-def git_state() -> str:
-    """The commit measured, with '+dirty' when llmlb's or the engines' code differs from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "llmlb", "engines",
-                                "plugins"], cwd=REPO, text=True, capture_output=True,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 def machine() -> dict:
     import llama_cpp
     import torch
     import transformers
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
-            "loadavg_start": os.getloadavg()[0], "llmlb_commit": git_state()}
+    return machine_info(llama_cpp_python=llama_cpp.__version__, torch=torch.__version__,
+                        torch_threads=torch.get_num_threads(),
+                        transformers=transformers.__version__)
 
 
 def summarize(side_runs: list[dict]) -> dict:
@@ -513,11 +469,9 @@ def main() -> None:
     parser.add_argument("--llmlb-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for the llmlb server (diagnostics, e.g. "
                              "LLMLB_THREADS=1); repeatable")
-    parser.add_argument("--wait-quiet", type=float, default=120, metavar="SECONDS",
-                        help="wait up to this long for other processes to leave the cores idle")
-    parser.add_argument("--max-foreign", type=float, default=0.05, metavar="SHARE",
-                        help="a direct/llmlb pair during which other processes used more than "
-                             "this share of the cores is measured again")
+    add_quiet_args(parser, wait_help=WAIT_QUIET_OTHERS_HELP,
+                   foreign_help="a direct/llmlb pair during which other processes used more "
+                                "than this share of the cores is measured again")
     parser.add_argument("--retries", type=int, default=4,
                         help="how often a disturbed pair is measured again at most")
     parser.add_argument("--no-raw", action="store_true",
@@ -538,13 +492,13 @@ def main() -> None:
     info = machine()
     built = build_models([m.removeprefix("gguf-") for m in wanted if m.startswith("gguf-")])
     models = {m: built[m] for m in wanted}
-    run_dir = WORK / "engine_overhead"
+    run_dir = WORK_ROOT / "engine_overhead"
     shutil.rmtree(run_dir, ignore_errors=True)
     home = run_dir / "home"
     home.mkdir(parents=True)
     ids = install_models(home, models)
     port = free_port()
-    server = start_server(home, port, len(models), run_dir / "server.log", server_env)
+    server = start_llmlb(home, port, len(models), run_dir / "server.log", server_env)
     # One direct worker per model: each library alone in its process, as a user calling it
     # directly would have it (llmlb, by design, holds every model in one process).
     directs = {name: Direct(run_dir / f"direct-{name}.log") for name in models}
@@ -554,7 +508,7 @@ def main() -> None:
     sides = ("direct", "llmlb") + (() if args.no_raw else ("raw",))
     runs: dict[str, dict[str, list[dict]]] = {m: {s: [] for s in sides} for m in models}
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk_debug",
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=DEV_API_KEY,
                                max_retries=0, timeout=600)
 
         def measure(name: str, side: str) -> dict:
@@ -615,7 +569,7 @@ def main() -> None:
     finally:
         for direct in directs.values():
             direct.close()
-        stop_server(server)
+        server.stop(timeout=30)
 
     results: dict[str, dict] = {}
     for name, by_side in runs.items():
@@ -674,11 +628,7 @@ def main() -> None:
     summary = {"bench": "engine_overhead", "max_tokens": args.max_tokens, "reps": args.reps,
                "warmup": args.warmup, "llmlb_env": server_env, "machine": info,
                "results": results}
-    out_dir = WORK / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out_dir / f"engine_overhead-{stamp}.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, separators=(",", ":")))
+    save_summary("engine_overhead", summary, indent=2, separators=(",", ":"))
 
 
 if __name__ == "__main__":

@@ -45,13 +45,10 @@ import contextlib
 import http.client
 import json
 import os
-import platform
 import select
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -59,19 +56,33 @@ from pathlib import Path
 from urllib.parse import quote
 
 import requests
-from cpuwatch import cpu_model, wait_quiet
-from download import Monitor  # CpuMonitor that names the processes that disturbed a stretch
+from common import (
+    AUTH,
+    CLOSED_ENDPOINT,
+    REPO,
+    WORK_ROOT,
+    Proc,
+    add_quiet_args,
+    announce,
+    clean_env,
+    free_port,
+    gunicorn_cmd,
+    hf_quiet_env,
+    measure_in_stretches,
+    percentile,
+    run_facts,
+    save_summary,
+    start_fake_hub,
+    write_one_model_catalog,
+    write_random_file,
+)
+from cpuwatch import wait_quiet
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.fake_hub from this checkout
 
-WORK = REPO / "bench" / ".work" / "hub"
-RESULTS = REPO / "bench" / ".work" / "results"
-VENV_BIN = Path(sys.executable).parent
-CLOSED_ENDPOINT = "http://127.0.0.1:9"
-AUTH = {"Authorization": "Bearer sk_debug"}
+WORK = WORK_ROOT / "hub"
 N_CATALOG = 200
 WS_REPO = "bench-org/ws-progress"
 WS_FILE = "model.gguf"
@@ -80,65 +91,10 @@ WS_MODEL = "bench-ws-progress"
 
 # --- helpers ----------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without any llmlb setting, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LLMLB_", "XLLM_")) and k not in ("LLM_MODELS_DIR", "HF_TOKEN")}
-    return {**env, "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_HOME": str(WORK / "hf-home"), **extra}
-
-
-class Proc:
-    """A server subprocess in its own session (so stopping it reaches its children)."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path,
-                 stdout_pipe: bool = False) -> None:
-        self.log = log
-        self.popen = subprocess.Popen(
-            args, cwd=REPO, env=env, start_new_session=True,
-            stdout=subprocess.PIPE if stdout_pipe else log.open("wb"),
-            stderr=log.open("ab") if stdout_pipe else subprocess.STDOUT)
-
-    def first_line(self, timeout: float) -> str:
-        assert self.popen.stdout is not None
-        ready, _, _ = select.select([self.popen.stdout], [], [], timeout)
-        line = self.popen.stdout.readline().decode().strip() if ready else ""
-        if not line:
-            raise RuntimeError(f"no endpoint printed:\n{self.log.read_text()}")
-        return line
-
-    def children(self) -> list[int]:
-        """Live child pids (gunicorn's workers)."""
-        pids = []
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                with contextlib.suppress(OSError):
-                    stat = Path(f"/proc/{name}/stat").read_text()
-                    if int(stat[stat.rfind(")") + 2:].split()[1]) == self.popen.pid:
-                        pids.append(int(name))
-        return sorted(pids)
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
+def hub_env(**extra: str) -> dict[str, str]:
+    """The environment of the processes this benchmark starts: ``clean_env`` (by name: this
+    process never imports llmlb) with huggingface_hub quiet and its caches under ``WORK``."""
+    return clean_env(from_options=False, **hf_quiet_env(WORK / "hf-home"), **extra)
 
 
 def server_pid(client_port: int, server_port: int, pids: list[int]) -> int | None:
@@ -188,11 +144,11 @@ class Server:
         self.home.mkdir(parents=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = Proc([str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
-                         clean_env(LLMLB_HOME=str(self.home), LLMLB_PORT=str(self.port),
-                                   LLMLB_WORKERS=str(workers), LLMLB_DEV="1",
-                                   LLMLB_SUPPORTED_MODELS=str(catalog), HF_ENDPOINT=endpoint,
-                                   **env),
+        self.proc = Proc(gunicorn_cmd(),
+                         hub_env(LLMLB_HOME=str(self.home), LLMLB_PORT=str(self.port),
+                                 LLMLB_WORKERS=str(workers), LLMLB_DEV="1",
+                                 LLMLB_SUPPORTED_MODELS=str(catalog), HF_ENDPOINT=endpoint,
+                                 **env),
                          WORK / f"gunicorn-{name}.log")
         deadline = time.monotonic() + 90
         self.workers: list[int] = []
@@ -294,23 +250,8 @@ def listing_variant(name: str, catalog: Path, n: int, max_foreign: float) -> dic
         first_ms = one()[0] * 1000
         for _ in range(50):
             one()
-        samples: list[tuple[float, float]] = []
-        monitor = Monitor()
-        redone = disturbed = 0
-        culprits = []
-        while len(samples) < n:
-            k = min(100, n - len(samples))
-            for attempt in range(3):
-                monitor.start()
-                part = [one() for _ in range(k)]
-                if monitor.foreign() <= max_foreign:
-                    break
-                culprits.append(monitor.culprits())
-                if attempt < 2:
-                    redone += 1
-            else:
-                disturbed += 1
-            samples.extend(part)
+        measured = measure_in_stretches(one, n, max_foreign, name_culprits=True)
+        samples = measured.samples
     finally:
         server.stop()
         if hole:
@@ -320,8 +261,8 @@ def listing_variant(name: str, catalog: Path, n: int, max_foreign: float) -> dic
               "n": len(ms), "p50_ms": round(percentile(ms, 50), 2),
               "p99_ms": round(percentile(ms, 99), 2), "max_ms": round(max(ms), 2),
               "mean_ms": round(statistics.fmean(ms), 2), "bad_responses": len(bad),
-              "hf_stats_all_null": not bad, "stretches_redone": redone,
-              "stretches_disturbed": disturbed, "disturbed_by": culprits}
+              "hf_stats_all_null": not bad, "stretches_redone": measured.redone,
+              "stretches_disturbed": measured.disturbed, "disturbed_by": measured.culprits}
     if hole:
         result["stats_connections"] = len(hole.opened)
         result["measured_while_fetch_in_flight"] = sum(hole.in_flight(t) for _, t in samples)
@@ -449,23 +390,14 @@ def _ws_run(ws, server: Server, progress_file: Path, placement: str) -> dict:  #
     return result
 
 
-def make_file(path: Path, size: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-        f.write(os.urandom(size))
-
-
 def ws_bench(ws_bytes: int, throttle: int) -> list[dict]:
     data_dir = WORK / "ws-repo"
-    make_file(data_dir / WS_FILE, ws_bytes)
+    write_random_file(data_dir / WS_FILE, ws_bytes)
     catalog = WORK / "ws-catalog.json"
-    catalog.write_text(json.dumps({"models": [{
-        "id": WS_MODEL, "name": "WebSocket progress benchmark", "source": "hf_gguf",
-        "repo_id": WS_REPO, "required_vram_mb": 64, "tags": ["bench"],
-        "artifacts": [{"filename": WS_FILE, "size_bytes": ws_bytes}]}]}))
-    hub = Proc([sys.executable, "-m", "tests.fake_hub", "--repo", f"{WS_REPO}={data_dir}",
-                "--port", "0", "--throttle-bps", str(throttle)], clean_env(),
-               WORK / "fake-hub-ws.log", stdout_pipe=True)
+    write_one_model_catalog(catalog, WS_MODEL, "WebSocket progress benchmark", WS_REPO, WS_FILE,
+                            ws_bytes)
+    hub = start_fake_hub(WS_REPO, data_dir, hub_env(), WORK / "fake-hub-ws.log",
+                         throttle_bps=throttle)
     results = []
     try:
         endpoint = hub.first_line(timeout=60)
@@ -505,18 +437,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--ws-mb", type=int, default=20, help="size of the pulled file (MB)")
     parser.add_argument("--throttle-bps", type=int, default=2_000_000)
-    parser.add_argument("--wait-quiet", type=float, default=120, metavar="SECONDS",
-                        help="wait up to this long for idle cores before measuring")
-    parser.add_argument("--max-foreign", type=float, default=0.05, metavar="SHARE",
-                        help="share of the cores other processes may take during a stretch")
+    add_quiet_args(parser,
+                   foreign_help="share of the cores other processes may take during a stretch")
     parser.add_argument("--skip-listing", action="store_true")
     parser.add_argument("--skip-ws", action="store_true")
     args = parser.parse_args()
 
-    started = time.time()
-    load_before = os.getloadavg()
-    print(f"hub benchmark: {cpu_model()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}, load average {load_before[0]:.2f}")
+    started, load_before = announce("hub")
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     with socket.socket() as s:  # the "closed" variant needs port 9 closed
@@ -553,19 +480,13 @@ def main() -> None:
     shutil.rmtree(WORK, ignore_errors=True)
 
     summary = {
-        "bench": "hub", "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        "cpu": cpu_model(), "cores": os.cpu_count(),
-        "load_avg_before": round(load_before[0], 2), "busy_before": round(busy_before, 3),
-        "load_avg_after": round(os.getloadavg()[0], 2),
+        **run_facts("hub", started, load_before, busy_before),
         "listing": listing, "ws": ws_results,
         "listing_p99_under_50ms": all(r["p99_ms"] < 50 for r in listing) if listing else None,
         "ws_max_delay_under_500ms": (all(r.get("delay_max_ms", 1e9) < 500 for r in ws_results)
                                      if ws_results else None),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"hub-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
-        json.dumps(summary, indent=1))
-    print(json.dumps(summary))
+    save_summary("hub", summary, indent=1)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,21 @@ bp = Blueprint("ws", __name__)
 sock = Sock()
 
 
+LOOPBACK = {"127.0.0.1", "::1"}
+
+
 @bp.before_request
 def authenticate():
-    """Before the handshake, so a refusal is a plain 401 JSON response. A key may also come
-    as ?api_key= (browsers cannot set headers on WebSockets); dev mode needs none, so the
-    seed's bare client works there."""
+    """Before the handshake, so a refusal is a plain 401 JSON response.
+
+    The stream is read-only catalog status, so a client on the machine itself (the seed's
+    bare `websockets.connect`) and dev mode need no credentials; anyone else needs an admin
+    key (header, or ?api_key= since browsers cannot set headers on WebSockets) or the
+    dashboard session. Behind a proxy, set LLMLB_TRUSTED_PROXIES so the client's own address
+    is seen, not the proxy's.
+    """
     rt = runtime()
-    if rt.settings.dev:
+    if rt.settings.dev or request.remote_addr in LOOPBACK:
         return None
     key = request.args.get("api_key")
     principal = (auth.authenticate_key(rt.db, key) if key else current_principal())
