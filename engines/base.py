@@ -51,9 +51,14 @@ class Started:
 
 @dataclass(frozen=True)
 class TokenText:
-    """One generated token's text ('' while a multi-byte character is incomplete)."""
+    """One generated token's text ('' while a multi-byte character is incomplete).
+
+    ``tokens`` is how many generated tokens the event stands for: 0 for text flushed at the
+    end that belongs to tokens already reported.
+    """
 
     text: str
+    tokens: int = 1
 
 
 @dataclass(frozen=True)

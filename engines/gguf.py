@@ -88,7 +88,7 @@ class GGUFModel(LoadedModel):
                 break
         tail = decoder.decode(b"", final=True)
         if tail:
-            yield TokenText(tail)
+            yield TokenText(tail, tokens=0)
         yield Finished(reason)
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:

@@ -139,7 +139,7 @@ class OnnxDecoder(LoadedModel):
             step_ids = [token]
         tail = decoder.flush()
         if tail:
-            yield TokenText(tail)
+            yield TokenText(tail, tokens=0)
         yield Finished(reason)
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:

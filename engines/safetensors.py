@@ -122,7 +122,7 @@ class CausalLM(LoadedModel):
         job = compute.submit(run)
         decoder = IncrementalDecoder(
             lambda ids: self._tok.decode(ids, skip_special_tokens=True))
-        produced, reason = 0, "length"
+        reason = "length"
         try:
             while True:
                 token = streamer.queue.get()
@@ -131,11 +131,10 @@ class CausalLM(LoadedModel):
                 if token in self._eos:
                     reason = "stop"
                     break
-                produced += 1
                 yield TokenText(decoder.push(token))
             tail = decoder.flush()
             if tail:
-                yield TokenText(tail)
+                yield TokenText(tail, tokens=0)
             if errors:
                 raise EngineError(f"generation failed: {errors[0]}") from errors[0]
             yield Finished(reason)

@@ -39,7 +39,7 @@ class TextStream:
                     break
                 if not isinstance(event, TokenText):
                     continue
-                self.completion_tokens += 1
+                self.completion_tokens += event.tokens
                 pending += event.text
                 if not self._stops:
                     if pending:
