@@ -36,8 +36,8 @@ def get_model(model_id: str):
     if located is not None:
         return respond(model_object(*located))
     entry = rt.catalog.get(model_id)
-    if entry is not None:
-        return respond(catalog_object(entry))
+    if entry is not None:  # not on disk: fetched when first used; say how far along that is
+        return respond({**catalog_object(entry), "status": rt.resolver.status(model_id)["status"]})
     raise errors.model_not_found(model_id, in_catalog_hint=False)
 
 
