@@ -5,7 +5,16 @@ The values come from llmlb's settings (LLMLB_HOST, LLMLB_PORT, LLMLB_WORKERS, LL
 worker with several threads: every worker process would load its own copy of each model.
 """
 
-from llmlb.config import load_settings
-from llmlb.server import gunicorn_options
+import sys
 
-globals().update(gunicorn_options(load_settings()))
+from llmlb.catalog import CatalogError
+from llmlb.config import SettingsError, load_settings
+from llmlb.server import gunicorn_options, preflight
+
+try:
+    _settings = load_settings()
+    preflight(_settings)
+except (SettingsError, CatalogError) as exc:
+    sys.exit(f"llmlb: cannot start: {exc}")
+
+globals().update(gunicorn_options(_settings))

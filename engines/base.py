@@ -87,6 +87,17 @@ class InvalidPrompt(EngineError):
     """The request's prompt cannot be run (too long, rejected by the chat template)."""
 
 
+def nvidia_driver_present() -> bool:
+    """Whether an NVIDIA driver is installed (libraries may list CUDA support without one)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
 def token_budget(prompt_tokens: int, context_length: int, max_tokens: int | None) -> int:
     """How many tokens may be generated after a prompt; InvalidPrompt if it fills the context."""
     room = context_length - prompt_tokens

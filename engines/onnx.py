@@ -8,7 +8,6 @@ with the KV cache; encoder exports (``last_hidden_state`` output) give embedding
 
 from __future__ import annotations
 
-import ctypes
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,20 +28,13 @@ from .base import (
     SamplingParams,
     Started,
     TokenText,
+    nvidia_driver_present,
     token_budget,
 )
 from .textgen import ChatTemplate, IncrementalDecoder, read_json, sample_next, token_text
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
               "tensor(int64)": "int64", "tensor(int32)": "int32"}
-
-
-def _cuda_present() -> bool:
-    try:
-        ctypes.CDLL("libcuda.so.1")
-        return True
-    except OSError:
-        return False
 
 
 def pick_graph(artifacts: Sequence[Path]) -> Path:
@@ -201,7 +193,7 @@ class OnnxEngine(Engine):
             import tokenizers  # noqa: F401
         except ImportError as exc:
             return Availability(False, f"{exc.name} is not installed (pip install 'llmlb[onnx]')")
-        cuda = "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_present()
+        cuda = "CUDAExecutionProvider" in ort.get_available_providers() and nvidia_driver_present()
         return Availability(True, device="cuda" if cuda else "cpu")
 
     def load(self, model_dir: Path, artifacts: Sequence[Path],

@@ -60,13 +60,15 @@ def main() -> None:
 def serve(**flags: Any) -> None:
     """Start llmlb standalone: the OpenAI API, the model hub and dashboard, and a node."""
     from .catalog import CatalogError
+    from .server import preflight
     from .server import serve as run
 
     settings = _settings(flags)
     try:
-        run(settings)
+        preflight(settings)
     except CatalogError as exc:
         raise click.ClickException(f"the model catalog is invalid: {exc}") from None
+    run(settings)
 
 
 # --- keys ---------------------------------------------------------------------------------------

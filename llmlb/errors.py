@@ -197,8 +197,6 @@ def init_app(app) -> None:  # noqa: ANN001 - Flask app, imported lazily to keep 
                 err.headers["Allow"] = allowed
         elif exc.code == 413:
             err = request_too_large(app.config.get("MAX_CONTENT_LENGTH") or 0)
-        elif exc.code == 400 and "JSON" in (exc.description or ""):
-            err = invalid_json(exc.description or "could not parse")
         else:
             err = APIError(exc.code or 500, exc.description or exc.name,
                            type="invalid_request_error" if (exc.code or 500) < 500

@@ -3,11 +3,12 @@ memory (HB-2 counts it as the node's memory on a CPU-only node)."""
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 from dataclasses import dataclass
 
 import psutil
+
+from engines.base import nvidia_driver_present
 
 
 @dataclass(frozen=True)
@@ -18,17 +19,9 @@ class Memory:
     device: str
 
 
-def _nvidia_driver() -> bool:
-    try:
-        ctypes.CDLL("libcuda.so.1")
-        return True
-    except OSError:
-        return False
-
-
 def node_memory() -> Memory:
     # Importing torch takes a second: only ask it when an NVIDIA driver is there at all.
-    if _nvidia_driver() and importlib.util.find_spec("torch") is not None:
+    if nvidia_driver_present() and importlib.util.find_spec("torch") is not None:
         import torch
 
         if torch.cuda.is_available():

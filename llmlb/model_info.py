@@ -19,11 +19,12 @@ def model_object(model: LocalModel, nodes: list[str]) -> dict:
     }
 
 
-def catalog_object(entry: CatalogModel) -> dict:
-    """A catalog model that is not on disk yet: requesting it downloads it."""
+def catalog_object(entry: CatalogModel, status: str) -> dict:
+    """A catalog model that is not on disk yet: requesting it downloads it. ``status`` is
+    the resolver's (not_downloaded, downloading, error)."""
     return {
         "id": entry.id, "object": "model", "created": 0, "owned_by": "catalog",
-        "format": entry.format, "size_bytes": entry.size_bytes, "status": "not_downloaded",
+        "format": entry.format, "size_bytes": entry.size_bytes, "status": status,
         "nodes": [],
     }
 

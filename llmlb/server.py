@@ -32,6 +32,15 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k in known}
 
 
+def preflight(settings: Settings) -> None:
+    """Check, in the master before any worker boots, what would make every worker fail:
+    a worker that cannot start shows gunicorn's traceback and "Worker failed to boot"
+    instead of the reason. Raises CatalogError with the entry at fault."""
+    from .catalog import load_catalog
+
+    load_catalog(settings.supported_models)
+
+
 def serve(settings: Settings) -> None:
     """Run the app with gunicorn in the foreground (what ``llmlb serve`` does)."""
     from gunicorn.app.base import BaseApplication

@@ -105,11 +105,6 @@ def server(make_server: Callable[..., LiveServer]) -> LiveServer:
     return make_server()
 
 
-@pytest.fixture
-def client(server: LiveServer) -> openai.OpenAI:
-    return server.client()
-
-
 # --- tiny real models ------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")

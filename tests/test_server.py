@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from pathlib import Path
 
 import openai
 import requests
 
-from .conftest import free_port, gunicorn_command, llmlb_command
+from .conftest import REPO, free_port, gunicorn_command, llmlb_command
 
 
 def test_llmlb_serve_dev_mode_warns_loudly(start_process, llmlb_home: Path) -> None:
@@ -48,3 +50,18 @@ def test_gunicorn_workers_share_keys(start_process, llmlb_home: Path) -> None:
     log = proc.log()
     assert log.count("Booting worker") == 2
     assert log.count("first admin") <= 1
+
+
+def test_a_bad_catalog_stops_the_start_with_the_reason(llmlb_home: Path) -> None:
+    bad = llmlb_home / "catalog.json"
+    bad.write_text('{"models": [{"id": "x", "source": "hf_gguf"}]}')
+    env = {**os.environ, "LLMLB_HOME": str(llmlb_home), "LLMLB_SUPPORTED_MODELS": str(bad),
+           "LLMLB_PORT": str(free_port())}
+    for command in ([*llmlb_command(), "serve"],
+                    [*gunicorn_command(), "-c", "gunicorn.conf.py", "wsgi:app"]):
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode != 0
+        output = result.stdout + result.stderr
+        assert "models[0] (x): source hf_gguf needs a repo_id" in output, output
+        assert "Traceback" not in output and "Worker failed to boot" not in output

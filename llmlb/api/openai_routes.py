@@ -37,7 +37,7 @@ def get_model(model_id: str):
         return respond(model_object(*located))
     entry = rt.catalog.get(model_id)
     if entry is not None:  # not on disk: fetched when first used; say how far along that is
-        return respond({**catalog_object(entry), "status": rt.resolver.status(model_id)["status"]})
+        return respond(catalog_object(entry, rt.resolver.status(model_id)["status"]))
     raise errors.model_not_found(model_id, in_catalog_hint=False)
 
 

@@ -54,23 +54,7 @@ def _start(dispatcher: Dispatcher, call: InferenceCall, stops: list[str]) -> Tex
         generation.close()
         raise
     chained = itertools.chain([first] if first is not None else [], events)
-    return TextStream(_Closing(chained, generation), stops)
-
-
-class _Closing:
-    """An iterator that closes the generation (releasing the model) when closed."""
-
-    def __init__(self, it: Iterator, generation: Generation) -> None:
-        self._it, self._generation = it, generation
-
-    def __iter__(self) -> Iterator:
-        return self._it
-
-    def __next__(self):  # noqa: ANN204
-        return next(self._it)
-
-    def close(self) -> None:
-        self._generation.close()
+    return TextStream(chained, stops, on_close=generation.close)
 
 
 def _ids(prefix: str) -> tuple[str, int]:

@@ -3,7 +3,7 @@ every engine (so engines need not implement stops)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from engines.base import Finished, GenerationEvent, Started, TokenText
 
@@ -15,8 +15,10 @@ class TextStream:
     not; when a stop sequence appears, the text before it is emitted and the engine is stopped.
     """
 
-    def __init__(self, events: Iterator[GenerationEvent], stops: list[str]) -> None:
+    def __init__(self, events: Iterator[GenerationEvent], stops: list[str],
+                 on_close: Callable[[], None] | None = None) -> None:
         self._events = events
+        self._on_close = on_close
         self._stops = stops
         self._hold = max((len(s) for s in stops), default=1) - 1
         self.finish_reason: str | None = None
@@ -64,6 +66,9 @@ class TextStream:
 
     def close(self) -> None:
         """Stop the engine and free the model, also when iteration never began."""
+        if self._on_close is not None:
+            self._on_close()
+            return
         close = getattr(self._events, "close", None)
         if close is not None:
             close()
