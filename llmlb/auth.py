@@ -54,7 +54,12 @@ def _hash_key(key: str) -> str:
 
 
 def parse_scopes(scopes: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    items = scopes.split(",") if isinstance(scopes, str) else list(scopes)
+    if isinstance(scopes, str):
+        items = scopes.split(",")
+    elif isinstance(scopes, list | tuple) and all(isinstance(s, str) for s in scopes):
+        items = list(scopes)
+    else:
+        raise ValueError(f"scopes must be a list of names; got {scopes!r}")
     cleaned = tuple(sorted({s.strip() for s in items if s.strip()}))
     unknown = [s for s in cleaned if s not in SCOPES]
     if unknown or not cleaned:

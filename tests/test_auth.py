@@ -79,9 +79,10 @@ def test_keys_are_stored_hashed_and_revocable(prod: LiveServer) -> None:
     assert r.status_code == 200
     r = requests.get(f"{prod.url}/v1/models", headers={"X-API-Key": created["key"]}, timeout=10)
     assert r.status_code == 401
-    r = requests.post(f"{prod.url}/api/keys", json={"name": "x", "scopes": ["root"]},
-                      headers=headers, timeout=10)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "scopes"
+    for scopes in (["root"], 5, [1, 2]):
+        r = requests.post(f"{prod.url}/api/keys", json={"name": "x", "scopes": scopes},
+                          headers=headers, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "scopes"
 
 
 def test_cli_creates_a_key_printed_once(llmlb_home: Path, make_server) -> None:

@@ -95,6 +95,7 @@ def test_unknown_model_is_404_with_catalog_hint(server: LiveServer) -> None:
 def test_dashboard_paths_are_not_forced_to_json(server: LiveServer) -> None:
     r = requests.get(f"{server.url}/definitely-not-a-page", timeout=10)
     assert r.status_code == 404
+    assert not r.headers["Content-Type"].startswith("application/json")
 
 
 @pytest.mark.parametrize("mutation,message", [
