@@ -3,10 +3,32 @@
 An ``Engine`` names the artifact formats it handles, says whether it can run here (and why
 not), and ``load``s a model directory into a ``LoadedModel``. A loaded model generates by
 yielding one ``Started`` event, then ``TokenText`` events (one per generated token), and ends
-with one ``Finished`` event;
-llmlb's serving layer turns those into OpenAI responses, applies stop sequences and counts
-usage, so engines stay small. Loaded models are used by one request at a time (llmlb
-serialises calls), so engines need no locking of their own.
+with one ``Finished`` event; llmlb's serving layer turns those into OpenAI responses, applies
+stop sequences and counts usage, so engines stay small.
+
+The rules an engine follows:
+
+* **Prompt errors at call time.** ``chat`` and ``complete`` check the prompt (chat template,
+  context length) before they return, and raise ``InvalidPrompt`` then; the returned iterator
+  only generates. llmlb relies on this to answer a clean 400 instead of a broken stream.
+* **Closing stops the work.** llmlb calls ``close()`` on the returned iterator when the client
+  goes away or a stop sequence matched, possibly before iterating it at all; the engine must
+  stop computing for that call at once (a plain generator is fine when its work only happens
+  while iterated; ``engines.compute.stream`` handles both).
+* **Concurrency.** ``LoadedModel.parallel`` says how many calls llmlb may run on the model at
+  once; more wait in its queue (503 with ``Retry-After`` when the queue is full). 1, the
+  default, means llmlb serialises calls and the engine needs no locks. An engine that batches
+  sequences itself, or relays to a server that does, sets it higher (from
+  ``LoadOptions.parallel_sequences`` when the operator set it) and reports its default
+  through ``Engine.parallel``.
+* **The compute thread.** Heavy work on this machine — loading weights, forward passes,
+  anything that calls into llama.cpp, torch or onnxruntime — runs on llmlb's one compute
+  thread (``compute_call``, ``compute_stream``, or a ``ComputeRunner`` that steps a batch),
+  never on the request's thread. Libraries built with OpenMP keep a thread team per calling
+  thread; a second calling thread halves their speed (bench/RESULTS.md). Models share the
+  thread in bounded steps, so keep each step short (a prompt chunk, one decoding step): a
+  long step delays every other model. Tokenizing and detokenizing may run on the request's
+  thread. Engines that only relay over the network need none of this.
 """
 
 from __future__ import annotations
@@ -16,6 +38,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
+
+# The compute-thread rule's tools, re-exported for plugins (see the module docstring).
+from .compute import Runner as ComputeRunner  # noqa: F401
+from .compute import call as compute_call  # noqa: F401
+from .compute import stream as compute_stream  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -39,7 +66,10 @@ class SamplingParams:
 class LoadOptions:
     """What llmlb's settings ask of every engine when it loads a model."""
 
-    context_length: int = 4096  # upper bound; the model's own limit wins when smaller
+    context_length: int = 4096  # per sequence; the model's own limit wins when smaller
+    #: sequences one model may decode together (LLMLB_PARALLEL_SEQUENCES); None: the engine's
+    #: default (``Engine.parallel``)
+    parallel_sequences: int | None = None
 
 
 @dataclass(frozen=True)
@@ -112,9 +142,15 @@ class LoadedModel:
 
     capabilities: frozenset[str] = frozenset()
     context_length: int | None = None
+    #: calls llmlb may run on this model at once (1: one at a time, the rest queue)
+    parallel: int = 1
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
-        """Generate the assistant's reply to OpenAI-style messages, using the chat template."""
+        """Generate the assistant's reply to OpenAI-style messages, using the chat template.
+
+        Raise ``InvalidPrompt`` here, not from the iterator. Tokenize message contents as
+        text: special-token strings a user writes must not become control tokens
+        (``engines.prompt_tokens`` does this for tokenizers llmlb knows)."""
         raise EngineError("this model does not support chat completions")
 
     def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
@@ -140,6 +176,11 @@ class Engine(ABC):
     @abstractmethod
     def availability(self) -> Availability:
         """Can this engine run here? Import its library lazily and say why not."""
+
+    def parallel(self, options: LoadOptions) -> int:
+        """How many sequences one model decodes together under ``options`` (GET /v0/engines
+        shows it); 1 for engines that run one call at a time."""
+        return 1
 
     @abstractmethod
     def load(self, model_dir: Path, artifacts: Sequence[Path],

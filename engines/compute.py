@@ -1,62 +1,150 @@
-"""One long-lived thread per process for the engines' heavy work.
+"""The compute thread: one long-lived thread per process runs every engine's heavy work, and
+the models loaded in the process share it by taking turns in bounded steps.
 
-llama.cpp (built with OpenMP) and torch keep a team of OpenMP helper threads for every thread
-that calls them. A server that computes on whichever request thread comes along collects
-teams until there are more OpenMP threads than cores; libgomp then parks its threads between
-steps instead of spinning, and generation runs at half speed (measured: 0.48 of calling
-llama.cpp directly, bench/RESULTS.md). Running all model compute on this one thread keeps one
-team per process. Work from different models queues here, which on a CPU is no loss: they
-would compete for the same cores anyway.
+Why one thread. llama.cpp (built with OpenMP) and torch keep a team of OpenMP helper threads
+for every thread that calls them. A server that computes on whichever request thread comes
+along collects teams until there are more OpenMP threads than cores; libgomp then parks its
+threads between steps instead of spinning, and generation runs at half speed (measured: 0.48
+of calling llama.cpp directly, bench/RESULTS.md). One calling thread keeps one team per
+library per process.
 
-``call`` runs a function here and waits; ``stream`` iterates a generator here and hands its
-items to the caller as they come; ``submit`` starts a function here without waiting.
+Why steps. With one thread, a model that computes for long (a long prompt, a big batch)
+would stall every other model. So work comes in two kinds:
+
+* **tasks** (``call``, ``submit``): run once from start to end; for things that cannot be
+  cut up (loading a model, an embeddings call).
+* **runners** (``Runner``): objects whose ``step()`` does one bounded piece of work (one
+  batched decoding step plus at most a chunk of prompt) and says whether more is pending.
+  ``Runner.wake()`` puts a runner in line when it gets new work.
+
+The thread takes turns: one task, then one step of every runner that has work, round robin,
+again. A long prompt on one model therefore delays another model's next token by at most one
+of its steps, never by the whole prompt. ``stream`` turns any generator into a runner (one
+item per step); a generator may yield ``None`` to hand the thread back between pieces of work
+(prompt chunks), and those ``None`` never reach the caller.
+
+Plugins that compute on this machine should use these functions too (``engines.base``
+re-exports them), or their libraries collect thread teams of their own.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
+from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+
+class Runner(ABC):
+    """Work that shares the compute thread in bounded steps (see the module docstring)."""
+
+    @abstractmethod
+    def step(self) -> bool:
+        """Do one bounded piece of work on the compute thread; True if more is pending."""
+
+    def wake(self) -> None:
+        """Ask for a turn: call after giving this runner new work (from any thread)."""
+        _scheduler().schedule(self)
+
+
+class _Scheduler:
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._tasks: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._ring: deque[Runner] = deque()
+        self._scheduled: set[int] = set()
+        self._turn_size = 0  # runners stepping in the current turn
+        self.ident: int | None = None
+        threading.Thread(target=self._loop, name="llmlb-compute", daemon=True).start()
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        with self._cv:
+            self._tasks.append((fn, future))
+            self._cv.notify()
+        return future
+
+    def schedule(self, runner: Runner) -> None:
+        with self._cv:
+            if id(runner) not in self._scheduled:
+                self._scheduled.add(id(runner))
+                self._ring.append(runner)
+                self._cv.notify()
+
+    def contended(self) -> bool:
+        """Whether other work is waiting for the thread (runners may then take smaller steps)."""
+        return bool(self._tasks or self._ring) or self._turn_size > 1
+
+    def _loop(self) -> None:
+        self.ident = threading.get_ident()
+        while True:
+            with self._cv:
+                while not self._tasks and not self._ring:
+                    self._cv.wait()
+                task = self._tasks.popleft() if self._tasks else None
+                turn = list(self._ring)
+                self._ring.clear()
+                self._scheduled.clear()
+                self._turn_size = len(turn)
+            if task is not None:
+                fn, future = task
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:  # handed to the caller
+                        future.set_exception(exc)
+            for runner in turn:
+                try:
+                    more = runner.step()
+                except Exception:  # a runner's own errors belong to its requests; this is a bug
+                    log.exception("Compute runner %r failed", runner)
+                    more = False
+                if more:
+                    self.schedule(runner)
+
+
 _lock = threading.Lock()
-_executor: ThreadPoolExecutor | None = None
-_thread_ident: int | None = None
+_instance: _Scheduler | None = None
 
 
 def _reset_after_fork() -> None:
-    global _executor, _thread_ident
-    _executor, _thread_ident = None, None
+    global _instance
+    _instance = None  # the thread did not survive the fork; the child starts its own
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _executor
-    if _executor is None:
+def _scheduler() -> _Scheduler:
+    global _instance
+    if _instance is None:
         with _lock:
-            if _executor is None:
-                _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmlb-compute",
-                                               initializer=_remember_thread)
-    return _executor
-
-
-def _remember_thread() -> None:
-    global _thread_ident
-    _thread_ident = threading.get_ident()
+            if _instance is None:
+                _instance = _Scheduler()
+    return _instance
 
 
 def on_compute_thread() -> bool:
-    return threading.get_ident() == _thread_ident
+    instance = _instance
+    return instance is not None and threading.get_ident() == instance.ident
+
+
+def contended() -> bool:
+    """Whether other work waits for the compute thread right now."""
+    return _scheduler().contended()
 
 
 def submit(fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
-    return _pool().submit(fn, *args, **kwargs)
+    """Run ``fn`` on the compute thread as one task; its Future holds the result."""
+    return _scheduler().submit(lambda: fn(*args, **kwargs))
 
 
 def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -69,44 +157,79 @@ def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 _ITEM, _ERROR, _END = 0, 1, 2
 
 
-def stream(make: Callable[[], Iterator[T]]) -> Iterator[T]:
-    """Iterate ``make()`` on the compute thread; yield its items in the calling thread.
+class _GeneratorRunner(Runner):
+    """Steps a generator on the compute thread, one item per turn."""
 
-    Closing the returned generator (a client that went away) stops the work after the item
-    in progress.
-    """
-    if on_compute_thread():
-        yield from make()
-        return
-    items: queue.SimpleQueue = queue.SimpleQueue()
-    cancelled = threading.Event()
+    def __init__(self, make: Callable[[], Iterator[T | None]]) -> None:
+        self._make = make
+        self._source: Iterator[T | None] | None = None
+        self.items: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancelled = False
+        self._done = False
 
-    def produce() -> None:
-        source = None
+    def step(self) -> bool:
+        if self._done:
+            return False
+        if self.cancelled:
+            self._finish()
+            return False
         try:
-            source = make()
-            for item in source:
-                items.put((_ITEM, item))
-                if cancelled.is_set():
-                    break
+            if self._source is None:
+                self._source = self._make()
+            item = next(self._source)
+        except StopIteration:
+            self.items.put((_END, None))
+            self._finish()
+            return False
         except BaseException as exc:  # handed to the consumer, which raises it
-            items.put((_ERROR, exc))
-            return
-        finally:
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()
-        items.put((_END, None))
+            self.items.put((_ERROR, exc))
+            self._finish()
+            return False
+        if item is not None:
+            self.items.put((_ITEM, item))
+        return True
 
-    submit(produce)
-    try:
-        while True:
-            kind, value = items.get()
-            if kind == _ITEM:
-                yield value
-            elif kind == _ERROR:
-                raise value
-            else:
-                return
-    finally:
-        cancelled.set()
+    def _finish(self) -> None:
+        self._done = True
+        close = getattr(self._source, "close", None)
+        if close is not None:
+            close()  # on the compute thread: generators hold library state
+
+
+class Stream(Iterator[T]):
+    """The caller's side of ``stream``: iterate for the items; ``close()`` stops the work at
+    the next step boundary, also when iteration never began."""
+
+    def __init__(self, runner: _GeneratorRunner) -> None:
+        self._runner = runner
+        self._closed = False
+
+    def __iter__(self) -> Stream[T]:
+        return self
+
+    def __next__(self) -> T:
+        if self._closed:
+            raise StopIteration
+        kind, value = self._runner.items.get()
+        if kind == _ITEM:
+            return value
+        self._closed = True
+        if kind == _ERROR:
+            raise value
+        raise StopIteration
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._runner.cancelled = True
+            self._runner.wake()  # so that it closes its generator now, not at unload
+
+
+def stream(make: Callable[[], Iterator[T | None]]) -> Iterator[T]:
+    """Iterate ``make()`` on the compute thread, one item per turn; yield its items (not its
+    ``None``s) to the calling thread as they come. The work starts at once."""
+    if on_compute_thread():
+        return (item for item in make() if item is not None)
+    runner = _GeneratorRunner(make)
+    runner.wake()
+    return Stream(runner)

@@ -1,11 +1,12 @@
-"""GGUF models with llama-cpp-python: the chat template from the GGUF metadata, every layer on
-the GPU when llama.cpp was built with CUDA (or Metal) and one is present."""
+"""GGUF models with llama.cpp (llama-cpp-python): the chat template from the GGUF metadata,
+continuous batching of several sequences per model (``llama_batch.py``), every layer on the
+GPU when llama.cpp was built with CUDA (or Metal) and one is present. Encoder models (BERT and
+friends) give embeddings through ``llama_cpp.Llama``."""
 
 from __future__ import annotations
 
-import codecs
+import logging
 import os
-import random
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,22 +19,29 @@ from .base import (
     Availability,
     Engine,
     EngineError,
-    Finished,
     GenerationEvent,
     InvalidPrompt,
     LoadedModel,
     LoadOptions,
     SamplingParams,
-    Started,
-    TokenText,
     token_budget,
 )
-from .textgen import FALLBACK_CHAT_TEMPLATE, plain_messages
+from .batching import PieceDecoder, SequenceStream
+from .batching import Sequence as BatchSequence
+from .llama_batch import PROMPT_CHUNK, LlamaBatchRunner, piece
+from .prompt_tokens import SpecialTokens, render_chat
+from .textgen import FALLBACK_CHAT_TEMPLATE
 
 # Architectures llama.cpp runs as encoders: they give embeddings, not text.
 ENCODER_ARCHITECTURES = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3",
                          "t5encoder", "modern-bert", "neo-bert"}
 _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+#: sequences a GGUF model decodes together unless LLMLB_PARALLEL_SEQUENCES says otherwise
+DEFAULT_PARALLEL = 4
+MAX_PARALLEL = 64
+
+# llama.cpp logs through llama-cpp-python's logger; only its errors belong in llmlb's log.
+logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 
 def pick_main_file(artifacts: Sequence[Path]) -> Path:
@@ -45,67 +53,101 @@ def pick_main_file(artifacts: Sequence[Path]) -> Path:
     return max(candidates, key=lambda a: a.stat().st_size)
 
 
-class GGUFModel(LoadedModel):
-    def __init__(self, llm, embedding: bool) -> None:  # noqa: ANN001 - llama_cpp.Llama
-        import llama_cpp
+class _Vocab:
+    """Tokenization with llama.cpp's vocabulary; user text never becomes control tokens."""
+
+    def __init__(self, lib, model) -> None:  # noqa: ANN001 - llama_cpp objects
+        self._lib, self._vocab = lib, model.vocab
+        control = lib.LLAMA_TOKEN_ATTR_CONTROL | lib.LLAMA_TOKEN_ATTR_UNKNOWN
+        tokens: dict[str, int] = {}
+        lstrip, rstrip = [], []
+        for token in range(lib.llama_vocab_n_tokens(self._vocab)):
+            attr = model.token_get_attr(token)
+            if attr & control:
+                text = model.token_get_text(token)
+                tokens.setdefault(text, token)
+                if attr & lib.LLAMA_TOKEN_ATTR_LSTRIP:
+                    lstrip.append(text)
+                if attr & lib.LLAMA_TOKEN_ATTR_RSTRIP:
+                    rstrip.append(text)
+        self.specials = SpecialTokens(tokens, lstrip, rstrip)
+        self._bos = [lib.llama_vocab_bos(self._vocab)] if lib.llama_vocab_get_add_bos(
+            self._vocab) else []
+        self._eos = [lib.llama_vocab_eos(self._vocab)] if lib.llama_vocab_get_add_eos(
+            self._vocab) else []
+
+    def text(self, text: str) -> list[int]:
+        """Plain text: control-token strings in it stay text (parse_special=False)."""
+        data = text.encode("utf-8", errors="replace")  # a lone surrogate is not UTF-8
+        size = len(data) + 8
+        buffer = (self._lib.llama_token * size)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buffer, size, False, False)
+        if n < 0:
+            size = -n
+            buffer = (self._lib.llama_token * size)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buffer, size, False,
+                                         False)
+        return list(buffer[:n])
+
+    def prompt(self, text: str, spans: Sequence[tuple[int, int]] = ()) -> list[int]:
+        """A rendered chat prompt: control tokens outside ``spans`` parsed, the rest text
+        (what llama_tokenize with parse_special does, minus its quadratic cost)."""
+        return self.specials.encode(text, spans, self.text)
+
+    def user_text(self, text: str) -> list[int]:
+        """A raw completion prompt: all of it text, with the model's BOS/EOS rules."""
+        return [*self._bos, *self.text(text), *self._eos]
+
+
+class GGUFChatModel(LoadedModel):
+    capabilities = frozenset({CHAT, COMPLETION})
+
+    def __init__(self, lib, model, context, slots: int, context_length: int) -> None:  # noqa: ANN001
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        self._llm = llm
-        self._lib = llama_cpp
-        self.context_length = llm.n_ctx()
-        if embedding:
-            self.capabilities = frozenset({EMBEDDINGS})
-            return
-        self.capabilities = frozenset({CHAT, COMPLETION})
-        meta = llm.metadata
-        eos, bos = llm.token_eos(), llm.token_bos()
+        self._lib, self._model = lib, model
+        self.context_length = context_length
+        self.parallel = slots
+        self._vocab = _Vocab(lib, model)
+        self._runner = LlamaBatchRunner(lib, model, context, slots)
+        meta = model.metadata()
+        eos, bos = model.token_eos(), model.token_bos()
         self._formatter = Jinja2ChatFormatter(
             template=meta.get("tokenizer.chat_template") or FALLBACK_CHAT_TEMPLATE,
-            eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
-            bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+            eos_token=model.token_get_text(eos) if eos != -1 else "",
+            bos_token=model.token_get_text(bos) if bos != -1 else "",
         )
 
-    def _is_end(self, token: int) -> bool:
-        return bool(self._lib.llama_vocab_is_eog(self._llm._model.vocab, token))
-
-    def _generate(self, prompt_tokens: list[int], params: SamplingParams,
-                  ) -> Iterator[GenerationEvent]:
-        llm = self._llm
-        max_tokens = token_budget(len(prompt_tokens), self.context_length, params.max_tokens)
-        llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
-        yield Started(len(prompt_tokens))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        reason = "length"
-        # OpenAI semantics: temperature and top_p only (no top-k, min-p or penalties).
-        tokens = llm.generate(prompt_tokens, temp=params.temperature, top_p=params.top_p,
-                              top_k=0, min_p=0.0, repeat_penalty=1.0)
-        for produced, token in enumerate(tokens, start=1):
-            if self._is_end(token):
-                reason = "stop"
-                break
-            yield TokenText(decoder.decode(llm.detokenize([token])))
-            if produced >= max_tokens:
-                break
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield TokenText(tail, tokens=0)
-        yield Finished(reason)
-
     def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
-        return compute.stream(lambda: self._chat(messages, params))
-
-    def _chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
         try:
-            formatted = self._formatter(messages=plain_messages(messages))
+            prompt = render_chat(lambda m: self._formatter(messages=m).prompt, messages,
+                                 self._vocab.specials)
         except Exception as exc:  # template errors are about the request's messages
             raise InvalidPrompt(f"the chat template rejected the messages: {exc}") from exc
-        tokens = self._llm.tokenize(formatted.prompt.encode("utf-8"),
-                                    add_bos=not formatted.added_special, special=True)
-        yield from self._generate(tokens, params)
+        # The template writes BOS itself (llama-cpp-python's formatter says added_special).
+        return self._start(self._vocab.prompt(prompt.text, prompt.spans), params)
 
     def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
-        return compute.stream(lambda: self._generate(
-            self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True), params))
+        return self._start(self._vocab.user_text(prompt), params)
+
+    def _start(self, ids: list[int], params: SamplingParams) -> Iterator[GenerationEvent]:
+        budget = token_budget(len(ids), self.context_length, params.max_tokens)
+        seq = BatchSequence(ids, params, budget)
+        self._runner.submit(seq)
+        decoder = PieceDecoder(lambda token: piece(self._lib, self._model.vocab, token))
+        return SequenceStream(seq, decoder, self._runner.wake)
+
+    def unload(self) -> None:
+        self._runner.close()
+        self._model.close()
+
+
+class GGUFEmbeddingModel(LoadedModel):
+    capabilities = frozenset({EMBEDDINGS})
+
+    def __init__(self, llm) -> None:  # noqa: ANN001 - llama_cpp.Llama
+        self._llm = llm
+        self.context_length = llm.n_ctx()
 
     def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
         return compute.call(self._llm.embed, list(texts), normalize=True, return_count=True)
@@ -128,6 +170,9 @@ class GGUFEngine(Engine):
         gpu = bool(llama_cpp.llama_supports_gpu_offload())
         return Availability(True, device="gpu" if gpu else "cpu")
 
+    def parallel(self, options: LoadOptions) -> int:
+        return max(1, min(options.parallel_sequences or DEFAULT_PARALLEL, MAX_PARALLEL))
+
     def load(self, model_dir: Path, artifacts: Sequence[Path],
              options: LoadOptions = LoadOptions()) -> LoadedModel:  # noqa: B008
         return compute.call(self._load, artifacts, options)
@@ -147,16 +192,43 @@ class GGUFEngine(Engine):
             trained = int(trained_field.contents()) if trained_field else options.context_length
         except (KeyError, ValueError, OSError) as exc:
             raise EngineError(f"{Path(path).name} is not a readable GGUF file: {exc}") from exc
-        embedding = arch in ENCODER_ARCHITECTURES
+        context_length = min(trained, options.context_length)
+        gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
         try:
-            llm = llama_cpp.Llama(
-                model_path=path,
-                n_ctx=min(trained, options.context_length),
-                n_gpu_layers=-1 if llama_cpp.llama_supports_gpu_offload() else 0,
-                n_threads=os.cpu_count() or 1,
-                embedding=embedding,
-                verbose=False,
-            )
+            if arch in ENCODER_ARCHITECTURES:
+                llm = llama_cpp.Llama(model_path=path, n_ctx=context_length,
+                                      n_gpu_layers=gpu_layers, n_threads=os.cpu_count() or 1,
+                                      embedding=True, verbose=False)
+                return GGUFEmbeddingModel(llm)
+            return self._load_generator(llama_cpp, path, gpu_layers, context_length,
+                                        self.parallel(options))
         except (ValueError, RuntimeError, OSError) as exc:
             raise EngineError(f"llama.cpp could not load {Path(path).name}: {exc}") from exc
-        return GGUFModel(llm, embedding)
+
+    def _load_generator(self, lib, path: str, gpu_layers: int, context_length: int,  # noqa: ANN001
+                        slots: int) -> GGUFChatModel:
+        from llama_cpp import _internals
+
+        model_params = lib.llama_model_default_params()
+        model_params.n_gpu_layers = gpu_layers
+        # verbose=False would silence the load by redirecting the process's stdout/stderr,
+        # which other threads share; the log level set above filters llama.cpp's log instead.
+        model = _internals.LlamaModel(path_model=path, params=model_params, verbose=True)
+        params = lib.llama_context_default_params()
+        # One unified KV cache with room for every slot's full context: each sequence may
+        # use LLMLB_CONTEXT_LENGTH tokens, and prefixes shared between slots are stored once.
+        params.n_ctx = context_length * slots
+        params.n_batch = params.n_ubatch = PROMPT_CHUNK
+        params.n_seq_max = slots
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = os.cpu_count() or 1
+        # As llama_cpp.Llama: flash attention's results depend on the batch's shape, and a
+        # sequence must read the same alone as in a batch.
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.no_perf = True
+        try:
+            context = _internals.LlamaContext(model=model, params=params, verbose=False)
+        except BaseException:
+            model.close()
+            raise
+        return GGUFChatModel(lib, model, context, slots, context_length)

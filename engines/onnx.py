@@ -4,6 +4,12 @@ Decoders in the layout Hugging Face's exports use (``onnx/model.onnx`` with ``in
 ``attention_mask``, ``position_ids`` and ``past_key_values.N.key/value`` inputs, ``logits`` and
 ``present.N.key/value`` outputs; ``config.json`` and ``tokenizer.json`` at the root) generate
 with the KV cache; encoder exports (``last_hidden_state`` output) give embeddings.
+
+Decoders run one sequence at a time (``parallel`` 1). Batching them would mean padding every
+layer's past to a common length and re-padding the whole cache whenever a sequence joins or
+leaves — a copy of the cache per join, with outputs that then depend on the batch's padding —
+for exports that are mostly small models; they share the compute thread in steps instead
+(the prompt in chunks, then one token per step).
 """
 
 from __future__ import annotations
@@ -31,7 +37,11 @@ from .base import (
     nvidia_driver_present,
     token_budget,
 )
+from .prompt_tokens import hf_special_tokens, hf_text_tokenizer, render_chat
 from .textgen import ChatTemplate, IncrementalDecoder, read_json, sample_next, token_text
+
+#: prompt tokens per step, so that other models get their turn during a long prompt
+PROMPT_CHUNK = 256
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
               "tensor(int64)": "int64", "tensor(int32)": "int32"}
@@ -55,9 +65,19 @@ class _Tokenizer:
             raise EngineError("tokenizer.json is missing next to the ONNX model")
         self.tok = Tokenizer.from_file(str(path))
         self.config = read_json(model_dir / "tokenizer_config.json")
+        self.specials = hf_special_tokens(self.tok)
+        self._text = hf_text_tokenizer(self.tok)
 
-    def encode(self, text: str, special: bool) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=special).ids
+    def encode_text(self, text: str, add_special: bool = False) -> list[int]:
+        """Plain text: special-token strings in it stay text."""
+        return self._text.encode(text, add_special_tokens=add_special).ids
+
+    def encode_prompt(self, text: str, spans: Sequence[tuple[int, int]]) -> list[int]:
+        """A rendered chat prompt: the template's special tokens parsed, user text as text.
+        The template writes the special tokens itself; the tokenizer adds none."""
+        if not spans:  # nothing to protect: the library's own tokenization, exactly
+            return self.tok.encode(text, add_special_tokens=False).ids
+        return self.specials.encode(text, spans, self.encode_text)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -101,18 +121,20 @@ class OnnxDecoder(LoadedModel):
         eos_ids.append(self._tok.token_id(token_text(tc.get("eos_token"))))
         self._eos = {int(i) for i in eos_ids if i is not None}
 
-    def _generate(self, ids: list[int], params: SamplingParams) -> Iterator[GenerationEvent]:
+    def _generate(self, ids: list[int], params: SamplingParams, max_new: int,
+                  ) -> Iterator[GenerationEvent | None]:
+        """On the compute thread; yields None between prompt chunks to let others step."""
         np = self._np
-        max_new = token_budget(len(ids), self.context_length, params.max_tokens)
         rng = np.random.default_rng(params.seed if params.seed is not None
                                     else random.getrandbits(64))
         yield Started(len(ids))
         past = {n: np.zeros(self._past_shape, dtype=self._past_dtype) for n in self._past_names}
-        step_ids = ids
+        pending = ids
         total = 0
         decoder = IncrementalDecoder(self._tok.decode)
         produced, reason = 0, "length"
         while produced < max_new:
+            step_ids, pending = pending[:PROMPT_CHUNK], pending[PROMPT_CHUNK:]
             feed = {"input_ids": np.array([step_ids], dtype=np.int64), **past}
             total += len(step_ids)
             if self._has_mask:
@@ -122,13 +144,16 @@ class OnnxDecoder(LoadedModel):
                                                  dtype=np.int64)[None, :]
             outputs = self._session.run(["logits", *self._present_names], feed)
             past = dict(zip(self._past_names, outputs[1:], strict=True))
+            if pending:
+                yield None  # more of the prompt to read
+                continue
             token = sample_next(outputs[0][0, -1], params.temperature, params.top_p, rng)
             if token in self._eos:
                 reason = "stop"
                 break
             produced += 1
             yield TokenText(decoder.push(token))
-            step_ids = [token]
+            pending = [token]
         tail = decoder.flush()
         if tail:
             yield TokenText(tail, tokens=0)
@@ -136,16 +161,17 @@ class OnnxDecoder(LoadedModel):
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
         try:
-            prompt = self._template.render(messages)
+            prompt = render_chat(self._template.render, messages, self._tok.specials)
         except Exception as exc:
             raise InvalidPrompt(f"the chat template rejected the messages: {exc}") from exc
-        # The template writes the special tokens itself; the tokenizer must not add more.
-        ids = self._tok.encode(prompt, special=False)
-        return compute.stream(lambda: self._generate(ids, params))
+        return self._start(self._tok.encode_prompt(prompt.text, prompt.spans), params)
 
     def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
-        ids = self._tok.encode(prompt, special=True)
-        return compute.stream(lambda: self._generate(ids, params))
+        return self._start(self._tok.encode_text(prompt, add_special=True), params)
+
+    def _start(self, ids: list[int], params: SamplingParams) -> Iterator[GenerationEvent]:
+        max_new = token_budget(len(ids), self.context_length, params.max_tokens)
+        return compute.stream(lambda: self._generate(ids, params, max_new))
 
     def unload(self) -> None:
         del self._session

@@ -1,12 +1,12 @@
 """safetensors models with transformers + torch: CUDA and half precision when a GPU is there,
-float32 on the CPU otherwise. Causal LMs generate on the compute thread, whose streamer hands
-tokens to the request through a queue; encoder models (BERT and friends) give mean-pooled
+float32 on the CPU otherwise. Causal LMs generate with transformers' continuous batching,
+stepped on the compute thread (``transformers_batch.py``), or one sequence at a time when it
+is unavailable (the log says why); encoder models (BERT and friends) give mean-pooled
 embeddings."""
 
 from __future__ import annotations
 
-import queue
-import threading
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -18,20 +18,25 @@ from .base import (
     Availability,
     Engine,
     EngineError,
-    Finished,
     GenerationEvent,
     InvalidPrompt,
     LoadedModel,
     LoadOptions,
     SamplingParams,
-    Started,
-    TokenText,
     token_budget,
 )
-from .textgen import FALLBACK_CHAT_TEMPLATE, IncrementalDecoder, plain_messages, read_json
+from .batching import Sequence as BatchSequence
+from .batching import SequenceStream
+from .prompt_tokens import SpecialTokens, hf_special_tokens, hf_text_tokenizer, render_chat
+from .textgen import FALLBACK_CHAT_TEMPLATE, IncrementalDecoder, read_json
+from .transformers_batch import ContinuousBatchRunner, SerialRunner
+
+log = logging.getLogger(__name__)
 
 GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-_DONE = object()
+#: sequences a model decodes together unless LLMLB_PARALLEL_SEQUENCES says otherwise
+DEFAULT_PARALLEL = 4
+MAX_PARALLEL = 64
 
 
 def _device_and_dtype():
@@ -48,114 +53,70 @@ def _eos_ids(model, tokenizer) -> set[int]:  # noqa: ANN001
     return {i for i in [*ids, tokenizer.eos_token_id] if i is not None}
 
 
-class _TokenQueue:
-    """A transformers streamer: generate() puts token tensors, the request thread reads ids."""
+class _Tokens:
+    """Tokenization with the model's tokenizer; user text never becomes control tokens."""
 
-    def __init__(self) -> None:
-        self.queue: queue.Queue = queue.Queue()
-        self._skipped_prompt = False
+    def __init__(self, tokenizer) -> None:  # noqa: ANN001 - a transformers tokenizer
+        self._tok = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)  # None: a Python tokenizer
+        self.specials = hf_special_tokens(backend) if backend is not None else SpecialTokens(
+            {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special})
+        self._text = hf_text_tokenizer(backend) if backend is not None else None
 
-    def put(self, value) -> None:  # noqa: ANN001 - torch tensor
-        if not self._skipped_prompt:
-            self._skipped_prompt = True  # the first call carries the prompt
-            return
-        for token in value.reshape(-1).tolist():
-            self.queue.put(token)
+    def encode_text(self, text: str, add_special: bool = False) -> list[int]:
+        if self._text is not None:
+            return self._text.encode(text, add_special_tokens=add_special).ids
+        return list(self._tok(text, add_special_tokens=add_special,
+                              split_special_tokens=True)["input_ids"])
 
-    def end(self) -> None:
-        self.queue.put(_DONE)
+    def prompt(self, text: str, spans: Sequence[tuple[int, int]]) -> list[int]:
+        if not spans:  # nothing to protect: the library's own tokenization, exactly
+            return list(self._tok(text, add_special_tokens=False)["input_ids"])
+        return self.specials.encode(text, spans, self.encode_text)
 
 
 class CausalLM(LoadedModel):
     capabilities = frozenset({CHAT, COMPLETION})
 
-    def __init__(self, model, tokenizer, device: str, context_length: int) -> None:  # noqa: ANN001
+    def __init__(self, model, tokenizer, device: str, context_length: int,  # noqa: ANN001
+                 slots: int) -> None:
         self._model, self._tok, self._device = model, tokenizer, device
         self.context_length = context_length
-        self._eos = _eos_ids(model, tokenizer)
+        self._tokens = _Tokens(tokenizer)
         if not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-
-    def _generate(self, input_ids: list[int], params: SamplingParams,
-                  ) -> Iterator[GenerationEvent]:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        max_new = token_budget(len(input_ids), self.context_length, params.max_tokens)
-        cancelled = threading.Event()
-        streamer = _TokenQueue()
-        errors: list[BaseException] = []
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, *_args, **_kwargs) -> bool:
-                return cancelled.is_set()
-
-        sampling = params.temperature > 0
-        kwargs = dict(
-            input_ids=torch.tensor([input_ids], device=self._device),
-            attention_mask=torch.ones((1, len(input_ids)), dtype=torch.long,
-                                      device=self._device),
-            max_new_tokens=max_new, do_sample=sampling, streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([_Cancelled()]),
-            pad_token_id=self._tok.pad_token_id if self._tok.pad_token_id is not None
-            else next(iter(self._eos), 0),
-        )
-        if sampling:  # OpenAI semantics: temperature and top_p only
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0,
-                          min_p=None, repetition_penalty=1.0)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-
-        def run() -> None:
-            try:
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                with torch.inference_mode():
-                    self._model.generate(**kwargs)
-            except BaseException as exc:  # surfaced in the request thread
-                errors.append(exc)
-                streamer.end()
-
-        yield Started(len(input_ids))
-        # generate() runs on the process's compute thread (see engines/compute.py); its
-        # streamer hands the tokens to this, the request's, thread.
-        job = compute.submit(run)
-        decoder = IncrementalDecoder(
-            lambda ids: self._tok.decode(ids, skip_special_tokens=True))
-        reason = "length"
-        try:
-            while True:
-                token = streamer.queue.get()
-                if token is _DONE:
-                    break
-                if token in self._eos:
-                    reason = "stop"
-                    break
-                yield TokenText(decoder.push(token))
-            tail = decoder.flush()
-            if tail:
-                yield TokenText(tail, tokens=0)
-            if errors:
-                raise EngineError(f"generation failed: {errors[0]}") from errors[0]
-            yield Finished(reason)
-        finally:
-            cancelled.set()  # the client went away or we are done: stop generating early
-            if not job.cancel():
-                job.result()
+        eos = _eos_ids(model, tokenizer)
+        runner, why = (None, "LLMLB_PARALLEL_SEQUENCES is 1") if slots == 1 else \
+            ContinuousBatchRunner.create(model, slots, context_length, eos)
+        if runner is None:
+            if slots > 1:
+                log.warning("Generating one sequence at a time: %s", why)
+            runner = SerialRunner(model, device, eos)
+        self._runner = runner
+        self.parallel = slots if isinstance(runner, ContinuousBatchRunner) else 1
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
+        def render(msgs: list[dict]) -> str:
+            return self._tok.apply_chat_template(msgs, tokenize=False,
+                                                 add_generation_prompt=True)
         try:
-            prompt = self._tok.apply_chat_template(plain_messages(messages), tokenize=False,
-                                                   add_generation_prompt=True)
+            prompt = render_chat(render, messages, self._tokens.specials)
         except Exception as exc:
             raise InvalidPrompt(f"the chat template rejected the messages: {exc}") from exc
-        ids = self._tok(prompt, add_special_tokens=False)["input_ids"]
-        return self._generate(list(ids), params)
+        return self._start(self._tokens.prompt(prompt.text, prompt.spans), params)
 
     def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
-        return self._generate(list(self._tok(prompt)["input_ids"]), params)
+        return self._start(self._tokens.encode_text(prompt, add_special=True), params)
+
+    def _start(self, ids: list[int], params: SamplingParams) -> Iterator[GenerationEvent]:
+        budget = token_budget(len(ids), self.context_length, params.max_tokens)
+        seq = BatchSequence(ids, params, budget)
+        self._runner.submit(seq)
+        decoder = IncrementalDecoder(lambda i: self._tok.decode(i, skip_special_tokens=True))
+        return SequenceStream(seq, decoder, self._runner.wake)
 
     def unload(self) -> None:
+        self._runner.close()
         del self._model
 
 
@@ -198,6 +159,13 @@ class SafetensorsEngine(Engine):
                                        "(pip install 'llmlb[transformers]')")
         return Availability(True, device="cuda" if torch.cuda.is_available() else "cpu")
 
+    def parallel(self, options: LoadOptions) -> int:
+        from transformers import GenerationMixin
+
+        if not hasattr(GenerationMixin, "init_continuous_batching"):
+            return 1
+        return max(1, min(options.parallel_sequences or DEFAULT_PARALLEL, MAX_PARALLEL))
+
     def load(self, model_dir: Path, artifacts: Sequence[Path],
              options: LoadOptions = LoadOptions()) -> LoadedModel:  # noqa: B008
         return compute.call(self._load, model_dir, options)
@@ -221,5 +189,5 @@ class SafetensorsEngine(Engine):
         except (OSError, ValueError, KeyError) as exc:
             raise EngineError(f"transformers could not load the model: {exc}") from exc
         if generative:
-            return CausalLM(model, tokenizer, device, context)
+            return CausalLM(model, tokenizer, device, context, self.parallel(options))
         return Encoder(model, tokenizer, device, context)

@@ -79,8 +79,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_loaded_models", ("LLMLB_MAX_LOADED_MODELS",), 2, "int",
            "Models kept loaded at once per process (least recently used is unloaded)."),
     Option("context_length", ("LLMLB_CONTEXT_LENGTH",), 4096, "int",
-           "Largest context (prompt + answer, in tokens) a model is loaded with; the model's "
-           "own limit wins when smaller."),
+           "Largest context (prompt + answer, in tokens) of one request; the model's own "
+           "limit wins when smaller. A batching model keeps room for this many tokens per "
+           "sequence it decodes at once."),
+    Option("parallel_sequences", ("LLMLB_PARALLEL_SEQUENCES",), None, "int",
+           "Requests one loaded model decodes together in a batch (default: the engine's, "
+           "4 for GGUF and safetensors; ONNX takes 1); more wait in its queue."),
+    Option("max_prompt_chars", ("LLMLB_MAX_PROMPT_CHARS",), 1_000_000, "int",
+           "Largest prompt in characters (all message contents together, or a completion's "
+           "or embedding request's inputs); checked before tokenizing, 400 above."),
+    Option("max_messages", ("LLMLB_MAX_MESSAGES",), 2048, "int",
+           "Most messages one chat request may hold; checked before tokenizing, 400 above."),
     Option("max_queued_requests", ("LLMLB_MAX_QUEUED_REQUESTS",), 16, "int",
            "Requests that may wait for one busy model; more get a 503 with Retry-After."),
     Option("max_body_bytes", ("LLMLB_MAX_BODY_BYTES",), 8 * 1024 * 1024, "int",
@@ -136,6 +145,9 @@ class Settings:
     keep_alive_seconds: float
     max_loaded_models: int
     context_length: int
+    parallel_sequences: int | None
+    max_prompt_chars: int
+    max_messages: int
     max_queued_requests: int
     max_body_bytes: int
     admin_username: str
@@ -232,9 +244,12 @@ def load_settings(
         values["plugins_dir"] = (PROJECT_ROOT / "plugins", home / "plugins")
     else:
         values["plugins_dir"] = tuple(Path(p).expanduser() for p in values["plugins_dir"])
-    for name in ("workers", "threads", "max_loaded_models", "max_body_bytes"):
+    for name in ("workers", "threads", "max_loaded_models", "max_body_bytes", "context_length",
+                 "max_prompt_chars", "max_messages"):
         if values[name] < 1:
             raise SettingsError(f"{OPTIONS_BY_ATTR[name].env[0]} must be at least 1")
+    if values["parallel_sequences"] is not None and values["parallel_sequences"] < 1:
+        raise SettingsError("LLMLB_PARALLEL_SEQUENCES must be at least 1")
     return Settings(**values, sources=sources)
 
 

@@ -61,6 +61,11 @@ def invalid_model_id(reason: str, param: str | None = "model") -> APIError:
     return APIError(400, f"Invalid model ID: {reason}", code="invalid_model_id", param=param)
 
 
+def prompt_too_large(what: str, count: int, limit: int, setting: str, param: str) -> APIError:
+    return APIError(400, f"The request has {count} {what}; the limit is {limit} ({setting})",
+                    code="prompt_too_large", param=param)
+
+
 def model_not_found(model_id: str, *, in_catalog_hint: bool = True) -> APIError:
     if in_catalog_hint:
         message = f"Model '{model_id}' is not supported. Check supported_models.json."

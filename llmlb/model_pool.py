@@ -1,10 +1,12 @@
-"""Loaded models of this process (EN-4): reuse, idle unload, a cap, reload on change, and one
-generation at a time per model with a bounded queue.
+"""Loaded models of this process (EN-4): reuse, idle unload, a cap, reload on change, and a
+bounded number of calls at a time per model with a bounded queue.
 
-The libraries under the engines are not thread-safe, so every use of a loaded model holds its
-lock; requests that find it busy wait in line, and past ``max_queued_requests`` get a 503 with
-``Retry-After`` at once. A ``Lease`` is taken before the response starts, so a busy model is a
-clean error and never a broken stream.
+A loaded model runs ``parallel`` calls at once (1 for engines that take one call at a time,
+more for engines that batch sequences: ``LoadedModel.parallel``); every use holds one of its
+slots. Requests that find all slots taken wait in line, and past ``max_queued_requests`` get a
+503 with ``Retry-After`` at once. A ``Lease`` is taken before the response starts, so a busy
+model is a clean error and never a broken stream; releasing it (the stream ended or its
+client left) frees the slot at once for the next in line.
 """
 
 from __future__ import annotations
@@ -29,11 +31,14 @@ log = logging.getLogger(__name__)
 class _Entry:
     model: LocalModel
     loaded: LoadedModel
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    slots: threading.Semaphore = field(init=False)
     waiting: int = 0
     busy: int = 0
     last_used: float = field(default_factory=time.monotonic)
     stale: bool = False  # replaced by a newer load; unloaded when its last user leaves
+
+    def __post_init__(self) -> None:
+        self.slots = threading.Semaphore(max(1, int(self.loaded.parallel or 1)))
 
 
 class Lease:
@@ -61,7 +66,7 @@ class ModelPool:
                  max_queued: int, load_options: LoadOptions) -> None:
         self._registry = registry
         self._max_loaded, self._keep_alive, self._max_queued = max_loaded, keep_alive, max_queued
-        self._options = load_options
+        self.options = load_options
         self._entries: dict[str, _Entry] = {}
         self._mutex = threading.Lock()
         self._load_locks: dict[str, threading.Lock] = {}
@@ -82,7 +87,7 @@ class ModelPool:
                     raise errors.model_busy(model.id)
                 entry.waiting += 1
                 break
-        entry.lock.acquire()
+        entry.slots.acquire()  # waiters are woken in arrival order
         with self._mutex:
             entry.waiting -= 1
             entry.busy += 1
@@ -91,7 +96,8 @@ class ModelPool:
     def loaded(self) -> list[dict]:
         with self._mutex:
             return [{"id": e.model.id, "format": e.model.format, "busy": bool(e.busy),
-                     "waiting": e.waiting, "idle_seconds": round(time.monotonic() - e.last_used)}
+                     "active": e.busy, "parallel": e.loaded.parallel, "waiting": e.waiting,
+                     "idle_seconds": round(time.monotonic() - e.last_used)}
                     for e in self._entries.values()]
 
     def unload_all(self) -> None:
@@ -137,13 +143,13 @@ class ModelPool:
         started = time.monotonic()
         try:
             artifacts = [model.path / a for a in model.artifacts]
-            loaded = found.engine.load(model.path, artifacts, self._options)
+            loaded = found.engine.load(model.path, artifacts, self.options)
         except EngineError as exc:
             raise errors.model_load_failed(model.id, str(exc)) from exc
         except MemoryError:
             raise errors.model_load_failed(model.id, "out of memory") from None
-        log.info("Model loaded successfully: %s (%s via %s, %.1fs)", model.id, model.format,
-                 found.engine.name, time.monotonic() - started)
+        log.info("Model loaded successfully: %s (%s via %s, %d at a time, %.1fs)", model.id,
+                 model.format, found.engine.name, loaded.parallel, time.monotonic() - started)
         return loaded
 
     def _retire(self, entry: _Entry) -> None:
@@ -175,7 +181,7 @@ class ModelPool:
             entry.busy -= 1
             entry.last_used = time.monotonic()
             unload = entry.stale and entry.busy == 0 and entry.waiting == 0
-        entry.lock.release()
+        entry.slots.release()
         if unload:
             self._unload(entry)
 

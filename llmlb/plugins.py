@@ -19,7 +19,7 @@ from types import ModuleType
 
 import pluggy
 
-from engines.base import Availability, Engine
+from engines.base import Availability, Engine, LoadOptions
 
 from . import hookspecs
 from .storage import BUILTIN_FORMATS
@@ -116,15 +116,24 @@ class EngineRegistry:
             table[fmt] = tuple(entry.engine.formats.get(fmt) or table.get(fmt) or ())
         return {k: v for k, v in table.items() if v}
 
-    def describe(self) -> list[dict]:
+    def describe(self, options: LoadOptions | None = None) -> list[dict]:
+        """One row per engine; ``parallel``: sequences one model decodes at once (1: calls
+        to a model queue one behind the other)."""
         rows = []
         for entry in self._all:
             avail = self.availability(entry.engine)
+            try:
+                parallel = int(entry.engine.parallel(options or LoadOptions())) \
+                    if avail.available else None
+            except Exception as exc:  # an engine's answer must not break the listing
+                log.warning("Engine %s could not say its parallelism: %s", entry.engine.name, exc)
+                parallel = 1
             rows.append({
                 "name": entry.engine.name, "format": entry.format, "plugin": entry.plugin,
                 "active": self._by_format.get(entry.format) is entry,
                 "available": avail.available, "reason": avail.reason or None,
                 "device": avail.device if avail.available else None,
+                "parallel": parallel,
                 "suffixes": list(entry.engine.formats.get(entry.format, ())),
             })
         return rows

@@ -54,7 +54,8 @@ def build_runtime(settings: Settings) -> Runtime:
     pool = ModelPool(engines, max_loaded=settings.max_loaded_models,
                      keep_alive=settings.keep_alive_seconds,
                      max_queued=settings.max_queued_requests,
-                     load_options=LoadOptions(context_length=settings.context_length))
+                     load_options=LoadOptions(context_length=settings.context_length,
+                                              parallel_sequences=settings.parallel_sequences))
     node = LocalNode(resolver, pool)
     dispatcher = Dispatcher([node])
     stats = HFStats(db, settings.hf_endpoint, settings.hf_token, settings.hf_stats_ttl_seconds,

@@ -7,6 +7,7 @@ from flask import Blueprint, send_file
 from .. import errors
 from ..model_info import catalog_object, model_object
 from ..serving import openai as serving
+from ..serving.protocol import PromptLimits
 from ..storage import InvalidModelId, normalize_model_id
 from .common import json_body, require, respond, runtime
 
@@ -53,16 +54,23 @@ def model_blob(rest: str):
 @bp.post("/chat/completions")
 @require("api")
 def chat_completions():
-    return respond(serving.chat_completion(runtime().dispatcher, json_body()))
+    rt = runtime()
+    return respond(serving.chat_completion(rt.dispatcher, json_body(), _limits(rt)))
 
 
 @bp.post("/completions")
 @require("api")
 def completions():
-    return respond(serving.completion(runtime().dispatcher, json_body()))
+    rt = runtime()
+    return respond(serving.completion(rt.dispatcher, json_body(), _limits(rt)))
 
 
 @bp.post("/embeddings")
 @require("api")
 def embeddings():
-    return respond(serving.embeddings(runtime().dispatcher, json_body()))
+    rt = runtime()
+    return respond(serving.embeddings(rt.dispatcher, json_body(), _limits(rt)))
+
+
+def _limits(rt) -> PromptLimits:  # noqa: ANN001 - the Runtime
+    return PromptLimits.from_settings(rt.settings)

@@ -41,4 +41,4 @@ def model_status(model_id: str):
 @require("api")
 def engines():
     rt = runtime()
-    return respond({"engines": rt.engines.describe(), "loaded": rt.pool.loaded()})
+    return respond({"engines": rt.engines.describe(rt.pool.options), "loaded": rt.pool.loaded()})

@@ -25,6 +25,8 @@ from . import protocol
 from .sse import SSEStream
 from .textstream import TextStream
 
+DEFAULT_LIMITS = protocol.PromptLimits()
+
 
 def _model_id(raw: str) -> str:
     try:
@@ -63,8 +65,11 @@ def _ids(prefix: str) -> tuple[str, int]:
 
 # --- chat -------------------------------------------------------------------------------------
 
-def chat_completion(dispatcher: Dispatcher, body: dict) -> dict | SSEStream:
+def chat_completion(dispatcher: Dispatcher, body: dict,
+                    limits: protocol.PromptLimits = DEFAULT_LIMITS) -> dict | SSEStream:
+    limits.check_messages(body)
     req = protocol.parse(protocol.ChatRequest, body)
+    limits.check_chars(protocol.chat_texts(req), "messages")
     model = _model_id(req.model)
     call = InferenceCall(CHAT, model, messages=[m.model_dump(exclude_none=True)
                                                 for m in req.messages], params=_params(req))
@@ -103,8 +108,10 @@ def _chat_chunks(stream: TextStream, cid: str, created: int, model: str,
 
 # --- completions ------------------------------------------------------------------------------
 
-def completion(dispatcher: Dispatcher, body: dict) -> dict | SSEStream:
+def completion(dispatcher: Dispatcher, body: dict,
+               limits: protocol.PromptLimits = DEFAULT_LIMITS) -> dict | SSEStream:
     req = protocol.parse(protocol.CompletionRequest, body)
+    limits.check_chars([req.prompt_text], "prompt")
     model = _model_id(req.model)
     if req.echo:
         raise errors.invalid_request("echo is not supported", "echo")
@@ -143,8 +150,10 @@ def _completion_chunks(stream: TextStream, cid: str, created: int, model: str,
 
 # --- embeddings -------------------------------------------------------------------------------
 
-def embeddings(dispatcher: Dispatcher, body: dict) -> dict:
+def embeddings(dispatcher: Dispatcher, body: dict,
+               limits: protocol.PromptLimits = DEFAULT_LIMITS) -> dict:
     req = protocol.parse(protocol.EmbeddingRequest, body)
+    limits.check_chars(req.texts, "input")
     model = _model_id(req.model)
     result = dispatcher.dispatch(InferenceCall(EMBEDDINGS, model, texts=req.texts))
     assert isinstance(result, tuple)

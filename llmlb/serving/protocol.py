@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .. import errors
+from ..config import OPTIONS_BY_ATTR
 
 MAX_TOKENS_LIMIT = 1_000_000  # beyond any context window: larger is a client bug
 MAX_STOP_SEQUENCES = 4
@@ -113,6 +115,44 @@ class EmbeddingRequest(BaseModel):
     @property
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    """How big a prompt may be before anything tokenizes it (SC-1)."""
+
+    max_chars: int = OPTIONS_BY_ATTR["max_prompt_chars"].default
+    max_messages: int = OPTIONS_BY_ATTR["max_messages"].default
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> PromptLimits:
+        return cls(settings.max_prompt_chars, settings.max_messages)
+
+    def check_messages(self, body: dict) -> None:
+        """Before parsing: a chat with too many messages costs nothing more to refuse."""
+        messages = body.get("messages")
+        if isinstance(messages, list) and len(messages) > self.max_messages:
+            raise errors.prompt_too_large("messages", len(messages), self.max_messages,
+                                          "LLMLB_MAX_MESSAGES", "messages")
+
+    def check_chars(self, texts: list[str], param: str) -> None:
+        total = sum(len(t) for t in texts)
+        if total > self.max_chars:
+            raise errors.prompt_too_large("characters of prompt", total, self.max_chars,
+                                          "LLMLB_MAX_PROMPT_CHARS", param)
+
+
+def chat_texts(req: ChatRequest) -> list[str]:
+    """Every string of a chat that reaches the tokenizer."""
+    out: list[str] = []
+    for m in req.messages:
+        if isinstance(m.content, str):
+            out.append(m.content)
+        elif m.content:
+            out.extend(part.text for part in m.content)
+        if m.name:
+            out.append(m.name)
+    return out
 
 
 ChatRequest.model_rebuild()

@@ -1,0 +1,221 @@
+"""Continuous batching for llama.cpp through llama-cpp-python's low-level API.
+
+One ``LlamaBatchRunner`` per loaded GGUF model owns a llama.cpp context with a unified KV
+cache of ``slots × context_length`` cells, one llama.cpp sequence id per slot. Each step on
+the compute thread (``engines/compute.py``):
+
+1. drops cancelled sequences (their slot is free at once) and admits waiting ones;
+2. builds one batch: the last sampled token of every decoding sequence, then prompt tokens
+   of sequences still reading their prompt, up to a chunk (smaller while other models wait);
+3. runs ``llama_decode`` once and samples each sequence's next token with its own sampler
+   chain (``llama_sampling.build_sampler``: its own seed, temperature, top-p).
+
+A slot keeps the KV of its last sequence after it ends; a new prompt takes the free slot that
+shares the longest prefix with it, or copies a longer shared prefix from another slot
+(``llama_memory_seq_cp`` shares cells in a unified cache), and computes only the rest. Every
+sequence stays within ``context_length`` tokens, so the cache never runs out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from . import compute
+from .base import EngineError
+from .batching import Sequence
+from .llama_sampling import build_sampler
+
+log = logging.getLogger(__name__)
+
+#: prompt tokens one step reads: llama.cpp's default physical batch; a quarter of it while
+#: other models wait for the compute thread, so they get their turn sooner
+PROMPT_CHUNK = 512
+SHARED_PROMPT_CHUNK = 128
+#: a prefix in another slot is copied when it saves at least this many tokens of prompt
+MIN_COPY_GAIN = 16
+
+
+@dataclass
+class _Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV this slot holds
+    seq: Sequence | None = None
+    pending: list[int] = field(default_factory=list)  # tokens to read before sampling
+    sampler: object | None = None
+    last_used: int = 0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class LlamaBatchRunner(compute.Runner):
+    def __init__(self, lib, model, context, slots: int) -> None:  # noqa: ANN001 - llama_cpp objects
+        self._lib, self._model, self._ctx = lib, model, context
+        self._mem = lib.llama_get_memory(context.ctx)
+        self._batch = lib.llama_batch_init(PROMPT_CHUNK, 0, 1)
+        self._slots = [_Slot(i) for i in range(slots)]
+        self._waiting: deque[Sequence] = deque()  # appended by request threads
+        self._clock = 0
+        # Recurrent and sliding-window caches cannot cut or share a prefix reliably.
+        self._share = not (lib.llama_model_is_recurrent(model.model)
+                           or lib.llama_model_is_hybrid(model.model)
+                           or lib.llama_model_n_swa(model.model) > 0)
+        self._closed = False
+
+    # --- the request's side ---------------------------------------------------------------
+
+    def submit(self, seq: Sequence) -> None:
+        self._waiting.append(seq)
+        self.wake()
+
+    def active(self) -> int:
+        return sum(1 for s in self._slots if s.seq is not None)
+
+    # --- the compute thread ---------------------------------------------------------------
+
+    def step(self) -> bool:
+        if self._closed:
+            return False
+        self._drop_cancelled()
+        self._admit()
+        live = [s for s in self._slots if s.seq is not None]
+        if not live:
+            return bool(self._waiting)
+        rows = self._fill_batch(live)
+        status = self._lib.llama_decode(self._ctx.ctx, self._batch)
+        if status != 0:
+            self._fail(live, EngineError(f"llama.cpp could not decode the batch "
+                                         f"(status {status})"))
+            return bool(self._waiting)
+        for slot, fed, row in rows:
+            slot.cached.extend(fed)
+            if row is not None:
+                self._sample(slot, row)
+        return any(s.seq is not None for s in self._slots) or bool(self._waiting)
+
+    def _drop_cancelled(self) -> None:
+        for slot in self._slots:
+            if slot.seq is not None and slot.seq.cancelled:
+                self._release(slot)
+        if any(seq.cancelled for seq in self._waiting):
+            self._waiting = deque(seq for seq in self._waiting if not seq.cancelled)
+
+    def _admit(self) -> None:
+        while self._waiting:
+            free = [s for s in self._slots if s.seq is None]
+            if not free:
+                return
+            seq = self._waiting.popleft()
+            if seq.cancelled:
+                continue
+            # Keep at least the last prompt token to read: its logits give the first token.
+            usable = seq.prompt[:-1]
+            slot = max(free, key=lambda s: (_common_prefix(s.cached, usable), -s.last_used))
+            keep = _common_prefix(slot.cached, usable)
+            if self._share:
+                donor = max(self._slots, key=lambda s: _common_prefix(s.cached, usable))
+                shared = _common_prefix(donor.cached, usable)
+                if donor is not slot and shared >= keep + MIN_COPY_GAIN:
+                    self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+                    self._lib.llama_memory_seq_cp(self._mem, donor.seq_id, slot.seq_id, 0, shared)
+                    slot.cached = usable[:shared]
+                    keep = shared
+            if keep < len(slot.cached):
+                if not self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
+                    self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+                    keep = 0
+                del slot.cached[keep:]
+            slot.seq, slot.pending = seq, seq.prompt[keep:]
+            slot.sampler = build_sampler(self._lib, seq.params)
+            self._clock += 1
+            slot.last_used = self._clock
+
+    def _fill_batch(self, live: list[_Slot]) -> list[tuple[_Slot, list[int], int | None]]:
+        """Fill the llama_batch; per slot the tokens fed and the row whose logits to sample."""
+        batch = self._batch
+        batch.n_tokens = 0
+        rows: list[tuple[_Slot, list[int], int | None]] = []
+        decoding = [s for s in live if s.seq.produced > 0 or len(s.pending) == 1]
+        reading = [s for s in live if s not in decoding]
+        budget = (SHARED_PROMPT_CHUNK if compute.contended() else PROMPT_CHUNK) - len(decoding)
+        budget = max(budget, 1)
+        for slot in decoding + reading:
+            take = slot.pending if slot in decoding else slot.pending[:budget]
+            if not take:
+                continue
+            if slot in reading:
+                budget -= len(take)
+            base = len(slot.cached)
+            last = len(take) == len(slot.pending)  # the prompt (or token) is complete
+            for i, token in enumerate(take):
+                n = batch.n_tokens
+                batch.token[n] = token
+                batch.pos[n] = base + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot.seq_id
+                batch.logits[n] = int(last and i == len(take) - 1)
+                batch.n_tokens = n + 1
+            rows.append((slot, take, batch.n_tokens - 1 if last else None))
+            slot.pending = slot.pending[len(take):]
+            if budget <= 0 and slot in reading:
+                break
+        return rows
+
+    def _sample(self, slot: _Slot, row: int) -> None:
+        # Issue #12 hooks in here: logprobs read llama_get_logits_ith(ctx, row) first.
+        token = self._lib.llama_sampler_sample(slot.sampler, self._ctx.ctx, row)
+        seq = slot.seq
+        if self._lib.llama_vocab_is_eog(self._model.vocab, token):
+            seq.finish("stop")
+            self._release(slot)
+        elif seq.push(token):
+            seq.finish("length")
+            self._release(slot)
+        else:
+            slot.pending = [token]
+
+    def _release(self, slot: _Slot) -> None:
+        if slot.sampler is not None:
+            self._lib.llama_sampler_free(slot.sampler)
+        slot.seq, slot.sampler, slot.pending = None, None, []
+
+    def _fail(self, slots: list[_Slot], exc: EngineError) -> None:
+        log.error("%s", exc)
+        for slot in slots:
+            slot.seq.fail(exc)
+            self._release(slot)
+            self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+            slot.cached = []
+
+    def close(self) -> None:
+        """Free the context (on the compute thread); sequences still here get an error."""
+        if self._closed:
+            return
+        self._closed = True
+        gone = EngineError("the model was unloaded")
+        for slot in self._slots:
+            if slot.seq is not None:
+                slot.seq.fail(gone)
+                self._release(slot)
+        while self._waiting:
+            self._waiting.popleft().fail(gone)
+        self._lib.llama_batch_free(self._batch)
+        self._ctx.close()
+
+
+def piece(lib, vocab, token: int) -> bytes:  # noqa: ANN001
+    """The bytes of one token (no special-token text), as llama.cpp detokenizes."""
+    buffer = ctypes.create_string_buffer(64)
+    n = lib.llama_token_to_piece(vocab, token, buffer, 64, 0, False)
+    if n < 0:
+        buffer = ctypes.create_string_buffer(-n)
+        n = lib.llama_token_to_piece(vocab, token, buffer, -n, 0, False)
+    return buffer.raw[:n]

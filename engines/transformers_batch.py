@@ -1,0 +1,276 @@
+"""Generation runners for transformers models, both stepped on the compute thread.
+
+* ``ContinuousBatchRunner``: transformers' continuous batching (a paged KV cache with prefix
+  sharing, requests joining and leaving between steps, long prompts read in chunks). Its
+  manager normally runs its own thread; llmlb drives its batch processor one step at a time
+  from the compute thread instead (``prepare_next_batch`` / ``_generation_step`` /
+  ``update_batch``), and replaces its sampling so that every sequence samples with its own
+  temperature, top-p and seed. These are transformers internals: ``create`` checks them with
+  a one-token run against a plain forward pass and returns None with the reason when they
+  do not behave, and the engine falls back to serial generation.
+* ``SerialRunner``: one sequence at a time with a dynamic cache, the prompt in chunks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import random
+from collections import deque
+
+from . import compute
+from .base import EngineError, SamplingParams
+from .batching import Sequence
+
+log = logging.getLogger(__name__)
+
+#: prompt tokens per step (fewer while other models wait for the compute thread)
+PROMPT_CHUNK = 256
+SHARED_PROMPT_CHUNK = 64
+PAGE_SIZE = 64  # tokens per KV page: the granularity of prefix sharing
+
+
+class TorchSampler:
+    """One sequence's sampling: greedy at temperature 0, else temperature, then the top-p
+    nucleus, then a draw from the sequence's own generator (its seed)."""
+
+    def __init__(self, params: SamplingParams, device) -> None:  # noqa: ANN001 - torch device
+        import torch
+
+        self._torch = torch
+        self.greedy = params.temperature <= 0
+        self._temperature, self._top_p = params.temperature, params.top_p
+        self._generator = None
+        if not self.greedy:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(params.seed if params.seed is not None
+                                        else random.getrandbits(63))
+
+    def sample(self, logits) -> int:  # noqa: ANN001 - 1-D float tensor
+        torch = self._torch
+        if self.greedy:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / self._temperature, dim=-1)
+        if self._top_p < 1.0:
+            ordered, order = torch.sort(probs, descending=True)
+            # Keep the smallest set whose mass reaches top_p (the token crossing it included).
+            drop = (torch.cumsum(ordered, dim=-1) - ordered) >= self._top_p
+            ordered[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, ordered)
+        return int(torch.multinomial(probs, 1, generator=self._generator))
+
+
+def _cache_keyword(model) -> str:  # noqa: ANN001
+    """transformers 5.24 names the cache argument ``cache``; older ones ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class SerialRunner(compute.Runner):
+    """One sequence at a time (llmlb's model pool sends one call at a time)."""
+
+    def __init__(self, model, device: str, eos: set[int]) -> None:  # noqa: ANN001
+        self._model, self._device, self._eos = model, device, eos
+        self._cache_kw = _cache_keyword(model)
+        self._waiting: deque[Sequence] = deque()
+        self._seq: Sequence | None = None
+
+    def submit(self, seq: Sequence) -> None:
+        self._waiting.append(seq)
+        self.wake()
+
+    def step(self) -> bool:
+        import torch
+        from transformers import DynamicCache
+
+        if self._seq is not None and self._seq.cancelled:
+            self._seq = None
+        while self._seq is None and self._waiting:
+            seq = self._waiting.popleft()
+            if not seq.cancelled:
+                self._seq = seq
+                self._cache, self._pending, self._fed = DynamicCache(), list(seq.prompt), 0
+                self._sampler = TorchSampler(seq.params, self._device)
+        if self._seq is None:
+            return False
+        seq = self._seq
+        chunk = SHARED_PROMPT_CHUNK if compute.contended() else PROMPT_CHUNK
+        take, self._pending = self._pending[:chunk], self._pending[chunk:]
+        try:
+            with torch.inference_mode():
+                out = self._model(input_ids=torch.tensor([take], device=self._device),
+                                  position_ids=torch.arange(self._fed, self._fed + len(take),
+                                                            device=self._device)[None, :],
+                                  use_cache=True, **{self._cache_kw: self._cache})
+            self._fed += len(take)
+            if not self._pending:
+                token = self._sampler.sample(out.logits[0, -1])
+                self._emit(seq, token)
+        except Exception as exc:
+            seq.fail(EngineError(f"generation failed: {exc}"))
+            self._seq = None
+        return self._seq is not None or bool(self._waiting)
+
+    def _emit(self, seq: Sequence, token: int) -> None:
+        if token in self._eos:
+            seq.finish("stop")
+            self._seq = None
+        elif seq.push(token):
+            seq.finish("length")
+            self._seq = None
+        else:
+            self._pending = [token]
+
+    def close(self) -> None:
+        gone = EngineError("the model was unloaded")
+        for seq in [self._seq, *self._waiting]:
+            if seq is not None:
+                seq.fail(gone)
+        self._seq = None
+        self._waiting.clear()
+
+
+class ContinuousBatchRunner(compute.Runner):
+    def __init__(self, model, manager, processor, slots: int, eos: set[int]) -> None:  # noqa: ANN001
+        self._model, self._manager, self._bp = model, manager, processor
+        self._eos = eos
+        self._seqs: dict[str, tuple[Sequence, TorchSampler]] = {}
+        self._sent: dict[str, int] = {}
+        self._ids = itertools.count()
+        self._device = model.device
+        processor.model_runner._sample = self._sample  # per-sequence sampling (see above)
+
+    @classmethod
+    def create(cls, model, slots: int, context_length: int, eos: set[int],  # noqa: ANN001
+               ) -> tuple[ContinuousBatchRunner | None, str]:
+        """A runner, or None and why continuous batching is not used for this model."""
+        if not hasattr(model, "init_continuous_batching"):
+            return None, "the installed transformers has no continuous batching"
+        try:
+            from transformers import GenerationConfig
+            from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+            pages_per_seq = -(-context_length // PAGE_SIZE) + 1
+            config = ContinuousBatchingConfig(
+                page_size=PAGE_SIZE, num_blocks=slots * pages_per_seq,
+                max_batch_tokens=PROMPT_CHUNK, max_requests_per_batch=slots,
+                use_async_batching=False, use_cuda_graph=False, allow_block_sharing=True,
+                auto_switch_to_flash=False, scheduler_type="fifo")
+            generation = GenerationConfig(do_sample=False, eos_token_id=sorted(eos) or -1,
+                                          max_new_tokens=context_length)
+            manager = model.init_continuous_batching(generation_config=generation,
+                                                     continuous_batching_config=config)
+            processor = manager._create_batch_processor()
+            manager.batch_processor = processor
+            runner = cls(model, manager, processor, slots, eos)
+            problem = runner._self_check()
+        except Exception as exc:  # internals that moved: serial generation still works
+            return None, f"transformers' continuous batching failed its check: {exc!r}"
+        if problem:
+            return None, problem
+        return runner, ""
+
+    def _self_check(self) -> str:
+        """One greedy token through the batch processor must match a plain forward pass."""
+        import torch
+
+        prompt = [int(t) for t in range(1, 9)]
+        seq = Sequence(prompt, SamplingParams(max_tokens=1, temperature=0.0), 1)
+        self.submit(seq, wake=False)
+        for _ in range(8):
+            if not self.step() or seq.has_news():
+                break
+        if not seq.has_news():
+            return "a check request produced no token"
+        kind, value = seq.next_item()
+        with torch.inference_mode():
+            logits = self._model(input_ids=torch.tensor([prompt], device=self._device)).logits
+        expected = int(torch.argmax(logits[0, -1]))
+        if (kind, value) != (0, expected) and not (value == "stop" and expected in self._eos):
+            return f"a check token differs from a plain forward pass ({value} != {expected})"
+        return ""
+
+    def submit(self, seq: Sequence, wake: bool = True) -> None:
+        request_id = f"r{next(self._ids)}"
+        self._seqs[request_id] = (seq, TorchSampler(seq.params, self._device))
+        self._sent[request_id] = 0
+        self._manager.add_request(list(seq.prompt), request_id=request_id,
+                                  max_new_tokens=seq.max_new, streaming=True,
+                                  eos_token_id=sorted(self._eos) or -1)
+        if wake:
+            self.wake()
+
+    def step(self) -> bool:
+        for request_id, (seq, _) in list(self._seqs.items()):
+            if seq.cancelled:
+                self._manager.cancel_request(request_id)
+                self._forget(request_id)
+        bp = self._bp
+        bp.max_batch_tokens = SHARED_PROMPT_CHUNK if compute.contended() else PROMPT_CHUNK
+        import torch
+
+        try:
+            with torch.inference_mode():
+                if not bp.prepare_next_batch():
+                    return bool(self._seqs) and bp.has_pending_requests()
+                bp._generation_step(self._model)
+                bp.update_batch()
+        except Exception as exc:
+            log.exception("Continuous batching step failed")
+            bp.fail_all_requests(exc)
+        self._deliver()
+        return bool(self._seqs)
+
+    def _sample(self, scores, output_ids) -> None:  # noqa: ANN001 - torch tensors
+        io = self._bp.inputs_and_outputs
+        states = [f.state for f in io.requests_in_batch if f.has_new_token]
+        logits = scores[0]
+        if logits.shape[0] != len(states):
+            raise EngineError("continuous batching returned logits for other requests")
+        tokens = logits.argmax(dim=-1)
+        for row, state in enumerate(states):
+            entry = self._seqs.get(state.request_id)
+            if entry is not None and not entry[1].greedy:
+                tokens[row] = entry[1].sample(logits[row])
+        output_ids[0, :len(states)].copy_(tokens)
+
+    def _deliver(self) -> None:
+        outputs = self._manager.output_router.output_queue
+        while not outputs.empty():
+            out = outputs.get_nowait()
+            entry = self._seqs.get(out.request_id)
+            if entry is None:
+                continue  # cancelled meanwhile
+            seq = entry[0]
+            if out.error:
+                seq.fail(EngineError(f"generation failed: {out.error}"))
+                self._forget(out.request_id)
+                continue
+            new = out.generated_tokens[self._sent[out.request_id]:]
+            self._sent[out.request_id] += len(new)
+            for token in new:
+                if token in self._eos:
+                    seq.finish("stop")
+                    self._forget(out.request_id)
+                    break
+                if seq.push(token):
+                    seq.finish("length")
+                    self._forget(out.request_id)
+                    break
+            else:
+                if out.is_finished():
+                    seq.finish("length")
+                    self._forget(out.request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self._seqs.pop(request_id, None)
+        self._sent.pop(request_id, None)
+
+    def close(self) -> None:
+        gone = EngineError("the model was unloaded")
+        for seq, _ in self._seqs.values():
+            seq.fail(gone)
+        self._seqs.clear()
+        self._bp.fail_all_requests(gone)
+        self._manager.batch_processor = None
