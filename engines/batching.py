@@ -119,3 +119,8 @@ class SequenceStream(Iterator[GenerationEvent]):
             self._done = True
             self._seq.cancelled = True
             self._on_cancel()
+
+    def __del__(self) -> None:
+        # Dropped without close() (a wrapper that forgot it): stop at the runner's next step.
+        if not self._done:
+            self._seq.cancelled = True

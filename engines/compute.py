@@ -54,6 +54,10 @@ class Runner(ABC):
         """Ask for a turn: call after giving this runner new work (from any thread)."""
         _scheduler().schedule(self)
 
+    def abort(self, exc: BaseException) -> None:  # noqa: B027 - optional hook
+        """``step`` raised: end every request this runner holds with an error, so that none
+        waits forever. Called on the compute thread."""
+
 
 class _Scheduler:
     def __init__(self) -> None:
@@ -104,9 +108,13 @@ class _Scheduler:
             for runner in turn:
                 try:
                     more = runner.step()
-                except Exception:  # a runner's own errors belong to its requests; this is a bug
+                except Exception as exc:  # a runner's own errors belong to its requests
                     log.exception("Compute runner %r failed", runner)
                     more = False
+                    try:
+                        runner.abort(exc)
+                    except Exception:
+                        log.exception("Compute runner %r failed to abort", runner)
                 if more:
                     self.schedule(runner)
 

@@ -118,14 +118,18 @@ class GGUFChatModel(LoadedModel):
             bos_token=model.token_get_text(bos) if bos != -1 else "",
         )
 
-    def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The tokens ``chat`` feeds the model for these messages."""
         try:
             prompt = render_chat(lambda m: self._formatter(messages=m).prompt, messages,
                                  self._vocab.specials)
         except Exception as exc:  # template errors are about the request's messages
             raise InvalidPrompt(f"the chat template rejected the messages: {exc}") from exc
         # The template writes BOS itself (llama-cpp-python's formatter says added_special).
-        return self._start(self._vocab.prompt(prompt.text, prompt.spans), params)
+        return self._vocab.prompt(prompt.text, prompt.spans)
+
+    def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
+        return self._start(self.prompt_ids(messages), params)
 
     def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
         return self._start(self._vocab.user_text(prompt), params)

@@ -195,18 +195,26 @@ class LlamaBatchRunner(compute.Runner):
             self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
             slot.cached = []
 
+    def abort(self, exc: BaseException) -> None:
+        self._end_all(EngineError(f"generation failed: {exc}"))
+        self._lib.llama_memory_clear(self._mem, True)
+        for slot in self._slots:
+            slot.cached = []
+
+    def _end_all(self, exc: EngineError) -> None:
+        for slot in self._slots:
+            if slot.seq is not None:
+                slot.seq.fail(exc)
+                self._release(slot)
+        while self._waiting:
+            self._waiting.popleft().fail(exc)
+
     def close(self) -> None:
         """Free the context (on the compute thread); sequences still here get an error."""
         if self._closed:
             return
         self._closed = True
-        gone = EngineError("the model was unloaded")
-        for slot in self._slots:
-            if slot.seq is not None:
-                slot.seq.fail(gone)
-                self._release(slot)
-        while self._waiting:
-            self._waiting.popleft().fail(gone)
+        self._end_all(EngineError("the model was unloaded"))
         self._lib.llama_batch_free(self._batch)
         self._ctx.close()
 

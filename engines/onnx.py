@@ -159,12 +159,16 @@ class OnnxDecoder(LoadedModel):
             yield TokenText(tail, tokens=0)
         yield Finished(reason)
 
-    def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The tokens ``chat`` feeds the model for these messages."""
         try:
             prompt = render_chat(self._template.render, messages, self._tok.specials)
         except Exception as exc:
             raise InvalidPrompt(f"the chat template rejected the messages: {exc}") from exc
-        return self._start(self._tok.encode_prompt(prompt.text, prompt.spans), params)
+        return self._tok.encode_prompt(prompt.text, prompt.spans)
+
+    def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
+        return self._start(self.prompt_ids(messages), params)
 
     def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
         return self._start(self._tok.encode_text(prompt, add_special=True), params)

@@ -95,7 +95,8 @@ class CausalLM(LoadedModel):
         self._runner = runner
         self.parallel = slots if isinstance(runner, ContinuousBatchRunner) else 1
 
-    def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The tokens ``chat`` feeds the model for these messages."""
         def render(msgs: list[dict]) -> str:
             return self._tok.apply_chat_template(msgs, tokenize=False,
                                                  add_generation_prompt=True)
@@ -103,7 +104,10 @@ class CausalLM(LoadedModel):
             prompt = render_chat(render, messages, self._tokens.specials)
         except Exception as exc:
             raise InvalidPrompt(f"the chat template rejected the messages: {exc}") from exc
-        return self._start(self._tokens.prompt(prompt.text, prompt.spans), params)
+        return self._tokens.prompt(prompt.text, prompt.spans)
+
+    def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
+        return self._start(self.prompt_ids(messages), params)
 
     def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
         return self._start(self._tokens.encode_text(prompt, add_special=True), params)

@@ -122,11 +122,16 @@ class SerialRunner(compute.Runner):
         else:
             self._pending = [token]
 
+    def abort(self, exc: BaseException) -> None:
+        self._end_all(EngineError(f"generation failed: {exc}"))
+
     def close(self) -> None:
-        gone = EngineError("the model was unloaded")
+        self._end_all(EngineError("the model was unloaded"))
+
+    def _end_all(self, exc: EngineError) -> None:
         for seq in [self._seq, *self._waiting]:
             if seq is not None:
-                seq.fail(gone)
+                seq.fail(exc)
         self._seq = None
         self._waiting.clear()
 
@@ -223,17 +228,19 @@ class ContinuousBatchRunner(compute.Runner):
         return bool(self._seqs)
 
     def _sample(self, scores, output_ids) -> None:  # noqa: ANN001 - torch tensors
+        # Row i holds the logits of the i-th request of the batch that gets a token now (one
+        # still reading its prompt gets none); rows past those are padding.
         io = self._bp.inputs_and_outputs
         states = [f.state for f in io.requests_in_batch if f.has_new_token]
         logits = scores[0]
-        if logits.shape[0] != len(states):
-            raise EngineError("continuous batching returned logits for other requests")
+        if logits.shape[0] < len(states):
+            raise EngineError("continuous batching returned fewer logits than requests")
         tokens = logits.argmax(dim=-1)
         for row, state in enumerate(states):
             entry = self._seqs.get(state.request_id)
             if entry is not None and not entry[1].greedy:
                 tokens[row] = entry[1].sample(logits[row])
-        output_ids[0, :len(states)].copy_(tokens)
+        output_ids[0, :tokens.shape[0]].copy_(tokens)
 
     def _deliver(self) -> None:
         outputs = self._manager.output_router.output_queue
@@ -267,10 +274,16 @@ class ContinuousBatchRunner(compute.Runner):
         self._seqs.pop(request_id, None)
         self._sent.pop(request_id, None)
 
-    def close(self) -> None:
-        gone = EngineError("the model was unloaded")
-        for seq, _ in self._seqs.values():
-            seq.fail(gone)
+    def abort(self, exc: BaseException) -> None:
+        error = EngineError(f"generation failed: {exc}")
+        for seq, _ in list(self._seqs.values()):
+            seq.fail(error)
         self._seqs.clear()
-        self._bp.fail_all_requests(gone)
+        self._sent.clear()
+        self._bp.fail_all_requests(error)
+        while not self._manager.output_router.output_queue.empty():
+            self._manager.output_router.output_queue.get_nowait()
+
+    def close(self) -> None:
+        self.abort(EngineError("the model was unloaded"))
         self._manager.batch_processor = None

@@ -38,7 +38,11 @@ class _Entry:
     stale: bool = False  # replaced by a newer load; unloaded when its last user leaves
 
     def __post_init__(self) -> None:
-        self.slots = threading.Semaphore(max(1, int(self.loaded.parallel or 1)))
+        self.slots = threading.Semaphore(self.parallel)
+
+    @property
+    def parallel(self) -> int:
+        return max(1, int(getattr(self.loaded, "parallel", 1) or 1))
 
 
 class Lease:
@@ -96,7 +100,7 @@ class ModelPool:
     def loaded(self) -> list[dict]:
         with self._mutex:
             return [{"id": e.model.id, "format": e.model.format, "busy": bool(e.busy),
-                     "active": e.busy, "parallel": e.loaded.parallel, "waiting": e.waiting,
+                     "active": e.busy, "parallel": e.parallel, "waiting": e.waiting,
                      "idle_seconds": round(time.monotonic() - e.last_used)}
                     for e in self._entries.values()]
 
@@ -149,7 +153,8 @@ class ModelPool:
         except MemoryError:
             raise errors.model_load_failed(model.id, "out of memory") from None
         log.info("Model loaded successfully: %s (%s via %s, %d at a time, %.1fs)", model.id,
-                 model.format, found.engine.name, loaded.parallel, time.monotonic() - started)
+                 model.format, found.engine.name, getattr(loaded, "parallel", 1),
+                 time.monotonic() - started)
         return loaded
 
     def _retire(self, entry: _Entry) -> None:

@@ -4,14 +4,18 @@ Put a file ending in ``.upstream.json`` in a model directory, e.g.
 ``~/.llmlb/models/big-llama/model.upstream.json``::
 
     {"base_url": "http://gpu-box:8000/v1", "model": "meta-llama/Llama-3.1-70B-Instruct",
-     "api_key_env": "GPU_BOX_KEY"}
+     "api_key_env": "GPU_BOX_KEY", "parallel": 32}
 
 and ``big-llama`` is listed by ``GET /v1/models`` and answers chat, completion and embedding
 calls by relaying them (streamed) to that server: vLLM, Ollama, llama.cpp's server, another
 llmlb, or a hosted API. ``api_key_env`` names an environment variable, so the secret stays out
-of the file. This shows the whole plugin contract: a new format (``upstream``) with its file
-suffix, an availability check, ``load`` and a loaded model that streams ``TokenText`` events.
-It uses only the standard library.
+of the file. The upstream batches requests on its own, so llmlb lets ``parallel`` calls (32 by
+default) run at once instead of queueing them one behind the other. This shows the whole
+plugin contract: a new format (``upstream``) with its file suffix, an availability check,
+``load``, a loaded model that declares its concurrency, sends its request when called (so an
+upstream refusal is an error before any response starts) and streams ``TokenText`` events
+until it is closed. It uses only the standard library; it computes nothing here, so it needs
+no compute thread.
 """
 
 from __future__ import annotations
@@ -41,13 +45,34 @@ from engines.base import (
 from llmlb.hookspecs import hookimpl
 
 TIMEOUT = 300
+DEFAULT_PARALLEL = 32
+
+
+class _Relay(Iterator[GenerationEvent]):
+    """The events of one relayed stream; ``close()`` drops the upstream connection, also
+    when iteration never began."""
+
+    def __init__(self, response, events: Iterator[GenerationEvent]) -> None:  # noqa: ANN001
+        self._response, self._events = response, events
+
+    def __iter__(self) -> _Relay:
+        return self
+
+    def __next__(self) -> GenerationEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        self._events.close()
+        self._response.close()
 
 
 class UpstreamModel(LoadedModel):
     capabilities = frozenset({CHAT, COMPLETION, EMBEDDINGS})
 
-    def __init__(self, base_url: str, model: str, api_key: str | None) -> None:
+    def __init__(self, base_url: str, model: str, api_key: str | None,
+                 parallel: int = DEFAULT_PARALLEL) -> None:
         self.base_url, self.model, self.api_key = base_url.rstrip("/"), model, api_key
+        self.parallel = parallel  # the upstream batches: do not serialise calls to it
 
     def _post(self, path: str, body: dict):  # noqa: ANN202 - an open HTTP response
         headers = {"Content-Type": "application/json"}
@@ -63,8 +88,7 @@ class UpstreamModel(LoadedModel):
         except OSError as exc:
             raise EngineError(f"upstream {self.base_url} unreachable: {exc}") from exc
 
-    def _stream(self, path: str, body: dict, params: SamplingParams,
-                ) -> Iterator[GenerationEvent]:
+    def _stream(self, path: str, body: dict, params: SamplingParams) -> _Relay:
         body = {**body, "model": self.model, "stream": True,
                 "stream_options": {"include_usage": True},
                 "temperature": params.temperature, "top_p": params.top_p}
@@ -72,7 +96,10 @@ class UpstreamModel(LoadedModel):
             body["max_tokens"] = params.max_tokens
         if params.seed is not None:
             body["seed"] = params.seed
-        response = self._post(path, body)
+        response = self._post(path, body)  # now: an upstream refusal is a clean error
+        return _Relay(response, self._events(response))
+
+    def _events(self, response) -> Iterator[GenerationEvent]:  # noqa: ANN001
         yield Started(0)  # the upstream reports the real count with its usage, at the end
         reason, usage = "stop", {}
         with response:
@@ -113,6 +140,9 @@ class UpstreamEngine(Engine):
     def availability(self) -> Availability:
         return Availability(True, device="remote")
 
+    def parallel(self, options: LoadOptions) -> int:
+        return DEFAULT_PARALLEL
+
     def load(self, model_dir: Path, artifacts: Sequence[Path],
              options: LoadOptions = LoadOptions()) -> LoadedModel:  # noqa: B008
         try:
@@ -121,7 +151,11 @@ class UpstreamEngine(Engine):
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise EngineError(f"{artifacts[0].name} needs base_url and model: {exc}") from exc
         key_env = config.get("api_key_env")
-        return UpstreamModel(base_url, model, os.environ.get(key_env) if key_env else None)
+        parallel = config.get("parallel", DEFAULT_PARALLEL)
+        if not isinstance(parallel, int) or parallel < 1:
+            raise EngineError(f"{artifacts[0].name}: parallel must be a positive integer")
+        return UpstreamModel(base_url, model, os.environ.get(key_env) if key_env else None,
+                             parallel)
 
 
 @hookimpl

@@ -1,0 +1,216 @@
+"""Many users on one model (issue 10): concurrent requests to a GGUF or safetensors model are
+decoded together in one batch, give exactly what they give alone, and leave it the moment
+their client does; ONNX models take one call at a time."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from .conftest import HELLO, LiveServer, install
+
+BATCHING = ["gguf", "safetensors"]
+MODEL_DIRS = {"gguf": "llama-gguf", "safetensors": "llama-st", "onnx": "llama-onnx"}
+DEV = {"Authorization": "Bearer sk_debug"}
+PROMPTS = [[{"role": "user", "content": f"Tell story number {i} about a fox in Paris."}]
+           for i in range(8)]
+
+
+@pytest.fixture
+def batching_server(make_server) -> LiveServer:
+    return make_server(parallel_sequences=8)
+
+
+def engines_state(server: LiveServer) -> dict:
+    return requests.get(f"{server.url}/v0/engines", headers=DEV, timeout=30).json()
+
+
+def loaded(server: LiveServer, model: str) -> dict:
+    return next(m for m in engines_state(server)["loaded"] if m["id"] == model)
+
+
+def stream_chat(server: LiveServer, model: str, messages: list[dict], out: dict,
+                barrier: threading.Barrier | None = None, **kwargs) -> None:
+    """Stream one chat, recording its text, usage, finish reason and timings in ``out``."""
+    try:
+        client = server.client()
+        if barrier is not None:
+            barrier.wait()
+        out["sent"] = time.monotonic()
+        pieces = []
+        for chunk in client.chat.completions.create(
+                model=model, messages=messages, stream=True,
+                stream_options={"include_usage": True}, **kwargs):
+            if chunk.choices and chunk.choices[0].delta.content:
+                out.setdefault("first", time.monotonic())
+                pieces.append(chunk.choices[0].delta.content)
+            if chunk.choices and chunk.choices[0].finish_reason:
+                out["finish"] = chunk.choices[0].finish_reason
+            if chunk.usage:
+                out["usage"] = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+        out["text"] = "".join(pieces)
+        out["end"] = time.monotonic()
+    except Exception as exc:  # surfaced by the test's assertions
+        out["error"] = exc
+
+
+def run_together(server: LiveServer, model: str, calls: list[tuple[list[dict], dict]],
+                 ) -> list[dict]:
+    results: list[dict] = [{} for _ in calls]
+    barrier = threading.Barrier(len(calls))
+    threads = [threading.Thread(target=stream_chat, args=(server, model, messages, results[i],
+                                                          barrier), kwargs=kwargs)
+               for i, (messages, kwargs) in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert all("error" not in r for r in results), [r.get("error") for r in results]
+    return results
+
+
+def run_alone(server: LiveServer, model: str, messages: list[dict], **kwargs) -> dict:
+    out: dict = {}
+    stream_chat(server, model, messages, out, **kwargs)
+    assert "error" not in out, out["error"]
+    return out
+
+
+@pytest.mark.parametrize("fmt", BATCHING)
+def test_eight_streams_batch_and_match_serial(batching_server: LiveServer,
+                                              tiny: dict[str, Path], fmt: str) -> None:
+    model = install(batching_server, tiny, MODEL_DIRS[fmt], f"tiny-{fmt}")
+    # Long enough that no client thread can start after another one's stream is over.
+    serial = [run_alone(batching_server, model, p, max_tokens=200, temperature=0)
+              for p in PROMPTS]
+    together = run_together(batching_server, model,
+                            [(p, {"max_tokens": 200, "temperature": 0}) for p in PROMPTS])
+    assert [r["text"] for r in together] == [r["text"] for r in serial]
+    assert [r["usage"] for r in together] == [r["usage"] for r in serial]
+    assert all(r["usage"][1] == 200 and r["finish"] == "length" for r in together)
+    # Nobody waits for the others: every stream has its first token before any one ends.
+    assert max(r["first"] for r in together) < min(r["end"] for r in together)
+
+
+@pytest.mark.parametrize("fmt", BATCHING)
+def test_stops_max_tokens_and_seeds_per_sequence(batching_server: LiveServer,
+                                                 tiny: dict[str, Path], fmt: str) -> None:
+    model = install(batching_server, tiny, MODEL_DIRS[fmt], f"tiny-{fmt}")
+    full = run_alone(batching_server, model, HELLO, max_tokens=30, temperature=0)["text"]
+    stop = full[8:11]
+    calls = [
+        (HELLO, {"max_tokens": 30, "temperature": 0, "stop": [stop]}),
+        (HELLO, {"max_tokens": 7, "temperature": 0}),
+        (HELLO, {"max_tokens": 30, "temperature": 0}),
+        (HELLO, {"max_tokens": 20, "temperature": 1.0, "top_p": 0.9, "seed": 11}),
+        (HELLO, {"max_tokens": 20, "temperature": 1.0, "top_p": 0.9, "seed": 12}),
+        (PROMPTS[3], {"max_tokens": 3, "temperature": 0}),
+    ]
+    alone = [run_alone(batching_server, model, m, **kw) for m, kw in calls]
+    together = run_together(batching_server, model, calls)
+    for a, b in zip(alone, together, strict=True):
+        assert (b["text"], b["usage"], b["finish"]) == (a["text"], a["usage"], a["finish"])
+    assert together[0]["text"] == full[: full.index(stop)] and together[0]["finish"] == "stop"
+    assert together[1]["usage"][1] == 7 and together[1]["finish"] == "length"
+    assert together[3]["text"] != together[4]["text"]  # each sequence has its own seed
+
+
+@pytest.mark.parametrize("fmt", BATCHING)
+def test_a_client_that_leaves_frees_its_slot_at_once(make_server, tiny: dict[str, Path],
+                                                     fmt: str) -> None:
+    server = make_server(parallel_sequences=8)
+    model = install(server, tiny, MODEL_DIRS[fmt], f"tiny-{fmt}")
+    run_alone(server, model, HELLO, max_tokens=1)  # loaded before the clock starts
+    streams = []
+    for p in PROMPTS:  # eight long streams fill every slot
+        r = requests.post(f"{server.url}/v1/chat/completions", stream=True, timeout=120,
+                          headers=DEV, json={"model": model, "messages": p, "stream": True,
+                                             "temperature": 0})
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        next(lines)
+        streams.append((r, lines))
+    ninth: dict = {}
+    waiter = threading.Thread(target=stream_chat, args=(server, model, HELLO, ninth),
+                              kwargs={"max_tokens": 4})
+    waiter.start()
+    deadline = time.monotonic() + 60
+    while loaded(server, model)["waiting"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loaded(server, model)["waiting"] == 1  # a ninth waits for a slot
+    streams[0][0].close()  # one client goes away mid-stream
+    waiter.join(timeout=120)
+    assert ninth.get("usage", (0, 0))[1] == 4, ninth
+    # The ninth was served while the seven others were still generating (they run to the
+    # end of the context), not after them.
+    assert loaded(server, model)["active"] >= 1
+    for r, _ in streams[1:]:
+        r.close()
+
+
+def test_queue_full_is_503_with_retry_after(make_server, tiny: dict[str, Path]) -> None:
+    server = make_server(parallel_sequences=2, max_queued_requests=1)
+    model = install(server, tiny, "llama-gguf", "tiny")
+    run_alone(server, model, HELLO, max_tokens=1)
+    streams = []
+    for p in PROMPTS[:2]:
+        r = requests.post(f"{server.url}/v1/chat/completions", stream=True, timeout=120,
+                          headers=DEV, json={"model": model, "messages": p, "stream": True})
+        next(r.iter_lines())
+        streams.append(r)
+    third: dict = {}
+    waiter = threading.Thread(target=stream_chat, args=(server, model, HELLO, third),
+                              kwargs={"max_tokens": 2})
+    waiter.start()
+    deadline = time.monotonic() + 60
+    while loaded(server, model)["waiting"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(openai.APIStatusError) as info:
+        server.client().chat.completions.create(model=model, messages=HELLO, max_tokens=2)
+    assert info.value.status_code == 503 and info.value.body["code"] == "model_busy"
+    assert int(info.value.response.headers["Retry-After"]) > 0
+    for r in streams:
+        r.close()
+    waiter.join(timeout=120)
+    assert third.get("usage", (0, 0))[1] == 2
+
+
+def test_embeddings_unaffected_while_a_batch_runs(batching_server: LiveServer,
+                                                  tiny: dict[str, Path]) -> None:
+    model = install(batching_server, tiny, "llama-gguf", "tiny")
+    embedder = install(batching_server, tiny, "bert-embed", "embed")
+    client = batching_server.client()
+    alone = client.embeddings.create(model=embedder, input=["a lazy dog", "the quick fox"])
+    results: list[dict] = [{} for _ in PROMPTS]
+    threads = [threading.Thread(target=stream_chat, args=(batching_server, model, p, out),
+                                kwargs={"max_tokens": 100, "temperature": 0})
+               for p, out in zip(PROMPTS, results, strict=True)]
+    for t in threads:
+        t.start()
+    during = client.embeddings.create(model=embedder, input=["a lazy dog", "the quick fox"])
+    for t in threads:
+        t.join(timeout=300)
+    assert [d.embedding for d in during.data] == pytest.approx(
+        [d.embedding for d in alone.data], abs=1e-6)
+    assert during.usage.prompt_tokens == alone.usage.prompt_tokens
+    assert all(r.get("usage", (0, 0))[1] == 100 for r in results)
+
+
+def test_engines_say_how_many_sequences_they_batch(batching_server: LiveServer,
+                                                   tiny: dict[str, Path]) -> None:
+    ids = {fmt: install(batching_server, tiny, MODEL_DIRS[fmt], f"tiny-{fmt}")
+           for fmt in MODEL_DIRS}
+    for model in ids.values():
+        run_alone(batching_server, model, HELLO, max_tokens=1)
+    state = engines_state(batching_server)
+    active = {e["format"]: e for e in state["engines"] if e["active"]}
+    assert (active["gguf"]["parallel"], active["safetensors"]["parallel"],
+            active["onnx"]["parallel"]) == (8, 8, 1)
+    assert active["metal"]["parallel"] is None  # unavailable here
+    by_id = {m["id"]: m for m in state["loaded"]}
+    assert [by_id[ids[f]]["parallel"] for f in ("gguf", "safetensors", "onnx")] == [8, 8, 1]
