@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from .conftest import HELLO, LiveServer, install
+from .tinymodels import make_llama_gguf, make_llama_safetensors
 
 BATCHING = ["gguf", "safetensors"]
 MODEL_DIRS = {"gguf": "llama-gguf", "safetensors": "llama-st", "onnx": "llama-onnx"}
@@ -24,6 +25,42 @@ PROMPTS = [[{"role": "user", "content": f"Tell story number {i} about a fox in P
 @pytest.fixture
 def batching_server(make_server) -> LiveServer:
     return make_server(parallel_sequences=8)
+
+
+@pytest.fixture(scope="module")
+def long_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny Llama with a 16k context: greedy streams run to LLMLB_CONTEXT_LENGTH (4096
+    tokens), for seconds, long enough to hold every slot while a test looks at the queue."""
+    root = tmp_path_factory.mktemp("long-context")
+    st = make_llama_safetensors(root / "st", max_position_embeddings=16384)
+    return {"safetensors": st, "gguf": make_llama_gguf(st, root / "gguf" / "model.gguf")}
+
+
+class HeldStream:
+    """A stream as long as the context allows, of which only the first event was read."""
+
+    def __init__(self, server: LiveServer, model: str, messages: list[dict]) -> None:
+        self.response = requests.post(
+            f"{server.url}/v1/chat/completions", stream=True, timeout=120, headers=DEV,
+            json={"model": model, "messages": messages, "stream": True, "temperature": 0})
+        assert self.response.status_code == 200
+        self.lines = self.response.iter_lines()  # dropping this iterator would disconnect
+        next(self.lines)
+
+    def close(self) -> None:
+        """The client goes away."""
+        self.response.close()
+
+
+def hold_slots(server: LiveServer, model: str, count: int) -> list[HeldStream]:
+    return [HeldStream(server, model, p) for p in PROMPTS[:count]]
+
+
+def wait_for(predicate, timeout: float = 60) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
 
 
 def engines_state(server: LiveServer) -> dict:
@@ -121,55 +158,38 @@ def test_stops_max_tokens_and_seeds_per_sequence(batching_server: LiveServer,
 
 
 @pytest.mark.parametrize("fmt", BATCHING)
-def test_a_client_that_leaves_frees_its_slot_at_once(make_server, tiny: dict[str, Path],
+def test_a_client_that_leaves_frees_its_slot_at_once(make_server, long_models: dict[str, Path],
                                                      fmt: str) -> None:
     server = make_server(parallel_sequences=8)
-    model = install(server, tiny, MODEL_DIRS[fmt], f"tiny-{fmt}")
+    model = install(server, long_models, fmt, f"long-{fmt}")
     run_alone(server, model, HELLO, max_tokens=1)  # loaded before the clock starts
-    streams = []
-    for p in PROMPTS:  # eight long streams fill every slot
-        r = requests.post(f"{server.url}/v1/chat/completions", stream=True, timeout=120,
-                          headers=DEV, json={"model": model, "messages": p, "stream": True,
-                                             "temperature": 0})
-        assert r.status_code == 200
-        lines = r.iter_lines()
-        next(lines)
-        streams.append((r, lines))
+    streams = hold_slots(server, model, 8)  # eight long streams take every slot
     ninth: dict = {}
     waiter = threading.Thread(target=stream_chat, args=(server, model, HELLO, ninth),
                               kwargs={"max_tokens": 4})
     waiter.start()
-    deadline = time.monotonic() + 60
-    while loaded(server, model)["waiting"] != 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert loaded(server, model)["waiting"] == 1  # a ninth waits for a slot
-    streams[0][0].close()  # one client goes away mid-stream
+    assert wait_for(lambda: loaded(server, model)["waiting"] == 1)  # a ninth waits
+    streams[0].close()  # one client goes away mid-stream
     waiter.join(timeout=120)
     assert ninth.get("usage", (0, 0))[1] == 4, ninth
     # The ninth was served while the seven others were still generating (they run to the
     # end of the context), not after them.
     assert loaded(server, model)["active"] >= 1
-    for r, _ in streams[1:]:
+    for r in streams[1:]:
         r.close()
+    assert wait_for(lambda: loaded(server, model)["active"] == 0)
 
 
-def test_queue_full_is_503_with_retry_after(make_server, tiny: dict[str, Path]) -> None:
+def test_queue_full_is_503_with_retry_after(make_server, long_models: dict[str, Path]) -> None:
     server = make_server(parallel_sequences=2, max_queued_requests=1)
-    model = install(server, tiny, "llama-gguf", "tiny")
+    model = install(server, long_models, "gguf", "long")
     run_alone(server, model, HELLO, max_tokens=1)
-    streams = []
-    for p in PROMPTS[:2]:
-        r = requests.post(f"{server.url}/v1/chat/completions", stream=True, timeout=120,
-                          headers=DEV, json={"model": model, "messages": p, "stream": True})
-        next(r.iter_lines())
-        streams.append(r)
+    streams = hold_slots(server, model, 2)
     third: dict = {}
     waiter = threading.Thread(target=stream_chat, args=(server, model, HELLO, third),
                               kwargs={"max_tokens": 2})
     waiter.start()
-    deadline = time.monotonic() + 60
-    while loaded(server, model)["waiting"] != 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_for(lambda: loaded(server, model)["waiting"] == 1)
     with pytest.raises(openai.APIStatusError) as info:
         server.client().chat.completions.create(model=model, messages=HELLO, max_tokens=2)
     assert info.value.status_code == 503 and info.value.body["code"] == "model_busy"
@@ -195,14 +215,14 @@ def test_embeddings_unaffected_while_a_batch_runs(batching_server: LiveServer,
     during = client.embeddings.create(model=embedder, input=["a lazy dog", "the quick fox"])
     for t in threads:
         t.join(timeout=300)
-    assert [d.embedding for d in during.data] == pytest.approx(
-        [d.embedding for d in alone.data], abs=1e-6)
+    for a, b in zip(alone.data, during.data, strict=True):
+        assert b.embedding == pytest.approx(a.embedding, abs=1e-6)
     assert during.usage.prompt_tokens == alone.usage.prompt_tokens
     assert all(r.get("usage", (0, 0))[1] == 100 for r in results)
 
 
-def test_engines_say_how_many_sequences_they_batch(batching_server: LiveServer,
-                                                   tiny: dict[str, Path]) -> None:
+def test_engines_say_how_many_sequences_they_batch(make_server, tiny: dict[str, Path]) -> None:
+    batching_server = make_server(parallel_sequences=8, max_loaded_models=3)
     ids = {fmt: install(batching_server, tiny, MODEL_DIRS[fmt], f"tiny-{fmt}")
            for fmt in MODEL_DIRS}
     for model in ids.values():
