@@ -115,6 +115,19 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_all(tmp_path_factory.mktemp("tiny-models"))
 
 
+@pytest.fixture(scope="session")
+def long_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny Llama with a 16k context, keyed by format. Greedy, it never stops before
+    LLMLB_CONTEXT_LENGTH (4096 tokens): a stream that runs for seconds and writes more than
+    a socket buffers, so that tests can hold a model busy or time a whole generation."""
+    from .tinymodels import make_llama_gguf, make_llama_onnx, make_llama_safetensors
+
+    root = tmp_path_factory.mktemp("long-context")
+    st = make_llama_safetensors(root / "st", max_position_embeddings=16384)
+    return {"safetensors": st, "gguf": make_llama_gguf(st, root / "gguf" / "model.gguf"),
+            "onnx": make_llama_onnx(st, root / "onnx")}
+
+
 def install(server: LiveServer, tiny: dict[str, Path], key: str, model_id: str) -> str:
     """Copy one of the tiny models into the server's models directory, as a user would."""
     src = tiny[key]

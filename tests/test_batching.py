@@ -13,7 +13,6 @@ import pytest
 import requests
 
 from .conftest import HELLO, LiveServer, install
-from .tinymodels import make_llama_gguf, make_llama_safetensors
 
 BATCHING = ["gguf", "safetensors"]
 MODEL_DIRS = {"gguf": "llama-gguf", "safetensors": "llama-st", "onnx": "llama-onnx"}
@@ -25,15 +24,6 @@ PROMPTS = [[{"role": "user", "content": f"Tell story number {i} about a fox in P
 @pytest.fixture
 def batching_server(make_server) -> LiveServer:
     return make_server(parallel_sequences=8)
-
-
-@pytest.fixture(scope="module")
-def long_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny Llama with a 16k context: greedy streams run to LLMLB_CONTEXT_LENGTH (4096
-    tokens), for seconds, long enough to hold every slot while a test looks at the queue."""
-    root = tmp_path_factory.mktemp("long-context")
-    st = make_llama_safetensors(root / "st", max_position_embeddings=16384)
-    return {"safetensors": st, "gguf": make_llama_gguf(st, root / "gguf" / "model.gguf")}
 
 
 class HeldStream:

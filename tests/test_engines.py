@@ -55,26 +55,35 @@ def test_the_three_engines_agree(server: LiveServer, models: dict[str, str]) -> 
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_streaming(server: LiveServer, models: dict[str, str], fmt: str) -> None:
+def test_streaming(server: LiveServer, models: dict[str, str], long_models: dict[str, Path],
+                   fmt: str) -> None:
     stream = server.client().chat.completions.create(
         model=models[fmt], messages=HELLO, max_tokens=40, temperature=0, stream=True,
         stream_options={"include_usage": True})
-    arrivals, pieces, finish, usage = [], [], None, None
+    pieces, finish, usage = [], None, None
     for chunk in stream:
-        arrivals.append(time.monotonic())
         assert chunk.object == "chat.completion.chunk"
         if chunk.choices:
             pieces.append(chunk.choices[0].delta.content or "")
             finish = chunk.choices[0].finish_reason or finish
         if chunk.usage:
             usage = chunk.usage
-    assert len(pieces) >= 20  # token by token, not one blob
-    assert arrivals[1] < arrivals[-1]
+    assert len(pieces) >= 20  # token by token
     assert finish == "length"
     assert usage is not None and usage.completion_tokens == 40
     whole = server.client().chat.completions.create(model=models[fmt], messages=HELLO,
                                                     max_tokens=40, temperature=0)
     assert "".join(pieces) == whole.choices[0].message.content
+    # Tokens leave as they are made, not in one blob at the end: on a generation of
+    # seconds, the first arrives long before the last.
+    model = install(server, long_models, fmt, f"long-{fmt}")
+    server.client().chat.completions.create(model=model, messages=HELLO, max_tokens=1)
+    sent = time.monotonic()
+    arrivals = [time.monotonic() for chunk in server.client().chat.completions.create(
+        model=model, messages=HELLO, max_tokens=1000, temperature=0, stream=True)
+        if chunk.choices and chunk.choices[0].delta.content]
+    assert len(arrivals) > 900
+    assert arrivals[0] - sent < (arrivals[-1] - sent) / 2
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -253,14 +262,28 @@ def test_changed_files_are_reloaded(server: LiveServer, tiny: dict[str, Path],
     assert before != after
 
 
-def test_disconnected_stream_frees_the_model(server: LiveServer,
-                                             models: dict[str, str]) -> None:
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_disconnected_stream_stops_its_generation(make_server, long_models: dict[str, Path],
+                                                  fmt: str) -> None:
+    """A client that goes away stops its generation at once: with one call at a time, the
+    next request gets the model long before the abandoned answer could have been finished."""
+    server = make_server(parallel_sequences=1)
+    model = install(server, long_models, fmt, "long")
+    client = server.client(timeout=120)
+    client.chat.completions.create(model=model, messages=HELLO, max_tokens=1)
+    started = time.monotonic()
+    full = client.chat.completions.create(model=model, messages=HELLO, max_tokens=1500,
+                                          temperature=0)
+    whole = time.monotonic() - started  # what finishing the abandoned stream would take
+    assert full.usage.completion_tokens == 1500
     r = requests.post(f"{server.url}/v1/chat/completions", stream=True, timeout=60,
                       headers={"Authorization": "Bearer sk_debug"},
-                      json={"model": models["safetensors"], "messages": HELLO,
-                            "max_tokens": 400, "stream": True})
-    next(r.iter_lines())
+                      json={"model": model, "messages": HELLO, "max_tokens": 1500,
+                            "temperature": 0, "stream": True})
+    lines = r.iter_lines()
+    next(lines)
     r.close()  # the client goes away mid-stream
-    reply = server.client(timeout=30).chat.completions.create(
-        model=models["safetensors"], messages=HELLO, max_tokens=3)
+    started = time.monotonic()
+    reply = client.chat.completions.create(model=model, messages=HELLO, max_tokens=3)
     assert reply.usage.completion_tokens == 3
+    assert time.monotonic() - started < whole / 2
