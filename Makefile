@@ -51,6 +51,8 @@ lint: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/api_latency.py
 	$(BIN)/python bench/engine_overhead.py
+	$(BIN)/python bench/batching.py
+	$(BIN)/python bench/isolation.py --layout
 	$(BIN)/python bench/download.py
 	$(BIN)/python bench/hub.py
 

@@ -17,11 +17,14 @@ would stall every other model. So work comes in two kinds:
   batched decoding step plus at most a chunk of prompt) and says whether more is pending.
   ``Runner.wake()`` puts a runner in line when it gets new work.
 
-The thread takes turns: one task, then one step of every runner that has work, round robin,
-again. A long prompt on one model therefore delays another model's next token by at most one
-of its steps, never by the whole prompt. ``stream`` turns any generator into a runner (one
-item per step); a generator may yield ``None`` to hand the thread back between pieces of work
-(prompt chunks), and those ``None`` never reach the caller.
+Between two runner steps the thread runs one task, if any. The next step goes to the runner
+that has used the least compute time so far (fair shares of time, as Linux's CFS gives
+processes), so a model reading a long prompt in chunks and a model decoding short steps each
+get half the thread: the second takes several steps for each chunk of the first, and a long
+prompt delays another model's tokens by about one chunk, never by the whole prompt. ``stream``
+turns any generator into a runner (one item per step); a generator may yield ``None`` to hand
+the thread back between pieces of work (prompt chunks), and those ``None`` never reach the
+caller.
 
 Plugins that compute on this machine should use these functions too (``engines.base``
 re-exports them), or their libraries collect thread teams of their own.
@@ -33,6 +36,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -60,12 +64,17 @@ class Runner(ABC):
 
 
 class _Scheduler:
+    """Tasks in arrival order, one between two runner steps; runners by fair share of time:
+    the next step goes to the runnable runner that has used the least compute time (its
+    virtual time, as in Linux's CFS). A runner with long steps (a prompt chunk) therefore
+    lets one with short steps (decoding) take several turns in its place, and a runner that
+    wakes up starts level with the others instead of with credit for its idle time."""
+
     def __init__(self) -> None:
         self._cv = threading.Condition()
         self._tasks: deque[tuple[Callable[[], Any], Future]] = deque()
-        self._ring: deque[Runner] = deque()
-        self._scheduled: set[int] = set()
-        self._turn_size = 0  # runners stepping in the current turn
+        self._ready: dict[int, Runner] = {}
+        self._floor = 0.0  # the virtual time of the least-served runner lately
         self.ident: int | None = None
         threading.Thread(target=self._loop, name="llmlb-compute", daemon=True).start()
 
@@ -78,26 +87,27 @@ class _Scheduler:
 
     def schedule(self, runner: Runner) -> None:
         with self._cv:
-            if id(runner) not in self._scheduled:
-                self._scheduled.add(id(runner))
-                self._ring.append(runner)
+            if id(runner) not in self._ready:
+                used = getattr(runner, "_compute_used", None)
+                if used is None or used < self._floor:
+                    runner._compute_used = self._floor  # type: ignore[attr-defined]
+                self._ready[id(runner)] = runner
                 self._cv.notify()
 
     def contended(self) -> bool:
-        """Whether other work is waiting for the thread (runners may then take smaller steps)."""
-        return bool(self._tasks or self._ring) or self._turn_size > 1
+        """Whether other work waits for the thread (runners may then take smaller steps)."""
+        return bool(self._tasks or self._ready)
 
     def _loop(self) -> None:
         self.ident = threading.get_ident()
         while True:
             with self._cv:
-                while not self._tasks and not self._ring:
+                while not self._tasks and not self._ready:
                     self._cv.wait()
                 task = self._tasks.popleft() if self._tasks else None
-                turn = list(self._ring)
-                self._ring.clear()
-                self._scheduled.clear()
-                self._turn_size = len(turn)
+                runner = min(self._ready.values(), key=_used) if self._ready else None
+                if runner is not None:
+                    del self._ready[id(runner)]
             if task is not None:
                 fn, future = task
                 if future.set_running_or_notify_cancel():
@@ -105,18 +115,29 @@ class _Scheduler:
                         future.set_result(fn())
                     except BaseException as exc:  # handed to the caller
                         future.set_exception(exc)
-            for runner in turn:
-                try:
-                    more = runner.step()
-                except Exception as exc:  # a runner's own errors belong to its requests
-                    log.exception("Compute runner %r failed", runner)
-                    more = False
-                    try:
-                        runner.abort(exc)
-                    except Exception:
-                        log.exception("Compute runner %r failed to abort", runner)
-                if more:
-                    self.schedule(runner)
+            if runner is not None:
+                self._step(runner)
+
+    def _step(self, runner: Runner) -> None:
+        started = time.perf_counter()
+        try:
+            more = runner.step()
+        except Exception as exc:  # a runner's own errors belong to its requests
+            log.exception("Compute runner %r failed", runner)
+            more = False
+            try:
+                runner.abort(exc)
+            except Exception:
+                log.exception("Compute runner %r failed to abort", runner)
+        runner._compute_used = _used(runner) + time.perf_counter() - started  # type: ignore[attr-defined]
+        with self._cv:
+            self._floor = max(self._floor, min(map(_used, [runner, *self._ready.values()])))
+        if more:
+            self.schedule(runner)
+
+
+def _used(runner: Runner) -> float:
+    return getattr(runner, "_compute_used", 0.0)
 
 
 _lock = threading.Lock()

@@ -144,6 +144,7 @@ class ContinuousBatchRunner(compute.Runner):
         self._sent: dict[str, int] = {}
         self._ids = itertools.count()
         self._device = model.device
+        self._closed = False
         processor.model_runner._sample = self._sample  # per-sequence sampling (see above)
 
     @classmethod
@@ -207,6 +208,8 @@ class ContinuousBatchRunner(compute.Runner):
             self.wake()
 
     def step(self) -> bool:
+        if self._closed:
+            return False
         for request_id, (seq, _) in list(self._seqs.items()):
             if seq.cancelled:
                 self._manager.cancel_request(request_id)
@@ -286,4 +289,5 @@ class ContinuousBatchRunner(compute.Runner):
 
     def close(self) -> None:
         self.abort(EngineError("the model was unloaded"))
+        self._closed = True
         self._manager.batch_processor = None
