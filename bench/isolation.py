@@ -20,7 +20,8 @@ in one ``llmlb serve`` (defaults: ``LLMLB_MAX_MESSAGES`` 2048, ``LLMLB_MAX_PROMP
    used less time (llmlb's compute thread); *alternate*: one thread, one step of A after each
    step of B (a naive time slice); *thread per model*: each context on its own thread at
    once, each with all cores (OpenMP teams per thread). B's latency p50/p99 and A's prompt
-   tokens/s, against B alone.
+   tokens/s, against B alone, and against B alone after A computed on a thread of its own
+   that stays alive (what a thread per model costs a model used on its own).
 
 Run: ``.venv/bin/python bench/isolation.py [--chats 200] [--refusals 3] [--layout]``; the
 JSON summary is the last line, also saved as ``bench/.work/results/isolation-<time>.json``.
@@ -196,9 +197,11 @@ def chat_steps(model, ctx, batch):
     generating 8 tokens; which token is fed does not change the cost)."""
     llama_cpp.llama_memory_clear(ctx.memory, True)
     prompt = model.tokenize(b"Hello! How are you today?", True, False)
-    yield decode(ctx, batch, prompt, 0)
+    decode(ctx, batch, prompt, 0)
+    yield 1
     for i in range(8):
-        yield decode(ctx, batch, [prompt[-1]], len(prompt) + i)
+        decode(ctx, batch, [prompt[-1]], len(prompt) + i)
+        yield 1
 
 def prompt_steps(model, ctx, batch):
     """Forever: a 420-token prompt read in 128-token chunks."""
@@ -242,6 +245,20 @@ elif layout == "time-slice":
                 prompt_tokens[0] += next(hostile)
                 used["a"] += time.perf_counter() - s0
         latencies.append(time.monotonic() - t)
+elif layout == "alone, 2 threads":
+    # B alone, after A computed on a thread of its own that stays alive (idle, as a model's
+    # thread would between requests): does the idle team slow B down?
+    idle = threading.Event()
+    def run_a_once():
+        for i, n in enumerate(prompt_steps(*a)):
+            if i == 8:
+                break
+        idle.wait()
+    th = threading.Thread(target=run_a_once); th.start()
+    time.sleep(2)
+    for _ in range(chats):
+        t = time.monotonic(); list(chat_steps(*b)); latencies.append(time.monotonic() - t)
+    idle.set(); th.join()
 else:
     def run_a():
         for n in prompt_steps(*a):
@@ -259,7 +276,7 @@ print(json.dumps({"latencies": latencies, "prompt_tok_s": prompt_tokens[0] / ela
 
 def layout_experiment(args: argparse.Namespace, model: Path) -> dict:
     out = {}
-    for layout in ("alone", "time-slice", "alternate", "thread-per-model"):
+    for layout in ("alone", "alone, 2 threads", "time-slice", "alternate", "thread-per-model"):
         if args.wait_quiet > 0:
             wait_quiet(args.wait_quiet)
         result = subprocess.run([sys.executable, "-c", LAYOUT_WORKER, str(model), layout,

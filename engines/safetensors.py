@@ -61,6 +61,7 @@ class _Tokens:
         backend = getattr(tokenizer, "backend_tokenizer", None)  # None: a Python tokenizer
         self.specials = hf_special_tokens(backend) if backend is not None else SpecialTokens(
             {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special})
+        self._backend = backend
         self._text = hf_text_tokenizer(backend) if backend is not None else None
 
     def encode_text(self, text: str, add_special: bool = False) -> list[int]:
@@ -71,6 +72,8 @@ class _Tokens:
 
     def prompt(self, text: str, spans: Sequence[tuple[int, int]]) -> list[int]:
         if not spans:  # nothing to protect: the library's own tokenization, exactly
+            if self._backend is not None:  # (the wrapper would warn about long prompts)
+                return self._backend.encode(text, add_special_tokens=False).ids
             return list(self._tok(text, add_special_tokens=False)["input_ids"])
         return self.specials.encode(text, spans, self.encode_text)
 
