@@ -14,7 +14,7 @@ import pytest
 import requests
 from transformers import AutoTokenizer
 
-from engines.base import LoadOptions
+from engines.base import InvalidPrompt, LoadOptions, SamplingParams
 from engines.gguf import GGUFEngine
 from engines.onnx import OnnxEngine
 from engines.prompt_tokens import hf_special_tokens, hf_text_tokenizer
@@ -138,6 +138,23 @@ def test_ordinary_chats_tokenize_exactly_as_the_library_does(tiny: dict[str, Pat
     finally:
         model.unload()
         reference_vocab.close()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_engines_refuse_a_prompt_when_called(tiny: dict[str, Path], fmt: str) -> None:
+    """The engine contract: prompt errors come from ``chat``/``complete`` themselves, before
+    anything is iterated, so llmlb answers a clean 400 rather than a broken stream."""
+    model = _load(fmt, tiny)
+    params = SamplingParams(max_tokens=4)
+    try:
+        with pytest.raises(InvalidPrompt, match="context"):
+            model.chat([{"role": "user", "content": "word " * 3000}], params)
+        with pytest.raises(InvalidPrompt, match="context"):
+            model.complete("word " * 3000, params)
+        with pytest.raises(InvalidPrompt, match="template"):  # '<|im_start|>' + None
+            model.chat([{"role": None, "content": "hi"}], params)
+    finally:
+        model.unload()
 
 
 def test_hostile_prompts_are_refused_fast_while_another_model_answers(
