@@ -40,8 +40,10 @@ from .base import (
 from .prompt_tokens import hf_special_tokens, hf_text_tokenizer, render_chat
 from .textgen import ChatTemplate, IncrementalDecoder, read_json, sample_next, token_text
 
-#: prompt tokens per step, so that other models get their turn during a long prompt
+#: prompt tokens per step, so that other models get their turn during a long prompt (fewer
+#: while they wait for the compute thread)
 PROMPT_CHUNK = 256
+SHARED_PROMPT_CHUNK = 64
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
               "tensor(int64)": "int64", "tensor(int32)": "int32"}
@@ -134,7 +136,8 @@ class OnnxDecoder(LoadedModel):
         decoder = IncrementalDecoder(self._tok.decode)
         produced, reason = 0, "length"
         while produced < max_new:
-            step_ids, pending = pending[:PROMPT_CHUNK], pending[PROMPT_CHUNK:]
+            chunk = SHARED_PROMPT_CHUNK if compute.contended() else PROMPT_CHUNK
+            step_ids, pending = pending[:chunk], pending[chunk:]
             feed = {"input_ids": np.array([step_ids], dtype=np.int64), **past}
             total += len(step_ids)
             if self._has_mask:
