@@ -21,8 +21,9 @@ prompt's KV but never a whole prompt. Clients are minimal HTTP clients (one thre
 same for both servers. Per round: aggregate tok/s = all tokens / (first request sent -> last
 stream done); time to first token per stream (sent -> first content). Figures: the median
 round's tok/s per n, p50/p95 TTFT over all streams at n=1 and n=8, the 8-stream / 1-stream
-speed-up and llmlb / llama-server at 8 streams. A block (one side, model and n) during which
-other processes took more than ``--max-foreign`` of the cores is measured again once.
+speed-up and llmlb / llama-server at 8 streams. The two servers run side by side and take
+turns round by round, so that a disturbance hits both alike; a block (one model and n) during
+which other processes took more than ``--max-foreign`` of the cores is measured again once.
 
 Run: ``.venv/bin/python bench/batching.py [--rounds 3] [--models gguf-f16,gguf-f32,safetensors]
 [--no-anchor]``. The last line printed is the JSON summary, also saved as
@@ -184,24 +185,28 @@ def one_round(port: int, model: str, n: int, round_no: int) -> list[dict]:
     return results
 
 
-def measure(port: int, model: str, rounds: int, max_foreign: float, first_round: int,
-            ) -> dict:
-    """Every n: ``rounds`` rounds; the median round's tok/s and every stream's TTFT."""
-    figures: dict = {}
-    round_no = first_round
+def measure(sides: dict[str, tuple[int, str]], rounds: int, max_foreign: float) -> dict:
+    """Every n: ``rounds`` rounds per side, the sides taking turns round by round (so that a
+    disturbance hits both alike); per side the median round's tok/s and every stream's TTFT.
+    ``sides``: name -> (port, model name on that server)."""
+    figures: dict = {side: {} for side in sides}
+    round_no = 1000
     for n in STREAMS:
         for attempt in range(2):
             monitor = Monitor()
             monitor.start()
-            speeds, ttfts, counts = [], [], []
+            speeds: dict = {side: [] for side in sides}
+            ttfts: dict = {side: [] for side in sides}
+            counts = []
             for _ in range(rounds):
                 round_no += 1
-                results = one_round(port, model, n, round_no)
-                tokens = sum(r["tokens"] for r in results)
-                wall = max(r["end"] for r in results) - min(r["sent"] for r in results)
-                speeds.append(tokens / wall)
-                ttfts += [r["first"] - r["sent"] for r in results]
-                counts += [r["tokens"] for r in results]
+                for side, (port, model) in sides.items():
+                    results = one_round(port, model, n, round_no)
+                    tokens = sum(r["tokens"] for r in results)
+                    wall = max(r["end"] for r in results) - min(r["sent"] for r in results)
+                    speeds[side].append(tokens / wall)
+                    ttfts[side] += [r["first"] - r["sent"] for r in results]
+                    counts += [r["tokens"] for r in results]
             foreign = monitor.foreign()
             if foreign <= max_foreign or attempt == 1:
                 break
@@ -209,13 +214,14 @@ def measure(port: int, model: str, rounds: int, max_foreign: float, first_round:
                   "measuring again", flush=True)
         if any(c != MAX_TOKENS for c in counts):
             print(f"    warning: streams of {sorted(set(counts))} tokens, not {MAX_TOKENS}")
-        figures[n] = {"tok_s": round(statistics.median(speeds), 1),
-                      "ttft_p50_ms": round(percentile(ttfts, 50) * 1000, 1),
-                      "ttft_p95_ms": round(percentile(ttfts, 95) * 1000, 1),
-                      "foreign": round(foreign, 3)}
-        print(f"    n={n}: {figures[n]['tok_s']:7.1f} tok/s   TTFT p50 "
-              f"{figures[n]['ttft_p50_ms']:7.1f} ms  p95 {figures[n]['ttft_p95_ms']:7.1f} ms",
-              flush=True)
+        for side in sides:
+            fig = figures[side][n] = {
+                "tok_s": round(statistics.median(speeds[side]), 1),
+                "ttft_p50_ms": round(percentile(ttfts[side], 50) * 1000, 1),
+                "ttft_p95_ms": round(percentile(ttfts[side], 95) * 1000, 1),
+                "foreign": round(foreign, 3)}
+            print(f"    n={n} {side:12s} {fig['tok_s']:7.1f} tok/s   TTFT p50 "
+                  f"{fig['ttft_p50_ms']:7.1f} ms  p95 {fig['ttft_p95_ms']:7.1f} ms", flush=True)
     return figures
 
 
@@ -259,26 +265,25 @@ def main() -> None:
                     LLMLB_LOG_LEVEL="WARNING", PYTHONPATH=str(REPO))
     server = start_server(llmlb_serve_cmd(port), env, work / "llmlb.log", port, name="llmlb")
     try:
-        for name in models:
-            print(f"llmlb, {name}:", flush=True)
-            one_round(port, f"bench-{name}", 8, 0)  # load and warm up
-            results[(name, "llmlb")] = measure(port, f"bench-{name}", args.rounds,
-                                               args.max_foreign, 1000)
+        for name, (fmt, src) in models.items():
+            sides = {"llmlb": (port, f"bench-{name}")}
+            anchor_proc = None
+            if anchor and fmt == "gguf":
+                anchor_port = free_port()
+                anchor_proc = start_llama_server(src, anchor_port,
+                                                 work / f"llama-server-{name}.log")
+                sides["llama-server"] = (anchor_port, name)
+            try:
+                print(f"{name}: {', '.join(sides)}", flush=True)
+                for side_port, model in sides.values():
+                    one_round(side_port, model, 8, 0)  # load and warm up
+                for side, figs in measure(sides, args.rounds, args.max_foreign).items():
+                    results[(name, side)] = figs
+            finally:
+                if anchor_proc is not None:
+                    anchor_proc.stop()
     finally:
         server.stop()
-    if anchor:
-        for name, (fmt, src) in models.items():
-            if fmt != "gguf":
-                continue
-            port = free_port()
-            proc = start_llama_server(src, port, work / f"llama-server-{name}.log")
-            try:
-                print(f"llama-server -np 8, {name}:", flush=True)
-                one_round(port, name, 8, 0)
-                results[(name, "llama-server")] = measure(port, name, args.rounds,
-                                                          args.max_foreign, 1000)
-            finally:
-                proc.stop()
     report(results, args, started, load_before, busy)
 
 
