@@ -11,9 +11,9 @@ in one ``llmlb serve`` (defaults: ``LLMLB_MAX_MESSAGES`` 2048, ``LLMLB_MAX_PROMP
    over the model's context once tokenized; (c) one message of 99,999 ``<|im_end|>`` strings
    (999,990 characters), tokenized as text. Each is sent ``--refusals`` times; median and max.
 2. **Bystander**: ``--chats`` small chats to ``bystander`` (8 tokens, ``temperature=0``), one
-   after the other: p50/p99 latency, first alone, then while a second client sends the hostile
-   prompts above to ``target`` in a loop, together with legitimate long prompts (about 420
-   tokens, the model's context is 512) that ``target`` actually computes.
+   after the other: p50/p99 latency, (a) alone, (b) while a second client sends the hostile
+   prompts above to ``target`` in a loop, (c) the same plus legitimate long prompts (about 420
+   tokens, the model's context is 512) that ``target`` really computes, sharing the thread.
 3. **Layout** (``--layout``): the choice the issue asks to measure, without llmlb: two llama.cpp
    contexts of the same model, A reading 420-token prompts over and over in 128-token chunks, B
    answering small chats (8 tokens). *time-slice*: one thread, the next step to whichever has
@@ -124,41 +124,50 @@ def through_llmlb(args: argparse.Namespace, model: Path) -> dict:
                   f"max {refusals[name]['max_s']:.3f} s", flush=True)
         out["refusals"] = refusals
 
-        quiet = [small_chat(session, url) for _ in range(args.chats)]
-        stop = threading.Event()
-        attacks = {"hostile": 0, "long": 0}
+        def under(long_prompts: bool) -> tuple[list[float], dict]:
+            """The bystander's chats while another client sends hostile prompts to the
+            target in a loop (and, with ``long_prompts``, legitimate long ones too)."""
+            stop = threading.Event()
+            sent = {"hostile": 0, "long": 0}
 
-        def attack() -> None:
-            s = requests.Session()
-            bodies = list(hostile_bodies().values())
-            long_body = json.dumps({"model": "target", "max_tokens": 4, "messages": [
-                {"role": "user", "content": LONG_TEXT}]}).encode()
-            i = 0
-            while not stop.is_set():
-                post(s, url, bodies[i % len(bodies)])
-                attacks["hostile"] += 1
-                status, code, _ = post(s, url, long_body)
-                if status != 200:
-                    raise RuntimeError(f"long prompt failed: {code}")
-                attacks["long"] += 1
-                i += 1
+            def attack() -> None:
+                s = requests.Session()
+                bodies = list(hostile_bodies().values())
+                long_body = json.dumps({"model": "target", "max_tokens": 4, "messages": [
+                    {"role": "user", "content": LONG_TEXT}]}).encode()
+                i = 0
+                while not stop.is_set():
+                    post(s, url, bodies[i % len(bodies)])
+                    sent["hostile"] += 1
+                    if long_prompts:
+                        status, code, _ = post(s, url, long_body)
+                        if status != 200:
+                            raise RuntimeError(f"long prompt failed: {code}")
+                        sent["long"] += 1
+                    i += 1
 
-        attacker = threading.Thread(target=attack, daemon=True)
-        attacker.start()
-        busy = [small_chat(session, url) for _ in range(args.chats)]
-        stop.set()
-        attacker.join(timeout=600)
-        out["bystander"] = {
-            "alone": {"p50_ms": round(percentile(quiet, 50) * 1000, 1),
-                      "p99_ms": round(percentile(quiet, 99) * 1000, 1)},
-            "under_attack": {"p50_ms": round(percentile(busy, 50) * 1000, 1),
-                             "p99_ms": round(percentile(busy, 99) * 1000, 1)},
-            "attacks": attacks}
-        b = out["bystander"]
-        print(f"bystander chat (8 tokens): alone p50 {b['alone']['p50_ms']} ms, p99 "
-              f"{b['alone']['p99_ms']} ms; while target gets {attacks['hostile']} hostile and "
-              f"{attacks['long']} long prompts: p50 {b['under_attack']['p50_ms']} ms, p99 "
-              f"{b['under_attack']['p99_ms']} ms", flush=True)
+            attacker = threading.Thread(target=attack, daemon=True)
+            attacker.start()
+            times = [small_chat(session, url) for _ in range(args.chats)]
+            stop.set()
+            attacker.join(timeout=600)
+            return times, sent
+
+        def figures(times: list[float]) -> dict:
+            return {"p50_ms": round(percentile(times, 50) * 1000, 1),
+                    "p99_ms": round(percentile(times, 99) * 1000, 1)}
+
+        alone = [small_chat(session, url) for _ in range(args.chats)]
+        hostile, sent_hostile = under(long_prompts=False)
+        mixed, sent_mixed = under(long_prompts=True)
+        out["bystander"] = {"alone": figures(alone),
+                            "hostile": {**figures(hostile), "sent": sent_hostile},
+                            "hostile_and_long": {**figures(mixed), "sent": sent_mixed}}
+        print("bystander chat (8 tokens), p50 / p99 ms:", flush=True)
+        for name, fig in out["bystander"].items():
+            extra = f"   (target got {fig['sent']})" if "sent" in fig else ""
+            print(f"  {name:17s} {fig['p50_ms']:7.1f} / {fig['p99_ms']:7.1f}{extra}",
+                  flush=True)
     finally:
         server.stop()
     return out

@@ -29,7 +29,7 @@ from .base import (
 from .batching import PieceDecoder, SequenceStream
 from .batching import Sequence as BatchSequence
 from .llama_batch import PROMPT_CHUNK, LlamaBatchRunner, piece
-from .prompt_tokens import SpecialTokens, render_chat
+from .prompt_tokens import SpecialTokens, refuse_if_too_long, render_chat
 from .textgen import FALLBACK_CHAT_TEMPLATE
 
 # Architectures llama.cpp runs as encoders: they give embeddings, not text.
@@ -61,7 +61,10 @@ class _Vocab:
         control = lib.LLAMA_TOKEN_ATTR_CONTROL | lib.LLAMA_TOKEN_ATTR_UNKNOWN
         tokens: dict[str, int] = {}
         lstrip, rstrip = [], []
+        self.max_token_bytes = 1
         for token in range(lib.llama_vocab_n_tokens(self._vocab)):
+            self.max_token_bytes = max(self.max_token_bytes,
+                                       len(piece(lib, self._vocab, token, special=True)))
             attr = model.token_get_attr(token)
             if attr & control:
                 text = model.token_get_text(token)
@@ -89,13 +92,16 @@ class _Vocab:
                                          False)
         return list(buffer[:n])
 
-    def prompt(self, text: str, spans: Sequence[tuple[int, int]] = ()) -> list[int]:
+    def prompt(self, text: str, spans: Sequence[tuple[int, int]],
+               context_length: int) -> list[int]:
         """A rendered chat prompt: control tokens outside ``spans`` parsed, the rest text
         (what llama_tokenize with parse_special does, minus its quadratic cost)."""
-        return self.specials.encode(text, spans, self.text)
+        refuse_if_too_long(text, self.max_token_bytes, context_length)
+        return self.specials.encode(text, spans, self.text, context_length)
 
-    def user_text(self, text: str) -> list[int]:
+    def user_text(self, text: str, context_length: int) -> list[int]:
         """A raw completion prompt: all of it text, with the model's BOS/EOS rules."""
+        refuse_if_too_long(text, self.max_token_bytes, context_length)
         return [*self._bos, *self.text(text), *self._eos]
 
 
@@ -126,13 +132,13 @@ class GGUFChatModel(LoadedModel):
         except Exception as exc:  # template errors are about the request's messages
             raise InvalidPrompt(f"the chat template rejected the messages: {exc}") from exc
         # The template writes BOS itself (llama-cpp-python's formatter says added_special).
-        return self._vocab.prompt(prompt.text, prompt.spans)
+        return self._vocab.prompt(prompt.text, prompt.spans, self.context_length)
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
         return self._start(self.prompt_ids(messages), params)
 
     def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
-        return self._start(self._vocab.user_text(prompt), params)
+        return self._start(self._vocab.user_text(prompt, self.context_length), params)
 
     def _start(self, ids: list[int], params: SamplingParams) -> Iterator[GenerationEvent]:
         budget = token_budget(len(ids), self.context_length, params.max_tokens)

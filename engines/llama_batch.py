@@ -219,11 +219,12 @@ class LlamaBatchRunner(compute.Runner):
         self._ctx.close()
 
 
-def piece(lib, vocab, token: int) -> bytes:  # noqa: ANN001
-    """The bytes of one token (no special-token text), as llama.cpp detokenizes."""
+def piece(lib, vocab, token: int, special: bool = False) -> bytes:  # noqa: ANN001
+    """The bytes of one token, as llama.cpp detokenizes (control tokens as '' unless
+    ``special``)."""
     buffer = ctypes.create_string_buffer(64)
-    n = lib.llama_token_to_piece(vocab, token, buffer, 64, 0, False)
+    n = lib.llama_token_to_piece(vocab, token, buffer, 64, 0, special)
     if n < 0:
         buffer = ctypes.create_string_buffer(-n)
-        n = lib.llama_token_to_piece(vocab, token, buffer, -n, 0, False)
+        n = lib.llama_token_to_piece(vocab, token, buffer, -n, 0, special)
     return buffer.raw[:n]

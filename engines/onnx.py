@@ -37,7 +37,13 @@ from .base import (
     nvidia_driver_present,
     token_budget,
 )
-from .prompt_tokens import hf_special_tokens, hf_text_tokenizer, render_chat
+from .prompt_tokens import (
+    hf_max_token_bytes,
+    hf_special_tokens,
+    hf_text_tokenizer,
+    refuse_if_too_long,
+    render_chat,
+)
 from .textgen import ChatTemplate, IncrementalDecoder, read_json, sample_next, token_text
 
 #: prompt tokens per step, so that other models get their turn during a long prompt (fewer
@@ -69,17 +75,20 @@ class _Tokenizer:
         self.config = read_json(model_dir / "tokenizer_config.json")
         self.specials = hf_special_tokens(self.tok)
         self._text = hf_text_tokenizer(self.tok)
+        self.max_token_bytes = hf_max_token_bytes(self.tok)
 
     def encode_text(self, text: str, add_special: bool = False) -> list[int]:
         """Plain text: special-token strings in it stay text."""
         return self._text.encode(text, add_special_tokens=add_special).ids
 
-    def encode_prompt(self, text: str, spans: Sequence[tuple[int, int]]) -> list[int]:
+    def encode_prompt(self, text: str, spans: Sequence[tuple[int, int]],
+                      context_length: int) -> list[int]:
         """A rendered chat prompt: the template's special tokens parsed, user text as text.
         The template writes the special tokens itself; the tokenizer adds none."""
+        refuse_if_too_long(text, self.max_token_bytes, context_length)
         if not spans:  # nothing to protect: the library's own tokenization, exactly
             return self.tok.encode(text, add_special_tokens=False).ids
-        return self.specials.encode(text, spans, self.encode_text)
+        return self.specials.encode(text, spans, self.encode_text, context_length)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -168,12 +177,13 @@ class OnnxDecoder(LoadedModel):
             prompt = render_chat(self._template.render, messages, self._tok.specials)
         except Exception as exc:
             raise InvalidPrompt(f"the chat template rejected the messages: {exc}") from exc
-        return self._tok.encode_prompt(prompt.text, prompt.spans)
+        return self._tok.encode_prompt(prompt.text, prompt.spans, self.context_length)
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
         return self._start(self.prompt_ids(messages), params)
 
     def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
+        refuse_if_too_long(prompt, self._tok.max_token_bytes, self.context_length)
         return self._start(self._tok.encode_text(prompt, add_special=True), params)
 
     def _start(self, ids: list[int], params: SamplingParams) -> Iterator[GenerationEvent]:

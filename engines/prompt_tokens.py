@@ -24,6 +24,7 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from .base import InvalidPrompt
 from .textgen import plain_messages
 
 
@@ -52,13 +53,15 @@ class SpecialTokens:
         if self._pattern is None:
             return [text] if text else []
         pieces: list[str | int] = []
-        start, span = 0, 0
-        for match in self._pattern.finditer(text):
+        start = pos = span = 0
+        while (match := self._pattern.search(text, pos)) is not None:
             begin, end = match.span()
             while span < len(spans) and spans[span][1] <= begin:
                 span += 1
-            if span < len(spans) and spans[span][0] < end:
-                continue  # user text: stays text
+            if span < len(spans) and spans[span][0] < end:  # user text: stays text
+                # Jump over the rest of it at once: a message of 100k of them costs one step.
+                pos = spans[span][1] if begin >= spans[span][0] else begin + 1
+                continue
             token = match.group()
             left = text[start:begin]
             if token in self._lstrip:
@@ -70,20 +73,43 @@ class SpecialTokens:
             if token in self._rstrip:
                 while start < len(text) and text[start].isspace():
                     start += 1
+            pos = start
         if text[start:]:
             pieces.append(text[start:])
         return pieces
 
     def encode(self, text: str, spans: Sequence[tuple[int, int]],
-               encode_text: Callable[[str], list[int]]) -> list[int]:
-        """Token ids of ``text``: control tokens outside ``spans``, the rest as plain text."""
+               encode_text: Callable[[str], list[int]],
+               context_length: int | None = None) -> list[int]:
+        """Token ids of ``text``: control tokens outside ``spans``, the rest as plain text.
+        With ``context_length``, stop with ``InvalidPrompt`` as soon as it is exceeded."""
         ids: list[int] = []
         for piece in self.split(text, spans):
             if isinstance(piece, int):
                 ids.append(piece)
             else:
                 ids.extend(encode_text(piece))
+            if context_length is not None and len(ids) > context_length:
+                raise InvalidPrompt(f"the prompt has more than {len(ids) - 1} tokens; this "
+                                    f"model's context holds {context_length}")
         return ids
+
+
+def refuse_if_too_long(text: str, max_token_bytes: int, context_length: int) -> None:
+    """Before tokenizing: no token covers more than ``max_token_bytes`` bytes, so a text of N
+    bytes has at least N / max_token_bytes tokens; refuse it at once when that is over the
+    context (a megabyte of text costs nothing to refuse)."""
+    at_least = len(text.encode("utf-8", errors="replace")) // max(1, max_token_bytes)
+    if at_least > context_length:
+        raise InvalidPrompt(f"the prompt has at least {at_least} tokens; this model's context "
+                            f"holds {context_length}")
+
+
+def hf_max_token_bytes(tokenizer) -> int:  # noqa: ANN001 - tokenizers.Tokenizer
+    """An upper bound on the bytes one token covers (the vocabulary's strings are at least as
+    long, in UTF-8, as the bytes they stand for)."""
+    return max((len(t.encode("utf-8")) for t in tokenizer.get_vocab(with_added_tokens=True)),
+               default=1)
 
 
 def hf_special_tokens(tokenizer) -> SpecialTokens:  # noqa: ANN001 - tokenizers.Tokenizer

@@ -27,7 +27,14 @@ from .base import (
 )
 from .batching import Sequence as BatchSequence
 from .batching import SequenceStream
-from .prompt_tokens import SpecialTokens, hf_special_tokens, hf_text_tokenizer, render_chat
+from .prompt_tokens import (
+    SpecialTokens,
+    hf_max_token_bytes,
+    hf_special_tokens,
+    hf_text_tokenizer,
+    refuse_if_too_long,
+    render_chat,
+)
 from .textgen import FALLBACK_CHAT_TEMPLATE, IncrementalDecoder, read_json
 from .transformers_batch import ContinuousBatchRunner, SerialRunner
 
@@ -63,6 +70,8 @@ class _Tokens:
             {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special})
         self._backend = backend
         self._text = hf_text_tokenizer(backend) if backend is not None else None
+        self.max_token_bytes = hf_max_token_bytes(backend) if backend is not None else max(
+            (len(t.encode("utf-8")) for t in tokenizer.get_vocab()), default=1)
 
     def encode_text(self, text: str, add_special: bool = False) -> list[int]:
         if self._text is not None:
@@ -70,12 +79,14 @@ class _Tokens:
         return list(self._tok(text, add_special_tokens=add_special,
                               split_special_tokens=True)["input_ids"])
 
-    def prompt(self, text: str, spans: Sequence[tuple[int, int]]) -> list[int]:
+    def prompt(self, text: str, spans: Sequence[tuple[int, int]],
+               context_length: int) -> list[int]:
+        refuse_if_too_long(text, self.max_token_bytes, context_length)
         if not spans:  # nothing to protect: the library's own tokenization, exactly
             if self._backend is not None:  # (the wrapper would warn about long prompts)
                 return self._backend.encode(text, add_special_tokens=False).ids
             return list(self._tok(text, add_special_tokens=False)["input_ids"])
-        return self.specials.encode(text, spans, self.encode_text)
+        return self.specials.encode(text, spans, self.encode_text, context_length)
 
 
 class CausalLM(LoadedModel):
@@ -107,12 +118,13 @@ class CausalLM(LoadedModel):
             prompt = render_chat(render, messages, self._tokens.specials)
         except Exception as exc:
             raise InvalidPrompt(f"the chat template rejected the messages: {exc}") from exc
-        return self._tokens.prompt(prompt.text, prompt.spans)
+        return self._tokens.prompt(prompt.text, prompt.spans, self.context_length)
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
         return self._start(self.prompt_ids(messages), params)
 
     def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
+        refuse_if_too_long(prompt, self._tokens.max_token_bytes, self.context_length)
         return self._start(self._tokens.encode_text(prompt, add_special=True), params)
 
     def _start(self, ids: list[int], params: SamplingParams) -> Iterator[GenerationEvent]:
