@@ -11,9 +11,12 @@ in one ``llmlb serve`` (defaults: ``LLMLB_MAX_MESSAGES`` 2048, ``LLMLB_MAX_PROMP
    over the model's context once tokenized; (c) one message of 99,999 ``<|im_end|>`` strings
    (999,990 characters), tokenized as text. Each is sent ``--refusals`` times; median and max.
 2. **Bystander**: ``--chats`` small chats to ``bystander`` (8 tokens, ``temperature=0``), one
-   after the other: p50/p99 latency, (a) alone, (b) while a second client sends the hostile
-   prompts above to ``target`` in a loop, (c) the same plus legitimate long prompts (about 420
-   tokens, the model's context is 512) that ``target`` really computes, sharing the thread.
+   after the other: p50/p99 latency, (a) alone; (b) while a second client sends the hostile
+   prompts above to ``target``, ``--hostile-rate`` a second (default 5); (c) the same back to
+   back (a flood: about 1 MB per request, as fast as one client can send; on 2 cores any
+   flood of big requests slows everything, hostile or not); (d) (b) plus a third client
+   sending legitimate long prompts (about 420 tokens, the model's context is 512) back to
+   back, which ``target`` really computes, sharing the compute thread.
 3. **Layout** (``--layout``): the choice the issue asks to measure, without llmlb: two llama.cpp
    contexts of the same model, A reading 420-token prompts over and over in 128-token chunks, B
    answering small chats (8 tokens). *time-slice*: one thread, the next step to whichever has
@@ -23,7 +26,8 @@ in one ``llmlb serve`` (defaults: ``LLMLB_MAX_MESSAGES`` 2048, ``LLMLB_MAX_PROMP
    tokens/s, against B alone, and against B alone after A computed on a thread of its own
    that stays alive (what a thread per model costs a model used on its own).
 
-Run: ``.venv/bin/python bench/isolation.py [--chats 200] [--refusals 3] [--layout]``; the
+Run: ``.venv/bin/python bench/isolation.py [--chats 200] [--refusals 3] [--hostile-rate 5]
+[--layout]``; the
 JSON summary is the last line, also saved as ``bench/.work/results/isolation-<time>.json``.
 """
 
@@ -124,49 +128,61 @@ def through_llmlb(args: argparse.Namespace, model: Path) -> dict:
                   f"max {refusals[name]['max_s']:.3f} s", flush=True)
         out["refusals"] = refusals
 
-        def under(long_prompts: bool) -> tuple[list[float], dict]:
+        def under(rate: float | None, long_prompts: bool) -> tuple[list[float], dict]:
             """The bystander's chats while another client sends hostile prompts to the
-            target in a loop (and, with ``long_prompts``, legitimate long ones too)."""
+            target, ``rate`` a second (None: back to back), and with ``long_prompts``
+            legitimate long ones too, back to back, from a third client."""
             stop = threading.Event()
             sent = {"hostile": 0, "long": 0}
 
-            def attack() -> None:
+            def hostile() -> None:
                 s = requests.Session()
                 bodies = list(hostile_bodies().values())
-                long_body = json.dumps({"model": "target", "max_tokens": 4, "messages": [
-                    {"role": "user", "content": LONG_TEXT}]}).encode()
-                i = 0
+                i, started = 0, time.monotonic()
                 while not stop.is_set():
                     post(s, url, bodies[i % len(bodies)])
                     sent["hostile"] += 1
-                    if long_prompts:
-                        status, code, _ = post(s, url, long_body)
-                        if status != 200:
-                            raise RuntimeError(f"long prompt failed: {code}")
-                        sent["long"] += 1
                     i += 1
+                    if rate:
+                        stop.wait(max(0.0, started + i / rate - time.monotonic()))
 
-            attacker = threading.Thread(target=attack, daemon=True)
-            attacker.start()
+            def long_ones() -> None:
+                s = requests.Session()
+                body = json.dumps({"model": "target", "max_tokens": 4, "messages": [
+                    {"role": "user", "content": LONG_TEXT}]}).encode()
+                while not stop.is_set():
+                    status, code, _ = post(s, url, body)
+                    if status != 200:
+                        raise RuntimeError(f"long prompt failed: {code}")
+                    sent["long"] += 1
+
+            threads = [threading.Thread(target=hostile, daemon=True)]
+            if long_prompts:
+                threads.append(threading.Thread(target=long_ones, daemon=True))
+            for t in threads:
+                t.start()
             times = [small_chat(session, url) for _ in range(args.chats)]
             stop.set()
-            attacker.join(timeout=600)
+            for t in threads:
+                t.join(timeout=600)
             return times, sent
 
         def figures(times: list[float]) -> dict:
             return {"p50_ms": round(percentile(times, 50) * 1000, 1),
                     "p99_ms": round(percentile(times, 99) * 1000, 1)}
 
-        alone = [small_chat(session, url) for _ in range(args.chats)]
-        hostile, sent_hostile = under(long_prompts=False)
-        mixed, sent_mixed = under(long_prompts=True)
-        out["bystander"] = {"alone": figures(alone),
-                            "hostile": {**figures(hostile), "sent": sent_hostile},
-                            "hostile_and_long": {**figures(mixed), "sent": sent_mixed}}
+        out["bystander"] = {"alone": figures([small_chat(session, url)
+                                              for _ in range(args.chats)])}
+        for name, rate, long_prompts in (
+                (f"hostile {args.hostile_rate:g}/s", args.hostile_rate, False),
+                ("hostile flood", None, False),
+                (f"hostile {args.hostile_rate:g}/s + long", args.hostile_rate, True)):
+            times, sent = under(rate, long_prompts)
+            out["bystander"][name] = {**figures(times), "sent": sent}
         print("bystander chat (8 tokens), p50 / p99 ms:", flush=True)
         for name, fig in out["bystander"].items():
             extra = f"   (target got {fig['sent']})" if "sent" in fig else ""
-            print(f"  {name:17s} {fig['p50_ms']:7.1f} / {fig['p99_ms']:7.1f}{extra}",
+            print(f"  {name:24s} {fig['p50_ms']:7.1f} / {fig['p99_ms']:7.1f}{extra}",
                   flush=True)
     finally:
         server.stop()
@@ -306,6 +322,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chats", type=int, default=200)
     parser.add_argument("--refusals", type=int, default=3)
+    parser.add_argument("--hostile-rate", type=float, default=5.0, metavar="PER_SECOND",
+                        help="hostile prompts a second while the bystander is timed")
     parser.add_argument("--layout", action="store_true", help="also run the layout experiment")
     add_quiet_args(parser, foreign_help="(reported, not enforced here)")
     args = parser.parse_args()
