@@ -41,7 +41,15 @@ def configure_logging(level: str) -> None:
 def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     """Build the app from Settings, or from overrides on top of the environment."""
     from . import auth, errors
-    from .api import admin_routes, dashboard_routes, hub_routes, openai_routes, registry_routes, ws
+    from .api import (
+        admin_routes,
+        dashboard_routes,
+        hub_routes,
+        node_routes,
+        openai_routes,
+        registry_routes,
+        ws,
+    )
     from .runtime import build_runtime
 
     settings = config if isinstance(config, Settings) else load_settings(config)
@@ -62,11 +70,15 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     app.register_blueprint(openai_routes.bp)
     app.register_blueprint(registry_routes.bp)
-    app.register_blueprint(admin_routes.bp)
-    app.register_blueprint(hub_routes.bp)
-    ws.sock.init_app(app)
-    app.register_blueprint(ws.bp)
-    app.register_blueprint(dashboard_routes.bp)
+    if settings.role == "node":  # the balancer's internal API to it; no users, no dashboard
+        app.register_blueprint(node_routes.node_bp)
+    else:
+        app.register_blueprint(node_routes.bp)
+        app.register_blueprint(admin_routes.bp)
+        app.register_blueprint(hub_routes.bp)
+        ws.sock.init_app(app)
+        app.register_blueprint(ws.bp)
+        app.register_blueprint(dashboard_routes.bp)
 
     worker = str(os.getpid())
 
@@ -87,16 +99,20 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         log.warning("DEVELOPMENT MODE: the API key 'sk_debug' and the login admin/test are "
                     "accepted. Never run this on a network others can reach.")
         log.warning("=" * 72)
-    generated = auth.ensure_first_admin(rt.db, settings.admin_username,
-                                        settings.admin_password)
-    if generated:
-        log.warning("Created the first admin user '%s' with the password: %s  (shown once; "
-                    "set LLMLB_ADMIN_PASSWORD to choose it)", settings.admin_username, generated)
-    rt.hub.reconcile()  # pulls a restart cut off carry on
+    if settings.role != "node":
+        generated = auth.ensure_first_admin(rt.db, settings.admin_username,
+                                            settings.admin_password)
+        if generated:
+            log.warning("Created the first admin user '%s' with the password: %s  (shown once; "
+                        "set LLMLB_ADMIN_PASSWORD to choose it)", settings.admin_username,
+                        generated)
+    # Periodic work (pulls a restart cut off, heartbeats): one process per instance runs it.
+    rt.supervisor.start()
     # What exists now lives as long as the process: keep it out of the collector's full
     # passes, which otherwise stall a request for tens of milliseconds now and then.
     gc.freeze()
-    log.info("llmlb ready: models in %s, catalog %s (%d models), database %s",
-             settings.models_dir, settings.supported_models, len(rt.catalog.models()),
-             settings.database)
+    log.info("llmlb ready (%s%s): models in %s, catalog %s (%d models), database %s",
+             settings.role, f" '{settings.node_name}' for {settings.balancer_url}"
+             if settings.role == "node" else "", settings.models_dir,
+             settings.supported_models, len(rt.catalog.models()), settings.database)
     return app

@@ -1,5 +1,5 @@
 """The SQLite database every worker process shares (WAL mode): keys, users, registrations,
-events and small settings. One connection per thread; schema versions in ``user_version``.
+events, small settings and the balancer's node registry. One connection per thread; schema versions in ``user_version``.
 """
 
 from __future__ import annotations
@@ -51,6 +51,28 @@ MIGRATIONS: tuple[str, ...] = (
         ok INTEGER NOT NULL,
         fetched_at REAL NOT NULL,
         claimed_at REAL
+    );
+    """,
+    # The balancer's registry: nodes (and, later, endpoints) by name, their last report and
+    # cooldown; which node pulls a model nobody has yet (one pull per model per cluster).
+    """
+    CREATE TABLE IF NOT EXISTS nodes (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL DEFAULT 'node',
+        url TEXT NOT NULL,
+        secret TEXT,
+        report TEXT NOT NULL DEFAULT '{}',
+        registered_at REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        failures INTEGER NOT NULL DEFAULT 0,
+        cooldown_until REAL NOT NULL DEFAULT 0,
+        last_error TEXT
+    );
+    CREATE TABLE IF NOT EXISTS pulls (
+        model_id TEXT PRIMARY KEY,
+        node_id INTEGER NOT NULL,
+        assigned_at REAL NOT NULL
     );
     """,
 )

@@ -11,12 +11,18 @@ from .catalog import CatalogModel
 from .storage import LocalModel
 
 
-def model_object(model: LocalModel, nodes: list[str]) -> dict:
+def listing_entry(model: LocalModel) -> dict:
+    """A servable model as a node reports it: an OpenAI model object, no local path."""
     return {
         "id": model.id, "object": "model", "created": model.created, "owned_by": model.source,
         "format": model.format, "size_bytes": model.size_bytes, "status": "ready",
-        "nodes": nodes,
     }
+
+
+def model_object(model: LocalModel | dict, nodes: list[str]) -> dict:
+    """A model for ``/v1/models``, with the nodes that have it ready."""
+    entry = listing_entry(model) if isinstance(model, LocalModel) else model
+    return {**entry, "nodes": nodes}
 
 
 def catalog_object(entry: CatalogModel, status: str) -> dict:

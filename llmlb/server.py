@@ -35,10 +35,19 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
 def preflight(settings: Settings) -> None:
     """Check, in the master before any worker boots, what would make every worker fail:
     a worker that cannot start shows gunicorn's traceback and "Worker failed to boot"
-    instead of the reason. Raises CatalogError with the entry at fault."""
+    instead of the reason. Raises CatalogError with the entry at fault, SettingsError for a
+    node that cannot reach or authenticate to a balancer."""
     from .catalog import load_catalog
+    from .config import SettingsError
 
     load_catalog(settings.supported_models)
+    if settings.role == "node":
+        if not settings.balancer_url:
+            raise SettingsError("a node needs its balancer: --balancer-url or "
+                                "LLMLB_BALANCER_URL")
+        if not settings.node_api_key:
+            raise SettingsError("a node needs LLMLB_NODE_API_KEY, a key with the node scope "
+                                "created on the balancer (llmlb keys create --scope node)")
 
 
 def serve(settings: Settings) -> None:

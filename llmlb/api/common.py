@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Callable
 from functools import wraps
@@ -11,7 +10,9 @@ from typing import Any
 from flask import Response, current_app, g, jsonify, request, session
 
 from .. import auth, errors
+from ..balancer.proxy import Forwarded
 from ..runtime import Runtime
+from ..serving.body import parse_json_object
 from ..serving.sse import SSEStream
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -40,6 +41,14 @@ def current_principal() -> auth.Principal | None:
     """The key's principal, else the logged-in dashboard user's (CSRF-checked when unsafe)."""
     rt = runtime()
     key = auth.key_from_headers(request.headers)
+    if rt.agent is not None:  # a node: only node credentials (see balancer/agent.py)
+        if key is None:
+            return None
+        node_principal = rt.agent.principal(key)
+        if node_principal is None:
+            raise errors.unauthorized("Invalid key: this node accepts only its balancer and "
+                                      "its own node key")
+        return node_principal
     if key is not None:
         principal = auth.authenticate_key(rt.db, key, dev=rt.settings.dev)
         if principal is None:
@@ -64,8 +73,9 @@ def require(*scopes: str) -> Callable:
             principal = current_principal()
             if principal is None:
                 raise errors.unauthorized()
-            if not any(principal.allows(s) for s in scopes):
-                raise errors.forbidden(" or ".join(scopes))
+            needed = ("node",) if runtime().agent is not None else scopes  # a node: node only
+            if not any(principal.allows(s) for s in needed):
+                raise errors.forbidden(" or ".join(needed))
             g.principal = principal
             return view(*args, **kwargs)
 
@@ -76,16 +86,18 @@ def require(*scopes: str) -> Callable:
 
 def json_body() -> dict:
     """The request's JSON object, or a 400 saying what is wrong with it."""
-    raw = request.get_data(cache=True)  # obeys MAX_CONTENT_LENGTH: 413 when larger
-    if not raw.strip():
-        raise errors.invalid_json("the body is empty; send a JSON object")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise errors.invalid_json(str(exc)) from None
-    if not isinstance(data, dict):
-        raise errors.invalid_request("The request body must be a JSON object")
-    return data
+    return parse_json_object(request.get_data(cache=True))  # 413 past MAX_CONTENT_LENGTH
+
+
+def relay(forwarded: Forwarded) -> Response:
+    """A node's answer as it comes: its status, headers and bytes, and who answered."""
+    answer = forwarded.response
+    response = Response(answer.body, status=answer.status, headers=answer.headers,
+                        direct_passthrough=True)
+    if forwarded.node:
+        response.headers["X-LLMLB-Node"] = forwarded.node
+    response.call_on_close(answer.close)  # also when the client left before the first byte
+    return response
 
 
 def respond(result: dict | SSEStream, status: int = 200) -> Response:

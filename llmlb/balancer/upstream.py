@@ -1,0 +1,218 @@
+"""The node seam: hand a node one OpenAI request, get its answer back as status, headers and
+body, the same shape whether the node runs in this process or on another machine.
+
+The wire is the OpenAI API itself: a node is the same app and answers ``/v1/...`` as vLLM or
+llama-server do, so the balancer passes the request's bytes to it and its response's bytes
+back as they arrive, reading only what it must (the status and headers before the first byte,
+for failover). The in-process node runs ``serving/`` directly; a remote node is reached over a
+pooled keep-alive connection (urllib3, one pool per node, sized to the worker's threads).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import urllib3
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import ProtocolError
+
+from engines.base import CHAT, COMPLETION, EMBEDDINGS
+
+from .. import errors
+from ..dispatch import Dispatcher
+from ..serving import openai as serving
+from ..serving.sse import SSEStream
+
+log = logging.getLogger(__name__)
+
+PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions",
+         EMBEDDINGS: "/v1/embeddings"}
+SSE_HEADERS = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
+               ("X-Accel-Buffering", "no")]  # nginx: pass each event on at once
+JSON_HEADERS = [("Content-Type", "application/json")]
+# Hop-by-hop headers, and what only describes the node's own server, never reach the client.
+DROPPED_HEADERS = frozenset({
+    "connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
+    "upgrade", "proxy-authenticate", "proxy-authorization", "date", "server", "set-cookie",
+    "x-llmlb-worker", "x-llmlb-node"})
+READ_SIZE = 64 * 1024
+
+
+def _noop() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class ProxyRequest:
+    """One OpenAI request on its way to a node: the bytes as sent, and what was read of them."""
+
+    operation: str  # CHAT | COMPLETION | EMBEDDINGS
+    raw: bytes
+    payload: dict
+    model_id: str
+
+    @property
+    def path(self) -> str:
+        return PATHS[self.operation]
+
+
+@dataclass
+class NodeResponse:
+    """A node's answer. ``body`` is bytes when complete, else an iterator of chunks as they
+    arrive (a stream); ``close`` frees what the answer holds (the model, the connection)."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes | Iterator[bytes]
+    close: Callable[[], None] = _noop
+
+    @property
+    def streaming(self) -> bool:
+        return not isinstance(self.body, bytes)
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+
+class NodeUnreachable(Exception):
+    """The node could not be asked, or stopped answering; the message says how."""
+
+
+class Node(Protocol):
+    name: str
+
+    def send(self, request: ProxyRequest) -> NodeResponse: ...
+
+
+def json_response(status: int, body: dict, headers: dict[str, str] | None = None,
+                  ) -> NodeResponse:
+    data = (json.dumps(body, separators=(",", ":")) + "\n").encode()
+    return NodeResponse(status, JSON_HEADERS + list((headers or {}).items()), data)
+
+
+def error_response(err: errors.APIError) -> NodeResponse:
+    return json_response(err.status, err.body(), err.headers)
+
+
+# --- the node in this process ---------------------------------------------------------------
+
+_SERVE = {CHAT: serving.chat_completion, COMPLETION: serving.completion,
+          EMBEDDINGS: serving.embeddings}
+
+
+def _encoded(stream: SSEStream) -> Iterator[bytes]:
+    for frame in stream:
+        yield frame.encode()
+
+
+class InProcessNode:
+    """Runs requests on this process's engines (standalone, and a node serving its balancer)."""
+
+    def __init__(self, name: str, dispatcher: Dispatcher) -> None:
+        self.name = name
+        self.dispatcher = dispatcher
+
+    def send(self, request: ProxyRequest) -> NodeResponse:
+        try:
+            result = _SERVE[request.operation](self.dispatcher, request.payload)
+        except Exception as exc:
+            err = errors.from_exception(exc)
+            if err.code == "internal_error":
+                log.exception("Unhandled error serving %s", request.path)
+            return error_response(err)
+        if isinstance(result, SSEStream):
+            return NodeResponse(200, list(SSE_HEADERS), _encoded(result), result.close)
+        return json_response(200, result)
+
+
+# --- a node on another machine ----------------------------------------------------------------
+
+class RemoteNode:
+    """A node reached over HTTP with the secret it gave at registration."""
+
+    def __init__(self, name: str, url: str, secret: str | None, *, pool_size: int,
+                 connect_timeout: float, read_timeout: float) -> None:
+        self.name, self.url = name, url
+        self.pool = urllib3.connection_from_url(
+            url, maxsize=pool_size, block=False, retries=False,
+            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout))
+        self.base_path = urlsplit(url).path.rstrip("/")
+        self.headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+        if secret:
+            self.headers["Authorization"] = f"Bearer {secret}"
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                ) -> urllib3.BaseHTTPResponse:
+        """Send a request and return once the status and headers are in (the body unread).
+
+        A keep-alive connection the node closed just as it was reused fails without an
+        answer; that is retried once on a new connection before the node counts as failed."""
+        for attempt in (1, 2):
+            try:
+                return self.pool.urlopen(method, self.base_path + path, body=body,
+                                         headers=self.headers, preload_content=False,
+                                         release_conn=False, redirect=False,
+                                         assert_same_host=False)
+            except ProtocolError as exc:
+                if attempt == 2:
+                    raise NodeUnreachable(f"connection to {self.name} lost: {exc}") from exc
+            except Urllib3Error as exc:
+                raise NodeUnreachable(_describe(self.name, exc)) from exc
+        raise AssertionError("unreachable")
+
+    def send(self, request: ProxyRequest) -> NodeResponse:
+        response = self.request("POST", request.path, request.raw)
+        headers = [(k, v) for k, v in response.headers.items()
+                   if k.lower() not in DROPPED_HEADERS]
+        if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            try:  # a complete answer is small: read it whole, so a cut is still a failover
+                data = response.read()
+            except (Urllib3Error, OSError) as exc:
+                response.close()
+                response.release_conn()
+                raise NodeUnreachable(_describe(self.name, exc)) from exc
+            response.release_conn()
+            return NodeResponse(response.status, headers, data)
+        return NodeResponse(response.status, headers, self._chunks(response),
+                            lambda: _abandon(response))
+
+    def _chunks(self, response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+        """The stream's bytes as the node sends them (each SSE event is one HTTP chunk)."""
+        try:
+            if response.chunked:
+                yield from response.read_chunked(decode_content=False)
+            else:
+                while chunk := response.read1(READ_SIZE):
+                    yield chunk
+        except (Urllib3Error, OSError) as exc:
+            raise NodeUnreachable(_describe(self.name, exc)) from exc
+        response.release_conn()
+
+
+def _abandon(response: urllib3.BaseHTTPResponse) -> None:
+    """Stop reading a stream: close its connection (so the node sees the client leave and
+    frees the model), unless it was read to the end and can be reused."""
+    if not response.closed and response.connection is not None:
+        response.close()
+    response.release_conn()
+
+
+def _describe(name: str, exc: BaseException) -> str:
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
+
+    if isinstance(exc, ConnectTimeoutError):
+        return f"node {name} did not accept the connection in time"
+    if isinstance(exc, NewConnectionError):
+        return f"cannot connect to node {name}: {exc.__context__ or exc}"
+    if isinstance(exc, ReadTimeoutError):
+        return f"node {name} did not answer in time"
+    return f"node {name} failed: {exc}"
