@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from functools import wraps
 from typing import Any
 
@@ -89,14 +89,37 @@ def json_body() -> dict:
     return parse_json_object(request.get_data(cache=True))  # 413 past MAX_CONTENT_LENGTH
 
 
+class _Passthrough:
+    """A streamed body handed to the WSGI server as it is; its ``close()`` (called by the
+    server when the response ends, the client left, or never started reading) also frees
+    what the answer holds."""
+
+    def __init__(self, chunks: Iterable[bytes], on_close: Callable[[], None]) -> None:
+        self._chunks, self._on_close = chunks, on_close
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._chunks)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._on_close()
+
+
 def relay(forwarded: Forwarded) -> Response:
     """A node's answer as it comes: its status, headers and bytes, and who answered."""
     answer = forwarded.response
-    response = Response(answer.body, status=answer.status, headers=answer.headers,
-                        direct_passthrough=True)
+    if isinstance(answer.body, bytes):
+        answer.close()
+        response = Response(answer.body, status=answer.status, headers=answer.headers)
+    else:
+        response = Response(_Passthrough(answer.body, answer.close), status=answer.status,
+                            headers=answer.headers, direct_passthrough=True)
     if forwarded.node:
         response.headers["X-LLMLB-Node"] = forwarded.node
-    response.call_on_close(answer.close)  # also when the client left before the first byte
     return response
 
 

@@ -202,9 +202,11 @@ class StatusWatch:
             if before is not None and before != status:
                 why = {OFFLINE: f"no heartbeat for {now - record.last_seen:.0f}s",
                        COOLDOWN: record.last_error or "a failure",
-                       ONLINE: "reachable again"}[status]
+                       ONLINE: "its cooldown is over" if before == COOLDOWN
+                       else "it sends heartbeats again"}[status]
                 log.log(logging.WARNING if status != ONLINE else logging.INFO,
-                        "Node %s is %s (%s)", record.name, status, why)
+                        "Node %s is %s (%s)", record.name,
+                        "in cooldown" if status == COOLDOWN else status, why)
             self._seen[record.name] = status
         if now - self._pruned > 10:
             self.registry.prune_pulls(now - self.forget_pulls_after)

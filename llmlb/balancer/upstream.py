@@ -209,10 +209,10 @@ def _abandon(response: urllib3.BaseHTTPResponse) -> None:
 def _describe(name: str, exc: BaseException) -> str:
     from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
 
+    if isinstance(exc, NewConnectionError):  # (a subclass of ConnectTimeoutError)
+        return f"cannot connect to node {name}: {exc.__context__ or exc}"
     if isinstance(exc, ConnectTimeoutError):
         return f"node {name} did not accept the connection in time"
-    if isinstance(exc, NewConnectionError):
-        return f"cannot connect to node {name}: {exc.__context__ or exc}"
     if isinstance(exc, ReadTimeoutError):
         return f"node {name} did not answer in time"
     return f"node {name} failed: {exc}"
