@@ -1,4 +1,5 @@
-"""The dashboard's pages (HB-5): login, Models (Model Hub and Local tabs), Playground, API keys.
+"""The dashboard's pages (HB-5): login, Models (Model Hub and Local tabs), Nodes, Playground,
+API keys.
 
 Pages are server-rendered shells; their scripts talk to the same JSON API as everyone else,
 with the session cookie and a CSRF token. Every asset is served from ``/static``.
@@ -84,6 +85,12 @@ def logout():
 @login_required
 def models():
     return render_template("models.html", page="models")
+
+
+@bp.get("/nodes")
+@login_required
+def nodes():
+    return render_template("nodes.html", page="nodes")
 
 
 @bp.get("/playground")

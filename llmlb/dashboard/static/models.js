@@ -63,7 +63,7 @@ function card(item) {
       el("span", {}, formatBytes(m.size_bytes)),
       m.quantization ? el("span", {}, m.quantization) : null,
       el("span", { title: "Memory needed" }, `needs ${formatBytes(m.required_memory_bytes)}`),
-      item.available_nodes ? el("span", {}, `on ${item.available_nodes} node${item.available_nodes > 1 ? "s" : ""}`) : null,
+      item.available_nodes ? el("span", { "data-role": "nodes" }, `on ${(item.nodes || []).join(", ") || `${item.available_nodes} nodes`}`) : null,
       stats),
     el("div", { class: "tags" }, (m.tags || []).map((t) => el("span", { class: "tag" }, t))),
     actions(item));
