@@ -74,6 +74,7 @@ MIGRATIONS: tuple[str, ...] = (
         node_id INTEGER NOT NULL,
         assigned_at REAL NOT NULL
     );
+    ALTER TABLE registrations ADD COLUMN node TEXT;
     """,
 )
 

@@ -150,7 +150,7 @@ class Hub:
                 raise errors.no_node_available(model_id, 5, str(exc)) from None
             if status >= 300:
                 raise errors.relayed(status, body)
-            self._record_registration(model_id)
+            self._record_registration(model_id, target.name)
             log.info("Pull requested: %s, on node %s", model_id, target.name)
             return {"model_id": model_id, "status": REGISTERED, "node": target.name}
         self.resolver.check_downloadable(model_id)
@@ -160,12 +160,14 @@ class Hub:
         log.info("Pull requested: %s", model_id)
         return {"model_id": model_id, "status": REGISTERED}
 
-    def _record_registration(self, model_id: str) -> None:
+    def _record_registration(self, model_id: str, node: str | None = None) -> None:
+        """Remember the pull (``node``: the remote node that runs it; None: this process)."""
         now = time.time()
         with self.db.transaction() as conn:
-            conn.execute("INSERT INTO registrations(model_id, state, requested_at, updated_at) "
-                         "VALUES (?, 'registered', ?, ?) ON CONFLICT(model_id) DO UPDATE SET "
-                         "updated_at=excluded.updated_at", (model_id, now, now))
+            conn.execute("INSERT INTO registrations(model_id, state, requested_at, updated_at, "
+                         "node) VALUES (?, 'registered', ?, ?, ?) ON CONFLICT(model_id) DO "
+                         "UPDATE SET updated_at=excluded.updated_at, node=excluded.node",
+                         (model_id, now, now, node))
 
     def _pull_target(self, model_id: str, required: int):  # noqa: ANN202 - a Member
         """The node with the most free memory (GPU, else system) that the model fits in."""
@@ -216,8 +218,10 @@ class Hub:
                 "status": AVAILABLE if self.catalog.get(model_id) else None}
 
     def reconcile(self) -> None:
-        """Restart pulls that were requested but run nowhere (after a restart, say)."""
-        for model_id in self._registered():
+        """Restart pulls of this process's that were requested but run nowhere (after a
+        restart, say). A node's pulls are the node's to resume."""
+        rows = self.db.conn().execute("SELECT model_id FROM registrations WHERE node IS NULL")
+        for (model_id,) in rows.fetchall():
             if self.catalog.get(model_id) is None or self.resolver.find(model_id):
                 continue
             record = self.resolver.progress.read(model_id)
