@@ -20,6 +20,7 @@ from ..config import Settings
 from ..hardware import Memory, memory_of
 from ..model_info import listing_entry
 from ..node import LocalNode
+from .http1 import HTTPClientError
 from .inflight import InflightCounters
 from .registry import COOLDOWN, ONLINE, NodeRecord, NodeRegistry
 from .upstream import InProcessNode, Node, NodeUnreachable, RemoteNode
@@ -192,11 +193,11 @@ class Cluster:
              ) -> tuple[int, dict]:
         """Call a node's ``/v0/node/...`` route; (status, JSON body). Raises NodeUnreachable."""
         body = json.dumps(payload).encode() if payload is not None else None
-        response = member.node.request(method, path, body)  # type: ignore[union-attr]
+        response = member.node.request(method, path, body)
         try:
             data = response.read()
-        finally:
-            response.release_conn()
+        except HTTPClientError as exc:
+            raise NodeUnreachable(f"node {member.name}: {exc}") from exc
         try:
             parsed: Any = json.loads(data or b"{}")
         except ValueError:

@@ -5,7 +5,7 @@ The wire is the OpenAI API itself: a node is the same app and answers ``/v1/...`
 llama-server do, so the balancer passes the request's bytes to it and its response's bytes
 back as they arrive, reading only what it must (the status and headers before the first byte,
 for failover). The in-process node runs ``serving/`` directly; a remote node is reached over a
-pooled keep-alive connection (urllib3, one pool per node, sized to the worker's threads).
+pooled keep-alive connection (``http1``: one pool per node, sized to the worker's threads).
 """
 
 from __future__ import annotations
@@ -17,16 +17,13 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
-import urllib3
-from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.exceptions import ProtocolError
-
 from engines.base import CHAT, COMPLETION, EMBEDDINGS
 
 from .. import errors
 from ..dispatch import Dispatcher
 from ..serving import openai as serving
 from ..serving.sse import SSEStream
+from . import http1
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +37,6 @@ DROPPED_HEADERS = frozenset({
     "connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
     "upgrade", "proxy-authenticate", "proxy-authorization", "date", "server", "set-cookie",
     "x-llmlb-worker", "x-llmlb-node"})
-READ_SIZE = 64 * 1024
 
 
 def _noop() -> None:
@@ -139,9 +135,8 @@ class RemoteNode:
     def __init__(self, name: str, url: str, secret: str | None, *, pool_size: int,
                  connect_timeout: float, read_timeout: float) -> None:
         self.name, self.url = name, url
-        self.pool = urllib3.connection_from_url(
-            url, maxsize=pool_size, block=False, retries=False,
-            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout))
+        self.pool = http1.Pool(url, maxsize=pool_size, connect_timeout=connect_timeout,
+                               read_timeout=read_timeout)
         self.base_path = urlsplit(url).path.rstrip("/")
         self.headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if secret:
@@ -150,69 +145,27 @@ class RemoteNode:
     def close(self) -> None:
         self.pool.close()
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                ) -> urllib3.BaseHTTPResponse:
-        """Send a request and return once the status and headers are in (the body unread).
-
-        A keep-alive connection the node closed just as it was reused fails without an
-        answer; that is retried once on a new connection before the node counts as failed."""
-        for attempt in (1, 2):
-            try:
-                return self.pool.urlopen(method, self.base_path + path, body=body,
-                                         headers=self.headers, preload_content=False,
-                                         release_conn=False, redirect=False,
-                                         assert_same_host=False)
-            except ProtocolError as exc:
-                if attempt == 2:
-                    raise NodeUnreachable(f"connection to {self.name} lost: {exc}") from exc
-            except Urllib3Error as exc:
-                raise NodeUnreachable(_describe(self.name, exc)) from exc
-        raise AssertionError("unreachable")
+    def request(self, method: str, path: str, body: bytes | None = None) -> http1.Response:
+        """Send a request and return once the status and headers are in (the body unread)."""
+        try:
+            return self.pool.request(method, self.base_path + path, body, self.headers)
+        except http1.HTTPClientError as exc:
+            raise NodeUnreachable(f"node {self.name}: {exc}") from exc
 
     def send(self, request: ProxyRequest) -> NodeResponse:
         response = self.request("POST", request.path, request.raw)
-        headers = [(k, v) for k, v in response.headers.items()
-                   if k.lower() not in DROPPED_HEADERS]
-        if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+        headers = [(k, v) for k, v in response.headers if k.lower() not in DROPPED_HEADERS]
+        if not (response.header("Content-Type") or "").startswith("text/event-stream"):
             try:  # a complete answer is small: read it whole, so a cut is still a failover
                 data = response.read()
-            except (Urllib3Error, OSError) as exc:
-                response.close()
-                response.release_conn()
-                raise NodeUnreachable(_describe(self.name, exc)) from exc
-            response.release_conn()
+            except http1.HTTPClientError as exc:
+                raise NodeUnreachable(f"node {self.name}: {exc}") from exc
             return NodeResponse(response.status, headers, data)
-        return NodeResponse(response.status, headers, self._chunks(response),
-                            lambda: _abandon(response))
+        return NodeResponse(response.status, headers, self._chunks(response), response.close)
 
-    def _chunks(self, response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
-        """The stream's bytes as the node sends them (each SSE event is one HTTP chunk)."""
+    def _chunks(self, response: http1.Response) -> Iterator[bytes]:
+        """The stream's bytes as the node sends them."""
         try:
-            if response.chunked:
-                yield from response.read_chunked(decode_content=False)
-            else:
-                while chunk := response.read1(READ_SIZE):
-                    yield chunk
-        except (Urllib3Error, OSError) as exc:
-            raise NodeUnreachable(_describe(self.name, exc)) from exc
-        response.release_conn()
-
-
-def _abandon(response: urllib3.BaseHTTPResponse) -> None:
-    """Stop reading a stream: close its connection (so the node sees the client leave and
-    frees the model), unless it was read to the end and can be reused."""
-    if not response.closed and response.connection is not None:
-        response.close()
-    response.release_conn()
-
-
-def _describe(name: str, exc: BaseException) -> str:
-    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
-
-    if isinstance(exc, NewConnectionError):  # (a subclass of ConnectTimeoutError)
-        return f"cannot connect to node {name}: {exc.__context__ or exc}"
-    if isinstance(exc, ConnectTimeoutError):
-        return f"node {name} did not accept the connection in time"
-    if isinstance(exc, ReadTimeoutError):
-        return f"node {name} did not answer in time"
-    return f"node {name} failed: {exc}"
+            yield from response.chunks()
+        except http1.HTTPClientError as exc:
+            raise NodeUnreachable(f"node {self.name}: {exc}") from exc
