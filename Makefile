@@ -49,10 +49,16 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check llmlb engines plugins tests bench
 
 bench: $(VENV)/.installed-test
+	@# bench/balancer.py drives the proxy with wrk, a C load generator (a Python client cannot
+	@# saturate it); nginx, when present, is measured beside it.
+	command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq wrk; }
 	$(BIN)/python bench/api_latency.py
 	$(BIN)/python bench/engine_overhead.py
 	$(BIN)/python bench/download.py
 	$(BIN)/python bench/hub.py
+	$(BIN)/python bench/balancer.py
+	$(BIN)/python bench/affinity.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info test-artifacts bench/.work
