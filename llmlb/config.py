@@ -36,7 +36,7 @@ class Option:
 
 ROLES = ("standalone", "balancer", "node")
 NODE_PORT = 8081  # `llmlb node`'s default port, beside the balancer's 8080
-_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -301,7 +301,7 @@ def _cluster_values(values: dict[str, Any], sources: dict[str, str]) -> None:
     if values["role"] == "node" and sources["port"] == "default":
         values["port"] = NODE_PORT
     name = values["node_name"] or socket.gethostname().split(".")[0] or "node"
-    if not _NODE_NAME.fullmatch(name):
+    if not NODE_NAME.fullmatch(name):
         raise SettingsError(f"LLMLB_NODE_NAME must be 1-64 letters, digits, '.', '_' or '-' "
                             f"(starting with a letter or digit), not {name!r}")
     values["node_name"] = name

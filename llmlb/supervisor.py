@@ -130,7 +130,10 @@ class Supervisor:
             except Exception as exc:
                 message = f"{type(exc).__name__}: {exc}"
                 if message != task.last_error:  # once per distinct failure, not every tick
-                    log.exception("Task %s failed", task.name)
+                    if isinstance(exc, OSError):  # the network, a peer: no traceback needed
+                        log.warning("Task %s failed: %s", task.name, exc)
+                    else:
+                        log.exception("Task %s failed", task.name)
                 task.last_error = message
             task.runs += 1
             task.last_run = time.time()

@@ -187,29 +187,37 @@ def test_each_model_goes_to_the_node_that_has_it(cluster) -> None:
     assert bad.value.response.headers["X-LLMLB-Node"] == "node-a"
 
 
-def test_two_nodes_with_one_model_share_concurrent_load(cluster) -> None:
-    c = cluster()
-    c.start_node("node-a", {"snail": "slow:0.05"})
-    c.start_node("node-b", {"snail": "slow:0.05"})
+def concurrently(c: Cluster, model: str, contents: list[str], max_tokens: int = 10,
+                 ) -> collections.Counter:
+    """Send one chat per content at once; which node answered how many (all must succeed)."""
     served: collections.Counter = collections.Counter()
     failures: list[Exception] = []
 
-    def ask(i: int) -> None:
+    def ask(content: str) -> None:
         try:
             raw = c.client().chat.completions.with_raw_response.create(
-                model="snail", messages=[{"role": "user", "content": f"question {i}"}],
-                max_tokens=10)
+                model=model, messages=[{"role": "user", "content": content}],
+                max_tokens=max_tokens)
             served[raw.headers["X-LLMLB-Node"]] += 1
         except Exception as exc:  # noqa: BLE001 - reported below
             failures.append(exc)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=ask, args=(text,)) for text in contents]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not failures
-    assert set(served) == {"node-a", "node-b"}, served  # neither node got all of them
+    assert not failures, failures
+    return served
+
+
+def test_two_nodes_with_one_model_share_concurrent_load(cluster) -> None:
+    c = cluster(LLMLB_AFFINITY="0")  # least busy alone decides
+    c.start_node("node-a", {"snail": "slow:0.05"})
+    c.start_node("node-b", {"snail": "slow:0.05"})
+    served = concurrently(c, "snail", [f"question {i}" for i in range(8)])
+    # Each node generates one answer at a time: in-flight counts send the next to the other.
+    assert set(served) == {"node-a", "node-b"} and min(served.values()) >= 3, served
 
 
 def test_killed_node_goes_offline_and_no_request_fails(cluster) -> None:
@@ -226,11 +234,15 @@ def test_killed_node_goes_offline_and_no_request_fails(cluster) -> None:
     c.nodes["node-a"].stop(signal.SIGKILL)
     killed_at = time.monotonic()
     after: collections.Counter = collections.Counter()
+    n = 0
     while time.monotonic() - killed_at < 5:  # through cooldowns ending and the node going offline
+        n += 1  # new conversations: affinity would send a repeated one to a single node
         raw = client.chat.completions.with_raw_response.create(
-            model="tiny-gguf", messages=HELLO, max_tokens=2)  # any failure raises here
+            model="tiny-gguf", messages=[{"role": "user", "content": f"after {n}"}],
+            max_tokens=2)  # any failure raises here
         after[raw.headers["X-LLMLB-Node"]] += 1
-    assert set(after) == {"node-b"}
+    assert set(after) == {"node-b"} and n > 10
+    assert "Node node-a failed (node node-a: cannot connect" in c.balancer.log()
     nodes = c.wait(lambda ns: ns["node-a"]["status"] == "offline", timeout=10)
     assert nodes["node-b"]["status"] == "online"
     assert "Node node-a is offline" in c.balancer.log()
@@ -358,3 +370,13 @@ def test_affinity_sends_a_conversation_back_to_the_same_node(cluster) -> None:
         assert len(set(nodes)) == 1, f"conversation {n} moved: {nodes}"
         used |= set(nodes)
     assert used == {"node-a", "node-b"}  # conversations spread over the nodes
+
+
+def test_affinity_yields_to_the_load_bound(cluster) -> None:
+    c = cluster()
+    c.start_node("node-a", {"snail": "slow:0.05"})
+    c.start_node("node-b", {"snail": "slow:0.05"})
+    # Eight requests of one conversation at once: its node takes them only up to the bound
+    # (1.25 x the average load), the rest go to the other node.
+    served = concurrently(c, "snail", ["the same conversation"] * 8)
+    assert set(served) == {"node-a", "node-b"} and max(served.values()) <= 6, served

@@ -151,7 +151,7 @@ class NodeAgent:
         except Urllib3Error as exc:
             self.registered = False  # it may have lost us while away
             raise ConnectionError(f"balancer {self.settings.balancer_url} unreachable: "
-                                  f"{exc}") from None
+                                  f"{_cause(exc)}") from None
         try:
             body = json.loads(response.data or b"{}")
         except ValueError:
@@ -165,3 +165,13 @@ class NodeAgent:
         hint = (" (LLMLB_NODE_API_KEY must be a key with the node scope on the balancer)"
                 if status in (401, 403) else "")
         raise PermissionError(f"the balancer refused this node's {what}: {message}{hint}")
+
+
+def _cause(exc: BaseException) -> str:
+    """The root cause in words that stay the same from one attempt to the next (urllib3's
+    messages name objects by address), so the supervisor logs a failure once."""
+    while exc.__context__ is not None and not isinstance(exc, OSError):
+        exc = exc.__context__
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return type(exc).__name__

@@ -118,7 +118,9 @@ class Balancer:
         down = self.cluster.members((OFFLINE, COOLDOWN))
         if entry is None and not has_files and not any(m.ready(model_id) for m in down):
             raise errors.model_not_found(model_id)
-        raise errors.no_node_available(model_id, self._retry_after(down))
+        why = None if any(m.ready(model_id) for m in down) else \
+            "no online node has it or may fetch it"
+        raise errors.no_node_available(model_id, self._retry_after(down), why)
 
     def _retry_after(self, down: list[Member]) -> int:
         now = time.time()

@@ -218,10 +218,10 @@ def registration(body: dict) -> tuple[str, str, str | None, dict]:
     from urllib.parse import urlsplit
 
     from .. import errors
-    from ..config import _NODE_NAME
+    from ..config import NODE_NAME
 
     name, url, secret = body.get("name"), body.get("url"), body.get("secret")
-    if not isinstance(name, str) or not _NODE_NAME.fullmatch(name):
+    if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
         raise errors.invalid_request("Invalid value for 'name': 1-64 letters, digits, '.', '_' "
                                      "or '-', starting with a letter or digit", "name")
     if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") \
