@@ -380,3 +380,51 @@ def test_affinity_yields_to_the_load_bound(cluster) -> None:
     # (1.25 x the average load), the rest go to the other node.
     served = concurrently(c, "snail", ["the same conversation"] * 8)
     assert set(served) == {"node-a", "node-b"} and max(served.values()) <= 6, served
+
+
+def test_a_lone_failing_node_cools_down_without_a_retry_storm(cluster) -> None:
+    c = cluster()
+    node = c.start_node("node-a", {"snail": "slow:0.1"}, LLMLB_MAX_QUEUED_REQUESTS="1")
+    (c.home.parent / "node-a" / "models" / "broken").mkdir()
+    (c.home.parent / "node-a" / "models" / "broken" / "model.gguf").write_bytes(b"GGUF" * 8)
+    c.wait(lambda ns: "broken" in ns["node-a"]["models"])
+    client = c.client()
+    # A node's own 5xx reaches the client as it was (status and code), and cools the node.
+    with pytest.raises(openai.InternalServerError) as broken:
+        client.chat.completions.create(model="broken", messages=HELLO, max_tokens=2)
+    assert broken.value.status_code == 500
+    assert broken.value.body["code"] == "model_load_failed"
+    with pytest.raises(openai.APIStatusError) as cooling:
+        client.chat.completions.create(model="snail", messages=HELLO, max_tokens=2)
+    assert cooling.value.status_code == 503 and cooling.value.body["code"] == "no_node_available"
+    assert int(cooling.value.response.headers["Retry-After"]) >= 1
+    time.sleep(0.7)  # LLMLB_COOLDOWN_SECONDS=0.5: the node gets traffic again
+    assert client.chat.completions.create(model="snail", messages=HELLO,
+                                          max_tokens=1).usage.completion_tokens == 1
+
+    # A node's 503 with Retry-After is honoured: no traffic to it for that long.
+    def long_answer() -> None:
+        client.chat.completions.create(model="snail", messages=HELLO, max_tokens=30)
+
+    streams = [threading.Thread(target=long_answer) for _ in range(2)]
+    for t in streams:
+        t.start()
+    deadline = time.monotonic() + 20  # one generating, one waiting: the node's queue is full
+    while time.monotonic() < deadline:
+        report = requests.get(f"{node.url}/v0/node/report", headers=bearer(c.node_key),
+                              timeout=10).json()
+        if any(m.get("waiting") for m in report["loaded"]):
+            break
+        time.sleep(0.05)
+    with pytest.raises(openai.APIStatusError) as busy:
+        client.chat.completions.create(model="snail", messages=HELLO, max_tokens=1)
+    assert busy.value.status_code == 503 and busy.value.body["code"] == "model_busy"
+    assert busy.value.response.headers["X-LLMLB-Node"] == "node-a"
+    asked = node.log().count("POST /v1/chat/completions")
+    for _ in range(5):
+        with pytest.raises(openai.APIStatusError) as cooling:
+            client.chat.completions.create(model="snail", messages=HELLO, max_tokens=1)
+        assert cooling.value.body["code"] == "no_node_available"
+    assert node.log().count("POST /v1/chat/completions") == asked  # the node was left alone
+    for t in streams:
+        t.join()

@@ -12,6 +12,8 @@ from .conftest import HELLO, artifact, write_catalog
 from .fake_hub import FakeHub
 from .test_balancer import bearer, cluster  # noqa: F401 - the fixture
 
+DEV = {"Authorization": "Bearer sk_debug"}
+
 
 def hub_item(c, model_id: str) -> dict:
     r = requests.get(f"{c.url}/api/models", headers=bearer(c.admin), timeout=10)
@@ -72,3 +74,34 @@ def test_pull_goes_to_a_node_that_can_fetch_it_and_delete_follows(
     assert not (c.home.parent / "fetcher" / "models" / "tiny-gguf").exists()
     c.wait(lambda ns: ns["fetcher"]["models"] == [])
     assert hub_item(c, "tiny-gguf")["status"] == "Available"
+
+
+def test_pull_picks_the_node_with_the_most_free_memory(hub_server, tiny) -> None:
+    """A standalone llmlb with a registered GPU node (its report as NVML would give it): the
+    pull goes where the model fits best; too big for every node is insufficient_memory."""
+    from llmlb.auth import create_api_key
+
+    from .test_dashboard_nodes import gpu_report
+
+    server = hub_server()
+    node_key, _ = create_api_key(server.runtime.db, "nodes", "node")
+    report = {**gpu_report([]), "downloads": [], "can_download": True}
+    requests.post(f"{server.url}/v0/nodes", headers=bearer(node_key), timeout=10,
+                  json={"name": "gpu-box", "url": "http://127.0.0.1:9", "secret": "s" * 32,
+                        "report": report}).raise_for_status()
+    local_free = server.runtime.cluster.local.free_memory()
+    gpu_free = report["hardware"]["vram_free_bytes"]
+    assert gpu_free > local_free  # 40 GB of VRAM free against this machine's RAM
+
+    r = requests.post(f"{server.url}/api/models/register", json={"model_id": "tiny-gguf"},
+                      headers=DEV, timeout=10)
+    # Chosen: gpu-box (its address is closed here, so the pull cannot be handed over).
+    assert r.status_code == 503 and r.json()["error"]["code"] == "no_node_available"
+    assert "gpu-box" in r.json()["error"]["message"]
+
+    report["hardware"]["vram_free_bytes"] = 1024**2  # the GPUs fill up: this machine wins
+    requests.post(f"{server.url}/v0/nodes/gpu-box/heartbeat", headers=bearer(node_key),
+                  json={"report": report}, timeout=10).raise_for_status()
+    r = requests.post(f"{server.url}/api/models/register", json={"model_id": "tiny-gguf"},
+                      headers=DEV, timeout=10)
+    assert r.status_code == 202 and "node" not in r.json()  # pulled in this process
