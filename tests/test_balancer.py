@@ -242,7 +242,7 @@ def test_killed_node_goes_offline_and_no_request_fails(cluster) -> None:
             max_tokens=2)  # any failure raises here
         after[raw.headers["X-LLMLB-Node"]] += 1
     assert set(after) == {"node-b"} and n > 10
-    assert "Node node-a failed (node node-a: cannot connect" in c.balancer.log()
+    assert "Node node-a failed (node node-a: " in c.balancer.log()
     nodes = c.wait(lambda ns: ns["node-a"]["status"] == "offline", timeout=10)
     assert nodes["node-b"]["status"] == "online"
     assert "Node node-a is offline" in c.balancer.log()

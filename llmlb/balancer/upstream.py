@@ -155,8 +155,9 @@ class RemoteNode:
     def send(self, request: ProxyRequest) -> NodeResponse:
         response = self.request("POST", request.path, request.raw)
         headers = [(k, v) for k, v in response.headers if k.lower() not in DROPPED_HEADERS]
-        if not (response.header("Content-Type") or "").startswith("text/event-stream"):
-            try:  # a complete answer is small: read it whole, so a cut is still a failover
+        streamed = (response.header("Content-Type") or "").startswith("text/event-stream")
+        if not streamed or response.status >= 300:
+            try:  # an answer or an error is small: read it whole, so a cut is still a failover
                 data = response.read()
             except http1.HTTPClientError as exc:
                 raise NodeUnreachable(f"node {self.name}: {exc}") from exc
