@@ -16,9 +16,10 @@ Parts (``--parts``, all by default):
   (decode the node's event, build the OpenAI chunk, encode it), the choice DESIGN.md asks to
   show with a figure.
 - ``streams``: ``--streams`` (1,000) concurrent streams through one balancer with the
-  documented gunicorn settings (LLMLB_WORKERS=4, LLMLB_THREADS=256), each ``--tokens`` chunks
-  ``--token-delay`` s apart from the upstream; every stream must end with ``[DONE]`` and all
-  its chunks. Reports errors, stream durations and the balancer's CPU and memory.
+  documented gunicorn settings (the default gevent workers, LLMLB_WORKERS=2), then with
+  gthread (LLMLB_WORKERS=4, LLMLB_THREADS=512), each ``--tokens`` chunks ``--token-delay`` s
+  apart from the upstream; every stream must end with ``[DONE]`` and all its chunks. Reports
+  errors, stream durations and the balancer's CPU and memory.
 
     .venv/bin/python bench/balancer.py [--parts proxy,client,wire,streams] [--seconds 10]
 """
@@ -272,17 +273,20 @@ async def one_stream(port: int, api_key: str, tokens: int) -> tuple[bool, float,
     return ok, time.monotonic() - start, "" if ok else data[:200].decode(errors="replace")
 
 
-def part_streams(streams: int, tokens: int, token_delay: float) -> dict:
+def part_streams(streams: int, tokens: int, token_delay: float, worker_class: str,
+                 workers: int) -> dict:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     up_port, lb_port = free_port(), free_port()
-    settings = {"LLMLB_WORKERS": "4", "LLMLB_THREADS": "512"}
-    upstream = start_upstream(up_port, WORK / "upstream-streams.log", tokens=tokens,
-                              token_delay=token_delay)
+    settings = {"LLMLB_WORKERS": str(workers)}
+    if worker_class == "gthread":
+        settings.update(LLMLB_WORKER_CLASS="gthread", LLMLB_THREADS="512")
+    upstream = start_upstream(up_port, WORK / f"upstream-streams-{worker_class}.log",
+                              tokens=tokens, token_delay=token_delay)
     lb, api = start_balancer(WORK / "lb-streams-home", lb_port, up_port,
-                             WORK / "lb-streams.log", None, **settings)
+                             WORK / f"lb-streams-{worker_class}.log", None, **settings)
     try:
         workers = lb.children()
         before = sum(proc_stat(p)[2] + proc_stat(p)[3] for p in workers)
@@ -307,7 +311,8 @@ def part_streams(streams: int, tokens: int, token_delay: float) -> dict:
            "wall_s": round(wall, 2), "duration_p50_s": round(percentile(durations, 50), 2),
            "duration_max_s": round(max(durations), 2), "balancer_cpu_s": round(cpu, 2),
            "balancer_rss_mb": round(rss, 1)}
-    print(f"  {streams} streams x {tokens} chunks: {len(errors)} errors, duration p50 "
+    print(f"  {worker_class} {settings}: {streams} streams x {tokens} chunks: "
+          f"{len(errors)} errors, duration p50 "
           f"{out['duration_p50_s']} s max {out['duration_max_s']} s (ideal "
           f"{tokens * token_delay:.1f} s), balancer CPU {out['balancer_cpu_s']} s, RSS "
           f"{out['balancer_rss_mb']} MB", flush=True)
@@ -337,7 +342,9 @@ def main() -> None:
     if "wire" in parts:
         summary["wire"] = part_wire()
     if "streams" in parts:
-        summary["streams"] = part_streams(args.streams, args.tokens, args.token_delay)
+        summary["streams"] = {
+            "gevent": part_streams(args.streams, args.tokens, args.token_delay, "gevent", 2),
+            "gthread": part_streams(args.streams, args.tokens, args.token_delay, "gthread", 4)}
     save_summary("balancer", summary, indent=2)
 
 

@@ -36,6 +36,8 @@ class Option:
 
 ROLES = ("standalone", "balancer", "node")
 NODE_PORT = 8081  # `llmlb node`'s default port, beside the balancer's 8080
+WORKER_CLASSES = ("gthread", "gevent")
+GEVENT_CONNECTIONS = 1000  # gunicorn's worker_connections: requests per gevent worker
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -58,6 +60,9 @@ OPTIONS: tuple[Option, ...] = (
            "--workers"),
     Option("threads", ("LLMLB_THREADS",), 32, "int",
            "Threads per worker (requests, streams and WebSockets each hold one).", "--threads"),
+    Option("worker_class", ("LLMLB_WORKER_CLASS",), None, "str",
+           "gunicorn worker class: gthread (threads; the default where models run) or gevent "
+           "(the default of a balancer: thousands of streams per worker)."),
     Option("dev", ("LLMLB_DEV",), False, "bool",
            "Development mode: accepts the API key sk_debug and the login admin/test. "
            "Never in production.", "--dev"),
@@ -159,6 +164,7 @@ class Settings:
     port: int
     workers: int
     threads: int
+    worker_class: str
     dev: bool
     log_level: str
     supported_models: Path
@@ -199,6 +205,11 @@ class Settings:
     @property
     def locks_dir(self) -> Path:
         return self.models_dir / ".locks"
+
+    @property
+    def concurrency(self) -> int:
+        """Requests one worker may serve at once (its threads, or gevent's connections)."""
+        return GEVENT_CONNECTIONS if self.worker_class == "gevent" else self.threads
 
     @property
     def runs_models(self) -> bool:
@@ -305,6 +316,15 @@ def _cluster_values(values: dict[str, Any], sources: dict[str, str]) -> None:
         raise SettingsError(f"LLMLB_NODE_NAME must be 1-64 letters, digits, '.', '_' or '-' "
                             f"(starting with a letter or digit), not {name!r}")
     values["node_name"] = name
+    # Engines compute on real threads: gevent only where no model runs.
+    values["worker_class"] = (values["worker_class"] or
+                              ("gevent" if values["role"] == "balancer" else "gthread")).lower()
+    if values["worker_class"] not in WORKER_CLASSES:
+        raise SettingsError(f"LLMLB_WORKER_CLASS must be one of {', '.join(WORKER_CLASSES)}, "
+                            f"not {values['worker_class']!r}")
+    if values["worker_class"] == "gevent" and values["role"] != "balancer":
+        raise SettingsError("LLMLB_WORKER_CLASS=gevent is for a balancer (LLMLB_ROLE=balancer): "
+                            "engines need real threads")
     for attr in ("balancer_url", "advertise_url"):
         url = values[attr]
         if url is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import Settings
+from .config import GEVENT_CONNECTIONS, Settings
 
 
 def gunicorn_options(settings: Settings) -> dict[str, Any]:
@@ -14,10 +14,13 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
     options = {
         "bind": f"{settings.host}:{settings.port}",
         "workers": settings.workers,
-        # Threads, not processes, for concurrency: a loaded model lives in its process, and
-        # streams and WebSockets each hold a thread for their whole life.
-        "worker_class": "gthread",
+        # Where models run, threads, not processes, carry concurrency: a loaded model lives in
+        # its process, and streams and WebSockets each hold a thread for their whole life. A
+        # balancer runs no model and mostly waits on sockets: gevent holds 1,000 streams per
+        # worker for a third of gthread's CPU (bench/balancer.py).
+        "worker_class": settings.worker_class,
         "threads": settings.threads,
+        "worker_connections": GEVENT_CONNECTIONS,  # gevent's limit; gthread's idle keep-alives
         "timeout": 120,  # the arbiter's heartbeat; gthread keeps it alive during long streams
         "graceful_timeout": 30,
         "keepalive": 5,

@@ -134,7 +134,7 @@ class Cluster:
                 if known is not None:
                     known[1].close()
                 client = RemoteNode(record.name, record.url, record.secret,
-                                    pool_size=self.settings.threads,
+                                    pool_size=self.settings.concurrency,
                                     connect_timeout=self.settings.proxy_connect_timeout_seconds,
                                     read_timeout=self.settings.proxy_read_timeout_seconds)
                 self._clients[record.id] = ((record.url, record.secret), client)
