@@ -94,6 +94,11 @@ def test_roles_and_node_defaults(llmlb_home: Path, monkeypatch: pytest.MonkeyPat
         load_settings()
     monkeypatch.setenv("LLMLB_ROLE", "balancer")
     assert load_settings().role == "balancer"
+    assert load_settings().worker_class == "gevent"  # no model runs: sockets, not threads
+    assert load_settings({"role": "standalone"}).worker_class == "gthread"
+    monkeypatch.setenv("LLMLB_WORKER_CLASS", "gevent")
+    with pytest.raises(SettingsError, match="engines need real threads"):
+        load_settings({"role": "node"})
     with pytest.raises(SettingsError, match="LLMLB_NODE_NAME"):
         load_settings({"node_name": "bad name/.."})
     with pytest.raises(SettingsError, match="LLMLB_BALANCER_URL must be an http"):

@@ -137,7 +137,9 @@ class RemoteNode:
         self.name, self.url = name, url
         self.pool = http1.Pool(url, maxsize=pool_size, connect_timeout=connect_timeout,
                                read_timeout=read_timeout)
-        self.base_path = urlsplit(url).path.rstrip("/")
+        # An OpenAI base URL often ends in /v1 (vLLM, llama-server, hosted APIs): the paths
+        # sent already start with it.
+        self.base_path = urlsplit(url).path.rstrip("/").removesuffix("/v1")
         self.headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if secret:
             self.headers["Authorization"] = f"Bearer {secret}"
