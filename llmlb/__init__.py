@@ -11,6 +11,7 @@ import os
 import secrets
 import sys
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 from flask import Flask
@@ -41,11 +42,21 @@ def configure_logging(level: str) -> None:
 def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     """Build the app from Settings, or from overrides on top of the environment."""
     from . import auth, errors
-    from .api import admin_routes, dashboard_routes, hub_routes, openai_routes, registry_routes, ws
+    from .api import (
+        admin_routes,
+        dashboard_routes,
+        hub_routes,
+        openai_routes,
+        registry_routes,
+        security_headers,
+        ws,
+    )
+    from .private_files import private_dir
     from .runtime import build_runtime
 
     settings = config if isinstance(config, Settings) else load_settings(config)
     configure_logging(settings.log_level)
+    private_dir(settings.home)  # before anything is created in it (SC-4)
     rt = build_runtime(settings)
 
     app = Flask(__name__, static_folder="dashboard/static",
@@ -56,16 +67,18 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
     app.config["SESSION_COOKIE_SECURE"] = settings.secure_cookies
+    app.config["PERMANENT_SESSION_LIFETIME"] = timedelta(
+        seconds=settings.session_lifetime_seconds)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["llmlb"] = rt
 
     errors.init_app(app)
+    security_headers.init_app(app)
     app.register_blueprint(openai_routes.bp)
     app.register_blueprint(registry_routes.bp)
     app.register_blueprint(admin_routes.bp)
     app.register_blueprint(hub_routes.bp)
-    ws.sock.init_app(app)
-    app.register_blueprint(ws.bp)
+    ws.init_app(app, settings)
     app.register_blueprint(dashboard_routes.bp)
 
     worker = str(os.getpid())

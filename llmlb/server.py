@@ -15,8 +15,9 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "bind": f"{settings.host}:{settings.port}",
         "workers": settings.workers,
         # Threads, not processes, for concurrency: a loaded model lives in its process, and
-        # streams and WebSockets each hold a thread for their whole life.
-        "worker_class": "gthread",
+        # streams and WebSockets each hold a thread for their whole life. gthread, with a
+        # deadline for request headers (slow clients must not hold the threads).
+        "worker_class": "llmlb.gunicorn_worker.ThreadWorker",
         "threads": settings.threads,
         "timeout": 120,  # the arbiter's heartbeat; gthread keeps it alive during long streams
         "graceful_timeout": 30,
@@ -24,7 +25,9 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "accesslog": "-",
         "errorlog": "-",
         "loglevel": settings.log_level.lower(),
-        "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
+        # The path without its query string: a secret a client puts in a URL (?api_key=...)
+        # must not land in the log.
+        "access_log_format": '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms',
         # gunicorn >= 24 opens a control socket at one fixed path per user; two llmlb
         # instances on a host would fight over it, and llmlb does not use it.
         "control_socket_disable": True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Callable
 from functools import wraps
@@ -10,7 +11,7 @@ from typing import Any
 
 from flask import Response, current_app, g, jsonify, request, session
 
-from .. import auth, errors
+from .. import auth, errors, sessions
 from ..runtime import Runtime
 from ..serving.sse import SSEStream
 
@@ -45,14 +46,19 @@ def current_principal() -> auth.Principal | None:
         if principal is None:
             raise errors.unauthorized("Invalid API key")
         return principal
-    username = session.get("user")
-    if username:
-        principal = auth.user_principal(rt.db, username, dev=rt.settings.dev)
-        if principal is not None:
-            if request.method in UNSAFE_METHODS:
-                check_csrf(request.headers.get(CSRF_HEADER))
-            return principal
-    return None
+    principal = session_principal()
+    if principal is not None and request.method in UNSAFE_METHODS:
+        check_csrf(request.headers.get(CSRF_HEADER))
+    return principal
+
+
+def session_principal() -> auth.Principal | None:
+    """The dashboard user of this request's session cookie, if it is a valid login still."""
+    if "user" not in session:
+        return None
+    rt = runtime()
+    return sessions.session_principal(rt.db, session, dev=rt.settings.dev,
+                                      lifetime=rt.settings.session_lifetime_seconds)
 
 
 def require(*scopes: str) -> Callable:
@@ -75,17 +81,50 @@ def require(*scopes: str) -> Callable:
 
 
 def json_body() -> dict:
-    """The request's JSON object, or a 400 saying what is wrong with it."""
-    raw = request.get_data(cache=True)  # obeys MAX_CONTENT_LENGTH: 413 when larger
+    """The request's JSON object, or a 400 saying what is wrong with it (413 when larger
+    than the limit, chunked bodies included)."""
+    raw = request.get_data(cache=True)  # obeys MAX_CONTENT_LENGTH when Content-Length is set
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is None and len(raw) >= limit \
+            and request.environ["wsgi.input"].read(1):
+        # A chunked body is cut at the limit by werkzeug, silently: one byte more than the
+        # limit means the client sent too much, not a shorter request.
+        raise errors.request_too_large(limit)
     if not raw.strip():
         raise errors.invalid_json("the body is empty; send a JSON object")
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise errors.invalid_json(str(exc)) from None
+    except RecursionError:
+        raise errors.invalid_json("nested too deeply") from None
     if not isinstance(data, dict):
         raise errors.invalid_request("The request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(data):
+        raise errors.invalid_json("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
+                                  "which is not text")
     return data
+
+
+# JSON escapes of UTF-16 surrogates: pairs decode to one character, lone ones stay in the
+# string and break every later encode (tokenizers, logs, responses).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(data: object) -> bool:
+    stack = [data]
+    while stack:  # iterative: the data may be nested as deep as json.loads allows
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def respond(result: dict | SSEStream, status: int = 200) -> Response:
