@@ -46,9 +46,19 @@ def init_app(app: Flask, settings: Settings) -> None:
                               settings.max_websockets)
 
 
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+def _authority(scheme: str, netloc: str) -> str:
+    return netloc.lower().removesuffix(_DEFAULT_PORTS.get(scheme, "\0"))
+
+
 def _same_origin() -> bool:
+    """The page that opens the socket comes from this host (the port counts, the scheme not:
+    behind a TLS proxy without LLMLB_TRUSTED_PROXIES llmlb sees http where the page is https)."""
     origin = urlsplit(request.headers.get("Origin", ""))
-    return origin.scheme in ("http", "https") and origin.netloc.lower() == request.host.lower()
+    return origin.scheme in _DEFAULT_PORTS and (
+        _authority(origin.scheme, origin.netloc) == _authority(request.scheme, request.host))
 
 
 def _authorize() -> None:
