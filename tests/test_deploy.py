@@ -72,7 +72,9 @@ def test_websocket_through_nginx_needs_credentials(behind_nginx, llmlb_home: Pat
 def test_websockets_are_capped_below_the_threads(behind_nginx, llmlb_home: Path) -> None:
     """As many sockets as threads used to leave none for requests: /health timed out."""
     site = behind_nginx(LLMLB_ADMIN_PASSWORD=PASSWORD, LLMLB_THREADS="8")
-    headers = {"X-API-Key": make_key(llmlb_home, "admin")}
+    # A client's own X-Forwarded-For must not become its address (nginx sets the header on
+    # /ws/ as on every request; left unset, the client's would pass through to ProxyFix).
+    headers = {"X-API-Key": make_key(llmlb_home, "admin"), "X-Forwarded-For": "203.0.113.5"}
     refused = []
     with ExitStack() as stack:
         opened = []
@@ -87,6 +89,8 @@ def test_websockets_are_capped_below_the_threads(behind_nginx, llmlb_home: Path)
         assert b"too_many_websockets" in refused[0].body
         assert int(refused[0].headers["Retry-After"]) > 0
         assert requests.get(f"{site.url}/health", timeout=5).status_code == 200
+    assert "WebSocket refused for 127.0.0.1: 4 already open" in site.app.log()
+    assert "203.0.113.5" not in site.app.log()
     # Closed sockets give their slots back.
     deadline = time.monotonic() + 15
     while True:
