@@ -57,7 +57,7 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
     # Sessions end server-side (logout, new password); logins are throttled (sessions.py,
-    # login_throttle.py).
+    # logins.py).
     """
     ALTER TABLE users ADD COLUMN session_version INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE IF NOT EXISTS login_failures (key TEXT NOT NULL, at REAL NOT NULL);

@@ -6,8 +6,6 @@ with the session cookie and a CSRF token. Every asset is served from ``/static``
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -15,12 +13,11 @@ from urllib.parse import urlsplit
 
 from flask import Blueprint, redirect, render_template, request, session, url_for
 
-from .. import auth, errors, sessions
-from ..login_throttle import LoginThrottle
+from .. import errors, sessions
+from ..logins import LoginThrottle, attempt_login
 from .common import check_csrf, csrf_token, runtime, session_principal
 
 bp = Blueprint("dashboard", __name__)
-log = logging.getLogger(__name__)
 
 
 @bp.app_context_processor
@@ -63,30 +60,22 @@ def login():
         return render_template("login.html",
                                error="Your session expired. Please try again."), 401
     rt = runtime()
-    username = request.form.get("username", "").strip()
-    client = request.remote_addr or "unknown"
     throttle = LoginThrottle(rt.db, rt.settings.login_max_failures,
                              rt.settings.login_window_seconds)
-    wait = math.ceil(throttle.begin_attempt(client, username))
-    if wait:
-        log.warning("Login refused for user %r from %s: too many failed logins; next try "
-                    "in %d s", username, client, wait)
-        refusal = errors.login_throttled(wait)
+    outcome = attempt_login(throttle, request.remote_addr or "unknown",
+                            request.form.get("username", "").strip(),
+                            request.form.get("password", ""), dev=rt.settings.dev)
+    if outcome.retry_after:
+        refusal = errors.login_throttled(outcome.retry_after)
         return render_template("login.html", error=refusal.message), refusal.status, \
             refusal.headers
-    principal = auth.check_login(rt.db, username, request.form.get("password", ""),
-                                 dev=rt.settings.dev)
-    if principal is None:
-        log.warning("Failed login for user %r from %s (%d of %d allowed in %.0f s)", username,
-                    client, throttle.failures(client, username), rt.settings.login_max_failures,
-                    rt.settings.login_window_seconds)
+    if outcome.principal is None:
         return render_template("login.html", error="Wrong user name or password."), 401
-    throttle.succeeded(client, username)
+    principal = outcome.principal
     session.clear()  # a new session on login: no fixation
     session.update(sessions.login_fields(rt.db, principal))
     session.permanent = True  # the cookie expires with the login, not only with the browser
     csrf_token()
-    log.info("User %r logged in from %s", principal.name, client)
     return redirect(_safe_next(request.args.get("next")))
 
 

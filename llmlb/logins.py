@@ -1,4 +1,5 @@
-"""Throttling of dashboard logins (SC-6). No Flask here.
+"""Dashboard logins (SC-6): a password is checked only behind a throttle, and every failure
+is logged with the user name and client address (never the password). No Flask here.
 
 Failures are counted per client address and per user name over a sliding window, in SQLite so
 that every gunicorn worker counts the same ones. An attempt is recorded as a failure *before*
@@ -9,10 +10,15 @@ failures.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import dataclass
 
+from .auth import Principal, check_login
 from .db import Database
+
+log = logging.getLogger(__name__)
 
 MAX_KEY_CHARS = 256  # a user name is client input: bound what lands in the table
 
@@ -60,3 +66,27 @@ class LoginThrottle:
         with self.db.transaction() as conn:
             conn.executemany("DELETE FROM login_failures WHERE key=?",
                              [(key,) for key in self._keys(client, username)])
+
+
+@dataclass(frozen=True)
+class LoginOutcome:
+    principal: Principal | None  # None: wrong user name or password, or throttled
+    retry_after: int = 0  # seconds, when throttled
+
+
+def attempt_login(throttle: LoginThrottle, client: str, username: str, password: str, *,
+                  dev: bool) -> LoginOutcome:
+    wait = math.ceil(throttle.begin_attempt(client, username))
+    if wait:
+        log.warning("Login refused for user %r from %s: too many failed logins; next try "
+                    "in %d s", username, client, wait)
+        return LoginOutcome(None, wait)
+    principal = check_login(throttle.db, username, password, dev=dev)
+    if principal is None:
+        log.warning("Failed login for user %r from %s (%d of %d allowed in %.0f s)", username,
+                    client, throttle.failures(client, username), throttle.max_failures,
+                    throttle.window_seconds)
+        return LoginOutcome(None)
+    throttle.succeeded(client, username)
+    log.info("User %r logged in from %s", principal.name, client)
+    return LoginOutcome(principal)
