@@ -1,10 +1,11 @@
 """Debian's real nginx in front of llmlb, serving the shipped site ``deploy/nginx/llmlb.conf``.
 
 ``site_for_tests`` turns the deploy file into one the tests can run: the upstream address,
-the listen address, the access log's path, and no TLS; every other line as shipped, so the
-tests check the file operators install. ``Nginx.start`` runs it unprivileged-style in its
-own directory (config, pid, logs, temp dirs), in the foreground, as a child process. The
+the listen address (a free port of 127.0.0.1), the access log's path, and no TLS; every other
+line as shipped, so the tests check the file operators install. ``Nginx.start`` runs it in
+its own directory (config, pid, logs, temp dirs), in the foreground, as a child process. The
 ``nginx`` and ``behind_nginx`` fixtures in ``conftest.py`` wrap these for tests.
+``check_shipped_site`` runs ``nginx -t`` on the file as shipped, TLS included.
 """
 
 from __future__ import annotations
@@ -69,6 +70,29 @@ def site_for_tests(text: str, upstream: str, listen: str, access_log: Path) -> s
     if counts["upstream"] != 1 or not counts["listen"] or counts["access_log"] != 1:
         raise ValueError(f"{SITE} no longer has the shape the tests rewrite: {counts}")
     return "\n".join(out) + "\n"
+
+
+def check_shipped_site(directory: Path) -> subprocess.CompletedProcess:
+    """``nginx -t`` of the site with only its certificate and log paths pointed at files
+    made here (a throw-away self-signed certificate)."""
+    directory.mkdir(parents=True)
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=llm.example.com", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    text = SITE.read_text()
+    for shipped, here in (("/etc/ssl/certs/llm.example.com.pem", cert),
+                          ("/etc/ssl/private/llm.example.com.key", key),
+                          ("/var/log/nginx/llmlb.access.log", directory / "access.log")):
+        if shipped not in text:
+            raise ValueError(f"{SITE} no longer names {shipped}")
+        text = text.replace(shipped, str(here))
+    (directory / "site.conf").write_text(text)
+    (directory / "tmp").mkdir()
+    (directory / "nginx.conf").write_text(MAIN_CONFIG.format(dir=directory, user=""))
+    return subprocess.run([NGINX, "-t", "-p", str(directory), "-c",
+                           str(directory / "nginx.conf"), "-e", str(directory / "error.log")],
+                          capture_output=True, text=True)
 
 
 def _free_port() -> int:

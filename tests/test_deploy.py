@@ -19,6 +19,7 @@ from llmlb import auth
 from llmlb.db import Database
 
 from .conftest import dashboard_login, free_port, llmlb_command
+from .nginx import check_shipped_site
 
 PASSWORD = "correct horse battery"
 
@@ -42,6 +43,11 @@ def refusal(url: str, **kwargs) -> tuple[int, dict]:
 
 def log_in(base: str, password: str = PASSWORD) -> requests.Session:
     return dashboard_login(base, password).browser
+
+
+def test_the_shipped_site_is_valid_with_tls(tmp_path: Path) -> None:
+    checked = check_shipped_site(tmp_path / "shipped")
+    assert checked.returncode == 0, checked.stderr
 
 
 def test_websocket_through_nginx_needs_credentials(behind_nginx, llmlb_home: Path) -> None:
