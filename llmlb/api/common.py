@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import re
 import secrets
 from collections.abc import Callable
 from functools import wraps
@@ -13,6 +11,7 @@ from flask import Response, current_app, g, jsonify, request, session
 
 from .. import auth, errors, sessions
 from ..runtime import Runtime
+from ..serving.body import parse_json_object
 from ..serving.sse import SSEStream
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -90,41 +89,7 @@ def json_body() -> dict:
         # A chunked body is cut at the limit by werkzeug, silently: one byte more than the
         # limit means the client sent too much, not a shorter request.
         raise errors.request_too_large(limit)
-    if not raw.strip():
-        raise errors.invalid_json("the body is empty; send a JSON object")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise errors.invalid_json(str(exc)) from None
-    except RecursionError:
-        raise errors.invalid_json("nested too deeply") from None
-    if not isinstance(data, dict):
-        raise errors.invalid_request("The request body must be a JSON object")
-    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(data):
-        raise errors.invalid_json("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
-                                  "which is not text")
-    return data
-
-
-# JSON escapes of UTF-16 surrogates: pairs decode to one character, lone ones stay in the
-# string and break every later encode (tokenizers, logs, responses).
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _has_lone_surrogate(data: object) -> bool:
-    stack = [data]
-    while stack:  # iterative: the data may be nested as deep as json.loads allows
-        item = stack.pop()
-        if isinstance(item, str):
-            if _SURROGATE.search(item):
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
+    return parse_json_object(raw)
 
 
 def respond(result: dict | SSEStream, status: int = 200) -> Response:
