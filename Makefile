@@ -37,6 +37,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	@# Playwright drives Debian's Chromium: its own browser download cannot work offline.
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq chromium; }
+	@# The deployment tests run the shipped nginx site (deploy/nginx/) with Debian's nginx
+	@# (and openssl for a throw-away certificate).
+	{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null && command -v openssl >/dev/null \
+		|| { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nginx openssl; }
 	touch $@
 
 run: $(VENV)/.installed

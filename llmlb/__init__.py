@@ -11,6 +11,7 @@ import os
 import secrets
 import sys
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 from flask import Flask
@@ -48,12 +49,15 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         node_routes,
         openai_routes,
         registry_routes,
+        security_headers,
         ws,
     )
+    from .private_files import private_dir
     from .runtime import build_runtime
 
     settings = config if isinstance(config, Settings) else load_settings(config)
     configure_logging(settings.log_level)
+    private_dir(settings.home)  # before anything is created in it (SC-4)
     rt = build_runtime(settings)
 
     app = Flask(__name__, static_folder="dashboard/static",
@@ -64,10 +68,13 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
     app.config["SESSION_COOKIE_SECURE"] = settings.secure_cookies
+    app.config["PERMANENT_SESSION_LIFETIME"] = timedelta(
+        seconds=settings.session_lifetime_seconds)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["llmlb"] = rt
 
     errors.init_app(app)
+    security_headers.init_app(app)
     app.register_blueprint(openai_routes.bp)
     app.register_blueprint(registry_routes.bp)
     if settings.role == "node":  # the balancer's internal API to it; no users, no dashboard
@@ -76,8 +83,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         app.register_blueprint(node_routes.bp)
         app.register_blueprint(admin_routes.bp)
         app.register_blueprint(hub_routes.bp)
-        ws.sock.init_app(app)
-        app.register_blueprint(ws.bp)
+        ws.init_app(app, settings)
         app.register_blueprint(dashboard_routes.bp)
 
     worker = str(os.getpid())

@@ -102,8 +102,11 @@ def keys() -> None:
 
 def _db(home: str | None, database: str | None):
     from .db import Database
+    from .private_files import private_dir
 
-    return Database(_settings({"home": home, "database": database}).database)
+    settings = _settings({"home": home, "database": database})
+    private_dir(settings.home)
+    return Database(settings.database)
 
 
 _db_flags = [click.option("--home", default=None, help="LLMLB_HOME to use."),

@@ -141,6 +141,20 @@ OPTIONS: tuple[Option, ...] = (
            "(1 behind nginx)."),
     Option("secure_cookies", ("LLMLB_SECURE_COOKIES",), False, "bool",
            "Mark the dashboard's session cookie Secure (HTTPS only); set it behind TLS."),
+    Option("session_lifetime_seconds", ("LLMLB_SESSION_LIFETIME_SECONDS",), 28800.0, "float",
+           "How long a dashboard login lasts, from the moment of login (logging out or a "
+           "password change ends it sooner)."),
+    Option("login_max_failures", ("LLMLB_LOGIN_MAX_FAILURES",), 5, "int",
+           "Failed dashboard logins allowed per client address and per user name within "
+           "LLMLB_LOGIN_WINDOW_SECONDS; more get 429."),
+    Option("login_window_seconds", ("LLMLB_LOGIN_WINDOW_SECONDS",), 900.0, "float",
+           "The window in which failed logins are counted."),
+    Option("max_websockets", ("LLMLB_MAX_WEBSOCKETS",), None, "int",
+           "WebSockets open at once per worker (each holds a thread); more get 503. Must be "
+           "below LLMLB_THREADS (default: half of it)."),
+    Option("header_timeout_seconds", ("LLMLB_HEADER_TIMEOUT_SECONDS",), 5.0, "float",
+           "Under gunicorn, a connection must send its request line and headers within this "
+           "time once a thread takes it, or it is closed (slow clients cannot hold threads)."),
     Option("hf_stats_ttl_seconds", ("LLMLB_HF_STATS_TTL_SECONDS",), 3600.0, "float",
            "How long Hugging Face download/like counts are cached."),
     Option("hub_timeout_seconds", ("LLMLB_HUB_TIMEOUT_SECONDS",), 2.0, "float",
@@ -198,6 +212,11 @@ class Settings:
     plugins_dir: tuple[Path, ...]
     trusted_proxies: int
     secure_cookies: bool
+    session_lifetime_seconds: float
+    login_max_failures: int
+    login_window_seconds: float
+    max_websockets: int
+    header_timeout_seconds: float
     hf_stats_ttl_seconds: float
     hub_timeout_seconds: float
     sources: dict[str, str] = field(default_factory=dict, compare=False)
@@ -296,9 +315,17 @@ def load_settings(
         values["plugins_dir"] = (PROJECT_ROOT / "plugins", home / "plugins")
     else:
         values["plugins_dir"] = tuple(Path(p).expanduser() for p in values["plugins_dir"])
-    for name in ("workers", "threads", "max_loaded_models", "max_body_bytes"):
+    for name in ("workers", "threads", "max_loaded_models", "max_body_bytes",
+                 "login_max_failures"):
         if values[name] < 1:
             raise SettingsError(f"{OPTIONS_BY_ATTR[name].env[0]} must be at least 1")
+    # A WebSocket holds a worker thread for its whole life: some threads must stay free
+    # for requests, whatever the number of sockets clients open.
+    if values["max_websockets"] is None:
+        values["max_websockets"] = values["threads"] // 2
+    elif values["max_websockets"] >= values["threads"]:
+        raise SettingsError(f"LLMLB_MAX_WEBSOCKETS ({values['max_websockets']}) must be below "
+                            f"LLMLB_THREADS ({values['threads']})")
     _cluster_values(values, sources)
     return Settings(**values, sources=sources)
 

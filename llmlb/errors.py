@@ -152,6 +152,24 @@ def forbidden(scope: str) -> APIError:
                     type="permission_error", code="insufficient_scope")
 
 
+def origin_not_allowed(origin: str | None) -> APIError:
+    return APIError(403, f"WebSocket from origin {origin or '(none)'} refused: a dashboard "
+                    "session may open it only from the dashboard's own page",
+                    type="permission_error", code="origin_not_allowed")
+
+
+def too_many_websockets(limit: int, retry_after: int = 5) -> APIError:
+    return APIError(503, f"Too many WebSockets are open ({limit} per worker, "
+                    "LLMLB_MAX_WEBSOCKETS); retry later", type="service_unavailable",
+                    code="too_many_websockets", headers={"Retry-After": str(retry_after)})
+
+
+def login_throttled(retry_after: int) -> APIError:
+    return APIError(429, f"Too many failed logins. Try again in {retry_after} seconds.",
+                    type="rate_limit_error", code="login_throttled",
+                    headers={"Retry-After": str(retry_after)})
+
+
 def not_found(path: str) -> APIError:
     return APIError(404, f"Unknown URL: {path}", code="not_found")
 

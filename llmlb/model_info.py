@@ -41,7 +41,12 @@ def _iso(ts: float) -> str:
 
 def model_files(model: LocalModel) -> list[tuple[str, int]]:
     """Every file a node needs to run the model: artifacts and their companions
-    (config, tokenizer), as (relative path, size), without llmlb's dot files."""
+    (config, tokenizer), as (relative path, size), without llmlb's dot files.
+
+    A symlink counts only when it leads to a file inside the model's directory (the blob
+    route serves nothing else): a dangling one, or one into the rest of the disk, is left
+    out rather than described to whoever asks."""
+    root = model.path.resolve()
     files = []
     for dirpath, dirnames, filenames in os.walk(model.path):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -49,7 +54,13 @@ def model_files(model: LocalModel) -> list[tuple[str, int]]:
             if name.startswith("."):
                 continue
             full = Path(dirpath) / name
-            files.append((str(full.relative_to(model.path)), full.stat().st_size))
+            try:
+                target = full.resolve(strict=True)
+                size = target.stat().st_size
+            except (OSError, RuntimeError):  # dangling link, link loop, vanished file
+                continue
+            if target.is_relative_to(root) and target.is_file():
+                files.append((str(full.relative_to(model.path)), size))
     return files
 
 

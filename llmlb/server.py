@@ -15,10 +15,13 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "bind": f"{settings.host}:{settings.port}",
         "workers": settings.workers,
         # Where models run, threads, not processes, carry concurrency: a loaded model lives in
-        # its process, and streams and WebSockets each hold a thread for their whole life. A
-        # balancer runs no model and mostly waits on sockets: gevent holds 1,000 streams per
-        # worker for a third of gthread's CPU (bench/balancer.py).
-        "worker_class": settings.worker_class,
+        # its process, and streams and WebSockets each hold a thread for their whole life:
+        # gthread, with a deadline for request headers (slow clients must not hold the
+        # threads). A balancer runs no model and mostly waits on sockets: gevent holds 1,000
+        # streams per worker for less CPU than gthread (bench/balancer.py), and a slow client
+        # holds a greenlet, not a thread.
+        "worker_class": ("llmlb.gunicorn_worker.ThreadWorker"
+                         if settings.worker_class == "gthread" else settings.worker_class),
         "threads": settings.threads,
         "worker_connections": GEVENT_CONNECTIONS,  # gevent's limit; gthread's idle keep-alives
         "timeout": 120,  # the arbiter's heartbeat; gthread keeps it alive during long streams
@@ -27,7 +30,9 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "accesslog": "-",
         "errorlog": "-",
         "loglevel": settings.log_level.lower(),
-        "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
+        # The path without its query string: a secret a client puts in a URL (?api_key=...)
+        # must not land in the log.
+        "access_log_format": '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms',
         # gunicorn >= 24 opens a control socket at one fixed path per user; two llmlb
         # instances on a host would fight over it, and llmlb does not use it.
         "control_socket_disable": True,

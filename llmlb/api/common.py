@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Response, current_app, g, jsonify, request, session
 
-from .. import auth, errors
+from .. import auth, errors, sessions
 from ..balancer.proxy import Forwarded
 from ..runtime import Runtime
 from ..serving.body import parse_json_object
@@ -54,14 +54,19 @@ def current_principal() -> auth.Principal | None:
         if principal is None:
             raise errors.unauthorized("Invalid API key")
         return principal
-    username = session.get("user")
-    if username:
-        principal = auth.user_principal(rt.db, username, dev=rt.settings.dev)
-        if principal is not None:
-            if request.method in UNSAFE_METHODS:
-                check_csrf(request.headers.get(CSRF_HEADER))
-            return principal
-    return None
+    principal = session_principal()
+    if principal is not None and request.method in UNSAFE_METHODS:
+        check_csrf(request.headers.get(CSRF_HEADER))
+    return principal
+
+
+def session_principal() -> auth.Principal | None:
+    """The dashboard user of this request's session cookie, if it is a valid login still."""
+    if "user" not in session:
+        return None
+    rt = runtime()
+    return sessions.session_principal(rt.db, session, dev=rt.settings.dev,
+                                      lifetime=rt.settings.session_lifetime_seconds)
 
 
 def require(*scopes: str) -> Callable:
@@ -85,8 +90,21 @@ def require(*scopes: str) -> Callable:
 
 
 def json_body() -> dict:
-    """The request's JSON object, or a 400 saying what is wrong with it."""
-    return parse_json_object(request.get_data(cache=True))  # 413 past MAX_CONTENT_LENGTH
+    """The request's JSON object, or a 400 saying what is wrong with it (413 when larger
+    than the limit, chunked bodies included)."""
+    return parse_json_object(request_bytes())
+
+
+def request_bytes() -> bytes:
+    """The request's body as sent, or a 413 when larger than the limit (chunked too)."""
+    raw = request.get_data(cache=True)  # obeys MAX_CONTENT_LENGTH when Content-Length is set
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is None and len(raw) >= limit \
+            and request.environ["wsgi.input"].read(1):
+        # A chunked body is cut at the limit by werkzeug, silently: one byte more than the
+        # limit means the client sent too much, not a shorter request.
+        raise errors.request_too_large(limit)
+    return raw
 
 
 class _Passthrough:

@@ -3,14 +3,14 @@ to a node (this process's own, or another machine's) and relays the answer."""
 
 from __future__ import annotations
 
-from flask import Blueprint, request, send_file
+from flask import Blueprint, send_file
 
 from engines.base import CHAT, COMPLETION, EMBEDDINGS
 
 from .. import errors
 from ..model_info import catalog_object, model_object
 from ..storage import InvalidModelId, normalize_model_id
-from .common import relay, require, respond, runtime
+from .common import relay, request_bytes, require, respond, runtime
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -55,16 +55,16 @@ def model_blob(rest: str):
 @bp.post("/chat/completions")
 @require("api")
 def chat_completions():
-    return relay(runtime().balancer.forward(CHAT, request.get_data()))
+    return relay(runtime().balancer.forward(CHAT, request_bytes()))
 
 
 @bp.post("/completions")
 @require("api")
 def completions():
-    return relay(runtime().balancer.forward(COMPLETION, request.get_data()))
+    return relay(runtime().balancer.forward(COMPLETION, request_bytes()))
 
 
 @bp.post("/embeddings")
 @require("api")
 def embeddings():
-    return relay(runtime().balancer.forward(EMBEDDINGS, request.get_data()))
+    return relay(runtime().balancer.forward(EMBEDDINGS, request_bytes()))

@@ -88,7 +88,7 @@ function actions(item) {
         el("span", { class: "muted small" }, "✓ Ready to serve"),
         el("a", { class: "btn small", href: `/playground?model=${encodeURIComponent(id)}` }, "Try it"));
     case "Error":
-      return el("div", { class: "actions", style: "flex-direction: column; align-items: stretch" },
+      return el("div", { class: "actions stacked" },
         el("p", { class: "error-text" }, item.error || "The download failed."),
         el("button", { class: "btn", onclick: () => pull(id) }, "Retry"));
     default:
