@@ -6,8 +6,8 @@ Parts (``--parts``, all by default):
 - ``proxy``: ``wrk`` (Debian's, pinned to core 0 with ``taskset``) against a minimal upstream
   that answers a fixed ``chat.completion`` at once (``bench/upstream.py``, pinned to core 1),
   directly, through nginx (``proxy_pass`` with keep-alive, core 1) and through
-  ``llmlb serve --role balancer`` (gunicorn, 1 worker, core 1) with the upstream registered as
-  its node. 1 connection: p50/p99 and what the proxy adds to the direct p50; 64 connections:
+  ``llmlb serve --role balancer`` (gunicorn, 1 worker, core 1; gevent, its default, then
+  gthread) with the upstream registered as its node. 1 connection: p50/p99 and what the proxy adds to the direct p50; 64 connections:
   requests/s, p99, errors (non-2xx and socket errors). Goals: <= 1 ms added p50, >= 1,000
   req/s at 64 connections, p99 <= 100 ms, zero errors.
 - ``client``: CPU per round trip to the upstream of urllib3 (the first choice) and of the
@@ -160,9 +160,16 @@ def part_proxy(seconds: float) -> dict:
             sides["nginx"] = (f"http://127.0.0.1:{nginx_port}", None)
         lb, api = start_balancer(WORK / "lb-home", lb_port, up_port, WORK / "lb.log", core=1)
         procs.append(lb)
-        sides["llmlb"] = (f"http://127.0.0.1:{lb_port}", api)
+        sides["llmlb"] = (f"http://127.0.0.1:{lb_port}", api)  # gevent, the balancer's default
         results: dict[str, dict] = {}
-        for name, (base, key) in sides.items():
+        for name, (base, key) in list(sides.items()) + [("llmlb-gthread", ("", ""))]:
+            if name == "llmlb-gthread":  # the same balancer with the worker class where models run
+                lb.stop()
+                lb, key = start_balancer(WORK / "lb-home", lb_port, up_port,
+                                         WORK / "lb-gthread.log", core=1,
+                                         LLMLB_WORKER_CLASS="gthread")
+                procs.append(lb)
+                base = f"http://127.0.0.1:{lb_port}"
             wrk(base + path, 8, 2, key)  # warm up: connections, caches, the registry
             results[name] = {"c1": wrk(base + path, 1, seconds, key),
                              "c64": wrk(base + path, 64, seconds, key)}
