@@ -46,6 +46,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         admin_routes,
         dashboard_routes,
         hub_routes,
+        keyed_sessions,
         node_routes,
         openai_routes,
         registry_routes,
@@ -71,6 +72,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     app.config["PERMANENT_SESSION_LIFETIME"] = timedelta(
         seconds=settings.session_lifetime_seconds)
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.session_interface = keyed_sessions.KeyedCallSessions()
     app.extensions["llmlb"] = rt
 
     errors.init_app(app)
