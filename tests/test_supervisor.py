@@ -99,6 +99,36 @@ def test_counts_of_a_dead_worker_are_swept(tmp_path: Path) -> None:
     counters.close()
 
 
+def _first_use(counters: InflightCounters, start: threading.Barrier,
+               failures: list[Exception], sweep: bool) -> None:
+    start.wait()
+    try:
+        if sweep:
+            counters.sweep()
+        else:
+            counters.enter(1)
+            counters.load(1)
+            counters.leave(1)
+    except Exception as exc:  # noqa: BLE001 - reported by the test
+        failures.append(exc)
+
+
+def test_counting_starts_safely_from_many_threads(tmp_path: Path) -> None:
+    """The first requests of a worker and the supervisor's sweep arrive together."""
+    for trial in range(20):
+        counters = InflightCounters(tmp_path / f"{trial}.inflight")
+        failures: list[Exception] = []
+        start = threading.Barrier(17)
+        threads = [threading.Thread(target=_first_use, args=(counters, start, failures, i == 0))
+                   for i in range(17)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures and counters.load(1) == 0
+        counters.close()
+
+
 def test_in_flight_counts_and_node_watch_span_gunicorn_workers(cluster) -> None:  # noqa: F811
     c = cluster(LLMLB_WORKERS="2", LLMLB_THREADS="8")
     c.start_node("node-a", {"snail": "slow:0.1"})

@@ -13,6 +13,7 @@ two nodes sharing a counter only blur their load figures, they are never mixed u
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -47,6 +48,7 @@ class InflightCounters:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._attach_lock = threading.Lock()
         self._pid = -1
         self._slot = -1
         self._map: mmap.mmap | None = None
@@ -93,12 +95,16 @@ class InflightCounters:
             if self._map is not None and self._pid == os.getpid() and self._slot >= 0:
                 with self._file_lock():
                     self._clear(self._slot)
-            for view in (self._pids, self._counts):
-                if view is not None:
-                    view.release()
-            if self._map is not None:
-                self._map.close()
-            self._map = self._pids = self._counts = None
+            views, self._counts, self._pids = (self._pids, self._counts), None, None
+            # A request still finishing elsewhere may hold a slice: the map then goes with
+            # the process instead.
+            with contextlib.suppress(BufferError, ValueError):
+                for view in views:
+                    if view is not None:
+                        view.release()
+                if self._map is not None:
+                    self._map.close()
+            self._map = None
             self._pid, self._slot = -1, -1
 
     # --- internals ----------------------------------------------------------------------------
@@ -115,10 +121,14 @@ class InflightCounters:
             os.close(fd)
 
     def _view(self) -> tuple[memoryview, memoryview]:
-        if self._map is None:
-            self._attach()
-        assert self._pids is not None and self._counts is not None
-        return self._pids, self._counts
+        pids, counts = self._pids, self._counts
+        if pids is None or counts is None:
+            with self._attach_lock:  # the first use may come from several threads at once
+                if self._counts is None:
+                    self._attach()
+            pids, counts = self._pids, self._counts
+            assert pids is not None and counts is not None
+        return pids, counts
 
     def _attach(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +145,7 @@ class InflightCounters:
             finally:
                 os.close(fd)
         self._pids = memoryview(self._map)[_PIDS_AT:_COUNTS_AT].cast("q")
-        self._counts = memoryview(self._map)[_COUNTS_AT:SIZE].cast("i")
+        self._counts = memoryview(self._map)[_COUNTS_AT:SIZE].cast("i")  # set last: "ready"
 
     def _mine(self) -> tuple[memoryview, int]:
         """This process's counters and slot, claiming a slot after start or fork."""
