@@ -115,7 +115,7 @@ def _first_use(counters: InflightCounters, start: threading.Barrier,
 
 def test_counting_starts_safely_from_many_threads(tmp_path: Path) -> None:
     """The first requests of a worker and the supervisor's sweep arrive together."""
-    for trial in range(20):
+    for trial in range(100):
         counters = InflightCounters(tmp_path / f"{trial}.inflight")
         failures: list[Exception] = []
         start = threading.Barrier(17)
