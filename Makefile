@@ -37,6 +37,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	@# Playwright drives Debian's Chromium: its own browser download cannot work offline.
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq chromium; }
+	@# The deployment tests run the shipped nginx site (deploy/nginx/) with Debian's nginx
+	@# (and openssl for a throw-away certificate).
+	{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null && command -v openssl >/dev/null \
+		|| { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nginx openssl; }
 	touch $@
 
 run: $(VENV)/.installed
@@ -49,12 +53,18 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check llmlb engines plugins tests bench
 
 bench: $(VENV)/.installed-test
+	@# bench/balancer.py drives the proxy with wrk, a C load generator (a Python client cannot
+	@# saturate it); nginx, when present, is measured beside it.
+	command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq wrk; }
 	$(BIN)/python bench/api_latency.py
 	$(BIN)/python bench/engine_overhead.py
 	$(BIN)/python bench/batching.py
 	$(BIN)/python bench/isolation.py --layout
 	$(BIN)/python bench/download.py
 	$(BIN)/python bench/hub.py
+	$(BIN)/python bench/balancer.py
+	$(BIN)/python bench/affinity.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info test-artifacts bench/.work

@@ -11,6 +11,7 @@ import os
 import secrets
 import sys
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 from flask import Flask
@@ -41,11 +42,23 @@ def configure_logging(level: str) -> None:
 def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     """Build the app from Settings, or from overrides on top of the environment."""
     from . import auth, errors
-    from .api import admin_routes, dashboard_routes, hub_routes, openai_routes, registry_routes, ws
+    from .api import (
+        admin_routes,
+        dashboard_routes,
+        hub_routes,
+        keyed_sessions,
+        node_routes,
+        openai_routes,
+        registry_routes,
+        security_headers,
+        ws,
+    )
+    from .private_files import private_dir
     from .runtime import build_runtime
 
     settings = config if isinstance(config, Settings) else load_settings(config)
     configure_logging(settings.log_level)
+    private_dir(settings.home)  # before anything is created in it (SC-4)
     rt = build_runtime(settings)
 
     app = Flask(__name__, static_folder="dashboard/static",
@@ -56,17 +69,24 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
     app.config["SESSION_COOKIE_SECURE"] = settings.secure_cookies
+    app.config["PERMANENT_SESSION_LIFETIME"] = timedelta(
+        seconds=settings.session_lifetime_seconds)
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.session_interface = keyed_sessions.KeyedCallSessions()
     app.extensions["llmlb"] = rt
 
     errors.init_app(app)
+    security_headers.init_app(app)
     app.register_blueprint(openai_routes.bp)
     app.register_blueprint(registry_routes.bp)
-    app.register_blueprint(admin_routes.bp)
-    app.register_blueprint(hub_routes.bp)
-    ws.sock.init_app(app)
-    app.register_blueprint(ws.bp)
-    app.register_blueprint(dashboard_routes.bp)
+    if settings.role == "node":  # the balancer's internal API to it; no users, no dashboard
+        app.register_blueprint(node_routes.node_bp)
+    else:
+        app.register_blueprint(node_routes.bp)
+        app.register_blueprint(admin_routes.bp)
+        app.register_blueprint(hub_routes.bp)
+        ws.init_app(app, settings)
+        app.register_blueprint(dashboard_routes.bp)
 
     worker = str(os.getpid())
 
@@ -87,16 +107,20 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         log.warning("DEVELOPMENT MODE: the API key 'sk_debug' and the login admin/test are "
                     "accepted. Never run this on a network others can reach.")
         log.warning("=" * 72)
-    generated = auth.ensure_first_admin(rt.db, settings.admin_username,
-                                        settings.admin_password)
-    if generated:
-        log.warning("Created the first admin user '%s' with the password: %s  (shown once; "
-                    "set LLMLB_ADMIN_PASSWORD to choose it)", settings.admin_username, generated)
-    rt.hub.reconcile()  # pulls a restart cut off carry on
+    if settings.role != "node":
+        generated = auth.ensure_first_admin(rt.db, settings.admin_username,
+                                            settings.admin_password)
+        if generated:
+            log.warning("Created the first admin user '%s' with the password: %s  (shown once; "
+                        "set LLMLB_ADMIN_PASSWORD to choose it)", settings.admin_username,
+                        generated)
+    # Periodic work (pulls a restart cut off, heartbeats): one process per instance runs it.
+    rt.supervisor.start()
     # What exists now lives as long as the process: keep it out of the collector's full
     # passes, which otherwise stall a request for tens of milliseconds now and then.
     gc.freeze()
-    log.info("llmlb ready: models in %s, catalog %s (%d models), database %s",
-             settings.models_dir, settings.supported_models, len(rt.catalog.models()),
-             settings.database)
+    log.info("llmlb ready (%s%s): models in %s, catalog %s (%d models), database %s",
+             settings.role, f" '{settings.node_name}' for {settings.balancer_url}"
+             if settings.role == "node" else "", settings.models_dir,
+             settings.supported_models, len(rt.catalog.models()), settings.database)
     return app

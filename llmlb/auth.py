@@ -6,6 +6,7 @@ and cannot be brute-forced. Passwords are low-entropy and get werkzeug's salted 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -127,10 +128,17 @@ def create_user(db: Database, username: str, password: str) -> bool:
 
 
 def set_password(db: Database, username: str, password: str) -> bool:
+    """Change a password; every session of the user ends with the old one."""
     with db.transaction() as conn:
-        cur = conn.execute("UPDATE users SET password_hash=? WHERE username=?",
+        cur = conn.execute("UPDATE users SET password_hash=?, "
+                           "session_version=session_version+1 WHERE username=?",
                            (generate_password_hash(password), username))
         return cur.rowcount == 1
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    return generate_password_hash(secrets.token_urlsafe(16))
 
 
 def check_login(db: Database, username: str, password: str, *, dev: bool = False,
@@ -139,17 +147,12 @@ def check_login(db: Database, username: str, password: str, *, dev: bool = False
         return Principal("dev", DEV_USERNAME, frozenset(SCOPES))
     row = db.conn().execute("SELECT password_hash FROM users WHERE username=?",
                             (username,)).fetchone()
-    if row is None or not check_password_hash(row["password_hash"], password):
+    # An unknown user costs the same slow hash as a known one: the answer's timing must not
+    # tell which user names exist.
+    stored = row["password_hash"] if row is not None else _dummy_hash()
+    if not check_password_hash(stored, password) or row is None:
         return None
     return Principal("user", username, frozenset(SCOPES))
-
-
-def user_principal(db: Database, username: str, *, dev: bool = False) -> Principal | None:
-    """The principal of a logged-in session, if the user still exists."""
-    if dev and username == DEV_USERNAME:
-        return Principal("dev", DEV_USERNAME, frozenset(SCOPES))
-    row = db.conn().execute("SELECT 1 FROM users WHERE username=?", (username,)).fetchone()
-    return Principal("user", username, frozenset(SCOPES)) if row else None
 
 
 def ensure_first_admin(db: Database, username: str, password: str | None) -> str | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .storage import InvalidModelId, normalize_model_id
+from .storage import InvalidFileName, InvalidModelId, normalize_model_id, safe_file_name
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,10 @@ def _parse_entry(i: int, raw: Any) -> CatalogModel:
         if not isinstance(art, dict) or not isinstance(art.get("filename"), str):
             raise CatalogError(f"{aw}: needs a filename")
         filename = art["filename"]
-        parts = filename.split("/")
-        if filename.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in filename:
-            raise CatalogError(f"{aw}: filename {filename!r} must be a relative path")
+        try:
+            safe_file_name(filename)
+        except InvalidFileName as exc:
+            raise CatalogError(f"{aw}: filename {filename!r} {exc}") from None
         size = art.get("size_bytes")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise CatalogError(f"{aw}: size_bytes must be a non-negative integer")

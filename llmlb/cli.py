@@ -24,10 +24,11 @@ def _env_help() -> str:
     return "\n".join(lines)
 
 
-def settings_flags(command: Any) -> Any:
-    """Add a flag for every setting that has one, with the setting's help and env names."""
+def settings_flags(command: Any, for_command: str = "serve") -> Any:
+    """Add a flag for every setting that has one for ``for_command``, with the setting's help
+    and environment names."""
     for option in reversed(OPTIONS):
-        if option.flag is None:
+        if option.flag is None or for_command not in option.commands:
             continue
         help_text = f"{option.help} [env: {', '.join(option.env)}]"
         if option.kind == "bool":
@@ -37,6 +38,10 @@ def settings_flags(command: Any) -> Any:
             command = click.option(option.flag, option.attr, type=_TYPES[option.kind],
                                    default=None, help=help_text)(command)
     return command
+
+
+def node_flags(command: Any) -> Any:
+    return settings_flags(command, "node")
 
 
 def _settings(flags: dict[str, Any]):
@@ -51,24 +56,41 @@ def _settings(flags: dict[str, Any]):
 def main() -> None:
     """llmlb: an OpenAI-compatible LLM load balancer and node runtime.
 
-    `llmlb serve` starts it standalone (balancer and node in one process) on port 8080.
+    `llmlb serve` starts it standalone (balancer and node in one process) on port 8080;
+    `llmlb serve --role balancer` and `llmlb node --balancer-url URL` spread it over machines.
     """
+
+
+def _run(settings: Any) -> None:
+    from .catalog import CatalogError
+    from .config import SettingsError
+    from .server import preflight
+    from .server import serve as run
+
+    try:
+        preflight(settings)
+    except CatalogError as exc:
+        raise click.ClickException(f"the model catalog is invalid: {exc}") from None
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+    run(settings)
 
 
 @main.command(epilog=_env_help(), context_settings={"max_content_width": 100})
 @settings_flags
 def serve(**flags: Any) -> None:
-    """Start llmlb standalone: the OpenAI API, the model hub and dashboard, and a node."""
-    from .catalog import CatalogError
-    from .server import preflight
-    from .server import serve as run
+    """Start llmlb: standalone (the OpenAI API, the model hub and dashboard, and a node in one
+    process) or, with --role balancer, a balancer in front of `llmlb node` processes."""
+    _run(_settings(flags))
 
-    settings = _settings(flags)
-    try:
-        preflight(settings)
-    except CatalogError as exc:
-        raise click.ClickException(f"the model catalog is invalid: {exc}") from None
-    run(settings)
+
+@main.command(epilog=_env_help(), context_settings={"max_content_width": 100})
+@node_flags
+def node(**flags: Any) -> None:
+    """Start a node: it runs models for the balancer at --balancer-url, registers there with
+    LLMLB_NODE_API_KEY (a key with the node scope) and reports every LLMLB_HEARTBEAT_SECONDS.
+    It listens on port 8081 unless told otherwise."""
+    _run(_settings({**flags, "role": "node"}))
 
 
 # --- keys ---------------------------------------------------------------------------------------
@@ -80,8 +102,11 @@ def keys() -> None:
 
 def _db(home: str | None, database: str | None):
     from .db import Database
+    from .private_files import private_dir
 
-    return Database(_settings({"home": home, "database": database}).database)
+    settings = _settings({"home": home, "database": database})
+    private_dir(settings.home)
+    return Database(settings.database)
 
 
 _db_flags = [click.option("--home", default=None, help="LLMLB_HOME to use."),

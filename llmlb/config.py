@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +30,22 @@ class Option:
     default: Any
     kind: str  # "str" | "int" | "float" | "bool" | "path" | "list"
     help: str
-    flag: str | None = None  # CLI flag of `llmlb serve`, when it has one
+    flag: str | None = None  # CLI flag, when it has one
+    commands: tuple[str, ...] = ("serve", "node")  # the commands that take the flag
+
+
+ROLES = ("standalone", "balancer", "node")
+NODE_PORT = 8081  # `llmlb node`'s default port, beside the balancer's 8080
+WORKER_CLASSES = ("gthread", "gevent")
+GEVENT_CONNECTIONS = 1000  # gunicorn's worker_connections: requests per gevent worker
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 OPTIONS: tuple[Option, ...] = (
+    Option("role", ("LLMLB_ROLE",), "standalone", "str",
+           "What this llmlb is: standalone (the balancer with an in-process node), balancer "
+           "(routes to registered nodes, runs no model) or node (runs models for a balancer; "
+           "what `llmlb node` starts).", "--role", ("serve",)),
     Option("home", ("LLMLB_HOME",), "~/.llmlb", "path",
            "Directory for llmlb's state (SQLite database, .env, plugins).", "--home"),
     Option("models_dir", ("XLLM_MODELS_DIR", "LLM_MODELS_DIR"), None, "path",
@@ -46,6 +60,9 @@ OPTIONS: tuple[Option, ...] = (
            "--workers"),
     Option("threads", ("LLMLB_THREADS",), 32, "int",
            "Threads per worker (requests, streams and WebSockets each hold one).", "--threads"),
+    Option("worker_class", ("LLMLB_WORKER_CLASS",), None, "str",
+           "gunicorn worker class: gthread (threads; the default where models run) or gevent "
+           "(the default of a balancer: thousands of streams per worker)."),
     Option("dev", ("LLMLB_DEV",), False, "bool",
            "Development mode: accepts the API key sk_debug and the login admin/test. "
            "Never in production.", "--dev"),
@@ -64,10 +81,35 @@ OPTIONS: tuple[Option, ...] = (
            "Hosts models may be downloaded from, comma-separated (default: the host of "
            "HF_ENDPOINT; 'none' disables downloads)."),
     Option("balancer_url", ("LLMLB_BALANCER_URL",), None, "str",
-           "Balancer this node may fetch model files through (/v1/models/blob/...).",
-           "--balancer-url"),
+           "Balancer a node registers with and may fetch model files through "
+           "(/v1/models/blob/...).", "--balancer-url"),
     Option("node_api_key", ("LLMLB_NODE_API_KEY",), None, "str",
            "API key with the node scope, used against the balancer."),
+    Option("node_name", ("LLMLB_NODE_NAME",), None, "str",
+           "This node's name at the balancer (default: the host name). Restarting with the "
+           "same name keeps the node's identity.", "--name", ("node",)),
+    Option("advertise_url", ("LLMLB_ADVERTISE_URL",), None, "str",
+           "How the balancer reaches this node (default: http://<host>:<port>).",
+           "--advertise-url", ("node",)),
+    Option("heartbeat_seconds", ("LLMLB_HEARTBEAT_SECONDS",), 5.0, "float",
+           "How often a node reports its hardware, models and load to the balancer."),
+    Option("node_timeout_seconds", ("LLMLB_NODE_TIMEOUT_SECONDS",), 15.0, "float",
+           "A node without a heartbeat for this long is offline and gets no traffic."),
+    Option("cooldown_seconds", ("LLMLB_COOLDOWN_SECONDS",), 1.0, "float",
+           "How long a node that failed a request gets no traffic; doubled for each failure "
+           "in a row."),
+    Option("cooldown_max_seconds", ("LLMLB_COOLDOWN_MAX_SECONDS",), 60.0, "float",
+           "The longest cooldown, also for a node's Retry-After."),
+    Option("affinity", ("LLMLB_AFFINITY",), True, "bool",
+           "Send the turns of a conversation to the node that answered its first turn (its "
+           "prompt cache is warm), unless that node is overloaded."),
+    Option("affinity_load_factor", ("LLMLB_AFFINITY_LOAD_FACTOR",), 1.25, "float",
+           "Load bound of affinity: a node takes a conversation only while its requests in "
+           "flight stay within this factor of the average (bounded-load consistent hashing)."),
+    Option("proxy_connect_timeout_seconds", ("LLMLB_PROXY_CONNECT_TIMEOUT_SECONDS",), 3.0,
+           "float", "Timeout for connecting to a node; past it the request goes to another."),
+    Option("proxy_read_timeout_seconds", ("LLMLB_PROXY_READ_TIMEOUT_SECONDS",), 600.0, "float",
+           "Longest wait for a node's answer or its next streamed chunk."),
     Option("resolve_wait_seconds", ("LLMLB_RESOLVE_WAIT_SECONDS",), 300.0, "float",
            "How long a request waits for its model to download before a 503."),
     Option("max_resolve_waiters", ("LLMLB_MAX_RESOLVE_WAITERS",), 32, "int",
@@ -108,6 +150,20 @@ OPTIONS: tuple[Option, ...] = (
            "(1 behind nginx)."),
     Option("secure_cookies", ("LLMLB_SECURE_COOKIES",), False, "bool",
            "Mark the dashboard's session cookie Secure (HTTPS only); set it behind TLS."),
+    Option("session_lifetime_seconds", ("LLMLB_SESSION_LIFETIME_SECONDS",), 28800.0, "float",
+           "How long a dashboard login lasts, from the moment of login (logging out or a "
+           "password change ends it sooner)."),
+    Option("login_max_failures", ("LLMLB_LOGIN_MAX_FAILURES",), 5, "int",
+           "Failed dashboard logins allowed per client address and per user name within "
+           "LLMLB_LOGIN_WINDOW_SECONDS; more get 429."),
+    Option("login_window_seconds", ("LLMLB_LOGIN_WINDOW_SECONDS",), 900.0, "float",
+           "The window in which failed logins are counted."),
+    Option("max_websockets", ("LLMLB_MAX_WEBSOCKETS",), None, "int",
+           "WebSockets open at once per worker (each holds a thread); more get 503. Must be "
+           "below LLMLB_THREADS (default: half of it)."),
+    Option("header_timeout_seconds", ("LLMLB_HEADER_TIMEOUT_SECONDS",), 5.0, "float",
+           "Under gunicorn, a connection must send its request line and headers within this "
+           "time once a thread takes it, or it is closed (slow clients cannot hold threads)."),
     Option("hf_stats_ttl_seconds", ("LLMLB_HF_STATS_TTL_SECONDS",), 3600.0, "float",
            "How long Hugging Face download/like counts are cached."),
     Option("hub_timeout_seconds", ("LLMLB_HUB_TIMEOUT_SECONDS",), 2.0, "float",
@@ -123,6 +179,7 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
+    role: str
     home: Path
     models_dir: Path
     database: Path
@@ -130,6 +187,7 @@ class Settings:
     port: int
     workers: int
     threads: int
+    worker_class: str
     dev: bool
     log_level: str
     supported_models: Path
@@ -139,6 +197,16 @@ class Settings:
     download_allowlist: tuple[str, ...]
     balancer_url: str | None
     node_api_key: str | None
+    node_name: str
+    advertise_url: str
+    heartbeat_seconds: float
+    node_timeout_seconds: float
+    cooldown_seconds: float
+    cooldown_max_seconds: float
+    affinity: bool
+    affinity_load_factor: float
+    proxy_connect_timeout_seconds: float
+    proxy_read_timeout_seconds: float
     resolve_wait_seconds: float
     max_resolve_waiters: int
     download_timeout_seconds: float
@@ -156,6 +224,11 @@ class Settings:
     plugins_dir: tuple[Path, ...]
     trusted_proxies: int
     secure_cookies: bool
+    session_lifetime_seconds: float
+    login_max_failures: int
+    login_window_seconds: float
+    max_websockets: int
+    header_timeout_seconds: float
     hf_stats_ttl_seconds: float
     hub_timeout_seconds: float
     sources: dict[str, str] = field(default_factory=dict, compare=False)
@@ -163,6 +236,16 @@ class Settings:
     @property
     def locks_dir(self) -> Path:
         return self.models_dir / ".locks"
+
+    @property
+    def concurrency(self) -> int:
+        """Requests one worker may serve at once (its threads, or gevent's connections)."""
+        return GEVENT_CONNECTIONS if self.worker_class == "gevent" else self.threads
+
+    @property
+    def runs_models(self) -> bool:
+        """Whether this process has an in-process node (standalone and node roles)."""
+        return self.role != "balancer"
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -244,13 +327,61 @@ def load_settings(
         values["plugins_dir"] = (PROJECT_ROOT / "plugins", home / "plugins")
     else:
         values["plugins_dir"] = tuple(Path(p).expanduser() for p in values["plugins_dir"])
-    for name in ("workers", "threads", "max_loaded_models", "max_body_bytes", "context_length",
-                 "max_prompt_chars", "max_messages"):
+    for name in ("workers", "threads", "max_loaded_models", "max_body_bytes",
+                 "login_max_failures", "context_length", "max_prompt_chars", "max_messages"):
         if values[name] < 1:
             raise SettingsError(f"{OPTIONS_BY_ATTR[name].env[0]} must be at least 1")
     if values["parallel_sequences"] is not None and values["parallel_sequences"] < 1:
         raise SettingsError("LLMLB_PARALLEL_SEQUENCES must be at least 1")
+    # A WebSocket holds a worker thread for its whole life: some threads must stay free
+    # for requests, whatever the number of sockets clients open.
+    if values["max_websockets"] is None:
+        values["max_websockets"] = values["threads"] // 2
+    elif values["max_websockets"] >= values["threads"]:
+        raise SettingsError(f"LLMLB_MAX_WEBSOCKETS ({values['max_websockets']}) must be below "
+                            f"LLMLB_THREADS ({values['threads']})")
+    _cluster_values(values, sources)
     return Settings(**values, sources=sources)
+
+
+def _cluster_values(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """Role, node name and advertised URL: checked, with their computed defaults."""
+    values["role"] = (values["role"] or "standalone").lower()
+    if values["role"] not in ROLES:
+        raise SettingsError(f"LLMLB_ROLE must be one of {', '.join(ROLES)}, not "
+                            f"{values['role']!r}")
+    if values["role"] == "node" and sources["port"] == "default":
+        values["port"] = NODE_PORT
+    name = values["node_name"] or socket.gethostname().split(".")[0] or "node"
+    if not NODE_NAME.fullmatch(name):
+        raise SettingsError(f"LLMLB_NODE_NAME must be 1-64 letters, digits, '.', '_' or '-' "
+                            f"(starting with a letter or digit), not {name!r}")
+    values["node_name"] = name
+    # Engines compute on real threads: gevent only where no model runs.
+    values["worker_class"] = (values["worker_class"] or
+                              ("gevent" if values["role"] == "balancer" else "gthread")).lower()
+    if values["worker_class"] not in WORKER_CLASSES:
+        raise SettingsError(f"LLMLB_WORKER_CLASS must be one of {', '.join(WORKER_CLASSES)}, "
+                            f"not {values['worker_class']!r}")
+    if values["worker_class"] == "gevent" and values["role"] != "balancer":
+        raise SettingsError("LLMLB_WORKER_CLASS=gevent is for a balancer (LLMLB_ROLE=balancer): "
+                            "engines need real threads")
+    for attr in ("balancer_url", "advertise_url"):
+        url = values[attr]
+        if url is not None:
+            if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+                raise SettingsError(f"{OPTIONS_BY_ATTR[attr].env[0]} must be an http(s) URL, "
+                                    f"not {url!r}")
+            values[attr] = url.rstrip("/")
+    if values["advertise_url"] is None:
+        host = values["host"]
+        if host in ("", "0.0.0.0", "::"):  # listening everywhere: name the machine
+            host = socket.getfqdn()
+        elif ":" in host:
+            host = f"[{host}]"
+        values["advertise_url"] = f"http://{host}:{values['port']}"
+    if values["affinity_load_factor"] < 1:
+        raise SettingsError("LLMLB_AFFINITY_LOAD_FACTOR must be at least 1")
 
 
 def default_catalog_path() -> Path:

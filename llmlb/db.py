@@ -1,15 +1,18 @@
 """The SQLite database every worker process shares (WAL mode): keys, users, registrations,
-events and small settings. One connection per thread; schema versions in ``user_version``.
+events, small settings and the balancer's node registry. One connection per thread; schema versions in ``user_version``.
 """
 
 from __future__ import annotations
 
 import fcntl
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .private_files import private_database, private_dir
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -53,6 +56,36 @@ MIGRATIONS: tuple[str, ...] = (
         claimed_at REAL
     );
     """,
+    # Sessions end server-side (logout, new password); logins are throttled (sessions.py,
+    # logins.py).
+    """
+    ALTER TABLE users ADD COLUMN session_version INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE IF NOT EXISTS login_failures (key TEXT NOT NULL, at REAL NOT NULL);
+    CREATE INDEX IF NOT EXISTS login_failures_key_at ON login_failures(key, at);
+    """,
+    # The balancer's registry: nodes (and, later, endpoints) by name, their last report and
+    # cooldown; which node pulls a model nobody has yet (one pull per model per cluster).
+    """
+    CREATE TABLE IF NOT EXISTS nodes (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL DEFAULT 'node',
+        url TEXT NOT NULL,
+        secret TEXT,
+        report TEXT NOT NULL DEFAULT '{}',
+        registered_at REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        failures INTEGER NOT NULL DEFAULT 0,
+        cooldown_until REAL NOT NULL DEFAULT 0,
+        last_error TEXT
+    );
+    CREATE TABLE IF NOT EXISTS pulls (
+        model_id TEXT PRIMARY KEY,
+        node_id INTEGER NOT NULL,
+        assigned_at REAL NOT NULL
+    );
+    ALTER TABLE registrations ADD COLUMN node TEXT;
+    """,
 )
 
 
@@ -61,7 +94,9 @@ class Database:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.exists():
+            private_dir(path.parent)
+        private_database(path)  # 0600 before SQLite creates it (and its -wal/-shm) as 0644
         self._local = threading.local()
         self._migrate()
 
@@ -91,7 +126,8 @@ class Database:
         # Workers start together: switching a new file to WAL needs it to themselves (SQLite
         # answers "database is locked" at once instead of waiting), so the first setup runs
         # under a file lock. WAL is a property of the file; later connections inherit it.
-        with open(self.path.with_name(self.path.name + ".init-lock"), "a") as lock:
+        lock_path = self.path.with_name(self.path.name + ".init-lock")
+        with os.fdopen(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600), "r+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self.conn().execute("PRAGMA journal_mode=WAL")
             with self.transaction() as conn:

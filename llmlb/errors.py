@@ -110,6 +110,32 @@ def engine_unavailable(model_id: str, fmt: str, reason: str) -> APIError:
                     code="engine_unavailable")
 
 
+def no_node_available(model_id: str, retry_after: int, detail: str | None = None) -> APIError:
+    why = f": {detail}" if detail else ": every node that has it is offline or cooling down"
+    return APIError(503, f"No node can serve model '{model_id}' right now{why}",
+                    type="service_unavailable", code="no_node_available",
+                    headers={"Retry-After": str(max(1, retry_after))})
+
+
+def node_failed(node: str, cause: str) -> APIError:
+    """A node that broke off a response already under way (sent as a stream's last event)."""
+    return APIError(502, f"Node '{node}' failed during the response: {cause}",
+                    type="upstream_error", code="node_failed")
+
+
+def relayed(status: int, body: dict) -> APIError:
+    """A node's error, passed on as the node gave it (a node's 404 stays a 404)."""
+    error = body.get("error") if isinstance(body.get("error"), dict) else {}
+    return APIError(status, str(error.get("message") or f"The node answered HTTP {status}"),
+                    type=str(error.get("type") or ("server_error" if status >= 500
+                                                   else "invalid_request_error")),
+                    code=error.get("code"), param=error.get("param"))
+
+
+def node_not_found(name: str) -> APIError:
+    return APIError(404, f"No node named '{name}' is registered", code="node_not_found")
+
+
 def model_load_failed(model_id: str, cause: str) -> APIError:
     return APIError(500, f"Model '{model_id}' could not be loaded: {cause}",
                     type="server_error", code="model_load_failed")
@@ -129,6 +155,24 @@ def unauthorized(message: str = "Missing API key. Send 'Authorization: Bearer <k
 def forbidden(scope: str) -> APIError:
     return APIError(403, f"This API key lacks the scope required here ({scope})",
                     type="permission_error", code="insufficient_scope")
+
+
+def origin_not_allowed(origin: str | None) -> APIError:
+    return APIError(403, f"WebSocket from origin {origin or '(none)'} refused: a dashboard "
+                    "session may open it only from the dashboard's own page",
+                    type="permission_error", code="origin_not_allowed")
+
+
+def too_many_websockets(limit: int, retry_after: int = 5) -> APIError:
+    return APIError(503, f"Too many WebSockets are open ({limit} per worker, "
+                    "LLMLB_MAX_WEBSOCKETS); retry later", type="service_unavailable",
+                    code="too_many_websockets", headers={"Retry-After": str(retry_after)})
+
+
+def login_throttled(retry_after: int) -> APIError:
+    return APIError(429, f"Too many failed logins. Try again in {retry_after} seconds.",
+                    type="rate_limit_error", code="login_throttled",
+                    headers={"Retry-After": str(retry_after)})
 
 
 def not_found(path: str) -> APIError:

@@ -32,9 +32,8 @@ def changes(before: Snapshot, after: Snapshot) -> list[dict]:
 
 
 class StatusEvents:
-    def __init__(self, snapshot: Callable[[], Snapshot], interval: float = 0.2,
-                 on_tick: Callable[[], None] | None = None) -> None:
-        self._snapshot, self._interval, self._on_tick = snapshot, interval, on_tick
+    def __init__(self, snapshot: Callable[[], Snapshot], interval: float = 0.2) -> None:
+        self._snapshot, self._interval = snapshot, interval
         self._subscribers: set[queue.Queue] = set()
         self._mutex = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -64,7 +63,6 @@ class StatusEvents:
         except Exception:
             log.exception("Model status snapshot failed")
             previous = {}
-        ticks = 0
         while True:
             self._wake.wait(self._interval)
             self._wake.clear()
@@ -75,9 +73,6 @@ class StatusEvents:
                 subscribers = list(self._subscribers)
             try:
                 current = self._snapshot()
-                ticks += 1
-                if self._on_tick and ticks % 25 == 0:
-                    self._on_tick()
             except Exception:  # a bad moment (a file half-written) must not end the stream
                 log.exception("Model status snapshot failed")
                 continue

@@ -4,6 +4,10 @@ A status is derived, never stored: from the files (Ready), the resolver's lock a
 record (Downloading, queued, failed) and the pull requests kept in SQLite (Registered). Every
 worker process and every restart therefore sees the same truth; a pull cut off by a restart
 is picked up again by ``reconcile`` instead of hanging in Downloading.
+
+On a balancer the nodes' reports count too: a model is Ready on the nodes that have it,
+Downloading while a node pulls it; a pull goes to the node with the most free memory for the
+model, a delete to every node holding it.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import errors
+from .balancer.members import Cluster, RemoteMember
+from .balancer.registry import COOLDOWN, ONLINE
+from .balancer.upstream import NodeUnreachable
 from .catalog import Catalog
 from .db import Database
-from .dispatch import Dispatcher
 from .hardware import Memory
 from .hf_stats import HFStats
-from .model_info import model_object
 from .resolver import Resolver
 from .resolver.progress import DOWNLOADING, ERROR, key
 
@@ -36,27 +41,27 @@ class HubStatus:
     status: str
     progress: float | None = None
     error: str | None = None
-    nodes: int = 0
+    nodes: tuple[str, ...] = ()
 
 
 class Hub:
     def __init__(self, db: Database, catalog: Catalog, resolver: Resolver,
-                 dispatcher: Dispatcher, stats: HFStats,
-                 memory: Callable[[], Memory]) -> None:
+                 cluster: Cluster, stats: HFStats, memory: Callable[[], Memory]) -> None:
         self.db, self.catalog, self.resolver = db, catalog, resolver
-        self.dispatcher, self.stats, self.memory = dispatcher, stats, memory
+        self.cluster, self.stats, self.memory = cluster, stats, memory
 
     # --- status -----------------------------------------------------------------------------
 
     def _registered(self) -> set[str]:
         return {r[0] for r in self.db.conn().execute("SELECT model_id FROM registrations")}
 
-    def _ready(self) -> dict[str, int]:
-        """Model id -> number of nodes that have it, from one listing (not one per model)."""
-        return {model.id: len(nodes) for model, nodes in self.dispatcher.list_models()}
+    def _ready(self) -> dict[str, tuple[str, ...]]:
+        """Model id -> the nodes that have it, from one listing (not one per model)."""
+        return {entry["id"]: tuple(nodes) for entry, nodes in self.cluster.list_models()}
 
     def status_of(self, model_id: str, registered: set[str] | None = None,
-                  ready: dict[str, int] | None = None) -> HubStatus:
+                  ready: dict[str, tuple[str, ...]] | None = None,
+                  remote: dict[str, list[tuple[str, dict]]] | None = None) -> HubStatus:
         ready = self._ready() if ready is None else ready
         if model_id in ready:
             return HubStatus(READY, 1.0, nodes=ready[model_id])
@@ -70,18 +75,25 @@ class Hub:
             if record.status == ERROR:
                 return HubStatus(ERROR_, round(record.fraction, 4), record.error_message)
             return HubStatus(ERROR_, round(record.fraction, 4), INTERRUPTED)
+        remote = self.cluster.downloads() if remote is None else remote
+        if remote.get(model_id):
+            return _remote_status([d for _, d in remote[model_id]])
         registered = self._registered() if registered is None else registered
         return HubStatus(REGISTERED if model_id in registered else AVAILABLE)
 
+    def _views(self) -> tuple[set[str], dict[str, tuple[str, ...]], dict]:
+        return self._registered(), self._ready(), self.cluster.downloads()
+
     def list_models(self) -> list[dict]:
         catalog = self.catalog.models()
-        registered, ready = self._registered(), self._ready()
+        registered, ready, remote = self._views()
         stats = self.stats.get_many(sorted({m.repo_id for m in catalog.values()}))
         items = []
         for entry in catalog.values():
-            st = self.status_of(entry.id, registered, ready)
+            st = self.status_of(entry.id, registered, ready, remote)
             item = {"model": entry.to_json(), "status": st.status,
-                    "hf_stats": stats.get(entry.repo_id), "available_nodes": st.nodes}
+                    "hf_stats": stats.get(entry.repo_id), "available_nodes": len(st.nodes),
+                    "nodes": list(st.nodes)}
             if st.progress is not None and st.status in (DOWNLOADING_, ERROR_):
                 item["progress"] = st.progress
             if st.error:
@@ -90,20 +102,35 @@ class Hub:
         return items
 
     def local_models(self) -> list[dict]:
+        """Models on the nodes' disks (this process's own first), for the Local tab."""
         catalog = self.catalog.models()
-        return [{**model_object(model, nodes), "in_catalog": model.id in catalog,
-                 "deletable": model.source == "local", "path": str(model.path)}
-                for model, nodes in self.dispatcher.list_models()]
+        items = []
+        for entry, nodes in self.cluster.list_models():
+            here = self.resolver.find(entry["id"]) if self.cluster.local else None
+            items.append({**entry, "nodes": nodes, "in_catalog": entry["id"] in catalog,
+                          "deletable": entry.get("owned_by") == "local",
+                          "path": str(here.path) if here else None})
+        return items
 
     def snapshot(self) -> dict[str, tuple[str, int | None]]:
         """Each catalog model's status and whole-percent progress: what events report."""
-        registered, ready = self._registered(), self._ready()
+        registered, ready, remote = self._views()
         out = {}
         for model_id in self.catalog.models():
-            st = self.status_of(model_id, registered, ready)
+            st = self.status_of(model_id, registered, ready, remote)
             pct = int(st.progress * 100) if st.status == DOWNLOADING_ else None
             out[model_id] = (st.status, pct)
         return out
+
+    def download_status(self, model_id: str) -> str:
+        """A catalog model's download state in the resolver's words (not_downloaded,
+        downloading, error), here or on a node."""
+        status = self.resolver.status(model_id)["status"]
+        remote = self.cluster.downloads().get(model_id)
+        if status in ("not_downloaded", "local") and remote:
+            return "downloading" if any(d.get("status") == "downloading"
+                                        for _, d in remote) else "error"
+        return status
 
     # --- actions ----------------------------------------------------------------------------
 
@@ -114,21 +141,51 @@ class Hub:
         current = self.status_of(model_id)
         if current.status in (READY, DOWNLOADING_):
             return {"model_id": model_id, "status": current.status}
-        memory = self.memory()
-        if entry.required_memory_bytes > memory.free_bytes:
-            raise errors.insufficient_memory(entry.required_memory_bytes, memory.free_bytes)
+        target = self._pull_target(model_id, entry.required_memory_bytes)
+        if isinstance(target, RemoteMember):
+            try:
+                status, body = self.cluster.call(target, "POST", "/v0/node/pull",
+                                                 {"model_id": model_id})
+            except NodeUnreachable as exc:
+                raise errors.no_node_available(model_id, 5, str(exc)) from None
+            if status >= 300:
+                raise errors.relayed(status, body)
+            self._record_registration(model_id, target.name)
+            log.info("Pull requested: %s, on node %s", model_id, target.name)
+            return {"model_id": model_id, "status": REGISTERED, "node": target.name}
         self.resolver.check_downloadable(model_id)
-        now = time.time()
-        with self.db.transaction() as conn:
-            conn.execute("INSERT INTO registrations(model_id, state, requested_at, updated_at) "
-                         "VALUES (?, 'registered', ?, ?) ON CONFLICT(model_id) DO UPDATE SET "
-                         "updated_at=excluded.updated_at", (model_id, now, now))
+        self._record_registration(model_id)
         self.resolver.progress.clear(model_id)  # a retry starts from a clean status
         self.resolver.start_download(model_id)
         log.info("Pull requested: %s", model_id)
         return {"model_id": model_id, "status": REGISTERED}
 
+    def _record_registration(self, model_id: str, node: str | None = None) -> None:
+        """Remember the pull (``node``: the remote node that runs it; None: this process)."""
+        now = time.time()
+        with self.db.transaction() as conn:
+            conn.execute("INSERT INTO registrations(model_id, state, requested_at, updated_at, "
+                         "node) VALUES (?, 'registered', ?, ?, ?) ON CONFLICT(model_id) DO "
+                         "UPDATE SET updated_at=excluded.updated_at, node=excluded.node",
+                         (model_id, now, now, node))
+
+    def _pull_target(self, model_id: str, required: int):  # noqa: ANN202 - a Member
+        """The node with the most free memory (GPU, else system) that the model fits in."""
+        has_files = self.resolver.find(model_id) is not None
+        able = [m for m in self.cluster.members((ONLINE,)) if m.can_fetch(model_id, has_files)]
+        if not able:
+            raise errors.no_node_available(model_id, 5, "no node that can fetch it is online")
+        free = {m.id: (self.memory().free_bytes if m.id == 0 else m.free_memory())
+                for m in able}
+        best = max(able, key=lambda m: free[m.id])
+        if required > free[best.id]:
+            raise errors.insufficient_memory(required, free[best.id])
+        return best
+
     def delete(self, model_id: str) -> dict:
+        remote = [m for m in self.cluster.members((ONLINE, COOLDOWN))
+                  if isinstance(m, RemoteMember) and (m.ready(model_id) or any(
+                      d.get("model_id") == model_id for d in m.downloads()))]
         local = self.resolver.find(model_id)
         registered = model_id in self._registered()
         if self.resolver.download_state(model_id) == "running":
@@ -139,9 +196,17 @@ class Hub:
                                   f"({local.path}); llmlb never deletes shared copies",
                                   code="shared_model")
         staging = self.resolver.settings.models_dir / ".downloads" / key(model_id)
-        if local is None and not registered and not staging.exists() \
+        if local is None and not registered and not staging.exists() and not remote \
                 and self.resolver.progress.read(model_id) is None:
             raise errors.model_not_found(model_id, in_catalog_hint=False)
+        for member in remote:
+            try:
+                status, body = self.cluster.call(member, "DELETE", f"/v0/node/models/{model_id}")
+            except NodeUnreachable as exc:
+                raise errors.no_node_available(model_id, 5, str(exc)) from None
+            if status >= 300 and status != 404:
+                raise errors.relayed(status, body)
+            log.info("Deleted %s on node %s", model_id, member.name)
         if local is not None:
             shutil.rmtree(local.path)
             log.info("Deleted local copy of %s (%s)", model_id, local.path)
@@ -153,8 +218,10 @@ class Hub:
                 "status": AVAILABLE if self.catalog.get(model_id) else None}
 
     def reconcile(self) -> None:
-        """Restart pulls that were requested but run nowhere (after a restart, say)."""
-        for model_id in self._registered():
+        """Restart pulls of this process's that were requested but run nowhere (after a
+        restart, say). A node's pulls are the node's to resume."""
+        rows = self.db.conn().execute("SELECT model_id FROM registrations WHERE node IS NULL")
+        for (model_id,) in rows.fetchall():
             if self.catalog.get(model_id) is None or self.resolver.find(model_id):
                 continue
             record = self.resolver.progress.read(model_id)
@@ -163,3 +230,16 @@ class Hub:
             if self.resolver.download_state(model_id) == "idle":
                 log.info("Resuming the pull of %s", model_id)
                 self.resolver.start_download(model_id)
+
+
+def _remote_status(downloads: list[dict]) -> HubStatus:
+    """A catalog model's status from the downloads nodes report (resolver.status shapes)."""
+    running = [d for d in downloads if d.get("status") == "downloading"]
+    if running:
+        best = max(running, key=lambda d: float(d.get("progress") or 0))
+        if best.get("queued"):
+            return HubStatus(REGISTERED, 0.0)
+        return HubStatus(DOWNLOADING_, round(float(best.get("progress") or 0), 4))
+    failed = downloads[0]
+    return HubStatus(ERROR_, round(float(failed.get("progress") or 0), 4),
+                     failed.get("error_message") or "The download failed on a node.")

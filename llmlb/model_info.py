@@ -11,12 +11,18 @@ from .catalog import CatalogModel
 from .storage import LocalModel
 
 
-def model_object(model: LocalModel, nodes: list[str]) -> dict:
+def listing_entry(model: LocalModel) -> dict:
+    """A servable model as a node reports it: an OpenAI model object, no local path."""
     return {
         "id": model.id, "object": "model", "created": model.created, "owned_by": model.source,
         "format": model.format, "size_bytes": model.size_bytes, "status": "ready",
-        "nodes": nodes,
     }
+
+
+def model_object(model: LocalModel | dict, nodes: list[str]) -> dict:
+    """A model for ``/v1/models``, with the nodes that have it ready."""
+    entry = listing_entry(model) if isinstance(model, LocalModel) else model
+    return {**entry, "nodes": nodes}
 
 
 def catalog_object(entry: CatalogModel, status: str) -> dict:
@@ -35,7 +41,12 @@ def _iso(ts: float) -> str:
 
 def model_files(model: LocalModel) -> list[tuple[str, int]]:
     """Every file a node needs to run the model: artifacts and their companions
-    (config, tokenizer), as (relative path, size), without llmlb's dot files."""
+    (config, tokenizer), as (relative path, size), without llmlb's dot files.
+
+    A symlink counts only when it leads to a file inside the model's directory (the blob
+    route serves nothing else): a dangling one, or one into the rest of the disk, is left
+    out rather than described to whoever asks."""
+    root = model.path.resolve()
     files = []
     for dirpath, dirnames, filenames in os.walk(model.path):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -43,7 +54,13 @@ def model_files(model: LocalModel) -> list[tuple[str, int]]:
             if name.startswith("."):
                 continue
             full = Path(dirpath) / name
-            files.append((str(full.relative_to(model.path)), full.stat().st_size))
+            try:
+                target = full.resolve(strict=True)
+                size = target.stat().st_size
+            except (OSError, RuntimeError):  # dangling link, link loop, vanished file
+                continue
+            if target.is_relative_to(root) and target.is_file():
+                files.append((str(full.relative_to(model.path)), size))
     return files
 
 

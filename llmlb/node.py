@@ -13,7 +13,7 @@ from engines.base import CHAT, COMPLETION, EMBEDDINGS, GenerationEvent, Sampling
 from . import errors
 from .model_pool import Lease, ModelPool
 from .resolver import Resolver
-from .storage import InvalidModelId, LocalModel, normalize_model_id
+from .storage import InvalidFileName, InvalidModelId, LocalModel, normalize_model_id, path_inside
 
 OPERATION_NAMES = {CHAT: "chat completions", COMPLETION: "text completions",
                    EMBEDDINGS: "embeddings"}
@@ -78,14 +78,16 @@ class LocalNode:
             model = self.find(model_id)
             if model is None:
                 continue
-            names = parts[cut:]
-            if any(n in ("", ".", "..") or n.startswith(".") or "\\" in n for n in names):
-                raise errors.invalid_request(f"Invalid file name: {'/'.join(names)}", "filename")
-            path = model.path.joinpath(*names).resolve()
-            if path.is_file() and path.is_relative_to(model.path.resolve()):
+            name = "/".join(parts[cut:])
+            try:  # NUL bytes, '..', dot files, symlinks leading outside: never a path
+                path = path_inside(model.path, name)
+            except InvalidFileName as exc:
+                raise errors.invalid_request(f"Invalid file name {name!r}: {exc}",
+                                             "filename") from None
+            if path.is_file():
                 return path
-            raise errors.APIError(404, f"Model '{model_id}' has no file "
-                                  f"'{'/'.join(names)}'", code="file_not_found")
+            raise errors.APIError(404, f"Model '{model_id}' has no file '{name}'",
+                                  code="file_not_found")
         raise errors.model_not_found("/".join(parts[:-1]), in_catalog_hint=False)
 
     def run(self, call: InferenceCall) -> Generation | tuple[list[list[float]], int]:

@@ -1,14 +1,28 @@
-"""Everything one process needs to serve, built once per app from Settings."""
+"""Everything one process needs to serve, built once per app from Settings.
+
+The role decides the parts: a standalone llmlb is a balancer whose candidates are its
+in-process node and any registered nodes; a balancer has only registered nodes; a node routes
+to its in-process node alone (the same path, so it counts its own requests in flight) and runs
+the heartbeat to its balancer.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pluggy
 
 from engines.base import LoadOptions
 
+from .balancer.agent import NodeAgent, Reporter
+from .balancer.inflight import InflightCounters
+from .balancer.members import Cluster, LocalMember
+from .balancer.proxy import Balancer
+from .balancer.registry import NodeRegistry, StatusWatch
+from .balancer.upstream import InProcessNode
 from .catalog import Catalog
 from .config import Settings
 from .db import Database
@@ -21,8 +35,13 @@ from .model_pool import ModelPool
 from .node import LocalNode
 from .plugins import EngineRegistry, load_plugins
 from .resolver import Resolver
+from .serving.protocol import PromptLimits
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
+
+SWEEP_SECONDS = 5.0  # resuming pulls, clearing dead workers' counters: no hurry
+EARLY_HEARTBEAT_SECONDS = 1.0  # download progress reaches the balancer at most this often
 
 
 @dataclass
@@ -38,9 +57,18 @@ class Runtime:
     dispatcher: Dispatcher
     hub: Hub
     events: StatusEvents
+    inflight: InflightCounters
+    registry: NodeRegistry | None
+    cluster: Cluster
+    balancer: Balancer
+    reporter: Reporter
+    agent: NodeAgent | None
+    supervisor: Supervisor
 
     def close(self) -> None:
+        self.supervisor.stop()
         self.pool.unload_all()
+        self.inflight.close()
         self.db.close()
 
 
@@ -58,10 +86,43 @@ def build_runtime(settings: Settings) -> Runtime:
                                               parallel_sequences=settings.parallel_sequences))
     node = LocalNode(resolver, pool)
     dispatcher = Dispatcher([node])
+    inflight = InflightCounters(Path(f"{settings.database}.inflight"))
+    reporter = Reporter(settings, resolver, pool, engines, inflight)
+
+    registry = None
+    if settings.role != "node":
+        registry = NodeRegistry(db, timeout=settings.node_timeout_seconds,
+                                cooldown=settings.cooldown_seconds,
+                                cooldown_max=settings.cooldown_max_seconds)
+    local = None
+    if settings.runs_models:
+        name = settings.node_name if settings.role == "node" else "local"
+        local = LocalMember(InProcessNode(name, dispatcher, PromptLimits.from_settings(settings)),
+                            node, node_memory, reporter.report)
+    cluster = Cluster(settings, registry, inflight, local)
+    balancer = Balancer(settings, cluster, catalog, node, registry)
+
     stats = HFStats(db, settings.hf_endpoint, settings.hf_token, settings.hf_stats_ttl_seconds,
                     settings.hub_timeout_seconds)
-    hub = Hub(db, catalog, resolver, dispatcher, stats, node_memory)
-    events = StatusEvents(hub.snapshot, on_tick=hub.reconcile)
+    hub = Hub(db, catalog, resolver, cluster, stats, node_memory)
+    events = StatusEvents(hub.snapshot)
     resolver.on_progress(lambda _model_id: events.poke())
+
+    supervisor = Supervisor(Path(f"{settings.database}.supervisor.lock"))
+    supervisor.add("hub-reconcile", SWEEP_SECONDS, hub.reconcile)
+    supervisor.add("inflight-sweep", SWEEP_SECONDS, inflight.sweep)
+    agent = None
+    if settings.role == "node":
+        agent = NodeAgent(settings, db, reporter.report)
+        supervisor.add("heartbeat", settings.heartbeat_seconds, agent.beat)
+
+        def progress_soon(_model_id: str) -> None:
+            if time.monotonic() - agent.last_beat >= EARLY_HEARTBEAT_SECONDS:
+                supervisor.wake("heartbeat")
+
+        resolver.on_progress(progress_soon)
+    if registry is not None:
+        forget_after = settings.resolve_wait_seconds + settings.node_timeout_seconds
+        supervisor.add("node-watch", 1.0, StatusWatch(registry, forget_after))
     return Runtime(settings, db, catalog, pm, engines, resolver, pool, node, dispatcher, hub,
-                   events)
+                   events, inflight, registry, cluster, balancer, reporter, agent, supervisor)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import Settings
+from .config import GEVENT_CONNECTIONS, Settings
 
 
 def gunicorn_options(settings: Settings) -> dict[str, Any]:
@@ -14,17 +14,25 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
     options = {
         "bind": f"{settings.host}:{settings.port}",
         "workers": settings.workers,
-        # Threads, not processes, for concurrency: a loaded model lives in its process, and
-        # streams and WebSockets each hold a thread for their whole life.
-        "worker_class": "gthread",
+        # Where models run, threads, not processes, carry concurrency: a loaded model lives in
+        # its process, and streams and WebSockets each hold a thread for their whole life:
+        # gthread, with a deadline for request headers (slow clients must not hold the
+        # threads). A balancer runs no model and mostly waits on sockets: gevent holds 1,000
+        # streams per worker for less CPU than gthread (bench/balancer.py), and a slow client
+        # holds a greenlet, not a thread.
+        "worker_class": ("llmlb.gunicorn_worker.ThreadWorker"
+                         if settings.worker_class == "gthread" else settings.worker_class),
         "threads": settings.threads,
+        "worker_connections": GEVENT_CONNECTIONS,  # gevent's limit; gthread's idle keep-alives
         "timeout": 120,  # the arbiter's heartbeat; gthread keeps it alive during long streams
         "graceful_timeout": 30,
         "keepalive": 5,
         "accesslog": "-",
         "errorlog": "-",
         "loglevel": settings.log_level.lower(),
-        "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
+        # The path without its query string: a secret a client puts in a URL (?api_key=...)
+        # must not land in the log.
+        "access_log_format": '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms',
         # gunicorn >= 24 opens a control socket at one fixed path per user; two llmlb
         # instances on a host would fight over it, and llmlb does not use it.
         "control_socket_disable": True,
@@ -35,10 +43,19 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
 def preflight(settings: Settings) -> None:
     """Check, in the master before any worker boots, what would make every worker fail:
     a worker that cannot start shows gunicorn's traceback and "Worker failed to boot"
-    instead of the reason. Raises CatalogError with the entry at fault."""
+    instead of the reason. Raises CatalogError with the entry at fault, SettingsError for a
+    node that cannot reach or authenticate to a balancer."""
     from .catalog import load_catalog
+    from .config import SettingsError
 
     load_catalog(settings.supported_models)
+    if settings.role == "node":
+        if not settings.balancer_url:
+            raise SettingsError("a node needs its balancer: --balancer-url or "
+                                "LLMLB_BALANCER_URL")
+        if not settings.node_api_key:
+            raise SettingsError("a node needs LLMLB_NODE_API_KEY, a key with the node scope "
+                                "created on the balancer (llmlb keys create --scope node)")
 
 
 def serve(settings: Settings) -> None:

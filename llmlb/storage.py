@@ -17,6 +17,8 @@ from pathlib import Path
 from urllib.parse import unquote
 
 MAX_ID_LENGTH = 256
+MAX_NAME_BYTES = 255  # one path segment on ext4, xfs, btrfs (NAME_MAX)
+MAX_FILE_NAME_LENGTH = 1024
 MAX_DEPTH = 4  # "org/name" ids nest; deeper trees are not scanned for models
 
 # Format name -> artifact suffixes, in the order formats are preferred when a directory holds
@@ -75,6 +77,43 @@ def normalize_model_id(raw: object) -> str:
             raise InvalidModelId(f"contains the character '{bad}' (allowed: letters, digits, "
                                  "'-', '_', '.', '/')")
     return model_id
+
+
+class InvalidFileName(ValueError):
+    """A file name from outside (a catalog, a manifest, a URL) that must not become a path."""
+
+
+def safe_file_name(raw: object) -> str:
+    """Check a model file's relative name (``model.gguf``, ``onnx/model.onnx``) before any
+    path is built from it: a relative path of plain segments, none empty, ``.``, ``..`` or
+    hidden (llmlb's own ``.locks``/``.downloads`` are dot names), no backslash, no control
+    character (NUL included), each segment short enough for a file system."""
+    if not isinstance(raw, str) or not raw:
+        raise InvalidFileName("must be a non-empty string")
+    if len(raw) > MAX_FILE_NAME_LENGTH:
+        raise InvalidFileName(f"is longer than {MAX_FILE_NAME_LENGTH} characters")
+    for ch in raw:
+        if unicodedata.category(ch).startswith("C"):
+            raise InvalidFileName(f"contains a control character (U+{ord(ch):04X})")
+    if raw.startswith("/") or "\\" in raw:
+        raise InvalidFileName("must be a relative path with '/' separators")
+    for segment in raw.split("/"):
+        if segment in ("", ".", ".."):
+            raise InvalidFileName("contains an empty, '.' or '..' segment")
+        if segment.startswith("."):
+            raise InvalidFileName(f"segment '{segment}' is hidden (starts with '.')")
+        if len(segment.encode("utf-8")) > MAX_NAME_BYTES:
+            raise InvalidFileName(f"has a segment longer than {MAX_NAME_BYTES} bytes")
+    return raw
+
+
+def path_inside(root: Path, name: str) -> Path:
+    """``root/name`` for a name that passed ``safe_file_name``, checked once more against
+    the resolved root (symlinks included): nothing outside ``root`` is ever returned."""
+    path = root.joinpath(*safe_file_name(name).split("/"))
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise InvalidFileName("leads outside its directory")
+    return path
 
 
 @dataclass(frozen=True)
@@ -165,11 +204,17 @@ def _lower_names(directory: Path) -> dict[str, str] | None:
 
 def model_dir(root: Path, model_id: str) -> Path | None:
     """The directory of a (validated) id under root, matching case-insensitively."""
-    exact = root.joinpath(*model_id.split("/"))
-    if exact.is_dir():
-        return exact
+    segments = model_id.split("/")
+    if any(len(s) > MAX_NAME_BYTES for s in segments):
+        return None  # a valid id (ST-3 allows 256 characters) no file system can hold
+    exact = root.joinpath(*segments)
+    try:
+        if exact.is_dir():
+            return exact
+    except OSError:  # ENAMETOOLONG for a long path, EACCES: not a model here
+        return None
     current = root
-    for segment in model_id.split("/"):
+    for segment in segments:
         names = _lower_names(current)
         if names is None or segment not in names:
             return None

@@ -26,6 +26,7 @@ from llmlb import create_app
 from llmlb.config import OPTIONS
 
 from .fake_hub import FakeHub
+from .nginx import Nginx
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -248,6 +249,44 @@ def start_process(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         proc.stop(signal.SIGKILL)
 
 
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[Callable[[int], Nginx]]:
+    """Start Debian's nginx with the shipped site (deploy/nginx/llmlb.conf) in front of an
+    llmlb listening on the given port of 127.0.0.1."""
+    started: list[Nginx] = []
+
+    def start(upstream_port: int) -> Nginx:
+        proxy = Nginx.start(tmp_path / f"nginx-{len(started)}", f"127.0.0.1:{upstream_port}")
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+@dataclass
+class Deployment:
+    """gunicorn serving llmlb, behind nginx: ``url`` is nginx's, ``app.url`` gunicorn's."""
+
+    url: str
+    app: Proc
+    proxy: Nginx
+
+
+@pytest.fixture
+def behind_nginx(start_process, nginx, llmlb_home: Path) -> Callable[..., Deployment]:
+    """Deploy as the README says: gunicorn (gunicorn.conf.py, LLMLB_TRUSTED_PROXIES=1) behind
+    the nginx site; extra keyword arguments are environment variables for llmlb."""
+    def start(**env: str) -> Deployment:
+        port = free_port()
+        app = start_process([*gunicorn_command(), "-c", "gunicorn.conf.py", "wsgi:app"],
+                            {"LLMLB_PORT": str(port), "LLMLB_TRUSTED_PROXIES": "1", **env}, port)
+        proxy = nginx(port)
+        return Deployment(proxy.url, app, proxy)
+    return start
+
+
 def llmlb_command() -> list[str]:
     return [str(VENV_BIN / "llmlb")] if (VENV_BIN / "llmlb").exists() else \
         [sys.executable, "-m", "llmlb"]
@@ -264,6 +303,29 @@ def save_artifact(name: str, data: bytes) -> Path:
     path = ARTIFACTS / name
     path.write_bytes(data)
     return path
+
+
+def dashboard_login(base_url: str, password: str, username: str = "admin",
+                    browser: requests.Session | None = None) -> requests.Response:
+    """Log in through the dashboard's form as a browser does (CSRF token from the page);
+    the session cookie stays in ``browser``."""
+    import re
+
+    browser = browser if browser is not None else requests.Session()
+    page = browser.get(f"{base_url}/login", timeout=10).text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    response = browser.post(f"{base_url}/login", allow_redirects=False, timeout=30, data={
+        "csrf_token": token, "username": username, "password": password})
+    response.browser = browser  # type: ignore[attr-defined]
+    return response
+
+
+def page_csrf(browser: requests.Session, url: str) -> str:
+    """The CSRF token a dashboard page gives its scripts."""
+    import re
+
+    page = browser.get(url, timeout=10).text
+    return re.search(r'<meta name="csrf-token" content="([^"]+)"', page).group(1)
 
 
 def raw_get(server: LiveServer, path: str) -> tuple[int, dict]:

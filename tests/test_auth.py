@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -117,3 +118,16 @@ def test_first_admin_from_environment(llmlb_home: Path, make_server) -> None:
     assert auth.check_login(db, "root", "from-env-pw") is not None
     assert auth.check_login(db, "admin", "test") is None  # no default secret outside dev
     assert auth.check_login(db, "admin", "test", dev=True) is not None
+
+
+def test_status_shows_the_local_path_to_admins_only(prod: LiveServer) -> None:
+    model = prod.models_dir / "tiny"
+    model.mkdir()
+    (model / "model.gguf").write_bytes(b"GGUF")
+    url = f"{prod.url}/v0/models/tiny/status"
+    for scopes in ("api", "node"):
+        body = requests.get(url, headers={"X-API-Key": make_key(prod, scopes)}, timeout=10).json()
+        assert body["status"] == "local" and "local_path" not in body
+        assert str(prod.models_dir) not in json.dumps(body)
+    body = requests.get(url, headers={"X-API-Key": make_key(prod, "admin")}, timeout=10).json()
+    assert body["local_path"] == str(model)

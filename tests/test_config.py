@@ -66,14 +66,43 @@ def test_allowlist_defaults_to_the_hf_endpoint_host(llmlb_home: Path,
 def test_help_documents_every_setting(llmlb_home: Path) -> None:
     top = subprocess.run([*llmlb_command(), "--help"], capture_output=True, text=True,
                          check=True).stdout
-    serve = subprocess.run([*llmlb_command(), "serve", "--help"], capture_output=True,
-                           text=True, check=True).stdout
+    helps = {command: subprocess.run([*llmlb_command(), command, "--help"],
+                                     capture_output=True, text=True, check=True).stdout
+             for command in ("serve", "node")}
     for option in OPTIONS:
         for name in option.env:
             assert name in top, f"{name} missing from llmlb --help"
-        if option.flag:
-            assert option.flag in serve, f"{option.flag} missing from llmlb serve --help"
+            assert name in helps["node"], f"{name} missing from llmlb node --help"
+        for command in option.commands if option.flag else ():
+            assert option.flag in helps[command], \
+                f"{option.flag} missing from llmlb {command} --help"
+    for flag in ("--balancer-url", "--port", "--host", "--models-dir", "--advertise-url",
+                 "--name"):  # the interface operators rely on (SPEC, below LB-6)
+        assert flag in helps["node"], f"{flag} missing from llmlb node --help"
+    assert "--role" in helps["serve"]
     assert "auto_repair" not in top.lower() and "LLM_AUTO_REPAIR" not in top
+
+
+def test_roles_and_node_defaults(llmlb_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings()
+    assert s.role == "standalone" and s.heartbeat_seconds == 5 and s.node_timeout_seconds == 15
+    node = load_settings({"role": "node", "host": "127.0.0.1"})
+    assert node.port == 8081 and node.advertise_url == "http://127.0.0.1:8081"
+    assert load_settings({"role": "node", "port": 9000}).port == 9000
+    monkeypatch.setenv("LLMLB_ROLE", "router")
+    with pytest.raises(SettingsError, match="LLMLB_ROLE must be one of"):
+        load_settings()
+    monkeypatch.setenv("LLMLB_ROLE", "balancer")
+    assert load_settings().role == "balancer"
+    assert load_settings().worker_class == "gevent"  # no model runs: sockets, not threads
+    assert load_settings({"role": "standalone"}).worker_class == "gthread"
+    monkeypatch.setenv("LLMLB_WORKER_CLASS", "gevent")
+    with pytest.raises(SettingsError, match="engines need real threads"):
+        load_settings({"role": "node"})
+    with pytest.raises(SettingsError, match="LLMLB_NODE_NAME"):
+        load_settings({"node_name": "bad name/.."})
+    with pytest.raises(SettingsError, match="LLMLB_BALANCER_URL must be an http"):
+        load_settings({"balancer_url": "file:///etc"})
 
 
 def test_readme_documents_every_setting() -> None:

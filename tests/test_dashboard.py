@@ -3,6 +3,7 @@ with a live progress bar, retry a failure, chat in the Playground, delete from L
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -42,10 +43,16 @@ def dash(hub_server):
 
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
+    """A browser tab; the test fails if anything on the page breaks the Content-Security-
+    Policy (an inline script or style, a foreign host)."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
+    violations: list[str] = []
+    page.on("console", lambda m: violations.append(m.text)
+            if "Content Security Policy" in m.text else None)
     yield page
     context.close()
+    assert not violations, violations
 
 
 def log_in(page: Page, server: LiveServer, password: str = "correct horse") -> None:
@@ -83,6 +90,8 @@ def test_pull_shows_live_progress_then_ready(dash, page: Page, hub: FakeHub) -> 
     server = dash()
     hub.throttle_bps = 120_000  # ~5 s
     log_in(page, server)
+    # The live updates' WebSocket is open (the session's, from the dashboard's own origin).
+    expect(page.locator("#live")).to_have_class(re.compile(r"\bon\b"), timeout=15_000)
     tiny = card(page, "tiny-gguf")
     expect(tiny.locator("[data-role=status]")).to_have_text("Available")
     expect(tiny).to_contain_text("571.5 KB")

@@ -43,7 +43,9 @@ async def seed_client(uri: str, printed: list[str], stop: asyncio.Event) -> None
 def test_seed_websocket_clients_on_every_worker(start_process, llmlb_home: Path,
                                                 hub: FakeHub, published: Path) -> None:
     port = free_port()
-    env = env_for(llmlb_home, hub, published, port, LLMLB_WORKERS="2", LLMLB_THREADS="8")
+    # Six sockets may all land on one worker: allow that many per worker.
+    env = env_for(llmlb_home, hub, published, port, LLMLB_WORKERS="2", LLMLB_THREADS="8",
+                  LLMLB_MAX_WEBSOCKETS="7")
     proc = start_process([*gunicorn_command(), "-c", "gunicorn.conf.py", "wsgi:app"], env, port)
     hub.throttle_bps = 150_000
     outputs: list[list[str]] = [[] for _ in range(6)]

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from functools import wraps
 from typing import Any
 
 from flask import Response, current_app, g, jsonify, request, session
 
-from .. import auth, errors
+from .. import auth, errors, sessions
+from ..balancer.proxy import Forwarded
 from ..runtime import Runtime
+from ..serving.body import parse_json_object
 from ..serving.sse import SSEStream
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -40,19 +41,32 @@ def current_principal() -> auth.Principal | None:
     """The key's principal, else the logged-in dashboard user's (CSRF-checked when unsafe)."""
     rt = runtime()
     key = auth.key_from_headers(request.headers)
+    if rt.agent is not None:  # a node: only node credentials (see balancer/agent.py)
+        if key is None:
+            return None
+        node_principal = rt.agent.principal(key)
+        if node_principal is None:
+            raise errors.unauthorized("Invalid key: this node accepts only its balancer and "
+                                      "its own node key")
+        return node_principal
     if key is not None:
         principal = auth.authenticate_key(rt.db, key, dev=rt.settings.dev)
         if principal is None:
             raise errors.unauthorized("Invalid API key")
         return principal
-    username = session.get("user")
-    if username:
-        principal = auth.user_principal(rt.db, username, dev=rt.settings.dev)
-        if principal is not None:
-            if request.method in UNSAFE_METHODS:
-                check_csrf(request.headers.get(CSRF_HEADER))
-            return principal
-    return None
+    principal = session_principal()
+    if principal is not None and request.method in UNSAFE_METHODS:
+        check_csrf(request.headers.get(CSRF_HEADER))
+    return principal
+
+
+def session_principal() -> auth.Principal | None:
+    """The dashboard user of this request's session cookie, if it is a valid login still."""
+    if "user" not in session:
+        return None
+    rt = runtime()
+    return sessions.session_principal(rt.db, session, dev=rt.settings.dev,
+                                      lifetime=rt.settings.session_lifetime_seconds)
 
 
 def require(*scopes: str) -> Callable:
@@ -64,8 +78,9 @@ def require(*scopes: str) -> Callable:
             principal = current_principal()
             if principal is None:
                 raise errors.unauthorized()
-            if not any(principal.allows(s) for s in scopes):
-                raise errors.forbidden(" or ".join(scopes))
+            needed = ("node",) if runtime().agent is not None else scopes  # a node: node only
+            if not any(principal.allows(s) for s in needed):
+                raise errors.forbidden(" or ".join(needed))
             g.principal = principal
             return view(*args, **kwargs)
 
@@ -75,17 +90,55 @@ def require(*scopes: str) -> Callable:
 
 
 def json_body() -> dict:
-    """The request's JSON object, or a 400 saying what is wrong with it."""
-    raw = request.get_data(cache=True)  # obeys MAX_CONTENT_LENGTH: 413 when larger
-    if not raw.strip():
-        raise errors.invalid_json("the body is empty; send a JSON object")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise errors.invalid_json(str(exc)) from None
-    if not isinstance(data, dict):
-        raise errors.invalid_request("The request body must be a JSON object")
-    return data
+    """The request's JSON object, or a 400 saying what is wrong with it (413 when larger
+    than the limit, chunked bodies included)."""
+    return parse_json_object(request_bytes())
+
+
+def request_bytes() -> bytes:
+    """The request's body as sent, or a 413 when larger than the limit (chunked too)."""
+    raw = request.get_data(cache=True)  # obeys MAX_CONTENT_LENGTH when Content-Length is set
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is None and len(raw) >= limit \
+            and request.environ["wsgi.input"].read(1):
+        # A chunked body is cut at the limit by werkzeug, silently: one byte more than the
+        # limit means the client sent too much, not a shorter request.
+        raise errors.request_too_large(limit)
+    return raw
+
+
+class _Passthrough:
+    """A streamed body handed to the WSGI server as it is; its ``close()`` (called by the
+    server when the response ends, the client left, or never started reading) also frees
+    what the answer holds."""
+
+    def __init__(self, chunks: Iterable[bytes], on_close: Callable[[], None]) -> None:
+        self._chunks, self._on_close = chunks, on_close
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._chunks)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._on_close()
+
+
+def relay(forwarded: Forwarded) -> Response:
+    """A node's answer as it comes: its status, headers and bytes, and who answered."""
+    answer = forwarded.response
+    if isinstance(answer.body, bytes):
+        answer.close()
+        response = Response(answer.body, status=answer.status, headers=answer.headers)
+    else:
+        response = Response(_Passthrough(answer.body, answer.close), status=answer.status,
+                            headers=answer.headers, direct_passthrough=True)
+    if forwarded.node:
+        response.headers["X-LLMLB-Node"] = forwarded.node
+    return response
 
 
 def respond(result: dict | SSEStream, status: int = 200) -> Response:

@@ -1,4 +1,5 @@
-"""The dashboard's pages (HB-5): login, Models (Model Hub and Local tabs), Playground, API keys.
+"""The dashboard's pages (HB-5): login, Models (Model Hub and Local tabs), Nodes, Playground,
+API keys.
 
 Pages are server-rendered shells; their scripts talk to the same JSON API as everyone else,
 with the session cookie and a CSRF token. Every asset is served from ``/static``.
@@ -13,24 +14,24 @@ from urllib.parse import urlsplit
 
 from flask import Blueprint, redirect, render_template, request, session, url_for
 
-from .. import auth, errors
-from .common import check_csrf, csrf_token, runtime
+from .. import errors, sessions
+from ..logins import LoginThrottle, attempt_login
+from .common import check_csrf, csrf_token, runtime, session_principal
 
 bp = Blueprint("dashboard", __name__)
 
 
 @bp.app_context_processor
 def template_globals() -> dict[str, Any]:
-    return {"csrf_token": csrf_token, "user": session.get("user"),
+    principal = session_principal()
+    return {"csrf_token": csrf_token, "user": principal.name if principal else None,
             "dev_mode": runtime().settings.dev}
 
 
 def login_required(view: Callable) -> Callable:
     @wraps(view)
     def wrapper(*args: Any, **kwargs: Any):
-        rt = runtime()
-        user = session.get("user")
-        if not user or auth.user_principal(rt.db, user, dev=rt.settings.dev) is None:
+        if session_principal() is None:
             return redirect(url_for("dashboard.login", next=request.full_path.rstrip("?")))
         return view(*args, **kwargs)
 
@@ -52,30 +53,40 @@ def index():
 
 @bp.route("/login", methods=["GET", "POST"])
 def login():
-    error = None
-    if request.method == "POST":
-        try:
-            check_csrf(request.form.get("csrf_token"))
-        except errors.APIError:
-            error = "Your session expired. Please try again."
-        else:
-            rt = runtime()
-            username = request.form.get("username", "").strip()
-            principal = auth.check_login(rt.db, username, request.form.get("password", ""),
-                                         dev=rt.settings.dev)
-            if principal is not None:
-                session.clear()  # a new session id on login: no fixation
-                session["user"] = principal.name
-                csrf_token()
-                return redirect(_safe_next(request.args.get("next")))
-            error = "Wrong user name or password."
-    status = 401 if error else 200
-    return render_template("login.html", error=error), status
+    if request.method == "GET":
+        return render_template("login.html", error=None)
+    try:
+        check_csrf(request.form.get("csrf_token"))
+    except errors.APIError:
+        return render_template("login.html",
+                               error="Your session expired. Please try again."), 401
+    rt = runtime()
+    throttle = LoginThrottle(rt.db, rt.settings.login_max_failures,
+                             rt.settings.login_window_seconds)
+    outcome = attempt_login(throttle, request.remote_addr or "unknown",
+                            request.form.get("username", "").strip(),
+                            request.form.get("password", ""), dev=rt.settings.dev)
+    if outcome.retry_after:
+        refusal = errors.login_throttled(outcome.retry_after)
+        return render_template("login.html", error=refusal.message), refusal.status, \
+            refusal.headers
+    if outcome.principal is None:
+        return render_template("login.html", error="Wrong user name or password."), 401
+    principal = outcome.principal
+    session.clear()  # a new session on login: no fixation
+    session.update(sessions.login_fields(rt.db, principal))
+    session.permanent = True  # the cookie expires with the login, not only with the browser
+    csrf_token()
+    return redirect(_safe_next(request.args.get("next")))
 
 
 @bp.post("/logout")
 def logout():
+    """Ends every session of the user, not only this browser's cookie (SC-3)."""
     check_csrf(request.form.get("csrf_token"))
+    principal = session_principal()
+    if principal is not None and principal.kind == "user":
+        sessions.end_sessions(runtime().db, principal.name)
     session.clear()
     return redirect(url_for("dashboard.login"))
 
@@ -84,6 +95,12 @@ def logout():
 @login_required
 def models():
     return render_template("models.html", page="models")
+
+
+@bp.get("/nodes")
+@login_required
+def nodes():
+    return render_template("nodes.html", page="nodes")
 
 
 @bp.get("/playground")

@@ -1,15 +1,16 @@
-"""``/v1``: the OpenAI API. Thin: parse, call the serving layer, respond."""
+"""``/v1``: the OpenAI API. Thin: each inference request goes to the balancer, which hands it
+to a node (this process's own, or another machine's) and relays the answer."""
 
 from __future__ import annotations
 
 from flask import Blueprint, send_file
 
+from engines.base import CHAT, COMPLETION, EMBEDDINGS
+
 from .. import errors
 from ..model_info import catalog_object, model_object
-from ..serving import openai as serving
-from ..serving.protocol import PromptLimits
 from ..storage import InvalidModelId, normalize_model_id
-from .common import json_body, require, respond, runtime
+from .common import relay, request_bytes, require, respond, runtime
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -24,7 +25,7 @@ def valid_id(raw: str) -> str:
 @bp.get("/models")
 @require("api")
 def list_models():
-    listed = runtime().dispatcher.list_models()
+    listed = runtime().cluster.list_models()
     return respond({"object": "list", "data": [model_object(m, n) for m, n in listed]})
 
 
@@ -33,12 +34,12 @@ def list_models():
 def get_model(model_id: str):
     model_id = valid_id(model_id)
     rt = runtime()
-    located = rt.dispatcher.locate(model_id)
+    located = rt.cluster.locate(model_id)
     if located is not None:
         return respond(model_object(*located))
     entry = rt.catalog.get(model_id)
     if entry is not None:  # not on disk: fetched when first used; say how far along that is
-        return respond(catalog_object(entry, rt.resolver.status(model_id)["status"]))
+        return respond(catalog_object(entry, rt.hub.download_status(model_id)))
     raise errors.model_not_found(model_id, in_catalog_hint=False)
 
 
@@ -54,23 +55,16 @@ def model_blob(rest: str):
 @bp.post("/chat/completions")
 @require("api")
 def chat_completions():
-    rt = runtime()
-    return respond(serving.chat_completion(rt.dispatcher, json_body(), _limits(rt)))
+    return relay(runtime().balancer.forward(CHAT, request_bytes()))
 
 
 @bp.post("/completions")
 @require("api")
 def completions():
-    rt = runtime()
-    return respond(serving.completion(rt.dispatcher, json_body(), _limits(rt)))
+    return relay(runtime().balancer.forward(COMPLETION, request_bytes()))
 
 
 @bp.post("/embeddings")
 @require("api")
 def embeddings():
-    rt = runtime()
-    return respond(serving.embeddings(rt.dispatcher, json_body(), _limits(rt)))
-
-
-def _limits(rt) -> PromptLimits:  # noqa: ANN001 - the Runtime
-    return PromptLimits.from_settings(rt.settings)
+    return relay(runtime().balancer.forward(EMBEDDINGS, request_bytes()))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, request
+from flask import Blueprint, g, request
 
 from .. import errors
 from ..model_info import manifest
@@ -34,7 +34,10 @@ def model_manifest(model_id: str):
 @bp.get("/v0/models/<path:model_id>/status")
 @require("api", "node")
 def model_status(model_id: str):
-    return respond(runtime().resolver.status(valid_id(model_id)))
+    body = runtime().resolver.status(valid_id(model_id))
+    if not g.principal.allows("admin"):  # where llmlb keeps its files is for operators only
+        body.pop("local_path", None)
+    return respond(body)
 
 
 @bp.get("/v0/engines")

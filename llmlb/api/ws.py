@@ -1,44 +1,98 @@
-"""``/ws/models``: ModelStatusChanged events over a WebSocket (HB-4)."""
+"""``/ws/models``: ModelStatusChanged events over a WebSocket (HB-4).
+
+Who may listen (SC-2), decided before the handshake so that a refusal is a plain JSON error:
+an admin key in a header (``Authorization: Bearer`` or ``X-API-Key``), or a dashboard session
+whose browser opens the socket from the dashboard's own host (the ``Origin`` is checked: a
+page on another site must not ride on the cookie). No address is trusted, loopback included:
+behind a reverse proxy every client comes from the proxy's address. Only in development mode
+is a bare client (the seed's ``websockets.connect(uri)``) served.
+
+Keys in the query string (``?api_key=``) are not accepted: URLs land in access logs and
+browser histories, and no client needs them (programs send headers, the dashboard has its
+session).
+
+A socket holds a worker thread for its whole life, so at most ``LLMLB_MAX_WEBSOCKETS`` are
+open per worker (set below ``LLMLB_THREADS``): more get a 503 and requests keep their threads.
+The count is per process on purpose: it guards this process's threads.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import queue
+import threading
+from urllib.parse import urlsplit
 
-from flask import Blueprint, request
+from flask import Blueprint, Flask, current_app, g, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
 from .. import auth, errors
-from .common import current_principal, runtime
+from ..config import Settings
+from .common import current_principal, runtime, session_principal
 
 bp = Blueprint("ws", __name__)
 sock = Sock()
+log = logging.getLogger(__name__)
+
+_SLOTS = "llmlb.websocket_slots"
 
 
-LOOPBACK = {"127.0.0.1", "::1"}
+def init_app(app: Flask, settings: Settings) -> None:
+    sock.init_app(app)
+    app.register_blueprint(bp)
+    app.extensions[_SLOTS] = (threading.BoundedSemaphore(settings.max_websockets),
+                              settings.max_websockets)
+
+
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+def _authority(scheme: str, netloc: str) -> str:
+    return netloc.lower().removesuffix(_DEFAULT_PORTS.get(scheme, "\0"))
+
+
+def _same_origin() -> bool:
+    """The page that opens the socket comes from this host (the port counts, the scheme not:
+    behind a TLS proxy without LLMLB_TRUSTED_PROXIES llmlb sees http where the page is https)."""
+    origin = urlsplit(request.headers.get("Origin", ""))
+    return origin.scheme in _DEFAULT_PORTS and (
+        _authority(origin.scheme, origin.netloc) == _authority(request.scheme, request.host))
+
+
+def _authorize() -> None:
+    if auth.key_from_headers(request.headers) is not None:
+        principal = current_principal()  # 401 for a wrong key
+    else:
+        principal = session_principal()
+        if principal is not None and not _same_origin():
+            raise errors.origin_not_allowed(request.headers.get("Origin"))
+    if principal is None:
+        raise errors.unauthorized("A WebSocket needs an admin API key in a header "
+                                  "('Authorization: Bearer <key>' or 'X-API-Key') or a "
+                                  "dashboard session")
+    if not principal.allows("admin"):
+        raise errors.forbidden("admin")
 
 
 @bp.before_request
-def authenticate():
-    """Before the handshake, so a refusal is a plain 401 JSON response.
+def admit() -> None:
+    if not runtime().settings.dev:
+        _authorize()
+    slots, limit = current_app.extensions[_SLOTS]
+    if not slots.acquire(blocking=False):
+        log.warning("WebSocket refused for %s: %d already open in this worker",
+                    request.remote_addr, limit)
+        raise errors.too_many_websockets(limit)
+    g.websocket_slot = slots
 
-    The stream is read-only catalog status, so a client on the machine itself (the seed's
-    bare `websockets.connect`) and dev mode need no credentials; anyone else needs an admin
-    key (header, or ?api_key= since browsers cannot set headers on WebSockets) or the
-    dashboard session. Behind a proxy, set LLMLB_TRUSTED_PROXIES so the client's own address
-    is seen, not the proxy's.
-    """
-    rt = runtime()
-    if rt.settings.dev or request.remote_addr in LOOPBACK:
-        return None
-    key = request.args.get("api_key")
-    principal = (auth.authenticate_key(rt.db, key) if key else current_principal())
-    if principal is None:
-        raise errors.unauthorized()
-    if not principal.allows("admin"):
-        raise errors.forbidden("admin")
-    return None
+
+@bp.teardown_request
+def release(_exc: BaseException | None) -> None:
+    slots = g.pop("websocket_slot", None)
+    if slots is not None:  # after the socket closed: flask-sock returns only then
+        slots.release()
 
 
 @sock.route("/ws/models", bp=bp)

@@ -97,8 +97,12 @@ class Resolver:
         entry = self.catalog.get(model_id)
         if entry is not None and self.hf.host in self.settings.download_allowlist:
             return
-        if self.balancer is not None and self.balancer.plan(model_id):
-            return
+        if self.balancer is not None:
+            try:
+                if self.balancer.plan(model_id):
+                    return
+            except DownloadError as exc:  # a manifest this node refuses to follow
+                raise errors.download_failed(str(exc)) from None
         if entry is not None:
             raise errors.APIError(
                 404, f"Model '{model_id}' is in supported_models.json, but its source "

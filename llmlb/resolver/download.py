@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx2
 
+from ..storage import InvalidFileName, path_inside
 from .sources import DownloadError, RemoteFile, open_stream, raise_for_status
 
 CHUNK = 1 << 20
@@ -93,7 +94,10 @@ def fetch_all(client: httpx2.Client, files: list[RemoteFile], staging: Path,
               read_timeout: float, report: Callable[[int], None]) -> None:
     """Fetch every file into ``staging``; files already complete there are kept."""
     for remote in files:
-        final = staging / remote.filename
+        try:
+            final = path_inside(staging, remote.filename)
+        except InvalidFileName as exc:
+            raise DownloadError(f"refusing to write {remote.filename!r}: {exc}") from None
         if final.is_file() and final.stat().st_size == remote.size:
             report(remote.size)  # verified and renamed by an earlier attempt
             continue

@@ -3,12 +3,13 @@ lock, replaced atomically, so gunicorn workers and nodes sharing the directory a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 QUEUED, DOWNLOADING, ERROR = "queued", "downloading", "error"
 _SUFFIX = ".progress.json"
@@ -30,9 +31,18 @@ class Progress:
         return min(1.0, self.downloaded_bytes / self.total_bytes) if self.total_bytes else 0.0
 
 
+_MAX_KEY = 200  # leaves room for the longest suffix within one file name (255 bytes)
+
+
 def key(model_id: str) -> str:
-    """A file name for an id (ids may contain '/')."""
-    return quote(model_id, safe="")
+    """A file name for an id (ids may contain '/', and reach 256 characters: too long for one
+    file name once quoted, so long ones are cut and end with a hash of the whole id; '~'
+    never occurs in a quoted valid id, so the two kinds cannot collide)."""
+    quoted = quote(model_id, safe="")
+    if len(quoted) <= _MAX_KEY:
+        return quoted
+    digest = hashlib.sha256(model_id.encode("utf-8")).hexdigest()[:32]
+    return f"{quoted[:_MAX_KEY - 33]}~{digest}"
 
 
 class ProgressStore:
@@ -62,7 +72,8 @@ class ProgressStore:
     def all(self) -> list[Progress]:
         records = []
         for path in self.dir.glob(f"*{_SUFFIX}"):
-            record = self.read(unquote(path.name[: -len(_SUFFIX)]))
-            if record is not None:
-                records.append(record)
+            try:  # the id is in the record: long ids' file names are hashed
+                records.append(Progress(**json.loads(path.read_text())))
+            except (OSError, ValueError, TypeError):
+                continue
         return records

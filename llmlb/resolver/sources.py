@@ -18,6 +18,7 @@ from huggingface_hub import get_hf_file_metadata, hf_hub_url
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from ..catalog import CatalogModel
+from ..storage import InvalidFileName, safe_file_name
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +93,33 @@ class BalancerSource:
             return None
         if response.status_code != 200:
             return None
-        files = response.json().get("files", [])
+        try:
+            files = response.json().get("files", [])
+        except (ValueError, AttributeError):
+            log.warning("Balancer %s sent an unreadable manifest for %s", self.base, model_id)
+            return None
         blob = f"{self.base}/v1/models/blob/{quote(model_id)}/"
-        if not files or not all(f.get("url", "").startswith(blob) for f in files):
+        if not isinstance(files, list) or not files or not all(
+                isinstance(f, dict) and str(f.get("url", "")).startswith(blob) for f in files):
             return None  # the balancer only knows the catalog entry, not the bytes
-        return [RemoteFile(f["filename"], int(f["size_bytes"]), f["url"],
-                           sha256=f.get("sha256"), headers=self.headers) for f in files]
+        return [manifest_file(f, self.headers) for f in files]
+
+
+def manifest_file(item: dict, headers: dict[str, str]) -> RemoteFile:
+    """One file of a balancer's manifest, its name checked before it can become a path: a
+    balancer (or whoever answers at its address) must not make a node write elsewhere."""
+    name = item.get("filename")
+    try:
+        safe_file_name(name)
+    except InvalidFileName as exc:
+        raise DownloadError(f"the balancer's manifest names an unsafe file {name!r}: "
+                            f"{exc}") from None
+    size, sha256 = item.get("size_bytes"), item.get("sha256")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise DownloadError(f"the balancer's manifest gives {name!r} no valid size_bytes")
+    if sha256 is not None and not (isinstance(sha256, str) and len(sha256) == 64):
+        raise DownloadError(f"the balancer's manifest gives {name!r} an invalid sha256")
+    return RemoteFile(name, size, item["url"], sha256=sha256, headers=headers)
 
 
 def open_stream(client: httpx2.Client, remote: RemoteFile, start: int, read_timeout: float):

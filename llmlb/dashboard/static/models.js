@@ -63,7 +63,7 @@ function card(item) {
       el("span", {}, formatBytes(m.size_bytes)),
       m.quantization ? el("span", {}, m.quantization) : null,
       el("span", { title: "Memory needed" }, `needs ${formatBytes(m.required_memory_bytes)}`),
-      item.available_nodes ? el("span", {}, `on ${item.available_nodes} node${item.available_nodes > 1 ? "s" : ""}`) : null,
+      item.available_nodes ? el("span", { "data-role": "nodes" }, `on ${(item.nodes || []).join(", ") || `${item.available_nodes} nodes`}`) : null,
       stats),
     el("div", { class: "tags" }, (m.tags || []).map((t) => el("span", { class: "tag" }, t))),
     actions(item));
@@ -88,7 +88,7 @@ function actions(item) {
         el("span", { class: "muted small" }, "✓ Ready to serve"),
         el("a", { class: "btn small", href: `/playground?model=${encodeURIComponent(id)}` }, "Try it"));
     case "Error":
-      return el("div", { class: "actions", style: "flex-direction: column; align-items: stretch" },
+      return el("div", { class: "actions stacked" },
         el("p", { class: "error-text" }, item.error || "The download failed."),
         el("button", { class: "btn", onclick: () => pull(id) }, "Retry"));
     default:

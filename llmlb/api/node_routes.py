@@ -1,0 +1,75 @@
+"""The cluster's HTTP API. On a balancer (``bp``): nodes register and send heartbeats (node
+scope); operators list and forget nodes (admin). On a node (``node_bp``): what its balancer
+asks of it besides inference: pull or delete a model, its report now."""
+
+from __future__ import annotations
+
+from flask import Blueprint
+
+from .. import errors
+from ..balancer.registry import registration, report_of
+from .common import json_body, require, respond, runtime
+from .openai_routes import valid_id
+
+bp = Blueprint("nodes", __name__, url_prefix="/v0/nodes")
+node_bp = Blueprint("node", __name__, url_prefix="/v0/node")
+
+
+def _registry():  # noqa: ANN202 - the NodeRegistry
+    registry = runtime().registry
+    assert registry is not None  # bp is registered only where there is one
+    return registry
+
+
+@bp.get("")
+@require("admin")
+def list_nodes():
+    return respond({"data": runtime().cluster.describe()})
+
+
+@bp.post("")
+@require("node")
+def register():
+    name, url, secret, report = registration(json_body())
+    record = _registry().register(name, url, report, secret=secret)
+    return respond({"id": record.id, "name": record.name, "url": record.url,
+                    "heartbeat_seconds": runtime().settings.heartbeat_seconds}, status=201)
+
+
+@bp.post("/<name>/heartbeat")
+@require("node")
+def heartbeat(name: str):
+    if not _registry().heartbeat(name, report_of(json_body())):
+        raise errors.node_not_found(name)
+    return respond({"name": name, "ok": True})
+
+
+@bp.delete("/<name>")
+@require("admin")
+def forget(name: str):
+    if not _registry().remove(name):
+        raise errors.node_not_found(name)
+    return respond({"name": name, "deleted": True})
+
+
+@node_bp.post("/pull")
+@require("node")
+def pull():
+    model_id = json_body().get("model_id")
+    if not isinstance(model_id, str):
+        raise errors.invalid_request("Missing required parameter: 'model_id'", "model_id",
+                                     code="missing_required_parameter")
+    result = runtime().hub.register(valid_id(model_id))
+    return respond(result, status=202 if result["status"] == "Registered" else 200)
+
+
+@node_bp.delete("/models/<path:model_id>")
+@require("node")
+def delete(model_id: str):
+    return respond(runtime().hub.delete(valid_id(model_id)))
+
+
+@node_bp.get("/report")
+@require("node")
+def report():
+    return respond(runtime().reporter.report())

@@ -1,0 +1,11 @@
+"""The balancer and its nodes (LB-1..LB-4).
+
+- ``registry``: nodes in SQLite (registration, heartbeats, status, cooldown, pull assignments)
+- ``inflight``: requests in flight per node, counted by every worker in shared memory
+- ``upstream``: the node seam: hand a request to a node, get (status, headers, body) back;
+  the in-process node runs ``serving/``, a remote one is reached over pooled HTTP
+- ``members``: the nodes a balancer can route to right now, local and remote
+- ``routing``: ready or resolvable candidates, least busy, conversation affinity
+- ``proxy``: forwarding with failover, cooldown and pass-through streaming
+- ``agent``: the node's side: its report, registration and heartbeats, its credentials
+"""

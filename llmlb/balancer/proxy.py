@@ -1,0 +1,209 @@
+"""Forwarding one inference request (LB-2, LB-3): choose the nodes to try, hand the request to
+the first, fail over before the first byte, pass the answer through as it arrives.
+
+Before anything reaches the client, a node that cannot be reached, times out or answers 5xx
+goes into cooldown and the request goes to the next candidate (a 503's Retry-After sets the
+cooldown). When none is left, the last node error is relayed as it was (its status and code),
+or, when no node answered at all, the client gets 503 ``no_node_available`` with Retry-After.
+Once a stream has started, a node that fails ends it with a ``data: {"error": …}`` event and
+``data: [DONE]``. The client leaving closes the node's connection, which stops its work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .. import errors
+from ..catalog import Catalog
+from ..config import Settings
+from ..node import LocalNode
+from ..serving.body import parse_json_object
+from ..serving.sse import event
+from ..storage import InvalidModelId, normalize_model_id
+from . import routing
+from .members import Cluster, Member, RemoteMember
+from .registry import COOLDOWN, OFFLINE, ONLINE, NodeRegistry
+from .upstream import NodeResponse, NodeUnreachable, ProxyRequest
+
+log = logging.getLogger(__name__)
+
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class Forwarded:
+    """A node's answer to the client; ``node`` is who answered (``X-LLMLB-Node``)."""
+
+    node: str | None
+    response: NodeResponse
+
+
+def requested_model(payload: dict) -> str:
+    """The request's ``model``, checked: a 400 naming the field when missing or invalid."""
+    model = payload.get("model")
+    if model is None:
+        raise errors.invalid_request("Missing required parameter: 'model'", "model",
+                                     code="missing_required_parameter")
+    if not isinstance(model, str):
+        raise errors.invalid_request("Invalid value for 'model': Input should be a valid "
+                                     "string", "model")
+    try:
+        return normalize_model_id(model)
+    except InvalidModelId as exc:
+        raise errors.invalid_model_id(str(exc)) from None
+
+
+def retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: rare from an API server; the usual cooldown applies
+
+
+class _Once:
+    def __init__(self, *actions) -> None:  # noqa: ANN002 - callables
+        self._actions = actions
+
+    def __call__(self) -> None:
+        actions, self._actions = self._actions, ()
+        for action in actions:
+            action()
+
+
+class Balancer:
+    def __init__(self, settings: Settings, cluster: Cluster, catalog: Catalog,
+                 files: LocalNode, registry: NodeRegistry | None) -> None:
+        self.settings, self.cluster, self.catalog = settings, cluster, catalog
+        self.files, self.registry = files, registry
+
+    def forward(self, operation: str, raw: bytes) -> Forwarded:
+        payload = parse_json_object(raw)
+        model_id = requested_model(payload)
+        request = ProxyRequest(operation, raw, payload, model_id)
+        return self._attempt(self.candidates(request), request)
+
+    # --- choosing ---------------------------------------------------------------------------
+
+    def candidates(self, request: ProxyRequest) -> list[Member]:
+        """The members to try, in order; 404 for a model no one knows, 503 when no node
+        that could serve it is up."""
+        model_id = request.model_id
+        members = self.cluster.members((ONLINE,))
+        ready = [m for m in members if m.ready(model_id)]
+        if ready:
+            key = (routing.conversation_key(request.operation, model_id, request.payload)
+                   if self.settings.affinity else None)
+            if key is None:
+                return routing.least_busy(ready, self.cluster.load)
+            return routing.with_affinity(ready, lambda m: m.name, self.cluster.load, key,
+                                         self.settings.affinity_load_factor)
+        # Nobody has it ready: a node that can fetch it does (LB-4), one pull per model.
+        entry = self.catalog.get(model_id)
+        has_files = self.files.find(model_id) is not None
+        fetchers = [m for m in members if (entry is not None or has_files or m.id == 0)
+                    and m.can_fetch(model_id, has_files)]
+        if fetchers:
+            required = entry.required_memory_bytes if entry else 0
+            order = routing.by_free_memory(fetchers, lambda m: m.free_memory(),
+                                           lambda m: m.pulling(model_id), required)
+            remote = {m.id for m in order if isinstance(m, RemoteMember)}
+            if self.registry is not None and remote and order[0].id in remote:
+                puller = self.registry.assign_pull(model_id, order[0].id, remote)
+                order.sort(key=lambda m: m.id != puller)
+            return order
+        down = self.cluster.members((OFFLINE, COOLDOWN))
+        if entry is None and not has_files and not any(m.ready(model_id) for m in down):
+            raise errors.model_not_found(model_id)
+        why = None if any(m.ready(model_id) for m in down) else \
+            "no online node has it or may fetch it"
+        raise errors.no_node_available(model_id, self._retry_after(down), why)
+
+    def _retry_after(self, down: list[Member]) -> int:
+        now = time.time()
+        ends = [m.record.cooldown_until - now for m in down
+                if isinstance(m, RemoteMember) and m.status == COOLDOWN]
+        return math.ceil(min(ends)) if ends else math.ceil(self.settings.heartbeat_seconds)
+
+    # --- trying -------------------------------------------------------------------------------
+
+    def _attempt(self, order: list[Member], request: ProxyRequest) -> Forwarded:
+        inflight = self.cluster.inflight
+        relayed: Forwarded | None = None  # the last node error, relayed if no one does better
+        reason = None
+        for member in order:
+            remote = isinstance(member, RemoteMember)
+            inflight.enter(member.id)
+            try:
+                response = member.node.send(request)
+            except NodeUnreachable as exc:
+                inflight.leave(member.id)
+                reason = str(exc)
+                self._failed(member, reason)
+                continue
+            status = response.status
+            if status >= 500 or (remote and status in (401, 403)):
+                response.close()
+                inflight.leave(member.id)
+                if status in (401, 403):  # it refused our credentials: our problem, not the client's
+                    reason = (f"node {member.name} refused the balancer's credentials "
+                              f"({status}); it registers again with its next heartbeat")
+                    self._failed(member, reason)
+                    continue
+                reason = f"node {member.name} answered {status}"
+                wait = retry_after(response.header("Retry-After")) if status == 503 else None
+                self._failed(member, reason, wait)
+                relayed = Forwarded(member.name, response)
+                continue
+            if remote and member.record.failures:
+                self.registry.record_success(member.id)  # type: ignore[union-attr]
+            if not response.streaming:
+                inflight.leave(member.id)
+                return Forwarded(member.name, response)
+            chunks = iter(response.body)
+            try:  # the first chunk is still before the first byte to the client
+                first = next(chunks, b"")
+            except NodeUnreachable as exc:
+                response.close()
+                inflight.leave(member.id)
+                reason = str(exc)
+                self._failed(member, reason)
+                continue
+            done = _Once(response.close, lambda m=member.id: inflight.leave(m))
+            body = self._relay(member, first, chunks)
+            return Forwarded(member.name, NodeResponse(status, response.headers, body, done))
+        if relayed is not None:
+            return relayed
+        down = [m for m in self.cluster.members((COOLDOWN,))]
+        raise errors.no_node_available(request.model_id, self._retry_after(down), reason)
+
+    def _relay(self, member: Member, first: bytes, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """The node's stream as it comes; a node that breaks off gets the stream ended
+        properly: an error event, then ``[DONE]``."""
+        tail = first
+        if first:
+            yield first
+        try:
+            for chunk in chunks:
+                if chunk:
+                    tail = chunk
+                    yield chunk
+            if tail.rstrip().endswith(b"[DONE]"):
+                return
+            cause = "the stream ended before [DONE]"
+        except NodeUnreachable as exc:
+            cause = str(exc)
+        self._failed(member, cause)
+        log.warning("Stream from node %s broke off: %s", member.name, cause)
+        separator = b"" if tail.endswith(b"\n\n") or not tail else b"\n\n"
+        body = errors.node_failed(member.name, cause).body()
+        yield separator + event(body).encode() + DONE
+
+    def _failed(self, member: Member, reason: str, wait: float | None = None) -> None:
+        if not isinstance(member, RemoteMember) or self.registry is None:
+            return  # the in-process node has no network to cool down
+        seconds = self.registry.record_failure(member.id, reason, wait)
+        log.warning("Node %s failed (%s): no traffic for %.1fs", member.name, reason, seconds)

@@ -1,0 +1,45 @@
+"""Request bodies: the JSON object a route needs, or a 400 that says what is wrong with it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from .. import errors
+
+# JSON escapes of UTF-16 surrogates: pairs decode to one character, lone ones stay in the
+# string and break every later encode (tokenizers, logs, responses) with a 500.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_json_object(raw: bytes) -> dict:
+    if not raw.strip():
+        raise errors.invalid_json("the body is empty; send a JSON object")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.invalid_json(str(exc)) from None
+    except RecursionError:
+        raise errors.invalid_json("the JSON is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise errors.invalid_request("The request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(data):
+        raise errors.invalid_json("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
+                                  "which is not text")
+    return data
+
+
+def _has_lone_surrogate(data: object) -> bool:
+    stack = [data]
+    while stack:  # iterative: the data may be nested as deep as json.loads allows
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
