@@ -129,7 +129,8 @@ class _Scheduler:
                 runner.abort(exc)
             except Exception:
                 log.exception("Compute runner %r failed to abort", runner)
-        runner._compute_used = _used(runner) + time.perf_counter() - started  # type: ignore[attr-defined]
+        used = _used(runner) + time.perf_counter() - started
+        runner._compute_used = used  # type: ignore[attr-defined]
         with self._cv:
             self._floor = max(self._floor, min(map(_used, [runner, *self._ready.values()])))
         if more:

@@ -108,7 +108,8 @@ class _Vocab:
 class GGUFChatModel(LoadedModel):
     capabilities = frozenset({CHAT, COMPLETION})
 
-    def __init__(self, lib, model, context, slots: int, context_length: int) -> None:  # noqa: ANN001
+    def __init__(self, lib, model, context, slots: int,  # noqa: ANN001 - llama_cpp objects
+                 context_length: int) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self._lib, self._model = lib, model

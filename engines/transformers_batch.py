@@ -137,7 +137,7 @@ class SerialRunner(compute.Runner):
 
 
 class ContinuousBatchRunner(compute.Runner):
-    def __init__(self, model, manager, processor, slots: int, eos: set[int]) -> None:  # noqa: ANN001
+    def __init__(self, model, manager, processor, eos: set[int]) -> None:  # noqa: ANN001
         self._model, self._manager, self._bp = model, manager, processor
         self._eos = eos
         self._seqs: dict[str, tuple[Sequence, TorchSampler]] = {}
@@ -169,7 +169,7 @@ class ContinuousBatchRunner(compute.Runner):
                                                      continuous_batching_config=config)
             processor = manager._create_batch_processor()
             manager.batch_processor = processor
-            runner = cls(model, manager, processor, slots, eos)
+            runner = cls(model, manager, processor, eos)
             problem = runner._self_check()
         except Exception as exc:  # internals that moved: serial generation still works
             return None, f"transformers' continuous batching failed its check: {exc!r}"

@@ -32,7 +32,8 @@ ORDINARY_CHATS = [
     [{"role": "system", "content": "You are a helpful assistant."},
      {"role": "user", "content": "  leading spaces, trailing too  "},
      {"role": "assistant", "content": "Sure.\n\nTwo newlines,\tand a tab."},
-     {"role": "user", "content": "Café, naïve, 日本語 and 😀 — <b>tags</b> & <|not special|>"}],
+     {"role": "user",
+      "content": "Café, naïve, 日本語 and 😀 — <b>tags</b> & <|not special|>"}],
     [{"role": "user", "content": ""}, {"role": "assistant", "content": "\n"},
      {"role": "user", "content": [{"type": "text", "text": "parts "},
                                   {"type": "text", "text": "joined"}]}],
@@ -210,7 +211,8 @@ def test_hostile_prompts_are_refused_fast_while_another_model_answers(
     assert not failures, failures
     assert len(latencies) >= 3, latencies
     # Before the fix: 283 s for 100k messages, 15.6 s for 68k special tokens (on the
-    # compute thread, stalling every model; 9.7 s and 17.5 s on this machine); now under a second.
+    # compute thread, stalling every model; 9.7 s and 17.5 s on the development machine);
+    # now milliseconds.
     print(f"refused in {took}; bystander latencies {sorted(latencies)}")
     assert max(took.values()) < 5, took
     assert max(latencies) < 5, latencies
