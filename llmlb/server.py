@@ -36,8 +36,19 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         # gunicorn >= 24 opens a control socket at one fixed path per user; two llmlb
         # instances on a host would fight over it, and llmlb does not use it.
         "control_socket_disable": True,
+        # A worker that exits leaves its metric files: folded into one, scrapes stay fast.
+        "child_exit": _child_exit,
     }
     return {k: v for k, v in options.items() if k in known}
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    from .metrics import fold_dead_worker
+
+    try:
+        fold_dead_worker(worker.pid)
+    except Exception:  # a metrics file must never take the master down
+        server.log.exception("Folding the metrics of worker %s failed", worker.pid)
 
 
 def preflight(settings: Settings) -> None:
@@ -48,7 +59,10 @@ def preflight(settings: Settings) -> None:
     from .catalog import load_catalog
     from .config import SettingsError
 
+    from .metrics import prepare_directory
+
     load_catalog(settings.supported_models)
+    prepare_directory(settings.metrics_dir)  # counters start at zero with the instance
     if settings.role == "node":
         if not settings.balancer_url:
             raise SettingsError("a node needs its balancer: --balancer-url or "

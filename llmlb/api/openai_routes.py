@@ -3,7 +3,7 @@ to a node (this process's own, or another machine's) and relays the answer."""
 
 from __future__ import annotations
 
-from flask import Blueprint, send_file
+from flask import Blueprint, g, send_file
 
 from engines.base import CHAT, COMPLETION, EMBEDDINGS
 
@@ -55,16 +55,16 @@ def model_blob(rest: str):
 @bp.post("/chat/completions")
 @require("api")
 def chat_completions():
-    return relay(runtime().balancer.forward(CHAT, request_bytes()))
+    return relay(runtime().balancer.forward(CHAT, request_bytes(), g.principal.name))
 
 
 @bp.post("/completions")
 @require("api")
 def completions():
-    return relay(runtime().balancer.forward(COMPLETION, request_bytes()))
+    return relay(runtime().balancer.forward(COMPLETION, request_bytes(), g.principal.name))
 
 
 @bp.post("/embeddings")
 @require("api")
 def embeddings():
-    return relay(runtime().balancer.forward(EMBEDDINGS, request_bytes()))
+    return relay(runtime().balancer.forward(EMBEDDINGS, request_bytes(), g.principal.name))
