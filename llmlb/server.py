@@ -58,7 +58,6 @@ def preflight(settings: Settings) -> None:
     node that cannot reach or authenticate to a balancer."""
     from .catalog import load_catalog
     from .config import SettingsError
-
     from .metrics import prepare_directory
 
     load_catalog(settings.supported_models)

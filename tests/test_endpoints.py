@@ -212,13 +212,16 @@ def test_an_upstream_429_never_reaches_the_client_while_another_can_serve(make_s
     server = make_server(**FAST, affinity=False)
     assert add(server, "busy", busy.url).status_code == 201
     assert add(server, "free", free.url).status_code == 201
+    free.waiting = 1  # by its metrics, busier: the 429 one is always tried first
+    assert wait_for(lambda: nodes(server)["free"]["queued_requests"] == 1)
     busy.fault = "429"
     client = server.client()
     for _ in range(6):
         assert client.chat.completions.create(model="fake-model", messages=HELLO) \
             .choices[0].message.content == "hello from free"
     listed = nodes(server)["busy"]
-    assert listed["status"] == "cooldown" and "429" in listed["last_error"]
+    assert busy.calls, "never tried"
+    assert listed["status"] == "cooldown" and "429" in listed["last_error"], listed
     # Its Retry-After (7 s) sets the cooldown, not the base cooldown of 0.5 s.
     assert listed["cooldown_until"] - time.time() > 4
 
@@ -237,7 +240,8 @@ def test_load_comes_from_the_endpoints_own_metrics(make_server, fakes) -> None:
     server = make_server(**FAST, affinity=False)
     for fake in (queued, idle, plain):
         assert add(server, fake.name, fake.url).status_code == 201
-    listed = wait_for(lambda: (n := nodes(server))["queued"]["load_source"] == "metrics" and n)
+    listed = wait_for(lambda: (n := nodes(server))["queued"]["load_source"] == "metrics"
+                      and n["idle"]["load_source"] == "metrics" and n)
     assert listed["queued"]["queued_requests"] == 10
     assert listed["queued"]["endpoint_waiting"] == 7
     assert listed["idle"]["load_source"] == "metrics" and listed["idle"]["queued_requests"] == 0

@@ -21,9 +21,9 @@ from ..config import Settings
 from ..hardware import Memory, memory_of
 from ..model_info import listing_entry
 from ..node import LocalNode
+from .credentials import CredentialError, describe, open_credential
 from .http1 import HTTPClientError
 from .inflight import InflightCounters
-from .credentials import CredentialError, describe, open_credential
 from .registry import COOLDOWN, ENDPOINT, ONLINE, NodeRecord, NodeRegistry
 from .upstream import InProcessNode, Node, NodeUnreachable, RemoteNode
 

@@ -25,8 +25,8 @@ from ..serving.body import parse_json_object
 from ..serving.sse import event
 from ..storage import InvalidModelId, normalize_model_id
 from . import routing
-from .members import Cluster, Member, RemoteMember
 from .accounting import Outcome, Watch, with_usage
+from .members import Cluster, Member, RemoteMember
 from .registry import COOLDOWN, ENDPOINT, OFFLINE, ONLINE, NodeRegistry
 from .upstream import NodeResponse, NodeUnreachable, ProxyRequest
 
