@@ -59,7 +59,7 @@ def fold_dead_worker(pid: int, directory: str | None = None) -> None:
         totals: dict[str, float] = {}
         for path in (folded, dead):
             if os.path.exists(path):
-                for key, value, _ in MmapedDict.read_all_values_from_file(path):
+                for key, value, *_ in MmapedDict.read_all_values_from_file(path):
                     totals[key] = totals.get(key, 0.0) + value
         # Written aside and renamed: a scrape reads either the old folded file or the new one.
         tmp = os.path.join(directory, f"{typ}_folded.tmp")

@@ -38,8 +38,16 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "control_socket_disable": True,
         # A worker that exits leaves its metric files: folded into one, scrapes stay fast.
         "child_exit": _child_exit,
+        "worker_exit": _worker_exit,
     }
     return {k: v for k, v in options.items() if k in known}
+
+
+def _worker_exit(server: Any, worker: Any) -> None:
+    """In the worker, as it exits: its buffered request history goes to the database."""
+    runtime = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("llmlb")
+    if runtime is not None:
+        runtime.history.close()
 
 
 def _child_exit(server: Any, worker: Any) -> None:
