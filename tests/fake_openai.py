@@ -25,6 +25,7 @@ class FakeOpenAI:
         self.waiting, self.running = 0, 0
         self.calls: list[dict] = []  # inference bodies received
         self.concurrent = self.max_concurrent = 0
+        self.connections = 0  # TCP connections accepted
         self._lock = threading.Lock()
         fake = self
 
@@ -33,6 +34,11 @@ class FakeOpenAI:
 
             def log_message(self, *args) -> None:  # noqa: ANN002
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with fake._lock:
+                    fake.connections += 1
 
             def do_GET(self) -> None:  # noqa: N802
                 if not self._authorized():
