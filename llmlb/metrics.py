@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 FOLDED_TYPES = ("counter", "histogram", "summary")
+_value_class_dir: str | None = None  # the directory this process's metric values write to
 
 
 def prepare_directory(directory: Path) -> None:
@@ -82,9 +83,13 @@ class Metrics:
             # program): this process is the instance, and prepares the directory itself.
             prepare_directory(directory)
         self.directory = directory
-        # A fresh value class: its files go to the directory just set, whatever an earlier
-        # app in this process (tests) used.
-        values.ValueClass = values.MultiProcessValue()
+        global _value_class_dir
+        if _value_class_dir != str(directory):
+            # A fresh value class: its files go to the directory just set, whatever an earlier
+            # app in this process (tests) used; apps sharing a directory share the class (two
+            # writers of one file would overwrite each other's entries).
+            values.ValueClass = values.MultiProcessValue()
+            _value_class_dir = str(directory)
         labels = ("model", "node", "status")
         self.requests = Counter("llmlb_requests", "Requests answered, by model, node and HTTP "
                                 "status (a client that left: 499)", labels, registry=None)
