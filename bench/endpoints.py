@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from balancer import WORK as BALANCER_WORK
 from balancer import WORK_ROOT, pinned, start_upstream, wrk
 from common import (
     REPO,
@@ -220,6 +221,7 @@ def main() -> None:
     parser.add_argument("--wait-quiet", type=float, default=60, metavar="SECONDS")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
+    BALANCER_WORK.mkdir(parents=True, exist_ok=True)  # wrk's script goes there
     started, load_before = announce("endpoints")
     wait_quiet(args.wait_quiet)
     summary: dict = {**run_facts("endpoints", started, load_before, cpu_busy(0.5)),
