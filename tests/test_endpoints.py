@@ -42,7 +42,8 @@ def add(server, name: str, url: str, **extra) -> requests.Response:
 
 
 def nodes(server) -> dict[str, dict]:
-    r = requests.get(f"{server.url}/v0/nodes", headers=ADMIN, timeout=10)
+    # Standalone, the first listing asks the engines whether they can run (imports torch).
+    r = requests.get(f"{server.url}/v0/nodes", headers=ADMIN, timeout=120)
     assert r.status_code == 200, r.text
     return {n["name"]: n for n in r.json()["data"]}
 
@@ -154,6 +155,10 @@ def test_a_server_that_is_not_openai_and_a_taken_name_are_refused(server, fakes)
     assert add(server, "gpu", fake.url).status_code == 201
     r = add(server, "gpu", fake.url)
     assert r.status_code == 409 and r.json()["error"]["code"] == "name_taken"
+    r = requests.post(f"{server.url}/v0/nodes", headers=ADMIN, timeout=10,  # a node, same name
+                      json={"name": "gpu", "url": "http://127.0.0.1:9", "secret": "s" * 32})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "name_taken"
+    assert nodes(server)["gpu"]["kind"] == "endpoint"
     r = requests.delete(f"{server.url}/v0/endpoints/nope", headers=ADMIN, timeout=10)
     assert r.status_code == 404 and r.json()["error"]["code"] == "endpoint_not_found"
     r = requests.post(f"{server.url}/v0/endpoints", json={"name": "a", "base_url": fake.url},
@@ -182,17 +187,20 @@ def test_calls_to_an_endpoint_are_not_serialised(make_server, fakes) -> None:
 
 def test_failover_health_and_recovery_between_two_endpoints(make_server, fakes) -> None:
     a, b = fakes("a"), fakes("b")
-    server = make_server(**FAST)
+    server = make_server(**FAST, proxy_read_timeout_seconds=1.0, affinity=False)
     assert add(server, "a", a.url).status_code == 201
     assert add(server, "b", b.url).status_code == 201
+    b.waiting = 1  # by its metrics, busier: the failing one is always tried first
+    assert wait_for(lambda: nodes(server)["b"]["queued_requests"] == 1)
     client = server.client()
-    for fault in ("500", "cut"):
+    for fault in ("500", "cut", "hang"):
         a.fault = fault
         for _ in range(4):
             answer = client.chat.completions.create(model="fake-model", messages=HELLO)
-            assert answer.choices[0].message.content == "hello from b"
+            assert answer.choices[0].message.content == "hello from b", fault
+        assert nodes(server)["a"]["failures"] >= 1, (fault, nodes(server)["a"], len(a.calls))
         a.fault = None
-        wait_for(lambda: nodes(server)["a"]["status"] == "online")
+        assert wait_for(lambda: nodes(server)["a"]["status"] == "online")
 
     a.fault = "down"  # its /v1/models fails too: the check makes it offline
     listed = wait_for(lambda: (n := nodes(server))["a"]["status"] == "offline" and n)
@@ -285,8 +293,15 @@ def test_every_request_leaves_a_history_row(make_server, fakes) -> None:
         assert r.status_code == 200, r.text
         return r.json()["data"]
 
-    assert wait_for(lambda: len(rows()) == 3)
-    missing, streamed, plain = rows()
+    # A client that leaves a stream half-way: 499, as nginx would log it.
+    fake.token_delay = 0.3
+    with requests.post(f"{server.url}/v1/chat/completions", headers=ADMIN, stream=True,
+                       timeout=10, json={"model": "fake-model", "messages": HELLO,
+                                         "stream": True}) as r:
+        next(r.iter_lines())
+    assert wait_for(lambda: len(rows()) == 4)
+    assert rows()[0]["status"] == 499 and rows()[0]["error"] == "client_left"
+    missing, streamed, plain = rows()[1:]
     assert (missing["status"], missing["model"], missing["node"]) == (404, "no-such-model", None)
     for row in (streamed, plain):
         assert row["node"] == "gpu" and row["model"] == "fake-model" and row["status"] == 200
@@ -294,8 +309,8 @@ def test_every_request_leaves_a_history_row(make_server, fakes) -> None:
         assert (row["tokens_in"], row["tokens_out"]) == (5, 4)
         assert row["latency_ms"] >= row["ttft_ms"] > 0
     assert streamed["stream"] is True and plain["stream"] is False
-    assert [r["status"] for r in rows(status="4xx")] == [404]
-    assert len(rows(node="gpu")) == 2 and len(rows(model="fake-model", limit=1)) == 1
+    assert [r["status"] for r in rows(status="4xx")] == [499, 404]
+    assert len(rows(node="gpu")) == 3 and len(rows(model="fake-model", limit=1)) == 1
     r = requests.get(f"{server.url}/v0/requests", headers=ADMIN, params={"status": "abc"},
                      timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "status"
