@@ -78,6 +78,7 @@ def test_an_endpoint_serves_its_models_through_llmlb(make_server, fakes) -> None
     answer = client.completions.create(model="Llama3.2:1b", prompt="hi")
     assert answer.choices[0].text == "hello from gpu"
     assert fake.calls[-1]["model"] == "Llama3.2:1b"
+    assert client.models.retrieve("Llama3.2:1b").model_extra["nodes"] == ["big-box"]
 
     stream = client.chat.completions.create(model="fake-model", messages=HELLO, stream=True)
     chunks = list(stream)

@@ -32,8 +32,13 @@ def list_models():
 @bp.get("/models/<path:model_id>")
 @require("api")
 def get_model(model_id: str):
-    model_id = valid_id(model_id)
     rt = runtime()
+    try:
+        model_id = valid_id(model_id)
+    except errors.APIError:  # an endpoint's own id (Ollama's llama3.2:1b) is fine
+        if not rt.cluster.endpoint_model(model_id):
+            raise
+        model_id = model_id.lower()
     located = rt.cluster.locate(model_id)
     if located is not None:
         return respond(model_object(*located))
