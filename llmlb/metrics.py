@@ -4,7 +4,9 @@ that every gunicorn worker's requests count.
 What requests leave behind (counters, histograms) each worker writes to its own memory-mapped
 files in ``$LLMLB_HOME/metrics`` (``PROMETHEUS_MULTIPROC_DIR``); a scrape merges the files.
 The directory is wiped when the instance starts (the master's ``preflight``), so counters
-start at zero with the process, as Prometheus expects. A worker that exits leaves its files
+start at zero with the process, as Prometheus expects; a process started some other way
+(gunicorn without ``gunicorn.conf.py``, a test's server) removes only what dead processes
+left, never a live worker's files. A worker that exits leaves its files
 behind (its counts must not vanish: that would look like a counter reset); gunicorn's master
 folds them into one ``*_folded.db`` file per type (``fold_dead_worker``), so that a scrape
 reads as many files after 50 worker restarts as after none.
@@ -16,6 +18,7 @@ counters) at scrape time, by ``StateCollector``: no file per worker, never stale
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -40,6 +43,33 @@ def prepare_directory(directory: Path) -> None:
         shutil.rmtree(directory, ignore_errors=True)
     private_dir(directory)
     os.environ[ENV] = str(directory)
+
+
+def clear_dead_files(directory: Path) -> None:
+    """Remove the files of processes that are gone; all of them (the folded ones too) when
+    no process that wrote here is alive: a new instance starts from zero."""
+    from .private_files import private_dir
+
+    private_dir(directory)
+    files = metric_files(directory)
+    live = [f for f in files if _pid_alive(f)]
+    for path in files:
+        if path not in live and (not live or not path.endswith("_folded.db")):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
+def _pid_alive(path: str) -> bool:
+    tail = os.path.basename(path).removesuffix(".db").rsplit("_", 1)[-1]
+    if not tail.isdigit():
+        return False
+    try:
+        os.kill(int(tail), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def fold_dead_worker(pid: int, directory: str | None = None) -> None:
@@ -79,9 +109,11 @@ class Metrics:
         from prometheus_client import Counter, Histogram, values
 
         if os.environ.get(ENV) != str(directory):
-            # Not started by `llmlb serve` / gunicorn.conf.py (a test's server, an embedding
-            # program): this process is the instance, and prepares the directory itself.
-            prepare_directory(directory)
+            # Not started by `llmlb serve` / gunicorn.conf.py (a test's server, gunicorn
+            # without llmlb's config): what dead processes left goes, the files of live ones
+            # (other workers of this instance) stay.
+            clear_dead_files(directory)
+            os.environ[ENV] = str(directory)
         self.directory = directory
         global _value_class_dir
         if _value_class_dir != str(directory):
