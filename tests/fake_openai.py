@@ -20,7 +20,8 @@ class FakeOpenAI:
         self.name, self.models = name, list(models)
         self.latency, self.token_delay, self.tokens = latency, token_delay, tokens
         self.api_key, self.has_metrics = api_key, metrics
-        self.fault: str | None = None  # "500" | "cut" | "hang" | "429" | "down"
+        # "500" | "cut" | "hang" | "429" | "down" | "no-stream-options" (an older server)
+        self.fault: str | None = None
         self.retry_after = "7"
         self.waiting, self.running = 0, 0
         self.calls: list[dict] = []  # inference bodies received
@@ -88,6 +89,9 @@ class FakeOpenAI:
                 if fault == "hang":
                     time.sleep(30)
                     return
+                if fake.fault == "no-stream-options" and "stream_options" in body:
+                    return self._json(400, {"error": {"message": "Unknown field: "
+                                                      "stream_options", "param": "stream_options"}})
                 if body.get("model") not in fake.models:
                     return self._json(404, {"error": {"message": "no such model",
                                                       "code": "model_not_found"}})

@@ -91,6 +91,12 @@ def test_an_endpoint_serves_its_models_through_llmlb(make_server, fakes) -> None
                                                 stream=True,
                                                 stream_options={"include_usage": True}))
     assert asked[-1].usage.completion_tokens == 5 and asked[-1].choices == []
+    # A server that refuses stream_options gets the client's request as the client sent it.
+    fake.fault = "no-stream-options"
+    chunks = list(client.chat.completions.create(model="fake-model", messages=HELLO,
+                                                 stream=True))
+    assert len(chunks) == 5 and "stream_options" not in fake.calls[-1]
+    fake.fault = None
 
     r = requests.delete(f"{server.url}/v0/endpoints/big-box", headers=ADMIN, timeout=10)
     assert r.status_code == 200, r.text

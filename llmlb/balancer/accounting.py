@@ -66,7 +66,7 @@ def with_usage(request: ProxyRequest) -> tuple[ProxyRequest, bool]:
         return request, False  # invalid: the node says so
     payload = {**payload, "stream_options": {**(options or {}), "include_usage": True}}
     raw = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-    return ProxyRequest(request.operation, raw, payload, request.model_id), True
+    return ProxyRequest(request.operation, raw, payload, request.model_id, request), True
 
 
 class Watch:

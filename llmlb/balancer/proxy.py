@@ -65,6 +65,11 @@ def retry_after(value: str | None) -> float | None:
         return None  # an HTTP date: rare from an API server; the usual cooldown applies
 
 
+def _refused_usage(response: NodeResponse) -> bool:
+    return response.status == 400 and isinstance(response.body, bytes) \
+        and b"stream_options" in response.body
+
+
 class _Once:
     def __init__(self, *actions) -> None:  # noqa: ANN002 - callables
         self._actions = actions
@@ -180,6 +185,10 @@ class Balancer:
             inflight.enter(member.id)
             try:
                 response = member.node.send(request)
+                if request.as_sent is not None and _refused_usage(response):
+                    # A server that refuses the stream_options llmlb added (an older one):
+                    # the client's own request, as it sent it.
+                    response = member.node.send(request.as_sent)
             except NodeUnreachable as exc:
                 inflight.leave(member.id)
                 reason = str(exc)

@@ -53,6 +53,7 @@ class ProxyRequest:
     raw: bytes
     payload: dict
     model_id: str
+    as_sent: ProxyRequest | None = None  # the client's request, when llmlb changed it
 
     @property
     def path(self) -> str:
