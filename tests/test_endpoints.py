@@ -345,3 +345,20 @@ def test_the_cli_adds_lists_and_removes_endpoints(llmlb_home, fakes) -> None:
     assert llmlb("remove", "big-box").returncode == 0
     assert "big-box" not in llmlb("list").stdout
     assert llmlb("remove", "big-box").returncode != 0
+
+
+def test_history_older_than_its_retention_is_forgotten(make_server) -> None:
+    server = make_server(role="balancer", history_retention_days=1)
+    db = server.runtime.db
+    now = time.time()
+    with db.transaction() as conn:
+        for age_days in (3, 0.5):
+            conn.execute("INSERT INTO requests(at, operation, status, latency_ms) "
+                         "VALUES (?, 'chat', 200, 1)", (now - age_days * 86400,))
+    server.runtime.supervisor.wake("history-prune")  # the supervisor's task, run now
+
+    def ages() -> list[float]:
+        r = requests.get(f"{server.url}/v0/requests", headers=ADMIN, timeout=10)
+        return [round((now - row["at"]) / 86400, 1) for row in r.json()["data"]]
+
+    assert wait_for(lambda: ages() == [0.5]), ages()
