@@ -116,3 +116,33 @@ def test_metrics_count_every_request_of_every_worker(start_process, llmlb_home: 
 
         r = requests.get(f"{url}/metrics", timeout=10)
         assert r.status_code == 401 and r.json()["error"]
+
+
+def test_a_worker_started_without_llmlbs_master_keeps_live_workers_counts(
+        tmp_path: Path, monkeypatch) -> None:
+    """gunicorn without gunicorn.conf.py: no master prepared the directory, so each worker
+    clears only what dead processes left, never a live sibling's counts."""
+    import subprocess
+
+    from llmlb.metrics import ENV, Metrics
+
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    sibling = subprocess.Popen(["sleep", "30"])
+    try:
+        for pid in (dead.pid, sibling.pid):
+            (directory / f"counter_{pid}.db").write_bytes(b"\0" * 16)
+        (directory / "counter_folded.db").write_bytes(b"\0" * 16)
+        monkeypatch.delenv(ENV, raising=False)
+        Metrics(directory, lambda: [])
+        left = {p.name for p in directory.iterdir()}
+        assert left == {"counter_folded.db", f"counter_{sibling.pid}.db"}
+    finally:
+        sibling.kill()
+        sibling.wait()
+    # Nobody alive: a new instance starts from zero.
+    monkeypatch.delenv(ENV, raising=False)
+    Metrics(directory, lambda: [])
+    assert not list(directory.glob("counter_*.db"))
