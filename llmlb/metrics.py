@@ -136,18 +136,32 @@ class Metrics:
         self.tokens_out = Counter("llmlb_completion_tokens", "Tokens generated, as the node "
                                   "reported them", ("model", "node"), registry=None)
         self._state = state
+        self._children: dict[tuple[str, str], tuple] = {}
+        self._requests: dict[tuple[str, str, int], object] = {}
 
     def observe(self, model: str, node: str, status: int, latency: float, ttft: float | None,
                 tokens_in: int | None, tokens_out: int | None) -> None:
-        self.requests.labels(model, node, str(status)).inc()
+        # The labelled children, looked up once per label set: prometheus_client's labels()
+        # (validation, a lock) was most of the cost of counting a request.
+        children = self._children.get((model, node))
+        if children is None:
+            children = self._children.setdefault((model, node), (
+                self.latency.labels(model, node), self.ttft.labels(model, node),
+                self.tokens_in.labels(model, node), self.tokens_out.labels(model, node)))
+        counter = self._requests.get((model, node, status))
+        if counter is None:
+            counter = self._requests.setdefault((model, node, status),
+                                                self.requests.labels(model, node, str(status)))
+        counter.inc()
+        latency_child, ttft_child, tokens_in_child, tokens_out_child = children
         if status < 400:
-            self.latency.labels(model, node).observe(latency)
+            latency_child.observe(latency)
             if ttft is not None:
-                self.ttft.labels(model, node).observe(ttft)
+                ttft_child.observe(ttft)
         if tokens_in:
-            self.tokens_in.labels(model, node).inc(tokens_in)
+            tokens_in_child.inc(tokens_in)
         if tokens_out:
-            self.tokens_out.labels(model, node).inc(tokens_out)
+            tokens_out_child.inc(tokens_out)
 
     def scrape(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
