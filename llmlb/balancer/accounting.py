@@ -91,7 +91,9 @@ class Watch:
             self._finish(response.status, node, False, None, *tokens,
                          _error_code(response.body) if response.status >= 400 else None)
             return response
-        body = self._stream(node, response.status, response.body)
+        body = _Watched(self._stream(node, response.status, response.body),
+                        lambda: self._finish(CLIENT_LEFT, node, True, None, None, None,
+                                             "client_left"))
         return NodeResponse(response.status, response.headers, body, response.close)
 
     def _stream(self, node: str | None, status: int, chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -134,6 +136,28 @@ class Watch:
         self.on_done(Outcome(self.at, self.key_name, self.operation, self.model, node, status,
                              stream, latency, ttft if stream else latency, tokens_in,
                              tokens_out, error))
+
+
+class _Watched:
+    """A watched stream; closed before anyone iterated it (the client left before the first
+    byte), it still counts: a generator that never started skips its ``finally``."""
+
+    def __init__(self, chunks: Iterator[bytes], never_started: Callable[[], None]) -> None:
+        self._chunks, self._never_started = chunks, never_started
+        self._started = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._started = True
+        return self._chunks
+
+    def __next__(self) -> bytes:
+        self._started = True
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()  # type: ignore[attr-defined]
+        if not self._started:
+            self._never_started()
 
 
 def _without_usage_event(data: bytes) -> tuple[bytes, bytes, tuple[int | None, int | None] | None]:
