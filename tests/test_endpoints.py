@@ -188,8 +188,9 @@ def test_calls_to_an_endpoint_are_not_serialised(make_server, fakes) -> None:
         answers = list(pool.map(ask, range(16)))
     elapsed = time.perf_counter() - start
     assert answers == ["hello from gpu"] * 16
-    assert fake.max_concurrent >= 12, fake.max_concurrent
-    assert elapsed < 2.0, f"16 calls of 0.3 s took {elapsed:.2f} s: serialised?"
+    assert fake.max_concurrent >= 8, fake.max_concurrent
+    # Serialised they take 4.8 s; side by side about 0.3 s (room left for a busy machine).
+    assert elapsed < 3.0, f"16 calls of 0.3 s took {elapsed:.2f} s: serialised?"
 
 
 def test_failover_health_and_recovery_between_two_endpoints(make_server, fakes) -> None:
@@ -268,7 +269,7 @@ def test_load_comes_from_the_endpoints_own_metrics(make_server, fakes) -> None:
 
 
 def test_the_queue_in_front_of_an_endpoint_is_bounded(make_server, fakes) -> None:
-    fake = fakes("slow", latency=1.0)
+    fake = fakes("slow", latency=2.0)  # all six arrive while the first three are held
     server = make_server(**FAST, endpoint_max_requests=3)
     assert add(server, "slow", fake.url).status_code == 201
 
