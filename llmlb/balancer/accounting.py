@@ -24,6 +24,9 @@ from .upstream import NodeResponse, ProxyRequest
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+# With include_usage, every chunk carries ``"usage": null`` (OpenAI's shape); a client that did
+# not ask for usage must not see it.
+_NULL_USAGE = re.compile(rb',\s*"usage":\s*null')
 _USAGE = b'"usage"'
 TAIL_BYTES = 8192  # a stream's usage event is among its last bytes
 CLIENT_LEFT = 499  # nginx's code for a client that closed the connection first
@@ -173,7 +176,7 @@ def _without_usage_event(data: bytes) -> tuple[bytes, bytes, tuple[int | None, i
         if _USAGE in event and _EMPTY_CHOICES.search(event):
             found = usage_of(event)
             continue
-        kept.append(event + b"\n\n")
+        kept.append(_NULL_USAGE.sub(b"", event) + b"\n\n")
     return b"".join(kept), rest, found
 
 
