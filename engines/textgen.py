@@ -46,6 +46,26 @@ def token_text(value: Any) -> str:
     return value or ""
 
 
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def with_tools(messages: list[dict], tools: Sequence[dict], template: str) -> list[dict]:
+    """Messages for a template that cannot render ``tools`` itself: the tools described in a
+    system message, asking for Hermes-style ``<tool_call>{...}</tool_call>`` calls (the format
+    llmlb parses). A template that mentions ``tools`` renders them its own way."""
+    if not tools or "tools" in template:
+        return messages
+    listing = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
+    note = ("You may call these tools:\n<tools>\n" + listing + "\n</tools>\nTo call one, "
+            f"answer with {TOOL_CALL_OPEN}{{\"name\": <tool name>, \"arguments\": <arguments "
+            f"object>}}{TOOL_CALL_CLOSE}.")
+    if messages and messages[0].get("role") in ("system", "developer"):
+        first = messages[0]
+        return [{**first, "content": message_text(first.get("content")) + "\n\n" + note},
+                *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
+
+
 class ChatTemplate:
     """Renders a Hugging Face chat template the way transformers does (sandboxed Jinja)."""
 
@@ -62,9 +82,9 @@ class ChatTemplate:
         self._template = env.from_string(template or FALLBACK_CHAT_TEMPLATE)
         self.bos_token, self.eos_token = bos_token, eos_token
 
-    def render(self, messages: Sequence[dict]) -> str:
+    def render(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> str:
         return self._template.render(messages=plain_messages(messages),
-                                     add_generation_prompt=True,
+                                     add_generation_prompt=True, tools=tools or None,
                                      bos_token=self.bos_token, eos_token=self.eos_token)
 
 

@@ -1,0 +1,118 @@
+"""Constrained decoding with llguidance: the generated text must be one JSON value matching
+a JSON schema (``SamplingParams.json_schema``: structured outputs, tool-call arguments).
+
+One grammar engine for GGUF and transformers models: llguidance builds its tokenizer from a
+Hugging Face tokenizer or a llama.cpp vocabulary, compiles a schema into a matcher per
+sequence, and gives the set of tokens allowed next as a bitmask (tens of microseconds per
+step, computed lazily from a lexer/parser split rather than by walking the vocabulary). The
+engine sets every other token's logit to -inf before its own sampling, so penalties, top-k,
+temperature and seeds work as usual on what is left; once the value is complete only the end
+of sequence is allowed, and generation ends with "stop".
+
+Whitespace is not free inside the JSON (``whitespace_flexible: false``): a model may not pad
+the value with newlines until its budget is spent, and the output stays compact.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .base import InvalidPrompt
+
+#: llguidance's JSON options: compact separators, no free whitespace
+JSON_OPTIONS = {"whitespace_flexible": False}
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+class GrammarCompiler:
+    """A model's llguidance tokenizer (built on first use: it reads the whole vocabulary)
+    and the matchers compiled against it."""
+
+    def __init__(self, make_tokenizer: Callable[[], object]) -> None:
+        self._make_tokenizer = make_tokenizer
+        self._tokenizer: object | None = None
+        self._lock = threading.Lock()
+
+    def tokenizer(self) -> object:
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = self._make_tokenizer()
+            return self._tokenizer
+
+    def matcher(self, json_schema: str) -> JsonConstraint:
+        """A fresh constraint for one sequence; ``InvalidPrompt`` (a 400) when llguidance
+        cannot compile the schema."""
+        import llguidance
+
+        try:
+            schema = json.loads(json_schema)
+        except ValueError as exc:
+            raise InvalidPrompt(f"the JSON schema is not JSON: {exc}") from None
+        if isinstance(schema, dict):
+            schema = {**schema, "x-guidance": {**JSON_OPTIONS, **schema.get("x-guidance", {})}}
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+        tokenizer = self.tokenizer()
+        ok, problem = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer) \
+            if hasattr(llguidance.LLMatcher, "validate_grammar_with_warnings") else (True, [])
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        if matcher.is_error() or not ok:
+            raise InvalidPrompt(f"the JSON schema cannot be used for constrained decoding: "
+                                f"{matcher.get_error() or problem}")
+        return JsonConstraint(matcher, tokenizer)
+
+
+class JsonConstraint:
+    """One sequence's grammar state (used on the compute thread only)."""
+
+    def __init__(self, matcher, tokenizer) -> None:  # noqa: ANN001 - llguidance objects
+        from llguidance.numpy import allocate_token_bitmask
+
+        self._matcher = matcher
+        self._bitmask = allocate_token_bitmask(1, tokenizer.vocab_size)
+        self._n_vocab = tokenizer.vocab_size
+
+    def allowed(self, n_logits: int) -> np.ndarray:
+        """A boolean array over the model's ``n_logits`` logits (the model's output may be
+        padded past the vocabulary): True where the token may come next."""
+        import numpy as np
+        from llguidance.numpy import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self._matcher, self._bitmask, 0)
+        bits = np.unpackbits(self._bitmask[0].view(np.uint8), bitorder="little")
+        out = np.zeros(n_logits, dtype=bool)
+        n = min(self._n_vocab, n_logits)
+        out[:n] = bits[:n].astype(bool)
+        return out
+
+    def consume(self, token: int) -> None:
+        self._matcher.consume_token(token)
+
+    @property
+    def failed(self) -> str | None:
+        return self._matcher.get_error() if self._matcher.is_error() else None
+
+
+_available: bool | None = None
+
+
+def available() -> bool:
+    """Whether llguidance is installed (engines declare ``tools`` and ``response_format``
+    only then)."""
+    global _available
+    if _available is None:
+        try:
+            import llguidance  # noqa: F401
+            import llguidance.numpy  # noqa: F401
+            _available = True
+        except ImportError:
+            _available = False
+    return _available
+
+
+#: the parameters that need a grammar engine
+GRAMMAR_PARAMETERS = frozenset({"tools", "response_format"})
