@@ -29,6 +29,10 @@ The rules an engine follows:
   thread in bounded steps, so keep each step short (a prompt chunk, one decoding step): a
   long step delays every other model. Tokenizing and detokenizing may run on the request's
   thread. Engines that only relay over the network need none of this.
+* **Optional parameters.** ``Engine.parameters`` names the ``OPTIONAL_PARAMETERS`` (tools,
+  structured outputs, logprobs, penalties…) its models honour; llmlb refuses a request using
+  any other with a 400 naming it, so an engine never silently ignores one. The fields of
+  ``SamplingParams`` say what each asks.
 """
 
 from __future__ import annotations
