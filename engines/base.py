@@ -177,7 +177,12 @@ class EngineError(RuntimeError):
 
 
 class InvalidPrompt(EngineError):
-    """The request's prompt cannot be run (too long, rejected by the chat template)."""
+    """The request's prompt cannot be run (too long, rejected by the chat template);
+    ``param`` is the request field at fault."""
+
+    def __init__(self, message: str, param: str = "messages") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def nvidia_driver_present() -> bool:

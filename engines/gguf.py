@@ -11,12 +11,12 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import compute
+from . import compute, grammar
 from .base import (
     CHAT,
-    OPTIONAL_PARAMETERS,
     COMPLETION,
     EMBEDDINGS,
+    OPTIONAL_PARAMETERS,
     Availability,
     Engine,
     EngineError,
@@ -29,7 +29,6 @@ from .base import (
 )
 from .batching import PieceDecoder, SequenceStream
 from .batching import Sequence as BatchSequence
-from . import grammar
 from .grammar import GrammarCompiler
 from .llama_batch import PROMPT_CHUNK, LlamaBatchRunner, piece
 from .logit_rules import LogitRules

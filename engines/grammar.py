@@ -15,7 +15,6 @@ the value with newlines until its budget is spent, and the output stays compact.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -49,20 +48,17 @@ class GrammarCompiler:
         cannot compile the schema."""
         import llguidance
 
-        try:
-            schema = json.loads(json_schema)
-        except ValueError as exc:
-            raise InvalidPrompt(f"the JSON schema is not JSON: {exc}") from None
-        if isinstance(schema, dict):
-            schema = {**schema, "x-guidance": {**JSON_OPTIONS, **schema.get("x-guidance", {})}}
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
         tokenizer = self.tokenizer()
-        ok, problem = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer) \
-            if hasattr(llguidance.LLMatcher, "validate_grammar_with_warnings") else (True, [])
-        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
-        if matcher.is_error() or not ok:
-            raise InvalidPrompt(f"the JSON schema cannot be used for constrained decoding: "
-                                f"{matcher.get_error() or problem}")
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(json_schema,
+                                                                    defaults=JSON_OPTIONS)
+            matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        except (ValueError, RuntimeError) as exc:
+            raise InvalidPrompt(f"the JSON schema cannot be used: {exc}",
+                                "response_format") from None
+        if matcher.is_error():
+            raise InvalidPrompt(f"the JSON schema cannot be used: {matcher.get_error()}",
+                                "response_format")
         return JsonConstraint(matcher, tokenizer)
 
 
@@ -116,3 +112,17 @@ def available() -> bool:
 
 #: the parameters that need a grammar engine
 GRAMMAR_PARAMETERS = frozenset({"tools", "response_format"})
+
+
+def schema_problem(schema: dict) -> str | None:
+    """Why llguidance cannot compile ``schema`` (None: it can, or llguidance is not here and
+    the engine will say so)."""
+    if not available():
+        return None
+    import llguidance
+
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    except (ValueError, RuntimeError) as exc:
+        return str(exc)
+    return llguidance.LLMatcher.validate_grammar(grammar) or None

@@ -37,6 +37,7 @@ from .base import (
     nvidia_driver_present,
     token_budget,
 )
+from .logit_rules import LogitRules, Logprobs, token_logprob
 from .prompt_tokens import (
     hf_max_token_bytes,
     hf_special_tokens,
@@ -44,7 +45,6 @@ from .prompt_tokens import (
     refuse_if_too_long,
     render_chat,
 )
-from .logit_rules import LogitRules, Logprobs, token_logprob
 from .textgen import ChatTemplate, IncrementalDecoder, read_json, sample_next, token_text
 
 #: prompt tokens per step, so that other models get their turn during a long prompt (fewer

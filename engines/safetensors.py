@@ -10,12 +10,12 @@ import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import compute
+from . import compute, grammar
 from .base import (
     CHAT,
-    OPTIONAL_PARAMETERS,
     COMPLETION,
     EMBEDDINGS,
+    OPTIONAL_PARAMETERS,
     Availability,
     Engine,
     EngineError,
@@ -26,9 +26,10 @@ from .base import (
     SamplingParams,
     token_budget,
 )
-from . import grammar
 from .batching import Sequence as BatchSequence
 from .batching import SequenceStream
+from .grammar import GrammarCompiler
+from .logit_rules import LogitRules
 from .prompt_tokens import (
     SpecialTokens,
     hf_max_token_bytes,
@@ -37,8 +38,6 @@ from .prompt_tokens import (
     refuse_if_too_long,
     render_chat,
 )
-from .grammar import GrammarCompiler
-from .logit_rules import LogitRules
 from .textgen import FALLBACK_CHAT_TEMPLATE, IncrementalDecoder, read_json, with_tools
 from .transformers_batch import ContinuousBatchRunner, SerialRunner
 

@@ -56,7 +56,7 @@ class TorchSampler:
                                         else random.getrandbits(63))
 
     def sample(self, logits) -> int:  # noqa: ANN001 - 1-D float tensor
-        torch, rules, table = self._torch, self._rules, None
+        rules, table = self._rules, None
         if rules is not None:
             logits = logits.float()  # a copy for half precision; changed in place below
             if rules.top_logprobs is not None:

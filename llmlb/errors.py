@@ -206,7 +206,8 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, InvalidPrompt):
-        return APIError(400, f"Invalid prompt: {exc}", code="invalid_prompt", param="messages")
+        return APIError(400, f"Invalid prompt: {exc}", code="invalid_prompt",
+                        param=getattr(exc, "param", "messages"))
     if isinstance(exc, EngineError):
         return APIError(500, f"The engine failed: {exc}", type="server_error",
                         code="engine_error")

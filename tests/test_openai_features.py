@@ -25,7 +25,7 @@ from llmlb.serving import tools
 from .conftest import HELLO, LiveServer, install
 
 CONSTRAINED = ["gguf", "safetensors"]
-MODEL_DIRS = {"gguf": "llama-gguf", "safetensors": "llama-st", "onnx": "llama-onnx"}
+MODEL_DIRS = ("gguf", "safetensors", "onnx")
 
 WEATHER_ARGS = {
     "type": "object",
@@ -77,8 +77,10 @@ SCHEMAS = {
 
 
 @pytest.fixture
-def models(server: LiveServer, tiny: dict[str, Path]) -> dict[str, str]:
-    return {fmt: install(server, tiny, d, f"tiny-{fmt}") for fmt, d in MODEL_DIRS.items()}
+def models(server: LiveServer, long_models: dict[str, Path]) -> dict[str, str]:
+    """The tiny Llama in three formats, with a context that holds tool definitions (the
+    512-token one does not: its 512-token vocabulary spells JSON nearly byte by byte)."""
+    return {fmt: install(server, long_models, fmt, f"tiny-{fmt}") for fmt in MODEL_DIRS}
 
 
 def _error(exc: openai.APIStatusError) -> dict:

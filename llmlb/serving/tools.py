@@ -21,6 +21,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+from engines import grammar
 from engines.textgen import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 from .. import errors
@@ -76,13 +77,15 @@ def plan(req: ChatRequest) -> OutputPlan:
             raise errors.invalid_request(f"Invalid value for 'tool_choice': no tool is named "
                                          f"'{name}'", "tool_choice")
         tool = tools[names.index(name)]
-        return OutputPlan(NAMED, offered, name, _parameters(tool), parallel, frozenset(names))
+        schema = _checked(_parameters(tool), f"tools[{names.index(name)}].function.parameters")
+        return OutputPlan(NAMED, offered, name, schema, parallel, frozenset(names))
     if tools and choice == REQUIRED:
         schema = {"anyOf": [{"type": "object",
                              "properties": {"name": {"const": t.function.name},
                                             "arguments": _parameters(t)},
                              "required": ["name", "arguments"], "additionalProperties": False}
                             for t in tools]}
+        _checked(schema, "tools")
         return OutputPlan(REQUIRED, offered, None, schema, parallel, frozenset(names))
     schema = _response_schema(req)
     if tools and choice != NONE:
@@ -101,7 +104,16 @@ def _response_schema(req: ChatRequest) -> dict | None:
                                      "'response_format.json_schema'",
                                      "response_format.json_schema",
                                      code="missing_required_parameter")
-    return fmt.json_schema.schema_ or {}
+    return _checked(fmt.json_schema.schema_ or {}, "response_format.json_schema.schema")
+
+
+def _checked(schema: dict, param: str) -> dict:
+    """A 400 naming ``param`` when the grammar engine cannot compile the schema."""
+    problem = grammar.schema_problem(schema)
+    if problem:
+        raise errors.invalid_request(f"Invalid value for '{param}': this JSON schema cannot "
+                                     f"be used for constrained decoding: {problem}", param)
+    return schema
 
 
 def template_messages(req: ChatRequest) -> list[dict]:
