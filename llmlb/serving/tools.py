@@ -85,7 +85,7 @@ def plan(req: ChatRequest) -> OutputPlan:
                                             "arguments": _parameters(t)},
                              "required": ["name", "arguments"], "additionalProperties": False}
                             for t in tools]}
-        _checked(schema, "tools")
+        schema = _checked(schema, "tools")
         return OutputPlan(REQUIRED, offered, None, schema, parallel, frozenset(names))
     schema = _response_schema(req)
     if tools and choice != NONE:
@@ -107,8 +107,37 @@ def _response_schema(req: ChatRequest) -> dict | None:
     return _checked(fmt.json_schema.schema_ or {}, "response_format.json_schema.schema")
 
 
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
+def closed(schema: object) -> object:
+    """``schema`` with ``additionalProperties: false`` on every object that lists its
+    ``properties`` and says nothing about others — llama.cpp's grammar convention and what
+    OpenAI's strict mode requires. Left open, a model may add keys no one asked for (a random
+    one keeps inventing them); a schema that wants them says so."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: closed(v) for k, v in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(v) for v in out[key]]
+    for key in _SUBSCHEMAS:
+        if isinstance(out.get(key), dict):
+            out[key] = closed(out[key])
+    return out
+
+
 def _checked(schema: dict, param: str) -> dict:
-    """A 400 naming ``param`` when the grammar engine cannot compile the schema."""
+    """The schema to constrain decoding with (``closed``); a 400 naming ``param`` when the
+    grammar engine cannot compile it."""
+    schema = closed(schema)  # type: ignore[assignment]
     problem = grammar.schema_problem(schema)
     if problem:
         raise errors.invalid_request(f"Invalid value for '{param}': this JSON schema cannot "
