@@ -58,7 +58,9 @@ class TorchSampler:
     def sample(self, logits) -> int:  # noqa: ANN001 - 1-D float tensor
         rules, table = self._rules, None
         if rules is not None:
-            logits = logits.float()  # a copy for half precision; changed in place below
+            # a float32 copy, changed in place below (the model's own may be an inference
+            # tensor, or half precision)
+            logits = logits.to(dtype=self._torch.float32, copy=True)
             if rules.top_logprobs is not None:
                 table = Logprobs(logits, rules.top_logprobs)
             rules.apply(logits)

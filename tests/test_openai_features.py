@@ -11,6 +11,7 @@ output validates against the schema, because the grammar leaves it no other choi
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -289,6 +290,54 @@ def test_top_k_and_min_p_narrow_sampling(server: LiveServer, models: dict[str, s
         hot = client.chat.completions.create(model=models[fmt], messages=HELLO, max_tokens=12,
                                              temperature=1.5, seed=3, extra_body=extra)
         assert hot.choices[0].message.content == greedy, extra
+
+
+# --- batching: each sequence its own rules ------------------------------------------------
+
+@pytest.mark.parametrize("fmt", CONSTRAINED)
+def test_each_sequence_of_a_batch_keeps_its_own_rules(server: LiveServer,
+                                                      models: dict[str, str],
+                                                      fmt: str) -> None:
+    """Constrained, penalised, logprob-reporting and plain requests decoded together in one
+    batch give what each gives alone (greedy): grammar and penalty state never leak."""
+    client = server.client()
+    asks = [
+        {"response_format": {"type": "json_schema", "json_schema": {
+            "name": name, "schema": schema}}} for name, schema in SCHEMAS.items()
+    ] + [{"logprobs": True, "top_logprobs": 2, "frequency_penalty": 1.5}, {}]
+
+    def run(extra: dict) -> tuple[str, list[str]]:
+        reply = client.chat.completions.create(model=models[fmt], messages=HELLO,
+                                               max_tokens=200, temperature=0, **extra)
+        lp = reply.choices[0].logprobs
+        return reply.choices[0].message.content, [e.token for e in lp.content] if lp else []
+
+    alone = [run(extra) for extra in asks]
+    with ThreadPoolExecutor(len(asks)) as pool:
+        together = list(pool.map(run, asks))
+    assert together == alone
+    for (text, _), schema in zip(together, SCHEMAS.values(), strict=False):
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_one_sequence_at_a_time_does_the_same(make_server, long_models: dict[str, Path],
+                                              ) -> None:
+    """safetensors without continuous batching (LLMLB_PARALLEL_SEQUENCES=1) samples through
+    the serial runner: the same rules apply."""
+    server = make_server(parallel_sequences=1)
+    model = install(server, long_models, "safetensors", "tiny-serial")
+    client = server.client()
+    reply = client.chat.completions.create(
+        model=model, messages=HELLO, tools=[WEATHER], max_tokens=120, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    jsonschema.validate(json.loads(reply.choices[0].message.tool_calls[0].function.arguments),
+                        WEATHER_ARGS)
+    base = client.chat.completions.create(model=model, messages=HELLO, max_tokens=24,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    assert len(base.choices[0].logprobs.content) == 24
+    penalised = client.chat.completions.create(model=model, messages=HELLO, max_tokens=24,
+                                               temperature=0, presence_penalty=2)
+    assert penalised.choices[0].message.content != base.choices[0].message.content
 
 
 # --- what cannot be done: a 400 naming the parameter ---------------------------------------
