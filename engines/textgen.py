@@ -50,9 +50,12 @@ TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
 def with_tools(messages: list[dict], tools: Sequence[dict], template: str) -> list[dict]:
-    """Messages for a template that cannot render ``tools`` itself: the tools described in a
-    system message, asking for Hermes-style ``<tool_call>{...}</tool_call>`` calls (the format
-    llmlb parses). A template that mentions ``tools`` renders them its own way."""
+    """Messages for a template that cannot render tools itself: the tools described in a
+    system message, asking for Hermes-style ``<tool_call>{...}</tool_call>`` calls (the
+    format llmlb parses), and earlier calls written into their assistant message in that
+    format. A template that mentions ``tools`` / ``tool_calls`` renders them its own way."""
+    if "tool_calls" not in template:
+        messages = [_calls_as_text(m) if m.get("tool_calls") else m for m in messages]
     if not tools or "tools" in template:
         return messages
     listing = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
@@ -64,6 +67,16 @@ def with_tools(messages: list[dict], tools: Sequence[dict], template: str) -> li
         return [{**first, "content": message_text(first.get("content")) + "\n\n" + note},
                 *messages[1:]]
     return [{"role": "system", "content": note}, *messages]
+
+
+def _calls_as_text(message: dict) -> dict:
+    calls = "".join(
+        TOOL_CALL_OPEN + json.dumps({"name": c["function"]["name"],
+                                     "arguments": c["function"]["arguments"]},
+                                    ensure_ascii=False) + TOOL_CALL_CLOSE
+        for c in message["tool_calls"])
+    rest = {k: v for k, v in message.items() if k != "tool_calls"}
+    return {**rest, "content": message_text(message.get("content")) + calls}
 
 
 class ChatTemplate:

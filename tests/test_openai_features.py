@@ -132,6 +132,14 @@ def test_a_named_tool_choice_gives_arguments_that_validate(server: LiveServer,
         tool_choice="none")
     assert follow.choices[0].message.tool_calls is None
     assert follow.choices[0].finish_reason in ("length", "stop")
+    # the earlier call reaches the prompt (this template has no tool_calls of its own: llmlb
+    # writes the call into the assistant's turn)
+    bare = client.chat.completions.create(
+        model=models[fmt], max_tokens=1, messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": ""},
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}])
+    assert follow.usage.prompt_tokens > bare.usage.prompt_tokens + 5
 
 
 @pytest.mark.parametrize("fmt", CONSTRAINED)
