@@ -451,6 +451,10 @@ def test_calls_in_the_hermes_format_are_read_back() -> None:
     serial = tools.OutputPlan(tools.AUTO, names=plan.names, parallel=False)
     assert len(tools.read_calls(serial, '<tool_call>{"name": "get_time"}</tool_call>' * 2)[1]) \
         == 1
+    # a "required" call cut short by max_tokens keeps its name and what it has of arguments
+    required = tools.OutputPlan(tools.REQUIRED, names=plan.names)
+    (cut,) = tools.read_calls(required, '{"name":"get_time","arguments":{"zo')[1]
+    assert cut["function"] == {"name": "get_time", "arguments": '{"zo'}
     # streaming holds back exactly what may still become a call
     assert tools.may_hold_call("Hello <tool") == len("Hello ")
     assert tools.may_hold_call("Hello <b>") == len("Hello <b>")

@@ -28,6 +28,8 @@ from .. import errors
 from .protocol import ChatRequest, NamedToolChoice
 
 NONE, AUTO, REQUIRED, NAMED = "none", "auto", "required", "named"
+#: what a "required" call cut short by max_tokens begins with (compact JSON, name first)
+_PARTIAL_CALL = re.compile(r'\{"name":"([A-Za-z0-9_-]{1,64})","arguments":(.*)', re.DOTALL)
 _CALL_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE)
                          + r"|$)", re.DOTALL)
 
@@ -187,8 +189,9 @@ def read_calls(output: OutputPlan, text: str) -> tuple[str | None, list[dict]]:
         return None, [tool_call(output.function or "", text)]
     if output.mode == REQUIRED:
         found = _call_object(text, output.names)
-        if found is None:  # cut short by max_tokens: what there is, as the arguments
-            return None, [tool_call("", text)]
+        if found is None:  # cut short by max_tokens: the name and what there is of arguments
+            cut = _PARTIAL_CALL.match(text)
+            return None, [tool_call(cut.group(1), cut.group(2)) if cut else tool_call("", "")]
         return None, [tool_call(*found)]
     if output.mode != AUTO:
         return text, []
