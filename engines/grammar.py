@@ -71,6 +71,7 @@ class JsonConstraint:
         self._matcher = matcher
         self._bitmask = allocate_token_bitmask(1, tokenizer.vocab_size)
         self._n_vocab = tokenizer.vocab_size
+        self._eos = tokenizer.eos_token
 
     def allowed(self, n_logits: int) -> np.ndarray:
         """A boolean array over the model's ``n_logits`` logits (the model's output may be
@@ -83,6 +84,10 @@ class JsonConstraint:
         out = np.zeros(n_logits, dtype=bool)
         n = min(self._n_vocab, n_logits)
         out[:n] = bits[:n].astype(bool)
+        if not out.any() and self._eos < n_logits:
+            # the matcher failed (it never should): end the sequence rather than sample
+            # from nothing
+            out[self._eos] = True
         return out
 
     def consume(self, token: int) -> None:
