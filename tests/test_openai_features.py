@@ -167,6 +167,15 @@ def test_streamed_tool_calls_reassemble_with_the_sdk_helpers(server: LiveServer,
         if choice != "required":  # a named call streams its arguments token by token
             assert len(deltas) > 5
         assert final.usage.completion_tokens == whole.usage.completion_tokens
+    # "auto": this model writes no call, so its text streams as content, the same as whole
+    ask = {"model": models[fmt], "messages": HELLO, "tools": [WEATHER], "max_tokens": 30,
+           "temperature": 0}
+    whole = client.chat.completions.create(**ask)
+    assert whole.choices[0].message.tool_calls is None
+    chunks = [c for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
+        whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason == "length"
 
 
 # --- structured outputs -----------------------------------------------------------------------
