@@ -157,6 +157,7 @@ class GGUFChatModel(LoadedModel):
         budget = token_budget(len(ids), self.context_length, params.max_tokens)
         seq = BatchSequence(ids, params, budget)
         if LogitRules.needed(params):
+            LogitRules.check_vocabulary(params, self._lib.llama_vocab_n_tokens(self._model.vocab))
             constraint = None if params.json_schema is None else \
                 self._grammars.matcher(params.json_schema)
             seq.rules = LogitRules(params, ids, constraint)

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .base import SamplingParams, TokenLogprob, TopLogprob
+from .base import InvalidPrompt, SamplingParams, TokenLogprob, TopLogprob
 
 if TYPE_CHECKING:
     from .grammar import JsonConstraint
@@ -36,6 +36,14 @@ class LogitRules:
         self._seen: set[int] = set(prompt) if self._repetition != 1 else set()
         self.constraint = constraint
         self.top_logprobs = params.top_logprobs
+
+    @staticmethod
+    def check_vocabulary(params: SamplingParams, n_vocab: int) -> None:
+        """``InvalidPrompt`` (a 400 naming logit_bias) for a token id the model lacks."""
+        for token, _ in params.logit_bias:
+            if not 0 <= token < n_vocab:
+                raise InvalidPrompt(f"logit_bias names token {token}; this model's "
+                                    f"vocabulary has ids 0 to {n_vocab - 1}", "logit_bias")
 
     @staticmethod
     def needed(params: SamplingParams) -> bool:

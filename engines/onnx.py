@@ -203,6 +203,7 @@ class OnnxDecoder(LoadedModel):
 
     def _start(self, ids: list[int], params: SamplingParams) -> Iterator[GenerationEvent]:
         max_new = token_budget(len(ids), self.context_length, params.max_tokens)
+        LogitRules.check_vocabulary(params, self._tok.tok.get_vocab_size())
         return compute.stream(lambda: self._generate(ids, params, max_new))
 
     def unload(self) -> None:

@@ -142,6 +142,7 @@ class CausalLM(LoadedModel):
         budget = token_budget(len(ids), self.context_length, params.max_tokens)
         seq = BatchSequence(ids, params, budget)
         if LogitRules.needed(params):
+            LogitRules.check_vocabulary(params, len(self._tok))
             constraint = None if params.json_schema is None else \
                 self._grammars.matcher(params.json_schema)
             seq.rules = LogitRules(params, ids, constraint)

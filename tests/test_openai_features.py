@@ -380,6 +380,8 @@ def test_unsupported_and_malformed_parameters_are_400s(server: LiveServer,
         (models["gguf"], {"logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
         (models["gguf"], {"logit_bias": {"x": 1}}, "logit_bias", None),
         (models["gguf"], {"frequency_penalty": 3}, "frequency_penalty", None),
+        (models["gguf"], {"logit_bias": {"512": 5}}, "logit_bias", None),  # 512 tokens
+        (models["safetensors"], {"logit_bias": {"99999": 5}}, "logit_bias", None),
         (models["gguf"], {"response_format": {"type": "json_schema"}},
          "response_format.json_schema", None),
         (models["safetensors"], {"n": 2}, "n", None),
