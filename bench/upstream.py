@@ -5,7 +5,8 @@ possible.
 - ``POST /v1/chat/completions`` answers one fixed ``chat.completion`` at once, or, with
   ``"stream": true``, ``--tokens`` SSE chunks ``--token-delay`` seconds apart (chunked), ending
   with ``data: [DONE]``.
-- ``GET /health`` answers ``{"status":"ok"}``.
+- ``GET /v1/models`` lists ``bench-model`` (what the balancer checks of an endpoint); any
+  other ``GET`` answers ``{"status":"ok"}``.
 
 Run: ``python bench/upstream.py --port 9101 [--tokens 20 --token-delay 0.5]``; it prints
 ``ready`` when it listens.
@@ -34,6 +35,8 @@ def response(body: bytes, content_type: bytes = b"application/json") -> bytes:
 
 FIXED = response(COMPLETION)
 HEALTHY = response(HEALTH)
+MODELS = response(json.dumps({"object": "list", "data": [
+    {"id": "bench-model", "object": "model", "created": 0, "owned_by": "bench"}]}).encode())
 
 
 def chunk(data: bytes) -> bytes:
@@ -73,7 +76,9 @@ class Upstream(asyncio.Protocol):
                 return
             body = self.buffer[end + 4:end + 4 + length]
             self.buffer = self.buffer[end + 4 + length:]
-            if head.startswith(b"GET"):
+            if head.startswith(b"GET /v1/models"):
+                self.transport.write(MODELS)
+            elif head.startswith(b"GET"):
                 self.transport.write(HEALTHY)
             elif b'"stream":true' in body.replace(b" ", b""):
                 self.streaming = True

@@ -45,8 +45,10 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     from .api import (
         admin_routes,
         dashboard_routes,
+        endpoint_routes,
         hub_routes,
         keyed_sessions,
+        metrics_routes,
         node_routes,
         openai_routes,
         registry_routes,
@@ -79,10 +81,12 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     security_headers.init_app(app)
     app.register_blueprint(openai_routes.bp)
     app.register_blueprint(registry_routes.bp)
+    app.register_blueprint(metrics_routes.bp)
     if settings.role == "node":  # the balancer's internal API to it; no users, no dashboard
         app.register_blueprint(node_routes.node_bp)
     else:
         app.register_blueprint(node_routes.bp)
+        app.register_blueprint(endpoint_routes.bp)
         app.register_blueprint(admin_routes.bp)
         app.register_blueprint(hub_routes.bp)
         ws.init_app(app, settings)

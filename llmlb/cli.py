@@ -1,4 +1,4 @@
-"""The ``llmlb`` command: ``serve``, ``keys``, ``users``, ``models``."""
+"""The ``llmlb`` command: ``serve``, ``node``, ``keys``, ``endpoints``, ``users``, ``models``."""
 
 from __future__ import annotations
 
@@ -158,6 +158,90 @@ def keys_revoke(key_id: int, home: str | None, database: str | None) -> None:
     if not revoke_api_key(_db(home, database), key_id):
         raise click.ClickException(f"no active key with id {key_id}")
     click.echo(f"Revoked key {key_id}")
+
+
+# --- endpoints -------------------------------------------------------------------------------
+
+@main.group()
+def endpoints() -> None:
+    """Add, list and remove external OpenAI-compatible servers (vLLM, llama-server, Ollama,
+    SGLang, another llmlb, a hosted API) the balancer routes to like to its nodes. Run on the
+    balancer's machine with its LLMLB_HOME: this writes its database, and the running balancer
+    picks the change up within a second."""
+
+
+def _registry(home: str | None, database: str | None):  # noqa: ANN202 - (settings, registry)
+    from .balancer.registry import NodeRegistry
+
+    settings = _settings({"home": home, "database": database})
+    db = _db(home, database)
+    return settings, NodeRegistry(db, timeout=settings.node_timeout_seconds,
+                                  cooldown=settings.cooldown_seconds,
+                                  cooldown_max=settings.cooldown_max_seconds)
+
+
+@endpoints.command("add")
+@click.argument("name")
+@click.argument("base_url")
+@click.option("--api-key-env", default=None, metavar="VAR",
+              help="Environment variable holding the endpoint's API key, read from the "
+              "balancer's environment (only its name is stored).")
+@click.option("--api-key-stdin", is_flag=True, help="Read the API key from standard input; "
+              "it is stored encrypted with $LLMLB_HOME/endpoints.key.")
+@db_flags
+def endpoints_add(name: str, base_url: str, api_key_env: str | None, api_key_stdin: bool,
+                  home: str | None, database: str | None) -> None:
+    """Add an endpoint after checking that BASE_URL answers GET BASE_URL/models."""
+    from .balancer.endpoints import add_endpoint, endpoint_spec
+    from .errors import APIError
+
+    settings, registry = _registry(home, database)
+    api_key = sys.stdin.readline().strip() if api_key_stdin else None
+    try:
+        spec = endpoint_spec({"name": name, "base_url": base_url, "api_key": api_key,
+                              "api_key_env": api_key_env})
+        record = add_endpoint(registry, settings.home, spec,
+                              check_seconds=settings.endpoint_check_seconds,
+                              timeout=max(2.0, settings.proxy_connect_timeout_seconds))
+    except APIError as exc:
+        raise click.ClickException(exc.message) from None
+    models = ", ".join(sorted(m["id"] for m in record.report.get("models", []))) or "none"
+    click.echo(f"Added endpoint {name} ({record.url}); models: {models}")
+
+
+@endpoints.command("list")
+@db_flags
+def endpoints_list(home: str | None, database: str | None) -> None:
+    """List endpoints: name, base URL, status, API key (never the key itself), models."""
+    import time
+
+    from .balancer.registry import ENDPOINT
+
+    settings, registry = _registry(home, database)
+    now = time.time()
+    for r in registry.nodes(fresh=True):
+        if r.kind != ENDPOINT:
+            continue
+        key = ("env:" + r.credential[4:] if r.credential.startswith("env:") else "stored") \
+            if r.credential else "none"
+        models = ",".join(sorted(m["id"] for m in r.report.get("models", []))) or "-"
+        click.echo(f"{r.name}\t{r.url}\t{r.status(now, settings.node_timeout_seconds)}\t"
+                   f"key:{key}\t{models}")
+
+
+@endpoints.command("remove")
+@click.argument("name")
+@db_flags
+def endpoints_remove(name: str, home: str | None, database: str | None) -> None:
+    """Remove an endpoint by name."""
+    from .balancer.registry import ENDPOINT
+
+    _, registry = _registry(home, database)
+    record = registry.get(name)
+    if record is None or record.kind != ENDPOINT:
+        raise click.ClickException(f"no endpoint named {name}")
+    registry.remove(name)
+    click.echo(f"Removed endpoint {name}")
 
 
 # --- users --------------------------------------------------------------------------------------

@@ -110,6 +110,17 @@ OPTIONS: tuple[Option, ...] = (
            "float", "Timeout for connecting to a node; past it the request goes to another."),
     Option("proxy_read_timeout_seconds", ("LLMLB_PROXY_READ_TIMEOUT_SECONDS",), 600.0, "float",
            "Longest wait for a node's answer or its next streamed chunk."),
+    Option("endpoint_check_seconds", ("LLMLB_ENDPOINT_CHECK_SECONDS",), 10.0, "float",
+           "How often the balancer asks each external endpoint for its models (GET /v1/models), "
+           "its health and its load (its Prometheus /metrics, where it has one); a failed check "
+           "makes it offline until one succeeds."),
+    Option("endpoint_max_requests", ("LLMLB_ENDPOINT_MAX_REQUESTS",), 64, "int",
+           "Requests one external endpoint may hold at once (vLLM and Ollama accept and queue "
+           "everything); more go to another candidate, or get 429 with Retry-After. 0: no "
+           "limit."),
+    Option("history_retention_days", ("LLMLB_HISTORY_RETENTION_DAYS",), 7.0, "float",
+           "How long the request history (one row per request: time, key, model, node, "
+           "status, latency, tokens) is kept; 0 keeps none."),
     Option("resolve_wait_seconds", ("LLMLB_RESOLVE_WAIT_SECONDS",), 300.0, "float",
            "How long a request waits for its model to download before a 503."),
     Option("max_resolve_waiters", ("LLMLB_MAX_RESOLVE_WAITERS",), 32, "int",
@@ -207,6 +218,9 @@ class Settings:
     affinity_load_factor: float
     proxy_connect_timeout_seconds: float
     proxy_read_timeout_seconds: float
+    endpoint_check_seconds: float
+    endpoint_max_requests: int
+    history_retention_days: float
     resolve_wait_seconds: float
     max_resolve_waiters: int
     download_timeout_seconds: float
@@ -241,6 +255,11 @@ class Settings:
     def concurrency(self) -> int:
         """Requests one worker may serve at once (its threads, or gevent's connections)."""
         return GEVENT_CONNECTIONS if self.worker_class == "gevent" else self.threads
+
+    @property
+    def metrics_dir(self) -> Path:
+        """prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR), wiped at start."""
+        return self.home / "metrics"
 
     @property
     def runs_models(self) -> bool:

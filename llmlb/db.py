@@ -86,6 +86,28 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE registrations ADD COLUMN node TEXT;
     """,
+    # External endpoints are rows of ``nodes`` (kind 'endpoint') whose API key is kept as a
+    # credential: "env:NAME" or "fernet:TOKEN" (balancer/credentials.py). One row per
+    # request served (history.py), written in batches.
+    """
+    ALTER TABLE nodes ADD COLUMN credential TEXT;
+    CREATE TABLE IF NOT EXISTS requests (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        key_name TEXT,
+        operation TEXT NOT NULL,
+        model TEXT,
+        node TEXT,
+        status INTEGER NOT NULL,
+        stream INTEGER NOT NULL DEFAULT 0,
+        latency_ms REAL NOT NULL,
+        ttft_ms REAL,
+        tokens_in INTEGER,
+        tokens_out INTEGER,
+        error TEXT
+    );
+    CREATE INDEX IF NOT EXISTS requests_at ON requests(at);
+    """,
 )
 
 

@@ -117,6 +117,13 @@ def no_node_available(model_id: str, retry_after: int, detail: str | None = None
                     headers={"Retry-After": str(max(1, retry_after))})
 
 
+def endpoints_full(model_id: str, limit: int, retry_after: int = 1) -> APIError:
+    return APIError(429, f"Every endpoint that serves model '{model_id}' already holds "
+                    f"{limit} requests (LLMLB_ENDPOINT_MAX_REQUESTS). Retry shortly.",
+                    type="rate_limit_error", code="endpoint_queue_full",
+                    headers={"Retry-After": str(retry_after)})
+
+
 def node_failed(node: str, cause: str) -> APIError:
     """A node that broke off a response already under way (sent as a stream's last event)."""
     return APIError(502, f"Node '{node}' failed during the response: {cause}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,9 @@ import pluggy
 
 from engines.base import LoadOptions
 
+from .balancer.accounting import Outcome
 from .balancer.agent import NodeAgent, Reporter
+from .balancer.endpoints import EndpointWatch
 from .balancer.inflight import InflightCounters
 from .balancer.members import Cluster, LocalMember
 from .balancer.proxy import Balancer
@@ -30,7 +33,9 @@ from .dispatch import Dispatcher
 from .events import StatusEvents
 from .hardware import node_memory
 from .hf_stats import HFStats
+from .history import History, RequestRow
 from .hub import Hub
+from .metrics import Metrics
 from .model_pool import ModelPool
 from .node import LocalNode
 from .plugins import EngineRegistry, load_plugins
@@ -40,6 +45,7 @@ from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
+HISTORY_PRUNE_SECONDS = 600.0
 SWEEP_SECONDS = 5.0  # resuming pulls, clearing dead workers' counters: no hurry
 EARLY_HEARTBEAT_SECONDS = 1.0  # download progress reaches the balancer at most this often
 
@@ -64,9 +70,12 @@ class Runtime:
     reporter: Reporter
     agent: NodeAgent | None
     supervisor: Supervisor
+    metrics: Metrics
+    history: History
 
     def close(self) -> None:
         self.supervisor.stop()
+        self.history.close()
         self.pool.unload_all()
         self.inflight.close()
         self.db.close()
@@ -100,7 +109,11 @@ def build_runtime(settings: Settings) -> Runtime:
         local = LocalMember(InProcessNode(name, dispatcher, PromptLimits.from_settings(settings)),
                             node, node_memory, reporter.report)
     cluster = Cluster(settings, registry, inflight, local)
-    balancer = Balancer(settings, cluster, catalog, node, registry)
+    metrics = Metrics(settings.metrics_dir, cluster.describe)
+    # A node's requests come from its balancer, which keeps their history.
+    history = History(db, settings.history_retention_days if settings.role != "node" else 0)
+    balancer = Balancer(settings, cluster, catalog, node, registry,
+                        on_done=observer(metrics, history))
 
     stats = HFStats(db, settings.hf_endpoint, settings.hf_token, settings.hf_stats_ttl_seconds,
                     settings.hub_timeout_seconds)
@@ -124,5 +137,27 @@ def build_runtime(settings: Settings) -> Runtime:
     if registry is not None:
         forget_after = settings.resolve_wait_seconds + settings.node_timeout_seconds
         supervisor.add("node-watch", 1.0, StatusWatch(registry, forget_after))
+        supervisor.add("endpoint-check", settings.endpoint_check_seconds,
+                       EndpointWatch(settings, registry, inflight))
+    if history.enabled:
+        supervisor.add("history-prune", HISTORY_PRUNE_SECONDS, history.prune)
     return Runtime(settings, db, catalog, pm, engines, resolver, pool, node, dispatcher, hub,
-                   events, inflight, registry, cluster, balancer, reporter, agent, supervisor)
+                   events, inflight, registry, cluster, balancer, reporter, agent, supervisor,
+                   metrics, history)
+
+
+def observer(metrics: Metrics, history: History) -> Callable[[Outcome], None]:
+    """What a forwarded request leaves behind: its metrics and its history row."""
+
+    def done(o: Outcome) -> None:
+        # A model nobody serves is a client's typo, not a label: one series per typo would
+        # grow without bound.
+        model = o.model if o.node is not None or o.status >= 500 else ""
+        metrics.observe(model or "", o.node or "", o.status, o.latency, o.ttft, o.tokens_in,
+                        o.tokens_out)
+        history.add(RequestRow(o.at, o.key_name, o.operation, o.model, o.node, o.status,
+                               o.stream, round(o.latency * 1000, 2),
+                               round(o.ttft * 1000, 2) if o.ttft is not None else None,
+                               o.tokens_in, o.tokens_out, o.error))
+
+    return done

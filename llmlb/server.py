@@ -36,8 +36,27 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         # gunicorn >= 24 opens a control socket at one fixed path per user; two llmlb
         # instances on a host would fight over it, and llmlb does not use it.
         "control_socket_disable": True,
+        # A worker that exits leaves its metric files: folded into one, scrapes stay fast.
+        "child_exit": _child_exit,
+        "worker_exit": _worker_exit,
     }
     return {k: v for k, v in options.items() if k in known}
+
+
+def _worker_exit(server: Any, worker: Any) -> None:
+    """In the worker, as it exits: its buffered request history goes to the database."""
+    runtime = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("llmlb")
+    if runtime is not None:
+        runtime.history.close()
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    from .metrics import fold_dead_worker
+
+    try:
+        fold_dead_worker(worker.pid)
+    except Exception:  # a metrics file must never take the master down
+        server.log.exception("Folding the metrics of worker %s failed", worker.pid)
 
 
 def preflight(settings: Settings) -> None:
@@ -47,8 +66,10 @@ def preflight(settings: Settings) -> None:
     node that cannot reach or authenticate to a balancer."""
     from .catalog import load_catalog
     from .config import SettingsError
+    from .metrics import prepare_directory
 
     load_catalog(settings.supported_models)
+    prepare_directory(settings.metrics_dir)  # counters start at zero with the instance
     if settings.role == "node":
         if not settings.balancer_url:
             raise SettingsError("a node needs its balancer: --balancer-url or "

@@ -10,22 +10,27 @@ and ``big-llama`` is listed by ``GET /v1/models`` and answers chat, completion a
 calls by relaying them (streamed) to that server: vLLM, Ollama, llama.cpp's server, another
 llmlb, or a hosted API. ``api_key_env`` names an environment variable, so the secret stays out
 of the file. The upstream batches requests on its own, so llmlb lets ``parallel`` calls (32 by
-default) run at once instead of queueing them one behind the other. This shows the whole
+default) run at once instead of queueing them one behind the other, over a pool of kept-alive
+connections (urllib3); an upstream's error reaches the client with its status (a 404 stays a
+404). This shows the whole
 plugin contract: a new format (``upstream``) with its file suffix, an availability check,
 ``load``, a loaded model that declares its concurrency, sends its request when called (so an
 upstream refusal is an error before any response starts) and streams ``TokenText`` events
-until it is closed. It uses only the standard library; it computes nothing here, so it needs
-no compute thread.
+until it is closed. It computes nothing here, so it needs no compute thread.
+
+To put another server behind llmlb, add it as an endpoint (``llmlb endpoints add``): health
+checks, failover, its own model ids, its load in the routing. This plugin is an example of the
+engine contract, and serves one upstream model under a local name.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import urllib3
 
 from engines.base import (
     CHAT,
@@ -42,6 +47,7 @@ from engines.base import (
     Started,
     TokenText,
 )
+from llmlb import errors
 from llmlb.hookspecs import hookimpl
 
 TIMEOUT = 300
@@ -63,7 +69,8 @@ class _Relay(Iterator[GenerationEvent]):
 
     def close(self) -> None:
         self._events.close()
-        self._response.close()
+        if self._response.connection is not None:  # not back in the pool: drop it
+            self._response.close()
 
 
 class UpstreamModel(LoadedModel):
@@ -73,20 +80,37 @@ class UpstreamModel(LoadedModel):
                  parallel: int = DEFAULT_PARALLEL) -> None:
         self.base_url, self.model, self.api_key = base_url.rstrip("/"), model, api_key
         self.parallel = parallel  # the upstream batches: do not serialise calls to it
+        # One kept-alive connection per call in flight: no TCP (or TLS) handshake per call.
+        self._http = urllib3.PoolManager(maxsize=parallel, block=False, retries=False,
+                                         timeout=urllib3.Timeout(connect=10, read=TIMEOUT))
 
-    def _post(self, path: str, body: dict):  # noqa: ANN202 - an open HTTP response
+    def _post(self, path: str, body: dict) -> urllib3.BaseHTTPResponse:
+        """The upstream's response, its body unread; its error relayed with its status."""
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(f"{self.base_url}{path}", method="POST",
-                                         data=json.dumps(body).encode(), headers=headers)
         try:
-            return urllib.request.urlopen(request, timeout=TIMEOUT)
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")[:500]
-            raise EngineError(f"upstream {self.base_url} answered {exc.code}: {detail}") from exc
-        except OSError as exc:
+            response = self._http.request("POST", f"{self.base_url}{path}",
+                                          body=json.dumps(body).encode(), headers=headers,
+                                          preload_content=False)
+        except urllib3.exceptions.HTTPError as exc:
             raise EngineError(f"upstream {self.base_url} unreachable: {exc}") from exc
+        if response.status >= 400:
+            data = response.read()
+            response.release_conn()
+            try:
+                error = json.loads(data)
+            except ValueError:
+                error = None
+            if not isinstance(error, dict) or not isinstance(error.get("error"), dict):
+                error = {"error": {"message": f"upstream {self.base_url} answered "
+                                              f"{response.status}: "
+                                              f"{data.decode(errors='replace')[:300]}"}}
+            raise errors.relayed(response.status, error)
+        return response
+
+    def unload(self) -> None:
+        self._http.clear()
 
     def _stream(self, path: str, body: dict, params: SamplingParams) -> _Relay:
         body = {**body, "model": self.model, "stream": True,
@@ -101,9 +125,9 @@ class UpstreamModel(LoadedModel):
 
     def _events(self, response) -> Iterator[GenerationEvent]:  # noqa: ANN001
         yield Started(0)  # the upstream reports the real count with its usage, at the end
-        reason, usage = "stop", {}
-        with response:
-            for raw in response:
+        reason, usage, complete = "stop", {}, False
+        try:
+            for raw in _lines(response):
                 line = raw.decode("utf-8").strip()
                 if not line.startswith("data:") or line == "data: [DONE]":
                     continue
@@ -116,6 +140,14 @@ class UpstreamModel(LoadedModel):
                     if text:
                         yield TokenText(text)
                     reason = choice.get("finish_reason") or reason
+            complete = True
+        except urllib3.exceptions.HTTPError as exc:
+            raise EngineError(f"upstream {self.base_url} broke off: {exc}") from exc
+        finally:
+            if complete:
+                response.release_conn()  # read to the end: the connection can serve again
+            else:
+                response.close()  # cut short: the upstream sees the connection close
         yield Finished(reason, usage.get("prompt_tokens"), usage.get("completion_tokens"))
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
@@ -125,12 +157,26 @@ class UpstreamModel(LoadedModel):
         return self._stream("/completions", {"prompt": prompt}, params)
 
     def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
-        with self._post("/embeddings", {"model": self.model, "input": list(texts),
-                                        "encoding_format": "float"}) as response:
-            result = json.load(response)
+        response = self._post("/embeddings", {"model": self.model, "input": list(texts),
+                                              "encoding_format": "float"})
+        try:
+            result = json.loads(response.read())
+        finally:
+            response.release_conn()
         vectors = [item["embedding"] for item in sorted(result["data"],
                                                         key=lambda d: d["index"])]
         return vectors, int(result.get("usage", {}).get("prompt_tokens", 0))
+
+
+def _lines(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    """The body's lines as they arrive (``read1``: what has come, without waiting for more)."""
+    pending = b""
+    while data := response.read1(65536):
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        yield from lines
+    if pending:
+        yield pending
 
 
 class UpstreamEngine(Engine):

@@ -263,10 +263,28 @@ def test_example_upstream_plugin(make_server, llmlb_home: Path, tiny,
     assert "".join(chunks) == direct.choices[0].message.content and len(chunks) > 3
     vectors = front.client().embeddings.create(model="relayed-embed", input=["a", "b"]).data
     assert len(vectors) == 2 and len(vectors[0].embedding) == 32
+    # An upstream's error keeps its status and code: a 404 stays a 404.
     shutil.rmtree(upstream.models_dir / "tiny")
-    with pytest.raises(openai.InternalServerError) as info:
+    with pytest.raises(openai.NotFoundError) as info:
         front.client().chat.completions.create(model="relayed", messages=HELLO)
-    assert "model_not_found" in info.value.body["message"]
+    assert info.value.body["code"] == "model_not_found"
+
+
+def test_example_upstream_plugin_keeps_its_connections(make_server) -> None:
+    from .fake_openai import FakeOpenAI
+
+    with FakeOpenAI("up") as fake:
+        front = make_server(plugins_dir=[str(REPO / "plugins")])
+        (front.models_dir / "relayed").mkdir()
+        (front.models_dir / "relayed" / "model.upstream.json").write_text(
+            f'{{"base_url": "{fake.url}", "model": "fake-model"}}')
+        for _ in range(4):
+            answer = front.client().chat.completions.create(model="relayed", messages=HELLO)
+            assert answer.choices[0].message.content == "t0 t1 t2 t3 t4 "
+        assert fake.connections == 1  # one kept-alive connection, not one per call
+        fake.fault = "429"
+        with pytest.raises(openai.RateLimitError):
+            front.client().chat.completions.create(model="relayed", messages=HELLO)
 
 
 def test_every_hook_has_a_test() -> None:

@@ -103,6 +103,12 @@ def nodes():
     return render_template("nodes.html", page="nodes")
 
 
+@bp.get("/requests")
+@login_required
+def requests_page():
+    return render_template("requests.html", page="requests")
+
+
 @bp.get("/playground")
 @login_required
 def playground():

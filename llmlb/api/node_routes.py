@@ -7,7 +7,7 @@ from __future__ import annotations
 from flask import Blueprint
 
 from .. import errors
-from ..balancer.registry import registration, report_of
+from ..balancer.registry import NameTaken, registration, report_of
 from .common import json_body, require, respond, runtime
 from .openai_routes import valid_id
 
@@ -31,7 +31,12 @@ def list_nodes():
 @require("node")
 def register():
     name, url, secret, report = registration(json_body())
-    record = _registry().register(name, url, report, secret=secret)
+    try:
+        record = _registry().register(name, url, report, secret=secret)
+    except NameTaken:
+        raise errors.APIError(409, f"The name '{name}' belongs to an external endpoint; start "
+                              "the node with another --name", code="name_taken",
+                              param="name") from None
     return respond({"id": record.id, "name": record.name, "url": record.url,
                     "heartbeat_seconds": runtime().settings.heartbeat_seconds}, status=201)
 

@@ -3,7 +3,7 @@ to a node (this process's own, or another machine's) and relays the answer."""
 
 from __future__ import annotations
 
-from flask import Blueprint, send_file
+from flask import Blueprint, g, send_file
 
 from engines.base import CHAT, COMPLETION, EMBEDDINGS
 
@@ -32,8 +32,13 @@ def list_models():
 @bp.get("/models/<path:model_id>")
 @require("api")
 def get_model(model_id: str):
-    model_id = valid_id(model_id)
     rt = runtime()
+    try:
+        model_id = valid_id(model_id)
+    except errors.APIError:  # an endpoint's own id (Ollama's llama3.2:1b) is fine
+        if not rt.cluster.endpoint_model(model_id):
+            raise
+        model_id = model_id.lower()
     located = rt.cluster.locate(model_id)
     if located is not None:
         return respond(model_object(*located))
@@ -55,16 +60,16 @@ def model_blob(rest: str):
 @bp.post("/chat/completions")
 @require("api")
 def chat_completions():
-    return relay(runtime().balancer.forward(CHAT, request_bytes()))
+    return relay(runtime().balancer.forward(CHAT, request_bytes(), g.principal.name))
 
 
 @bp.post("/completions")
 @require("api")
 def completions():
-    return relay(runtime().balancer.forward(COMPLETION, request_bytes()))
+    return relay(runtime().balancer.forward(COMPLETION, request_bytes(), g.principal.name))
 
 
 @bp.post("/embeddings")
 @require("api")
 def embeddings():
-    return relay(runtime().balancer.forward(EMBEDDINGS, request_bytes()))
+    return relay(runtime().balancer.forward(EMBEDDINGS, request_bytes(), g.principal.name))

@@ -8,4 +8,9 @@
 - ``routing``: ready or resolvable candidates, least busy, conversation affinity
 - ``proxy``: forwarding with failover, cooldown and pass-through streaming
 - ``agent``: the node's side: its report, registration and heartbeats, its credentials
+- ``endpoints``: external OpenAI-compatible servers as registry members (LB-5): checked when
+  added, then their models, health and load refreshed by the supervisor
+- ``credentials``: an endpoint's API key as stored (an env var's name, or sealed with Fernet)
+- ``accounting``: what each forwarded request leaves for metrics and history (LB-6): status,
+  latency, time to first byte, tokens from the answer's usage
 """

@@ -11,6 +11,7 @@ memory.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -20,11 +21,13 @@ from ..config import Settings
 from ..hardware import Memory, memory_of
 from ..model_info import listing_entry
 from ..node import LocalNode
+from .credentials import CredentialError, describe, open_credential
 from .http1 import HTTPClientError
 from .inflight import InflightCounters
-from .registry import COOLDOWN, ONLINE, NodeRecord, NodeRegistry
+from .registry import COOLDOWN, ENDPOINT, ONLINE, NodeRecord, NodeRegistry
 from .upstream import InProcessNode, Node, NodeUnreachable, RemoteNode
 
+log = logging.getLogger(__name__)
 DOWNLOADING_STATES = ("queued", "downloading")
 
 
@@ -124,7 +127,7 @@ class Cluster:
         return found
 
     def client(self, record: NodeRecord) -> RemoteNode:
-        identity = (record.url, record.secret)
+        identity = (record.url, record.secret, record.credential)
         known = self._clients.get(record.id)
         if known is not None and known[0] == identity:
             return known[1]
@@ -133,12 +136,28 @@ class Cluster:
             if known is None or known[0] != identity:
                 if known is not None:
                     known[1].close()
-                client = RemoteNode(record.name, record.url, record.secret,
+                client = RemoteNode(record.name, record.url, self._bearer(record),
                                     pool_size=self.settings.concurrency,
                                     connect_timeout=self.settings.proxy_connect_timeout_seconds,
                                     read_timeout=self.settings.proxy_read_timeout_seconds)
-                self._clients[record.id] = ((record.url, record.secret), client)
+                self._clients[record.id] = (identity, client)
             return self._clients[record.id][1]
+
+    def _bearer(self, record: NodeRecord) -> str | None:
+        """A node's secret; an endpoint's API key, opened (never kept in the row in clear)."""
+        if record.kind != ENDPOINT:
+            return record.secret
+        try:
+            return open_credential(self.settings.home, record.credential)
+        except CredentialError as exc:  # its requests get a 401 and it cools down: say why
+            log.warning("Endpoint %s: no API key to send: %s", record.name, exc)
+            return None
+
+    def endpoint_model(self, model: str) -> bool:
+        """Whether an endpoint lists this model id (which may not be a valid llmlb id)."""
+        model = model.lower()
+        return self.registry is not None and any(
+            r.kind == ENDPOINT and model in r.models for r in self.registry.nodes())
 
     def load(self, member: Member) -> int:
         return self.inflight.load(member.id) + member.queued()
@@ -184,6 +203,11 @@ class Cluster:
             row.update({"registered_at": record.registered_at, "failures": record.failures,
                         "cooldown_until": record.cooldown_until if status == COOLDOWN
                         else None, "last_error": record.last_error})
+            if record.kind == ENDPOINT:
+                row.update(describe(record.credential), load_source=record.report.get(
+                    "load_source"), endpoint_running=record.report.get("endpoint_running"),
+                    endpoint_waiting=record.report.get("endpoint_waiting"),
+                    last_check_error=record.report.get("error"))
             rows.append(row)
         return rows
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .. import errors
@@ -25,8 +25,9 @@ from ..serving.body import parse_json_object
 from ..serving.sse import event
 from ..storage import InvalidModelId, normalize_model_id
 from . import routing
+from .accounting import Outcome, Watch, with_usage
 from .members import Cluster, Member, RemoteMember
-from .registry import COOLDOWN, OFFLINE, ONLINE, NodeRegistry
+from .registry import COOLDOWN, ENDPOINT, OFFLINE, ONLINE, NodeRegistry
 from .upstream import NodeResponse, NodeUnreachable, ProxyRequest
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,11 @@ def retry_after(value: str | None) -> float | None:
         return None  # an HTTP date: rare from an API server; the usual cooldown applies
 
 
+def _refused_usage(response: NodeResponse) -> bool:
+    return response.status == 400 and isinstance(response.body, bytes) \
+        and b"stream_options" in response.body
+
+
 class _Once:
     def __init__(self, *actions) -> None:  # noqa: ANN002 - callables
         self._actions = actions
@@ -76,15 +82,44 @@ class _Once:
 
 class Balancer:
     def __init__(self, settings: Settings, cluster: Cluster, catalog: Catalog,
-                 files: LocalNode, registry: NodeRegistry | None) -> None:
+                 files: LocalNode, registry: NodeRegistry | None,
+                 on_done: Callable[[Outcome], None] | None = None) -> None:
         self.settings, self.cluster, self.catalog = settings, cluster, catalog
         self.files, self.registry = files, registry
+        self.on_done = on_done
 
-    def forward(self, operation: str, raw: bytes) -> Forwarded:
+    def forward(self, operation: str, raw: bytes, caller: str | None = None) -> Forwarded:
+        """Hand the request to a node and return its answer; ``caller`` (the key's name) is
+        what the request history says sent it."""
+        if self.on_done is None:
+            return self._forward(operation, raw, None)
+        watch = Watch(operation, caller, self.on_done)
+        try:
+            forwarded = self._forward(operation, raw, watch)
+        except errors.APIError as exc:
+            watch.failed(exc.status, exc.code)
+            raise
+        return Forwarded(forwarded.node, watch.answered(forwarded.node, forwarded.response))
+
+    def _forward(self, operation: str, raw: bytes, watch: Watch | None) -> Forwarded:
         payload = parse_json_object(raw)
-        model_id = requested_model(payload)
+        model_id = self.requested_model(payload)
         request = ProxyRequest(operation, raw, payload, model_id)
+        if watch is not None:
+            watch.model = model_id
+            request, watch.strip_usage = with_usage(request)
         return self._attempt(self.candidates(request), request)
+
+    def requested_model(self, payload: dict) -> str:
+        """The request's model id; an endpoint's own ids (Ollama's ``llama3.2:1b``) may hold
+        characters llmlb's ids do not."""
+        try:
+            return requested_model(payload)
+        except errors.APIError:
+            model = payload.get("model")
+            if isinstance(model, str) and self.cluster.endpoint_model(model):
+                return model.lower()
+            raise
 
     # --- choosing ---------------------------------------------------------------------------
 
@@ -94,6 +129,11 @@ class Balancer:
         model_id = request.model_id
         members = self.cluster.members((ONLINE,))
         ready = [m for m in members if m.ready(model_id)]
+        if ready and self.settings.endpoint_max_requests:
+            room = [m for m in ready if not self._full(m)]
+            if not room:
+                raise errors.endpoints_full(model_id, self.settings.endpoint_max_requests)
+            ready = room
         if ready:
             key = (routing.conversation_key(request.operation, model_id, request.payload)
                    if self.settings.affinity else None)
@@ -122,6 +162,12 @@ class Balancer:
             "no online node has it or may fetch it"
         raise errors.no_node_available(model_id, self._retry_after(down), why)
 
+    def _full(self, member: Member) -> bool:
+        """An endpoint holding its most requests (LLMLB_ENDPOINT_MAX_REQUESTS): it queues
+        whatever it gets, so the balancer bounds that queue."""
+        return member.kind == ENDPOINT and self.cluster.inflight.load(member.id) >= \
+            self.settings.endpoint_max_requests
+
     def _retry_after(self, down: list[Member]) -> int:
         now = time.time()
         ends = [m.record.cooldown_until - now for m in down
@@ -139,22 +185,31 @@ class Balancer:
             inflight.enter(member.id)
             try:
                 response = member.node.send(request)
+                if request.as_sent is not None and _refused_usage(response):
+                    # A server that refuses the stream_options llmlb added (an older one):
+                    # the client's own request, as it sent it.
+                    response = member.node.send(request.as_sent)
             except NodeUnreachable as exc:
                 inflight.leave(member.id)
                 reason = str(exc)
                 self._failed(member, reason)
                 continue
             status = response.status
-            if status >= 500 or (remote and status in (401, 403)):
+            if status >= 500 or (remote and status in (401, 403, 429)):
                 response.close()
                 inflight.leave(member.id)
                 if status in (401, 403):  # it refused our credentials: our problem, not the client's
-                    reason = (f"node {member.name} refused the balancer's credentials "
-                              f"({status}); it registers again with its next heartbeat")
+                    reason = (f"{member.kind} {member.name} refused the balancer's credentials "
+                              f"({status}); " + ("check its API key" if member.kind == ENDPOINT
+                                                 else "it registers again with its next "
+                                                 "heartbeat"))
                     self._failed(member, reason)
                     continue
-                reason = f"node {member.name} answered {status}"
-                wait = retry_after(response.header("Retry-After")) if status == 503 else None
+                # Overloaded (429, 503): its Retry-After sets the cooldown; the client sees
+                # that answer only when no other candidate is left.
+                reason = f"{member.kind} {member.name} answered {status}"
+                wait = (retry_after(response.header("Retry-After")) if status in (429, 503)
+                        else None)
                 self._failed(member, reason, wait)
                 relayed = Forwarded(member.name, response)
                 continue

@@ -23,6 +23,7 @@ from ..db import Database
 log = logging.getLogger(__name__)
 CACHE_SECONDS = 0.5
 ONLINE, OFFLINE, COOLDOWN = "online", "offline", "cooldown"
+NODE, ENDPOINT = "node", "endpoint"
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,15 @@ class NodeRecord:
     cooldown_until: float
     last_error: str | None
     models: frozenset[str] = field(default=frozenset(), compare=False)
+    credential: str | None = field(default=None, repr=False)
 
     def status(self, now: float, timeout: float) -> str:
+        if self.kind == ENDPOINT:
+            # Its health comes from the balancer's own checks (EndpointWatch); a check that
+            # has not run for three rounds (no supervisor) counts as a failed one.
+            if not self.report.get("healthy", True):
+                return OFFLINE
+            timeout = max(timeout, 3 * float(self.report.get("check_seconds") or 0))
         if now - self.last_seen > timeout:
             return OFFLINE
         if self.cooldown_until > now:
@@ -53,11 +61,17 @@ def _record(row) -> NodeRecord:  # noqa: ANN001 - a sqlite3.Row
         report = json.loads(row["report"])
     except ValueError:
         report = {}
-    models = frozenset(m["id"] for m in report.get("models", ()) if isinstance(m, dict)
+    # Lower-cased like every model id a request names (an endpoint's own ids keep their case
+    # in its listing).
+    models = frozenset(m["id"].lower() for m in report.get("models", ()) if isinstance(m, dict)
                        and isinstance(m.get("id"), str))
     return NodeRecord(row["id"], row["name"], row["kind"], row["url"], row["secret"], report,
                       row["registered_at"], row["last_seen"], row["failures"],
-                      row["cooldown_until"], row["last_error"], models)
+                      row["cooldown_until"], row["last_error"], models, row["credential"])
+
+
+class NameTaken(Exception):
+    """A node tried to register under an endpoint's name."""
 
 
 class NodeRegistry:
@@ -97,6 +111,9 @@ class NodeRegistry:
         and without cooldown."""
         now = time.time()
         with self.db.transaction() as conn:
+            taken = conn.execute("SELECT kind FROM nodes WHERE name=?", (name,)).fetchone()
+            if taken is not None and taken["kind"] == ENDPOINT:
+                raise NameTaken(name)
             conn.execute(
                 "INSERT INTO nodes(name, kind, url, secret, report, registered_at, last_seen) "
                 "VALUES (?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET kind=excluded.kind, "
@@ -108,10 +125,36 @@ class NodeRegistry:
         self._invalidate()
         return _record(row)
 
+    def add_endpoint(self, name: str, url: str, report: dict, credential: str | None,
+                     ) -> NodeRecord | None:
+        """Add an external endpoint; None when the name is taken (by a node or endpoint)."""
+        now = time.time()
+        with self.db.transaction() as conn:
+            if conn.execute("SELECT 1 FROM nodes WHERE name=?", (name,)).fetchone():
+                return None
+            conn.execute("INSERT INTO nodes(name, kind, url, credential, report, registered_at, "
+                         "last_seen) VALUES (?,?,?,?,?,?,?)",
+                         (name, ENDPOINT, url, credential, json.dumps(report), now, now))
+            row = conn.execute("SELECT * FROM nodes WHERE name=?", (name,)).fetchone()
+        self._invalidate()
+        return _record(row)
+
+    def checked(self, node_id: int, report: dict) -> None:
+        """An endpoint's check result: a healthy one counts as a heartbeat."""
+        with self.db.transaction() as conn:
+            if report.get("healthy"):
+                conn.execute("UPDATE nodes SET report=?, last_seen=? WHERE id=?",
+                             (json.dumps(report), time.time(), node_id))
+            else:
+                conn.execute("UPDATE nodes SET report=?, last_error=? WHERE id=?",
+                             (json.dumps(report), str(report.get("error"))[:500], node_id))
+        self._invalidate()
+
     def heartbeat(self, name: str, report: dict) -> bool:
         """Store a node's report; False when the node is unknown (it should register)."""
         with self.db.transaction() as conn:
-            cur = conn.execute("UPDATE nodes SET report=?, last_seen=? WHERE name=?",
+            cur = conn.execute("UPDATE nodes SET report=?, last_seen=? WHERE name=? "
+                               "AND kind='node'",
                                (json.dumps(report), time.time(), name))
         self._invalidate()
         return cur.rowcount == 1
@@ -200,7 +243,8 @@ class StatusWatch:
             status = record.status(now, self.registry.timeout)
             before = self._seen.get(record.name)
             if before is not None and before != status:
-                why = {OFFLINE: f"no heartbeat for {now - record.last_seen:.0f}s",
+                why = {OFFLINE: record.last_error or "failed check" if record.kind == ENDPOINT
+                       else f"no heartbeat for {now - record.last_seen:.0f}s",
                        COOLDOWN: record.last_error or "a failure",
                        ONLINE: "its cooldown is over" if before == COOLDOWN
                        else "it sends heartbeats again"}[status]

@@ -53,6 +53,7 @@ class ProxyRequest:
     raw: bytes
     payload: dict
     model_id: str
+    as_sent: ProxyRequest | None = None  # the client's request, when llmlb changed it
 
     @property
     def path(self) -> str:
@@ -142,12 +143,16 @@ class RemoteNode:
         self.name, self.url = name, url
         self.pool = http1.Pool(url, maxsize=pool_size, connect_timeout=connect_timeout,
                                read_timeout=read_timeout)
-        # An OpenAI base URL often ends in /v1 (vLLM, llama-server, hosted APIs): the paths
-        # sent already start with it.
-        self.base_path = urlsplit(url).path.rstrip("/").removesuffix("/v1")
+        self.base_path = self.base_path_of(url)
         self.headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if secret:
             self.headers["Authorization"] = f"Bearer {secret}"
+
+    @staticmethod
+    def base_path_of(url: str) -> str:
+        """The path prefix of ``/v1/...`` requests: an OpenAI base URL often ends in /v1
+        (vLLM, llama-server, hosted APIs), and the paths sent already start with it."""
+        return urlsplit(url).path.rstrip("/").removesuffix("/v1")
 
     def close(self) -> None:
         self.pool.close()

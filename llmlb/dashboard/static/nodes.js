@@ -1,4 +1,5 @@
-// Nodes page: each node's status, hardware, memory, models and load, refreshed every 2 s.
+// Nodes page: each node's and endpoint's status, hardware, memory, models and load, refreshed
+// every 2 s; endpoints added and removed here.
 "use strict";
 
 const list = document.getElementById("nodes");
@@ -49,17 +50,24 @@ function models(n) {
 }
 
 function row(n) {
-  const forget = n.status === "offline" && n.id
-    ? el("button", { class: "btn small danger", onclick: () => forgetNode(n.name) }, "Forget") : null;
+  const endpoint = n.kind === "endpoint";
+  const forget = endpoint
+    ? el("button", { class: "btn small danger", "data-role": "remove", onclick: () => removeEndpoint(n.name) }, "Remove")
+    : n.status === "offline" && n.id
+      ? el("button", { class: "btn small danger", onclick: () => forgetNode(n.name) }, "Forget") : null;
+  const hw = endpoint
+    ? el("div", {}, el("strong", {}, "endpoint"), el("div", { class: "muted small" },
+      `load from ${n.load_source === "metrics" ? "its metrics" : "the balancer"}${n.has_api_key ? " · API key" : ""}`))
+    : hardware(n.hardware);
   return el("tr", { dataset: { nodeName: n.name, status: n.status } },
     el("td", {}, el("strong", {}, n.name), el("div", { class: "muted small" }, n.url || "in this process")),
     el("td", {}, el("span", { class: `badge ${n.status}`, "data-role": "status", title: n.last_error || "" }, n.status)),
-    el("td", {}, hardware(n.hardware)),
-    el("td", {}, memory(n.hardware)),
+    el("td", {}, hw),
+    el("td", {}, endpoint ? el("span", { class: "muted" }, "–") : memory(n.hardware)),
     el("td", {}, models(n)),
     el("td", { "data-role": "active", title: "in flight from this balancer · queued at the node" },
       `${Math.max(n.in_flight, n.active_requests)} active`, n.queued_requests ? ` · ${n.queued_requests} queued` : ""),
-    el("td", { "data-role": "heartbeat" }, n.url ? ago(n.seconds_since_heartbeat) : "–"),
+    el("td", { "data-role": "heartbeat", title: n.last_check_error || "" }, n.url ? ago(n.seconds_since_heartbeat) : "–"),
     el("td", {}, forget));
 }
 
@@ -85,6 +93,35 @@ async function forgetNode(name) {
   await api(`/v0/nodes/${encodeURIComponent(name)}`, { method: "DELETE" }).catch((e) => toast(e.message));
   load();
 }
+
+async function removeEndpoint(name) {
+  if (!confirm(`Remove the endpoint "${name}"? Its models are no longer served through llmlb.`)) return;
+  await api(`/v0/endpoints/${encodeURIComponent(name)}`, { method: "DELETE" }).catch((e) => toast(e.message));
+  load();
+}
+
+document.getElementById("new-endpoint").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = event.target;
+  const body = { name: form.querySelector("#endpoint-name").value.trim(),
+    base_url: form.querySelector("#endpoint-url").value.trim() };
+  const key = form.querySelector("#endpoint-key").value;
+  const keyEnv = form.querySelector("#endpoint-key-env").value.trim();
+  if (key) body.api_key = key;
+  if (keyEnv) body.api_key_env = keyEnv;
+  const button = form.querySelector("button");
+  button.disabled = true;
+  try {
+    const added = await api("/v0/endpoints", { method: "POST", body });
+    toast(`Added ${added.name}: ${added.models.length} models`);
+    form.reset();
+  } catch (error) {
+    toast(error.message, 6000);
+  } finally {
+    button.disabled = false;
+  }
+  load();
+});
 
 load();
 setInterval(load, REFRESH_MS);

@@ -1,0 +1,53 @@
+"""``/v0/endpoints`` (admin): add, list and remove external OpenAI-compatible servers. They are
+listed with the nodes too (``GET /v0/nodes``, ``kind: "endpoint"``); their API key never comes
+back (``has_api_key``)."""
+
+from __future__ import annotations
+
+from flask import Blueprint
+
+from .. import errors
+from ..balancer.endpoints import add_endpoint, endpoint_json, endpoint_spec
+from ..balancer.registry import ENDPOINT
+from .common import json_body, require, respond, runtime
+
+bp = Blueprint("endpoints", __name__, url_prefix="/v0/endpoints")
+
+
+def _registry():  # noqa: ANN202 - the NodeRegistry
+    registry = runtime().registry
+    assert registry is not None  # bp is registered only where there is one
+    return registry
+
+
+@bp.get("")
+@require("admin")
+def list_endpoints():
+    records = [r for r in _registry().nodes(fresh=True) if r.kind == ENDPOINT]
+    return respond({"data": [endpoint_json(r) for r in records]})
+
+
+@bp.post("")
+@require("admin")
+def add():
+    rt = runtime()
+    settings = rt.settings
+    spec = endpoint_spec(json_body())
+    if rt.cluster.local is not None and spec.name == rt.cluster.local.name:
+        raise errors.APIError(409, f"The name '{spec.name}' is this llmlb's own node; choose "
+                              "another", code="name_taken", param="name")
+    record = add_endpoint(_registry(), settings.home, spec,
+                          check_seconds=settings.endpoint_check_seconds,
+                          timeout=max(2.0, settings.proxy_connect_timeout_seconds))
+    return respond(endpoint_json(record), status=201)
+
+
+@bp.delete("/<name>")
+@require("admin")
+def remove(name: str):
+    registry = _registry()
+    record = registry.get(name)
+    if record is None or record.kind != ENDPOINT:
+        raise errors.APIError(404, f"No endpoint named '{name}'", code="endpoint_not_found")
+    registry.remove(name)
+    return respond({"name": name, "deleted": True})

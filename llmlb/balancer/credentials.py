@@ -1,0 +1,79 @@
+"""An external endpoint's API key, as the database keeps it: never in clear.
+
+Two forms, stored in the ``credential`` column of its ``nodes`` row:
+
+- ``env:NAME``: the key is read from the balancer's environment variable NAME whenever a
+  connection is built (``llmlb endpoints add ... --api-key-env NAME``); the database holds
+  only the name.
+- ``fernet:TOKEN``: the key itself, encrypted with Fernet (AES-128-CBC + HMAC-SHA256, from
+  ``cryptography``) under a key file ``$LLMLB_HOME/endpoints.key`` (0600, made on first use).
+  A copy of the database alone does not reveal the key.
+
+Neither form is ever sent back by the API (it says ``has_api_key``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken
+
+from ..private_files import FILE_MODE
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+KEY_FILE = "endpoints.key"
+
+
+class CredentialError(ValueError):
+    """A stored credential that cannot be turned back into a key (the message says why)."""
+
+
+def _fernet(home: Path) -> Fernet:
+    path = home / KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        return Fernet(path.read_bytes().strip())
+    with os.fdopen(fd, "wb") as f:  # the first worker to get here writes it, the rest read it
+        f.write(Fernet.generate_key())
+    return Fernet(path.read_bytes().strip())
+
+
+def seal(home: Path, api_key: str) -> str:
+    """The credential to store for a key given in clear."""
+    return "fernet:" + _fernet(home).encrypt(api_key.encode()).decode()
+
+
+def from_env(name: str) -> str:
+    if not ENV_NAME.fullmatch(name):
+        raise ValueError(f"not an environment variable name: {name!r}")
+    return f"env:{name}"
+
+
+def open_credential(home: Path, credential: str | None) -> str | None:
+    """The key in clear (None: no key). Raises CredentialError for a key that is gone."""
+    if not credential:
+        return None
+    kind, _, value = credential.partition(":")
+    if kind == "env":
+        key = os.environ.get(value)
+        if not key:
+            raise CredentialError(f"the environment variable {value} is not set")
+        return key
+    if kind == "fernet":
+        try:
+            return _fernet(home).decrypt(value.encode()).decode()
+        except (InvalidToken, ValueError, OSError) as exc:
+            raise CredentialError(f"the stored API key cannot be decrypted with "
+                                  f"{home / KEY_FILE} ({type(exc).__name__})") from None
+    raise CredentialError(f"unknown credential form {kind!r}")
+
+
+def describe(credential: str | None) -> dict:
+    """What the API may say about a credential: whether there is one, and an env var's name."""
+    if not credential:
+        return {"has_api_key": False}
+    kind, _, value = credential.partition(":")
+    return {"has_api_key": True, "api_key_env": value if kind == "env" else None}

@@ -1,0 +1,213 @@
+"""``GET /metrics`` (LB-6): Prometheus text, with ``prometheus_client`` in multiprocess mode so
+that every gunicorn worker's requests count.
+
+What requests leave behind (counters, histograms) each worker writes to its own memory-mapped
+files in ``$LLMLB_HOME/metrics`` (``PROMETHEUS_MULTIPROC_DIR``); a scrape merges the files.
+The directory is wiped when the instance starts (the master's ``preflight``), so counters
+start at zero with the process, as Prometheus expects; a process started some other way
+(gunicorn without ``gunicorn.conf.py``, a test's server) removes only what dead processes
+left, never a live worker's files. A worker that exits leaves its files
+behind (its counts must not vanish: that would look like a counter reset); gunicorn's master
+folds them into one ``*_folded.db`` file per type (``fold_dead_worker``), so that a scrape
+reads as many files after 50 worker restarts as after none.
+
+What is state rather than a count (nodes and their status, requests in flight, queues,
+downloads) is read from where every worker sees it (the registry, the shared in-flight
+counters) at scrape time, by ``StateCollector``: no file per worker, never stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+FOLDED_TYPES = ("counter", "histogram", "summary")
+_value_class_dir: str | None = None  # the directory this process's metric values write to
+
+
+def prepare_directory(directory: Path) -> None:
+    """Empty the metrics directory and point prometheus_client at it (before workers fork,
+    so that they inherit it)."""
+    from .private_files import private_dir
+
+    if directory.exists():
+        shutil.rmtree(directory, ignore_errors=True)
+    private_dir(directory)
+    os.environ[ENV] = str(directory)
+
+
+def clear_dead_files(directory: Path) -> None:
+    """Remove the files of processes that are gone; all of them (the folded ones too) when
+    no process that wrote here is alive: a new instance starts from zero."""
+    from .private_files import private_dir
+
+    private_dir(directory)
+    files = metric_files(directory)
+    live = [f for f in files if _pid_alive(f)]
+    for path in files:
+        if path not in live and (not live or not path.endswith("_folded.db")):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
+def _pid_alive(path: str) -> bool:
+    tail = os.path.basename(path).removesuffix(".db").rsplit("_", 1)[-1]
+    if not tail.isdigit():
+        return False
+    try:
+        os.kill(int(tail), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fold_dead_worker(pid: int, directory: str | None = None) -> None:
+    """gunicorn's ``child_exit``: add a dead worker's counts to the folded files and remove its
+    own, so that scrapes stay as fast after many restarts as at the start."""
+    from prometheus_client import multiprocess
+    from prometheus_client.mmap_dict import MmapedDict
+
+    directory = directory or os.environ.get(ENV)
+    if not directory or not os.path.isdir(directory):
+        return
+    multiprocess.mark_process_dead(pid, directory)  # its live gauges
+    for typ in FOLDED_TYPES:
+        dead = os.path.join(directory, f"{typ}_{pid}.db")
+        if not os.path.exists(dead):
+            continue
+        folded = os.path.join(directory, f"{typ}_folded.db")
+        totals: dict[str, float] = {}
+        for path in (folded, dead):
+            if os.path.exists(path):
+                for key, value, *_ in MmapedDict.read_all_values_from_file(path):
+                    totals[key] = totals.get(key, 0.0) + value
+        # Written aside and renamed: a scrape reads either the old folded file or the new one.
+        tmp = os.path.join(directory, f"{typ}_folded.tmp")
+        out = MmapedDict(tmp)
+        for key, value in totals.items():
+            out.write_value(key, value, 0.0)
+        out.close()
+        os.replace(tmp, folded)
+        os.remove(dead)
+
+
+class Metrics:
+    """The request metrics of this process and the scrape of the whole instance."""
+
+    def __init__(self, directory: Path, state: Callable[[], list[dict]]) -> None:
+        from prometheus_client import Counter, Histogram, values
+
+        if os.environ.get(ENV) != str(directory):
+            # Not started by `llmlb serve` / gunicorn.conf.py (a test's server, gunicorn
+            # without llmlb's config): what dead processes left goes, the files of live ones
+            # (other workers of this instance) stay.
+            clear_dead_files(directory)
+            os.environ[ENV] = str(directory)
+        self.directory = directory
+        global _value_class_dir
+        if _value_class_dir != str(directory):
+            # A fresh value class: its files go to the directory just set, whatever an earlier
+            # app in this process (tests) used; apps sharing a directory share the class (two
+            # writers of one file would overwrite each other's entries).
+            values.ValueClass = values.MultiProcessValue()
+            _value_class_dir = str(directory)
+        labels = ("model", "node", "status")
+        self.requests = Counter("llmlb_requests", "Requests answered, by model, node and HTTP "
+                                "status (a client that left: 499)", labels, registry=None)
+        self.latency = Histogram("llmlb_request_duration_seconds", "Time from request to the "
+                                 "last byte of the answer", ("model", "node"), registry=None,
+                                 buckets=LATENCY_BUCKETS)
+        self.ttft = Histogram("llmlb_time_to_first_token_seconds", "Time from request to the "
+                              "first byte of the answer (the first token of a stream)",
+                              ("model", "node"), registry=None, buckets=LATENCY_BUCKETS)
+        self.tokens_in = Counter("llmlb_prompt_tokens", "Prompt tokens of answered requests, "
+                                 "as the node reported them", ("model", "node"), registry=None)
+        self.tokens_out = Counter("llmlb_completion_tokens", "Tokens generated, as the node "
+                                  "reported them", ("model", "node"), registry=None)
+        self._state = state
+        self._children: dict[tuple[str, str], tuple] = {}
+        self._requests: dict[tuple[str, str, int], object] = {}
+
+    def observe(self, model: str, node: str, status: int, latency: float, ttft: float | None,
+                tokens_in: int | None, tokens_out: int | None) -> None:
+        # The labelled children, looked up once per label set: prometheus_client's labels()
+        # (validation, a lock) was most of the cost of counting a request.
+        children = self._children.get((model, node))
+        if children is None:
+            children = self._children.setdefault((model, node), (
+                self.latency.labels(model, node), self.ttft.labels(model, node),
+                self.tokens_in.labels(model, node), self.tokens_out.labels(model, node)))
+        counter = self._requests.get((model, node, status))
+        if counter is None:
+            counter = self._requests.setdefault((model, node, status),
+                                                self.requests.labels(model, node, str(status)))
+        counter.inc()
+        latency_child, ttft_child, tokens_in_child, tokens_out_child = children
+        if status < 400:
+            latency_child.observe(latency)
+            if ttft is not None:
+                ttft_child.observe(ttft)
+        if tokens_in:
+            tokens_in_child.inc(tokens_in)
+        if tokens_out:
+            tokens_out_child.inc(tokens_out)
+
+    def scrape(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, str(self.directory))
+        registry.register(StateCollector(self._state))
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class StateCollector:
+    """Nodes, endpoints and their load as the registry and in-flight counters say now."""
+
+    def __init__(self, state: Callable[[], list[dict]]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator:
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily("llmlb_node_up", "1 when the node or endpoint is online, "
+                               "0 when offline or cooling down", labels=("node", "kind"))
+        status = GaugeMetricFamily("llmlb_node_status", "1 for the node's current status",
+                                   labels=("node", "kind", "status"))
+        in_flight = GaugeMetricFamily("llmlb_in_flight_requests", "Requests the balancer has "
+                                      "in flight at the node, all workers together",
+                                      labels=("node",))
+        queued = GaugeMetricFamily("llmlb_node_queued_requests", "Requests waiting at the "
+                                   "node by its own report (an endpoint: its metrics, less "
+                                   "the balancer's own requests)", labels=("node",))
+        models = GaugeMetricFamily("llmlb_node_models", "Models ready on the node",
+                                   labels=("node",))
+        downloads = GaugeMetricFamily("llmlb_downloads_active", "Model downloads under way on "
+                                      "the node", labels=("node",))
+        for row in self._state():
+            name, kind = row["name"], row["kind"]
+            up.add_metric((name, kind), 1.0 if row["status"] == "online" else 0.0)
+            status.add_metric((name, kind, row["status"]), 1.0)
+            in_flight.add_metric((name,), float(row.get("in_flight") or 0))
+            queued.add_metric((name,), float(row.get("queued_requests") or 0))
+            models.add_metric((name,), float(len(row.get("models") or ())))
+            downloads.add_metric((name,), float(sum(
+                1 for d in row.get("downloads") or () if isinstance(d, dict)
+                and d.get("status") in ("queued", "downloading", "running"))))
+        yield from (up, status, in_flight, queued, models, downloads)
+
+
+def metric_files(directory: Path) -> list[str]:
+    return glob.glob(os.path.join(directory, "*.db"))

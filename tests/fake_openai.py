@@ -1,0 +1,175 @@
+"""A minimal OpenAI-compatible server, as vLLM or Ollama would stand behind llmlb as an
+endpoint: ``GET /v1/models``, chat and completions (streamed with a delay per token, usage
+when asked), embeddings, a vLLM-style Prometheus ``/metrics``, and fault modes (500, a cut
+connection, a hang, 429 with Retry-After). Stdlib only: a ThreadingHTTPServer on loopback,
+HTTP/1.1 keep-alive, streams sent chunked."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeOpenAI:
+    def __init__(self, name: str, models: tuple[str, ...] = ("fake-model",), *,
+                 latency: float = 0.0, token_delay: float = 0.0, tokens: int = 5,
+                 api_key: str | None = None, metrics: bool = True) -> None:
+        self.name, self.models = name, list(models)
+        self.latency, self.token_delay, self.tokens = latency, token_delay, tokens
+        self.api_key, self.has_metrics = api_key, metrics
+        # "500" | "cut" | "hang" | "429" | "down" | "no-stream-options" (an older server)
+        self.fault: str | None = None
+        self.retry_after = "7"
+        self.waiting, self.running = 0, 0
+        self.calls: list[dict] = []  # inference bodies received
+        self.concurrent = self.max_concurrent = 0
+        self.connections = 0  # TCP connections accepted
+        self._lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # noqa: ANN002
+                pass
+
+            def setup(self) -> None:
+                super().setup()
+                with fake._lock:
+                    fake.connections += 1
+
+            def do_GET(self) -> None:  # noqa: N802
+                if not self._authorized():
+                    return
+                if fake.fault == "down":
+                    return self._json(500, {"error": {"message": "down"}})
+                if self.path == "/v1/models":
+                    return self._json(200, {"object": "list", "data": [
+                        {"id": m, "object": "model", "created": 1, "owned_by": fake.name}
+                        for m in fake.models]})
+                if self.path == "/metrics" and fake.has_metrics:
+                    text = ("# HELP vllm:num_requests_waiting Waiting.\n"
+                            "# TYPE vllm:num_requests_waiting gauge\n"
+                            f'vllm:num_requests_waiting{{model_name="m"}} {fake.waiting}\n'
+                            "# HELP vllm:num_requests_running Running.\n"
+                            "# TYPE vllm:num_requests_running gauge\n"
+                            f'vllm:num_requests_running{{model_name="m"}} {fake.running}\n')
+                    return self._send(200, text.encode(), "text/plain; version=0.0.4")
+                self._json(404, {"error": {"message": "not found", "code": "not_found"}})
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                if not self._authorized():
+                    return
+                with fake._lock:
+                    fake.calls.append(body)
+                    fake.concurrent += 1
+                    fake.max_concurrent = max(fake.max_concurrent, fake.concurrent)
+                try:
+                    self._answer(body)
+                finally:
+                    with fake._lock:
+                        fake.concurrent -= 1
+
+            def _answer(self, body: dict) -> None:
+                fault = fake.fault
+                if fault in ("500", "down"):
+                    return self._json(500, {"error": {"message": "upstream broke",
+                                                      "type": "server_error"}})
+                if fault == "429":
+                    return self._json(429, {"error": {"message": "slow down",
+                                                      "type": "rate_limit_error"}},
+                                      {"Retry-After": fake.retry_after})
+                if fault == "cut":
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if fault == "hang":
+                    time.sleep(30)
+                    return
+                if fake.fault == "no-stream-options" and "stream_options" in body:
+                    return self._json(400, {"error": {"message": "Unknown field: "
+                                                      "stream_options", "param": "stream_options"}})
+                if body.get("model") not in fake.models:
+                    return self._json(404, {"error": {"message": "no such model",
+                                                      "code": "model_not_found"}})
+                if self.path.endswith("/embeddings"):
+                    return self._json(200, {"object": "list", "model": body["model"], "data": [
+                        {"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+                        "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+                chat = self.path.endswith("/chat/completions")
+                if body.get("stream"):
+                    return self._stream(body, chat)
+                time.sleep(fake.latency)
+                text = f"hello from {fake.name}"
+                choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                           "finish_reason": "stop"} if chat else
+                          {"index": 0, "text": text, "finish_reason": "stop"})
+                self._json(200, {"id": "x", "object": "chat.completion" if chat else
+                                 "text_completion", "created": 1, "model": body["model"],
+                                 "choices": [choice], "usage": {
+                                     "prompt_tokens": 5, "completion_tokens": fake.tokens,
+                                     "total_tokens": 5 + fake.tokens}})
+
+            def _stream(self, body: dict, chat: bool) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                base = {"id": "x", "object": "chat.completion.chunk" if chat else
+                        "text_completion", "created": 1, "model": body["model"]}
+                for i in range(fake.tokens):
+                    time.sleep(fake.token_delay)
+                    choice = ({"index": 0, "delta": {"content": f"t{i} "}} if chat else
+                              {"index": 0, "text": f"t{i} "})
+                    self._chunk({**base, "choices": [choice]})
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    self._chunk({**base, "choices": [], "usage": {
+                        "prompt_tokens": 5, "completion_tokens": fake.tokens,
+                        "total_tokens": 5 + fake.tokens}})
+                self._write(b"data: [DONE]\n\n")
+                self._write(b"")
+
+            def _chunk(self, payload: dict) -> None:
+                self._write(b"data: " + json.dumps(payload, separators=(",", ":")).encode()
+                            + b"\n\n")
+
+            def _write(self, data: bytes) -> None:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+            def _authorized(self) -> bool:
+                if fake.api_key and self.headers.get("Authorization") != \
+                        f"Bearer {fake.api_key}":
+                    self._json(401, {"error": {"message": "bad key", "code": "invalid_api_key"}})
+                    return False
+                return True
+
+            def _json(self, status: int, body: dict, headers: dict | None = None) -> None:
+                self._send(status, json.dumps(body).encode(), "application/json", headers)
+
+            def _send(self, status: int, data: bytes, content_type: str,
+                      headers: dict | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.request_queue_size = 128
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeOpenAI:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
