@@ -29,6 +29,10 @@ The rules an engine follows:
   thread in bounded steps, so keep each step short (a prompt chunk, one decoding step): a
   long step delays every other model. Tokenizing and detokenizing may run on the request's
   thread. Engines that only relay over the network need none of this.
+* **Optional parameters.** ``Engine.parameters`` names the ``OPTIONAL_PARAMETERS`` (tools,
+  structured outputs, logprobs, penalties…) its models honour; llmlb refuses a request using
+  any other with a 400 naming it, so an engine never silently ignores one. The fields of
+  ``SamplingParams`` say what each asks.
 """
 
 from __future__ import annotations
@@ -54,12 +58,53 @@ class Availability:
     device: str = "cpu"
 
 
+#: The OpenAI request parameters beyond the basic ones (max_tokens, temperature, top_p, seed,
+#: stop) that an engine may support; ``Engine.parameters`` names those it does. A request that
+#: uses one its engine lacks is a 400 naming the parameter and the engine.
+OPTIONAL_PARAMETERS = ("tools", "response_format", "logprobs", "top_logprobs",
+                       "frequency_penalty", "presence_penalty", "repetition_penalty",
+                       "logit_bias", "top_k", "min_p")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """What one call asks of generation. The defaults ask nothing beyond plain sampling, so
+    an engine that ignores a field at its default behaves exactly as before."""
+
     max_tokens: int | None = None  # None: as many as the context leaves room for
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    # OpenAI's penalties: logit -= frequency * count + presence * (count > 0), counting the
+    # tokens generated so far; repetition_penalty (vLLM/HF) divides the positive logits of
+    # tokens already in prompt or output by it and multiplies the negative ones (1: off).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    #: the generated text must be one JSON value matching this JSON schema (serialized JSON
+    #: text); the engine constrains decoding to it and stops when the value is complete
+    json_schema: str | None = None
+    #: how many alternatives each ``TokenText.logprob`` lists; None: no logprobs at all
+    top_logprobs: int | None = None
+    #: OpenAI tool definitions ({"type": "function", "function": {...}}) for the chat
+    #: template to render; llmlb parses the calls out of the text (or constrains them with
+    #: ``json_schema``)
+    tools: tuple[dict, ...] = ()
+
+    def requested(self) -> list[str]:
+        """The optional parameters (``OPTIONAL_PARAMETERS``) this call uses."""
+        used = {"tools": bool(self.tools), "response_format": self.json_schema is not None,
+                "logprobs": self.top_logprobs is not None,
+                "top_logprobs": bool(self.top_logprobs),
+                "frequency_penalty": self.frequency_penalty != 0,
+                "presence_penalty": self.presence_penalty != 0,
+                "repetition_penalty": self.repetition_penalty != 1,
+                "logit_bias": bool(self.logit_bias), "top_k": self.top_k > 0,
+                "min_p": self.min_p > 0}
+        return [name for name in OPTIONAL_PARAMETERS if used[name]]
 
 
 @dataclass(frozen=True)
@@ -80,15 +125,33 @@ class Started:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token: str  # the token's own text (undecodable bytes as U+FFFD)
+    bytes: bytes
+    logprob: float  # natural log of its probability under the model, before sampling rules
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The generated token's log-probability and the most likely alternatives, best first
+    (``SamplingParams.top_logprobs`` of them)."""
+
+    chosen: TopLogprob
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenText:
     """One generated token's text ('' while a multi-byte character is incomplete).
 
     ``tokens`` is how many generated tokens the event stands for: 0 for text flushed at the
-    end that belongs to tokens already reported.
+    end that belongs to tokens already reported. ``logprob`` is set when the call asked for
+    logprobs (``SamplingParams.top_logprobs`` is not None).
     """
 
     text: str
     tokens: int = 1
+    logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)
@@ -114,7 +177,12 @@ class EngineError(RuntimeError):
 
 
 class InvalidPrompt(EngineError):
-    """The request's prompt cannot be run (too long, rejected by the chat template)."""
+    """The request's prompt cannot be run (too long, rejected by the chat template);
+    ``param`` is the request field at fault."""
+
+    def __init__(self, message: str, param: str = "messages") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def nvidia_driver_present() -> bool:
@@ -170,6 +238,9 @@ class Engine(ABC):
 
     #: short name shown in GET /v0/engines
     name: str = ""
+    #: the ``OPTIONAL_PARAMETERS`` its models honour (GET /v0/engines lists them); a request
+    #: using any other gets a 400 before the engine sees it
+    parameters: ClassVar[frozenset[str]] = frozenset()
     #: format name -> artifact file suffixes that mark a model directory of that format
     formats: ClassVar[dict[str, tuple[str, ...]]] = {}
 

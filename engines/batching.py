@@ -16,7 +16,15 @@ import queue
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from .base import EngineError, Finished, GenerationEvent, SamplingParams, Started, TokenText
+from .base import (
+    EngineError,
+    Finished,
+    GenerationEvent,
+    SamplingParams,
+    Started,
+    TokenText,
+)
+from .logit_rules import LogitRules, RawLogprob, token_logprob
 
 _TOKEN, _END, _ERROR = 0, 1, 2
 
@@ -30,14 +38,17 @@ class Sequence:
         self.max_new = max_new  # the token budget: max_tokens within the context
         self.produced = 0
         self.cancelled = False  # set by the request's thread, read by the runner
+        #: penalties, bias, grammar and logprobs (``logit_rules``); None: plain sampling
+        self.rules: LogitRules | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
 
     # --- the runner's side (compute thread) -----------------------------------------------
 
-    def push(self, token: int) -> bool:
-        """Hand over a generated token; True when the budget is now spent."""
+    def push(self, token: int, logprob: RawLogprob | None = None) -> bool:
+        """Hand over a generated token (with its logprobs when asked for); True when the
+        budget is now spent."""
         self.produced += 1
-        self._queue.put((_TOKEN, token))
+        self._queue.put((_TOKEN, (token, logprob)))
         return self.produced >= self.max_new
 
     def finish(self, reason: str) -> None:
@@ -82,8 +93,10 @@ class SequenceStream(Iterator[GenerationEvent]):
     when iteration never began."""
 
     def __init__(self, sequence: Sequence, decoder: TextDecoder,
-                 on_cancel: Callable[[], None]) -> None:
+                 on_cancel: Callable[[], None],
+                 token_bytes: Callable[[int], bytes] | None = None) -> None:
         self._seq, self._decoder, self._on_cancel = sequence, decoder, on_cancel
+        self._token_bytes = token_bytes  # for logprobs: one token's bytes
         self._started = self._done = False
         self._final: Finished | None = None
 
@@ -101,7 +114,11 @@ class SequenceStream(Iterator[GenerationEvent]):
             raise StopIteration
         kind, value = self._seq.next_item()
         if kind == _TOKEN:
-            return TokenText(self._decoder.push(value))  # type: ignore[arg-type]
+            token, raw = value  # type: ignore[misc]
+            text = self._decoder.push(token)
+            if raw is None or self._token_bytes is None:
+                return TokenText(text)
+            return TokenText(text, logprob=token_logprob(raw, self._token_bytes))
         self._done = True
         tail = self._decoder.flush()
         if kind == _ERROR:

@@ -11,11 +11,12 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import compute
+from . import compute, grammar
 from .base import (
     CHAT,
     COMPLETION,
     EMBEDDINGS,
+    OPTIONAL_PARAMETERS,
     Availability,
     Engine,
     EngineError,
@@ -28,9 +29,11 @@ from .base import (
 )
 from .batching import PieceDecoder, SequenceStream
 from .batching import Sequence as BatchSequence
+from .grammar import GrammarCompiler
 from .llama_batch import PROMPT_CHUNK, LlamaBatchRunner, piece
+from .logit_rules import LogitRules
 from .prompt_tokens import SpecialTokens, refuse_if_too_long, render_chat
-from .textgen import FALLBACK_CHAT_TEMPLATE
+from .textgen import FALLBACK_CHAT_TEMPLATE, with_tools
 
 # Architectures llama.cpp runs as encoders: they give embeddings, not text.
 ENCODER_ARCHITECTURES = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3",
@@ -119,24 +122,33 @@ class GGUFChatModel(LoadedModel):
         self._runner = LlamaBatchRunner(lib, model, context, slots)
         meta = model.metadata()
         eos, bos = model.token_eos(), model.token_bos()
+        self._template = meta.get("tokenizer.chat_template") or FALLBACK_CHAT_TEMPLATE
+        self._grammars = GrammarCompiler(self._llguidance_tokenizer)
         self._formatter = Jinja2ChatFormatter(
-            template=meta.get("tokenizer.chat_template") or FALLBACK_CHAT_TEMPLATE,
+            template=self._template,
             eos_token=model.token_get_text(eos) if eos != -1 else "",
             bos_token=model.token_get_text(bos) if bos != -1 else "",
         )
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """The tokens ``chat`` feeds the model for these messages."""
+    def _llguidance_tokenizer(self):  # noqa: ANN202 - llguidance.LLTokenizer
+        from llguidance.llamacpp import lltokenizer_from_vocab
+
+        return lltokenizer_from_vocab(self._model.vocab)
+
+    def prompt_ids(self, messages: list[dict], tools: Sequence[dict] = ()) -> list[int]:
+        """The tokens ``chat`` feeds the model for these messages (and tools)."""
+        messages = with_tools(messages, tools, self._template)
         try:
-            prompt = render_chat(lambda m: self._formatter(messages=m).prompt, messages,
-                                 self._vocab.specials)
+            prompt = render_chat(
+                lambda m: self._formatter(messages=m, tools=list(tools) or None).prompt,
+                messages, self._vocab.specials)
         except Exception as exc:  # template errors are about the request's messages
             raise InvalidPrompt(f"the chat template rejected the messages: {exc}") from exc
         # The template writes BOS itself (llama-cpp-python's formatter says added_special).
         return self._vocab.prompt(prompt.text, prompt.spans, self.context_length)
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
-        return self._start(self.prompt_ids(messages), params)
+        return self._start(self.prompt_ids(messages, params.tools), params)
 
     def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
         return self._start(self._vocab.user_text(prompt, self.context_length), params)
@@ -144,9 +156,16 @@ class GGUFChatModel(LoadedModel):
     def _start(self, ids: list[int], params: SamplingParams) -> Iterator[GenerationEvent]:
         budget = token_budget(len(ids), self.context_length, params.max_tokens)
         seq = BatchSequence(ids, params, budget)
+        if LogitRules.needed(params):
+            LogitRules.check_vocabulary(params, self._lib.llama_vocab_n_tokens(self._model.vocab))
+            constraint = None if params.json_schema is None else \
+                self._grammars.matcher(params.json_schema)
+            seq.rules = LogitRules(params, ids, constraint)
         self._runner.submit(seq)
-        decoder = PieceDecoder(lambda token: piece(self._lib, self._model.vocab, token))
-        return SequenceStream(seq, decoder, self._runner.wake)
+        vocab = self._model.vocab
+        decoder = PieceDecoder(lambda token: piece(self._lib, vocab, token))
+        return SequenceStream(seq, decoder, self._runner.wake,
+                              lambda token: piece(self._lib, vocab, token, special=True))
 
     def unload(self) -> None:
         self._runner.close()
@@ -170,6 +189,11 @@ class GGUFEmbeddingModel(LoadedModel):
 class GGUFEngine(Engine):
     name = "llama.cpp"
     formats = {"gguf": (".gguf",)}
+
+    @property
+    def parameters(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset(OPTIONAL_PARAMETERS) - (frozenset() if grammar.available()
+                                                 else grammar.GRAMMAR_PARAMETERS)
 
     def availability(self) -> Availability:
         try:

@@ -8,7 +8,8 @@ the compute thread (``engines/compute.py``):
 2. builds one batch: the last sampled token of every decoding sequence, then prompt tokens
    of sequences still reading their prompt, up to a chunk (smaller while other models wait);
 3. runs ``llama_decode`` once and samples each sequence's next token with its own sampler
-   chain (``llama_sampling.build_sampler``: its own seed, temperature, top-p).
+   chain (``llama_sampling.build_sampler``: its own seed, temperature, top-p) after its own
+   logit rules (``logit_rules``: penalties, logit bias, JSON-schema grammar, logprobs).
 
 A slot keeps the KV of its last sequence after it ends; a new prompt takes the free slot that
 shares the longest prefix with it, or copies a longer shared prefix from another slot
@@ -27,6 +28,7 @@ from . import compute
 from .base import EngineError
 from .batching import Sequence
 from .llama_sampling import build_sampler
+from .logit_rules import Logprobs
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class LlamaBatchRunner(compute.Runner):
     def __init__(self, lib, model, context, slots: int) -> None:  # noqa: ANN001 - llama_cpp objects
         self._lib, self._model, self._ctx = lib, model, context
         self._mem = lib.llama_get_memory(context.ctx)
+        self._n_vocab = lib.llama_vocab_n_tokens(model.vocab)
         self._batch = lib.llama_batch_init(PROMPT_CHUNK, 0, 1)
         self._slots = [_Slot(i) for i in range(slots)]
         self._waiting: deque[Sequence] = deque()  # appended by request threads
@@ -170,13 +173,26 @@ class LlamaBatchRunner(compute.Runner):
         return rows
 
     def _sample(self, slot: _Slot, row: int) -> None:
-        # Issue #12 hooks in here: logprobs read llama_get_logits_ith(ctx, row) first.
-        token = self._lib.llama_sampler_sample(slot.sampler, self._ctx.ctx, row)
         seq = slot.seq
+        rules, logprobs = seq.rules, None
+        if rules is not None:
+            # llama.cpp's own logits buffer: the rules change it in place, and the sampler
+            # chain reads it next
+            import numpy as np
+
+            logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx.ctx, row),
+                                           shape=(self._n_vocab,))
+            if rules.top_logprobs is not None:
+                logprobs = Logprobs(logits, rules.top_logprobs)
+            rules.apply(logits)
+        token = self._lib.llama_sampler_sample(slot.sampler, self._ctx.ctx, row)
         if self._lib.llama_vocab_is_eog(self._model.vocab, token):
             seq.finish("stop")
             self._release(slot)
-        elif seq.push(token):
+            return
+        if rules is not None:
+            rules.accept(token)
+        if seq.push(token, logprobs.of(token) if logprobs is not None else None):
             seq.finish("length")
             self._release(slot)
         else:

@@ -37,6 +37,7 @@ from .base import (
     nvidia_driver_present,
     token_budget,
 )
+from .logit_rules import LogitRules, Logprobs, token_logprob
 from .prompt_tokens import (
     hf_max_token_bytes,
     hf_special_tokens,
@@ -143,6 +144,8 @@ class OnnxDecoder(LoadedModel):
         pending = ids
         total = 0
         decoder = IncrementalDecoder(self._tok.decode)
+        # penalties, logit bias, logprobs (no grammar: ONNX declares no tools/response_format)
+        rules = LogitRules(params, ids) if LogitRules.needed(params) else None
         produced, reason = 0, "length"
         while produced < max_new:
             chunk = SHARED_PROMPT_CHUNK if compute.contended() else PROMPT_CHUNK
@@ -159,17 +162,29 @@ class OnnxDecoder(LoadedModel):
             if pending:
                 yield None  # more of the prompt to read
                 continue
-            token = sample_next(outputs[0][0, -1], params.temperature, params.top_p, rng)
+            logits, table = outputs[0][0, -1], None
+            if rules is not None:
+                logits = logits.astype(np.float32)  # a copy the rules may change
+                if params.top_logprobs is not None:
+                    table = Logprobs(logits, params.top_logprobs)
+                rules.apply(logits)
+            token = sample_next(logits, params.temperature, params.top_p, rng)
             if token in self._eos:
                 reason = "stop"
                 break
             produced += 1
-            yield TokenText(decoder.push(token))
+            if rules is not None:
+                rules.accept(token)
+            yield TokenText(decoder.push(token), logprob=None if table is None else
+                            token_logprob(table.of(token), self._token_bytes))
             pending = [token]
         tail = decoder.flush()
         if tail:
             yield TokenText(tail, tokens=0)
         yield Finished(reason)
+
+    def _token_bytes(self, token: int) -> bytes:
+        return self._tok.tok.decode([token], skip_special_tokens=False).encode("utf-8")
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The tokens ``chat`` feeds the model for these messages."""
@@ -188,6 +203,7 @@ class OnnxDecoder(LoadedModel):
 
     def _start(self, ids: list[int], params: SamplingParams) -> Iterator[GenerationEvent]:
         max_new = token_budget(len(ids), self.context_length, params.max_tokens)
+        LogitRules.check_vocabulary(params, self._tok.tok.get_vocab_size())
         return compute.stream(lambda: self._generate(ids, params, max_new))
 
     def unload(self) -> None:
@@ -229,6 +245,10 @@ class OnnxEncoder(LoadedModel):
 class OnnxEngine(Engine):
     name = "onnxruntime"
     formats = {"onnx": (".onnx",)}
+    # sampled here with numpy: llmlb's logit rules apply; no grammar engine for these exports
+    # yet, and top_k / min_p are not in its sampler
+    parameters = frozenset({"logprobs", "top_logprobs", "frequency_penalty",
+                            "presence_penalty", "repetition_penalty", "logit_bias"})
 
     def availability(self) -> Availability:
         try:

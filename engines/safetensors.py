@@ -10,11 +10,12 @@ import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import compute
+from . import compute, grammar
 from .base import (
     CHAT,
     COMPLETION,
     EMBEDDINGS,
+    OPTIONAL_PARAMETERS,
     Availability,
     Engine,
     EngineError,
@@ -27,6 +28,8 @@ from .base import (
 )
 from .batching import Sequence as BatchSequence
 from .batching import SequenceStream
+from .grammar import GrammarCompiler
+from .logit_rules import LogitRules
 from .prompt_tokens import (
     SpecialTokens,
     hf_max_token_bytes,
@@ -35,7 +38,7 @@ from .prompt_tokens import (
     refuse_if_too_long,
     render_chat,
 )
-from .textgen import FALLBACK_CHAT_TEMPLATE, IncrementalDecoder, read_json
+from .textgen import FALLBACK_CHAT_TEMPLATE, IncrementalDecoder, read_json, with_tools
 from .transformers_batch import ContinuousBatchRunner, SerialRunner
 
 log = logging.getLogger(__name__)
@@ -108,12 +111,20 @@ class CausalLM(LoadedModel):
             runner = SerialRunner(model, device, eos)
         self._runner = runner
         self.parallel = slots if isinstance(runner, ContinuousBatchRunner) else 1
+        self._grammars = GrammarCompiler(self._llguidance_tokenizer)
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """The tokens ``chat`` feeds the model for these messages."""
+    def _llguidance_tokenizer(self):  # noqa: ANN202 - llguidance.LLTokenizer
+        from llguidance.hf import from_tokenizer
+
+        return from_tokenizer(self._tok)
+
+    def prompt_ids(self, messages: list[dict], tools: Sequence[dict] = ()) -> list[int]:
+        """The tokens ``chat`` feeds the model for these messages (and tools)."""
+        messages = with_tools(messages, tools, str(self._tok.chat_template))
+
         def render(msgs: list[dict]) -> str:
-            return self._tok.apply_chat_template(msgs, tokenize=False,
-                                                 add_generation_prompt=True)
+            return self._tok.apply_chat_template(msgs, tools=list(tools) or None,
+                                                 tokenize=False, add_generation_prompt=True)
         try:
             prompt = render_chat(render, messages, self._tokens.specials)
         except Exception as exc:
@@ -121,7 +132,7 @@ class CausalLM(LoadedModel):
         return self._tokens.prompt(prompt.text, prompt.spans, self.context_length)
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
-        return self._start(self.prompt_ids(messages), params)
+        return self._start(self.prompt_ids(messages, params.tools), params)
 
     def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationEvent]:
         refuse_if_too_long(prompt, self._tokens.max_token_bytes, self.context_length)
@@ -130,9 +141,19 @@ class CausalLM(LoadedModel):
     def _start(self, ids: list[int], params: SamplingParams) -> Iterator[GenerationEvent]:
         budget = token_budget(len(ids), self.context_length, params.max_tokens)
         seq = BatchSequence(ids, params, budget)
+        if LogitRules.needed(params):
+            LogitRules.check_vocabulary(params, len(self._tok))
+            constraint = None if params.json_schema is None else \
+                self._grammars.matcher(params.json_schema)
+            seq.rules = LogitRules(params, ids, constraint)
         self._runner.submit(seq)
         decoder = IncrementalDecoder(lambda i: self._tok.decode(i, skip_special_tokens=True))
-        return SequenceStream(seq, decoder, self._runner.wake)
+        return SequenceStream(seq, decoder, self._runner.wake, self._token_bytes)
+
+    def _token_bytes(self, token: int) -> bytes:
+        """One token's text for logprobs (a byte-level piece of a character decodes to
+        U+FFFD, as the tokenizer's own decode gives it)."""
+        return self._tok.decode([token], skip_special_tokens=False).encode("utf-8")
 
     def unload(self) -> None:
         self._runner.close()
@@ -168,6 +189,11 @@ class Encoder(LoadedModel):
 class SafetensorsEngine(Engine):
     name = "transformers"
     formats = {"safetensors": (".safetensors",)}
+
+    @property
+    def parameters(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset(OPTIONAL_PARAMETERS) - (frozenset() if grammar.available()
+                                                 else grammar.GRAMMAR_PARAMETERS)
 
     def availability(self) -> Availability:
         try:

@@ -46,6 +46,39 @@ def token_text(value: Any) -> str:
     return value or ""
 
 
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def with_tools(messages: list[dict], tools: Sequence[dict], template: str) -> list[dict]:
+    """Messages for a template that cannot render tools itself: the tools described in a
+    system message, asking for Hermes-style ``<tool_call>{...}</tool_call>`` calls (the
+    format llmlb parses), and earlier calls written into their assistant message in that
+    format. A template that mentions ``tools`` / ``tool_calls`` renders them its own way."""
+    if "tool_calls" not in template:
+        messages = [_calls_as_text(m) if m.get("tool_calls") else m for m in messages]
+    if not tools or "tools" in template:
+        return messages
+    listing = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
+    note = ("You may call these tools:\n<tools>\n" + listing + "\n</tools>\nTo call one, "
+            f"answer with {TOOL_CALL_OPEN}{{\"name\": <tool name>, \"arguments\": <arguments "
+            f"object>}}{TOOL_CALL_CLOSE}.")
+    if messages and messages[0].get("role") in ("system", "developer"):
+        first = messages[0]
+        return [{**first, "content": message_text(first.get("content")) + "\n\n" + note},
+                *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
+
+
+def _calls_as_text(message: dict) -> dict:
+    calls = "".join(
+        TOOL_CALL_OPEN + json.dumps({"name": c["function"]["name"],
+                                     "arguments": c["function"]["arguments"]},
+                                    ensure_ascii=False) + TOOL_CALL_CLOSE
+        for c in message["tool_calls"])
+    rest = {k: v for k, v in message.items() if k != "tool_calls"}
+    return {**rest, "content": message_text(message.get("content")) + calls}
+
+
 class ChatTemplate:
     """Renders a Hugging Face chat template the way transformers does (sandboxed Jinja)."""
 
@@ -62,9 +95,9 @@ class ChatTemplate:
         self._template = env.from_string(template or FALLBACK_CHAT_TEMPLATE)
         self.bos_token, self.eos_token = bos_token, eos_token
 
-    def render(self, messages: Sequence[dict]) -> str:
+    def render(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> str:
         return self._template.render(messages=plain_messages(messages),
-                                     add_generation_prompt=True,
+                                     add_generation_prompt=True, tools=tools or None,
                                      bos_token=self.bos_token, eos_token=self.eos_token)
 
 

@@ -22,6 +22,7 @@ from collections import deque
 from . import compute
 from .base import EngineError, SamplingParams
 from .batching import Sequence
+from .logit_rules import LogitRules, Logprobs, RawLogprob
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,22 @@ PAGE_SIZE = 64  # tokens per KV page: the granularity of prefix sharing
 
 
 class TorchSampler:
-    """One sequence's sampling: greedy at temperature 0, else temperature, then the top-p
-    nucleus, then a draw from the sequence's own generator (its seed)."""
+    """One sequence's sampling: its logit rules first (``logit_rules``: logprobs, penalties,
+    bias, grammar), then greedy at temperature 0, else top-k, temperature, the top-p nucleus,
+    min-p, and a draw from the sequence's own generator (its seed)."""
 
-    def __init__(self, params: SamplingParams, device) -> None:  # noqa: ANN001 - torch device
+    def __init__(self, params: SamplingParams, device, rules: LogitRules | None = None,  # noqa: ANN001 - torch device
+                 eos: frozenset[int] = frozenset()) -> None:
         import torch
 
         self._torch = torch
         self.greedy = params.temperature <= 0
         self._temperature, self._top_p = params.temperature, params.top_p
+        self._top_k, self._min_p = params.top_k, params.min_p
+        self._rules, self._eos = rules, eos
+        #: greedy with no rules: the batch's own argmax is this sequence's token
+        self.plain = self.greedy and rules is None
+        self._logprobs: deque[RawLogprob | None] = deque()  # of tokens not yet delivered
         self._generator = None
         if not self.greedy:
             self._generator = torch.Generator(device=device)
@@ -48,17 +56,42 @@ class TorchSampler:
                                         else random.getrandbits(63))
 
     def sample(self, logits) -> int:  # noqa: ANN001 - 1-D float tensor
+        rules, table = self._rules, None
+        if rules is not None:
+            # a float32 copy, changed in place below (the model's own may be an inference
+            # tensor, or half precision)
+            logits = logits.to(dtype=self._torch.float32, copy=True)
+            if rules.top_logprobs is not None:
+                table = Logprobs(logits, rules.top_logprobs)
+            rules.apply(logits)
+        token = self._pick(logits)
+        if rules is not None and token not in self._eos:
+            rules.accept(token)
+            self._logprobs.append(table.of(token) if table is not None else None)
+        return token
+
+    def _pick(self, logits) -> int:  # noqa: ANN001
         torch = self._torch
         if self.greedy:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / self._temperature, dim=-1)
+        logits = logits.float()
+        if self._top_k > 0 and self._top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self._top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        probs = torch.softmax(logits / self._temperature, dim=-1)
         if self._top_p < 1.0:
             ordered, order = torch.sort(probs, descending=True)
             # Keep the smallest set whose mass reaches top_p (the token crossing it included).
             drop = (torch.cumsum(ordered, dim=-1) - ordered) >= self._top_p
             ordered[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, ordered)
+        if self._min_p > 0:
+            probs = probs.masked_fill(probs < self._min_p * probs.max(), 0.0)
         return int(torch.multinomial(probs, 1, generator=self._generator))
+
+    def delivered(self) -> RawLogprob | None:
+        """The logprobs of the oldest sampled token not yet handed to its sequence."""
+        return self._logprobs.popleft() if self._logprobs else None
 
 
 def _cache_keyword(model) -> str:  # noqa: ANN001
@@ -91,7 +124,8 @@ class SerialRunner(compute.Runner):
             if not seq.cancelled:
                 self._seq = seq
                 self._cache, self._pending, self._fed = DynamicCache(), list(seq.prompt), 0
-                self._sampler = TorchSampler(seq.params, self._device)
+                self._sampler = TorchSampler(seq.params, self._device, seq.rules,
+                                             frozenset(self._eos))
         if self._seq is None:
             return False
         seq = self._seq
@@ -116,7 +150,7 @@ class SerialRunner(compute.Runner):
         if token in self._eos:
             seq.finish("stop")
             self._seq = None
-        elif seq.push(token):
+        elif seq.push(token, self._sampler.delivered()):
             seq.finish("length")
             self._seq = None
         else:
@@ -190,6 +224,8 @@ class ContinuousBatchRunner(compute.Runner):
         if not seq.has_news():
             return "a check request produced no token"
         kind, value = seq.next_item()
+        if kind == 0:
+            value = value[0]  # (token, logprobs)
         with torch.inference_mode():
             logits = self._model(input_ids=torch.tensor([prompt], device=self._device)).logits
         expected = int(torch.argmax(logits[0, -1]))
@@ -199,7 +235,8 @@ class ContinuousBatchRunner(compute.Runner):
 
     def submit(self, seq: Sequence, wake: bool = True) -> None:
         request_id = f"r{next(self._ids)}"
-        self._seqs[request_id] = (seq, TorchSampler(seq.params, self._device))
+        self._seqs[request_id] = (seq, TorchSampler(seq.params, self._device, seq.rules,
+                                                    frozenset(self._eos)))
         self._sent[request_id] = 0
         self._manager.add_request(list(seq.prompt), request_id=request_id,
                                   max_new_tokens=seq.max_new, streaming=True,
@@ -241,7 +278,7 @@ class ContinuousBatchRunner(compute.Runner):
         tokens = logits.argmax(dim=-1)
         for row, state in enumerate(states):
             entry = self._seqs.get(state.request_id)
-            if entry is not None and not entry[1].greedy:
+            if entry is not None and not entry[1].plain:
                 tokens[row] = entry[1].sample(logits[row])
         output_ids[0, :tokens.shape[0]].copy_(tokens)
 
@@ -252,7 +289,7 @@ class ContinuousBatchRunner(compute.Runner):
             entry = self._seqs.get(out.request_id)
             if entry is None:
                 continue  # cancelled meanwhile
-            seq = entry[0]
+            seq, sampler = entry
             if out.error:
                 seq.fail(EngineError(f"generation failed: {out.error}"))
                 self._forget(out.request_id)
@@ -264,7 +301,7 @@ class ContinuousBatchRunner(compute.Runner):
                     seq.finish("stop")
                     self._forget(out.request_id)
                     break
-                if seq.push(token):
+                if seq.push(token, sampler.delivered()):
                     seq.finish("length")
                     self._forget(out.request_id)
                     break

@@ -153,6 +153,12 @@ def unsupported_operation(model_id: str, operation: str) -> APIError:
                     code="unsupported_operation", param="model")
 
 
+def unsupported_parameter(param: str, engine: str, model_id: str) -> APIError:
+    return APIError(400, f"The parameter '{param}' is not supported by the {engine} engine "
+                    f"that runs model '{model_id}'; GET /v0/engines lists what each engine "
+                    "supports", code="unsupported_parameter", param=param)
+
+
 def unauthorized(message: str = "Missing API key. Send 'Authorization: Bearer <key>' or "
                  "'X-API-Key: <key>'.") -> APIError:
     return APIError(401, message, type="authentication_error", code="invalid_api_key",
@@ -207,7 +213,8 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, InvalidPrompt):
-        return APIError(400, f"Invalid prompt: {exc}", code="invalid_prompt", param="messages")
+        return APIError(400, f"Invalid prompt: {exc}", code="invalid_prompt",
+                        param=getattr(exc, "param", "messages"))
     if isinstance(exc, EngineError):
         return APIError(500, f"The engine failed: {exc}", type="server_error",
                         code="engine_error")

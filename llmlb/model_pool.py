@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from engines import compute
-from engines.base import EngineError, LoadedModel, LoadOptions
+from engines.base import Engine, EngineError, LoadedModel, LoadOptions
 
 from . import errors
 from .plugins import EngineRegistry
@@ -138,6 +138,11 @@ class ModelPool:
             with self._mutex:
                 self._entries[model.id] = entry
             return entry
+
+    def engine_for(self, model: LocalModel) -> Engine | None:
+        """The engine that runs (or would run) ``model``."""
+        found = self._registry.for_format(model.format)
+        return found.engine if found is not None else None
 
     def _load(self, model: LocalModel) -> LoadedModel:
         found = self._registry.for_format(model.format)

@@ -92,6 +92,7 @@ class LocalNode:
 
     def run(self, call: InferenceCall) -> Generation | tuple[list[list[float]], int]:
         model = self.resolver.resolve(call.model_id)
+        self._check_parameters(model, call)
         lease = self.pool.lease(model)
         if call.operation not in lease.model.capabilities:
             lease.release()
@@ -108,3 +109,13 @@ class LocalNode:
             lease.release()
             raise
         return Generation(lease, events)
+
+    def _check_parameters(self, model: LocalModel, call: InferenceCall) -> None:
+        """A 400 before loading anything when the call uses a parameter the model's engine
+        does not declare (never a silent drop)."""
+        engine = self.pool.engine_for(model)
+        if call.params is None or engine is None:
+            return  # no engine: loading says so
+        for param in call.params.requested():
+            if param not in engine.parameters:
+                raise errors.unsupported_parameter(param, engine.name, model.id)

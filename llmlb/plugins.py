@@ -134,6 +134,8 @@ class EngineRegistry:
                 "available": avail.available, "reason": avail.reason or None,
                 "device": avail.device if avail.available else None,
                 "parallel": parallel,
+                # the optional OpenAI parameters its models honour (others are a 400)
+                "parameters": sorted(getattr(entry.engine, "parameters", ()) or ()),
                 "suffixes": list(entry.engine.formats.get(entry.format, ())),
             })
         return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -12,6 +13,10 @@ from ..config import OPTIONS_BY_ATTR
 
 MAX_TOKENS_LIMIT = 1_000_000  # beyond any context window: larger is a client bug
 MAX_STOP_SEQUENCES = 4
+MAX_TOP_K = 1_000_000
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
+MAX_TOP_LOGPROBS = 20  # chat (OpenAI); completions allow 5
+MAX_TOOLS = 128  # OpenAI's limit
 
 
 class _Request(BaseModel):
@@ -26,6 +31,25 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    # extensions vLLM, llama.cpp's server and Ollama accept (-1 and 0 mean off for top_k)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit() or len(key) > 9:
+                raise ValueError(f"keys must be token ids, not {key[:40]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must lie in [-100, 100], not {bias}")
+        if value and len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -57,17 +81,79 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made in an earlier turn."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this answers
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ChosenFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @property
     def token_limit(self) -> int | None:
@@ -78,6 +164,7 @@ class CompletionRequest(_Request):
     prompt: str | list[str]
     max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKENS_LIMIT)
     echo: bool | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # how many alternatives per token
 
     @field_validator("prompt")
     @classmethod
@@ -152,6 +239,10 @@ def chat_texts(req: ChatRequest) -> list[str]:
             out.extend(part.text for part in m.content)
         if m.name:
             out.append(m.name)
+        out.extend(call.function.arguments for call in m.tool_calls or ())
+    # tool definitions reach the template too
+    out.extend(json.dumps(t.function.model_dump(exclude_none=True, by_alias=True))
+               for t in req.tools or ())
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from engines.base import Finished, GenerationEvent, Started, TokenText
+from engines.base import Finished, GenerationEvent, Started, TokenLogprob, TokenText
 
 
 class TextStream:
@@ -24,6 +24,7 @@ class TextStream:
         self.finish_reason: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self._logprobs: list[TokenLogprob] = []  # of tokens read, not yet drained
 
     def __iter__(self) -> Iterator[str]:
         pending = ""
@@ -42,6 +43,8 @@ class TextStream:
                 if not isinstance(event, TokenText):
                     continue
                 self.completion_tokens += event.tokens
+                if event.logprob is not None:
+                    self._logprobs.append(event.logprob)
                 pending += event.text
                 if not self._stops:
                     if pending:
@@ -63,6 +66,12 @@ class TextStream:
                 yield pending
         finally:
             self.close()
+
+    def drain_logprobs(self) -> list[TokenLogprob]:
+        """The logprobs of the tokens read since the last call (those of the text yielded
+        so far, and of text held back for a possible stop sequence)."""
+        out, self._logprobs = self._logprobs, []
+        return out
 
     def close(self) -> None:
         """Stop the engine and free the model, also when iteration never began."""
