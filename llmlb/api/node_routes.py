@@ -8,8 +8,8 @@ from flask import Blueprint
 
 from .. import errors
 from ..balancer.registry import registration, report_of
+from ..storage import requested_model_id
 from .common import json_body, require, respond, runtime
-from .openai_routes import valid_id
 
 bp = Blueprint("nodes", __name__, url_prefix="/v0/nodes")
 node_bp = Blueprint("node", __name__, url_prefix="/v0/node")
@@ -59,14 +59,14 @@ def pull():
     if not isinstance(model_id, str):
         raise errors.invalid_request("Missing required parameter: 'model_id'", "model_id",
                                      code="missing_required_parameter")
-    result = runtime().hub.register(valid_id(model_id))
+    result = runtime().hub.register(requested_model_id(model_id))
     return respond(result, status=202 if result["status"] == "Registered" else 200)
 
 
 @node_bp.delete("/models/<path:model_id>")
 @require("node")
 def delete(model_id: str):
-    return respond(runtime().hub.delete(valid_id(model_id)))
+    return respond(runtime().hub.delete(requested_model_id(model_id)))
 
 
 @node_bp.get("/report")
