@@ -118,7 +118,7 @@ def app(tmp_path_factory: pytest.TempPathFactory, tiny):  # noqa: ANN201 - a Fla
     (home / "models" / MODEL).mkdir(parents=True)
     shutil.copy(tiny["llama-gguf"], home / "models" / MODEL / "model.gguf")
     (home / "models" / "embedder").mkdir()
-    for f in Path(tiny["bert"]).iterdir():
+    for f in Path(tiny["bert-embed"]).iterdir():
         shutil.copy(f, home / "models" / "embedder" / f.name)
     app = create_app({"home": home, "dev": True, "hf_endpoint": CLOSED_ENDPOINT,
                       "plugins_dir": [str(home / "plugins")], "context_length": 64,
@@ -149,10 +149,7 @@ def check(response, path: str) -> None:  # noqa: ANN001 - a werkzeug test respon
 
 
 def call(app, method: str, path: str, query: dict, hdrs: dict, body: bytes | None):  # noqa: ANN001,ANN201
-    if query:
-        path_q = f"{path}?{urlencode(query, errors='surrogatepass')}"
-    else:
-        path_q = path
+    path_q = f"{path}?{urlencode(query, errors='surrogatepass')}" if query else path
     with app.test_client() as client:
         response = client.open(path_q, method=method, headers=hdrs, data=body)
         try:

@@ -322,7 +322,7 @@ def test_a_full_disk_fails_the_download_cleanly(hub_server, hub: FakeHub, small_
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(model="tiny-gguf", messages=HELLO, max_tokens=2)
     assert info.value.status_code == 502
-    error = info.value.body["error"]
+    error = info.value.body
     assert error["code"] == "download_failed" and "Not enough disk space" in error["message"]
     assert hub.downloads("llmlb-test/tiny-gguf", "model.gguf") == 0
     filler.unlink()
