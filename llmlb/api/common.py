@@ -32,7 +32,7 @@ def csrf_token() -> str:
 
 def check_csrf(sent: str | None) -> None:
     expected = session.get("csrf")
-    if not expected or not sent or not secrets.compare_digest(expected, sent):
+    if not expected or not sent or not auth.same_secret(sent, expected):
         raise errors.csrf_failed()
 
 
