@@ -63,6 +63,9 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
 
     app = Flask(__name__, static_folder="dashboard/static",
                 template_folder="dashboard/templates")
+    # No redirect from "a//b" to "a/b" (werkzeug's default: an HTML 308 that changes the
+    # request's meaning, "/x" as a model id becoming "x"): the route sees the path as sent.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["SECRET_KEY"] = settings.secret_key or rt.db.setdefault_meta(
         "secret_key", secrets.token_hex(32))

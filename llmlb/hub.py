@@ -1,7 +1,8 @@
 """The model hub (HB): catalog statuses, pulls, deletes. No Flask here.
 
 A status is derived, never stored: from the files (Ready), the resolver's lock and progress
-record (Downloading, queued, failed) and the pull requests kept in SQLite (Registered). Every
+record (Downloading, queued, failed) and the pull requests kept in SQLite (Registered); the
+states themselves, and their HB-1 words, live in ``resolver/state.py``. Every
 worker process and every restart therefore sees the same truth; a pull cut off by a restart
 is picked up again by ``reconcile`` instead of hanging in Downloading.
 

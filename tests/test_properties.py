@@ -20,14 +20,14 @@ from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from llmlb import create_app
 
 from .conftest import CLOSED_ENDPOINT
 
-EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "100"))
 # No "explain" phase: it re-runs a failure hundreds of times to annotate it (20 s a failure).
 FUZZ = settings(max_examples=EXAMPLES, deadline=None,
                 phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
@@ -129,9 +129,24 @@ def app(tmp_path_factory: pytest.TempPathFactory, tiny):  # noqa: ANN201 - a Fla
     app.extensions["llmlb"].close()
 
 
+@pytest.fixture(scope="module")
+def node_app(tmp_path_factory: pytest.TempPathFactory, tiny):  # noqa: ANN201 - a Flask app
+    """A node (``llmlb node``): its balancer is a closed port, so it never registers."""
+    home = tmp_path_factory.mktemp("properties-node")
+    (home / "models" / MODEL).mkdir(parents=True)
+    shutil.copy(tiny["llama-gguf"], home / "models" / MODEL / "model.gguf")
+    app = create_app({"home": home, "dev": True, "role": "node", "hf_endpoint": CLOSED_ENDPOINT,
+                      "balancer_url": CLOSED_ENDPOINT, "node_api_key": "sk-node-test",
+                      "plugins_dir": [str(home / "plugins")], "context_length": 64,
+                      "resolve_wait_seconds": 1, "download_timeout_seconds": 1})
+    yield app
+    app.extensions["llmlb"].close()
+
+
 def check(response, path: str) -> None:  # noqa: ANN001 - a werkzeug test response
     """Below 500, and under the API's prefixes a JSON body (or SSE events of JSON)."""
     body = response.get_data()
+    event(f"HTTP {response.status_code}")  # --hypothesis-show-statistics lists the answers
     where = f"{response.request.method} {path} -> {response.status_code}: {body[:300]!r}"
     assert response.status_code < 500, where
     if not path.startswith(PREFIXES) or response.request.method == "HEAD":
@@ -141,8 +156,8 @@ def check(response, path: str) -> None:  # noqa: ANN001 - a werkzeug test respon
         assert response.status_code == 200, where
         events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
         assert events and events[-1] == "[DONE]", where
-        for event in events[:-1]:
-            json.loads(event)
+        for data in events[:-1]:
+            json.loads(data)
     elif response.status_code == 204:
         assert body == b"" and response.request.method == "OPTIONS", where
     elif kind.startswith("application/octet-stream"):
@@ -179,7 +194,7 @@ def test_openai_bodies_never_500(app, route: str, body: bytes, hdrs: dict, query
 
 
 @FUZZ
-@given(route=st.sampled_from(POST_ROUTES), model=model_ids | json_values,
+@given(route=st.sampled_from(POST_ROUTES), model=st.just(MODEL) | model_ids | json_values,
        fields=objects({k: OPENAI_FIELDS[k] for k in ("max_tokens", "stream", "temperature",
                                                        "stop")}))
 def test_well_formed_requests_for_any_model_never_500(app, route: str, model, fields: dict,
@@ -234,3 +249,20 @@ def test_admin_bodies_never_500(app, route: str, body: bytes, hdrs: dict) -> Non
             parsed["url"] = CLOSED_ENDPOINT
             body = json.dumps(parsed).encode()
     call(app, "POST", route, {}, {**AUTH, **hdrs}, body)
+
+
+NODE_ROUTES = [("POST", "/v0/node/pull"), ("DELETE", "/v0/node/models/{}"),
+               ("GET", "/v0/node/report"), ("POST", "/v1/chat/completions"),
+               ("GET", "/v1/models/{}"), ("GET", "/v1/models/blob/{}/model.gguf")]
+
+
+@FUZZ
+@given(route=st.sampled_from(NODE_ROUTES), model_id=model_ids,
+       body=encoded(objects({**ADMIN_FIELDS, **OPENAI_FIELDS})), hdrs=headers, query=queries)
+def test_a_nodes_routes_never_500(node_app, route: tuple[str, str], model_id: str, body: bytes,
+                                  hdrs: dict, query: dict) -> None:
+    method, path = route
+    if method == "DELETE" and model_id.lower() == MODEL:
+        model_id = "not-" + model_id
+    call(node_app, method, path.format(in_path(model_id)), query, {**AUTH, **hdrs},
+         body if method == "POST" else None)
