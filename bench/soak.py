@@ -121,6 +121,7 @@ class Recorder:
         self.statuses: Counter[int] = Counter()
         self.errors: Counter[str] = Counter()
         self.latency: dict[int, list[float]] = defaultdict(list)  # minute -> seconds
+        self.by_kind: dict[str, list[float]] = defaultdict(list)  # every kind, whole run
         self.failures: list[str] = []
 
     def record(self, kind: str, status: int | None, seconds: float, timed: bool,
@@ -135,6 +136,7 @@ class Recorder:
                     self.failures.append(f"{kind}: {detail}")
                 return
             self.statuses[status] += 1
+            self.by_kind[kind].append(seconds)
             if status >= 500 and len(self.failures) < 20:
                 self.failures.append(f"{kind}: {status} {detail[:200]}")
             if timed:
@@ -288,6 +290,13 @@ def main() -> None:
     for row in per_worker:
         print(f"| {row['pid']} | {row['rss_start_mib']} | {row['rss_end_mib']} | "
               f"{row.get('rss_growth_pct', '—')} % | {row['fds_start']} | {row['fds_end']} |")
+    kinds = {k: {"n": len(v), "p50_ms": round(percentile(v, 50) * 1000, 1),
+                 "p99_ms": round(percentile(v, 99) * 1000, 1),
+                 "max_ms": round(max(v) * 1000, 1)} for k, v in sorted(recorder.by_kind.items())}
+    print("\n| kind | n | p50 ms | p99 ms | max ms |")
+    print("|---|---|---|---|---|")
+    for k, f in kinds.items():
+        print(f"| {k} | {f['n']} | {f['p50_ms']} | {f['p99_ms']} | {f['max_ms']} |")
     print("\n| minute | requests timed | p50 ms | p99 ms |")
     print("|---|---|---|---|")
     for m in minutes:
@@ -296,7 +305,7 @@ def main() -> None:
                "minutes": args.minutes, "clients": args.clients,
                "requests": dict(recorder.counts), "statuses": dict(recorder.statuses),
                "fivexx": fivexx, "transport_errors": dict(recorder.errors),
-               "failures": recorder.failures, "workers": per_worker, "per_minute": minutes}
+               "failures": recorder.failures, "workers": per_worker, "per_minute": minutes, "per_kind": kinds}
     save_summary("soak", summary, indent=2)
 
 
