@@ -96,6 +96,21 @@ def prepare_home(gguf: Path) -> tuple[Path, Path, Path]:
     return home, repo_dir, catalog
 
 
+def fd_kinds(pid: int) -> dict[str, int]:
+    """A worker's open file descriptors by kind (socket, pipe, ...) or file path: what grew."""
+    kinds: Counter[str] = Counter()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            kinds[target.split(":")[0] if ":" in target else target] += 1
+    except OSError:
+        pass
+    return dict(kinds)
+
+
 def worker_figures(pids: list[int]) -> dict[int, dict[str, int]]:
     """RSS (KiB) and open file descriptors of each worker."""
     out = {}
@@ -104,7 +119,12 @@ def worker_figures(pids: list[int]) -> dict[int, dict[str, int]]:
             status = Path(f"/proc/{pid}/status").read_text()
             rss = next(int(line.split()[1]) for line in status.splitlines()
                        if line.startswith("VmRSS:"))
-            out[pid] = {"rss_kib": rss, "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+            kinds = fd_kinds(pid)
+            # SQLite keeps one connection (the file and its WAL) per thread that used it, up
+            # to LLMLB_THREADS per worker: those grow until every thread has served once.
+            db = sum(n for path, n in kinds.items() if path.endswith((".db", ".db-wal")))
+            out[pid] = {"rss_kib": rss, "fds": sum(kinds.values()), "fds_not_db": sum(
+                kinds.values()) - db}
         except (OSError, StopIteration):
             continue
     return out
@@ -196,9 +216,10 @@ def one_request(kind: str, base: str, session: requests.Session) -> tuple[int | 
     raise ValueError(kind)
 
 
-def client_loop(base: str, recorder: Recorder, stop: threading.Event, seed: int) -> None:
+def client_loop(base: str, recorder: Recorder, stop: threading.Event, seed: int,
+                mix: dict[str, int]) -> None:
     rng = random.Random(seed)
-    kinds, weights = list(MIX), list(MIX.values())
+    kinds, weights = list(mix), list(mix.values())
     session = requests.Session()
     session.headers.update(AUTH)
     while not stop.is_set():
@@ -221,7 +242,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--warmup", type=float, default=20)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", default="", help="comma-separated kinds of request to send "
+                        f"(default: all of {', '.join(MIX)}), to find which one misbehaves")
     args = parser.parse_args()
+    mix = {k: w for k, w in MIX.items() if not args.only or k in args.only.split(",")}
 
     started, load_before = announce("soak")
     WORK.mkdir(parents=True, exist_ok=True)
@@ -232,19 +257,21 @@ def main() -> None:
     endpoint = hub.first_line(60)
     port = free_port()
     server = start_server(gunicorn_cmd(), {
-        **env, "LLMLB_HOME": str(home), "LLMLB_PORT": str(port), "LLMLB_WORKERS": "2",
+        **env, "LLMLB_HOME": str(home), "LLMLB_PORT": str(port), "LLMLB_WORKERS": str(args.workers),
         "LLMLB_DEV": "1", "HF_ENDPOINT": endpoint, "LLMLB_SUPPORTED_MODELS": str(catalog),
         "LLMLB_LOG_LEVEL": "WARNING"}, WORK / "server.log", port)
     base = f"http://127.0.0.1:{port}"
     recorder, stop = Recorder(), threading.Event()
-    threads = [threading.Thread(target=client_loop, args=(base, recorder, stop, i), daemon=True)
-               for i in range(args.clients)]
+    threads = [threading.Thread(target=client_loop, args=(base, recorder, stop, i, mix),
+                                daemon=True) for i in range(args.clients)]
     try:
         for t in threads:
             t.start()
         time.sleep(args.warmup)
         workers = server.children()
         before = worker_figures(workers)
+        for pid in workers:
+            print(f"worker {pid} fds at the start: {fd_kinds(pid)}", flush=True)
         with recorder.lock:
             recorder.measuring, recorder.started = True, time.monotonic()
         measured_from = time.monotonic()
@@ -259,6 +286,8 @@ def main() -> None:
             recorder.measuring = False
         after = worker_figures(server.children())
         elapsed = time.monotonic() - measured_from
+        for pid in server.children():
+            print(f"worker {pid} fds at the end: {fd_kinds(pid)}", flush=True)
     finally:
         stop.set()
         for t in threads:
@@ -272,7 +301,8 @@ def main() -> None:
         b, a = before.get(pid), after.get(pid)
         row = {"pid": pid, "rss_start_mib": b and round(b["rss_kib"] / 1024, 1),
                "rss_end_mib": a and round(a["rss_kib"] / 1024, 1),
-               "fds_start": b and b["fds"], "fds_end": a and a["fds"]}
+               "fds_start": b and b["fds"], "fds_end": a and a["fds"],
+               "fds_not_db_start": b and b["fds_not_db"], "fds_not_db_end": a and a["fds_not_db"]}
         if a and b:
             row["rss_growth_pct"] = round(100 * (a["rss_kib"] / b["rss_kib"] - 1), 1)
         per_worker.append(row)
@@ -285,11 +315,13 @@ def main() -> None:
           f"5xx: {fivexx}; transport errors: {dict(recorder.errors)}")
     for failure in recorder.failures:
         print(f"  failure: {failure}")
-    print("\n| worker | RSS start MiB | RSS end MiB | growth | fds start | fds end |")
+    print("\n| worker | RSS start MiB | RSS end MiB | growth | fds start → end | "
+          "of which not SQLite |")
     print("|---|---|---|---|---|---|")
     for row in per_worker:
         print(f"| {row['pid']} | {row['rss_start_mib']} | {row['rss_end_mib']} | "
-              f"{row.get('rss_growth_pct', '—')} % | {row['fds_start']} | {row['fds_end']} |")
+              f"{row.get('rss_growth_pct', '—')} % | {row['fds_start']} → {row['fds_end']} | "
+              f"{row['fds_not_db_start']} → {row['fds_not_db_end']} |")
     kinds = {k: {"n": len(v), "p50_ms": round(percentile(v, 50) * 1000, 1),
                  "p99_ms": round(percentile(v, 99) * 1000, 1),
                  "max_ms": round(max(v) * 1000, 1)} for k, v in sorted(recorder.by_kind.items())}
