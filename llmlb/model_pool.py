@@ -87,7 +87,9 @@ class ModelPool:
             with self._mutex:
                 if entry.stale:  # unloaded between lookup and here: look again
                     continue
-                if entry.waiting >= self._max_queued:
+                # Refused only when every slot is taken and the line is full: with
+                # max_queued 0, a free slot still serves.
+                if entry.busy + entry.waiting >= entry.parallel + self._max_queued:
                     raise errors.model_busy(model.id)
                 entry.waiting += 1
                 break

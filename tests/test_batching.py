@@ -193,6 +193,21 @@ def test_queue_full_is_503_with_retry_after(make_server, long_models: dict[str, 
     assert third.get("usage", (0, 0))[1] == 2
 
 
+def test_no_queue_serves_free_slots_and_refuses_the_rest(make_server,
+                                                          long_models: dict[str, Path]) -> None:
+    server = make_server(parallel_sequences=2, max_queued_requests=0)
+    model = install(server, long_models, "gguf", "long")
+    run_alone(server, model, HELLO, max_tokens=1)  # a free slot serves: no queue is needed
+    streams = hold_slots(server, model, 2)
+    with pytest.raises(openai.APIStatusError) as info:
+        server.client().chat.completions.create(model=model, messages=HELLO, max_tokens=2)
+    assert info.value.status_code == 503 and info.value.body["code"] == "model_busy"
+    for r in streams:
+        r.close()
+    assert wait_for(lambda: loaded(server, model)["active"] == 0)
+    run_alone(server, model, HELLO, max_tokens=1)
+
+
 def test_embeddings_unaffected_while_a_batch_runs(batching_server: LiveServer,
                                                   tiny: dict[str, Path]) -> None:
     model = install(batching_server, tiny, "llama-gguf", "tiny")

@@ -29,7 +29,11 @@ def test_concurrent_requests_across_workers_download_once(
         start_process, llmlb_home: Path, hub: FakeHub, published: Path) -> None:
     port = free_port()
     env = server_env(llmlb_home, hub, published, port, LLMLB_WORKERS="2", LLMLB_THREADS="16")
-    proc = start_process([*gunicorn_command(), "-c", "gunicorn.conf.py", "wsgi:app"], env, port)
+    # Which worker accepts a connection is the kernel's choice: one worker may take all 20.
+    # At most 8 open connections per worker (the command line wins over gunicorn.conf.py)
+    # make the second worker take its share while the first waits on the download.
+    proc = start_process([*gunicorn_command(), "-c", "gunicorn.conf.py",
+                          "--worker-connections", "8", "wsgi:app"], env, port)
     hub.throttle_bps = 300_000  # ~2 s: every request arrives while the download runs
 
     results: list[object] = []
