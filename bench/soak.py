@@ -275,13 +275,19 @@ def main() -> None:
         with recorder.lock:
             recorder.measuring, recorder.started = True, time.monotonic()
         measured_from = time.monotonic()
+        samples: dict[int, dict[int, dict[str, int]]] = {}
         print(f"measuring for {args.minutes:g} min with {args.clients} clients; workers "
               f"{workers}", flush=True)
         while time.monotonic() - measured_from < args.minutes * 60:
             time.sleep(min(10.0, args.minutes * 60 - (time.monotonic() - measured_from)))
             with recorder.lock:
                 served = sum(recorder.counts.values())
-            print(f"  {time.monotonic() - measured_from:6.0f} s: {served} requests", flush=True)
+            now = worker_figures(workers)
+            minute = int((time.monotonic() - measured_from - 1e-6) // 60)
+            samples[minute] = now  # the last sample of each minute stays
+            print(f"  {time.monotonic() - measured_from:6.0f} s: {served} requests; RSS MiB "
+                  f"{[round(f['rss_kib'] / 1024, 1) for f in now.values()]}, fds "
+                  f"{[f['fds'] for f in now.values()]}", flush=True)
         with recorder.lock:
             recorder.measuring = False
         after = worker_figures(server.children())
@@ -307,7 +313,9 @@ def main() -> None:
             row["rss_growth_pct"] = round(100 * (a["rss_kib"] / b["rss_kib"] - 1), 1)
         per_worker.append(row)
     minutes = [{"minute": m + 1, "requests": len(v), "p50_ms": round(percentile(v, 50) * 1000, 1),
-                "p99_ms": round(percentile(v, 99) * 1000, 1)}
+                "p99_ms": round(percentile(v, 99) * 1000, 1),
+                "rss_mib": [round(f["rss_kib"] / 1024, 1) for f in samples.get(m, {}).values()],
+                "fds_not_db": [f["fds_not_db"] for f in samples.get(m, {}).values()]}
                for m, v in sorted(recorder.latency.items()) if v]
 
     print(f"\nserved {sum(recorder.counts.values())} requests in {elapsed / 60:.1f} min "
@@ -329,10 +337,13 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for k, f in kinds.items():
         print(f"| {k} | {f['n']} | {f['p50_ms']} | {f['p99_ms']} | {f['max_ms']} |")
-    print("\n| minute | requests timed | p50 ms | p99 ms |")
-    print("|---|---|---|---|")
+    print("\n| minute | requests timed | p50 ms | p99 ms | RSS MiB per worker at its end | "
+          "fds not SQLite |")
+    print("|---|---|---|---|---|---|")
     for m in minutes:
-        print(f"| {m['minute']} | {m['requests']} | {m['p50_ms']} | {m['p99_ms']} |")
+        print(f"| {m['minute']} | {m['requests']} | {m['p50_ms']} | {m['p99_ms']} | "
+              f"{' / '.join(map(str, m['rss_mib']))} | "
+              f"{' / '.join(map(str, m['fds_not_db']))} |")
     summary = {**run_facts("soak", started, load_before, 0.0), **machine_info(),
                "minutes": args.minutes, "clients": args.clients,
                "requests": dict(recorder.counts), "statuses": dict(recorder.statuses),
