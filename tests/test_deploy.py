@@ -210,7 +210,7 @@ def test_the_systemd_units_are_valid(shipped: Path, tmp_path: Path) -> None:
     assert unit.value("Restart") in ("always", "on-failure")
     # The only writable place is LLMLB_HOME, created 0700 for the service's user (SC-4).
     home = unit.environment["LLMLB_HOME"]
-    assert unit.values("ReadWritePaths") == [home]
+    assert unit.values("ReadWritePaths") == [home] and unit.environment["HOME"] == home
     assert f"/var/lib/{unit.value('StateDirectory')}" == home
     assert unit.value("StateDirectoryMode") == "0700"
 
@@ -236,7 +236,8 @@ def test_systemd_units_run_a_balancer_and_its_node_behind_nginx(
     env_file.write_text((UNITS / "balancer.env").read_text().replace("change-me", PASSWORD))
     port = free_port()
     _, command, env = unit_env("llmlb-balancer.service", env_file, LLMLB_HOME=str(home),
-                               LLMLB_PORT=str(port), HF_ENDPOINT=CLOSED_ENDPOINT)
+                               HOME=str(home), LLMLB_PORT=str(port),
+                               HF_ENDPOINT=CLOSED_ENDPOINT)
     assert command[0].endswith("/gunicorn") and env["LLMLB_ROLE"] == "balancer"
     balancer = start_process(command, env, port)
     assert len(gunicorn_workers(balancer, 2)) == 2  # LLMLB_WORKERS=2 from the env file
@@ -254,7 +255,7 @@ def test_systemd_units_run_a_balancer_and_its_node_behind_nginx(
                              .replace("sk-replace-me", make_key(home, "node")))
     node_port = free_port()
     _, command, env = unit_env(
-        "llmlb-node.service", node_env_file, LLMLB_HOME=str(node_home),
+        "llmlb-node.service", node_env_file, LLMLB_HOME=str(node_home), HOME=str(node_home),
         LLMLB_PORT=str(node_port), LLMLB_HOST="127.0.0.1", LLMLB_NODE_NAME="gpu-a",
         LLMLB_PLUGINS_DIR=str(plugins), LLMLB_HEARTBEAT_SECONDS="0.5",
         HF_ENDPOINT=CLOSED_ENDPOINT)
