@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-from flask import Flask
+from flask import Flask, request
 
 from .config import Settings, load_settings
 
@@ -65,6 +65,9 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
 
     app = Flask(__name__, static_folder="dashboard/static",
                 template_folder="dashboard/templates")
+    # No redirect from "a//b" to "a/b" (werkzeug's default: an HTML 308 that changes the
+    # request's meaning, "/x" as a model id becoming "x"): the route sees the path as sent.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["SECRET_KEY"] = settings.secret_key or rt.db.setdefault_meta(
         "secret_key", secrets.token_hex(32))
@@ -97,6 +100,13 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     @app.after_request
     def tag_worker(response):  # which gunicorn worker answered: for operators behind nginx
         response.headers["X-LLMLB-Worker"] = worker
+        if request.method == "OPTIONS" and response.status_code == 200 \
+                and errors.is_api_path(request.path):
+            # Flask's automatic OPTIONS answer is an empty "text/html" page: under the API,
+            # "no content" says it plainly (the Allow header stays).
+            response.status_code = 204
+            response.set_data(b"")
+            del response.headers["Content-Type"]
         return response
 
     if settings.trusted_proxies:

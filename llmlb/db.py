@@ -1,5 +1,6 @@
-"""The SQLite database every worker process shares (WAL mode): keys, users, registrations,
-events, small settings and the balancer's node registry. One connection per thread; schema versions in ``user_version``.
+"""The SQLite database every worker process shares (WAL mode): keys, users, sessions' login
+throttle, registrations (pulls), Hugging Face stats, small settings and the balancer's node
+registry. One connection per thread; schema versions in ``user_version``.
 """
 
 from __future__ import annotations
@@ -107,6 +108,11 @@ MIGRATIONS: tuple[str, ...] = (
         error TEXT
     );
     CREATE INDEX IF NOT EXISTS requests_at ON requests(at);
+    """,
+    # /ws/models events are derived from the shared state by a watcher (events.py), never
+    # stored: the events table was never read or written.
+    """
+    DROP TABLE IF EXISTS events;
     """,
 )
 

@@ -74,6 +74,27 @@ def model_not_found(model_id: str, *, in_catalog_hint: bool = True) -> APIError:
     return APIError(404, message, code="model_not_found", param="model")
 
 
+def model_not_allowed(model_id: str, host: str) -> APIError:
+    """A catalog model whose only source this node may not download from."""
+    return APIError(404, f"Model '{model_id}' is in supported_models.json, but its source "
+                    f"{host} is not in LLMLB_DOWNLOAD_ALLOWLIST and no balancer has it",
+                    code="model_not_found", param="model")
+
+
+def file_not_found(model_id: str, name: str) -> APIError:
+    return APIError(404, f"Model '{model_id}' has no file '{name}'", code="file_not_found")
+
+
+def download_in_progress(model_id: str) -> APIError:
+    return APIError(409, f"Model '{model_id}' is downloading; delete it when the download has "
+                    "ended", code="download_in_progress")
+
+
+def shared_model(model_id: str, path: object) -> APIError:
+    return APIError(400, f"Model '{model_id}' lives on the shared path ({path}); llmlb never "
+                    "deletes shared copies", code="shared_model")
+
+
 def model_not_supported(model_id: str) -> APIError:
     return APIError(400, f"Model '{model_id}' is not in supported models list",
                     code="model_not_supported", param="model_id")
@@ -139,8 +160,21 @@ def relayed(status: int, body: dict) -> APIError:
                     code=error.get("code"), param=error.get("param"))
 
 
+def key_not_found(key_id: int) -> APIError:
+    return APIError(404, f"No active API key with id {key_id}", code="key_not_found")
+
+
 def node_not_found(name: str) -> APIError:
     return APIError(404, f"No node named '{name}' is registered", code="node_not_found")
+
+
+def endpoint_not_found(name: str) -> APIError:
+    return APIError(404, f"No endpoint named '{name}'", code="endpoint_not_found")
+
+
+def name_taken(name: str, why: str) -> APIError:
+    """A node or endpoint name already in use; ``why`` says by what and what to do."""
+    return APIError(409, f"The name '{name}' {why}", code="name_taken", param="name")
 
 
 def model_load_failed(model_id: str, cause: str) -> APIError:
@@ -168,6 +202,11 @@ def unauthorized(message: str = "Missing API key. Send 'Authorization: Bearer <k
 def forbidden(scope: str) -> APIError:
     return APIError(403, f"This API key lacks the scope required here ({scope})",
                     type="permission_error", code="insufficient_scope")
+
+
+def csrf_failed() -> APIError:
+    return APIError(403, "Missing or wrong CSRF token; reload the page",
+                    type="permission_error", code="csrf_failed")
 
 
 def origin_not_allowed(origin: str | None) -> APIError:

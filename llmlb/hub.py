@@ -1,7 +1,8 @@
 """The model hub (HB): catalog statuses, pulls, deletes. No Flask here.
 
 A status is derived, never stored: from the files (Ready), the resolver's lock and progress
-record (Downloading, queued, failed) and the pull requests kept in SQLite (Registered). Every
+record (Downloading, queued, failed) and the pull requests kept in SQLite (Registered); the
+states themselves, and their HB-1 words, live in ``resolver/state.py``. Every
 worker process and every restart therefore sees the same truth; a pull cut off by a restart
 is picked up again by ``reconcile`` instead of hanging in Downloading.
 
@@ -27,13 +28,21 @@ from .db import Database
 from .hardware import Memory
 from .hf_stats import HFStats
 from .resolver import Resolver
-from .resolver.progress import DOWNLOADING, ERROR, key
+from .resolver.progress import ERROR
+from .resolver.state import (
+    ABSENT,
+    AVAILABLE,
+    FAILED,
+    HUB_DOWNLOADING,
+    HUB_ERROR,
+    INTERRUPTED_MESSAGE,
+    READY,
+    REGISTERED,
+    UNDER_WAY,
+    ModelState,
+)
 
 log = logging.getLogger(__name__)
-
-AVAILABLE, REGISTERED, DOWNLOADING_, READY, ERROR_ = (
-    "Available", "Registered", "Downloading", "Ready", "Error")
-INTERRUPTED = "Download interrupted; it resumes when the model is pulled or requested again."
 
 
 @dataclass(frozen=True)
@@ -65,21 +74,14 @@ class Hub:
         ready = self._ready() if ready is None else ready
         if model_id in ready:
             return HubStatus(READY, 1.0, nodes=ready[model_id])
-        record = self.resolver.progress.read(model_id)
-        if record is not None:
-            running = self.resolver.download_state(model_id) == "running"
-            if running:
-                if record.status == DOWNLOADING:
-                    return HubStatus(DOWNLOADING_, round(record.fraction, 4))
-                return HubStatus(REGISTERED, 0.0)  # waiting for the node's download slot
-            if record.status == ERROR:
-                return HubStatus(ERROR_, round(record.fraction, 4), record.error_message)
-            return HubStatus(ERROR_, round(record.fraction, 4), INTERRUPTED)
-        remote = self.cluster.downloads() if remote is None else remote
-        if remote.get(model_id):
-            return _remote_status([d for _, d in remote[model_id]])
+        # The files are not here (the listing above includes this process's own node).
+        here = self.resolver.state(model_id, files=False)
+        if here.phase == ABSENT:
+            remote = self.cluster.downloads() if remote is None else remote
+            if remote.get(model_id):
+                here = _remote_state([d for _, d in remote[model_id]])
         registered = self._registered() if registered is None else registered
-        return HubStatus(REGISTERED if model_id in registered else AVAILABLE)
+        return _hub_status(here, model_id in registered)
 
     def _views(self) -> tuple[set[str], dict[str, tuple[str, ...]], dict]:
         return self._registered(), self._ready(), self.cluster.downloads()
@@ -94,7 +96,7 @@ class Hub:
             item = {"model": entry.to_json(), "status": st.status,
                     "hf_stats": stats.get(entry.repo_id), "available_nodes": len(st.nodes),
                     "nodes": list(st.nodes)}
-            if st.progress is not None and st.status in (DOWNLOADING_, ERROR_):
+            if st.progress is not None and st.status in (HUB_DOWNLOADING, HUB_ERROR):
                 item["progress"] = st.progress
             if st.error:
                 item["error"] = st.error
@@ -118,19 +120,18 @@ class Hub:
         out = {}
         for model_id in self.catalog.models():
             st = self.status_of(model_id, registered, ready, remote)
-            pct = int(st.progress * 100) if st.status == DOWNLOADING_ else None
+            pct = int(st.progress * 100) if st.status == HUB_DOWNLOADING else None
             out[model_id] = (st.status, pct)
         return out
 
     def download_status(self, model_id: str) -> str:
         """A catalog model's download state in the resolver's words (not_downloaded,
         downloading, error), here or on a node."""
-        status = self.resolver.status(model_id)["status"]
+        here = self.resolver.state(model_id)
         remote = self.cluster.downloads().get(model_id)
-        if status in ("not_downloaded", "local") and remote:
-            return "downloading" if any(d.get("status") == "downloading"
-                                        for _, d in remote) else "error"
-        return status
+        if here.phase == ABSENT and remote:
+            here = _remote_state([d for _, d in remote])
+        return here.status_body()["status"]
 
     # --- actions ----------------------------------------------------------------------------
 
@@ -139,7 +140,7 @@ class Hub:
         if entry is None:
             raise errors.model_not_supported(model_id)
         current = self.status_of(model_id)
-        if current.status in (READY, DOWNLOADING_):
+        if current.status in (READY, HUB_DOWNLOADING):
             return {"model_id": model_id, "status": current.status}
         target = self._pull_target(model_id, entry.required_memory_bytes)
         if isinstance(target, RemoteMember):
@@ -189,13 +190,10 @@ class Hub:
         local = self.resolver.find(model_id)
         registered = model_id in self._registered()
         if self.resolver.download_state(model_id) == "running":
-            raise errors.APIError(409, f"Model '{model_id}' is downloading; delete it when the "
-                                  "download has ended", code="download_in_progress")
+            raise errors.download_in_progress(model_id)
         if local is not None and local.source != "local":
-            raise errors.APIError(400, f"Model '{model_id}' lives on the shared path "
-                                  f"({local.path}); llmlb never deletes shared copies",
-                                  code="shared_model")
-        staging = self.resolver.settings.models_dir / ".downloads" / key(model_id)
+            raise errors.shared_model(model_id, local.path)
+        staging = self.resolver.staging_dir(model_id)
         if local is None and not registered and not staging.exists() and not remote \
                 and self.resolver.progress.read(model_id) is None:
             raise errors.model_not_found(model_id, in_catalog_hint=False)
@@ -232,14 +230,23 @@ class Hub:
                 self.resolver.start_download(model_id)
 
 
-def _remote_status(downloads: list[dict]) -> HubStatus:
-    """A catalog model's status from the downloads nodes report (resolver.status shapes)."""
-    running = [d for d in downloads if d.get("status") == "downloading"]
+def _remote_state(downloads: list[dict]) -> ModelState:
+    """A model's state from the downloads nodes report: the furthest one under way, else
+    the first failure."""
+    states = [ModelState.from_status_body(d) for d in downloads]
+    running = [s for s in states if s.phase in UNDER_WAY]
     if running:
-        best = max(running, key=lambda d: float(d.get("progress") or 0))
-        if best.get("queued"):
-            return HubStatus(REGISTERED, 0.0)
-        return HubStatus(DOWNLOADING_, round(float(best.get("progress") or 0), 4))
-    failed = downloads[0]
-    return HubStatus(ERROR_, round(float(failed.get("progress") or 0), 4),
-                     failed.get("error_message") or "The download failed on a node.")
+        return max(running, key=lambda s: s.progress)
+    return states[0]
+
+
+def _hub_status(state: ModelState, registered: bool) -> HubStatus:
+    status = state.hub_status(registered)
+    if status == HUB_DOWNLOADING:
+        return HubStatus(status, state.progress)
+    if status == HUB_ERROR:
+        error = state.error if state.phase == FAILED else INTERRUPTED_MESSAGE
+        return HubStatus(status, state.progress, error)
+    if status == REGISTERED:
+        return HubStatus(status, 0.0)
+    return HubStatus(status)

@@ -86,8 +86,7 @@ class LocalNode:
                                              "filename") from None
             if path.is_file():
                 return path
-            raise errors.APIError(404, f"Model '{model_id}' has no file '{name}'",
-                                  code="file_not_found")
+            raise errors.file_not_found(model_id, name)
         raise errors.model_not_found("/".join(parts[:-1]), in_catalog_hint=False)
 
     def run(self, call: InferenceCall) -> Generation | tuple[list[list[float]], int]:

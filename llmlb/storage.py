@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
+from . import errors
+
 MAX_ID_LENGTH = 256
 MAX_NAME_BYTES = 255  # one path segment on ext4, xfs, btrfs (NAME_MAX)
 MAX_FILE_NAME_LENGTH = 1024
@@ -77,6 +79,15 @@ def normalize_model_id(raw: object) -> str:
             raise InvalidModelId(f"contains the character '{bad}' (allowed: letters, digits, "
                                  "'-', '_', '.', '/')")
     return model_id
+
+
+def requested_model_id(raw: object) -> str:
+    """A model id from a request (URL or body), normalised, or the 400 ``invalid_model_id``
+    that names the reason: the one check every route and the balancer share."""
+    try:
+        return normalize_model_id(raw)
+    except InvalidModelId as exc:
+        raise errors.invalid_model_id(str(exc)) from None
 
 
 class InvalidFileName(ValueError):

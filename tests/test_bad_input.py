@@ -87,3 +87,34 @@ def test_a_256_character_id_is_not_a_500(server: LiveServer, method: str, path: 
     r = requests.request(method, server.url + path, json=body if method == "POST" else None,
                          headers=DEV, timeout=30)
     assert_error(r, status, code)
+
+
+@pytest.mark.parametrize("method,path,code", [
+    ("DELETE", "/v0/nodes//heartbeat", "not_found"),
+    ("GET", "/v1//models", "not_found"),
+    ("GET", "/v0/models//x/status", "not_found"),
+])
+def test_double_slashes_are_json_not_an_html_redirect(server: LiveServer, method: str,
+                                                      path: str, code: str) -> None:
+    """Found by tests/test_properties.py: werkzeug redirected "a//b" to "a/b" with an HTML
+    308 (and "/x" as a model id would have become "x")."""
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request(method, path, headers=DEV)
+    response = conn.getresponse()
+    assert response.getheader("Content-Type").startswith("application/json")
+    body = json.loads(response.read())
+    assert response.status in (400, 404) and body["error"]["code"] == code, body
+
+
+def test_options_under_the_api_is_no_content(server: LiveServer) -> None:
+    r = requests.options(f"{server.url}/v1/chat/completions", timeout=10)
+    assert r.status_code == 204 and r.content == b"" and "POST" in r.headers["Allow"]
+    assert "text/html" not in r.headers.get("Content-Type", "")
+
+
+def test_a_non_ascii_key_is_401(server: LiveServer) -> None:
+    """Found by tests/test_properties.py: comparing it with the development key raised."""
+    for headers in ({"Authorization": "Bearer sk_débug"}, {"X-API-Key": "clé"}):
+        r = requests.get(f"{server.url}/v1/models", headers=headers, timeout=10)
+        assert_error(r, 401, "invalid_api_key")

@@ -1,25 +1,41 @@
-"""llmlb deployed as the README says: gunicorn behind Debian's nginx with the shipped site
-(deploy/nginx/llmlb.conf), and gunicorn alone, against what an attacker would try: bare
-WebSockets, slow clients, oversized bodies, secrets in URLs (SC-2, SC-6)."""
+"""llmlb deployed as the README says: the shipped systemd units (deploy/systemd/), gunicorn
+behind Debian's nginx with the shipped site (deploy/nginx/llmlb.conf), and gunicorn alone:
+chat and streams through nginx, a balancer and its node, the client's address, and what an
+attacker would try: bare WebSockets, slow clients, oversized bodies, secrets in URLs (SC-2,
+SC-6)."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import openai
 import pytest
 import requests
+from requests.adapters import HTTPAdapter
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from llmlb import auth
 from llmlb.db import Database
 
-from .conftest import dashboard_login, free_port, llmlb_command
+from .conftest import (
+    CLOSED_ENDPOINT,
+    HELLO,
+    REPO,
+    VENV_BIN,
+    dashboard_login,
+    free_port,
+    llmlb_command,
+)
 from .nginx import check_shipped_site
+from .systemd import SYSTEMD_ANALYZE, UNITS, Unit, for_tests, read_env_file, verify
+from .test_balancer import install_model
+from .test_plugins import SLOW_ENGINE, write_plugin
 
 PASSWORD = "correct horse battery"
 
@@ -172,3 +188,147 @@ def test_no_secret_in_any_log(behind_nginx, llmlb_home: Path) -> None:
     assert "/v1/models" in logs and "/ws/models" in logs  # the requests were logged...
     assert "Failed login for user 'admin' from 127.0.0.1" in logs  # ...and the failure...
     assert key not in logs and key[10:] not in logs and wrong not in logs  # ...no secret
+
+
+# --- systemd units ----------------------------------------------------------------------------
+
+UNIT_FILES = sorted(UNITS.glob("*.service"))
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed "
+                    "(Debian's systemd package provides it)")
+@pytest.mark.parametrize("shipped", UNIT_FILES, ids=lambda p: p.name)
+def test_the_systemd_units_are_valid(shipped: Path, tmp_path: Path) -> None:
+    unit_file = tmp_path / shipped.name
+    unit_file.write_text(for_tests(shipped.read_text(), VENV_BIN))
+    checked = verify(unit_file)
+    # verify only warns about a misspelt key or a bad value: any output is a finding.
+    assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
+    unit = Unit.load(shipped)
+    assert unit.value("User") == "llmlb" and unit.value("NoNewPrivileges") == "yes"
+    assert unit.value("ProtectSystem") == "strict"
+    assert unit.value("Restart") in ("always", "on-failure")
+    # The only writable place is LLMLB_HOME, created 0700 for the service's user (SC-4).
+    home = unit.environment["LLMLB_HOME"]
+    assert unit.values("ReadWritePaths") == [home] and unit.environment["HOME"] == home
+    assert f"/var/lib/{unit.value('StateDirectory')}" == home
+    assert unit.value("StateDirectoryMode") == "0700"
+
+
+def unit_env(name: str, env_file: Path, **overrides: str) -> tuple[Unit, list[str], dict]:
+    """The unit's ExecStart and the environment systemd gives it: the unit's Environment=,
+    its EnvironmentFile= (here ``env_file``: the shipped example beside the unit, edited),
+    then the test's ``overrides`` (addresses and directories of this machine)."""
+    unit = Unit.load(UNITS / name, for_tests((UNITS / name).read_text(), VENV_BIN))
+    assert len(unit.environment_files) == 1
+    env = {**os.environ, **unit.environment, **read_env_file(env_file), **overrides,
+           "PYTHONUNBUFFERED": "1"}
+    assert Path(unit.value("WorkingDirectory")) == REPO
+    return unit, unit.exec_start, env
+
+
+def test_systemd_units_run_a_balancer_and_its_node_behind_nginx(
+        start_process, nginx, tiny, llmlb_home: Path, tmp_path: Path) -> None:
+    """The units' own ExecStart lines, with their environment, serve as the README says:
+    chat through nginx reaches the node, and streamed chunks arrive one by one."""
+    home = tmp_path / "balancer"
+    env_file = tmp_path / "balancer.env"
+    env_file.write_text((UNITS / "balancer.env").read_text().replace("change-me", PASSWORD))
+    port = free_port()
+    _, command, env = unit_env("llmlb-balancer.service", env_file, LLMLB_HOME=str(home),
+                               HOME=str(home), LLMLB_PORT=str(port),
+                               HF_ENDPOINT=CLOSED_ENDPOINT)
+    assert command[0].endswith("/gunicorn") and env["LLMLB_ROLE"] == "balancer"
+    balancer = start_process(command, env, port)
+    assert len(gunicorn_workers(balancer, 2)) == 2  # LLMLB_WORKERS=2 from the env file
+    admin, api = make_key(home, "admin"), make_key(home, "api")
+    site = nginx(port)
+
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "slow", SLOW_ENGINE)
+    node_home = tmp_path / "node"
+    install_model(node_home / "models", "tiny", tiny["llama-gguf"])
+    install_model(node_home / "models", "snail", "slow:0.1")
+    node_env_file = tmp_path / "node.env"
+    node_env_file.write_text((UNITS / "node.env").read_text()
+                             .replace("http://lb.example.com:8080", site.url)
+                             .replace("sk-replace-me", make_key(home, "node")))
+    node_port = free_port()
+    _, command, env = unit_env(
+        "llmlb-node.service", node_env_file, LLMLB_HOME=str(node_home), HOME=str(node_home),
+        LLMLB_PORT=str(node_port), LLMLB_HOST="127.0.0.1", LLMLB_NODE_NAME="gpu-a",
+        LLMLB_PLUGINS_DIR=str(plugins), LLMLB_HEARTBEAT_SECONDS="0.5",
+        HF_ENDPOINT=CLOSED_ENDPOINT)
+    assert command[1:] == ["node"]
+    node = start_process(command, env, node_port)
+    deadline = time.monotonic() + 60
+    while True:  # the node registers with the balancer through nginx
+        nodes = requests.get(f"{site.url}/v0/nodes", headers={"Authorization": f"Bearer {admin}"},
+                             timeout=10).json()["data"]
+        if any(n["name"] == "gpu-a" and n["status"] == "online" and "tiny" in n["models"]
+               for n in nodes):
+            break
+        assert time.monotonic() < deadline, f"{nodes}\n{node.log()[-3000:]}"
+        time.sleep(0.2)
+
+    client = openai.OpenAI(base_url=f"{site.url}/v1", api_key=api, max_retries=0, timeout=60)
+    reply = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=HELLO, max_tokens=8, temperature=0)
+    assert reply.headers["X-LLMLB-Node"] == "gpu-a"
+    assert reply.parse().usage.completion_tokens == 8
+
+    sent = time.monotonic()
+    arrivals = [time.monotonic() for chunk in client.chat.completions.create(
+        model="snail", messages=HELLO, max_tokens=10, stream=True)
+        if chunk.choices and chunk.choices[0].delta.content]
+    assert len(arrivals) == 10
+    # One token per 100 ms at the node: buffered by nginx, they would arrive together.
+    gaps = sorted(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
+    assert gaps[len(gaps) // 2] > 0.05, gaps
+    assert arrivals[0] - sent < (arrivals[-1] - sent) / 2
+
+
+def gunicorn_workers(proc, count: int, timeout: float = 30) -> list[int]:
+    """The pids of the gunicorn master's worker processes, once ``count`` have booted."""
+    deadline = time.monotonic() + timeout
+    while True:
+        children = []
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines()
+                              if ":\t" in line)
+            except OSError:
+                continue  # the process ended meanwhile
+            if fields.get("PPid", "").strip() == str(proc.process.pid):
+                children.append(int(status.parent.name))
+        if len(children) >= count or time.monotonic() > deadline:
+            return children
+        time.sleep(0.2)
+
+
+class FromAddress(HTTPAdapter):
+    """Connect from a chosen local address (any of 127.0.0.0/8 is this machine)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        kwargs["source_address"] = (self.address, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
+@pytest.mark.parametrize("trusted, seen", [("1", "127.0.0.7"), ("0", "127.0.0.1")],
+                         ids=["trusted", "untrusted"])
+def test_the_client_address_comes_through_nginx_only_when_trusted(
+        behind_nginx, trusted: str, seen: str) -> None:
+    """With LLMLB_TRUSTED_PROXIES=1 llmlb sees the client's own address (what nginx added to
+    X-Forwarded-For, never what the client wrote there); without it, nginx's address."""
+    site = behind_nginx(LLMLB_ADMIN_PASSWORD=PASSWORD, LLMLB_TRUSTED_PROXIES=trusted)
+    browser = requests.Session()
+    browser.mount("http://", FromAddress("127.0.0.7"))
+    browser.headers["X-Forwarded-For"] = "203.0.113.9"  # forged by the client
+    assert dashboard_login(site.url, "wrong password", browser=browser).status_code == 401
+    log = site.app.log()
+    assert f"Failed login for user 'admin' from {seen} " in log, log[-2000:]
+    assert "203.0.113.9" not in log

@@ -110,3 +110,14 @@ def test_catalog_validation_messages(mutation, message: str) -> None:
     mutation(catalog["models"][0])
     with pytest.raises(CatalogError, match=message):
         parse_catalog(catalog)
+
+
+def test_errors_are_built_only_in_errors_py() -> None:
+    """errors.py decides each code's status and wording; a second place would drift from it
+    (and from the README's table of errors)."""
+    root = Path(__file__).resolve().parent.parent
+    inline = [f"{path.relative_to(root)}:{n}" for folder in ("llmlb", "engines", "plugins")
+              for path in sorted((root / folder).rglob("*.py")) if path.name != "errors.py"
+              for n, line in enumerate(path.read_text().splitlines(), 1)
+              if "APIError(" in line and not line.lstrip().startswith("#")]
+    assert inline == [], "build these errors with a constructor in llmlb/errors.py"

@@ -209,7 +209,10 @@ def test_websocket_events_from_another_worker(hub_server, hub: FakeHub,
     thread = collect_events(listener.url.replace("http", "ws") + "/ws/models", stop, events)
     register(downloader, "tiny-gguf")
     wait_status(listener, "tiny-gguf", "Ready")
-    time.sleep(0.6)
+    deadline = time.monotonic() + 10
+    while not any(e["model_id"] == "tiny-gguf" and e["status"] == "Ready" for e in events):
+        assert time.monotonic() < deadline, events
+        time.sleep(0.05)
     stop.set()
     thread.join(5)
     mine = [e for e in events if e["model_id"] == "tiny-gguf"]
@@ -220,13 +223,23 @@ def test_websocket_events_from_another_worker(hub_server, hub: FakeHub,
     assert all(abs(p * 100 - round(p * 100)) < 1e-9 for p in progress)  # whole-% steps
 
 
+def watching() -> bool:
+    """Whether this process watches the models' state for WebSocket clients (a thread that
+    reads the shared state five times a second while anyone listens)."""
+    return any(t.name == "llmlb-status-events" and t.is_alive() for t in threading.enumerate())
+
+
 def test_disconnected_clients_free_their_subscription(hub_server) -> None:
     server = hub_server()
     url = server.url.replace("http", "ws") + "/ws/models"
     for _ in range(3):
         with connect(url):
-            time.sleep(0.1)
+            deadline = time.monotonic() + 5
+            while not watching():
+                assert time.monotonic() < deadline, "no watcher while a client listens"
+                time.sleep(0.05)
+    # Once every client has gone, the process stops watching: nothing keeps it busy.
     deadline = time.monotonic() + 5
-    while server.runtime.events._subscribers and time.monotonic() < deadline:
+    while watching() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not server.runtime.events._subscribers
+    assert not watching()

@@ -165,11 +165,25 @@ def test_plugin_adds_a_format_and_the_queue_is_bounded(make_server, llmlb_home: 
         except openai.APIStatusError as exc:
             results.append(exc)
 
+    def when(what: str, check) -> None:  # noqa: ANN001 - a predicate on the loaded model
+        deadline = time.monotonic() + 30
+        while True:
+            loaded = requests.get(f"{server.url}/v0/engines", headers=DEV,
+                                  timeout=10).json()["loaded"]
+            if loaded and check(loaded[0]):
+                return
+            assert time.monotonic() < deadline, f"never {what}: {loaded}"
+            time.sleep(0.02)
+
     threads = [threading.Thread(target=call) for _ in range(4)]
-    for t in threads:
+    threads[0].start()
+    when("generating", lambda m: m["active"] == 1)
+    threads[1].start()
+    when("queued", lambda m: m["waiting"] == 1)
+    for t in threads[2:]:  # one generating, one waiting: the rest are turned away
         t.start()
-        time.sleep(0.2)  # one generating, one waiting, the rest turned away
-    for t in threads:
+        t.join()
+    for t in threads[:2]:
         t.join()
     busy = [r for r in results if isinstance(r, openai.APIStatusError)]
     assert sorted(r for r in results if isinstance(r, int)) == [30, 30]

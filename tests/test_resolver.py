@@ -4,6 +4,7 @@ local server that speaks the Hugging Face endpoints, with the real huggingface_h
 from __future__ import annotations
 
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -285,3 +286,71 @@ def test_unreachable_source_is_502(hub_server, endpoint: str, cause: str) -> Non
     assert info.value.status_code == 502
     assert info.value.body["message"].startswith(f"Failed to download model: {cause}")
     assert status(server, "tiny-gguf")["status"] == "error"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # noqa: ANN201 - Iterator[Path]
+    """A 2 MB tmpfs: a models directory on a disk that fills up for real."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs",
+                           str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): "
+                    f"{done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Write a file that leaves about ``leave`` bytes free on ``disk``."""
+    filler = disk / "filler.bin"
+    with filler.open("ab") as f:
+        f.write(b"\0" * max(0, shutil.disk_usage(disk).free - leave))
+    return filler
+
+
+def test_a_full_disk_fails_the_download_cleanly(hub_server, hub: FakeHub, small_disk: Path,
+                                                ) -> None:
+    server = hub_server(models_dir=small_disk)
+    client = server.client(timeout=60)
+
+    # Too little room from the start: refused before a byte is fetched.
+    filler = fill(small_disk, 200_000)  # the model is 570 KB
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="tiny-gguf", messages=HELLO, max_tokens=2)
+    assert info.value.status_code == 502
+    error = info.value.body
+    assert error["code"] == "download_failed" and "Not enough disk space" in error["message"]
+    assert hub.downloads("llmlb-test/tiny-gguf", "model.gguf") == 0
+    filler.unlink()
+
+    # Room at the start, the disk fills during the download: ENOSPC for real.
+    hub.inject("model.gguf", hang_after=100_000)
+    r = requests.post(f"{server.url}/api/models/register", json={"model_id": "tiny-gguf"},
+                      headers=DEV, timeout=10)
+    assert r.status_code == 202
+    deadline = time.monotonic() + 30
+    while hub.hanging == 0:
+        assert time.monotonic() < deadline, "the download never started"
+        time.sleep(0.05)
+    filler = fill(small_disk, 0)
+    hub.release()
+    while (body := status(server, "tiny-gguf"))["status"] != "error":
+        assert time.monotonic() < deadline, body
+        time.sleep(0.1)
+    assert "No space left on device" in body["error_message"]
+    # Nothing partial stays to keep the disk full, and nothing looks like a model.
+    leftovers = [p.relative_to(small_disk) for p in small_disk.rglob("*")
+                 if p.is_file() and p != filler and ".locks" not in p.parts]
+    assert leftovers == []
+    assert not (small_disk / "tiny-gguf").exists()
+    listed = requests.get(f"{server.url}/v1/models/tiny-gguf", headers=DEV, timeout=10).json()
+    assert listed.get("status") != "local"
+
+    # The lock was released: with room again, the next request downloads and answers.
+    filler.unlink()
+    reply = client.chat.completions.create(model="tiny-gguf", messages=HELLO, max_tokens=2)
+    assert reply.usage.completion_tokens == 2

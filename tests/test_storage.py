@@ -48,11 +48,14 @@ def test_traversal_in_urls_never_reaches_outside(server: LiveServer, tmp_path: P
     outside.mkdir()
     (outside / "model.gguf").write_bytes(b"GGUF")
     for path in ("/v1/models/../secret", "/v1/models/..%2fsecret", "/v1/models/%2e%2e/secret",
-                 "/v0/models/registry/..%2Fsecret/manifest.json"):
-        status, body = raw_get(server, path)
+                 "/v0/models/registry/..%2Fsecret/manifest.json",
+                 "/v0/models/..%2Fsecret/status", "/v1/models/blob/..%2fsecret/model.gguf"):
+        status, body = raw_get(server, path)  # a file's bytes would not parse as JSON
         assert status in (400, 404), path
-        assert "error" in body
-        assert "secret" not in json.dumps(body.get("data", ""))
+        assert body["error"]["code"] in ("invalid_model_id", "model_not_found", "not_found")
+        assert str(outside) not in json.dumps(body)  # nothing about the outside either
+    listed = server.client().models.list().data
+    assert "secret" not in [m.id for m in listed]
     status, body = raw_get(server, "/v1/models/..%2fsecret")
     assert status == 400 and body["error"]["code"] == "invalid_model_id"
 

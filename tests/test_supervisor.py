@@ -32,9 +32,12 @@ def test_one_supervisor_leads_and_another_takes_over(tmp_path: Path) -> None:
     first.add("tick", 0.05, task("first"))
     second.add("tick", 0.05, task("second"))
     first.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while runs["first"] < 3:  # the first leads and runs its tasks...
+        assert time.monotonic() < deadline, runs
+        time.sleep(0.02)
     second.start()
-    time.sleep(0.5)
+    time.sleep(0.5)  # ...and a second that starts meanwhile only waits for the lock
     assert first.leader and not second.leader
     assert runs["first"] >= 3 and runs["second"] == 0
     assert lock.read_text().strip() == str(os.getpid())

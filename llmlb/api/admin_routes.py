@@ -41,5 +41,5 @@ def create_key():
 @require("admin")
 def revoke_key(key_id: int):
     if not auth.revoke_api_key(runtime().db, key_id):
-        raise errors.APIError(404, f"No active API key with id {key_id}", code="key_not_found")
+        raise errors.key_not_found(key_id)
     return respond({"id": key_id, "revoked": True})

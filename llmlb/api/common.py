@@ -32,9 +32,8 @@ def csrf_token() -> str:
 
 def check_csrf(sent: str | None) -> None:
     expected = session.get("csrf")
-    if not expected or not sent or not secrets.compare_digest(expected, sent):
-        raise errors.APIError(403, "Missing or wrong CSRF token; reload the page",
-                              type="permission_error", code="csrf_failed")
+    if not expected or not sent or not auth.same_secret(sent, expected):
+        raise errors.csrf_failed()
 
 
 def current_principal() -> auth.Principal | None:

@@ -34,8 +34,7 @@ def add():
     settings = rt.settings
     spec = endpoint_spec(json_body())
     if rt.cluster.local is not None and spec.name == rt.cluster.local.name:
-        raise errors.APIError(409, f"The name '{spec.name}' is this llmlb's own node; choose "
-                              "another", code="name_taken", param="name")
+        raise errors.name_taken(spec.name, "is this llmlb's own node; choose another")
     record = add_endpoint(_registry(), settings.home, spec,
                           check_seconds=settings.endpoint_check_seconds,
                           timeout=max(2.0, settings.proxy_connect_timeout_seconds))
@@ -48,6 +47,6 @@ def remove(name: str):
     registry = _registry()
     record = registry.get(name)
     if record is None or record.kind != ENDPOINT:
-        raise errors.APIError(404, f"No endpoint named '{name}'", code="endpoint_not_found")
+        raise errors.endpoint_not_found(name)
     registry.remove(name)
     return respond({"name": name, "deleted": True})

@@ -5,8 +5,8 @@ from __future__ import annotations
 from flask import Blueprint
 
 from .. import errors
+from ..storage import requested_model_id
 from .common import json_body, require, respond, runtime
-from .openai_routes import valid_id
 
 bp = Blueprint("hub", __name__, url_prefix="/api")
 
@@ -30,11 +30,11 @@ def register():
     if not isinstance(model_id, str):
         raise errors.invalid_request("Missing required parameter: 'model_id'", "model_id",
                                      code="missing_required_parameter")
-    result = runtime().hub.register(valid_id(model_id))
+    result = runtime().hub.register(requested_model_id(model_id))
     return respond(result, status=202 if result["status"] == "Registered" else 200)
 
 
 @bp.delete("/models/<path:model_id>")
 @require("admin")
 def delete(model_id: str):
-    return respond(runtime().hub.delete(valid_id(model_id)))
+    return respond(runtime().hub.delete(requested_model_id(model_id)))

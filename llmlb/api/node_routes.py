@@ -8,8 +8,8 @@ from flask import Blueprint
 
 from .. import errors
 from ..balancer.registry import NameTaken, registration, report_of
+from ..storage import requested_model_id
 from .common import json_body, require, respond, runtime
-from .openai_routes import valid_id
 
 bp = Blueprint("nodes", __name__, url_prefix="/v0/nodes")
 node_bp = Blueprint("node", __name__, url_prefix="/v0/node")
@@ -34,9 +34,8 @@ def register():
     try:
         record = _registry().register(name, url, report, secret=secret)
     except NameTaken:
-        raise errors.APIError(409, f"The name '{name}' belongs to an external endpoint; start "
-                              "the node with another --name", code="name_taken",
-                              param="name") from None
+        raise errors.name_taken(name, "belongs to an external endpoint; start the node with "
+                                "another --name") from None
     return respond({"id": record.id, "name": record.name, "url": record.url,
                     "heartbeat_seconds": runtime().settings.heartbeat_seconds}, status=201)
 
@@ -64,14 +63,14 @@ def pull():
     if not isinstance(model_id, str):
         raise errors.invalid_request("Missing required parameter: 'model_id'", "model_id",
                                      code="missing_required_parameter")
-    result = runtime().hub.register(valid_id(model_id))
+    result = runtime().hub.register(requested_model_id(model_id))
     return respond(result, status=202 if result["status"] == "Registered" else 200)
 
 
 @node_bp.delete("/models/<path:model_id>")
 @require("node")
 def delete(model_id: str):
-    return respond(runtime().hub.delete(valid_id(model_id)))
+    return respond(runtime().hub.delete(requested_model_id(model_id)))
 
 
 @node_bp.get("/report")

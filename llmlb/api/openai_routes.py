@@ -9,17 +9,10 @@ from engines.base import CHAT, COMPLETION, EMBEDDINGS
 
 from .. import errors
 from ..model_info import catalog_object, model_object
-from ..storage import InvalidModelId, normalize_model_id
+from ..storage import requested_model_id
 from .common import relay, request_bytes, require, respond, runtime
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
-
-
-def valid_id(raw: str) -> str:
-    try:
-        return normalize_model_id(raw)
-    except InvalidModelId as exc:
-        raise errors.invalid_model_id(str(exc)) from None
 
 
 @bp.get("/models")
@@ -34,7 +27,7 @@ def list_models():
 def get_model(model_id: str):
     rt = runtime()
     try:
-        model_id = valid_id(model_id)
+        model_id = requested_model_id(model_id)
     except errors.APIError:  # an endpoint's own id (Ollama's llama3.2:1b) is fine
         if not rt.cluster.endpoint_model(model_id):
             raise

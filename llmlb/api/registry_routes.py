@@ -6,8 +6,8 @@ from flask import Blueprint, g, request
 
 from .. import errors
 from ..model_info import manifest
+from ..storage import requested_model_id
 from .common import require, respond, runtime
-from .openai_routes import valid_id
 
 bp = Blueprint("registry", __name__)
 
@@ -21,7 +21,7 @@ def health():
 @bp.get("/v0/models/registry/<path:model_id>/manifest.json")
 @require("node", "api")
 def model_manifest(model_id: str):
-    model_id = valid_id(model_id)
+    model_id = requested_model_id(model_id)
     rt = runtime()
     local = rt.node.find(model_id)
     entry = rt.catalog.get(model_id)
@@ -34,7 +34,7 @@ def model_manifest(model_id: str):
 @bp.get("/v0/models/<path:model_id>/status")
 @require("api", "node")
 def model_status(model_id: str):
-    body = runtime().resolver.status(valid_id(model_id))
+    body = runtime().resolver.status(requested_model_id(model_id))
     if not g.principal.allows("admin"):  # where llmlb keeps its files is for operators only
         body.pop("local_path", None)
     return respond(body)

@@ -15,7 +15,6 @@ Trust both ways rests on node-scope credentials, never on ``api`` keys:
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import secrets
@@ -108,12 +107,12 @@ class NodeAgent:
     # --- who may call the node ----------------------------------------------------------
 
     def principal(self, key: str) -> auth.Principal | None:
-        if hmac.compare_digest(key.encode(), self.secret.encode()):
+        if auth.same_secret(key, self.secret):
             return auth.Principal("node", "balancer", frozenset({"node"}))
         own = self.settings.node_api_key
-        if own and hmac.compare_digest(key.encode(), own.encode()):
+        if own and auth.same_secret(key, own):
             return auth.Principal("node", "node key", frozenset({"node"}))
-        if self.settings.dev and hmac.compare_digest(key.encode(), auth.DEV_API_KEY.encode()):
+        if self.settings.dev and auth.same_secret(key, auth.DEV_API_KEY):
             return auth.Principal("dev", auth.DEV_API_KEY, frozenset(auth.SCOPES))
         return None
 

@@ -188,9 +188,8 @@ def add_endpoint(registry: NodeRegistry, home: Path, spec: EndpointSpec, *,
               "load_source": "balancer", "checked_at": time.time()}
     record = registry.add_endpoint(spec.name, spec.base_url, report, credential)
     if record is None:
-        raise errors.APIError(409, f"The name '{spec.name}' is already used by a node or "
-                              "endpoint; remove it first or choose another", code="name_taken",
-                              param="name")
+        raise errors.name_taken(spec.name, "is already used by a node or endpoint; remove it "
+                                "first or choose another")
     log.info("Endpoint %s added: %s with %d models", spec.name, spec.base_url, len(models))
     return record
 

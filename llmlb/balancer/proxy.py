@@ -23,7 +23,7 @@ from ..config import Settings
 from ..node import LocalNode
 from ..serving.body import parse_json_object
 from ..serving.sse import event
-from ..storage import InvalidModelId, normalize_model_id
+from ..storage import requested_model_id
 from . import routing
 from .accounting import Outcome, Watch, with_usage
 from .members import Cluster, Member, RemoteMember
@@ -52,10 +52,7 @@ def requested_model(payload: dict) -> str:
     if not isinstance(model, str):
         raise errors.invalid_request("Invalid value for 'model': Input should be a valid "
                                      "string", "model")
-    try:
-        return normalize_model_id(model)
-    except InvalidModelId as exc:
-        raise errors.invalid_model_id(str(exc)) from None
+    return requested_model_id(model)
 
 
 def retry_after(value: str | None) -> float | None:

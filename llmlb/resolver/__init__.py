@@ -10,6 +10,7 @@ thread, worker or node sharing ``models_dir``, waits for the files to appear (up
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -25,10 +26,12 @@ from .. import errors
 from ..catalog import Catalog, CatalogModel
 from ..config import Settings
 from ..storage import LocalModel, find_model, merged_listing
+from . import state as model_state
 from .download import fetch_all
 from .locks import FileLock
 from .progress import DOWNLOADING, ERROR, QUEUED, Progress, ProgressStore, key
 from .sources import BalancerSource, DownloadError, HuggingFaceSource, describe_failure
+from .state import ModelState
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,10 @@ class Resolver:
                 return model
         return None
 
+    def staging_dir(self, model_id: str) -> Path:
+        """Where a download of the model collects its files until they are all complete."""
+        return self.settings.models_dir / ".downloads" / key(model_id)
+
     def model_lock(self, model_id: str) -> FileLock:
         return FileLock(self.settings.locks_dir / f"{key(model_id)}.lock")
 
@@ -104,10 +111,7 @@ class Resolver:
             except DownloadError as exc:  # a manifest this node refuses to follow
                 raise errors.download_failed(str(exc)) from None
         if entry is not None:
-            raise errors.APIError(
-                404, f"Model '{model_id}' is in supported_models.json, but its source "
-                f"{self.hf.host} is not in LLMLB_DOWNLOAD_ALLOWLIST and no balancer has it",
-                code="model_not_found", param="model")
+            raise errors.model_not_allowed(model_id, self.hf.host)
         raise errors.model_not_found(model_id)
 
     def _wait_for(self, model_id: str) -> LocalModel:
@@ -199,6 +203,11 @@ class Resolver:
         except Exception as exc:
             job.error = describe_failure(exc)
             log.error("Download failed: %s: %s", model_id, job.error)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                # A partial download that filled the disk would keep it full for everything
+                # else on it (the database, other models): give the space back. A retry,
+                # once there is room, starts over.
+                shutil.rmtree(self.staging_dir(model_id), ignore_errors=True)
             record.status, record.error_message = ERROR, job.error
             self.progress.write(record)
         finally:
@@ -222,7 +231,7 @@ class Resolver:
         else:
             log.info("Model not found locally, downloading from %s...", source.name)
         total = sum(f.size for f in files)
-        staging = self.settings.models_dir / ".downloads" / key(model_id)
+        staging = self.staging_dir(model_id)
         staging.mkdir(parents=True, exist_ok=True)
         have = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
         free = shutil.disk_usage(staging).free
@@ -261,31 +270,31 @@ class Resolver:
         self.progress.clear(model_id)
         log.info("Download completed: %s", model_id)
 
-    # --- status (RS-7) --------------------------------------------------------------------
+    # --- state (resolver/state.py) ----------------------------------------------------------
+
+    def state(self, model_id: str, *, files: bool = True) -> ModelState:
+        """The model's state here; ``files=False`` skips looking for its files (the caller
+        knows they are not here)."""
+        model = self.find(model_id) if files else None
+        if model is not None:
+            return ModelState(model_id, model_state.LOCAL, model.size_bytes, model.size_bytes,
+                              local_path=model.path)
+        record = self.progress.read(model_id)
+        if record is None:
+            entry = self.catalog.get(model_id)
+            return ModelState(model_id, model_state.ABSENT, 0, entry.size_bytes if entry else 0)
+        if record.status == ERROR:
+            phase = model_state.FAILED
+        elif self.download_state(model_id) == "idle":
+            phase = model_state.INTERRUPTED
+        else:
+            phase = model_state.QUEUED if record.status == QUEUED else model_state.DOWNLOADING
+        return ModelState(model_id, phase, record.downloaded_bytes, record.total_bytes,
+                          error=record.error_message)
 
     def status(self, model_id: str) -> dict:
-        model = self.find(model_id)
-        if model is not None:
-            return {"model_id": model_id, "status": "local", "progress": 1.0,
-                    "downloaded_bytes": model.size_bytes, "total_bytes": model.size_bytes,
-                    "local_path": str(model.path)}
-        record = self.progress.read(model_id)
-        entry = self.catalog.get(model_id)
-        if record is None:
-            if entry is None:
-                raise errors.model_not_found(model_id)
-            return {"model_id": model_id, "status": "not_downloaded", "progress": 0.0,
-                    "downloaded_bytes": 0, "total_bytes": entry.size_bytes}
-        status = "downloading" if record.status in (QUEUED, DOWNLOADING) else "error"
-        message = record.error_message
-        if status == "downloading" and self.download_state(model_id) == "idle":
-            status = "error"
-            message = ("Download interrupted: the process downloading it stopped. The next "
-                       "request resumes it.")
-        body = {"model_id": model_id, "status": status, "progress": round(record.fraction, 4),
-                "downloaded_bytes": record.downloaded_bytes, "total_bytes": record.total_bytes}
-        if record.status == QUEUED and status == "downloading":
-            body["queued"] = True
-        if status == "error":
-            body["error_message"] = message
-        return body
+        """RS-7's status body; 404 for a model that is neither here nor in the catalog."""
+        current = self.state(model_id)
+        if current.phase == model_state.ABSENT and self.catalog.get(model_id) is None:
+            raise errors.model_not_found(model_id)
+        return current.status_body()

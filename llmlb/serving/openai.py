@@ -21,19 +21,12 @@ from engines.base import CHAT, COMPLETION, EMBEDDINGS, SamplingParams, TopLogpro
 from .. import errors
 from ..dispatch import Dispatcher
 from ..node import Generation, InferenceCall
-from ..storage import InvalidModelId, normalize_model_id
+from ..storage import requested_model_id
 from . import protocol, tools
 from .sse import SSEStream
 from .textstream import TextStream
 
 DEFAULT_LIMITS = protocol.PromptLimits()
-
-
-def _model_id(raw: str) -> str:
-    try:
-        return normalize_model_id(raw)
-    except InvalidModelId as exc:
-        raise errors.invalid_model_id(str(exc)) from None
 
 
 def _params(req: protocol.ChatRequest | protocol.CompletionRequest, *,
@@ -82,7 +75,7 @@ def chat_completion(dispatcher: Dispatcher, body: dict,
     limits.check_messages(body)
     req = protocol.parse(protocol.ChatRequest, body)
     limits.check_chars(protocol.chat_texts(req), "messages")
-    model = _model_id(req.model)
+    model = requested_model_id(req.model)
     output = tools.plan(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise errors.invalid_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
@@ -178,7 +171,7 @@ def completion(dispatcher: Dispatcher, body: dict,
                limits: protocol.PromptLimits = DEFAULT_LIMITS) -> dict | SSEStream:
     req = protocol.parse(protocol.CompletionRequest, body)
     limits.check_chars([req.prompt_text], "prompt")
-    model = _model_id(req.model)
+    model = requested_model_id(req.model)
     if req.echo:
         raise errors.invalid_request("echo is not supported", "echo")
     call = InferenceCall(COMPLETION, model, prompt=req.prompt_text,
@@ -238,7 +231,7 @@ def embeddings(dispatcher: Dispatcher, body: dict,
                limits: protocol.PromptLimits = DEFAULT_LIMITS) -> dict:
     req = protocol.parse(protocol.EmbeddingRequest, body)
     limits.check_chars(req.texts, "input")
-    model = _model_id(req.model)
+    model = requested_model_id(req.model)
     result = dispatcher.dispatch(InferenceCall(EMBEDDINGS, model, texts=req.texts))
     assert isinstance(result, tuple)
     vectors, tokens = result
