@@ -4,6 +4,8 @@ connections the server dropped, and failures that must surface as errors."""
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 import threading
 import time
@@ -85,6 +87,24 @@ def test_keep_alive_connections_are_reused(server) -> None:
         assert response.status == 200 and response.header("content-type") == "application/json"
         assert response.read() == b'{"ok":true}'
     assert stats == {"connections": 1, "requests": 3}
+
+
+def test_keep_alive_survives_descriptors_above_1023(server) -> None:
+    """A balancer holding a thousand streams has descriptors above select()'s limit: its
+    idle connections must still be reused, not replaced one request after another."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        url, stats = server(fixed)
+        client = pool(url)
+        for _ in range(3):
+            assert client.request("POST", "/", b"{}", {}).read() == b'{"ok":true}'
+        assert stats == {"connections": 1, "requests": 3}
+    finally:
+        for fd in spare:
+            os.close(fd)
 
 
 def test_chunks_arrive_as_the_server_sends_them(server) -> None:

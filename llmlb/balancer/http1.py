@@ -238,8 +238,11 @@ class Pool:
 def _alive(sock: socket.socket) -> bool:
     """Whether an idle kept-alive connection is still usable: nothing to read on it (a peer
     that closed it makes it readable, with EOF)."""
+    # poll, not select: select() refuses descriptors above 1023, and a balancer holding a
+    # thousand streams has them, so every idle connection would look dead and be replaced.
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return not poller.poll(0)
     except (OSError, ValueError):
         return False
-    return not readable
