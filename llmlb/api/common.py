@@ -23,6 +23,13 @@ def runtime() -> Runtime:
     return current_app.extensions["llmlb"]
 
 
+def registry():  # noqa: ANN201 - the NodeRegistry
+    """The node registry, for blueprints registered only where there is one."""
+    found = runtime().registry
+    assert found is not None
+    return found
+
+
 def csrf_token() -> str:
     token = session.get("csrf")
     if not token:

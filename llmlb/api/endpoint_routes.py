@@ -9,21 +9,15 @@ from flask import Blueprint
 from .. import errors
 from ..balancer.endpoints import add_endpoint, endpoint_json, endpoint_spec
 from ..balancer.registry import ENDPOINT
-from .common import json_body, require, respond, runtime
+from .common import json_body, registry, require, respond, runtime
 
 bp = Blueprint("endpoints", __name__, url_prefix="/v0/endpoints")
-
-
-def _registry():  # noqa: ANN202 - the NodeRegistry
-    registry = runtime().registry
-    assert registry is not None  # bp is registered only where there is one
-    return registry
 
 
 @bp.get("")
 @require("admin")
 def list_endpoints():
-    records = [r for r in _registry().nodes(fresh=True) if r.kind == ENDPOINT]
+    records = [r for r in registry().nodes(fresh=True) if r.kind == ENDPOINT]
     return respond({"data": [endpoint_json(r) for r in records]})
 
 
@@ -35,7 +29,7 @@ def add():
     spec = endpoint_spec(json_body())
     if rt.cluster.local is not None and spec.name == rt.cluster.local.name:
         raise errors.name_taken(spec.name, "is this llmlb's own node; choose another")
-    record = add_endpoint(_registry(), settings.home, spec,
+    record = add_endpoint(registry(), settings.home, spec,
                           check_seconds=settings.endpoint_check_seconds,
                           timeout=max(2.0, settings.proxy_connect_timeout_seconds))
     return respond(endpoint_json(record), status=201)
@@ -44,9 +38,9 @@ def add():
 @bp.delete("/<name>")
 @require("admin")
 def remove(name: str):
-    registry = _registry()
-    record = registry.get(name)
+    nodes = registry()
+    record = nodes.get(name)
     if record is None or record.kind != ENDPOINT:
         raise errors.endpoint_not_found(name)
-    registry.remove(name)
+    nodes.remove(name)
     return respond({"name": name, "deleted": True})

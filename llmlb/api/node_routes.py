@@ -9,16 +9,10 @@ from flask import Blueprint
 from .. import errors
 from ..balancer.registry import NameTaken, registration, report_of
 from ..storage import requested_model_id
-from .common import json_body, require, respond, runtime
+from .common import json_body, registry, require, respond, runtime
 
 bp = Blueprint("nodes", __name__, url_prefix="/v0/nodes")
 node_bp = Blueprint("node", __name__, url_prefix="/v0/node")
-
-
-def _registry():  # noqa: ANN202 - the NodeRegistry
-    registry = runtime().registry
-    assert registry is not None  # bp is registered only where there is one
-    return registry
 
 
 @bp.get("")
@@ -32,7 +26,7 @@ def list_nodes():
 def register():
     name, url, secret, report = registration(json_body())
     try:
-        record = _registry().register(name, url, report, secret=secret)
+        record = registry().register(name, url, report, secret=secret)
     except NameTaken:
         raise errors.name_taken(name, "belongs to an external endpoint; start the node with "
                                 "another --name") from None
@@ -43,7 +37,7 @@ def register():
 @bp.post("/<name>/heartbeat")
 @require("node")
 def heartbeat(name: str):
-    if not _registry().heartbeat(name, report_of(json_body())):
+    if not registry().heartbeat(name, report_of(json_body())):
         raise errors.node_not_found(name)
     return respond({"name": name, "ok": True})
 
@@ -51,7 +45,7 @@ def heartbeat(name: str):
 @bp.delete("/<name>")
 @require("admin")
 def forget(name: str):
-    if not _registry().remove(name):
+    if not registry().remove(name):
         raise errors.node_not_found(name)
     return respond({"name": name, "deleted": True})
 

@@ -161,9 +161,14 @@ class Balancer:
 
     def _full(self, member: Member) -> bool:
         """An endpoint holding its most requests (LLMLB_ENDPOINT_MAX_REQUESTS): it queues
-        whatever it gets, so the balancer bounds that queue."""
+        whatever it gets, so the balancer bounds that queue. A first look, to route around
+        it; ``_over_cap`` decides, once this request is counted."""
         return member.kind == ENDPOINT and self.cluster.inflight.load(member.id) >= \
             self.settings.endpoint_max_requests
+
+    def _over_cap(self, member: Member) -> bool:
+        cap = self.settings.endpoint_max_requests
+        return bool(cap) and member.kind == ENDPOINT and self.cluster.inflight.load(member.id) > cap
 
     def _retry_after(self, down: list[Member]) -> int:
         now = time.time()
@@ -177,9 +182,14 @@ class Balancer:
         inflight = self.cluster.inflight
         relayed: Forwarded | None = None  # the last node error, relayed if no one does better
         reason = None
+        full = False
         for member in order:
             remote = isinstance(member, RemoteMember)
             inflight.enter(member.id)
+            if self._over_cap(member):  # counted first, then checked: never over the cap
+                inflight.leave(member.id)
+                full = True
+                continue
             try:
                 response = member.node.send(request)
                 if request.as_sent is not None and _refused_usage(response):
@@ -229,6 +239,8 @@ class Balancer:
             return Forwarded(member.name, NodeResponse(status, response.headers, body, done))
         if relayed is not None:
             return relayed
+        if full and reason is None:
+            raise errors.endpoints_full(request.model_id, self.settings.endpoint_max_requests)
         down = [m for m in self.cluster.members((COOLDOWN,))]
         raise errors.no_node_available(request.model_id, self._retry_after(down), reason)
 
