@@ -13,6 +13,7 @@ model, a delete to every node holding it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -206,7 +207,10 @@ class Hub:
                 raise errors.relayed(status, body)
             log.info("Deleted %s on node %s", model_id, member.name)
         if local is not None:
-            shutil.rmtree(local.path)
+            # Two deletes at once (two workers, two clicks): the other one removed it first,
+            # and the outcome is the same.
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(local.path)
             log.info("Deleted local copy of %s (%s)", model_id, local.path)
         shutil.rmtree(staging, ignore_errors=True)
         self.resolver.progress.clear(model_id)
