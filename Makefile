@@ -65,6 +65,9 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/hub.py
 	$(BIN)/python bench/balancer.py
 	$(BIN)/python bench/affinity.py
+	$(BIN)/python bench/endpoints.py
+	$(BIN)/python bench/json_schema.py
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info test-artifacts bench/.work
