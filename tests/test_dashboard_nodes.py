@@ -64,7 +64,9 @@ def test_nodes_page_shows_every_node_live(dash, page: Page, tiny) -> None:  # no
     expect(box.locator('[data-model-id="tiny-st"] progress')).to_have_attribute("value", "42")
     expect(box).to_contain_text("loaded: tiny-gguf")
     expect(box.locator("[data-role=active]")).to_contain_text("3 active · 2 queued")
-    expect(box.locator("[data-role=heartbeat]")).to_contain_text("just now")
+    # Recent: "just now", or a few seconds on a slow machine (its one heartbeat is not renewed).
+    expect(box.locator("[data-role=heartbeat]")).to_contain_text(
+        re.compile(r"just now|^[0-3] s ago"))
     expect(page.locator("#summary")).to_have_text("2 of 2 online")
     save_artifact("dashboard-nodes.png", page.screenshot())
 

@@ -195,16 +195,21 @@ def test_hostile_prompts_are_refused_fast_while_another_model_answers(
         "2048 messages": ([{"role": "user", "content": "word " * 90}] * 2048,
                           "invalid_prompt"),
     }
-    took = {}
+    took: dict[str, float] = {}
     try:
-        for name, (messages, code) in hostile.items():
-            body = json.dumps({"model": target, "messages": messages, "max_tokens": 1})
-            started = time.monotonic()  # (the SDK alone takes seconds to send 20k messages)
-            r = requests.post(f"{server.url}/v1/chat/completions", data=body, timeout=600,
-                              headers={"Authorization": "Bearer sk_debug",
-                                       "Content-Type": "application/json"})
-            took[name] = time.monotonic() - started
-            assert (r.status_code, r.json()["error"]["code"]) == (400, code), (name, r.text)
+        # Refused so fast that one round may be over before the bystander answered thrice:
+        # the hostile prompts come again until it has, so both overlap for a while.
+        for _ in range(20):
+            for name, (messages, code) in hostile.items():
+                body = json.dumps({"model": target, "messages": messages, "max_tokens": 1})
+                started = time.monotonic()  # (the SDK alone takes seconds for 20k messages)
+                r = requests.post(f"{server.url}/v1/chat/completions", data=body, timeout=600,
+                                  headers={"Authorization": "Bearer sk_debug",
+                                           "Content-Type": "application/json"})
+                took[name] = max(took.get(name, 0.0), time.monotonic() - started)
+                assert (r.status_code, r.json()["error"]["code"]) == (400, code), (name, r.text)
+            if len(latencies) >= 3 or failures:
+                break
     finally:
         stop.set()
         asker.join(timeout=120)
