@@ -53,6 +53,12 @@ def invalid_request(message: str, param: str | None = None, code: str = "invalid
     return APIError(400, message, code=code, param=param)
 
 
+def missing_parameter(param: str, hint: str = "") -> APIError:
+    """A required field absent; ``hint`` says what belongs there."""
+    return invalid_request(f"Missing required parameter: '{param}'{hint}", param,
+                           code="missing_required_parameter")
+
+
 def invalid_json(detail: str) -> APIError:
     return APIError(400, f"Invalid JSON body: {detail}", code="invalid_json")
 

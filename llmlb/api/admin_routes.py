@@ -27,8 +27,7 @@ def create_key():
     body = json_body()
     name = body.get("name")
     if not isinstance(name, str) or not name.strip():
-        raise errors.invalid_request("Missing required parameter: 'name'", "name",
-                                     code="missing_required_parameter")
+        raise errors.missing_parameter("name")
     scopes = body.get("scopes", ["api"])
     try:
         key, record = auth.create_api_key(runtime().db, name.strip(), scopes)

@@ -14,6 +14,7 @@ from ..balancer.proxy import Forwarded
 from ..runtime import Runtime
 from ..serving.body import parse_json_object
 from ..serving.sse import SSEStream
+from ..storage import requested_model_id
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 CSRF_HEADER = "X-CSRF-Token"
@@ -156,3 +157,19 @@ def respond(result: dict | SSEStream, status: int = 200) -> Response:
     response = jsonify(result)
     response.status_code = status
     return response
+
+
+# --- the hub, for admins (/api) and for a node's balancer (/v0/node) -----------------------
+
+def register_model() -> Response:
+    """Pull the body's ``model_id``: 202 while it downloads, 200 when already there. Also
+    what a balancer asks of its nodes (``POST /v0/node/pull``)."""
+    model_id = json_body().get("model_id")
+    if not isinstance(model_id, str):
+        raise errors.missing_parameter("model_id")
+    result = runtime().hub.register(requested_model_id(model_id))
+    return respond(result, status=202 if result["status"] == "Registered" else 200)
+
+
+def delete_model(model_id: str) -> Response:
+    return respond(runtime().hub.delete(requested_model_id(model_id)))

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from .. import errors
-from ..storage import requested_model_id
-from .common import json_body, require, respond, runtime
+from .common import delete_model, register_model, require, respond, runtime
 
 bp = Blueprint("hub", __name__, url_prefix="/api")
 
@@ -26,15 +24,10 @@ def local_models():
 @bp.post("/models/register")
 @require("admin")
 def register():
-    model_id = json_body().get("model_id")
-    if not isinstance(model_id, str):
-        raise errors.invalid_request("Missing required parameter: 'model_id'", "model_id",
-                                     code="missing_required_parameter")
-    result = runtime().hub.register(requested_model_id(model_id))
-    return respond(result, status=202 if result["status"] == "Registered" else 200)
+    return register_model()
 
 
 @bp.delete("/models/<path:model_id>")
 @require("admin")
 def delete(model_id: str):
-    return respond(runtime().hub.delete(requested_model_id(model_id)))
+    return delete_model(model_id)

@@ -8,8 +8,7 @@ from flask import Blueprint
 
 from .. import errors
 from ..balancer.registry import NameTaken, registration, report_of
-from ..storage import requested_model_id
-from .common import json_body, registry, require, respond, runtime
+from .common import delete_model, json_body, register_model, registry, require, respond, runtime
 
 bp = Blueprint("nodes", __name__, url_prefix="/v0/nodes")
 node_bp = Blueprint("node", __name__, url_prefix="/v0/node")
@@ -53,18 +52,13 @@ def forget(name: str):
 @node_bp.post("/pull")
 @require("node")
 def pull():
-    model_id = json_body().get("model_id")
-    if not isinstance(model_id, str):
-        raise errors.invalid_request("Missing required parameter: 'model_id'", "model_id",
-                                     code="missing_required_parameter")
-    result = runtime().hub.register(requested_model_id(model_id))
-    return respond(result, status=202 if result["status"] == "Registered" else 200)
+    return register_model()
 
 
 @node_bp.delete("/models/<path:model_id>")
 @require("node")
 def delete(model_id: str):
-    return respond(runtime().hub.delete(requested_model_id(model_id)))
+    return delete_model(model_id)
 
 
 @node_bp.get("/report")

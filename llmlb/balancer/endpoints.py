@@ -59,15 +59,13 @@ def endpoint_spec(body: dict) -> EndpointSpec:
     name, url = body.get("name"), body.get("base_url")
     api_key, api_key_env = body.get("api_key"), body.get("api_key_env")
     if name is None:
-        raise errors.invalid_request("Missing required parameter: 'name'", "name",
-                                     code="missing_required_parameter")
+        raise errors.missing_parameter("name")
     if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
         raise errors.invalid_request("Invalid value for 'name': 1-64 letters, digits, '.', '_' "
                                      "or '-', starting with a letter or digit", "name")
     if url is None:
-        raise errors.invalid_request("Missing required parameter: 'base_url' (the server's "
-                                     "OpenAI base URL, such as http://gpu:8000/v1)", "base_url",
-                                     code="missing_required_parameter")
+        raise errors.missing_parameter(
+            "base_url", " (the server's OpenAI base URL, such as http://gpu:8000/v1)")
     if not isinstance(url, str):
         raise errors.invalid_request("Invalid value for 'base_url': a string", "base_url")
     parts = urlsplit(url.strip())

@@ -47,8 +47,7 @@ def requested_model(payload: dict) -> str:
     """The request's ``model``, checked: a 400 naming the field when missing or invalid."""
     model = payload.get("model")
     if model is None:
-        raise errors.invalid_request("Missing required parameter: 'model'", "model",
-                                     code="missing_required_parameter")
+        raise errors.missing_parameter("model")
     if not isinstance(model, str):
         raise errors.invalid_request("Invalid value for 'model': Input should be a valid "
                                      "string", "model")

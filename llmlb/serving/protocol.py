@@ -272,8 +272,7 @@ def parse(cls: type[BaseModel], body: dict) -> Any:
         first = exc.errors(include_url=False)[0]
         param = _param(first["loc"]) or None
         if first["type"] == "missing":
-            raise errors.invalid_request(f"Missing required parameter: '{param}'", param,
-                                         code="missing_required_parameter") from None
+            raise errors.missing_parameter(param) from None
         message = first["msg"].removeprefix("Value error, ")
         if param == "dimensions":
             message = "the dimensions parameter is not supported"

@@ -102,10 +102,7 @@ def _response_schema(req: ChatRequest) -> dict | None:
     if fmt.type == "json_object":
         return {"type": "object"}
     if fmt.json_schema is None:
-        raise errors.invalid_request("Missing required parameter: "
-                                     "'response_format.json_schema'",
-                                     "response_format.json_schema",
-                                     code="missing_required_parameter")
+        raise errors.missing_parameter("response_format.json_schema")
     return _checked(fmt.json_schema.schema_ or {}, "response_format.json_schema.schema")
 
 
