@@ -27,6 +27,7 @@ from llmlb.config import OPTIONS
 
 from .fake_hub import FakeHub
 from .nginx import Nginx
+from .postgres import Postgres
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -263,6 +264,20 @@ def nginx(tmp_path: Path) -> Iterator[Callable[[int], Nginx]]:
     yield start
     for proxy in started:
         proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One real PostgreSQL for the session (Debian's, as an unprivileged user; see postgres.py)."""
+    pg = Postgres.start()
+    yield pg
+    pg.destroy()
+
+
+@pytest.fixture
+def pg_url(postgres: Postgres) -> str:
+    """The URL of a fresh, empty PostgreSQL database for this test."""
+    return postgres.new_database()
 
 
 @dataclass
