@@ -390,13 +390,16 @@ def _cluster_values(values: dict[str, Any], sources: dict[str, str]) -> None:
     if values["worker_class"] == "gevent" and values["role"] != "balancer":
         raise SettingsError("LLMLB_WORKER_CLASS=gevent is for a balancer (LLMLB_ROLE=balancer): "
                             "engines need real threads")
+    from .balancer.urls import BadURL, check_url
+
     for attr in ("balancer_url", "advertise_url"):
         url = values[attr]
         if url is not None:
-            if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
-                raise SettingsError(f"{OPTIONS_BY_ATTR[attr].env[0]} must be an http(s) URL, "
-                                    f"not {url!r}")
-            values[attr] = url.rstrip("/")
+            try:
+                values[attr] = check_url(url)
+            except BadURL as exc:
+                raise SettingsError(f"{OPTIONS_BY_ATTR[attr].env[0]} {exc}, not "
+                                    f"{url!r}") from None
     if values["advertise_url"] is None:
         host = values["host"]
         if host in ("", "0.0.0.0", "::"):  # listening everywhere: name the machine

@@ -11,7 +11,8 @@ import logging
 from flask import Blueprint, g, request
 
 from .. import errors
-from ..balancer.registry import NameTaken, node_report, node_secret, registration
+from ..balancer.registration import node_report, node_secret, registration
+from ..balancer.registry import NameTaken
 from .common import delete_model, json_body, register_model, registry, require, respond, runtime
 
 log = logging.getLogger(__name__)

@@ -2,6 +2,7 @@
 
 - ``registry``: nodes in SQLite (registration, heartbeats, status, cooldown, pull assignments),
   each name bound to the secret of the node that first registered it
+- ``registration``: a node's registration and heartbeat bodies, checked
 - ``reports``: what a node or an endpoint reports, typed and checked where it enters
 - ``urls``: what a member's URL may be, and the paths the balancer asks at it
 - ``inflight``: requests in flight per node, counted by every worker in shared memory

@@ -72,8 +72,13 @@ class NodeRecord:
         return ONLINE
 
 
-def _record(row) -> NodeRecord:  # noqa: ANN001 - a sqlite3.Row
-    kind = ENDPOINT if row["kind"] == ENDPOINT else NODE
+Parsed = tuple[Report, frozenset[str], str | None]  # report, model ids, why unusable
+
+
+def _parse_row(row) -> Parsed:  # noqa: ANN001 - a sqlite3.Row
+    """A row's URL and report checked again as they are read (a row an older llmlb wrote
+    may hold anything): a row that fails is unusable, never an exception for its reader."""
+    kind = row["kind"]
     report: Report = EndpointReport(healthy=False) if kind == ENDPOINT else NodeReport()
     unusable = None
     try:
@@ -86,11 +91,15 @@ def _record(row) -> NodeRecord:  # noqa: ANN001 - a sqlite3.Row
         unusable = f"its stored report is malformed ({exc}); it is replaced by the next good one"
     # Lower-cased like every model id a request names (an endpoint's own ids keep their case
     # in its listing).
-    models = frozenset(m.id.lower() for m in report.models)
-    return NodeRecord(row["id"], row["name"], kind, row["url"], row["secret"], report,
-                      row["registered_at"], row["last_seen"], row["failures"],
-                      row["cooldown_until"], row["last_error"], models, row["credential"],
-                      unusable)
+    return report, frozenset(m.id.lower() for m in report.models), unusable
+
+
+def _record(row, parsed: Parsed) -> NodeRecord:  # noqa: ANN001 - a sqlite3.Row
+    report, models, unusable = parsed
+    return NodeRecord(row["id"], row["name"], ENDPOINT if row["kind"] == ENDPOINT else NODE,
+                      row["url"], row["secret"], report, row["registered_at"], row["last_seen"],
+                      row["failures"], row["cooldown_until"], row["last_error"], models,
+                      row["credential"], unusable)
 
 
 class NameTaken(Exception):
@@ -125,6 +134,10 @@ class NodeRegistry:
         self.timeout, self.cooldown, self.cooldown_max = timeout, cooldown, cooldown_max
         self._cache: tuple[float, tuple[NodeRecord, ...]] = (-1.0, ())
         self._cache_lock = threading.Lock()
+        # Reports parsed, by row id, while their text is the same: parsing a 50-model report
+        # costs ~1 ms, and the rows are read twice a second per worker, reports change at most
+        # once a heartbeat.
+        self._parsed: dict[int, tuple[tuple[str, str, str], Parsed]] = {}
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -136,13 +149,22 @@ class NodeRegistry:
                 read_at, records = self._cache
                 if fresh or now - read_at > CACHE_SECONDS:
                     rows = self.db.conn().execute("SELECT * FROM nodes ORDER BY name").fetchall()
-                    records = tuple(_record(r) for r in rows)
+                    records = tuple(self._record(r) for r in rows)
+                    for gone in self._parsed.keys() - {r.id for r in records}:
+                        self._parsed.pop(gone, None)
                     self._cache = (time.monotonic(), records)
         return records
 
     def get(self, name: str) -> NodeRecord | None:
         row = self.db.conn().execute("SELECT * FROM nodes WHERE name=?", (name,)).fetchone()
-        return _record(row) if row else None
+        return self._record(row) if row else None
+
+    def _record(self, row) -> NodeRecord:  # noqa: ANN001 - a sqlite3.Row
+        identity = (row["kind"], row["url"], row["report"])
+        known = self._parsed.get(row["id"])
+        if known is None or known[0] != identity:
+            known = self._parsed[row["id"]] = (identity, _parse_row(row))
+        return _record(row, known[1])
 
     def status(self, record: NodeRecord, now: float | None = None) -> str:
         return record.status(time.time() if now is None else now, self.timeout)
@@ -174,7 +196,7 @@ class NodeRegistry:
                 (name, NODE, url, secret, _dumps(report), now, now))
             row = conn.execute("SELECT * FROM nodes WHERE name=?", (name,)).fetchone()
         self._invalidate()
-        return _record(row)
+        return self._record(row)
 
     def add_endpoint(self, name: str, url: str, report: EndpointReport,
                      credential: str | None) -> NodeRecord:
@@ -189,7 +211,7 @@ class NodeRegistry:
                          (name, ENDPOINT, url, credential, _dumps(report), now, now))
             row = conn.execute("SELECT * FROM nodes WHERE name=?", (name,)).fetchone()
         self._invalidate()
-        return _record(row)
+        return self._record(row)
 
     def check_free(self, name: str) -> None:
         """Raises NameTaken unless an endpoint may take ``name`` now (checked again when it
@@ -332,56 +354,3 @@ def _dumps(report: Report) -> str:
 def _used(name: str) -> NameTaken:
     return NameTaken(name, "is already used by a node or endpoint",
                      "remove it first or choose another")
-
-
-@dataclass(frozen=True)
-class Registration:
-    """What a node sends to register, checked."""
-
-    name: str
-    url: str
-    secret: str
-    report: NodeReport
-
-
-def registration(body: dict) -> Registration:
-    """A node's registration, or a 400 naming the field."""
-    from .. import errors
-    from ..config import NODE_NAME
-
-    name, url = body.get("name"), body.get("url")
-    if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
-        raise errors.invalid_request("Invalid value for 'name': 1-64 letters, digits, '.', '_' "
-                                     "or '-', starting with a letter or digit", "name")
-    try:
-        url = check_url(url)
-    except BadURL as exc:
-        raise errors.invalid_request(f"Invalid value for 'url': the node's address {exc}",
-                                     "url") from None
-    return Registration(name, url, node_secret(body), node_report(body))
-
-
-def node_secret(body: dict) -> str:
-    """The secret that proves a registration or heartbeat comes from the node that owns
-    the name (the one it made, kept in its home)."""
-    from .. import errors
-
-    secret = body.get("secret")
-    if secret is None:
-        raise errors.missing_parameter("secret", " (the node's own secret: it proves the "
-                                       "name is this node's; llmlb nodes send it themselves)")
-    if not isinstance(secret, str) or not 16 <= len(secret) <= 200:
-        raise errors.invalid_request("Invalid value for 'secret': 16 to 200 characters",
-                                     "secret")
-    return secret
-
-
-def node_report(body: dict) -> NodeReport:
-    """The body's ``report``, typed, or a 400 naming the field that is wrong."""
-    from .. import errors
-
-    try:
-        return NodeReport.parse(body.get("report", {}))
-    except ReportError as exc:
-        raise errors.invalid_request(f"Invalid value for '{exc.field}': it {exc.why}",
-                                     exc.field) from None

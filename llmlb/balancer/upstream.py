@@ -15,6 +15,7 @@ stream (a proxy's HTML error page) becomes llmlb's own 502 ``upstream_error``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -49,8 +50,13 @@ PASSED_PREFIXES = ("openai-", "x-ratelimit-", "anthropic-")
 
 
 def passed_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in headers
-            if (low := k.lower()) in PASSED_HEADERS or low.startswith(PASSED_PREFIXES)]
+    return [(k, v) for k, v in headers if _passes(k)]
+
+
+@functools.lru_cache(maxsize=1024)  # the same few names on every answer (bounded: an
+def _passes(name: str) -> bool:      # upstream may send any)
+    low = name.lower()
+    return low in PASSED_HEADERS or low.startswith(PASSED_PREFIXES)
 
 
 def _media_type(content_type: str | None) -> str:
