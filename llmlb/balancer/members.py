@@ -228,8 +228,8 @@ class Cluster:
                 rows.append(self._remote_row(record, now))
             except Exception as exc:  # noqa: BLE001 - the admin must see it to forget it
                 log.exception("Node %s cannot be described", record.name)
-                rows.append({"id": record.id, "name": record.name, "kind": record.kind,
-                             "url": record.url, "status": OFFLINE, "models": [],
+                rows.append({**_row(record.id, record.name, record.kind, record.url, OFFLINE,
+                                    NodeReport(), now, record.last_seen, 0),
                              "last_error": f"cannot be described: {type(exc).__name__}"})
         return rows
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-from ..hardware import Gpu, Memory
+from ..hardware import Gpu, Memory, models_memory
 
 MAX_ITEMS = 10_000  # models, downloads, engines… in one report
 MAX_TEXT = 1024  # characters of one string (a model id, an error message…)
@@ -197,9 +197,8 @@ class Hardware:
 
     def memory(self) -> Memory:
         """The memory models run in: VRAM with GPUs, else RAM."""
-        if self.gpu_count:
-            return Memory("gpu", self.vram_total_bytes, self.vram_free_bytes, self.device)
-        return Memory("system", self.memory_total_bytes, self.memory_free_bytes, "cpu")
+        return models_memory(self.gpu_count, self.vram_total_bytes, self.vram_free_bytes,
+                             self.device, self.memory_total_bytes, self.memory_free_bytes)
 
 
 @dataclass(frozen=True)
