@@ -37,7 +37,7 @@ from ..model_pool import ModelPool
 from ..plugins import EngineRegistry
 from ..resolver import Resolver
 from .inflight import InflightCounters
-from .reports import Download, EngineInfo, Hardware, LoadedModel, NodeReport
+from .reports import Download, EngineInfo, Hardware, LoadedModel, NodeReport, ReportError
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,7 @@ class Reporter:
         self._version = _version()
 
     def report(self) -> NodeReport:
-        engines = tuple(EngineInfo.parse(e, "engines")
-                        for e in self.engines.describe(self.pool.options))
+        engines = self._engines()
         loaded = tuple(LoadedModel.parse(m, "loaded") for m in self.pool.loaded())
         return NodeReport(
             version=self.version,
@@ -79,6 +78,15 @@ class Reporter:
             queued_requests=sum(m.waiting for m in loaded),
             can_download=self.resolver.hf.host in self.settings.download_allowlist,
         )
+
+    def _engines(self) -> tuple[EngineInfo, ...]:
+        found = []
+        for i, row in enumerate(self.engines.describe(self.pool.options)):
+            try:
+                found.append(EngineInfo.parse(row, f"engines[{i}]"))
+            except ReportError as exc:  # a plugin's odd answer must not keep the node out
+                log.warning("An engine is left out of this node's report: %s", exc)
+        return tuple(found)
 
     @property
     def version(self) -> str | None:

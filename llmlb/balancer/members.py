@@ -221,8 +221,13 @@ class Cluster:
         now = time.time()
         rows = []
         if self.local is not None:
-            rows.append(_row(self.local.id, self.local.name, "node", None, ONLINE,
-                             self.local.report(), now, now, self.inflight.load(0)))
+            try:
+                report = self.local.report()
+            except Exception:  # noqa: BLE001 - the list must still show every node
+                log.exception("This node's report cannot be made")
+                report = NodeReport()
+            rows.append(_row(self.local.id, self.local.name, "node", None, ONLINE, report, now,
+                             now, self.inflight.load(0)))
         for record in (self.registry.nodes(fresh=True) if self.registry else ()):
             try:
                 rows.append(self._remote_row(record, now))

@@ -102,7 +102,7 @@ class _Object:
         value = self.raw.get(key)
         if value is None:
             return ()
-        if not isinstance(value, list):
+        if not isinstance(value, list | tuple):  # a tuple: a report's own to_json()
             raise ReportError(self._at(key), "must be a JSON array")
         if len(value) > MAX_ITEMS:
             raise ReportError(self._at(key), f"must hold at most {MAX_ITEMS} items")
