@@ -287,7 +287,7 @@ class EndpointWatch:
             report = EndpointReport(healthy=False, models=before.models,
                                     check_seconds=self.settings.endpoint_check_seconds,
                                     checked_at=time.time(), error=error)
-            if before.healthy:
+            if before.healthy or before.checked_at is None:  # was online, or never checked
                 log.warning("Endpoint %s is offline: %s", record.name, error)
             self.registry.checked(record.id, report)
             return report

@@ -9,6 +9,8 @@ sends can break a reader (SC-8).
 
 Parsing is strict about types and bounds, lenient about presence: a key a node leaves out
 takes its default (an older node), a key this llmlb does not know is dropped (a newer node).
+Names (ids, formats) longer than ``MAX_TEXT`` are refused, other text (an error message) is
+cut there; lists hold at most ``MAX_ITEMS``. ``to_json()`` gives the wire form back.
 """
 
 from __future__ import annotations
