@@ -111,13 +111,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("proxy_read_timeout_seconds", ("LLMLB_PROXY_READ_TIMEOUT_SECONDS",), 600.0, "float",
            "Longest wait for a node's answer or its next streamed chunk."),
     Option("endpoint_check_seconds", ("LLMLB_ENDPOINT_CHECK_SECONDS",), 10.0, "float",
-           "How often the balancer asks each external endpoint for its models (GET /v1/models), "
-           "its health and its load (its Prometheus /metrics, where it has one); a failed check "
-           "makes it offline until one succeeds."),
+           "How often the balancer asks each external endpoint for its models (GET "
+           "{base_url}/models), its health and its load (its Prometheus /metrics, where it has "
+           "one); a failed check makes it offline until one succeeds."),
     Option("endpoint_max_requests", ("LLMLB_ENDPOINT_MAX_REQUESTS",), 64, "int",
            "Requests one external endpoint may hold at once (vLLM and Ollama accept and queue "
            "everything); more go to another candidate, or get 429 with Retry-After. 0: no "
            "limit."),
+    Option("endpoint_env_allowlist", ("LLMLB_ENDPOINT_ENV_ALLOWLIST",), None, "list",
+           "Environment variables an endpoint's API key may be read from (--api-key-env), "
+           "comma-separated, besides those named LLMLB_ENDPOINT_KEY_*; any other is refused."),
     Option("history_retention_days", ("LLMLB_HISTORY_RETENTION_DAYS",), 7.0, "float",
            "How long the request history (one row per request: time, key, model, node, "
            "status, latency, tokens) is kept; 0 keeps none."),
@@ -220,6 +223,7 @@ class Settings:
     proxy_read_timeout_seconds: float
     endpoint_check_seconds: float
     endpoint_max_requests: int
+    endpoint_env_allowlist: tuple[str, ...]
     history_retention_days: float
     resolve_wait_seconds: float
     max_resolve_waiters: int
@@ -342,6 +346,7 @@ def load_settings(
         values["download_allowlist"] = (urlsplit(values["hf_endpoint"]).hostname or "",)
     elif values["download_allowlist"] == ("none",):
         values["download_allowlist"] = ()
+    values["endpoint_env_allowlist"] = values["endpoint_env_allowlist"] or ()
     if not values["plugins_dir"]:
         values["plugins_dir"] = (PROJECT_ROOT / "plugins", home / "plugins")
     else:
@@ -385,13 +390,16 @@ def _cluster_values(values: dict[str, Any], sources: dict[str, str]) -> None:
     if values["worker_class"] == "gevent" and values["role"] != "balancer":
         raise SettingsError("LLMLB_WORKER_CLASS=gevent is for a balancer (LLMLB_ROLE=balancer): "
                             "engines need real threads")
+    from .balancer.urls import BadURL, check_url
+
     for attr in ("balancer_url", "advertise_url"):
         url = values[attr]
         if url is not None:
-            if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
-                raise SettingsError(f"{OPTIONS_BY_ATTR[attr].env[0]} must be an http(s) URL, "
-                                    f"not {url!r}")
-            values[attr] = url.rstrip("/")
+            try:
+                values[attr] = check_url(url)
+            except BadURL as exc:
+                raise SettingsError(f"{OPTIONS_BY_ATTR[attr].env[0]} {exc}, not "
+                                    f"{url!r}") from None
     if values["advertise_url"] is None:
         host = values["host"]
         if host in ("", "0.0.0.0", "::"):  # listening everywhere: name the machine

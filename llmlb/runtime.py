@@ -20,7 +20,7 @@ from engines.base import LoadOptions
 
 from .balancer.accounting import Outcome
 from .balancer.agent import NodeAgent, Reporter
-from .balancer.endpoints import EndpointWatch
+from .balancer.endpoints import EndpointWatch, instance_id
 from .balancer.inflight import InflightCounters
 from .balancer.members import Cluster, LocalMember
 from .balancer.proxy import Balancer
@@ -72,6 +72,7 @@ class Runtime:
     supervisor: Supervisor
     metrics: Metrics
     history: History
+    instance_id: str  # who this llmlb is, to itself (endpoints.INSTANCE_HEADER)
 
     def close(self) -> None:
         self.supervisor.stop()
@@ -138,12 +139,12 @@ def build_runtime(settings: Settings) -> Runtime:
         forget_after = settings.resolve_wait_seconds + settings.node_timeout_seconds
         supervisor.add("node-watch", 1.0, StatusWatch(registry, forget_after))
         supervisor.add("endpoint-check", settings.endpoint_check_seconds,
-                       EndpointWatch(settings, registry, inflight))
+                       EndpointWatch(settings, registry, inflight, instance_id(db)))
     if history.enabled:
         supervisor.add("history-prune", HISTORY_PRUNE_SECONDS, history.prune)
     return Runtime(settings, db, catalog, pm, engines, resolver, pool, node, dispatcher, hub,
                    events, inflight, registry, cluster, balancer, reporter, agent, supervisor,
-                   metrics, history)
+                   metrics, history, instance_id(db))
 
 
 def observer(metrics: Metrics, history: History) -> Callable[[Outcome], None]:

@@ -1,6 +1,10 @@
 """The balancer and its nodes (LB-1..LB-4).
 
-- ``registry``: nodes in SQLite (registration, heartbeats, status, cooldown, pull assignments)
+- ``registry``: nodes in SQLite (registration, heartbeats, status, cooldown, pull assignments),
+  each name bound to the secret of the node that first registered it
+- ``registration``: a node's registration and heartbeat bodies, checked
+- ``reports``: what a node or an endpoint reports, typed and checked where it enters
+- ``urls``: what a member's URL may be, and the paths the balancer asks at it
 - ``inflight``: requests in flight per node, counted by every worker in shared memory
 - ``upstream``: the node seam: hand a request to a node, get (status, headers, body) back;
   the in-process node runs ``serving/``, a remote one is reached over pooled HTTP

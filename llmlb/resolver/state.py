@@ -20,6 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..balancer.reports import Download
 
 LOCAL, QUEUED, DOWNLOADING, FAILED, INTERRUPTED, ABSENT = (
     "local", "queued", "downloading", "failed", "interrupted", "absent")
@@ -68,18 +72,16 @@ class ModelState:
         return body
 
     @classmethod
-    def from_status_body(cls, body: dict) -> ModelState:
+    def from_download(cls, download: Download) -> ModelState:
         """The state a node reported (its RS-7 status, in its heartbeat's downloads)."""
-        word = body.get("status")
         phase = {"local": LOCAL, "not_downloaded": ABSENT, "error": FAILED}.get(
-            word, QUEUED if body.get("queued") else DOWNLOADING)
-        total = int(body.get("total_bytes") or 0)
-        done = int(body.get("downloaded_bytes") or 0)
+            download.status, QUEUED if download.queued else DOWNLOADING)
+        total, done = download.total_bytes, download.downloaded_bytes
         if not total:  # an older report without byte counts: keep its fraction
-            total, done = 10_000, int(float(body.get("progress") or 0) * 10_000)
-        error = (body.get("error_message") or "The download failed on a node."
+            total, done = 10_000, int(download.progress * 10_000)
+        error = (download.error_message or "The download failed on a node."
                  if phase == FAILED else None)
-        return cls(str(body.get("model_id")), phase, done, total, error=error)
+        return cls(download.model_id, phase, done, total, error=error)
 
     # --- HB-1: the hub's statuses ------------------------------------------------------------
 
