@@ -38,6 +38,8 @@ ROLES = ("standalone", "balancer", "node")
 NODE_PORT = 8081  # `llmlb node`'s default port, beside the balancer's 8080
 WORKER_CLASSES = ("gthread", "gevent")
 GEVENT_CONNECTIONS = 1000  # gunicorn's worker_connections: requests per gevent worker
+# Where a hub redirects its downloads to, allowed along with the hub by default.
+HUB_CDN_HOSTS = {"huggingface.co": ("hf.co",)}
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -78,8 +80,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("hf_endpoint", ("HF_ENDPOINT",), "https://huggingface.co", "str",
            "Hugging Face endpoint (a mirror may stand in for the hub)."),
     Option("download_allowlist", ("LLMLB_DOWNLOAD_ALLOWLIST",), None, "list",
-           "Hosts models may be downloaded from, comma-separated (default: the host of "
-           "HF_ENDPOINT; 'none' disables downloads)."),
+           "Hosts models may be downloaded from, comma-separated; a host also allows its "
+           "subdomains, and a download follows redirects only to these hosts (default: the "
+           "host of HF_ENDPOINT, with hf.co for huggingface.co, whose CDN serves its large "
+           "files; 'none' disables downloads)."),
     Option("balancer_url", ("LLMLB_BALANCER_URL",), None, "str",
            "Balancer a node registers with and may fetch model files through "
            "(/v1/models/blob/...).", "--balancer-url"),
@@ -339,7 +343,8 @@ def load_settings(
     values["supported_models"] = values["supported_models"] or default_catalog_path()
     values["hf_endpoint"] = values["hf_endpoint"].rstrip("/")
     if values["download_allowlist"] is None:
-        values["download_allowlist"] = (urlsplit(values["hf_endpoint"]).hostname or "",)
+        hub_host = urlsplit(values["hf_endpoint"]).hostname or ""
+        values["download_allowlist"] = (hub_host, *HUB_CDN_HOSTS.get(hub_host, ()))
     elif values["download_allowlist"] == ("none",):
         values["download_allowlist"] = ()
     if not values["plugins_dir"]:

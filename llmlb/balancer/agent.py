@@ -71,7 +71,7 @@ class Reporter:
             "downloads": self.downloads(),
             "active_requests": self.inflight.load(0),
             "queued_requests": sum(int(m.get("waiting") or 0) for m in loaded),
-            "can_download": self.resolver.hf.host in self.settings.download_allowlist,
+            "can_download": self.resolver.hf.allowed,
         }
 
     @property
