@@ -17,6 +17,7 @@ from typing import Any
 from flask import Flask, request
 
 from .config import Settings, load_settings
+from .logsafe import SafeFormatter
 
 __all__ = ["create_app"]
 
@@ -33,7 +34,7 @@ def configure_logging(level: str) -> None:
         return
     if not any(getattr(h, "_llmlb", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(SafeFormatter(LOG_FORMAT))
         handler._llmlb = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False

@@ -246,6 +246,19 @@ def request_too_large(limit: int) -> APIError:
                     code="request_too_large")
 
 
+def unparsable_request(status: int, reason: str, detail: str, line_limit: int) -> APIError:
+    """A request the HTTP server refused before llmlb saw it, with the status it chose: a
+    URL over the request-line limit (414), headers too large (431), a malformed request."""
+    if status == 414:
+        return APIError(414, f"The URL is too long (the request line may have at most "
+                        f"{line_limit} bytes); send long data in a POST body",
+                        code="uri_too_long")
+    if status >= 500:
+        return internal_error()
+    return APIError(status, f"Malformed HTTP request: {detail}",
+                    code=reason.lower().replace(" ", "_") or "bad_request")
+
+
 def internal_error() -> APIError:
     return APIError(500, "Internal server error; the details are in the server log",
                     type="server_error", code="internal_error")
