@@ -248,7 +248,31 @@ def endpoints_remove(name: str, home: str | None, database: str | None) -> None:
 
 @main.group()
 def users() -> None:
-    """Manage dashboard users."""
+    """Create, list and delete dashboard users (every user is an admin), and set passwords.
+    Passwords need at least 8 characters."""
+
+
+def _user_change(change: Any, *args: Any) -> Any:
+    from .auth import UserError
+
+    try:
+        return change(*args)
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@users.command("create")
+@click.argument("username")
+@click.password_option()
+@db_flags
+def users_create(username: str, password: str, home: str | None, database: str | None) -> None:
+    """Create a user (an admin) with a password."""
+    from .auth import create_user
+
+    if not _user_change(create_user, _db(home, database), username, password):
+        raise click.ClickException(f"a user named '{username}' exists already (set its "
+                                   f"password with: llmlb users set-password {username})")
+    click.echo(f"Created user {username}")
 
 
 @users.command("set-password")
@@ -257,13 +281,39 @@ def users() -> None:
 @db_flags
 def users_set_password(username: str, password: str, home: str | None,
                        database: str | None) -> None:
-    """Set a user's password, creating the user when missing."""
-    from .auth import create_user, set_password
+    """Set an existing user's password; every session of the user ends."""
+    from .auth import set_password
 
-    db = _db(home, database)
-    if not set_password(db, username, password):
-        create_user(db, username, password)
+    if not _user_change(set_password, _db(home, database), username, password):
+        raise click.ClickException(f"no user named '{username}' (llmlb users list shows "
+                                   f"them; llmlb users create {username} adds one)")
     click.echo(f"Password set for {username}")
+
+
+@users.command("list")
+@db_flags
+def users_list(home: str | None, database: str | None) -> None:
+    """List users: name and creation time."""
+    import time
+
+    from .auth import list_users
+
+    click.echo("USERNAME\tCREATED")
+    for user in list_users(_db(home, database)):
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(user.created_at))
+        click.echo(f"{user.username}\t{created}")
+
+
+@users.command("delete")
+@click.argument("username")
+@db_flags
+def users_delete(username: str, home: str | None, database: str | None) -> None:
+    """Delete a user (their sessions end); the last user cannot be deleted."""
+    from .auth import delete_user
+
+    if not _user_change(delete_user, _db(home, database), username):
+        raise click.ClickException(f"no user named '{username}'")
+    click.echo(f"Deleted user {username}")
 
 
 # --- models -------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ ROLES = ("standalone", "balancer", "node")
 NODE_PORT = 8081  # `llmlb node`'s default port, beside the balancer's 8080
 WORKER_CLASSES = ("gthread", "gevent")
 GEVENT_CONNECTIONS = 1000  # gunicorn's worker_connections: requests per gevent worker
+MIN_PASSWORD_LENGTH = 8  # NIST SP 800-63B's floor for a password a user chooses
 # Where a hub redirects its downloads to, allowed along with the hub by default.
 HUB_CDN_HOSTS = {"huggingface.co": ("hf.co",)}
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -364,6 +365,10 @@ def load_settings(
     elif values["max_websockets"] >= values["threads"]:
         raise SettingsError(f"LLMLB_MAX_WEBSOCKETS ({values['max_websockets']}) must be below "
                             f"LLMLB_THREADS ({values['threads']})")
+    if values["admin_password"] and \
+            len(values["admin_password"]) < MIN_PASSWORD_LENGTH:
+        raise SettingsError(f"LLMLB_ADMIN_PASSWORD must have at least {MIN_PASSWORD_LENGTH} "
+                            "characters")
     _cluster_values(values, sources)
     return Settings(**values, sources=sources)
 
