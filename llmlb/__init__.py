@@ -56,12 +56,14 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         security_headers,
         ws,
     )
-    from .private_files import private_dir
+    from .balancer.credentials import KEY_FILE
+    from .private_files import private_dir, private_existing
     from .runtime import build_runtime
 
     settings = config if isinstance(config, Settings) else load_settings(config)
     configure_logging(settings.log_level)
     private_dir(settings.home)  # before anything is created in it (SC-4)
+    private_existing(settings.home / KEY_FILE)
     rt = build_runtime(settings)
 
     app = Flask(__name__, static_folder="dashboard/static",
