@@ -205,6 +205,14 @@ def unauthorized(message: str = "Missing API key. Send 'Authorization: Bearer <k
                     headers={"WWW-Authenticate": "Bearer"})
 
 
+def session_ended() -> APIError:
+    """A dashboard call without a valid session any more (logged out, a new password, the
+    login's lifetime over): the dashboard sends its user back to the login page."""
+    return APIError(401, "Your dashboard session has ended (logged out, password changed or "
+                    "expired): log in again", type="authentication_error",
+                    code="session_ended")
+
+
 def forbidden(scope: str) -> APIError:
     return APIError(403, f"This API key lacks the scope required here ({scope})",
                     type="permission_error", code="insufficient_scope")
