@@ -241,7 +241,7 @@ class Resolver:
         free = shutil.disk_usage(staging).free
         if total - have > free:
             raise DownloadError(f"Not enough disk space: need {(total - have) / 1e6:.1f} MB, "
-                                f"{free / 1e6:.1f} MB free in {self.settings.models_dir}")
+                                f"{free / 1e6:.1f} MB free in the models directory")
         record.status, record.total_bytes, record.downloaded_bytes = DOWNLOADING, total, 0
         self.progress.write(record)
         self._notify(model_id)
