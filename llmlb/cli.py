@@ -12,12 +12,23 @@ from .config import OPTIONS, SettingsError, load_settings
 _TYPES = {"int": int, "float": float, "str": str, "path": click.Path(), "list": str}
 
 
-def _env_help() -> str:
+def _env_help(command: str | None = None) -> str:
+    """The settings a command reads beyond its flags: for ``llmlb --help`` every setting
+    (ST-9), for ``serve`` every one without a serve flag, for ``node`` those a node reads
+    (not a balancer's users, dashboard or routing) without a node flag."""
     import textwrap
 
+    if command is None:
+        options, title = OPTIONS, "Settings (defaults < $LLMLB_HOME/.env < environment < flags):"
+    else:
+        role = "node" if command == "node" else None
+        options = tuple(o for o in OPTIONS if (role is None or role in o.roles)
+                        and not (o.flag and command in o.commands))
+        title = ("More settings, from the environment or $LLMLB_HOME/.env (defaults < .env < "
+                 "environment < flags):")
     # "\b" keeps click from re-wrapping the block below it.
-    lines = ["Settings (defaults < $LLMLB_HOME/.env < environment < flags):", "", "\b"]
-    for o in OPTIONS:
+    lines = [title, "", "\b"]
+    for o in options:
         lines.append(f"  {' / '.join(o.env)}")
         lines.extend(textwrap.wrap(o.help, 90, initial_indent="      ",
                                    subsequent_indent="      "))
@@ -76,7 +87,7 @@ def _run(settings: Any) -> None:
     run(settings)
 
 
-@main.command(epilog=_env_help(), context_settings={"max_content_width": 100})
+@main.command(epilog=_env_help("serve"), context_settings={"max_content_width": 100})
 @settings_flags
 def serve(**flags: Any) -> None:
     """Start llmlb: standalone (the OpenAI API, the model hub and dashboard, and a node in one
@@ -84,7 +95,7 @@ def serve(**flags: Any) -> None:
     _run(_settings(flags))
 
 
-@main.command(epilog=_env_help(), context_settings={"max_content_width": 100})
+@main.command(epilog=_env_help("node"), context_settings={"max_content_width": 100})
 @node_flags
 def node(**flags: Any) -> None:
     """Start a node: it runs models for the balancer at --balancer-url, registers there with
@@ -323,8 +334,12 @@ def models() -> None:
     """Inspect models on disk and the catalog."""
 
 
+def models_flags(command: Any) -> Any:
+    return settings_flags(command, "models")
+
+
 @models.command("list")
-@settings_flags
+@models_flags
 def models_list(**flags: Any) -> None:
     """List servable models (local and shared) with their format and size."""
     from .plugins import EngineRegistry, load_plugins
@@ -338,7 +353,7 @@ def models_list(**flags: Any) -> None:
 
 
 @models.command("check-catalog")
-@settings_flags
+@models_flags
 def models_check_catalog(**flags: Any) -> None:
     """Validate the catalog file and print its models."""
     from .catalog import CatalogError, load_catalog

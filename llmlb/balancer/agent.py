@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 
@@ -57,9 +58,11 @@ class Reporter:
         self.settings, self.resolver, self.pool = settings, resolver, pool
         self.engines, self.inflight = engines, inflight
         self._version = _version()
+        self._checked = threading.Event()
+        self._checking = threading.Lock()
 
     def report(self) -> dict:
-        engines = self.engines.describe(self.pool.options)
+        engines = self.engine_rows()
         loaded = self.pool.loaded()
         return {
             "version": self.version,
@@ -77,6 +80,23 @@ class Reporter:
     @property
     def version(self) -> str | None:
         return self._version
+
+    def engine_rows(self) -> list[dict]:
+        """The engines' rows once their first checks are done, [] until then: those import
+        their libraries (torch: seconds), on a thread of their own, so that no report (the
+        node's registration first) waits for them; the next report has them."""
+        if self._checked.is_set():
+            return self.engines.describe(self.pool.options)
+        if self._checking.acquire(blocking=False):
+            threading.Thread(target=self._check_engines, name="llmlb-engine-checks",
+                             daemon=True).start()
+        return []
+
+    def _check_engines(self) -> None:
+        try:
+            self.engines.describe(self.pool.options)
+        finally:
+            self._checked.set()
 
     def downloads(self) -> list[dict]:
         out = []
@@ -100,6 +120,7 @@ class NodeAgent:
         # One secret per node, the same in every worker and across restarts.
         self.secret = db.setdefault_meta("node_secret", "sk-node-" + secrets.token_urlsafe(32))
         self.registered = False
+        self._announced = False
         self.last_beat = 0.0
         self._http = urllib3.PoolManager(num_pools=2, maxsize=2, retries=False,
                                          timeout=urllib3.Timeout(connect=5, read=BALANCER_TIMEOUT))
@@ -130,6 +151,10 @@ class NodeAgent:
             else:
                 self._check(status, body, "heartbeat")
         if not self.registered:
+            if not self._announced:  # once: the supervisor logs each failure
+                self._announced = True
+                log.info("Registering with the balancer %s as node '%s'",
+                         self.settings.balancer_url, self.settings.node_name)
             status, body = self._post("/v0/nodes", {
                 "name": self.settings.node_name, "url": self.settings.advertise_url,
                 "secret": self.secret, "report": report})
