@@ -16,7 +16,7 @@ async function api(path, options = {}) {
   let data = null;
   try { data = await response.json(); } catch (_) { /* empty or not JSON */ }
   if (response.status === 401 && data?.error?.code === "session_ended") {
-    location.href = `/login?next=${encodeURIComponent(location.pathname)}`;
+    location.href = `/login?next=${encodeURI(location.pathname)}`;
   }
   if (!response.ok) {
     const message = data?.error?.message || `${response.status} ${response.statusText}`;
