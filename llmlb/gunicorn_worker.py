@@ -1,7 +1,8 @@
 """The gunicorn workers llmlb runs in: gthread, plus a deadline for each request's headers;
 and, for both gthread and gevent (``gunicorn_gevent.py``), errors gunicorn answers itself (a
 URL over its limit, a malformed request line or header) as JSON in the API's error shape
-rather than gunicorn's HTML page.
+rather than gunicorn's HTML page. Also the access log's logger class, which escapes what
+clients send (``logsafe.py``).
 
 gunicorn's gthread worker gives a connection to a pool thread once its first bytes arrive,
 and that thread then reads the rest of the request line and headers from a blocking socket
@@ -28,12 +29,23 @@ from collections.abc import Callable
 from typing import Any
 
 from gunicorn import util
+from gunicorn.glogging import Logger
 from gunicorn.workers import gthread
 
 from . import errors
 from .config import OPTIONS_BY_ATTR
+from .logsafe import escape
 
 log = logging.getLogger(__name__)
+
+
+class AccessLogger(Logger):
+    """gunicorn's logger, with every value of the access line escaped: a CR/LF from a
+    URL-decoded path cannot write a line of its own."""
+
+    def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict:
+        atoms = super().atoms(resp, req, environ, request_time)
+        return {k: escape(v) if isinstance(v, str) else v for k, v in atoms.items()}
 
 
 class _Captured:

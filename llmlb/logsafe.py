@@ -3,17 +3,14 @@ names) is escaped before it is written, so that a CR/LF or NUL in a request cann
 forged line in the log, and terminal escape sequences do not reach an operator's terminal.
 
 The escaping is nginx's: ``"``, ``\\``, control characters and bytes from 0x7f up become
-``\\xHH``. gunicorn's access log gets it through ``AccessLogger`` (its ``logger_class``),
-llmlb's own log through ``SafeFormatter``.
+``\\xHH``. gunicorn's access log gets it through ``gunicorn_worker.AccessLogger`` (its
+``logger_class``), llmlb's own log through ``SafeFormatter``.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from typing import Any
-
-from gunicorn.glogging import Logger
 
 _UNSAFE = re.compile(r'["\\\x00-\x1f\x7f-\U0010ffff]')
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -37,14 +34,6 @@ def escape_controls(text: str) -> str:
     non-ASCII names are fine and read better as they are)."""
     return _CONTROLS.sub(_hex, text) if _CONTROLS.search(text) else text
 
-
-
-class AccessLogger(Logger):
-    """gunicorn's logger, with every value of the access line escaped."""
-
-    def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict:
-        atoms = super().atoms(resp, req, environ, request_time)
-        return {k: escape(v) if isinstance(v, str) else v for k, v in atoms.items()}
 
 
 class SafeFormatter(logging.Formatter):

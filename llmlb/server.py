@@ -37,7 +37,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         # must not land in the log. Every value escaped (logsafe.py): a CR/LF in a decoded
         # path must not write a line of its own.
         "access_log_format": '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms',
-        "logger_class": "llmlb.logsafe.AccessLogger",
+        "logger_class": "llmlb.gunicorn_worker.AccessLogger",
         # gunicorn >= 24 opens a control socket at one fixed path per user; two llmlb
         # instances on a host would fight over it, and llmlb does not use it.
         "control_socket_disable": True,

@@ -127,7 +127,9 @@ class BalancerSource:
         """The balancer's files for the model, or None when it has no local copy."""
         url = f"{self.base}/v0/models/registry/{quote(model_id)}/manifest.json"
         try:
-            response = get_session().get(url, headers=self.headers, timeout=METADATA_TIMEOUT)
+            # Not followed elsewhere: whoever answers here is the balancer or nobody.
+            response = get_session().get(url, headers=self.headers, timeout=METADATA_TIMEOUT,
+                                         follow_redirects=False)
         except httpx2.HTTPError as exc:
             log.warning("Balancer %s unreachable for %s: %s", self.base, model_id, exc)
             return None
