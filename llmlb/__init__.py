@@ -17,6 +17,7 @@ from typing import Any
 from flask import Flask, request
 
 from .config import Settings, load_settings
+from .logsafe import SafeFormatter
 
 __all__ = ["create_app"]
 
@@ -33,7 +34,7 @@ def configure_logging(level: str) -> None:
         return
     if not any(getattr(h, "_llmlb", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(SafeFormatter(LOG_FORMAT))
         handler._llmlb = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
@@ -55,13 +56,15 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         security_headers,
         ws,
     )
+    from .balancer.credentials import KEY_FILE
     from .balancer.endpoints import INSTANCE_HEADER
-    from .private_files import private_dir
+    from .private_files import private_dir, private_existing
     from .runtime import build_runtime
 
     settings = config if isinstance(config, Settings) else load_settings(config)
     configure_logging(settings.log_level)
     private_dir(settings.home)  # before anything is created in it (SC-4)
+    private_existing(settings.home / KEY_FILE)
     rt = build_runtime(settings)
 
     app = Flask(__name__, static_folder="dashboard/static",

@@ -32,12 +32,17 @@ class Option:
     help: str
     flag: str | None = None  # CLI flag, when it has one
     commands: tuple[str, ...] = ("serve", "node")  # the commands that take the flag
+    roles: tuple[str, ...] = ("standalone", "balancer", "node")  # the roles that read it
 
 
 ROLES = ("standalone", "balancer", "node")
+FRONT = ("standalone", "balancer")  # what only a balancer does: users, dashboard, routing
 NODE_PORT = 8081  # `llmlb node`'s default port, beside the balancer's 8080
 WORKER_CLASSES = ("gthread", "gevent")
 GEVENT_CONNECTIONS = 1000  # gunicorn's worker_connections: requests per gevent worker
+MIN_PASSWORD_LENGTH = 8  # NIST SP 800-63B's floor for a password a user chooses
+# Where a hub redirects its downloads to, allowed along with the hub by default.
+HUB_CDN_HOSTS = {"huggingface.co": ("hf.co",)}
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -45,41 +50,44 @@ OPTIONS: tuple[Option, ...] = (
     Option("role", ("LLMLB_ROLE",), "standalone", "str",
            "What this llmlb is: standalone (the balancer with an in-process node), balancer "
            "(routes to registered nodes, runs no model) or node (runs models for a balancer; "
-           "what `llmlb node` starts).", "--role", ("serve",)),
+           "what `llmlb node` starts).", "--role", ("serve",), roles=FRONT),
     Option("home", ("LLMLB_HOME",), "~/.llmlb", "path",
-           "Directory for llmlb's state (SQLite database, .env, plugins).", "--home"),
+           "Directory for llmlb's state (SQLite database, .env, plugins).", "--home",
+           ("serve", "node", "models")),
     Option("models_dir", ("XLLM_MODELS_DIR", "LLM_MODELS_DIR"), None, "path",
            "Model directory (default: $LLMLB_HOME/models). LLM_MODELS_DIR is read for "
-           "compatibility.", "--models-dir"),
+           "compatibility.", "--models-dir", ("serve", "node", "models")),
     Option("database", ("LLMLB_DATABASE",), None, "path",
            "SQLite database file (default: $LLMLB_HOME/llmlb.db).", "--database"),
     Option("host", ("LLMLB_HOST",), "127.0.0.1", "str", "Address to listen on.", "--host"),
     Option("port", ("LLMLB_PORT",), 8080, "int", "Port to listen on.", "--port"),
     Option("workers", ("LLMLB_WORKERS",), 1, "int",
-           "gunicorn worker processes for `llmlb serve` (each holds its own loaded models).",
+           "gunicorn worker processes (each holds its own copy of the models it loads).",
            "--workers"),
     Option("threads", ("LLMLB_THREADS",), 32, "int",
            "Threads per worker (requests, streams and WebSockets each hold one).", "--threads"),
     Option("worker_class", ("LLMLB_WORKER_CLASS",), None, "str",
            "gunicorn worker class: gthread (threads; the default where models run) or gevent "
-           "(the default of a balancer: thousands of streams per worker)."),
+           "(the default of a balancer: thousands of streams per worker).", roles=FRONT),
     Option("dev", ("LLMLB_DEV",), False, "bool",
            "Development mode: accepts the API key sk_debug and the login admin/test. "
            "Never in production.", "--dev"),
     Option("log_level", ("LLMLB_LOG_LEVEL",), "INFO", "str", "Log level.", "--log-level"),
     Option("supported_models", ("LLMLB_SUPPORTED_MODELS",), None, "path",
            "Catalog file (default: the supported_models.json shipped with llmlb).",
-           "--supported-models"),
+           "--supported-models", ("serve", "node", "models")),
     Option("shared_models_dir", ("LLMLB_SHARED_MODELS_DIR",), None, "path",
            "Shared model directory (e.g. an NFS mount) served in place, never copied.",
-           "--shared-models-dir"),
+           "--shared-models-dir", ("serve", "node", "models")),
     Option("hf_token", ("HF_TOKEN",), None, "str",
            "Hugging Face token for private or gated repositories."),
     Option("hf_endpoint", ("HF_ENDPOINT",), "https://huggingface.co", "str",
            "Hugging Face endpoint (a mirror may stand in for the hub)."),
     Option("download_allowlist", ("LLMLB_DOWNLOAD_ALLOWLIST",), None, "list",
-           "Hosts models may be downloaded from, comma-separated (default: the host of "
-           "HF_ENDPOINT; 'none' disables downloads)."),
+           "Hosts models may be downloaded from, comma-separated; a host also allows its "
+           "subdomains, and a download follows redirects only to these hosts (default: the "
+           "host of HF_ENDPOINT, with hf.co for huggingface.co, whose CDN serves its large "
+           "files; 'none' disables downloads)."),
     Option("balancer_url", ("LLMLB_BALANCER_URL",), None, "str",
            "Balancer a node registers with and may fetch model files through "
            "(/v1/models/blob/...).", "--balancer-url"),
@@ -94,36 +102,40 @@ OPTIONS: tuple[Option, ...] = (
     Option("heartbeat_seconds", ("LLMLB_HEARTBEAT_SECONDS",), 5.0, "float",
            "How often a node reports its hardware, models and load to the balancer."),
     Option("node_timeout_seconds", ("LLMLB_NODE_TIMEOUT_SECONDS",), 15.0, "float",
-           "A node without a heartbeat for this long is offline and gets no traffic."),
+           "A node without a heartbeat for this long is offline and gets no traffic.",
+           roles=FRONT),
     Option("cooldown_seconds", ("LLMLB_COOLDOWN_SECONDS",), 1.0, "float",
            "How long a node that failed a request gets no traffic; doubled for each failure "
-           "in a row."),
+           "in a row.", roles=FRONT),
     Option("cooldown_max_seconds", ("LLMLB_COOLDOWN_MAX_SECONDS",), 60.0, "float",
-           "The longest cooldown, also for a node's Retry-After."),
+           "The longest cooldown, also for a node's Retry-After.", roles=FRONT),
     Option("affinity", ("LLMLB_AFFINITY",), True, "bool",
            "Send the turns of a conversation to the node that answered its first turn (its "
-           "prompt cache is warm), unless that node is overloaded."),
+           "prompt cache is warm), unless that node is overloaded.", roles=FRONT),
     Option("affinity_load_factor", ("LLMLB_AFFINITY_LOAD_FACTOR",), 1.25, "float",
            "Load bound of affinity: a node takes a conversation only while its requests in "
-           "flight stay within this factor of the average (bounded-load consistent hashing)."),
+           "flight stay within this factor of the average (bounded-load consistent hashing).",
+           roles=FRONT),
     Option("proxy_connect_timeout_seconds", ("LLMLB_PROXY_CONNECT_TIMEOUT_SECONDS",), 3.0,
-           "float", "Timeout for connecting to a node; past it the request goes to another."),
+           "float", "Timeout for connecting to a node; past it the request goes to another.",
+           roles=FRONT),
     Option("proxy_read_timeout_seconds", ("LLMLB_PROXY_READ_TIMEOUT_SECONDS",), 600.0, "float",
-           "Longest wait for a node's answer or its next streamed chunk."),
+           "Longest wait for a node's answer or its next streamed chunk.", roles=FRONT),
     Option("endpoint_check_seconds", ("LLMLB_ENDPOINT_CHECK_SECONDS",), 10.0, "float",
            "How often the balancer asks each external endpoint for its models (GET "
            "{base_url}/models), its health and its load (its Prometheus /metrics, where it has "
-           "one); a failed check makes it offline until one succeeds."),
+           "one); a failed check makes it offline until one succeeds.", roles=FRONT),
     Option("endpoint_max_requests", ("LLMLB_ENDPOINT_MAX_REQUESTS",), 64, "int",
            "Requests one external endpoint may hold at once (vLLM and Ollama accept and queue "
            "everything); more go to another candidate, or get 429 with Retry-After. 0: no "
-           "limit."),
+           "limit.", roles=FRONT),
     Option("endpoint_env_allowlist", ("LLMLB_ENDPOINT_ENV_ALLOWLIST",), None, "list",
            "Environment variables an endpoint's API key may be read from (--api-key-env), "
-           "comma-separated, besides those named LLMLB_ENDPOINT_KEY_*; any other is refused."),
+           "comma-separated, besides those named LLMLB_ENDPOINT_KEY_*; any other is refused.",
+           roles=FRONT),
     Option("history_retention_days", ("LLMLB_HISTORY_RETENTION_DAYS",), 7.0, "float",
            "How long the request history (one row per request: time, key, model, node, "
-           "status, latency, tokens) is kept; 0 keeps none."),
+           "status, latency, tokens) is kept; 0 keeps none.", roles=FRONT),
     Option("resolve_wait_seconds", ("LLMLB_RESOLVE_WAIT_SECONDS",), 300.0, "float",
            "How long a request waits for its model to download before a 503."),
     Option("max_resolve_waiters", ("LLMLB_MAX_RESOLVE_WAITERS",), 32, "int",
@@ -151,11 +163,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_body_bytes", ("LLMLB_MAX_BODY_BYTES",), 8 * 1024 * 1024, "int",
            "Largest request body accepted (413 above)."),
     Option("admin_username", ("LLMLB_ADMIN_USERNAME",), "admin", "str",
-           "User name of the first admin, created at the first start."),
+           "User name of the first admin, created at the first start.", roles=FRONT),
     Option("admin_password", ("LLMLB_ADMIN_PASSWORD",), None, "str",
-           "Password of the first admin (default: generated and printed once)."),
+           "Password of the first admin (default: generated and printed once).", roles=FRONT),
     Option("secret_key", ("LLMLB_SECRET_KEY",), None, "str",
-           "Key signing dashboard sessions (default: generated once, kept in the database)."),
+           "Key signing dashboard sessions (default: generated once, kept in the database).",
+           roles=FRONT),
     Option("plugins_dir", ("LLMLB_PLUGINS_DIR",), None, "list",
            "Directories of drop-in engine plugins, separated by ':' (default: the project's "
            "plugins/ and $LLMLB_HOME/plugins)."),
@@ -163,25 +176,27 @@ OPTIONS: tuple[Option, ...] = (
            "Reverse proxies in front of llmlb whose X-Forwarded-* headers are trusted "
            "(1 behind nginx)."),
     Option("secure_cookies", ("LLMLB_SECURE_COOKIES",), False, "bool",
-           "Mark the dashboard's session cookie Secure (HTTPS only); set it behind TLS."),
+           "Mark the dashboard's session cookie Secure (HTTPS only); set it behind TLS.",
+           roles=FRONT),
     Option("session_lifetime_seconds", ("LLMLB_SESSION_LIFETIME_SECONDS",), 28800.0, "float",
            "How long a dashboard login lasts, from the moment of login (logging out or a "
-           "password change ends it sooner)."),
+           "password change ends it sooner).", roles=FRONT),
     Option("login_max_failures", ("LLMLB_LOGIN_MAX_FAILURES",), 5, "int",
            "Failed dashboard logins allowed per client address and per user name within "
-           "LLMLB_LOGIN_WINDOW_SECONDS; more get 429."),
+           "LLMLB_LOGIN_WINDOW_SECONDS; more get 429.", roles=FRONT),
     Option("login_window_seconds", ("LLMLB_LOGIN_WINDOW_SECONDS",), 900.0, "float",
-           "The window in which failed logins are counted."),
+           "The window in which failed logins are counted.", roles=FRONT),
     Option("max_websockets", ("LLMLB_MAX_WEBSOCKETS",), None, "int",
            "WebSockets open at once per worker (each holds a thread); more get 503. Must be "
-           "below LLMLB_THREADS (default: half of it)."),
+           "below LLMLB_THREADS (default: half of it).", roles=FRONT),
     Option("header_timeout_seconds", ("LLMLB_HEADER_TIMEOUT_SECONDS",), 5.0, "float",
            "Under gunicorn, a connection must send its request line and headers within this "
            "time once a thread takes it, or it is closed (slow clients cannot hold threads)."),
     Option("hf_stats_ttl_seconds", ("LLMLB_HF_STATS_TTL_SECONDS",), 3600.0, "float",
-           "How long Hugging Face download/like counts are cached."),
+           "How long Hugging Face download/like counts are cached.", roles=FRONT),
     Option("hub_timeout_seconds", ("LLMLB_HUB_TIMEOUT_SECONDS",), 2.0, "float",
-           "Timeout for Hugging Face API calls that only add information (stats)."),
+           "Timeout for Hugging Face API calls that only add information (stats).",
+           roles=FRONT),
 )
 
 OPTIONS_BY_ATTR = {o.attr: o for o in OPTIONS}
@@ -343,7 +358,8 @@ def load_settings(
     values["supported_models"] = values["supported_models"] or default_catalog_path()
     values["hf_endpoint"] = values["hf_endpoint"].rstrip("/")
     if values["download_allowlist"] is None:
-        values["download_allowlist"] = (urlsplit(values["hf_endpoint"]).hostname or "",)
+        hub_host = urlsplit(values["hf_endpoint"]).hostname or ""
+        values["download_allowlist"] = (hub_host, *HUB_CDN_HOSTS.get(hub_host, ()))
     elif values["download_allowlist"] == ("none",):
         values["download_allowlist"] = ()
     values["endpoint_env_allowlist"] = values["endpoint_env_allowlist"] or ()
@@ -364,6 +380,10 @@ def load_settings(
     elif values["max_websockets"] >= values["threads"]:
         raise SettingsError(f"LLMLB_MAX_WEBSOCKETS ({values['max_websockets']}) must be below "
                             f"LLMLB_THREADS ({values['threads']})")
+    if values["admin_password"] and \
+            len(values["admin_password"]) < MIN_PASSWORD_LENGTH:
+        raise SettingsError(f"LLMLB_ADMIN_PASSWORD must have at least {MIN_PASSWORD_LENGTH} "
+                            "characters")
     _cluster_values(values, sources)
     return Settings(**values, sources=sources)
 

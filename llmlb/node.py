@@ -8,7 +8,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engines.base import CHAT, COMPLETION, EMBEDDINGS, GenerationEvent, SamplingParams
+from engines.base import (
+    CHAT,
+    COMPLETION,
+    EMBEDDINGS,
+    GenerationEvent,
+    InvalidPrompt,
+    SamplingParams,
+)
 
 from . import errors
 from .model_pool import Lease, ModelPool
@@ -104,8 +111,11 @@ class LocalNode:
                 events = lease.model.chat(call.messages, call.params)
             else:
                 events = lease.model.complete(call.prompt, call.params)
-        except BaseException:
+        except BaseException as exc:
             lease.release()
+            if isinstance(exc, InvalidPrompt) and call.operation == COMPLETION \
+                    and exc.param == "messages":
+                exc.param = "prompt"  # engines name the chat field unless told otherwise
             raise
         return Generation(lease, events)
 

@@ -6,6 +6,7 @@ from flask import Blueprint, g, request
 
 from .. import errors
 from ..model_info import manifest
+from ..plugins import public_row
 from ..storage import requested_model_id
 from .common import require, respond, runtime
 
@@ -44,4 +45,7 @@ def model_status(model_id: str):
 @require("api")
 def engines():
     rt = runtime()
-    return respond({"engines": rt.engines.describe(rt.pool.options), "loaded": rt.pool.loaded()})
+    rows = rt.engines.describe(rt.pool.options)
+    if not g.principal.allows("admin"):  # where plugins live is for operators only
+        rows = [public_row(row) for row in rows]
+    return respond({"engines": rows, "loaded": rt.pool.loaded()})
