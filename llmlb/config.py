@@ -110,12 +110,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("cooldown_max_seconds", ("LLMLB_COOLDOWN_MAX_SECONDS",), 60.0, "float",
            "The longest cooldown, also for a node's Retry-After.", roles=FRONT),
     Option("affinity", ("LLMLB_AFFINITY",), True, "bool",
-           "Send the turns of a conversation to the node that answered its first turn (its "
-           "prompt cache is warm), unless that node is overloaded.", roles=FRONT),
+           "Send a request to the node that last served its prompt's prefix (a conversation's "
+           "earlier turns, a long shared system prompt: its prompt cache is warm) while that "
+           "node is within the load bound; a request with nothing cached anywhere goes to the "
+           "least busy node.", roles=FRONT),
     Option("affinity_load_factor", ("LLMLB_AFFINITY_LOAD_FACTOR",), 1.25, "float",
-           "Load bound of affinity: a node takes a conversation only while its requests in "
-           "flight stay within this factor of the average (bounded-load consistent hashing).",
-           roles=FRONT),
+           "Load bound of affinity: a node takes a request for its warm prefix only while its "
+           "requests in flight, this one counted, stay within ceil(factor x the average), and "
+           "never while another node is idle.", roles=FRONT),
     Option("proxy_connect_timeout_seconds", ("LLMLB_PROXY_CONNECT_TIMEOUT_SECONDS",), 3.0,
            "float", "Timeout for connecting to a node; past it the request goes to another.",
            roles=FRONT),

@@ -27,6 +27,7 @@ from llmlb.config import OPTIONS
 
 from .fake_balancer import FakeBalancer
 from .fake_hub import FakeHub
+from .fake_openai import FakeOpenAI
 from .nginx import Nginx
 from .postgres import Postgres
 
@@ -182,6 +183,22 @@ def published(hub: FakeHub, tiny: dict[str, Path], tmp_path: Path) -> Path:
         {"id": "bad-sha", "source": "hf_gguf", "repo_id": "llmlb-test/tiny-gguf",
          "artifacts": [{**artifact(gguf, "model.gguf"), "sha256": "0" * 64}]},
     ])
+
+
+@pytest.fixture
+def fakes() -> Iterator[Callable[..., FakeOpenAI]]:
+    """Start OpenAI-compatible upstreams (tests/fake_openai.py): ``fakes(name, *models,
+    **options)``; stopped at the end of the test."""
+    started: list[FakeOpenAI] = []
+
+    def start(name: str, *models: str, **kwargs) -> FakeOpenAI:
+        fake = FakeOpenAI(name, models or ("fake-model",), **kwargs).__enter__()
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        fake.__exit__()
 
 
 @pytest.fixture

@@ -18,25 +18,10 @@ import requests
 from llmlb.auth import create_api_key
 
 from .conftest import CLOSED_ENDPOINT, HELLO, free_port, llmlb_command
-from .fake_openai import FakeOpenAI
 
 ADMIN = {"Authorization": "Bearer sk_debug"}
 FAST = {"role": "balancer", "endpoint_check_seconds": 0.2, "cooldown_seconds": 0.5,
         "cooldown_max_seconds": 10}
-
-
-@pytest.fixture
-def fakes():
-    started: list[FakeOpenAI] = []
-
-    def start(name: str, *models: str, **kwargs) -> FakeOpenAI:
-        fake = FakeOpenAI(name, models or ("fake-model",), **kwargs).__enter__()
-        started.append(fake)
-        return fake
-
-    yield start
-    for fake in started:
-        fake.__exit__()
 
 
 def add(server, name: str, url: str, **extra) -> requests.Response:

@@ -9,7 +9,8 @@
 - ``upstream``: the node seam: hand a request to a node, get (status, headers, body) back;
   the in-process node runs ``serving/``, a remote one is reached over pooled HTTP
 - ``members``: the nodes a balancer can route to right now, local and remote
-- ``routing``: ready or resolvable candidates, least busy, conversation affinity
+- ``routing``: ready or resolvable candidates, least busy, prefix-aware affinity
+- ``prefixes``: where each recent prompt prefix was served, shared by every worker
 - ``proxy``: forwarding with failover, cooldown and pass-through streaming
 - ``agent``: the node's side: its report, registration and heartbeats, its credentials
 - ``endpoints``: external OpenAI-compatible servers as registry members (LB-5): checked when

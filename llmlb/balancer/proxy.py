@@ -27,6 +27,7 @@ from ..storage import requested_model_id
 from . import routing
 from .accounting import Outcome, Watch, with_usage
 from .members import Cluster, Member, RemoteMember
+from .prefixes import PrefixRecord
 from .registry import COOLDOWN, ENDPOINT, OFFLINE, ONLINE, NodeRegistry
 from .upstream import NodeResponse, NodeUnreachable, ProxyRequest
 
@@ -83,6 +84,8 @@ class Balancer:
         self.settings, self.cluster, self.catalog = settings, cluster, catalog
         self.files, self.registry = files, registry
         self.on_done = on_done
+        # Where recent prompt prefixes were served, beside the in-flight counters.
+        self.prefixes = PrefixRecord(cluster.inflight.path.with_suffix(".prefixes"))
 
     def forward(self, operation: str, raw: bytes, caller: str | None = None) -> Forwarded:
         """Hand the request to a node and return its answer; ``caller`` (the key's name) is
@@ -104,7 +107,10 @@ class Balancer:
         if watch is not None:
             watch.model = model_id
             request, watch.strip_usage = with_usage(request)
-        return self._attempt(self.candidates(request), request)
+        # A node routes to itself alone: only a balancer needs the prompt's prefixes.
+        prefix = routing.prefix_of(request.operation, model_id, payload) \
+            if self.settings.affinity and self.registry is not None else None
+        return self._attempt(self.candidates(request, prefix), request, prefix)
 
     def requested_model(self, payload: dict) -> str:
         """The request's model id; an endpoint's own ids (Ollama's ``llama3.2:1b``) may hold
@@ -119,9 +125,10 @@ class Balancer:
 
     # --- choosing ---------------------------------------------------------------------------
 
-    def candidates(self, request: ProxyRequest) -> list[Member]:
-        """The members to try, in order; 404 for a model no one knows, 503 when no node
-        that could serve it is up."""
+    def candidates(self, request: ProxyRequest, prefix: routing.Prefix | None = None,
+                   ) -> list[Member]:
+        """The members to try, in order (``prefix``: the request's, for affinity); 404 for a
+        model no one knows, 503 when no node that could serve it is up."""
         model_id = request.model_id
         members = self.cluster.members((ONLINE,))
         ready = [m for m in members if m.ready(model_id)]
@@ -131,12 +138,11 @@ class Balancer:
                 raise errors.endpoints_full(model_id, self.settings.endpoint_max_requests)
             ready = room
         if ready:
-            key = (routing.conversation_key(request.operation, model_id, request.payload)
-                   if self.settings.affinity else None)
-            if key is None:
+            if prefix is None or len(ready) < 2:
                 return routing.least_busy(ready, self.cluster.load)
-            return routing.with_affinity(ready, lambda m: m.name, self.cluster.load, key,
-                                         self.settings.affinity_load_factor)
+            warm = routing.warmth(prefix, self.prefixes.where(prefix.keys))
+            return routing.with_affinity(ready, lambda m: m.id, self.cluster.load, warm,
+                                         self.settings.affinity_load_factor, prefix.tie)
         # Nobody has it ready: a node that can fetch it does (LB-4), one pull per model.
         entry = self.catalog.get(model_id)
         has_files = self.files.find(model_id) is not None
@@ -177,7 +183,8 @@ class Balancer:
 
     # --- trying -------------------------------------------------------------------------------
 
-    def _attempt(self, order: list[Member], request: ProxyRequest) -> Forwarded:
+    def _attempt(self, order: list[Member], request: ProxyRequest,
+                 prefix: routing.Prefix | None = None) -> Forwarded:
         inflight = self.cluster.inflight
         relayed: Forwarded | None = None  # the last node error, relayed if no one does better
         reason = None
@@ -229,6 +236,8 @@ class Balancer:
                 continue
             if remote and member.record.failures:
                 self.registry.record_success(member.id)  # type: ignore[union-attr]
+            if prefix is not None and status == 200:  # its prompt is in this member's cache
+                self.prefixes.record(prefix.kept, member.id)
             if not response.streaming:
                 inflight.leave(member.id)
                 return Forwarded(member.name, response)
