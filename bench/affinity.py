@@ -1,5 +1,6 @@
-"""Conversation affinity (issue 8): time to first token of the follow-up turns of multi-turn
-conversations over two GGUF nodes, with ``LLMLB_AFFINITY`` on and off.
+"""Prefix-aware affinity (issues 8, 20): time to first token of the follow-up turns of
+multi-turn conversations over two GGUF nodes, with ``LLMLB_AFFINITY`` on and off, and where new
+conversations go while one node streams.
 
 A balancer (``llmlb serve --role balancer``) and two ``llmlb node`` processes, each with the
 ~63M-parameter Llama of ``engine_overhead.py`` as GGUF f16. ``--users`` clients run at once;
@@ -11,14 +12,26 @@ first content chunk (streamed, openai SDK). The same conversations run in both m
 While they run, ``/v0/nodes`` is sampled every 50 ms: the most requests in flight on one node
 is reported with the bound affinity keeps (``ceil(LLMLB_AFFINITY_LOAD_FACTOR x average)``).
 
-    .venv/bin/python bench/affinity.py [--users 2] [--conversations 3] [--turns 5]
+The new-conversation case (issue 20): one long stream (``--long-tokens``) runs on a node; while
+it streams, ``--quick`` new one-question conversations are sent one after the other. Reported:
+the node each went to (the idle one is right: nothing of them is cached anywhere) and their
+time to first token.
+
+``--baseline PATH`` runs the "on" mode once more with the llmlb of another checkout (a ``git
+worktree`` of an earlier commit, on ``PYTHONPATH``; the same venv), e.g. the hash ring before
+issue 20, so that both algorithms meet the same conversations in one run.
+
+    .venv/bin/python bench/affinity.py [--users 2] [--conversations 3] [--turns 5] [--quick 4]
+        [--baseline PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -50,7 +63,8 @@ def system_prompt(seed: int, words: int) -> str:
         rng.choice(WORDS) for _ in range(words))
 
 
-def start_cluster(affinity: bool, model: Path, tag: str) -> tuple[list, str, str]:
+def start_cluster(affinity: bool, model: Path, tag: str, code: Path | None = None,
+                  ) -> tuple[list, str, str]:
     sys.path.insert(0, str(REPO))
     from llmlb.auth import create_api_key
     from llmlb.db import Database
@@ -66,6 +80,8 @@ def start_cluster(affinity: bool, model: Path, tag: str) -> tuple[list, str, str
     port = free_port()
     common = {"HF_ENDPOINT": "http://127.0.0.1:9", "LLMLB_LOG_LEVEL": "WARNING",
               "LLMLB_HEARTBEAT_SECONDS": "1"}
+    if code is not None:  # another checkout's llmlb, first on the path (the same venv)
+        common["PYTHONPATH"] = os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])
     procs = [start_server([str(VENV_BIN / "llmlb"), "serve", "--role", "balancer", "--port",
                            str(port)],
                           clean_env(LLMLB_HOME=str(home), LLMLB_AFFINITY=str(int(affinity)),
@@ -92,12 +108,67 @@ def start_cluster(affinity: bool, model: Path, tag: str) -> tuple[list, str, str
     raise RuntimeError("the nodes did not register")
 
 
-def run_mode(affinity: bool, model: Path, args: argparse.Namespace) -> dict:
+def stream_ttft(client, messages: list[dict], max_tokens: int) -> tuple[str, float, str]:  # noqa: ANN001
+    """One streamed chat: the node, seconds to the first content chunk, the text."""
+    sent = time.perf_counter()
+    ttft, text = None, ""
+    with client.chat.completions.with_streaming_response.create(
+            model=MODEL_ID, messages=messages, max_tokens=max_tokens, temperature=0,
+            stream=True) as response:
+        node = response.headers["X-LLMLB-Node"]
+        for chunk in response.parse():
+            if chunk.choices and chunk.choices[0].delta.content:
+                ttft = ttft or time.perf_counter() - sent
+                text += chunk.choices[0].delta.content
+    return node, ttft or 0.0, text
+
+
+def new_conversations(url: str, api: str, args: argparse.Namespace) -> dict:
+    """While one long stream runs on a node, ``--quick`` new conversations one at a time."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=api, max_retries=0, timeout=300)
+    long_node: dict = {}
+    started = threading.Event()
+
+    def long_stream() -> None:
+        with client.chat.completions.with_streaming_response.create(
+                model=MODEL_ID, max_tokens=args.long_tokens, temperature=0, stream=True,
+                messages=[{"role": "user", "content": "Write a long story."}]) as response:
+            long_node["node"] = response.headers["X-LLMLB-Node"]
+            for chunk in response.parse():
+                if chunk.choices and chunk.choices[0].delta.content:
+                    started.set()
+            long_node["ended"] = time.perf_counter()
+
+    streamer = threading.Thread(target=long_stream)
+    streamer.start()
+    started.wait(120)
+    quick = []
+    for q in range(args.quick):
+        node, ttft, _ = stream_ttft(client, [{"role": "user", "content": f"Quick question {q}: "
+                                              f"name a colour."}], args.max_tokens)
+        quick.append({"node": node, "ttft_ms": round(ttft * 1000, 1),
+                      "while_streaming": "ended" not in long_node})
+    streamer.join()
+    busy = long_node["node"]
+    during = [x for x in quick if x["while_streaming"]]
+    idle = [x for x in during if x["node"] != busy]
+    out = {"streaming_node": busy, "quick": quick,
+           "to_idle_node": f"{len(idle)}/{len(during)}",
+           "ttft_idle_node_ms": percentile([x["ttft_ms"] for x in idle], 50) if idle else None,
+           "ttft_busy_node_ms": percentile([x["ttft_ms"] for x in during if x not in idle], 50)
+           if len(idle) < len(during) else None}
+    return out
+
+
+def run_mode(label: str, affinity: bool, model: Path, args: argparse.Namespace,
+             code: Path | None = None) -> dict:
     import openai
     import requests
 
-    tag = "on" if affinity else "off"
-    procs, url, keys = start_cluster(affinity, model, tag)
+    tag = label.replace(" ", "-")
+    procs, url, keys = start_cluster(affinity, model, tag, code)
     api, admin = keys.split()
     turns: list[dict] = []
     peak = {"max_node": 0, "max_total": 0}
@@ -120,16 +191,7 @@ def run_mode(affinity: bool, model: Path, args: argparse.Namespace) -> dict:
                         {"role": "user", "content": "Hello, who are you?"}]
             previous = None
             for turn in range(1, args.turns + 1):
-                sent = time.perf_counter()
-                ttft, text = None, ""
-                with client.chat.completions.with_streaming_response.create(
-                        model=MODEL_ID, messages=messages, max_tokens=args.max_tokens,
-                        temperature=0, stream=True) as response:
-                    node = response.headers["X-LLMLB-Node"]
-                    for chunk in response.parse():
-                        if chunk.choices and chunk.choices[0].delta.content:
-                            ttft = ttft or time.perf_counter() - sent
-                            text += chunk.choices[0].delta.content
+                node, ttft, text = stream_ttft(client, messages, args.max_tokens)
                 turns.append({"user": u, "conversation": seed, "turn": turn, "node": node,
                               "ttft_ms": round((ttft or 0) * 1000, 1),
                               "same_node": previous == node})
@@ -145,13 +207,14 @@ def run_mode(affinity: bool, model: Path, args: argparse.Namespace) -> dict:
             t.start()
         for t in threads:
             t.join()
+        fresh = new_conversations(url, api, args) if args.quick else None
     finally:
         stop.set()
         for proc in reversed(procs):
             proc.stop()
     follow = [t for t in turns if t["turn"] > 1]
     ttfts = [t["ttft_ms"] for t in follow]
-    out = {"affinity": affinity, "turns": len(turns),
+    out = {"mode": label, "affinity": affinity, "code": describe(code), "turns": len(turns),
            "follow_up_ttft_p50_ms": percentile(ttfts, 50),
            "follow_up_ttft_p90_ms": percentile(ttfts, 90),
            "first_turn_ttft_p50_ms": percentile([t["ttft_ms"] for t in turns
@@ -160,13 +223,28 @@ def run_mode(affinity: bool, model: Path, args: argparse.Namespace) -> dict:
            "requests_by_node": {n: sum(t["node"] == n for t in turns)
                                 for n in ("node-a", "node-b")},
            "max_in_flight_one_node": peak["max_node"], "max_in_flight_total": peak["max_total"],
-           "per_turn": turns}
-    print(f"  affinity {tag:3s}: follow-up TTFT p50 {out['follow_up_ttft_p50_ms']} ms, p90 "
+           "new_conversations": fresh, "per_turn": turns}
+    print(f"  {label}: follow-up TTFT p50 {out['follow_up_ttft_p50_ms']} ms, p90 "
           f"{out['follow_up_ttft_p90_ms']} ms (first turns {out['first_turn_ttft_p50_ms']} ms); "
           f"same node as the previous turn {out['follow_up_same_node']:.0%}; by node "
           f"{out['requests_by_node']}; most in flight on one node {peak['max_node']} "
           f"(of {peak['max_total']})", flush=True)
+    if fresh:
+        print(f"  {label}: new conversations while {fresh['streaming_node']} streams: "
+              f"{fresh['to_idle_node']} to the idle node; TTFT p50 there "
+              f"{fresh['ttft_idle_node_ms']} ms, on the streaming node "
+              f"{fresh['ttft_busy_node_ms']} ms", flush=True)
     return out
+
+
+def describe(code: Path | None) -> str:
+    """The commit of the llmlb measured: this checkout's, or another's."""
+    where = code or REPO
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return str(where)
 
 
 def main() -> None:
@@ -176,6 +254,11 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--prompt-words", type=int, default=60)  # the model holds 512 tokens
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--quick", type=int, default=4,
+                        help="new conversations sent while one node streams (0: skip)")
+    parser.add_argument("--long-tokens", type=int, default=400)
+    parser.add_argument("--baseline", type=Path, default=None, metavar="PATH",
+                        help="also run affinity on with the llmlb of this checkout")
     parser.add_argument("--wait-quiet", type=float, default=120, metavar="SECONDS")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -186,8 +269,11 @@ def main() -> None:
     wait_quiet(args.wait_quiet)
     summary: dict = {**run_facts("affinity", started, load_before, cpu_busy(0.5)),
                      "machine": machine_info(), "settings": vars(args)}
-    summary["on"] = run_mode(True, model, args)
-    summary["off"] = run_mode(False, model, args)
+    summary["on"] = run_mode("on", True, model, args)
+    summary["off"] = run_mode("off", False, model, args)
+    if args.baseline is not None:
+        summary["baseline"] = run_mode(f"on at {describe(args.baseline)}", True, model, args,
+                                       args.baseline.resolve())
     gain = 1 - summary["on"]["follow_up_ttft_p50_ms"] / summary["off"]["follow_up_ttft_p50_ms"]
     summary["follow_up_ttft_p50_lower_by"] = round(gain, 3)
     print(f"follow-up TTFT p50 {gain:.0%} lower with affinity")

@@ -1,27 +1,43 @@
-"""The balancer's own cost (issue 8's figures): what it adds in front of a node, and how many
-slow streams it holds.
+"""The balancer's own cost (issues 8 and 20): what it adds in front of an upstream that costs
+almost nothing, how it scales over cores, and how many slow streams it holds.
 
-Parts (``--parts``, all by default):
+Parts (``--parts``; all but ``profile`` by default):
 
-- ``proxy``: ``wrk`` (Debian's, pinned to core 0 with ``taskset``) against a minimal upstream
-  that answers a fixed ``chat.completion`` at once (``bench/upstream.py``, pinned to core 1),
-  directly, through nginx (``proxy_pass`` with keep-alive, core 1) and through
-  ``llmlb serve --role balancer`` (gunicorn, 1 worker, core 1; gevent, its default, then
-  gthread) with the upstream registered as its node. 1 connection: p50/p99 and what the proxy adds to the direct p50; 64 connections:
-  requests/s, p99, errors (non-2xx and socket errors). Goals: <= 1 ms added p50, >= 1,000
-  req/s at 64 connections, p99 <= 100 ms, zero errors.
-- ``client``: CPU per round trip to the upstream of urllib3 (the first choice) and of the
-  balancer's ``http1`` client (httptools), in this process.
-- ``wire``: CPU per streamed token of passing the node's SSE bytes through vs re-framing them
-  (decode the node's event, build the OpenAI chunk, encode it), the choice DESIGN.md asks to
-  show with a figure.
-- ``streams``: ``--streams`` (1,000) concurrent streams through one balancer with the
-  documented gunicorn settings (the default gevent workers, LLMLB_WORKERS=2), then with
-  gthread (LLMLB_WORKERS=4, LLMLB_THREADS=512), each ``--tokens`` chunks ``--token-delay`` s
-  apart from the upstream; every stream must end with ``[DONE]`` and all its chunks. Reports
-  errors, stream durations and the balancer's CPU and memory.
+- ``proxy``: ``wrk`` pinned to core 0 (``taskset``); Debian's nginx answering a fixed
+  ``chat.completion`` (and, on a second port, a fixed SSE body) as the upstream, pinned to
+  core 1 with the proxy under test (``bench/proxybench.py``). Rows, in one run: the upstream
+  direct, nginx as a proxy (keep-alive upstream, 1 worker), ``llmlb serve --role balancer``
+  (1 gevent worker, its default; then gthread) with the upstream added as an **endpoint**
+  (``POST /v0/endpoints``; metrics and history on, the defaults), then the same three for
+  streams (``"stream": true``). 1 connection: p50 and requests/s; 64 connections:
+  requests/s, p99, errors (non-2xx and socket errors). Goals (issue 20): <= 0.3 ms added p50,
+  >= 3,000 req/s at 64 connections on one core, p99 <= 30 ms, 0 errors.
+- ``--compare REF[,REF]``: more llmlb rows in the same run, each the llmlb of another commit
+  (a ``git worktree`` under ``bench/.work/trees/``, on ``PYTHONPATH``: the same venv), with the
+  upstream registered as a **node** (commits before issue 9 have no endpoints), and this
+  checkout the same way for a like-for-like row. E.g. ``--compare 5d35203,main``.
+- ``scale``: 1 worker against 2 workers on the 2 cores (each pinned to its own), with
+  gunicorn's shared accept and with a ``SO_REUSEPORT`` socket per worker
+  (``bench/gunicorn_scale.py``); wrk and the nginx upstream unpinned (on a 2-core machine
+  they take their share from the workers). 64 connections: requests/s, the ratio to 1
+  worker (goal >= 1.8), and each worker's share of the CPU (how evenly the accept spread).
+- ``profile``: ``py-spy`` (``pip install py-spy``) samples the 1-worker balancer under wrk
+  at 64 connections: a flame graph (SVG) and the collapsed stacks under ``bench/profiles/``,
+  and a breakdown of the samples by part (Flask dispatch, the key lookup, body parsing,
+  routing, the upstream pool, metrics, history, logging, gevent…).
+- ``client``: CPU per round trip to an upstream of urllib3 (the first choice) and of the
+  balancer's ``http1`` client (httptools), in this process (``bench/upstream.py``).
+- ``wire``: CPU per streamed token of passing the node's SSE bytes through vs re-framing them.
+- ``streams``: ``--streams`` (1,000) concurrent slow streams through one balancer
+  (``bench/upstream.py``, whose timing is what matters here) with the documented gunicorn
+  settings (gevent, LLMLB_WORKERS=2), then gthread (LLMLB_WORKERS=4, LLMLB_THREADS=512),
+  each ``--tokens`` chunks ``--token-delay`` s apart; every stream must end with ``[DONE]``.
 
-    .venv/bin/python bench/balancer.py [--parts proxy,client,wire,streams] [--seconds 10]
+It ends with a Markdown block ready for ``bench/RESULTS.md`` (the machine, its load, the
+commit, the tables) and the JSON summary.
+
+    .venv/bin/python bench/balancer.py [--parts proxy,scale,client,wire,streams,profile]
+        [--seconds 10] [--compare 5d35203,main] [--streams 1000]
 """
 
 from __future__ import annotations
@@ -29,161 +45,130 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
+import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import proxybench
+import pyspy
 from common import (
     REPO,
-    VENV_BIN,
     WORK_ROOT,
     Proc,
     announce,
     clean_env,
     free_port,
+    git_state,
     machine_info,
     percentile,
     proc_stat,
     run_facts,
     save_summary,
-    start_server,
 )
-from cpuwatch import cpu_busy, wait_quiet
+from cpuwatch import cpu_busy, cpu_model, wait_quiet
+from proxybench import BODY, STREAM_BODY, pinned, row, table
+from scaling import part_scale, scale_table
 
 WORK = WORK_ROOT / "balancer"
-BODY = {"model": "bench-model", "messages": [{"role": "user", "content": "Hello!"}]}
-WRK_DONE = """
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('WRK {"requests":%d,"duration_us":%d,"non2xx":%d,"socket_errors":%d,'
-    .. '"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d}\\n', summary.requests,
-    summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
-end
-"""
+TREES = WORK_ROOT / "trees"
+PROFILES = REPO / "bench" / "profiles"
+PATH = "/v1/chat/completions"
 
 
-def pinned(core: int, args: list[str]) -> list[str]:
-    return ["taskset", "-c", str(core), *args]
+def wrk(url: str, connections: int, seconds: float, api_key: str | None) -> dict:
+    """wrk pinned to core 0 (``endpoints.py`` uses it too)."""
+    return proxybench.wrk(url, connections, seconds, api_key, WORK)
 
 
 def start_upstream(port: int, log: Path, core: int | None = None, **opts: object) -> Proc:
+    """``bench/upstream.py``: a Python upstream, for the parts where its timing matters."""
     args = [sys.executable, str(REPO / "bench" / "upstream.py"), "--port", str(port)]
     for k, v in opts.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
-    proc = Proc(pinned(core, args) if core is not None else args, clean_env(), log,
-                stdout_pipe=True)
+    proc = Proc(pinned(core, args), clean_env(), log, stdout_pipe=True)
     assert proc.first_line(30) == "ready"
     return proc
 
 
 def start_balancer(home: Path, port: int, upstream_port: int, log: Path, core: int | None,
                    **env: str) -> tuple[Proc, str]:
-    """``llmlb serve --role balancer`` with the upstream registered as its node ``up``."""
-    sys.path.insert(0, str(REPO))
-    from llmlb.auth import create_api_key
-    from llmlb.db import Database
-
-    shutil.rmtree(home, ignore_errors=True)
-    db = Database(home / "llmlb.db")
-    api, _ = create_api_key(db, "bench", "api")
-    node, _ = create_api_key(db, "bench-node", "node")
-    db.close()
-    args = [str(VENV_BIN / "llmlb"), "serve", "--role", "balancer", "--port", str(port)]
-    proc = start_server(pinned(core, args) if core is not None else args, clean_env(
-        LLMLB_HOME=str(home), HF_ENDPOINT="http://127.0.0.1:9", LLMLB_LOG_LEVEL="WARNING",
-        LLMLB_NODE_TIMEOUT_SECONDS="86400", **env), log, port, name="balancer")
-    import requests
-
-    r = requests.post(f"http://127.0.0.1:{port}/v0/nodes", timeout=10,
-                      headers={"Authorization": f"Bearer {node}"},
-                      json={"name": "up", "url": f"http://127.0.0.1:{upstream_port}",
-                            "secret": "bench-secret-0123456789",
-                            "report": {"models": [{"id": "bench-model", "object": "model",
-                                                   "created": 0, "owned_by": "local"}]}})
-    r.raise_for_status()
-    return proc, api
+    """This checkout's balancer with the upstream registered as its node ``up``."""
+    return proxybench.start_llmlb(home, port, upstream_port, log, core, as_node=True, **env)
 
 
-def start_nginx(port: int, upstream_port: int, core: int) -> Proc:
-    conf_dir = WORK / "nginx"
-    conf_dir.mkdir(parents=True, exist_ok=True)
-    (conf_dir / "nginx.conf").write_text(f"""
-worker_processes 1; daemon off; pid {conf_dir}/nginx.pid; error_log {conf_dir}/error.log;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {conf_dir}/body; proxy_temp_path {conf_dir}/proxy;
-  upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{ proxy_pass http://up; proxy_http_version 1.1;
-                 proxy_set_header Connection ""; proxy_buffering off; }}
-  }}
-}}
-""")
-    proc = Proc(pinned(core, [shutil.which("nginx") or "nginx", "-c",
-                              str(conf_dir / "nginx.conf"), "-p", str(conf_dir)]),
-                clean_env(), WORK / "nginx.log")
-    time.sleep(0.5)
-    return proc
+def checkout(ref: str) -> Path:
+    """A worktree of ``ref`` under bench/.work/trees (made once), or ``ref`` if it is a path."""
+    if Path(ref).is_dir():
+        return Path(ref).resolve()
+    commit = subprocess.run(["git", "rev-parse", "--short", ref], cwd=REPO, text=True,
+                            capture_output=True, check=True).stdout.strip()
+    tree = TREES / commit
+    if not (tree / "llmlb").is_dir():
+        TREES.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=REPO,
+                       capture_output=True, check=True)
+    return tree
 
 
-def wrk(url: str, connections: int, seconds: float, api_key: str | None) -> dict:
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    script = WORK / "post.lua"
-    script.write_text(f"wrk.method = 'POST'\nwrk.body = {json.dumps(json.dumps(BODY))}\n"
-                      + "".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n"
-                                for k, v in headers.items()) + WRK_DONE)
-    out = subprocess.run(pinned(0, ["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s",
-                                    "--latency", "-s", str(script), url]),
-                         capture_output=True, text=True, check=True).stdout
-    line = next(x for x in out.splitlines() if x.startswith("WRK "))
-    result = json.loads(line[4:])
-    result["rps"] = round(result["requests"] / (result["duration_us"] / 1e6), 1)
-    return result
-
-
-def part_proxy(seconds: float) -> dict:
-    up_port, nginx_port, lb_port = free_port(), free_port(), free_port()
-    upstream = start_upstream(up_port, WORK / "upstream.log", core=1)
-    path = "/v1/chat/completions"
-    sides: dict[str, tuple[str, str | None]] = {"direct": (f"http://127.0.0.1:{up_port}", None)}
-    procs = [upstream]
+def part_proxy(seconds: float, compare: list[str]) -> dict:
+    json_port, sse_port, nginx_port, nginx_sse_port = (free_port() for _ in range(4))
+    procs = [proxybench.start_upstream_nginx(json_port, sse_port, WORK, core=1)]
+    rows: list[dict] = []
+    streams: list[dict] = []
+    nodes: list[dict] = []
     try:
-        if shutil.which("nginx"):
-            procs.append(start_nginx(nginx_port, up_port, core=1))
-            sides["nginx"] = (f"http://127.0.0.1:{nginx_port}", None)
-        lb, api = start_balancer(WORK / "lb-home", lb_port, up_port, WORK / "lb.log", core=1)
-        procs.append(lb)
-        sides["llmlb"] = (f"http://127.0.0.1:{lb_port}", api)  # gevent, the balancer's default
-        results: dict[str, dict] = {}
-        for name, (base, key) in list(sides.items()) + [("llmlb-gthread", ("", ""))]:
-            if name == "llmlb-gthread":  # the same balancer with the worker class where models run
-                lb.stop()
-                lb, key = start_balancer(WORK / "lb-home", lb_port, up_port,
-                                         WORK / "lb-gthread.log", core=1,
-                                         LLMLB_WORKER_CLASS="gthread")
-                procs.append(lb)
-                base = f"http://127.0.0.1:{lb_port}"
-            wrk(base + path, 8, 2, key)  # warm up: connections, caches, the registry
-            results[name] = {"c1": wrk(base + path, 1, seconds, key),
-                             "c64": wrk(base + path, 64, seconds, key)}
-            c1, c64 = results[name]["c1"], results[name]["c64"]
-            print(f"  {name:7s} 1 conn: p50 {c1['p50_us']} us, p99 {c1['p99_us']} us | "
-                  f"64 conns: {c64['rps']} req/s, p99 {c64['p99_us'] / 1000:.1f} ms, "
-                  f"errors {c64['non2xx'] + c64['socket_errors']}", flush=True)
-        direct = results["direct"]["c1"]["p50_us"]
-        for name in results:
-            results[name]["added_p50_us"] = results[name]["c1"]["p50_us"] - direct
-        return results
+        procs.append(proxybench.start_proxy_nginx(nginx_port, json_port, WORK, core=1))
+        procs.append(proxybench.start_proxy_nginx(nginx_sse_port, sse_port, WORK, core=1,
+                                                  name="proxy-sse"))
+        direct = row("upstream direct", f"http://127.0.0.1:{json_port}{PATH}", None, seconds,
+                     WORK)
+        rows += [direct, row("nginx as proxy", f"http://127.0.0.1:{nginx_port}{PATH}", None,
+                             seconds, WORK)]
+        for label, env in (("llmlb balancer (gevent), upstream as an endpoint", {}),
+                           ("llmlb balancer (gthread), upstream as an endpoint",
+                            {"LLMLB_WORKER_CLASS": "gthread"})):
+            rows.append(_llmlb_row(label, json_port, seconds, None, False, env))
+        print("  streams (a fixed SSE body: 3 chunks, usage, [DONE]):", flush=True)
+        streams.append(row("upstream direct, stream", f"http://127.0.0.1:{sse_port}{PATH}",
+                           None, seconds, WORK, STREAM_BODY))
+        streams.append(row("nginx as proxy, stream", f"http://127.0.0.1:{nginx_sse_port}"
+                           f"{PATH}", None, seconds, WORK, STREAM_BODY))
+        streams.append(_llmlb_row("llmlb balancer (gevent), stream", sse_port, seconds, None,
+                                  False, {}, STREAM_BODY))
+        if compare:
+            print("  commits, the upstream as a node:", flush=True)
+            nodes.append(_llmlb_row(f"llmlb {git_state()} (this checkout), as a node",
+                                    json_port, seconds, None, True, {}))
+            for ref in compare:
+                tree = checkout(ref)
+                nodes.append(_llmlb_row(f"llmlb {ref} ({_commit(tree)}), as a node", json_port,
+                                        seconds, tree, True, {}))
     finally:
         for proc in reversed(procs):
             proc.stop()
+    return {"rows": rows, "streams": streams, "commits": nodes,
+            "table": table(rows, direct), "streams_table": table(streams, streams[0]),
+            "commits_table": table(nodes, direct) if nodes else None}
+
+
+def _commit(tree: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, text=True,
+                          capture_output=True, check=True).stdout.strip()
+
+
+def _llmlb_row(label: str, upstream_port: int, seconds: float, code: Path | None,
+               as_node: bool, env: dict[str, str], body: dict | None = None) -> dict:
+    port = free_port()
+    tag = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    lb, api = proxybench.start_llmlb(WORK / f"home-{tag}", port, upstream_port,
+                                     WORK / f"{tag}.log", 1, code=code, as_node=as_node, **env)
+    try:
+        return row(label, f"http://127.0.0.1:{port}{PATH}", api, seconds, WORK, body)
+    finally:
+        lb.stop()
 
 
 def part_client(n: int = 3000) -> dict:
@@ -326,10 +311,37 @@ def part_streams(streams: int, tokens: int, token_delay: float, worker_class: st
     return out
 
 
+def results_block(summary: dict) -> str:
+    """What goes into bench/RESULTS.md: when, where, how loaded, which commit; the tables."""
+    facts = (f"{time.strftime('%Y-%m-%d %H:%M')}, {cpu_model()}, {os.cpu_count()} cores, load "
+             f"average {summary['load_avg_before']} before / {summary['load_avg_after']} "
+             f"after, busy share of the cores before {summary['busy_before']:.0%}, commit "
+             f"{git_state()}")
+    out = [f"**{facts}**", ""]
+    proxy = summary.get("proxy")
+    if proxy:
+        out += ["wrk on core 0; the nginx upstream and the proxy under test on core 1:", "",
+                proxy["table"], "", "Streams (a fixed SSE body of 3 chunks, usage, [DONE]):", "",
+                proxy["streams_table"], ""]
+        if proxy["commits_table"]:
+            out += ["Commits, the upstream registered as a node:", "", proxy["commits_table"],
+                    ""]
+    if summary.get("scale"):
+        out += ["Two workers on two cores (wrk and the upstream unpinned):", "",
+                scale_table(summary["scale"]), ""]
+    if summary.get("profile"):
+        out += [f"py-spy, 1 worker under wrk at 64 connections ({summary['profile']['svg']}):",
+                "", "| part | samples |", "|---|---|"]
+        out += [f"| {name} | {share:.1%} |" for name, share in summary["profile"]["parts"].items()]
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="proxy,client,wire,streams")
+    parser.add_argument("--parts", default="proxy,scale,client,wire,streams")
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--compare", default="", metavar="REF[,REF]",
+                        help="more llmlb rows: other commits (or checkouts), as nodes")
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--token-delay", type=float, default=0.5)
@@ -341,9 +353,16 @@ def main() -> None:
     summary: dict = {**run_facts("balancer", started, load_before, cpu_busy(0.5)),
                      "machine": machine_info()}
     parts = args.parts.split(",")
+    compare = [r for r in args.compare.split(",") if r]
     if "proxy" in parts:
         print("proxy overhead (wrk on core 0; upstream and proxy on core 1):", flush=True)
-        summary["proxy"] = part_proxy(args.seconds)
+        summary["proxy"] = part_proxy(args.seconds, compare)
+    if "scale" in parts:
+        print("two workers on two cores (64 connections):", flush=True)
+        summary["scale"] = part_scale(args.seconds)
+    if "profile" in parts:
+        print("profile (py-spy, 1 worker, wrk at 64 connections):", flush=True)
+        summary["profile"] = pyspy.profile_balancer(WORK, PROFILES, args.seconds)
     if "client" in parts:
         summary["client"] = part_client()
     if "wire" in parts:
@@ -352,6 +371,8 @@ def main() -> None:
         summary["streams"] = {
             "gevent": part_streams(args.streams, args.tokens, args.token_delay, "gevent", 2),
             "gthread": part_streams(args.streams, args.tokens, args.token_delay, "gthread", 4)}
+    summary["load_avg_after"] = round(os.getloadavg()[0], 2)
+    print("\n--- for bench/RESULTS.md ---\n" + results_block(summary) + "\n---", flush=True)
     save_summary("balancer", summary, indent=2)
 
 

@@ -107,9 +107,8 @@ class Balancer:
         if watch is not None:
             watch.model = model_id
             request, watch.strip_usage = with_usage(request)
-        # A node routes to itself alone: only a balancer needs the prompt's prefixes.
-        prefix = routing.prefix_of(request.operation, model_id, payload) \
-            if self.settings.affinity and self.registry is not None else None
+        prefix = routing.LazyPrefix(request.operation, model_id, payload) \
+            if self.settings.affinity else None
         return self._attempt(self.candidates(request, prefix), request, prefix)
 
     def requested_model(self, payload: dict) -> str:
@@ -125,7 +124,7 @@ class Balancer:
 
     # --- choosing ---------------------------------------------------------------------------
 
-    def candidates(self, request: ProxyRequest, prefix: routing.Prefix | None = None,
+    def candidates(self, request: ProxyRequest, prefix: routing.LazyPrefix | None = None,
                    ) -> list[Member]:
         """The members to try, in order (``prefix``: the request's, for affinity); 404 for a
         model no one knows, 503 when no node that could serve it is up."""
@@ -138,11 +137,12 @@ class Balancer:
                 raise errors.endpoints_full(model_id, self.settings.endpoint_max_requests)
             ready = room
         if ready:
-            if prefix is None or len(ready) < 2:
+            cut = prefix() if prefix is not None and len(ready) > 1 else None
+            if cut is None:
                 return routing.least_busy(ready, self.cluster.load)
-            warm = routing.warmth(prefix, self.prefixes.where(prefix.keys))
+            warm = routing.warmth(cut, self.prefixes.where(cut.keys))
             return routing.with_affinity(ready, lambda m: m.id, self.cluster.load, warm,
-                                         self.settings.affinity_load_factor, prefix.tie)
+                                         self.settings.affinity_load_factor, cut.tie)
         # Nobody has it ready: a node that can fetch it does (LB-4), one pull per model.
         entry = self.catalog.get(model_id)
         has_files = self.files.find(model_id) is not None
@@ -184,7 +184,7 @@ class Balancer:
     # --- trying -------------------------------------------------------------------------------
 
     def _attempt(self, order: list[Member], request: ProxyRequest,
-                 prefix: routing.Prefix | None = None) -> Forwarded:
+                 prefix: routing.LazyPrefix | None = None) -> Forwarded:
         inflight = self.cluster.inflight
         relayed: Forwarded | None = None  # the last node error, relayed if no one does better
         reason = None
@@ -236,8 +236,8 @@ class Balancer:
                 continue
             if remote and member.record.failures:
                 self.registry.record_success(member.id)  # type: ignore[union-attr]
-            if prefix is not None and status == 200:  # its prompt is in this member's cache
-                self.prefixes.record(prefix.kept, member.id)
+            if prefix is not None and prefix.value is not None and status == 200:
+                self.prefixes.record(prefix.value.kept, member.id)  # its cache holds them
             if not response.streaming:
                 inflight.leave(member.id)
                 return Forwarded(member.name, response)

@@ -56,6 +56,22 @@ class Prefix(NamedTuple):
     tie: int
 
 
+class LazyPrefix:
+    """``prefix_of`` a request, computed on first use: only where there is a choice (two
+    members or more have the model ready) is it worth hashing the prompt."""
+
+    __slots__ = ("_request", "value")
+
+    def __init__(self, operation: str, model_id: str, payload: dict) -> None:
+        self._request: tuple[str, str, dict] | None = (operation, model_id, payload)
+        self.value: Prefix | None = None  # once computed (None: not yet, or no prefix)
+
+    def __call__(self) -> Prefix | None:
+        if self._request is not None:
+            self.value, self._request = prefix_of(*self._request), None
+        return self.value
+
+
 def _key(h: hashlib.blake2b) -> int:
     return int.from_bytes(h.copy().digest(), "little") | 1  # 0 marks an empty record slot
 
