@@ -57,7 +57,7 @@ lint: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	@# bench/balancer.py drives the proxy with wrk, a C load generator (a Python client cannot
-	@# saturate it); nginx, when present, is measured beside it.
+	@# saturate it), against nginx as the upstream (installed with the test dependencies).
 	command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq wrk; }
 	$(BIN)/python bench/api_latency.py

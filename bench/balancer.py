@@ -10,12 +10,15 @@ Parts (``--parts``; all but ``profile`` by default):
   (1 gevent worker, its default; then gthread) with the upstream added as an **endpoint**
   (``POST /v0/endpoints``; metrics and history on, the defaults), then the same three for
   streams (``"stream": true``). 1 connection: p50 and requests/s; 64 connections:
-  requests/s, p99, errors (non-2xx and socket errors). Goals (issue 20): <= 0.3 ms added p50,
-  >= 3,000 req/s at 64 connections on one core, p99 <= 30 ms, 0 errors.
+  requests/s, p99, errors (non-2xx and socket errors), and llmlb's CPU per request (its
+  worker's CPU time over the requests: what other processes disturb least). Goals (issue
+  20): <= 0.3 ms added p50, >= 3,000 req/s at 64 connections on one core, p99 <= 30 ms,
+  0 errors.
 - ``--compare REF[,REF]``: more llmlb rows in the same run, each the llmlb of another commit
   (a ``git worktree`` under ``bench/.work/trees/``, on ``PYTHONPATH``: the same venv), with the
   upstream registered as a **node** (commits before issue 9 have no endpoints), and this
-  checkout the same way for a like-for-like row. E.g. ``--compare 5d35203,main``.
+  checkout the same way for a like-for-like row; ``--repeat`` rounds in a rotating order,
+  medians. E.g. ``--compare 5d35203,main``.
 - ``scale``: 1 worker against 2 workers on the 2 cores (each pinned to its own), with
   gunicorn's shared accept and with a ``SO_REUSEPORT`` socket per worker
   (``bench/gunicorn_scale.py``); wrk and the nginx upstream unpinned (on a 2-core machine
@@ -37,7 +40,7 @@ It ends with a Markdown block ready for ``bench/RESULTS.md`` (the machine, its l
 commit, the tables) and the JSON summary.
 
     .venv/bin/python bench/balancer.py [--parts proxy,scale,client,wire,streams,profile]
-        [--seconds 10] [--compare 5d35203,main] [--streams 1000]
+        [--seconds 10] [--compare 5d35203,main] [--repeat 3] [--streams 1000]
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ def checkout(ref: str) -> Path:
     return tree
 
 
-def part_proxy(seconds: float, compare: list[str]) -> dict:
+def part_proxy(seconds: float, compare: list[str], repeat: int = 1) -> dict:
     json_port, sse_port, nginx_port, nginx_sse_port = (free_port() for _ in range(4))
     procs = [proxybench.start_upstream_nginx(json_port, sse_port, WORK, core=1)]
     rows: list[dict] = []
@@ -139,13 +142,16 @@ def part_proxy(seconds: float, compare: list[str]) -> dict:
         streams.append(_llmlb_row("llmlb balancer (gevent), stream", sse_port, seconds, None,
                                   False, {}, STREAM_BODY))
         if compare:
-            print("  commits, the upstream as a node:", flush=True)
-            nodes.append(_llmlb_row(f"llmlb {git_state()} (this checkout), as a node",
-                                    json_port, seconds, None, True, {}))
-            for ref in compare:
-                tree = checkout(ref)
-                nodes.append(_llmlb_row(f"llmlb {ref} ({_commit(tree)}), as a node", json_port,
-                                        seconds, tree, True, {}))
+            print(f"  commits, the upstream as a node, {repeat} round(s) in a rotating order:",
+                  flush=True)
+            sides = [(f"llmlb {git_state()} (this checkout), as a node", None)]
+            sides += [(f"llmlb {ref} ({_commit(tree)}), as a node", tree)
+                      for ref, tree in ((ref, checkout(ref)) for ref in compare)]
+            runs: dict[str, list[dict]] = {label: [] for label, _ in sides}
+            for n in range(repeat):
+                for label, tree in sides[n % len(sides):] + sides[:n % len(sides)]:
+                    runs[label].append(_llmlb_row(label, json_port, seconds, tree, True, {}))
+            nodes = [proxybench.median_row(runs[label]) for label, _ in sides]
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -166,7 +172,8 @@ def _llmlb_row(label: str, upstream_port: int, seconds: float, code: Path | None
     lb, api = proxybench.start_llmlb(WORK / f"home-{tag}", port, upstream_port,
                                      WORK / f"{tag}.log", 1, code=code, as_node=as_node, **env)
     try:
-        return row(label, f"http://127.0.0.1:{port}{PATH}", api, seconds, WORK, body)
+        return row(label, f"http://127.0.0.1:{port}{PATH}", api, seconds, WORK, body,
+                   pids=lb.children())
     finally:
         lb.stop()
 
@@ -342,6 +349,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--compare", default="", metavar="REF[,REF]",
                         help="more llmlb rows: other commits (or checkouts), as nodes")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of the --compare rows (medians)")
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--token-delay", type=float, default=0.5)
@@ -356,7 +365,7 @@ def main() -> None:
     compare = [r for r in args.compare.split(",") if r]
     if "proxy" in parts:
         print("proxy overhead (wrk on core 0; upstream and proxy on core 1):", flush=True)
-        summary["proxy"] = part_proxy(args.seconds, compare)
+        summary["proxy"] = part_proxy(args.seconds, compare, args.repeat)
     if "scale" in parts:
         print("two workers on two cores (64 connections):", flush=True)
         summary["scale"] = part_scale(args.seconds)

@@ -210,28 +210,64 @@ def wrk(url: str, connections: int, seconds: float, api_key: str | None, work: P
 
 
 def row(name: str, url: str, api_key: str | None, seconds: float, work: Path,
-        body: dict | None = None, core: int | None = 0) -> dict:
-    """The issue's figures for one side: a warm-up, then 1 and 64 connections."""
+        body: dict | None = None, core: int | None = 0, pids: list[int] | None = None) -> dict:
+    """The issue's figures for one side: a warm-up, then 1 and 64 connections; with ``pids``
+    (the proxy's processes) also their CPU per request at 64 connections, which other
+    processes on a shared machine disturb far less than times."""
     wrk(url, 8, 2, api_key, work, body, core)  # connections, caches, the registry
     c1 = wrk(url, 1, seconds, api_key, work, body, core)
+    before = cpu_seconds(pids or [])
     c64 = wrk(url, 64, seconds, api_key, work, body, core)
     out = {"name": name, "c1": c1, "c64": c64}
+    if pids:
+        out["cpu_us"] = round((cpu_seconds(pids) - before) / max(1, c64["requests"]) * 1e6, 1)
     print(f"  {name:44s} 1 conn: p50 {c1['p50_us']:>6} us, {c1['rps']:>8} req/s | 64 conns: "
           f"{c64['rps']:>8} req/s, p99 {c64['p99_us'] / 1000:.1f} ms, errors "
-          f"{c64['errors'] + c1['errors']}", flush=True)
+          f"{c64['errors'] + c1['errors']}"
+          + (f" | CPU {out['cpu_us']} us/request" if pids else ""), flush=True)
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes (their threads included)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def median_row(runs: list[dict]) -> dict:
+    """Several runs of one side as one row: the median of each figure, errors summed."""
+    def med(values: list[float]) -> float:
+        ordered = sorted(values)
+        return ordered[len(ordered) // 2]
+
+    out = {"name": runs[0]["name"] + (f" (median of {len(runs)})" if len(runs) > 1 else ""),
+           "runs": runs}
+    for conns in ("c1", "c64"):
+        out[conns] = {k: med([r[conns][k] for r in runs])
+                      for k in ("p50_us", "p99_us", "rps", "requests")}
+        out[conns]["errors"] = sum(r[conns]["errors"] for r in runs)
+    if all("cpu_us" in r for r in runs):
+        out["cpu_us"] = med([r["cpu_us"] for r in runs])
     return out
 
 
 def table(rows: list[dict], direct: dict | None) -> str:
-    """The rows as the issue's Markdown table (p50 added to ``direct``'s)."""
+    """The rows as the issue's Markdown table (p50 added to ``direct``'s), with the proxy's
+    CPU per request where it was measured."""
+    cpu = any("cpu_us" in r for r in rows)
     lines = ["| POST /v1/chat/completions | p50 at 1 conn | req/s at 1 | req/s at 64 | "
-             "p99 at 64 | errors |", "|---|---|---|---|---|---|"]
+             "p99 at 64 | errors |" + (" proxy CPU per request at 64 |" if cpu else ""),
+             "|---|---|---|---|---|---|" + ("---|" if cpu else "")]
     for r in rows:
         p50 = r["c1"]["p50_us"]
         added = f" (+{_us(p50 - direct['c1']['p50_us'])})" if direct and r is not direct else ""
         lines.append(f"| {r['name']} | {_us(p50)}{added} | {r['c1']['rps']:,.0f} | "
                      f"{r['c64']['rps']:,.0f} | {_us(r['c64']['p99_us'])} | "
-                     f"{r['c1']['errors'] + r['c64']['errors']} |")
+                     f"{r['c1']['errors'] + r['c64']['errors']} |"
+                     + (f" {_us(r['cpu_us'])} |" if "cpu_us" in r else " |" if cpu else ""))
     return "\n".join(lines)
 
 
