@@ -268,7 +268,7 @@ def main() -> None:
     model = build_models(["f16"])["gguf-f16"][1]
     wait_quiet(args.wait_quiet)
     summary: dict = {**run_facts("affinity", started, load_before, cpu_busy(0.5)),
-                     "machine": machine_info(), "settings": vars(args)}
+                     "machine": machine_info(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     summary["on"] = run_mode("on", True, model, args)
     summary["off"] = run_mode("off", False, model, args)
     if args.baseline is not None:

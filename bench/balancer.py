@@ -336,10 +336,15 @@ def results_block(summary: dict) -> str:
     if summary.get("scale"):
         out += ["Two workers on two cores (wrk and the upstream unpinned):", "",
                 scale_table(summary["scale"]), ""]
-    if summary.get("profile"):
-        out += [f"py-spy, 1 worker under wrk at 64 connections ({summary['profile']['svg']}):",
-                "", "| part | samples |", "|---|---|"]
-        out += [f"| {name} | {share:.1%} |" for name, share in summary["profile"]["parts"].items()]
+    profiles = {k: v for k, v in summary.items() if k.startswith("profile") and v}
+    if profiles:
+        names = list(profiles)
+        parts = list(dict.fromkeys(p for v in profiles.values() for p in v["parts"]))
+        out += ["py-spy, 1 worker under wrk at 64 connections: share of the samples ("
+                + ", ".join(f"{n}: {profiles[n]['svg']}" for n in names) + "):", "",
+                "| part | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        out += [f"| {part} | " + " | ".join(f"{profiles[n]['parts'].get(part, 0):.1%}"
+                                            for n in names) + " |" for part in parts]
     return "\n".join(out)
 
 
@@ -372,6 +377,12 @@ def main() -> None:
     if "profile" in parts:
         print("profile (py-spy, 1 worker, wrk at 64 connections):", flush=True)
         summary["profile"] = pyspy.profile_balancer(WORK, PROFILES, args.seconds)
+        for ref in compare:  # and each commit compared, as a node, beside this one as a node
+            summary[f"profile {ref}"] = pyspy.profile_balancer(
+                WORK, PROFILES, args.seconds, checkout(ref), f"balancer-{ref}", as_node=True)
+        if compare:
+            summary["profile node"] = pyspy.profile_balancer(
+                WORK, PROFILES, args.seconds, None, "balancer-node", as_node=True)
     if "client" in parts:
         summary["client"] = part_client()
     if "wire" in parts:

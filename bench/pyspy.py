@@ -85,9 +85,11 @@ def _part(frames: list[str], compiled: list[tuple[str, re.Pattern]]) -> str:
     return "other"
 
 
-def profile_balancer(work: Path, profiles: Path, seconds: float) -> dict:
-    """py-spy on the one worker of a balancer (this checkout) under wrk at 64 connections:
-    the flame graph and stacks in ``profiles``, the samples by part."""
+def profile_balancer(work: Path, profiles: Path, seconds: float, code: Path | None = None,
+                     name: str = "balancer", as_node: bool = False) -> dict:
+    """py-spy on the one worker of a balancer (this checkout, or ``code``'s llmlb) under wrk
+    at 64 connections: the flame graph and stacks in ``profiles`` as ``name``-<date>, the
+    samples by part."""
     import proxybench
     from common import REPO, free_port
 
@@ -99,8 +101,9 @@ def profile_balancer(work: Path, profiles: Path, seconds: float) -> dict:
     # balancer's, waiting in a send for the core it woke the upstream on.
     upstream = proxybench.start_upstream_nginx(json_port, sse_port, work, core=0)
     try:
-        lb, api = proxybench.start_llmlb(work / "home-profile", port, json_port,
-                                         work / "profile.log", 1)
+        lb, api = proxybench.start_llmlb(work / f"home-profile-{name}", port, json_port,
+                                         work / f"profile-{name}.log", 1, code=code,
+                                         as_node=as_node)
         try:
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             proxybench.wrk(url, 8, 2, api, work)
@@ -111,7 +114,7 @@ def profile_balancer(work: Path, profiles: Path, seconds: float) -> dict:
             try:
                 time.sleep(1)
                 stamp = time.strftime("%Y%m%d")
-                svg, raw = record(worker, seconds, profiles / f"balancer-{stamp}")
+                svg, raw = record(worker, seconds, profiles / f"{name}-{stamp}")
             finally:
                 load.terminate()
                 load.wait()
