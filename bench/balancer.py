@@ -373,7 +373,7 @@ def main() -> None:
         summary["proxy"] = part_proxy(args.seconds, compare, args.repeat)
     if "scale" in parts:
         print("two workers on two cores (64 connections):", flush=True)
-        summary["scale"] = part_scale(args.seconds)
+        summary["scale"] = part_scale(args.seconds, rounds=args.repeat)
     if "profile" in parts:
         print("profile (py-spy, 1 worker, wrk at 64 connections):", flush=True)
         summary["profile"] = pyspy.profile_balancer(WORK, PROFILES, args.seconds)

@@ -216,15 +216,20 @@ def row(name: str, url: str, api_key: str | None, seconds: float, work: Path,
     processes on a shared machine disturb far less than times."""
     wrk(url, 8, 2, api_key, work, body, core)  # connections, caches, the registry
     c1 = wrk(url, 1, seconds, api_key, work, body, core)
+    from common import Monitor
+
     before = cpu_seconds(pids or [])
+    monitor = Monitor()
+    monitor.start()
     c64 = wrk(url, 64, seconds, api_key, work, body, core)
-    out = {"name": name, "c1": c1, "c64": c64}
+    out = {"name": name, "c1": c1, "c64": c64, "others": round(monitor.foreign(), 2)}
     if pids:
         out["cpu_us"] = round((cpu_seconds(pids) - before) / max(1, c64["requests"]) * 1e6, 1)
     print(f"  {name:44s} 1 conn: p50 {c1['p50_us']:>6} us, {c1['rps']:>8} req/s | 64 conns: "
           f"{c64['rps']:>8} req/s, p99 {c64['p99_us'] / 1000:.1f} ms, errors "
           f"{c64['errors'] + c1['errors']}"
-          + (f" | CPU {out['cpu_us']} us/request" if pids else ""), flush=True)
+          + (f" | CPU {out['cpu_us']} us/request" if pids else "")
+          + f" | other processes {out['others']:.0%}", flush=True)
     return out
 
 
