@@ -56,7 +56,7 @@ def record(pid: int, seconds: float, out: Path, rate: int = 250) -> tuple[Path, 
     out.parent.mkdir(parents=True, exist_ok=True)
     for path, fmt in ((svg, "flamegraph"), (raw, "raw")):
         subprocess.run([available() or "py-spy", "record", "--pid", str(pid), "--rate",
-                        str(rate), "--duration", str(max(1, round(seconds))), "--nonblocking",
+                        str(rate), "--duration", str(max(1, round(seconds))),
                         "--format", fmt, "--output", str(path)], check=True,
                        capture_output=True)
     return svg, raw
