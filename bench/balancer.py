@@ -24,10 +24,10 @@ Parts (``--parts``; all but ``profile`` by default):
   (``bench/gunicorn_scale.py``); wrk and the nginx upstream unpinned (on a 2-core machine
   they take their share from the workers). 64 connections: requests/s, the ratio to 1
   worker (goal >= 1.8), and each worker's share of the CPU (how evenly the accept spread).
-- ``profile``: ``py-spy`` (``pip install py-spy``) samples the 1-worker balancer under wrk
-  at 64 connections: a flame graph (SVG) and the collapsed stacks under ``bench/profiles/``,
-  and a breakdown of the samples by part (Flask dispatch, the key lookup, body parsing,
-  routing, the upstream pool, metrics, history, logging, gevent…).
+- ``profile``: ``py-spy`` (``pip install py-spy``) samples the 1-worker balancer under wrk at
+  64 connections (and, with ``--compare``, each commit's, as nodes): a flame graph (SVG) under
+  ``bench/profiles/`` and a breakdown of the samples by part (Flask dispatch, the key lookup,
+  body parsing, routing, the upstream pool, metrics, history, logging, gevent…).
 - ``client``: CPU per round trip to an upstream of urllib3 (the first choice) and of the
   balancer's ``http1`` client (httptools), in this process (``bench/upstream.py``).
 - ``wire``: CPU per streamed token of passing the node's SSE bytes through vs re-framing them.

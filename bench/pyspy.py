@@ -49,11 +49,13 @@ def available() -> str | None:
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
 
-def record(pid: int, seconds: float, out: Path, rate: int = 250) -> tuple[Path, Path]:
-    """Two recordings of ``pid`` one after the other: a flame graph (``out``.svg) and
-    collapsed stacks (``out``.txt)."""
-    svg, raw = out.with_suffix(".svg"), out.with_suffix(".txt")
+def record(pid: int, seconds: float, out: Path, raw_dir: Path,
+           rate: int = 250) -> tuple[Path, Path]:
+    """Two recordings of ``pid`` one after the other: a flame graph (``out``.svg, kept) and
+    collapsed stacks (in ``raw_dir``: large, and what the breakdown reads)."""
+    svg, raw = out.with_suffix(".svg"), raw_dir / (out.name + ".txt")
     out.parent.mkdir(parents=True, exist_ok=True)
+    raw_dir.mkdir(parents=True, exist_ok=True)
     for path, fmt in ((svg, "flamegraph"), (raw, "raw")):
         subprocess.run([available() or "py-spy", "record", "--pid", str(pid), "--rate",
                         str(rate), "--duration", str(max(1, round(seconds))),
@@ -62,14 +64,20 @@ def record(pid: int, seconds: float, out: Path, rate: int = 250) -> tuple[Path, 
     return svg, raw
 
 
+# Threads that wait, sampled as if busy: gevent's native thread pool polls its task queue
+# with a timed lock; not the request path.
+WAITING = re.compile(r"_WorkerGreenlet\.run \(gevent/threadpool\.py")
+
+
 def breakdown(collapsed: Path) -> list[tuple[str, float]]:
-    """The share of the samples per part, largest first (the rest: "other")."""
+    """The share of the request path's samples per part, largest first (the rest:
+    "other"); samples of waiting threads left out."""
     compiled = [(name, re.compile(pattern)) for name, pattern in PARTS]
     counts: Counter[str] = Counter()
     total = 0
     for line in collapsed.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if not n.isdigit():
+        if not n.isdigit() or WAITING.search(stack):
             continue
         samples = int(n)
         total += samples
@@ -114,7 +122,7 @@ def profile_balancer(work: Path, profiles: Path, seconds: float, code: Path | No
             try:
                 time.sleep(1)
                 stamp = time.strftime("%Y%m%d")
-                svg, raw = record(worker, seconds, profiles / f"{name}-{stamp}")
+                svg, raw = record(worker, seconds, profiles / f"{name}-{stamp}", work)
             finally:
                 load.terminate()
                 load.wait()
@@ -126,5 +134,5 @@ def profile_balancer(work: Path, profiles: Path, seconds: float, code: Path | No
     print(f"  flame graph: {svg.relative_to(REPO)}; samples by part:", flush=True)
     for name, share in parts:
         print(f"    {share:6.1%}  {name}", flush=True)
-    return {"svg": str(svg.relative_to(REPO)), "collapsed": str(raw.relative_to(REPO)),
+    return {"svg": str(svg.relative_to(REPO)), "collapsed": str(raw),
             "parts": {name: round(share, 4) for name, share in parts}}
