@@ -8,9 +8,11 @@ each runs ``--conversations`` conversations one after the other, ``--turns`` tur
 conversation with its own long system prompt (``--prompt-words``). llama.cpp keeps the last
 prompt's KV cache, so a follow-up turn that reaches the node which answered the previous one
 (and saw nothing else in between) skips evaluating the shared prefix. TTFT: request sent ->
-first content chunk (streamed, openai SDK). The same conversations run in both modes.
-While they run, ``/v0/nodes`` is sampled every 50 ms: the most requests in flight on one node
-is reported with the bound affinity keeps (``ceil(LLMLB_AFFINITY_LOAD_FACTOR x average)``).
+first content chunk (streamed, openai SDK). The same conversations run in every mode, the modes
+taking turns conversation by conversation (all clusters up at once), so that a machine whose
+load drifts disturbs them alike. While they run, ``/v0/nodes`` is sampled every 50 ms: the most
+requests in flight on one node is reported with the bound affinity keeps
+(``ceil(LLMLB_AFFINITY_LOAD_FACTOR x average)``).
 
 The new-conversation case (issue 20): one long stream (``--long-tokens``) runs on a node; while
 it streams, ``--quick`` new one-question conversations are sent one after the other. Reported:
@@ -162,79 +164,114 @@ def new_conversations(url: str, api: str, args: argparse.Namespace) -> dict:
     return out
 
 
-def run_mode(label: str, affinity: bool, model: Path, args: argparse.Namespace,
-             code: Path | None = None) -> dict:
-    import openai
-    import requests
+class Mode:
+    """One configuration measured: its cluster, and what its conversations met."""
 
-    tag = label.replace(" ", "-")
-    procs, url, keys = start_cluster(affinity, model, tag, code)
-    api, admin = keys.split()
-    turns: list[dict] = []
-    peak = {"max_node": 0, "max_total": 0}
+    def __init__(self, label: str, affinity: bool, code: Path | None = None) -> None:
+        self.label, self.affinity, self.code = label, affinity, code
+        self.turns: list[dict] = []
+        self.peak = {"max_node": 0, "max_total": 0}
+        self.fresh: dict | None = None
+
+    def start(self, model: Path) -> None:
+        self.procs, self.url, keys = start_cluster(self.affinity, model,
+                                                   self.label.replace(" ", "-"), self.code)
+        self.api, self.admin = keys.split()
+
+    def stop(self) -> None:
+        for proc in reversed(getattr(self, "procs", [])):
+            proc.stop()
+
+    def sample(self) -> None:
+        import requests
+
+        data = requests.get(f"{self.url}/v0/nodes", timeout=10,
+                            headers={"Authorization": f"Bearer {self.admin}"}).json()["data"]
+        loads = [n["in_flight"] for n in data]
+        self.peak["max_node"] = max(self.peak["max_node"], *loads)
+        self.peak["max_total"] = max(self.peak["max_total"], sum(loads))
+
+    def conversation(self, u: int, k: int, args: argparse.Namespace) -> None:
+        """User ``u``'s conversation ``k``: the same text in every mode."""
+        import openai
+
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.api, max_retries=0,
+                               timeout=300)
+        seed = 1000 * u + k
+        messages = [{"role": "system", "content": system_prompt(seed, args.prompt_words)},
+                    {"role": "user", "content": "Hello, who are you?"}]
+        previous = None
+        for turn in range(1, args.turns + 1):
+            node, ttft, text = stream_ttft(client, messages, args.max_tokens)
+            self.turns.append({"user": u, "conversation": seed, "turn": turn, "node": node,
+                               "ttft_ms": round(ttft * 1000, 1), "same_node": previous == node})
+            previous = node
+            messages += [{"role": "assistant", "content": text},
+                         {"role": "user", "content": f"Tell me more, part {turn + 1}."}]
+
+    def summary(self) -> dict:
+        turns = self.turns
+        follow = [t for t in turns if t["turn"] > 1]
+        ttfts = [t["ttft_ms"] for t in follow]
+        out = {"mode": self.label, "affinity": self.affinity, "code": describe(self.code),
+               "turns": len(turns), "follow_up_ttft_p50_ms": percentile(ttfts, 50),
+               "follow_up_ttft_p90_ms": percentile(ttfts, 90),
+               "first_turn_ttft_p50_ms": percentile([t["ttft_ms"] for t in turns
+                                                     if t["turn"] == 1], 50),
+               "follow_up_same_node": round(sum(t["same_node"] for t in follow) / len(follow),
+                                            2),
+               "requests_by_node": {n: sum(t["node"] == n for t in turns)
+                                    for n in ("node-a", "node-b")},
+               "max_in_flight_one_node": self.peak["max_node"],
+               "max_in_flight_total": self.peak["max_total"],
+               "new_conversations": self.fresh, "per_turn": turns}
+        print(f"  {self.label}: follow-up TTFT p50 {out['follow_up_ttft_p50_ms']} ms, p90 "
+              f"{out['follow_up_ttft_p90_ms']} ms (first turns "
+              f"{out['first_turn_ttft_p50_ms']} ms); same node as the previous turn "
+              f"{out['follow_up_same_node']:.0%}; by node {out['requests_by_node']}; most in "
+              f"flight on one node {self.peak['max_node']} (of {self.peak['max_total']})",
+              flush=True)
+        if self.fresh:
+            fresh = self.fresh
+            print(f"  {self.label}: new conversations while {fresh['streaming_node']} streams: "
+                  f"{fresh['to_idle_node']} to the idle node; TTFT p50 there "
+                  f"{fresh['ttft_idle_node_ms']} ms, on the streaming node "
+                  f"{fresh['ttft_busy_node_ms']} ms", flush=True)
+        return out
+
+
+def run_modes(modes: list[Mode], model: Path, args: argparse.Namespace) -> None:
+    """Every mode's cluster up at once, the conversations taking turns between them (round
+    k: conversation k of every user, on each mode in a rotating order), so that a machine
+    whose load drifts disturbs every mode alike; then the new-conversation case."""
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            data = requests.get(f"{url}/v0/nodes", headers={"Authorization": f"Bearer {admin}"},
-                                timeout=10).json()["data"]
-            loads = [n["in_flight"] for n in data]
-            peak["max_node"] = max(peak["max_node"], *loads)
-            peak["max_total"] = max(peak["max_total"], sum(loads))
+            for mode in modes:
+                mode.sample()
             stop.wait(0.05)
 
-    def user(u: int) -> None:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=api, max_retries=0, timeout=300)
-        for k in range(args.conversations):
-            seed = 1000 * u + k
-            messages = [{"role": "system", "content": system_prompt(seed, args.prompt_words)},
-                        {"role": "user", "content": "Hello, who are you?"}]
-            previous = None
-            for turn in range(1, args.turns + 1):
-                node, ttft, text = stream_ttft(client, messages, args.max_tokens)
-                turns.append({"user": u, "conversation": seed, "turn": turn, "node": node,
-                              "ttft_ms": round((ttft or 0) * 1000, 1),
-                              "same_node": previous == node})
-                previous = node
-                messages += [{"role": "assistant", "content": text},
-                             {"role": "user", "content": f"Tell me more, part {turn + 1}."}]
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     try:
-        threads = [threading.Thread(target=user, args=(u,)) for u in range(args.users)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        fresh = new_conversations(url, api, args) if args.quick else None
+        for mode in modes:
+            mode.start(model)
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        for k in range(args.conversations):
+            for mode in modes[k % len(modes):] + modes[:k % len(modes)]:
+                users = [threading.Thread(target=mode.conversation, args=(u, k, args))
+                         for u in range(args.users)]
+                for t in users:
+                    t.start()
+                for t in users:
+                    t.join()
+        if args.quick:
+            for mode in modes:
+                mode.fresh = new_conversations(mode.url, mode.api, args)
     finally:
         stop.set()
-        for proc in reversed(procs):
-            proc.stop()
-    follow = [t for t in turns if t["turn"] > 1]
-    ttfts = [t["ttft_ms"] for t in follow]
-    out = {"mode": label, "affinity": affinity, "code": describe(code), "turns": len(turns),
-           "follow_up_ttft_p50_ms": percentile(ttfts, 50),
-           "follow_up_ttft_p90_ms": percentile(ttfts, 90),
-           "first_turn_ttft_p50_ms": percentile([t["ttft_ms"] for t in turns
-                                                 if t["turn"] == 1], 50),
-           "follow_up_same_node": round(sum(t["same_node"] for t in follow) / len(follow), 2),
-           "requests_by_node": {n: sum(t["node"] == n for t in turns)
-                                for n in ("node-a", "node-b")},
-           "max_in_flight_one_node": peak["max_node"], "max_in_flight_total": peak["max_total"],
-           "new_conversations": fresh, "per_turn": turns}
-    print(f"  {label}: follow-up TTFT p50 {out['follow_up_ttft_p50_ms']} ms, p90 "
-          f"{out['follow_up_ttft_p90_ms']} ms (first turns {out['first_turn_ttft_p50_ms']} ms); "
-          f"same node as the previous turn {out['follow_up_same_node']:.0%}; by node "
-          f"{out['requests_by_node']}; most in flight on one node {peak['max_node']} "
-          f"(of {peak['max_total']})", flush=True)
-    if fresh:
-        print(f"  {label}: new conversations while {fresh['streaming_node']} streams: "
-              f"{fresh['to_idle_node']} to the idle node; TTFT p50 there "
-              f"{fresh['ttft_idle_node_ms']} ms, on the streaming node "
-              f"{fresh['ttft_busy_node_ms']} ms", flush=True)
-    return out
+        for mode in modes:
+            mode.stop()
 
 
 def describe(code: Path | None) -> str:
@@ -268,12 +305,15 @@ def main() -> None:
     model = build_models(["f16"])["gguf-f16"][1]
     wait_quiet(args.wait_quiet)
     summary: dict = {**run_facts("affinity", started, load_before, cpu_busy(0.5)),
-                     "machine": machine_info(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    summary["on"] = run_mode("on", True, model, args)
-    summary["off"] = run_mode("off", False, model, args)
+                     "machine": machine_info(),
+                     "settings": {k: str(v) if isinstance(v, Path) else v
+                                  for k, v in vars(args).items()}}
+    modes = [Mode("on", True), Mode("off", False)]
     if args.baseline is not None:
-        summary["baseline"] = run_mode(f"on at {describe(args.baseline)}", True, model, args,
-                                       args.baseline.resolve())
+        modes.append(Mode(f"on at {describe(args.baseline)}", True, args.baseline.resolve()))
+    run_modes(modes, model, args)
+    for key, mode in zip(("on", "off", "baseline"), modes, strict=False):
+        summary[key] = mode.summary()
     gain = 1 - summary["on"]["follow_up_ttft_p50_ms"] / summary["off"]["follow_up_ttft_p50_ms"]
     summary["follow_up_ttft_p50_lower_by"] = round(gain, 3)
     print(f"follow-up TTFT p50 {gain:.0%} lower with affinity")
