@@ -116,12 +116,14 @@ def checkout(ref: str) -> Path:
     return tree
 
 
-def part_proxy(seconds: float, compare: list[str], repeat: int = 1) -> dict:
+def part_proxy(seconds: float, compare: list[str], repeat: int = 1,
+               python_upstream: bool = False) -> dict:
     json_port, sse_port, nginx_port, nginx_sse_port = (free_port() for _ in range(4))
     procs = [proxybench.start_upstream_nginx(json_port, sse_port, WORK, core=1)]
     rows: list[dict] = []
     streams: list[dict] = []
     nodes: list[dict] = []
+    old_harness: list[dict] = []
     try:
         procs.append(proxybench.start_proxy_nginx(nginx_port, json_port, WORK, core=1))
         procs.append(proxybench.start_proxy_nginx(nginx_sse_port, sse_port, WORK, core=1,
@@ -142,22 +144,35 @@ def part_proxy(seconds: float, compare: list[str], repeat: int = 1) -> dict:
         streams.append(_llmlb_row("llmlb balancer (gevent), stream", sse_port, seconds, None,
                                   False, {}, STREAM_BODY))
         if compare:
-            print(f"  commits, the upstream as a node, {repeat} round(s) in a rotating order:",
-                  flush=True)
             sides = [(f"llmlb {git_state()} (this checkout), as a node", None)]
             sides += [(f"llmlb {ref} ({_commit(tree)}), as a node", tree)
                       for ref, tree in ((ref, checkout(ref)) for ref in compare)]
-            runs: dict[str, list[dict]] = {label: [] for label, _ in sides}
-            for n in range(repeat):
-                for label, tree in sides[n % len(sides):] + sides[:n % len(sides)]:
-                    runs[label].append(_llmlb_row(label, json_port, seconds, tree, True, {}))
-            nodes = [proxybench.median_row(runs[label]) for label, _ in sides]
+            nodes = _rounds(sides, json_port, seconds, repeat, "nginx")
+            if python_upstream:  # issue 8's harness, for the same commits in the same run
+                python_port = free_port()
+                procs.append(start_upstream(python_port, WORK / "upstream-python.log", core=1))
+                old_harness = _rounds([(label.replace("as a node", "as a node, Python "
+                                                      "upstream"), tree)
+                                       for label, tree in sides], python_port, seconds, repeat,
+                                      "bench/upstream.py")
     finally:
         for proc in reversed(procs):
             proc.stop()
-    return {"rows": rows, "streams": streams, "commits": nodes,
+    return {"rows": rows, "streams": streams, "commits": nodes, "python_upstream": old_harness,
             "table": table(rows, direct), "streams_table": table(streams, streams[0]),
-            "commits_table": table(nodes, direct) if nodes else None}
+            "commits_table": table(nodes + old_harness, direct) if nodes else None}
+
+
+def _rounds(sides: list[tuple[str, Path | None]], upstream_port: int, seconds: float,
+            repeat: int, upstream: str) -> list[dict]:
+    """Each side ``repeat`` times in a rotating order; a row of medians per side."""
+    print(f"  commits, the upstream ({upstream}) as a node, {repeat} round(s) in a rotating "
+          "order:", flush=True)
+    runs: dict[str, list[dict]] = {label: [] for label, _ in sides}
+    for n in range(repeat):
+        for label, tree in sides[n % len(sides):] + sides[:n % len(sides)]:
+            runs[label].append(_llmlb_row(label, upstream_port, seconds, tree, True, {}))
+    return [proxybench.median_row(runs[label]) for label, _ in sides]
 
 
 def _commit(tree: Path) -> str:
@@ -356,6 +371,9 @@ def main() -> None:
                         help="more llmlb rows: other commits (or checkouts), as nodes")
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds of the --compare rows (medians)")
+    parser.add_argument("--python-upstream", action="store_true",
+                        help="the --compare rows also against bench/upstream.py (issue 8's "
+                        "harness: the upstream's own CPU on the proxy's core)")
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--token-delay", type=float, default=0.5)
@@ -370,7 +388,8 @@ def main() -> None:
     compare = [r for r in args.compare.split(",") if r]
     if "proxy" in parts:
         print("proxy overhead (wrk on core 0; upstream and proxy on core 1):", flush=True)
-        summary["proxy"] = part_proxy(args.seconds, compare, args.repeat)
+        summary["proxy"] = part_proxy(args.seconds, compare, args.repeat,
+                                      args.python_upstream)
     if "scale" in parts:
         print("two workers on two cores (64 connections):", flush=True)
         summary["scale"] = part_scale(args.seconds, rounds=args.repeat)

@@ -227,7 +227,7 @@ def row(name: str, url: str, api_key: str | None, seconds: float, work: Path,
         out["cpu_us"] = round((cpu_seconds(pids) - before) / max(1, c64["requests"]) * 1e6, 1)
     print(f"  {name:44s} 1 conn: p50 {c1['p50_us']:>6} us, {c1['rps']:>8} req/s | 64 conns: "
           f"{c64['rps']:>8} req/s, p99 {c64['p99_us'] / 1000:.1f} ms, errors "
-          f"{c64['errors'] + c1['errors']}"
+          f"{c64['errors'] + c1['errors']} (socket {c64['socket_errors'] + c1['socket_errors']})"
           + (f" | CPU {out['cpu_us']} us/request" if pids else "")
           + f" | other processes {out['others']:.0%}", flush=True)
     return out

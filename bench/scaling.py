@@ -20,7 +20,7 @@ PATH = "/v1/chat/completions"
 
 
 def _gunicorn_balancer(home: Path, port: int, upstream_port: int, workers: int,
-                       reuseport: bool) -> tuple[Proc, str]:
+                       reuseport: bool, log: Path) -> tuple[Proc, str]:
     import requests
 
     keys = proxybench.make_keys(home, None)
@@ -30,8 +30,7 @@ def _gunicorn_balancer(home: Path, port: int, upstream_port: int, workers: int,
                     BENCH_REUSEPORT=str(int(reuseport)),
                     BENCH_MASTER_SOCKET=str(home / "master.sock"))
     proc = start_server([str(VENV_BIN / "gunicorn"), "-c", "bench/gunicorn_scale.py",
-                         "wsgi:app"], env, WORK / f"scale-{workers}-{int(reuseport)}.log", port,
-                        name="balancer")
+                         "wsgi:app"], env, log, port, name="balancer")
     r = requests.post(f"http://127.0.0.1:{port}/v0/endpoints", timeout=30,
                       headers={"Authorization": f"Bearer {keys['admin']}"},
                       json={"name": "up", "base_url": f"http://127.0.0.1:{upstream_port}/v1"})
@@ -69,12 +68,13 @@ CONFIGS = (("1 worker", 1, False), ("2 workers, gunicorn's shared accept", 2, Fa
 
 
 def _one(name: str, workers: int, reuseport: bool, upstream_port: int, seconds: float,
-         connections_: int) -> dict:
+         connections_: int, round_: int) -> dict:
     from common import Monitor
 
     port = free_port()
-    lb, api = _gunicorn_balancer(WORK / f"scale-home-{workers}-{int(reuseport)}", port,
-                                 upstream_port, workers, reuseport)
+    tag = f"{workers}-{int(reuseport)}"
+    lb, api = _gunicorn_balancer(WORK / f"scale-home-{tag}", port, upstream_port, workers,
+                                 reuseport, WORK / f"scale-{tag}-round{round_}.log")
     try:
         url = f"http://127.0.0.1:{port}{PATH}"
         proxybench.wrk(url, connections_, 2, api, WORK, core=None)  # warm up
@@ -97,7 +97,8 @@ def _one(name: str, workers: int, reuseport: bool, upstream_port: int, seconds: 
            "cpu_us": round(sum(used) / max(1, result["requests"]) * 1e6, 1),
            "others": round(others, 2), "connections_per_worker": spread}
     print(f"  {name:38s} {result['rps']:>8} req/s, p99 {result['p99_us'] / 1000:.1f} ms, "
-          f"errors {result['errors']}, connections per worker {spread}, CPU per worker "
+          f"errors {result['errors']} (non-2xx {result['non2xx']}, socket "
+          f"{result['socket_errors']}), connections per worker {spread}, CPU per worker "
           f"{out['worker_cpu_share']}, "
           f"{out['cpu_us']} us CPU/request, other processes {others:.0%} of the cores",
           flush=True)
@@ -114,7 +115,7 @@ def part_scale(seconds: float, connections: int = 64, rounds: int = 3) -> dict:
         for n in range(rounds):
             for name, workers, reuseport in CONFIGS[n % 3:] + CONFIGS[:n % 3]:
                 runs[name].append(_one(name, workers, reuseport, json_port, seconds,
-                                       connections))
+                                       connections, n))
     finally:
         upstream.stop()
     out: dict = {"connections": connections, "rounds": rounds}
