@@ -157,6 +157,13 @@ def node_failed(node: str, cause: str) -> APIError:
                     type="upstream_error", code="node_failed")
 
 
+def client_closed() -> APIError:
+    """The client left before its answer was ready: the work stopped, nobody reads this
+    (it is what the request history and the metrics record; nginx's 499)."""
+    return APIError(499, "The client closed the connection before the answer was ready",
+                    code="client_closed_request")
+
+
 def relayed(status: int, body: dict) -> APIError:
     """A node's error, passed on as the node gave it (a node's 404 stays a 404)."""
     error = body.get("error") if isinstance(body.get("error"), dict) else {}

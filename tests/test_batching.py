@@ -4,6 +4,8 @@ their client does; ONNX models take one call at a time."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 import time
 from pathlib import Path
@@ -171,6 +173,27 @@ def test_a_client_that_leaves_frees_its_slot_at_once(make_server, long_models: d
     for r in streams[1:]:
         r.close()
     assert wait_for(lambda: loaded(server, model)["active"] == 0)
+
+
+@pytest.mark.parametrize("fmt", BATCHING)
+def test_a_whole_answer_stops_when_its_client_leaves(make_server, long_models: dict[str, Path],
+                                                     fmt: str) -> None:
+    # Greedy, the 16k model writes until the context is full: a minute or more of work that
+    # nobody reads once the client has gone.
+    server = make_server(parallel_sequences=2, context_length=16384)
+    model = install(server, long_models, fmt, f"long-{fmt}")
+    run_alone(server, model, HELLO, max_tokens=1)  # loaded before the clock starts
+    conn = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]),
+                                      timeout=60)
+    conn.request("POST", "/v1/chat/completions", headers={**DEV, "Content-Type":
+                                                          "application/json"},
+                 body=json.dumps({"model": model, "messages": HELLO, "temperature": 0}))
+    assert wait_for(lambda: loaded(server, model)["active"] == 1)
+    time.sleep(0.5)  # well into its generation
+    conn.close()  # the client gives up before the answer
+    # The slot is free in moments, not when the context is full.
+    assert wait_for(lambda: loaded(server, model)["active"] == 0, timeout=15)
+    run_alone(server, model, HELLO, max_tokens=2)  # and the model serves the next one
 
 
 def test_queue_full_is_503_with_retry_after(make_server, long_models: dict[str, Path]) -> None:

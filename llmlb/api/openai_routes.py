@@ -3,12 +3,13 @@ to a node (this process's own, or another machine's) and relays the answer."""
 
 from __future__ import annotations
 
-from flask import Blueprint, g, send_file
+from flask import Blueprint, g, request, send_file
 
 from engines.base import CHAT, COMPLETION, EMBEDDINGS
 
 from .. import errors
 from ..model_info import catalog_object, model_object
+from ..serving.disconnect import ClientWatch
 from ..storage import requested_model_id
 from .common import relay, request_bytes, require, respond, runtime
 
@@ -53,13 +54,15 @@ def model_blob(rest: str):
 @bp.post("/chat/completions")
 @require("api")
 def chat_completions():
-    return relay(runtime().balancer.forward(CHAT, request_bytes(), g.principal.name))
+    return relay(runtime().balancer.forward(CHAT, request_bytes(), g.principal.name,
+                                            ClientWatch.of(request.environ)))
 
 
 @bp.post("/completions")
 @require("api")
 def completions():
-    return relay(runtime().balancer.forward(COMPLETION, request_bytes(), g.principal.name))
+    return relay(runtime().balancer.forward(COMPLETION, request_bytes(), g.principal.name,
+                                            ClientWatch.of(request.environ)))
 
 
 @bp.post("/embeddings")

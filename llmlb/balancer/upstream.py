@@ -22,6 +22,7 @@ from engines.base import CHAT, COMPLETION, EMBEDDINGS
 from .. import errors
 from ..dispatch import Dispatcher
 from ..serving import openai as serving
+from ..serving.disconnect import ClientLeft, ClientWatch
 from ..serving.openai import DEFAULT_LIMITS
 from ..serving.protocol import PromptLimits
 from ..serving.sse import SSEStream
@@ -54,6 +55,8 @@ class ProxyRequest:
     payload: dict
     model_id: str
     as_sent: ProxyRequest | None = None  # the client's request, when llmlb changed it
+    #: the client's connection: an answer not yet begun stops when it leaves
+    client: ClientWatch | None = None
 
     @property
     def path(self) -> str:
@@ -122,7 +125,10 @@ class InProcessNode:
 
     def send(self, request: ProxyRequest) -> NodeResponse:
         try:
-            result = _SERVE[request.operation](self.dispatcher, request.payload, self.limits)
+            result = _SERVE[request.operation](self.dispatcher, request.payload, self.limits,
+                                               request.client)
+        except ClientLeft:
+            return error_response(errors.client_closed())
         except Exception as exc:
             err = errors.from_exception(exc)
             if err.code == "internal_error":
@@ -157,15 +163,25 @@ class RemoteNode:
     def close(self) -> None:
         self.pool.close()
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> http1.Response:
-        """Send a request and return once the status and headers are in (the body unread)."""
+    def request(self, method: str, path: str, body: bytes | None = None,
+                client: ClientWatch | None = None) -> http1.Response:
+        """Send a request and return once the status and headers are in (the body unread);
+        ``client``: drop the connection and raise ClientLeft if it leaves first."""
         try:
-            return self.pool.request(method, self.base_path + path, body, self.headers)
+            return self.pool.request(method, self.base_path + path, body, self.headers,
+                                     client.sock if client is not None else None)
+        except http1.ClientGone:
+            raise ClientLeft() from None
         except http1.HTTPClientError as exc:
             raise NodeUnreachable(f"node {self.name}: {exc}") from exc
 
     def send(self, request: ProxyRequest) -> NodeResponse:
-        response = self.request("POST", request.path, request.raw)
+        # A stream's headers come at once; a whole answer's only when it is done.
+        client = None if request.payload.get("stream") else request.client
+        try:
+            response = self.request("POST", request.path, request.raw, client)
+        except ClientLeft:
+            return error_response(errors.client_closed())
         headers = [(k, v) for k, v in response.headers if k.lower() not in DROPPED_HEADERS]
         streamed = (response.header("Content-Type") or "").startswith("text/event-stream")
         if not streamed or response.status >= 300:

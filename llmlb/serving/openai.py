@@ -23,6 +23,7 @@ from ..dispatch import Dispatcher
 from ..node import Generation, InferenceCall
 from ..storage import requested_model_id
 from . import protocol, tools
+from .disconnect import ClientWatch
 from .sse import SSEStream
 from .textstream import TextStream
 
@@ -49,7 +50,10 @@ def _params(req: protocol.ChatRequest | protocol.CompletionRequest, *,
     )
 
 
-def _start(dispatcher: Dispatcher, call: InferenceCall, stops: list[str]) -> TextStream:
+def _start(dispatcher: Dispatcher, call: InferenceCall, stops: list[str],
+           client: ClientWatch | None = None) -> TextStream:
+    """The generation, its first event read; ``client``: stop when it leaves (for answers
+    that write nothing before the end: a stream notices at its next write)."""
     generation = dispatcher.dispatch(call)
     assert isinstance(generation, Generation)
     events = iter(generation)
@@ -61,7 +65,8 @@ def _start(dispatcher: Dispatcher, call: InferenceCall, stops: list[str]) -> Tex
         generation.close()
         raise
     chained = itertools.chain([first] if first is not None else [], events)
-    return TextStream(chained, stops, on_close=generation.close)
+    return TextStream(chained, stops, on_close=generation.close,
+                      check=client.check if client is not None else None)
 
 
 def _ids(prefix: str) -> tuple[str, int]:
@@ -71,7 +76,8 @@ def _ids(prefix: str) -> tuple[str, int]:
 # --- chat -------------------------------------------------------------------------------------
 
 def chat_completion(dispatcher: Dispatcher, body: dict,
-                    limits: protocol.PromptLimits = DEFAULT_LIMITS) -> dict | SSEStream:
+                    limits: protocol.PromptLimits = DEFAULT_LIMITS,
+                    client: ClientWatch | None = None) -> dict | SSEStream:
     limits.check_messages(body)
     req = protocol.parse(protocol.ChatRequest, body)
     limits.check_chars(protocol.chat_texts(req), "messages")
@@ -82,7 +88,7 @@ def chat_completion(dispatcher: Dispatcher, body: dict,
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(req, json_schema=output.json_schema, tools=output.tools, top_logprobs=top)
     call = InferenceCall(CHAT, model, messages=tools.template_messages(req), params=params)
-    stream = _start(dispatcher, call, req.stops)
+    stream = _start(dispatcher, call, req.stops, None if req.stream else client)
     completion_id, created = _ids("chatcmpl")
     if req.stream:
         chunks = _chat_chunks(stream, output, bool(req.logprobs))
@@ -168,7 +174,8 @@ def _chat_chunks(stream: TextStream, output: tools.OutputPlan,
 # --- completions ------------------------------------------------------------------------------
 
 def completion(dispatcher: Dispatcher, body: dict,
-               limits: protocol.PromptLimits = DEFAULT_LIMITS) -> dict | SSEStream:
+               limits: protocol.PromptLimits = DEFAULT_LIMITS,
+               client: ClientWatch | None = None) -> dict | SSEStream:
     req = protocol.parse(protocol.CompletionRequest, body)
     limits.check_chars([req.prompt_text], "prompt")
     model = requested_model_id(req.model)
@@ -176,7 +183,7 @@ def completion(dispatcher: Dispatcher, body: dict,
         raise errors.invalid_request("echo is not supported", "echo")
     call = InferenceCall(COMPLETION, model, prompt=req.prompt_text,
                          params=_params(req, top_logprobs=req.logprobs))
-    stream = _start(dispatcher, call, req.stops)
+    stream = _start(dispatcher, call, req.stops, None if req.stream else client)
     completion_id, created = _ids("cmpl")
     want_logprobs = req.logprobs is not None
     if req.stream:
@@ -228,7 +235,8 @@ def _completion_chunks(stream: TextStream, cid: str, created: int, model: str,
 # --- embeddings -------------------------------------------------------------------------------
 
 def embeddings(dispatcher: Dispatcher, body: dict,
-               limits: protocol.PromptLimits = DEFAULT_LIMITS) -> dict:
+               limits: protocol.PromptLimits = DEFAULT_LIMITS,
+               client: ClientWatch | None = None) -> dict:
     req = protocol.parse(protocol.EmbeddingRequest, body)
     limits.check_chars(req.texts, "input")
     model = requested_model_id(req.model)
