@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -65,3 +66,18 @@ def test_a_bad_catalog_stops_the_start_with_the_reason(llmlb_home: Path) -> None
         output = result.stdout + result.stderr
         assert "models[0] (x): source hf_gguf needs a repo_id" in output, output
         assert "Traceback" not in output and "Worker failed to boot" not in output
+
+
+def test_a_balancer_stops_cleanly(start_process, llmlb_home: Path) -> None:
+    # The balancer runs gevent workers; what an operator reads after Ctrl-C or systemctl stop
+    # must end with gunicorn's goodbye, not a traceback.
+    port = free_port()
+    proc = start_process([*llmlb_command(), "serve", "--role", "balancer", "--dev", "--port",
+                          str(port)], {}, port)
+    assert requests.get(f"{proc.url}/v1/models", headers={"Authorization": "Bearer sk_debug"},
+                        timeout=10).status_code == 200
+    proc.process.send_signal(signal.SIGTERM)
+    assert proc.process.wait(timeout=60) == 0
+    log = proc.log()
+    assert "Using worker: gevent" in log and "Shutting down: Master" in log
+    assert "Traceback" not in log and "Exception ignored" not in log, log
