@@ -3,6 +3,7 @@ memory, progress and Ready come from the nodes' reports, deletes reach the node.
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -105,3 +106,38 @@ def test_pull_picks_the_node_with_the_most_free_memory(hub_server, tiny) -> None
     r = requests.post(f"{server.url}/api/models/register", json={"model_id": "tiny-gguf"},
                       headers=DEV, timeout=10)
     assert r.status_code == 202 and "node" not in r.json()  # pulled in this process
+
+
+def test_a_pull_whose_node_dies_becomes_an_error(cluster, hub: FakeHub, tiny,  # noqa: F811
+                                                 tmp_path: Path) -> None:
+    gguf = tiny["llama-gguf"]
+    hub.add_repo("llmlb-test/tiny-gguf", {"model.gguf": gguf})
+    catalog = write_catalog(tmp_path / "catalog.json", [
+        {"id": "tiny-gguf", "source": "hf_gguf", "repo_id": "llmlb-test/tiny-gguf",
+         "artifacts": [artifact(gguf, "model.gguf")]}])
+    env = {"HF_ENDPOINT": hub.endpoint, "LLMLB_SUPPORTED_MODELS": str(catalog)}
+    c = cluster(**env)
+    node = c.start_node("fetcher", {}, **env)
+    hub.throttle_bps = 20_000  # half a minute: the node dies long before the end
+    r = requests.post(f"{c.url}/api/models/register", json={"model_id": "tiny-gguf"},
+                      headers=bearer(c.admin), timeout=10)
+    assert r.status_code == 202 and r.json()["node"] == "fetcher", r.text
+    deadline = time.monotonic() + 60
+    while hub_item(c, "tiny-gguf")["status"] != "Downloading" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert hub_item(c, "tiny-gguf")["status"] == "Downloading"
+
+    node.stop(signal.SIGKILL)  # the machine goes away mid-pull
+    c.wait(lambda ns: ns["fetcher"]["status"] == "offline")
+    item = hub_item(c, "tiny-gguf")
+    assert item["status"] == "Error", item
+    assert "fetcher" in item["error"] and "offline" in item["error"]
+
+    # Pulled again, it goes to a node that is up.
+    c.start_node("rescuer", {}, **env)
+    hub.throttle_bps = None
+    r = requests.post(f"{c.url}/api/models/register", json={"model_id": "tiny-gguf"},
+                      headers=bearer(c.admin), timeout=10)
+    assert r.status_code == 202 and r.json()["node"] == "rescuer", r.text
+    c.wait(lambda ns: ns["rescuer"]["models"] == ["tiny-gguf"])
+    assert hub_item(c, "tiny-gguf")["status"] == "Ready"
