@@ -136,8 +136,10 @@ OPTIONS: tuple[Option, ...] = (
            "limit wins when smaller. A batching model keeps room for this many tokens per "
            "sequence it decodes at once."),
     Option("parallel_sequences", ("LLMLB_PARALLEL_SEQUENCES",), None, "int",
-           "Requests one loaded model decodes together in a batch (default: the engine's, "
-           "4 for GGUF and safetensors; ONNX takes 1); more wait in its queue."),
+           "Requests one loaded model decodes together in a batch; more wait in its queue. "
+           "Unset: GGUF and safetensors models get as many as the KV cache of each "
+           "(LLMLB_CONTEXT_LENGTH tokens) fits in half the memory their weights leave free, "
+           "1 to 8; ONNX takes 1."),
     Option("max_prompt_chars", ("LLMLB_MAX_PROMPT_CHARS",), 1_000_000, "int",
            "Largest prompt in characters (all message contents together, or a completion's "
            "or embedding request's inputs); checked before tokenizing, 400 above."),

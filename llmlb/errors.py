@@ -106,11 +106,12 @@ def model_not_supported(model_id: str) -> APIError:
                     code="model_not_supported", param="model_id")
 
 
-def insufficient_memory(required_bytes: int, available_bytes: int) -> APIError:
+def insufficient_memory(required_bytes: int, available_bytes: int, detail: str = "") -> APIError:
+    """``detail``: what the requirement is made of."""
     return APIError(
         400,
-        f"Insufficient VRAM. Required: {_gb(required_bytes)}, Available: {_gb(available_bytes)}",
-        type="resource_error", code="insufficient_memory")
+        f"Insufficient VRAM. Required: {_gb(required_bytes)}, Available: "
+        f"{_gb(available_bytes)}{detail}", type="resource_error", code="insufficient_memory")
 
 
 def model_downloading(model_id: str, progress: float, retry_after: int = 10) -> APIError:

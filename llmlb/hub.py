@@ -20,11 +20,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from engines.base import LoadOptions
+
 from . import errors
 from .balancer.members import Cluster, RemoteMember
 from .balancer.registry import COOLDOWN, ONLINE
 from .balancer.upstream import NodeUnreachable
-from .catalog import Catalog
+from .catalog import Catalog, CatalogModel
 from .db import Database
 from .hardware import Memory
 from .hf_stats import HFStats
@@ -152,7 +154,7 @@ class Hub:
         current = self.status_of(model_id)
         if current.status in (READY, HUB_DOWNLOADING):
             return {"model_id": model_id, "status": current.status}
-        target = self._pull_target(model_id, entry.required_memory_bytes)
+        target = self._pull_target(entry)
         if isinstance(target, RemoteMember):
             try:
                 status, body = self.cluster.call(target, "POST", "/v0/node/pull",
@@ -180,18 +182,24 @@ class Hub:
                          "UPDATE SET updated_at=excluded.updated_at, node=excluded.node",
                          (model_id, now, now, node))
 
-    def _pull_target(self, model_id: str, required: int):  # noqa: ANN202 - a Member
-        """The node with the most free memory (GPU, else system) that the model fits in."""
+    def _pull_target(self, entry: CatalogModel):  # noqa: ANN202 - a Member
+        """The node with the most free memory (GPU, else system) that the model fits in: its
+        weights and the KV cache of the sequences the node would run at once."""
+        model_id = entry.id
         has_files = self.resolver.find(model_id) is not None
         able = [m for m in self.cluster.members((ONLINE,)) if m.can_fetch(model_id, has_files)]
         if not able:
             raise errors.no_node_available(model_id, 5, "no node that can fetch it is online")
         free = {m.id: (self.memory().free_bytes if m.id == 0 else m.free_memory())
                 for m in able}
+        need = {m.id: _memory_on(entry, m.report()) for m in able}
+        fitting = [m for m in able if need[m.id][0] <= free[m.id]]
+        if fitting:
+            return max(fitting, key=lambda m: free[m.id])
         best = max(able, key=lambda m: free[m.id])
-        if required > free[best.id]:
-            raise errors.insufficient_memory(required, free[best.id])
-        return best
+        required, context, sequences = need[best.id]
+        raise errors.insufficient_memory(required, free[best.id], _kv_words(
+            entry, context, sequences))
 
     def delete(self, model_id: str) -> dict:
         remote = [m for m in self.cluster.members((ONLINE, COOLDOWN))
@@ -241,6 +249,27 @@ class Hub:
             if self.resolver.download_state(model_id) == "idle":
                 log.info("Resuming the pull of %s", model_id)
                 self.resolver.start_download(model_id)
+
+
+def _memory_on(entry: CatalogModel, report: dict) -> tuple[int, int, int]:
+    """What the model needs on a node (bytes), and the context and sequences counted: as
+    many as the node's engine for the format decodes at once (LLMLB_PARALLEL_SEQUENCES), or
+    one when it chooses by its memory (it then fits as many as there is room for)."""
+    options = report.get("load_options") or {}
+    context = int(options.get("context_length") or LoadOptions().context_length)
+    engine = next((e for e in report.get("engines") or () if isinstance(e, dict)
+                   and e.get("format") == entry.format and e.get("active")), {})
+    sequences = 1 if engine.get("parallel_auto") else int(
+        engine.get("parallel") or options.get("parallel_sequences") or 1)
+    return entry.memory_bytes(context, sequences), context, sequences
+
+
+def _kv_words(entry: CatalogModel, context: int, sequences: int) -> str:
+    if not entry.kv_cache_bytes_per_token:
+        return ""
+    return (f" (the model {entry.required_vram_mb} MiB, its KV cache "
+            f"{entry.kv_cache_bytes_per_token * context * sequences // 2**20} MiB for "
+            f"{sequences} sequence{'s' * (sequences > 1)} of {context} tokens)")
 
 
 def _remote_state(downloads: list[dict]) -> ModelState:

@@ -265,3 +265,47 @@ def test_engines_say_how_many_sequences_they_batch(make_server, tiny: dict[str, 
     assert active["metal"]["parallel"] is None  # unavailable here
     by_id = {m["id"]: m for m in state["loaded"]}
     assert [by_id[ids[f]]["parallel"] for f in ("gguf", "safetensors", "onnx")] == [8, 8, 1]
+
+
+def test_by_default_each_model_gets_the_sequences_its_kv_cache_fits(
+        make_server, tiny: dict[str, Path]) -> None:
+    server = make_server(max_loaded_models=3)  # no LLMLB_PARALLEL_SEQUENCES
+    ids = {fmt: install(server, tiny, MODEL_DIRS[fmt], f"tiny-{fmt}") for fmt in MODEL_DIRS}
+    for model in ids.values():
+        run_alone(server, model, HELLO, max_tokens=1)
+    state = engines_state(server)
+    active = {e["format"]: e for e in state["engines"] if e["active"]}
+    assert [(active[f]["parallel"], active[f]["parallel_auto"]) for f in MODEL_DIRS] == \
+        [(8, True), (8, True), (1, False)]
+    # The tiny Llama: 2 layers x 2 KV heads x 16 wide, keys and values, 512 tokens of
+    # context; f16 in llama.cpp, float32 in torch on the CPU. Its cache is tiny: all 8 fit.
+    per_token = 2 * 2 * 16 * 2
+    by_id = {m["id"]: m for m in state["loaded"]}
+    assert [(by_id[ids[f]]["parallel"], by_id[ids[f]]["parallel_auto"],
+             by_id[ids[f]]["kv_cache_bytes"]) for f in MODEL_DIRS] == [
+        (8, True, per_token * 2 * 512 * 8), (8, True, per_token * 4 * 512 * 8),
+        (1, False, None)]
+    # What a node tells its balancer says the same.
+    report = server.runtime.reporter.report()
+    assert [m["parallel"] for m in report["loaded"]] == [by_id[m["id"]]["parallel"]
+                                                         for m in report["loaded"]]
+    assert report["load_options"] == {"context_length": 4096, "parallel_sequences": None}
+    # Eight streams at once are decoded together: none waits for a slot.
+    model = ids["gguf"]
+    results = run_together(server, model, [(p, {"max_tokens": 50, "temperature": 0})
+                                           for p in PROMPTS])
+    assert max(r["first"] for r in results) < min(r["end"] for r in results)
+
+
+def test_fewer_sequences_when_memory_is_short() -> None:
+    from engines.base import LoadOptions, choose_parallel
+
+    mib = 2**20
+    auto = LoadOptions(free_memory_bytes=1000 * mib)
+    # Half of what the weights leave free goes to the KV cache.
+    assert choose_parallel(auto, 400 * mib, 30 * mib, 64) == 8  # room for 10: 8 at most
+    assert choose_parallel(auto, 400 * mib, 100 * mib, 64) == 3
+    assert choose_parallel(auto, 900 * mib, 100 * mib, 64) == 1  # never fewer than one
+    assert choose_parallel(LoadOptions(), 400 * mib, 30 * mib, 64) == 4  # memory unknown
+    assert choose_parallel(LoadOptions(parallel_sequences=16, free_memory_bytes=mib),
+                           400 * mib, 100 * mib, 64) == 16  # the setting wins

@@ -72,6 +72,9 @@ class Reporter:
             "active_requests": self.inflight.load(0),
             "queued_requests": sum(int(m.get("waiting") or 0) for m in loaded),
             "can_download": self.resolver.hf.host in self.settings.download_allowlist,
+            # what a pull must fit in memory besides the weights (the hub's check)
+            "load_options": {"context_length": self.pool.options.context_length,
+                             "parallel_sequences": self.pool.options.parallel_sequences},
         }
 
     @property
