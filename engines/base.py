@@ -274,6 +274,9 @@ class Engine(ABC):
     parameters: ClassVar[frozenset[str]] = frozenset()
     #: format name -> artifact file suffixes that mark a model directory of that format
     formats: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: whether, without LLMLB_PARALLEL_SEQUENCES, each model's number of sequences is chosen
+    #: from the memory its KV cache needs (``choose_parallel``)
+    parallel_from_memory: ClassVar[bool] = False
 
     @abstractmethod
     def availability(self) -> Availability:

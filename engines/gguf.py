@@ -219,6 +219,7 @@ class GGUFEmbeddingModel(LoadedModel):
 class GGUFEngine(Engine):
     name = "llama.cpp"
     formats = {"gguf": (".gguf",)}
+    parallel_from_memory = True
 
     @property
     def parameters(self) -> frozenset[str]:  # type: ignore[override]

@@ -203,6 +203,7 @@ class Encoder(LoadedModel):
 class SafetensorsEngine(Engine):
     name = "transformers"
     formats = {"safetensors": (".safetensors",)}
+    parallel_from_memory = True
 
     @property
     def parameters(self) -> frozenset[str]:  # type: ignore[override]

@@ -136,6 +136,7 @@ class EngineRegistry:
                 "parallel": parallel,
                 # each model gets up to ``parallel``, as many as its KV cache fits in memory
                 "parallel_auto": bool(parallel and parallel > 1
+                                      and getattr(entry.engine, "parallel_from_memory", False)
                                       and (options or LoadOptions()).parallel_sequences is None),
                 # the optional OpenAI parameters its models honour (others are a 400)
                 "parameters": sorted(getattr(entry.engine, "parameters", ()) or ()),
