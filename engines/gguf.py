@@ -141,15 +141,14 @@ class GGUFChatModel(LoadedModel):
     capabilities = frozenset({CHAT, COMPLETION})
 
     def __init__(self, lib, model, context, slots: int,  # noqa: ANN001 - llama_cpp objects
-                 context_length: int, kv_cache_bytes: int | None = None) -> None:
+                 context_length: int, gpu: bool = False) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self._lib, self._model = lib, model
         self.context_length = context_length
         self.parallel = slots
-        self.kv_cache_bytes = kv_cache_bytes
         self._vocab = _Vocab(lib, model)
-        self._runner = LlamaBatchRunner(lib, model, context, slots)
+        self._runner = LlamaBatchRunner(lib, model, context, slots, gpu)
         meta = model.metadata()
         eos, bos = model.token_eos(), model.token_bos()
         self._template = meta.get("tokenizer.chat_template") or FALLBACK_CHAT_TEMPLATE
@@ -304,4 +303,4 @@ class GGUFEngine(Engine):
         except BaseException:
             model.close()
             raise
-        return GGUFChatModel(lib, model, context, slots, context_length)
+        return GGUFChatModel(lib, model, context, slots, context_length, gpu_layers != 0)

@@ -61,8 +61,12 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class LlamaBatchRunner(compute.Runner):
-    def __init__(self, lib, model, context, slots: int) -> None:  # noqa: ANN001 - llama_cpp objects
+    def __init__(self, lib, model, context, slots: int,  # noqa: ANN001 - llama_cpp objects
+                 gpu: bool = False) -> None:
         self._lib, self._model, self._ctx = lib, model, context
+        # On a GPU a step's fixed cost is worth hundreds of prompt tokens: prompts with
+        # company keep the whole physical batch there.
+        self._busy_chunk = PROMPT_CHUNK if gpu else SHARED_PROMPT_CHUNK
         self._mem = lib.llama_get_memory(context.ctx)
         self._n_vocab = lib.llama_vocab_n_tokens(model.vocab)
         self._batch = lib.llama_batch_init(PROMPT_CHUNK, 0, 1)
@@ -152,9 +156,12 @@ class LlamaBatchRunner(compute.Runner):
         after a step or two instead of all after the whole crowd's prompts (time to first
         token under load, bench/batching.py). On a CPU a step's fixed cost (reading the
         weights) is worth some tens of prompt tokens; a quarter of the physical batch keeps it
-        small against the prompt work of a step."""
-        if len(live) > 1 or self._waiting or compute.contended():
+        small against the prompt work of a step (on a GPU it is worth hundreds: the whole
+        batch stays). Other models waiting for the compute thread get the quarter too."""
+        if compute.contended():
             return SHARED_PROMPT_CHUNK
+        if len(live) > 1 or self._waiting:
+            return self._busy_chunk
         return PROMPT_CHUNK
 
     def _fill_batch(self, live: list[_Slot]) -> list[tuple[_Slot, list[int], int | None]]:
