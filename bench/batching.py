@@ -29,7 +29,9 @@ turns round by round, so that a disturbance hits both alike; a block (one model 
 which other processes took more than ``--max-foreign`` of the cores is measured again once.
 
 Run: ``.venv/bin/python bench/batching.py [--rounds 3] [--models gguf-f16,gguf-f32,safetensors]
-[--no-anchor] [--parallel N]``. The last line printed is the JSON summary, also saved as
+[--no-anchor] [--parallel N] [--baseline DIR]``. ``--baseline DIR`` adds a side
+``llmlb-base``: llmlb from another checkout (say main, ``git archive main | tar -x -C DIR``)
+with the same settings, so that a change is measured against what it replaces in one run. The last line printed is the JSON summary, also saved as
 ``bench/.work/results/batching-<time>.json``.
 """
 
@@ -237,6 +239,9 @@ def main() -> None:
     parser.add_argument("--no-anchor", action="store_true", help="skip llama-server")
     parser.add_argument("--parallel", type=int, default=None,
                         help="LLMLB_PARALLEL_SEQUENCES for llmlb (default: llmlb's own choice)")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also run llmlb from this checkout (e.g. `git archive main`), "
+                             "side by side with the same settings: side 'llmlb-base'")
     parser.add_argument("--build-only", action="store_true",
                         help="build the models and llama-server, measure nothing")
     add_quiet_args(parser, foreign_help="redo a block when other processes took more than "
@@ -267,14 +272,24 @@ def main() -> None:
     port = free_port()
     env = clean_env(LLMLB_HOME=str(home), LLMLB_DEV="1", HF_ENDPOINT=CLOSED_ENDPOINT,
                     LLMLB_MAX_LOADED_MODELS=str(len(models)),
+                    LLMLB_KEEP_ALIVE_SECONDS="86400",  # loaded from warm-up to the end
                     LLMLB_LOG_LEVEL="WARNING", PYTHONPATH=str(REPO))
     if args.parallel is not None:
         env["LLMLB_PARALLEL_SEQUENCES"] = str(args.parallel)
-    slots: dict[str, int | None] = {}
-    server = start_server(llmlb_serve_cmd(port), env, work / "llmlb.log", port, name="llmlb")
+    slots: dict[tuple[str, str], int | None] = {}
+    servers = {"llmlb": (port, start_server(llmlb_serve_cmd(port), env, work / "llmlb.log",
+                                            port, name="llmlb"))}
     try:
+        if args.baseline:  # the same settings, another checkout's code, its own home
+            base_port = free_port()
+            shutil.copytree(home, work / "home-base", copy_function=os.link)
+            base_env = {**env, "LLMLB_HOME": str(work / "home-base"),
+                        "PYTHONPATH": str(Path(args.baseline).resolve())}
+            servers["llmlb-base"] = (base_port, start_server(
+                llmlb_serve_cmd(base_port), base_env, work / "llmlb-base.log", base_port,
+                name="llmlb (baseline)"))
         for name, (fmt, src) in models.items():
-            sides = {"llmlb": (port, f"bench-{name}")}
+            sides = {side: (p, f"bench-{name}") for side, (p, _) in servers.items()}
             anchor_proc = None
             if anchor and fmt == "gguf":
                 anchor_port = free_port()
@@ -283,17 +298,20 @@ def main() -> None:
                 sides["llama-server"] = (anchor_port, name)
             try:
                 print(f"{name}: {', '.join(sides)}", flush=True)
-                for side_port, model in sides.values():
+                for side, (side_port, model) in sides.items():
                     one_round(side_port, model, 8, 0)  # load and warm up
-                slots[name] = llmlb_parallel(port, f"bench-{name}")
-                print(f"    llmlb decodes {slots[name]} sequences of {name} at once", flush=True)
+                    if side in servers:
+                        slots[(name, side)] = llmlb_parallel(side_port, model)
+                        print(f"    {side} decodes {slots[(name, side)]} sequences at once",
+                              flush=True)
                 for side, figs in measure(sides, args.rounds, args.max_foreign).items():
                     results[(name, side)] = figs
             finally:
                 if anchor_proc is not None:
                     anchor_proc.stop()
     finally:
-        server.stop()
+        for _, proc in servers.values():
+            proc.stop()
     report(results, args, started, load_before, busy, slots)
 
 
@@ -307,7 +325,7 @@ def llmlb_parallel(port: int, model: str) -> int | None:
 
 
 def report(results: dict, args: argparse.Namespace, started: float, load_before: float,
-           busy: float, slots: dict[str, int | None]) -> None:
+           busy: float, slots: dict[tuple[str, str], int | None]) -> None:
     print("\n| model | server | " + " | ".join(f"{n} stream{'s' * (n > 1)} tok/s"
                                              for n in STREAMS)
           + " | 8 / 1 | TTFT p50/p95 ms at 1 | at 8 | TTFT 8 / 1 (p50) |")
@@ -322,9 +340,9 @@ def report(results: dict, args: argparse.Namespace, started: float, load_before:
                      "ttft_1": [fig[1]["ttft_p50_ms"], fig[1]["ttft_p95_ms"]],
                      "ttft_8": [fig[8]["ttft_p50_ms"], fig[8]["ttft_p95_ms"]],
                      "ttft_ratio_8_1": round(fig[8]["ttft_p50_ms"] / fig[1]["ttft_p50_ms"], 2),
-                     "parallel": slots.get(name) if side == "llmlb" else 8,
+                     "parallel": slots.get((name, side), 8),
                      "vs_llama_server_8": round(fig[8]["tok_s"] / anchor[8]["tok_s"], 3)
-                     if anchor and side == "llmlb" else None,
+                     if anchor and side.startswith("llmlb") else None,
                      "foreign": max(fig[n]["foreign"] for n in STREAMS)})
         print(f"| {name} | {side} | " + " | ".join(f"{fig[n]['tok_s']:.1f}" for n in STREAMS)
               + f" | {gain:.2f}x | {fig[1]['ttft_p50_ms']:.0f} / {fig[1]['ttft_p95_ms']:.0f}"
@@ -332,10 +350,11 @@ def report(results: dict, args: argparse.Namespace, started: float, load_before:
               f" | {fig[8]['ttft_p50_ms'] / fig[1]['ttft_p50_ms']:.2f}x |")
     for row in rows:
         if row["vs_llama_server_8"] is not None:
-            print(f"{row['model']}: llmlb / llama-server at 8 streams = "
+            print(f"{row['model']}: {row['server']} / llama-server at 8 streams = "
                   f"{row['vs_llama_server_8']:.2f}")
     summary = {**run_facts("batching", started, load_before, busy), "rounds": args.rounds,
-               "max_tokens": MAX_TOKENS, "llmlb_parallel_setting": args.parallel, "rows": rows}
+               "max_tokens": MAX_TOKENS, "llmlb_parallel_setting": args.parallel,
+               "baseline": args.baseline, "rows": rows}
     save_summary("batching", summary, indent=2)
 
 
