@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .config import OPTIONS, SettingsError, load_settings
+from .config import OPTIONS, SECTIONS, SettingsError, load_settings
 
 _TYPES = {"int": int, "float": float, "str": str, "path": click.Path(), "list": str}
 
@@ -17,7 +17,11 @@ def _env_help() -> str:
 
     # "\b" keeps click from re-wrapping the block below it.
     lines = ["Settings (defaults < $LLMLB_HOME/.env < environment < flags):", "", "\b"]
+    section = None
     for o in OPTIONS:
+        if o.section != section:
+            section = o.section
+            lines.append(f"{section}: {' '.join((SECTIONS[section].__doc__ or '').split())}")
         lines.append(f"  {' / '.join(o.env)}")
         lines.extend(textwrap.wrap(o.help, 90, initial_indent="      ",
                                    subsequent_indent="      "))
@@ -105,8 +109,8 @@ def _db(home: str | None, database: str | None):
     from .private_files import private_dir
 
     settings = _settings({"home": home, "database": database})
-    private_dir(settings.home)
-    return Database(settings.database)
+    private_dir(settings.files.home)
+    return Database(settings.files.database)
 
 
 _db_flags = [click.option("--home", default=None, help="LLMLB_HOME to use."),
@@ -175,9 +179,9 @@ def _registry(home: str | None, database: str | None):  # noqa: ANN202 - (settin
 
     settings = _settings({"home": home, "database": database})
     db = _db(home, database)
-    return settings, NodeRegistry(db, timeout=settings.node_timeout_seconds,
-                                  cooldown=settings.cooldown_seconds,
-                                  cooldown_max=settings.cooldown_max_seconds)
+    return settings, NodeRegistry(db, timeout=settings.cluster.node_timeout_seconds,
+                                  cooldown=settings.cluster.cooldown_seconds,
+                                  cooldown_max=settings.cluster.cooldown_max_seconds)
 
 
 @endpoints.command("add")
@@ -200,9 +204,9 @@ def endpoints_add(name: str, base_url: str, api_key_env: str | None, api_key_std
     try:
         spec = endpoint_spec({"name": name, "base_url": base_url, "api_key": api_key,
                               "api_key_env": api_key_env})
-        record = add_endpoint(registry, settings.home, spec,
-                              check_seconds=settings.endpoint_check_seconds,
-                              timeout=max(2.0, settings.proxy_connect_timeout_seconds))
+        record = add_endpoint(registry, settings.files.home, spec,
+                              check_seconds=settings.cluster.endpoint_check_seconds,
+                              timeout=max(2.0, settings.cluster.proxy_connect_timeout_seconds))
     except APIError as exc:
         raise click.ClickException(exc.message) from None
     models = ", ".join(sorted(m["id"] for m in record.report.get("models", []))) or "none"
@@ -225,7 +229,7 @@ def endpoints_list(home: str | None, database: str | None) -> None:
         key = ("env:" + r.credential[4:] if r.credential.startswith("env:") else "stored") \
             if r.credential else "none"
         models = ",".join(sorted(m["id"] for m in r.report.get("models", []))) or "-"
-        click.echo(f"{r.name}\t{r.url}\t{r.status(now, settings.node_timeout_seconds)}\t"
+        click.echo(f"{r.name}\t{r.url}\t{r.status(now, settings.cluster.node_timeout_seconds)}\t"
                    f"key:{key}\t{models}")
 
 
@@ -281,9 +285,9 @@ def models_list(**flags: Any) -> None:
     from .storage import merged_listing
 
     settings = _settings(flags)
-    table = EngineRegistry(load_plugins(settings.plugins_dir)).format_table()
-    for m in merged_listing([(settings.models_dir, "local"),
-                             (settings.shared_models_dir, "shared")], table):
+    table = EngineRegistry(load_plugins(settings.files.plugins_dir)).format_table()
+    for m in merged_listing([(settings.models.models_dir, "local"),
+                             (settings.models.shared_models_dir, "shared")], table):
         click.echo(f"{m.id}\t{m.format}\t{m.size_bytes / 1e6:.1f} MB\t{m.source}\t{m.path}")
 
 
@@ -295,7 +299,7 @@ def models_check_catalog(**flags: Any) -> None:
 
     settings = _settings(flags)
     try:
-        catalog = load_catalog(settings.supported_models)
+        catalog = load_catalog(settings.files.supported_models)
     except CatalogError as exc:
         raise click.ClickException(str(exc)) from None
     for m in catalog.values():

@@ -82,52 +82,56 @@ class Runtime:
 
 
 def build_runtime(settings: Settings) -> Runtime:
-    settings.models_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.database)
-    catalog = Catalog(settings.supported_models)
-    pm = load_plugins(settings.plugins_dir)
+    settings.models.models_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.files.database)
+    catalog = Catalog(settings.files.supported_models)
+    pm = load_plugins(settings.files.plugins_dir)
     engines = EngineRegistry(pm)
-    resolver = Resolver(settings, catalog, engines.format_table)
-    pool = ModelPool(engines, max_loaded=settings.max_loaded_models,
-                     keep_alive=settings.keep_alive_seconds,
-                     max_queued=settings.max_queued_requests,
-                     load_options=LoadOptions(context_length=settings.context_length,
-                                              parallel_sequences=settings.parallel_sequences))
+    resolver = Resolver(settings.models, settings.node, catalog, engines.format_table)
+    inference = settings.inference
+    pool = ModelPool(engines, max_loaded=inference.max_loaded_models,
+                     keep_alive=inference.keep_alive_seconds,
+                     max_queued=inference.max_queued_requests,
+                     load_options=LoadOptions(context_length=inference.context_length,
+                                              parallel_sequences=inference.parallel_sequences))
     node = LocalNode(resolver, pool)
     dispatcher = Dispatcher([node])
-    inflight = InflightCounters(Path(f"{settings.database}.inflight"))
-    reporter = Reporter(settings, resolver, pool, engines, inflight)
+    inflight = InflightCounters(Path(f"{settings.files.database}.inflight"))
+    reporter = Reporter(settings.models, resolver, pool, engines, inflight)
 
     registry = None
-    if settings.role != "node":
-        registry = NodeRegistry(db, timeout=settings.node_timeout_seconds,
-                                cooldown=settings.cooldown_seconds,
-                                cooldown_max=settings.cooldown_max_seconds)
+    if settings.server.role != "node":
+        registry = NodeRegistry(db, timeout=settings.cluster.node_timeout_seconds,
+                                cooldown=settings.cluster.cooldown_seconds,
+                                cooldown_max=settings.cluster.cooldown_max_seconds)
     local = None
-    if settings.runs_models:
-        name = settings.node_name if settings.role == "node" else "local"
-        local = LocalMember(InProcessNode(name, dispatcher, PromptLimits.from_settings(settings)),
+    if settings.server.role != "balancer":
+        name = settings.node.node_name if settings.server.role == "node" else "local"
+        local = LocalMember(InProcessNode(name, dispatcher, PromptLimits.from_settings(inference)),
                             node, node_memory, reporter.report)
-    cluster = Cluster(settings, registry, inflight, local)
-    metrics = Metrics(settings.metrics_dir, cluster.describe)
+    cluster = Cluster(settings.cluster, registry, inflight, local, home=settings.files.home,
+                      pool_size=settings.server.concurrency)
+    metrics = Metrics(settings.files.metrics_dir, cluster.describe)
     # A node's requests come from its balancer, which keeps their history.
-    history = History(db, settings.history_retention_days if settings.role != "node" else 0)
-    balancer = Balancer(settings, cluster, catalog, node, registry,
+    history = History(db, settings.cluster.history_retention_days
+                      if settings.server.role != "node" else 0)
+    balancer = Balancer(settings.cluster, cluster, catalog, node, registry,
                         on_done=observer(metrics, history))
 
-    stats = HFStats(db, settings.hf_endpoint, settings.hf_token, settings.hf_stats_ttl_seconds,
-                    settings.hub_timeout_seconds)
+    models = settings.models
+    stats = HFStats(db, models.hf_endpoint, models.hf_token, models.hf_stats_ttl_seconds,
+                    models.hub_timeout_seconds)
     hub = Hub(db, catalog, resolver, cluster, stats, node_memory)
     events = StatusEvents(hub.snapshot)
     resolver.on_progress(lambda _model_id: events.poke())
 
-    supervisor = Supervisor(Path(f"{settings.database}.supervisor.lock"))
+    supervisor = Supervisor(Path(f"{settings.files.database}.supervisor.lock"))
     supervisor.add("hub-reconcile", SWEEP_SECONDS, hub.reconcile)
     supervisor.add("inflight-sweep", SWEEP_SECONDS, inflight.sweep)
     agent = None
-    if settings.role == "node":
-        agent = NodeAgent(settings, db, reporter.report)
-        supervisor.add("heartbeat", settings.heartbeat_seconds, agent.beat)
+    if settings.server.role == "node":
+        agent = NodeAgent(settings.node, settings.server.dev, db, reporter.report)
+        supervisor.add("heartbeat", settings.cluster.heartbeat_seconds, agent.beat)
 
         def progress_soon(_model_id: str) -> None:
             if time.monotonic() - agent.last_beat >= EARLY_HEARTBEAT_SECONDS:
@@ -135,10 +139,10 @@ def build_runtime(settings: Settings) -> Runtime:
 
         resolver.on_progress(progress_soon)
     if registry is not None:
-        forget_after = settings.resolve_wait_seconds + settings.node_timeout_seconds
+        forget_after = models.resolve_wait_seconds + settings.cluster.node_timeout_seconds
         supervisor.add("node-watch", 1.0, StatusWatch(registry, forget_after))
-        supervisor.add("endpoint-check", settings.endpoint_check_seconds,
-                       EndpointWatch(settings, registry, inflight))
+        supervisor.add("endpoint-check", settings.cluster.endpoint_check_seconds,
+                       EndpointWatch(settings.cluster, settings.files.home, registry, inflight))
     if history.enabled:
         supervisor.add("history-prune", HISTORY_PRUNE_SECONDS, history.prune)
     return Runtime(settings, db, catalog, pm, engines, resolver, pool, node, dispatcher, hub,

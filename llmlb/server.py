@@ -11,9 +11,10 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
     from gunicorn.config import KNOWN_SETTINGS
 
     known = {s.name for s in KNOWN_SETTINGS}
+    server = settings.server
     options = {
-        "bind": f"{settings.host}:{settings.port}",
-        "workers": settings.workers,
+        "bind": f"{server.host}:{server.port}",
+        "workers": server.workers,
         # Where models run, threads, not processes, carry concurrency: a loaded model lives in
         # its process, and streams and WebSockets each hold a thread for their whole life:
         # gthread, with a deadline for request headers (slow clients must not hold the
@@ -21,15 +22,15 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         # streams per worker for less CPU than gthread (bench/balancer.py), and a slow client
         # holds a greenlet, not a thread.
         "worker_class": ("llmlb.gunicorn_worker.ThreadWorker"
-                         if settings.worker_class == "gthread" else settings.worker_class),
-        "threads": settings.threads,
+                         if server.worker_class == "gthread" else server.worker_class),
+        "threads": server.threads,
         "worker_connections": GEVENT_CONNECTIONS,  # gevent's limit; gthread's idle keep-alives
         "timeout": 120,  # the arbiter's heartbeat; gthread keeps it alive during long streams
         "graceful_timeout": 30,
         "keepalive": 5,
         "accesslog": "-",
         "errorlog": "-",
-        "loglevel": settings.log_level.lower(),
+        "loglevel": server.log_level.lower(),
         # The path without its query string: a secret a client puts in a URL (?api_key=...)
         # must not land in the log.
         "access_log_format": '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms',
@@ -68,13 +69,13 @@ def preflight(settings: Settings) -> None:
     from .config import SettingsError
     from .metrics import prepare_directory
 
-    load_catalog(settings.supported_models)
-    prepare_directory(settings.metrics_dir)  # counters start at zero with the instance
-    if settings.role == "node":
-        if not settings.balancer_url:
+    load_catalog(settings.files.supported_models)
+    prepare_directory(settings.files.metrics_dir)  # counters start at zero with the instance
+    if settings.server.role == "node":
+        if not settings.node.balancer_url:
             raise SettingsError("a node needs its balancer: --balancer-url or "
                                 "LLMLB_BALANCER_URL")
-        if not settings.node_api_key:
+        if not settings.node.node_api_key:
             raise SettingsError("a node needs LLMLB_NODE_API_KEY, a key with the node scope "
                                 "created on the balancer (llmlb keys create --scope node)")
 

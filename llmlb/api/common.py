@@ -57,7 +57,7 @@ def current_principal() -> auth.Principal | None:
                                       "its own node key")
         return node_principal
     if key is not None:
-        principal = auth.authenticate_key(rt.db, key, dev=rt.settings.dev)
+        principal = auth.authenticate_key(rt.db, key, dev=rt.settings.server.dev)
         if principal is None:
             raise errors.unauthorized("Invalid API key")
         return principal
@@ -72,8 +72,8 @@ def session_principal() -> auth.Principal | None:
     if "user" not in session:
         return None
     rt = runtime()
-    return sessions.session_principal(rt.db, session, dev=rt.settings.dev,
-                                      lifetime=rt.settings.session_lifetime_seconds)
+    return sessions.session_principal(rt.db, session, dev=rt.settings.server.dev,
+                                      lifetime=rt.settings.users.session_lifetime_seconds)
 
 
 def require(*scopes: str) -> Callable:

@@ -29,9 +29,9 @@ def add():
     spec = endpoint_spec(json_body())
     if rt.cluster.local is not None and spec.name == rt.cluster.local.name:
         raise errors.name_taken(spec.name, "is this llmlb's own node; choose another")
-    record = add_endpoint(registry(), settings.home, spec,
-                          check_seconds=settings.endpoint_check_seconds,
-                          timeout=max(2.0, settings.proxy_connect_timeout_seconds))
+    record = add_endpoint(registry(), settings.files.home, spec,
+                          check_seconds=settings.cluster.endpoint_check_seconds,
+                          timeout=max(2.0, settings.cluster.proxy_connect_timeout_seconds))
     return respond(endpoint_json(record), status=201)
 
 

@@ -30,7 +30,7 @@ def register():
         raise errors.name_taken(name, "belongs to an external endpoint; start the node with "
                                 "another --name") from None
     return respond({"id": record.id, "name": record.name, "url": record.url,
-                    "heartbeat_seconds": runtime().settings.heartbeat_seconds}, status=201)
+                    "heartbeat_seconds": runtime().settings.cluster.heartbeat_seconds}, status=201)
 
 
 @bp.post("/<name>/heartbeat")

@@ -28,7 +28,7 @@ def model_manifest(model_id: str):
     if local is None and entry is None:
         raise errors.model_not_found(model_id, in_catalog_hint=False)
     blob_base = request.host_url.rstrip("/") + "/v1/models/blob"
-    return respond(manifest(model_id, local, entry, rt.settings.hf_endpoint, blob_base))
+    return respond(manifest(model_id, local, entry, rt.settings.models.hf_endpoint, blob_base))
 
 
 @bp.get("/v0/models/<path:model_id>/status")

@@ -29,7 +29,7 @@ from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
 from .. import auth, errors
-from ..config import Settings
+from ..config import ServerSettings
 from .common import current_principal, runtime, session_principal
 
 bp = Blueprint("ws", __name__)
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 _SLOTS = "llmlb.websocket_slots"
 
 
-def init_app(app: Flask, settings: Settings) -> None:
+def init_app(app: Flask, settings: ServerSettings) -> None:
     sock.init_app(app)
     app.register_blueprint(bp)
     app.extensions[_SLOTS] = (threading.BoundedSemaphore(settings.max_websockets),
@@ -78,7 +78,7 @@ def _authorize() -> None:
 
 @bp.before_request
 def admit() -> None:
-    if not runtime().settings.dev:
+    if not runtime().settings.server.dev:
         _authorize()
     slots, limit = current_app.extensions[_SLOTS]
     if not slots.acquire(blocking=False):

@@ -25,7 +25,7 @@ import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from .. import auth
-from ..config import Settings
+from ..config import ModelSettings, NodeSettings
 from ..db import Database
 from ..hardware import describe as describe_hardware
 from ..model_info import listing_entry
@@ -52,7 +52,7 @@ class Reporter:
     """The node's report: hardware, engines and formats, models ready, loaded and being
     downloaded (with progress), requests in flight and queued."""
 
-    def __init__(self, settings: Settings, resolver: Resolver, pool: ModelPool,
+    def __init__(self, settings: ModelSettings, resolver: Resolver, pool: ModelPool,
                  engines: EngineRegistry, inflight: InflightCounters) -> None:
         self.settings, self.resolver, self.pool = settings, resolver, pool
         self.engines, self.inflight = engines, inflight
@@ -94,8 +94,9 @@ class NodeAgent:
     """Registers this node with its balancer and keeps it informed (the supervisor's
     ``heartbeat`` task), and checks who may call the node."""
 
-    def __init__(self, settings: Settings, db: Database, report: Callable[[], dict]) -> None:
-        self.settings = settings
+    def __init__(self, settings: NodeSettings, dev: bool, db: Database,
+                 report: Callable[[], dict]) -> None:
+        self.settings, self.dev = settings, dev
         self.report = report
         # One secret per node, the same in every worker and across restarts.
         self.secret = db.setdefault_meta("node_secret", "sk-node-" + secrets.token_urlsafe(32))
@@ -112,7 +113,7 @@ class NodeAgent:
         own = self.settings.node_api_key
         if own and auth.same_secret(key, own):
             return auth.Principal("node", "node key", frozenset({"node"}))
-        if self.settings.dev and auth.same_secret(key, auth.DEV_API_KEY):
+        if self.dev and auth.same_secret(key, auth.DEV_API_KEY):
             return auth.Principal("dev", auth.DEV_API_KEY, frozenset(auth.SCOPES))
         return None
 

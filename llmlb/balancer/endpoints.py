@@ -29,7 +29,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .. import errors
-from ..config import NODE_NAME, Settings
+from ..config import NODE_NAME, ClusterSettings
 from . import credentials, http1
 from .inflight import InflightCounters
 from .registry import ENDPOINT, NodeRecord, NodeRegistry
@@ -203,9 +203,10 @@ class EndpointWatch:
     """The supervisor's ``endpoint-check`` task: models, health and load of every endpoint,
     checked side by side (a hanging one delays none of the others)."""
 
-    def __init__(self, settings: Settings, registry: NodeRegistry,
+    def __init__(self, settings: ClusterSettings, home: Path, registry: NodeRegistry,
                  inflight: InflightCounters) -> None:
-        self.settings, self.registry, self.inflight = settings, registry, inflight
+        self.settings, self.home, self.registry, self.inflight = (
+            settings, home, registry, inflight)
         self.timeout = max(1.0, min(settings.endpoint_check_seconds,
                                     settings.proxy_connect_timeout_seconds * 2))
         self._pools: dict[int, tuple[str, http1.Pool, str]] = {}
@@ -229,7 +230,7 @@ class EndpointWatch:
                         "checked_at": time.time(), "load_source": "balancer"}
         in_flight = self.inflight.load(record.id)
         try:
-            key = credentials.open_credential(self.settings.home, record.credential)
+            key = credentials.open_credential(self.home, record.credential)
             report["models"] = fetch_models(pool, base_path, key)
             load = fetch_load(pool, base_path, key)
         except (http1.HTTPClientError, ValueError, credentials.CredentialError) as exc:

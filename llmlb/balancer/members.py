@@ -15,9 +15,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from ..config import Settings
+from ..config import ClusterSettings
 from ..hardware import Memory, memory_of
 from ..model_info import listing_entry
 from ..node import LocalNode
@@ -108,10 +109,12 @@ Member = LocalMember | RemoteMember
 
 
 class Cluster:
-    def __init__(self, settings: Settings, registry: NodeRegistry | None,
-                 inflight: InflightCounters, local: LocalMember | None) -> None:
+    def __init__(self, settings: ClusterSettings, registry: NodeRegistry | None,
+                 inflight: InflightCounters, local: LocalMember | None, *, home: Path,
+                 pool_size: int) -> None:
         self.settings, self.registry, self.inflight, self.local = (
             settings, registry, inflight, local)
+        self.home, self.pool_size = home, pool_size  # endpoint keys; connections per member
         self._clients: dict[int, tuple[tuple[str, str | None], RemoteNode]] = {}
         self._clients_lock = threading.Lock()
 
@@ -137,7 +140,7 @@ class Cluster:
                 if known is not None:
                     known[1].close()
                 client = RemoteNode(record.name, record.url, self._bearer(record),
-                                    pool_size=self.settings.concurrency,
+                                    pool_size=self.pool_size,
                                     connect_timeout=self.settings.proxy_connect_timeout_seconds,
                                     read_timeout=self.settings.proxy_read_timeout_seconds)
                 self._clients[record.id] = (identity, client)
@@ -148,7 +151,7 @@ class Cluster:
         if record.kind != ENDPOINT:
             return record.secret
         try:
-            return open_credential(self.settings.home, record.credential)
+            return open_credential(self.home, record.credential)
         except CredentialError as exc:  # its requests get a 401 and it cools down: say why
             log.warning("Endpoint %s: no API key to send: %s", record.name, exc)
             return None

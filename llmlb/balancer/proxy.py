@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from .. import errors
 from ..catalog import Catalog
-from ..config import Settings
+from ..config import ClusterSettings
 from ..node import LocalNode
 from ..serving.body import parse_json_object
 from ..serving.sse import event
@@ -77,7 +77,7 @@ class _Once:
 
 
 class Balancer:
-    def __init__(self, settings: Settings, cluster: Cluster, catalog: Catalog,
+    def __init__(self, settings: ClusterSettings, cluster: Cluster, catalog: Catalog,
                  files: LocalNode, registry: NodeRegistry | None,
                  on_done: Callable[[Outcome], None] | None = None) -> None:
         self.settings, self.cluster, self.catalog = settings, cluster, catalog

@@ -24,7 +24,7 @@ from huggingface_hub.utils import get_session
 
 from .. import errors
 from ..catalog import Catalog, CatalogModel
-from ..config import Settings
+from ..config import ModelSettings, NodeSettings
 from ..storage import LocalModel, find_model, merged_listing
 from . import state as model_state
 from .download import fetch_all
@@ -48,15 +48,15 @@ class DownloadJob:
 
 
 class Resolver:
-    def __init__(self, settings: Settings, catalog: Catalog,
+    def __init__(self, settings: ModelSettings, node: NodeSettings, catalog: Catalog,
                  formats: Callable[[], Mapping[str, tuple[str, ...]]]) -> None:
         self.settings = settings
         self.catalog = catalog
         self._formats = formats
         self.progress = ProgressStore(settings.locks_dir)
         self.hf = HuggingFaceSource(settings.hf_endpoint, settings.hf_token)
-        self.balancer = (BalancerSource(settings.balancer_url, settings.node_api_key)
-                         if settings.balancer_url else None)
+        self.balancer = (BalancerSource(node.balancer_url, node.node_api_key)
+                         if node.balancer_url else None)
         self._jobs: dict[str, DownloadJob] = {}
         self._jobs_lock = threading.Lock()
         self._waiting = 0
