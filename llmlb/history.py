@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 from .db import Database
 
@@ -27,7 +27,10 @@ COLUMNS = ("at", "key_name", "operation", "model", "node", "status", "stream", "
 
 
 @dataclass(frozen=True)
-class RequestRow:
+class RequestRecord:
+    """One forwarded request as the balancer saw it (``balancer/accounting.py``): what the
+    metrics count and the history keeps. Times in seconds."""
+
     at: float
     key_name: str | None
     operation: str
@@ -35,17 +38,24 @@ class RequestRow:
     node: str | None
     status: int
     stream: bool
-    latency_ms: float
-    ttft_ms: float | None
+    latency: float
+    ttft: float | None
     tokens_in: int | None
     tokens_out: int | None
     error: str | None
+
+    def row(self) -> tuple:
+        """The ``requests`` row, in COLUMNS' order (times in milliseconds)."""
+        return (self.at, self.key_name, self.operation, self.model, self.node, self.status,
+                self.stream, round(self.latency * 1000, 2),
+                round(self.ttft * 1000, 2) if self.ttft is not None else None,
+                self.tokens_in, self.tokens_out, self.error)
 
 
 class History:
     def __init__(self, db: Database, retention_days: float) -> None:
         self.db, self.retention_days = db, retention_days
-        self._rows: deque[RequestRow] = deque()
+        self._rows: deque[tuple] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -55,12 +65,12 @@ class History:
     def enabled(self) -> bool:
         return self.retention_days > 0
 
-    def add(self, row: RequestRow) -> None:
+    def add(self, record: RequestRecord) -> None:
         if not self.enabled:
             return
         if len(self._rows) >= MAX_BUFFERED:
             return
-        self._rows.append(row)
+        self._rows.append(record.row())
         if self._thread is None:
             self._start()
 
@@ -81,7 +91,7 @@ class History:
         """Insert the buffered rows now; how many."""
         batch = []
         while self._rows and len(batch) < 10_000:
-            batch.append(astuple(self._rows.popleft()))
+            batch.append(self._rows.popleft())
         if not batch:
             return 0
         try:

@@ -18,7 +18,6 @@ import pluggy
 
 from engines.base import LoadOptions
 
-from .balancer.accounting import Outcome
 from .balancer.agent import NodeAgent, Reporter
 from .balancer.endpoints import EndpointWatch
 from .balancer.inflight import InflightCounters
@@ -33,7 +32,7 @@ from .dispatch import Dispatcher
 from .events import StatusEvents
 from .hardware import node_memory
 from .hf_stats import HFStats
-from .history import History, RequestRow
+from .history import History, RequestRecord
 from .hub import Hub
 from .metrics import Metrics
 from .model_pool import ModelPool
@@ -150,18 +149,15 @@ def build_runtime(settings: Settings) -> Runtime:
                    metrics, history)
 
 
-def observer(metrics: Metrics, history: History) -> Callable[[Outcome], None]:
+def observer(metrics: Metrics, history: History) -> Callable[[RequestRecord], None]:
     """What a forwarded request leaves behind: its metrics and its history row."""
 
-    def done(o: Outcome) -> None:
+    def done(o: RequestRecord) -> None:
         # A model nobody serves is a client's typo, not a label: one series per typo would
         # grow without bound.
         model = o.model if o.node is not None or o.status >= 500 else ""
         metrics.observe(model or "", o.node or "", o.status, o.latency, o.ttft, o.tokens_in,
                         o.tokens_out)
-        history.add(RequestRow(o.at, o.key_name, o.operation, o.model, o.node, o.status,
-                               o.stream, round(o.latency * 1000, 2),
-                               round(o.ttft * 1000, 2) if o.ttft is not None else None,
-                               o.tokens_in, o.tokens_out, o.error))
+        history.add(o)
 
     return done

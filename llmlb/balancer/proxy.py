@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from .. import errors
 from ..catalog import Catalog
 from ..config import ClusterSettings
+from ..history import RequestRecord
 from ..node import LocalNode
 from ..serving.body import parse_json_object
 from ..serving.sse import event
 from ..storage import requested_model_id
 from . import routing
-from .accounting import Outcome, Watch, with_usage
+from .accounting import Watch, with_usage
 from .members import Cluster, Member, RemoteMember
 from .registry import COOLDOWN, ENDPOINT, OFFLINE, ONLINE, NodeRegistry
 from .upstream import NodeResponse, NodeUnreachable, ProxyRequest
@@ -79,7 +80,7 @@ class _Once:
 class Balancer:
     def __init__(self, settings: ClusterSettings, cluster: Cluster, catalog: Catalog,
                  files: LocalNode, registry: NodeRegistry | None,
-                 on_done: Callable[[Outcome], None] | None = None) -> None:
+                 on_done: Callable[[RequestRecord], None] | None = None) -> None:
         self.settings, self.cluster, self.catalog = settings, cluster, catalog
         self.files, self.registry = files, registry
         self.on_done = on_done
