@@ -334,7 +334,8 @@ def profile_download(bench: Bench) -> dict:
                 prof.disable()
                 type(self).profile = prof
 
-    resolver = ProfiledResolver(bench.settings, bench.catalog, bench.formats)
+    resolver = ProfiledResolver(bench.settings.models, bench.settings.node, bench.catalog,
+                                bench.formats)
     bench.cleanup()
     seconds, _ = bench.llmlb_inprocess(resolver)
     deadline = time.monotonic() + 5

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import errors
@@ -26,7 +25,6 @@ from .balancer.registry import COOLDOWN, ONLINE
 from .balancer.upstream import NodeUnreachable
 from .catalog import Catalog
 from .db import Database
-from .hardware import Memory
 from .hf_stats import HFStats
 from .resolver import Resolver
 from .resolver.progress import ERROR
@@ -56,9 +54,9 @@ class HubStatus:
 
 class Hub:
     def __init__(self, db: Database, catalog: Catalog, resolver: Resolver,
-                 cluster: Cluster, stats: HFStats, memory: Callable[[], Memory]) -> None:
+                 cluster: Cluster, stats: HFStats) -> None:
         self.db, self.catalog, self.resolver = db, catalog, resolver
-        self.cluster, self.stats, self.memory = cluster, stats, memory
+        self.cluster, self.stats = cluster, stats
 
     # --- status -----------------------------------------------------------------------------
 
@@ -177,8 +175,7 @@ class Hub:
         able = [m for m in self.cluster.members((ONLINE,)) if m.can_fetch(model_id, has_files)]
         if not able:
             raise errors.no_node_available(model_id, 5, "no node that can fetch it is online")
-        free = {m.id: (self.memory().free_bytes if m.id == 0 else m.free_memory())
-                for m in able}
+        free = {m.id: m.free_memory() for m in able}
         best = max(able, key=lambda m: free[m.id])
         if required > free[best.id]:
             raise errors.insufficient_memory(required, free[best.id])

@@ -18,25 +18,25 @@ import pluggy
 
 from engines.base import LoadOptions
 
-from .balancer.agent import NodeAgent, Reporter
 from .balancer.endpoints import EndpointWatch
 from .balancer.inflight import InflightCounters
-from .balancer.members import Cluster, LocalMember
+from .balancer.members import Cluster
 from .balancer.proxy import Balancer
 from .balancer.registry import NodeRegistry, StatusWatch
-from .balancer.upstream import InProcessNode
 from .catalog import Catalog
 from .config import Settings
 from .db import Database
-from .dispatch import Dispatcher
 from .events import StatusEvents
 from .hardware import node_memory
 from .hf_stats import HFStats
 from .history import History, RequestRecord
 from .hub import Hub
 from .metrics import Metrics
-from .model_pool import ModelPool
-from .node import LocalNode
+from .node.agent import NodeAgent, Reporter
+from .node.local import LocalNode, files_here
+from .node.member import LocalMember
+from .node.pool import ModelPool
+from .node.transport import InProcessNode
 from .plugins import EngineRegistry, load_plugins
 from .resolver import Resolver
 from .serving.protocol import PromptLimits
@@ -59,7 +59,6 @@ class Runtime:
     resolver: Resolver
     pool: ModelPool
     node: LocalNode
-    dispatcher: Dispatcher
     hub: Hub
     events: StatusEvents
     inflight: InflightCounters
@@ -94,7 +93,6 @@ def build_runtime(settings: Settings) -> Runtime:
                      load_options=LoadOptions(context_length=inference.context_length,
                                               parallel_sequences=inference.parallel_sequences))
     node = LocalNode(resolver, pool)
-    dispatcher = Dispatcher([node])
     inflight = InflightCounters(Path(f"{settings.files.database}.inflight"))
     reporter = Reporter(settings.models, resolver, pool, engines, inflight)
 
@@ -106,21 +104,22 @@ def build_runtime(settings: Settings) -> Runtime:
     local = None
     if settings.server.role != "balancer":
         name = settings.node.node_name if settings.server.role == "node" else "local"
-        local = LocalMember(InProcessNode(name, dispatcher, PromptLimits.from_settings(inference)),
-                            node, node_memory, reporter.report)
+        local = LocalMember(InProcessNode(name, node, PromptLimits.from_settings(inference)),
+                            resolver, node_memory, reporter.report)
     cluster = Cluster(settings.cluster, registry, inflight, local, home=settings.files.home,
                       pool_size=settings.server.concurrency)
     metrics = Metrics(settings.files.metrics_dir, cluster.describe)
     # A node's requests come from its balancer, which keeps their history.
     history = History(db, settings.cluster.history_retention_days
                       if settings.server.role != "node" else 0)
-    balancer = Balancer(settings.cluster, cluster, catalog, node, registry,
+    balancer = Balancer(settings.cluster, cluster, catalog,
+                        lambda request: files_here(resolver, request) is not None, registry,
                         on_done=observer(metrics, history))
 
     models = settings.models
     stats = HFStats(db, models.hf_endpoint, models.hf_token, models.hf_stats_ttl_seconds,
                     models.hub_timeout_seconds)
-    hub = Hub(db, catalog, resolver, cluster, stats, node_memory)
+    hub = Hub(db, catalog, resolver, cluster, stats)
     events = StatusEvents(hub.snapshot)
     resolver.on_progress(lambda _model_id: events.poke())
 
@@ -144,7 +143,7 @@ def build_runtime(settings: Settings) -> Runtime:
                        EndpointWatch(settings.cluster, settings.files.home, registry, inflight))
     if history.enabled:
         supervisor.add("history-prune", HISTORY_PRUNE_SECONDS, history.prune)
-    return Runtime(settings, db, catalog, pm, engines, resolver, pool, node, dispatcher, hub,
+    return Runtime(settings, db, catalog, pm, engines, resolver, pool, node, hub,
                    events, inflight, registry, cluster, balancer, reporter, agent, supervisor,
                    metrics, history)
 

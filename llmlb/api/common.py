@@ -12,9 +12,9 @@ from flask import Response, current_app, g, jsonify, request, session
 from .. import auth, errors, sessions
 from ..balancer.proxy import Forwarded
 from ..runtime import Runtime
-from ..serving.body import parse_json_object
 from ..serving.sse import SSEStream
 from ..storage import requested_model_id
+from ..wire import parse_json_object
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 CSRF_HEADER = "X-CSRF-Token"

@@ -23,7 +23,7 @@ def health():
 def model_manifest(model_id: str):
     model_id = requested_model_id(model_id)
     rt = runtime()
-    local = rt.node.find(model_id)
+    local = rt.resolver.find(model_id)
     entry = rt.catalog.get(model_id)
     if local is None and entry is None:
         raise errors.model_not_found(model_id, in_catalog_hint=False)

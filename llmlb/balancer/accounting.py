@@ -16,10 +16,8 @@ import re
 import time
 from collections.abc import Callable, Iterator
 
-from engines.base import CHAT, COMPLETION
-
 from ..history import RequestRecord
-from .upstream import NodeResponse, ProxyRequest
+from .upstream import CHAT, COMPLETION, NodeResponse, ProxyRequest
 
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
@@ -53,7 +51,8 @@ def with_usage(request: ProxyRequest) -> tuple[ProxyRequest, bool]:
         return request, False  # invalid: the node says so
     payload = {**payload, "stream_options": {**(options or {}), "include_usage": True}}
     raw = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-    return ProxyRequest(request.operation, raw, payload, request.model_id, request), True
+    return ProxyRequest(request.operation, raw, payload, request.model_id, request,
+                        request.found, request.id_refusal), True
 
 
 class Watch:

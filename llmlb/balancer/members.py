@@ -1,11 +1,13 @@
-"""The nodes a balancer routes to right now: the in-process node (standalone) and the
-registered ones, each seen through one interface (``Member``) whatever its kind.
+"""The nodes a balancer routes to right now: the in-process node (standalone, a node's own
+balancer side) and the registered ones, each seen through one interface (``Member``) whatever
+its kind.
 
 A remote member is a registry row plus the client that reaches it; clients (and their
 connection pools) live as long as the worker and are rebuilt when a node's URL or secret
 changes. What the members report (models, downloads, memory, queue) is what the node said in
 its last heartbeat; what the balancer counts itself (requests in flight) comes from shared
-memory.
+memory. The in-process member is the node package's (``node/member.py``), handed in by the
+role's builder; the balancer knows it by ``in_process``, nothing else.
 """
 
 from __future__ import annotations
@@ -14,70 +16,61 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import ClusterSettings
-from ..hardware import Memory, memory_of
-from ..model_info import listing_entry
-from ..node import LocalNode
+from ..hardware import memory_of
 from .credentials import CredentialError, describe, open_credential
 from .http1 import HTTPClientError
 from .inflight import InflightCounters
 from .registry import COOLDOWN, ENDPOINT, ONLINE, NodeRecord, NodeRegistry
-from .upstream import InProcessNode, Node, NodeUnreachable, RemoteNode
+from .upstream import Node, NodeUnreachable, ProxyRequest, RemoteNode
 
 log = logging.getLogger(__name__)
 DOWNLOADING_STATES = ("queued", "downloading")
 
 
-class LocalMember:
-    """The node in this process; always online, never in cooldown (its failures are its
-    models', not the network's)."""
+class Member(Protocol):
+    """A node or endpoint the balancer can hand requests to."""
 
-    id = 0
-    kind = "node"
-    url = None
-    record = None
-    status = ONLINE
+    id: int  # its slot in the in-flight counters
+    name: str
+    kind: str  # NODE | ENDPOINT
+    url: str | None
+    status: str
+    in_process: bool  # the node in this process: no network, so no cooldown
+    node: Node  # how requests reach it
 
-    def __init__(self, node: InProcessNode, local: LocalNode, memory: Callable[[], Memory],
-                 report: Callable[[], dict]) -> None:
-        self.node: Node = node
-        self.name = node.name
-        self.local, self._memory, self._report = local, memory, report
+    def ready(self, model_id: str, request: ProxyRequest | None = None) -> bool:
+        """Whether it has the model ready to serve (``request``: the one being routed)."""
+        ...
 
-    def ready(self, model_id: str) -> bool:
-        return self.local.find(model_id) is not None
-
-    def models(self) -> list[dict]:
-        return [listing_entry(m) for m in self.local.models()]
+    def models(self) -> list[dict]: ...
 
     def queued(self) -> int:
-        return 0  # its waiting requests are already among the balancer's in flight
+        """Requests waiting there that the balancer does not count itself."""
+        ...
 
-    def free_memory(self) -> int:
-        return self._memory().free_bytes
+    def free_memory(self) -> int: ...
 
-    def pulling(self, model_id: str) -> bool:
-        return self.local.resolver.download_state(model_id) == "running"
+    def pulling(self, model_id: str) -> bool: ...
 
-    def can_fetch(self, model_id: str, balancer_has_it: bool) -> bool:
-        return True  # its resolver decides, with the errors standalone always gave
+    def can_fetch(self, model_id: str, balancer_has_it: bool) -> bool: ...
 
-    def report(self) -> dict:
-        return self._report()
+    def report(self) -> dict: ...
 
 
 class RemoteMember:
     """A registered node, as its last heartbeat described it."""
 
+    in_process = False
+
     def __init__(self, record: NodeRecord, node: RemoteNode, status: str) -> None:
         self.record, self.node, self.status = record, node, status
         self.id, self.name, self.kind, self.url = record.id, record.name, record.kind, record.url
 
-    def ready(self, model_id: str) -> bool:
+    def ready(self, model_id: str, request: ProxyRequest | None = None) -> bool:
         return model_id in self.record.models
 
     def models(self) -> list[dict]:
@@ -105,12 +98,9 @@ class RemoteMember:
         return self.record.report
 
 
-Member = LocalMember | RemoteMember
-
-
 class Cluster:
     def __init__(self, settings: ClusterSettings, registry: NodeRegistry | None,
-                 inflight: InflightCounters, local: LocalMember | None, *, home: Path,
+                 inflight: InflightCounters, local: Member | None, *, home: Path,
                  pool_size: int) -> None:
         self.settings, self.registry, self.inflight, self.local = (
             settings, registry, inflight, local)
@@ -198,7 +188,7 @@ class Cluster:
         rows = []
         if self.local is not None:
             rows.append(_describe(self.local, self.local.report(), ONLINE, now, now,
-                                  self.inflight.load(0)))
+                                  self.inflight.load(self.local.id)))
         for record in (self.registry.nodes(fresh=True) if self.registry else ()):
             status = record.status(now, self.registry.timeout)  # type: ignore[union-attr]
             row = _describe(RemoteMember(record, self.client(record), status), record.report,

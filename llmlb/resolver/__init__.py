@@ -1,6 +1,6 @@
-"""Model resolution (RS-2): the local directory, then the shared path (used in place), then a
-download from an allowed source (the balancer's blob route, or Hugging Face), else
-``model_not_found``.
+"""Model resolution (RS-2): ``find`` looks in the local directory, then the shared path (used
+in place); ``fetch`` then downloads from an allowed source (the balancer's blob route, or
+Hugging Face), else raises ``model_not_found``.
 
 A download runs in a background thread of the process that wins the model's lock file, so it
 carries on when the request that started it gives up; every request for the model, in any
@@ -91,10 +91,9 @@ class Resolver:
 
     # --- resolving ------------------------------------------------------------------------
 
-    def resolve(self, model_id: str) -> LocalModel:
-        model = self.find(model_id)
-        if model is not None:
-            return model
+    def fetch(self, model_id: str) -> LocalModel:
+        """Resolve a model that ``find`` did not find here: from an allowed source, waiting
+        for it, or raise the error that says why not."""
         self.check_downloadable(model_id)
         log.info("Model resolution started: %s", model_id)
         return self._wait_for(model_id)

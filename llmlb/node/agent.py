@@ -25,14 +25,15 @@ import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from .. import auth
+from ..balancer.inflight import InflightCounters
 from ..config import ModelSettings, NodeSettings
 from ..db import Database
 from ..hardware import describe as describe_hardware
 from ..model_info import listing_entry
-from ..model_pool import ModelPool
 from ..plugins import EngineRegistry
 from ..resolver import Resolver
-from .inflight import InflightCounters
+from .member import IN_PROCESS_SLOT
+from .pool import ModelPool
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class Reporter:
             "models": [listing_entry(m) for m in self.resolver.list_models()],
             "loaded": loaded,
             "downloads": self.downloads(),
-            "active_requests": self.inflight.load(0),
+            "active_requests": self.inflight.load(IN_PROCESS_SLOT),
             "queued_requests": sum(int(m.get("waiting") or 0) for m in loaded),
             "can_download": self.resolver.hf.host in self.settings.download_allowlist,
         }

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from engines import compute
 from engines.base import Engine, EngineError, LoadedModel, LoadOptions
 
-from . import errors
-from .plugins import EngineRegistry
-from .storage import LocalModel
+from .. import errors
+from ..plugins import EngineRegistry
+from ..storage import LocalModel
 
 log = logging.getLogger(__name__)
 
