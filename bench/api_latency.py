@@ -165,9 +165,12 @@ def in_process_app(home: Path):  # noqa: ANN201 - a Flask app
     os.environ.clear()
     os.environ.update(llmlb_free_environ())
     from llmlb import create_app
+    from llmlb.server import start
 
-    return create_app({"home": home, "dev": True, "hf_endpoint": CLOSED_ENDPOINT,
-                       "log_level": "ERROR"})
+    app = create_app({"home": home, "dev": True, "hf_endpoint": CLOSED_ENDPOINT,
+                      "log_level": "ERROR"})
+    start(app)  # as a gunicorn worker does: its periodic tasks, the history writer
+    return app
 
 
 def in_process_calls(app) -> dict[str, Callable[[], None]]:  # noqa: ANN001

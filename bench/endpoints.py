@@ -115,7 +115,7 @@ def part_accounting(n: int, relay_rps: float | None) -> dict:
     from llmlb.db import Database
     from llmlb.history import History
     from llmlb.metrics import Metrics
-    from llmlb.runtime import observer
+    from llmlb.roles import observer
 
     tmp = Path(tempfile.mkdtemp(prefix="llmlb-bench-accounting-"))
     try:

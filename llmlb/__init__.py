@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import secrets
@@ -40,28 +39,18 @@ def configure_logging(level: str) -> None:
 
 
 def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
-    """Build the app from Settings, or from overrides on top of the environment."""
-    from . import auth, errors
-    from .api import (
-        admin_routes,
-        dashboard_routes,
-        endpoint_routes,
-        hub_routes,
-        keyed_sessions,
-        metrics_routes,
-        node_routes,
-        openai_routes,
-        registry_routes,
-        security_headers,
-        ws,
-    )
+    """Build the app of the role the settings name, from Settings or from overrides on top of
+    the environment. Nothing starts here: ``llmlb.server.start`` (gunicorn's workers do) and
+    the role's ``prepare`` (once per instance, before them) do that."""
+    from . import errors
+    from .api import keyed_sessions, security_headers
     from .private_files import private_dir
-    from .runtime import build_runtime
+    from .roles import build
 
     settings = config if isinstance(config, Settings) else load_settings(config)
     configure_logging(settings.server.log_level)
     private_dir(settings.files.home)  # before anything is created in it (SC-4)
-    rt = build_runtime(settings)
+    rt = build(settings)
 
     app = Flask(__name__, static_folder="dashboard/static",
                 template_folder="dashboard/templates")
@@ -82,18 +71,8 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
 
     errors.init_app(app)
     security_headers.init_app(app)
-    app.register_blueprint(openai_routes.bp)
-    app.register_blueprint(registry_routes.bp)
-    app.register_blueprint(metrics_routes.bp)
-    if settings.server.role == "node":  # the balancer's internal API to it; no users, no dashboard
-        app.register_blueprint(node_routes.node_bp)
-    else:
-        app.register_blueprint(node_routes.bp)
-        app.register_blueprint(endpoint_routes.bp)
-        app.register_blueprint(admin_routes.bp)
-        app.register_blueprint(hub_routes.bp)
-        ws.init_app(app, settings.server)
-        app.register_blueprint(dashboard_routes.bp)
+    for blueprint in rt.blueprints:
+        app.register_blueprint(blueprint)
 
     worker = str(os.getpid())
 
@@ -121,20 +100,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         log.warning("DEVELOPMENT MODE: the API key 'sk_debug' and the login admin/test are "
                     "accepted. Never run this on a network others can reach.")
         log.warning("=" * 72)
-    if settings.server.role != "node":
-        generated = auth.ensure_first_admin(rt.db, settings.users.admin_username,
-                                            settings.users.admin_password)
-        if generated:
-            log.warning("Created the first admin user '%s' with the password: %s  (shown once; "
-                        "set LLMLB_ADMIN_PASSWORD to choose it)", settings.users.admin_username,
-                        generated)
-    # Periodic work (pulls a restart cut off, heartbeats): one process per instance runs it.
-    rt.supervisor.start()
-    # What exists now lives as long as the process: keep it out of the collector's full
-    # passes, which otherwise stall a request for tens of milliseconds now and then.
-    gc.freeze()
-    log.info("llmlb ready (%s%s): models in %s, catalog %s (%d models), database %s",
-             settings.server.role, f" '{settings.node.node_name}' for {settings.node.balancer_url}"
-             if settings.server.role == "node" else "", settings.models.models_dir,
-             settings.files.supported_models, len(rt.catalog.models()), settings.files.database)
+    log.info("llmlb ready (%s): models in %s, catalog %s (%d models), database %s",
+             rt.summary, settings.models.models_dir, settings.files.supported_models,
+             len(rt.catalog.models()), settings.files.database)
     return app

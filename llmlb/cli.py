@@ -66,6 +66,7 @@ def main() -> None:
 
 
 def _run(settings: Any) -> None:
+    from . import create_app
     from .catalog import CatalogError
     from .config import SettingsError
     from .server import preflight
@@ -77,7 +78,7 @@ def _run(settings: Any) -> None:
         raise click.ClickException(f"the model catalog is invalid: {exc}") from None
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
-    run(settings)
+    run(settings, lambda: create_app(settings))
 
 
 @main.command(epilog=_env_help(), context_settings={"max_content_width": 100})

@@ -1,10 +1,10 @@
 """The request history (LB-6): one row per request in the ``requests`` table, and its reading
 for ``GET /v0/requests`` and the dashboard.
 
-A request only appends its row to this worker's buffer; a writer thread per worker inserts
-what has gathered once a second in one transaction, so the request path never waits on
-SQLite and the database sees one write per second per worker, not one per request. A worker
-killed outright loses at most its last second of rows. Rows older than
+A request only appends its row to this worker's buffer; a writer thread per worker (started
+with the worker) inserts what has gathered once a second in one transaction, so the request
+path never waits on SQLite and the database sees one write per second per worker, not one per
+request. A worker killed outright loses at most its last second of rows. Rows older than
 ``LLMLB_HISTORY_RETENTION_DAYS`` are deleted by the supervisor's ``history-prune`` task.
 """
 
@@ -71,10 +71,11 @@ class History:
         if len(self._rows) >= MAX_BUFFERED:
             return
         self._rows.append(record.row())
-        if self._thread is None:
-            self._start()
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Write what gathers, once a second, from now on (each worker, as it starts)."""
+        if not self.enabled:
+            return
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._write_loop, daemon=True,

@@ -1,8 +1,13 @@
-"""Running llmlb under gunicorn: the options both ``llmlb serve`` and ``gunicorn.conf.py`` use."""
+"""Running llmlb under gunicorn: the options both ``llmlb serve`` and ``gunicorn.conf.py`` use,
+and the two moments llmlb starts: ``preflight`` once per instance in gunicorn's master,
+before any worker, and ``start`` in each worker once it has built the app."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from flask import Flask
 
 from .config import GEVENT_CONNECTIONS, Settings
 
@@ -37,11 +42,22 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         # gunicorn >= 24 opens a control socket at one fixed path per user; two llmlb
         # instances on a host would fight over it, and llmlb does not use it.
         "control_socket_disable": True,
+        "post_worker_init": _post_worker_init,
         # A worker that exits leaves its metric files: folded into one, scrapes stay fast.
         "child_exit": _child_exit,
         "worker_exit": _worker_exit,
     }
     return {k: v for k, v in options.items() if k in known}
+
+
+def start(app: Flask) -> None:
+    """Start serving in this process: its periodic tasks, its writers (each worker; a
+    one-process server, such as the tests' werkzeug, calls it itself after ``prepare``)."""
+    app.extensions["llmlb"].start()
+
+
+def _post_worker_init(worker: Any) -> None:
+    start(worker.wsgi)
 
 
 def _worker_exit(server: Any, worker: Any) -> None:
@@ -61,37 +77,33 @@ def _child_exit(server: Any, worker: Any) -> None:
 
 
 def preflight(settings: Settings) -> None:
-    """Check, in the master before any worker boots, what would make every worker fail:
-    a worker that cannot start shows gunicorn's traceback and "Worker failed to boot"
-    instead of the reason. Raises CatalogError with the entry at fault, SettingsError for a
-    node that cannot reach or authenticate to a balancer."""
+    """Check and prepare, in the master before any worker boots, what would make every worker
+    fail (a worker that cannot start shows gunicorn's traceback and "Worker failed to boot"
+    instead of the reason), then what the role needs once (``roles.prepare``: the first admin,
+    a node's link to its balancer). Raises CatalogError with the entry at fault, SettingsError
+    for a setting the role cannot run with."""
     from .catalog import load_catalog
-    from .config import SettingsError
     from .metrics import prepare_directory
+    from .private_files import private_dir
+    from .roles import prepare
 
+    private_dir(settings.files.home)  # before anything is created in it (SC-4)
     load_catalog(settings.files.supported_models)
     prepare_directory(settings.files.metrics_dir)  # counters start at zero with the instance
-    if settings.server.role == "node":
-        if not settings.node.balancer_url:
-            raise SettingsError("a node needs its balancer: --balancer-url or "
-                                "LLMLB_BALANCER_URL")
-        if not settings.node.node_api_key:
-            raise SettingsError("a node needs LLMLB_NODE_API_KEY, a key with the node scope "
-                                "created on the balancer (llmlb keys create --scope node)")
+    prepare(settings)
 
 
-def serve(settings: Settings) -> None:
-    """Run the app with gunicorn in the foreground (what ``llmlb serve`` does)."""
+def serve(settings: Settings, load: Callable[[], Flask]) -> None:
+    """Run the app ``load()`` builds (in each worker) with gunicorn in the foreground (what
+    ``llmlb serve`` does)."""
     from gunicorn.app.base import BaseApplication
-
-    from . import create_app
 
     class Server(BaseApplication):
         def load_config(self) -> None:
             for key, value in gunicorn_options(settings).items():
                 self.cfg.set(key, value)
 
-        def load(self):  # noqa: ANN202 - the WSGI app
-            return create_app(settings)
+        def load(self) -> Flask:
+            return load()
 
     Server().run()

@@ -45,22 +45,15 @@ def check_csrf(sent: str | None) -> None:
 
 
 def current_principal() -> auth.Principal | None:
-    """The key's principal, else the logged-in dashboard user's (CSRF-checked when unsafe)."""
+    """The key's principal (the role's authenticator decides, 401 for a key it refuses),
+    else, where the role has dashboard users, the logged-in user's (CSRF-checked when
+    unsafe)."""
     rt = runtime()
     key = auth.key_from_headers(request.headers)
-    if rt.agent is not None:  # a node: only node credentials (see balancer/agent.py)
-        if key is None:
-            return None
-        node_principal = rt.agent.principal(key)
-        if node_principal is None:
-            raise errors.unauthorized("Invalid key: this node accepts only its balancer and "
-                                      "its own node key")
-        return node_principal
     if key is not None:
-        principal = auth.authenticate_key(rt.db, key, dev=rt.settings.server.dev)
-        if principal is None:
-            raise errors.unauthorized("Invalid API key")
-        return principal
+        return rt.authenticator.principal(key)
+    if not rt.authenticator.sessions:
+        return None
     principal = session_principal()
     if principal is not None and request.method in UNSAFE_METHODS:
         check_csrf(request.headers.get(CSRF_HEADER))
@@ -85,9 +78,8 @@ def require(*scopes: str) -> Callable:
             principal = current_principal()
             if principal is None:
                 raise errors.unauthorized()
-            needed = ("node",) if runtime().agent is not None else scopes  # a node: node only
-            if not any(principal.allows(s) for s in needed):
-                raise errors.forbidden(" or ".join(needed))
+            if not any(principal.allows(s) for s in scopes):
+                raise errors.forbidden(" or ".join(scopes))
             g.principal = principal
             return view(*args, **kwargs)
 

@@ -1,6 +1,7 @@
 """The cluster's HTTP API. On a balancer (``bp``): nodes register and send heartbeats (node
 scope); operators list and forget nodes (admin). On a node (``node_bp``): what its balancer
-asks of it besides inference: pull or delete a model, its report now."""
+asks of it besides inference: pull or delete a model, its report now (its in-process
+member's)."""
 
 from __future__ import annotations
 
@@ -64,4 +65,4 @@ def delete(model_id: str):
 @node_bp.get("/report")
 @require("node")
 def report():
-    return respond(runtime().reporter.report())
+    return respond(runtime().cluster.local.report())  # type: ignore[union-attr]

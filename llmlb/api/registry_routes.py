@@ -6,6 +6,7 @@ from flask import Blueprint, g, request
 
 from .. import errors
 from ..model_info import manifest
+from ..node.pool import load_options
 from ..storage import requested_model_id
 from .common import require, respond, runtime
 
@@ -44,4 +45,7 @@ def model_status(model_id: str):
 @require("api")
 def engines():
     rt = runtime()
-    return respond({"engines": rt.engines.describe(rt.pool.options), "loaded": rt.pool.loaded()})
+    pool = rt.pool  # none where no model runs (a balancer)
+    options = pool.options if pool is not None else load_options(rt.settings.inference)
+    return respond({"engines": rt.engines.describe(options),
+                    "loaded": pool.loaded() if pool is not None else []})

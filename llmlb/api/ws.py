@@ -24,12 +24,12 @@ import queue
 import threading
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Flask, current_app, g, request
+from flask import Blueprint, current_app, g, request
+from flask.blueprints import BlueprintSetupState
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
 from .. import auth, errors
-from ..config import ServerSettings
 from .common import current_principal, runtime, session_principal
 
 bp = Blueprint("ws", __name__)
@@ -39,11 +39,11 @@ log = logging.getLogger(__name__)
 _SLOTS = "llmlb.websocket_slots"
 
 
-def init_app(app: Flask, settings: ServerSettings) -> None:
-    sock.init_app(app)
-    app.register_blueprint(bp)
-    app.extensions[_SLOTS] = (threading.BoundedSemaphore(settings.max_websockets),
-                              settings.max_websockets)
+@bp.record_once
+def _slots(state: BlueprintSetupState) -> None:
+    """This worker's sockets: at most LLMLB_MAX_WEBSOCKETS at once."""
+    limit = state.app.extensions["llmlb"].settings.server.max_websockets
+    state.app.extensions[_SLOTS] = (threading.BoundedSemaphore(limit), limit)
 
 
 _DEFAULT_PORTS = {"http": ":80", "https": ":443"}

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from .. import auth
+from .. import auth, errors
 from ..balancer.inflight import InflightCounters
 from ..config import ModelSettings, NodeSettings
 from ..db import Database
@@ -38,6 +38,7 @@ from .pool import ModelPool
 log = logging.getLogger(__name__)
 
 BALANCER_TIMEOUT = 10.0
+NODE_SCOPES = frozenset({"api", "node"})
 
 
 def _version() -> str | None:
@@ -93,7 +94,9 @@ class Reporter:
 
 class NodeAgent:
     """Registers this node with its balancer and keeps it informed (the supervisor's
-    ``heartbeat`` task), and checks who may call the node."""
+    ``heartbeat`` task), and is the node's authenticator: who may call it."""
+
+    sessions = False  # no users, no dashboard
 
     def __init__(self, settings: NodeSettings, dev: bool, db: Database,
                  report: Callable[[], dict]) -> None:
@@ -108,15 +111,18 @@ class NodeAgent:
 
     # --- who may call the node ----------------------------------------------------------
 
-    def principal(self, key: str) -> auth.Principal | None:
+    def principal(self, key: str) -> auth.Principal:
+        """The balancer, or the node key: everything a node serves (inference, model sync,
+        its status), nothing of an operator's (local paths); else a 401."""
         if auth.same_secret(key, self.secret):
-            return auth.Principal("node", "balancer", frozenset({"node"}))
+            return auth.Principal("node", "balancer", NODE_SCOPES)
         own = self.settings.node_api_key
         if own and auth.same_secret(key, own):
-            return auth.Principal("node", "node key", frozenset({"node"}))
+            return auth.Principal("node", "node key", NODE_SCOPES)
         if self.dev and auth.same_secret(key, auth.DEV_API_KEY):
             return auth.Principal("dev", auth.DEV_API_KEY, frozenset(auth.SCOPES))
-        return None
+        raise errors.unauthorized("Invalid key: this node accepts only its balancer and its "
+                                  "own node key")
 
     # --- talking to the balancer --------------------------------------------------------
 

@@ -21,6 +21,7 @@ from engines import compute
 from engines.base import Engine, EngineError, LoadedModel, LoadOptions
 
 from .. import errors
+from ..config import InferenceSettings
 from ..plugins import EngineRegistry
 from ..storage import LocalModel
 
@@ -63,6 +64,12 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def load_options(settings: InferenceSettings) -> LoadOptions:
+    """What every model is loaded with: its context, its batch."""
+    return LoadOptions(context_length=settings.context_length,
+                       parallel_sequences=settings.parallel_sequences)
 
 
 class ModelPool:
