@@ -42,12 +42,12 @@ from .catalog import Catalog
 from .config import Settings, SettingsError
 from .db import Database
 from .events import StatusEvents
-from .hardware import node_memory
 from .hf_stats import HFStats
 from .history import History, RequestRecord
 from .hub import Hub
 from .metrics import Metrics
 from .node.agent import NodeAgent, Reporter
+from .node.hardware import node_memory
 from .node.local import LocalNode, files_here
 from .node.member import LocalMember
 from .node.pool import ModelPool, load_options

@@ -28,10 +28,10 @@ from .. import auth, errors
 from ..balancer.inflight import InflightCounters
 from ..config import ModelSettings, NodeSettings
 from ..db import Database
-from ..hardware import describe as describe_hardware
 from ..model_info import listing_entry
 from ..plugins import EngineRegistry
 from ..resolver import Resolver
+from .hardware import describe as describe_hardware
 from .member import IN_PROCESS_SLOT
 from .pool import ModelPool
 
