@@ -7,8 +7,9 @@ worker process and every restart therefore sees the same truth; a pull cut off b
 is picked up again by ``reconcile`` instead of hanging in Downloading.
 
 On a balancer the nodes' reports count too: a model is Ready on the nodes that have it,
-Downloading while a node pulls it; a pull goes to the node with the most free memory for the
-model, a delete to every node holding it.
+Downloading while a node pulls it; a pull goes where ``balancer/placement.py`` says (the
+member with the most free memory for the model, unless one is already set to pull it), a
+delete to every node holding it.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import time
 from dataclasses import dataclass
 
 from . import errors
-from .balancer.members import Cluster, RemoteMember
+from .balancer import placement
+from .balancer.members import Cluster, Member, RemoteMember
 from .balancer.registry import COOLDOWN, ONLINE
 from .balancer.upstream import NodeUnreachable
-from .catalog import Catalog
+from .catalog import Catalog, CatalogModel
 from .db import Database
 from .hf_stats import HFStats
 from .resolver import Resolver
@@ -141,7 +143,7 @@ class Hub:
         current = self.status_of(model_id)
         if current.status in (READY, HUB_DOWNLOADING):
             return {"model_id": model_id, "status": current.status}
-        target = self._pull_target(model_id, entry.required_memory_bytes)
+        target = self._pull_target(model_id, entry)
         if isinstance(target, RemoteMember):
             try:
                 status, body = self.cluster.call(target, "POST", "/v0/node/pull",
@@ -169,17 +171,18 @@ class Hub:
                          "UPDATE SET updated_at=excluded.updated_at, node=excluded.node",
                          (model_id, now, now, node))
 
-    def _pull_target(self, model_id: str, required: int):  # noqa: ANN202 - a Member
-        """The node with the most free memory (GPU, else system) that the model fits in."""
+    def _pull_target(self, model_id: str, entry: CatalogModel) -> Member:
+        """The member that pulls the model (``balancer/placement.py``: the same rule a
+        request for it follows), if the model fits in its memory."""
         has_files = self.resolver.find(model_id) is not None
-        able = [m for m in self.cluster.members((ONLINE,)) if m.can_fetch(model_id, has_files)]
-        if not able:
+        order = placement.pullers(self.cluster.members((ONLINE,)), model_id, entry, has_files,
+                                  self.cluster.registry)
+        if not order:
             raise errors.no_node_available(model_id, 5, "no node that can fetch it is online")
-        free = {m.id: m.free_memory() for m in able}
-        best = max(able, key=lambda m: free[m.id])
-        if required > free[best.id]:
-            raise errors.insufficient_memory(required, free[best.id])
-        return best
+        required, free = placement.required_memory(entry), order[0].free_memory()
+        if required > free:
+            raise errors.insufficient_memory(required, free)
+        return order[0]
 
     def delete(self, model_id: str) -> dict:
         remote = [m for m in self.cluster.members((ONLINE, COOLDOWN))

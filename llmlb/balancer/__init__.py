@@ -8,6 +8,7 @@ resolver, serving or the node package: the role's builder hands it the in-proces
   node, get (status, headers, body) back; a remote node is reached over pooled HTTP
 - ``members``: the nodes a balancer can route to right now, as ``Member``s
 - ``routing``: ready or resolvable candidates, least busy, conversation affinity
+- ``placement``: which member pulls a model no one has ready, for requests and the hub alike
 - ``proxy``: forwarding with failover, cooldown and pass-through streaming
 - ``endpoints``: external OpenAI-compatible servers as registry members (LB-5): checked when
   added, then their models, health and load refreshed by the supervisor

@@ -23,7 +23,7 @@ from ..config import ClusterSettings
 from ..history import RequestRecord
 from ..storage import requested_model_id
 from ..wire import DONE, event, parse_json_object
-from . import routing
+from . import placement, routing
 from .accounting import Watch, with_usage
 from .members import Cluster, Member, RemoteMember
 from .registry import COOLDOWN, ENDPOINT, OFFLINE, ONLINE, NodeRegistry
@@ -138,19 +138,11 @@ class Balancer:
                 return routing.least_busy(ready, self.cluster.load)
             return routing.with_affinity(ready, lambda m: m.name, self.cluster.load, key,
                                          self.settings.affinity_load_factor)
-        # Nobody has it ready: a node that can fetch it does (LB-4), one pull per model.
+        # Nobody has it ready: a member that can fetch it does (LB-4), one pull per model.
         entry = self.catalog.get(model_id)
         has_files = self.has_files(request)
-        fetchers = [m for m in members if (entry is not None or has_files or m.in_process)
-                    and m.can_fetch(model_id, has_files)]
-        if fetchers:
-            required = entry.required_memory_bytes if entry else 0
-            order = routing.by_free_memory(fetchers, lambda m: m.free_memory(),
-                                           lambda m: m.pulling(model_id), required)
-            remote = {m.id for m in order if isinstance(m, RemoteMember)}
-            if self.registry is not None and remote and order[0].id in remote:
-                puller = self.registry.assign_pull(model_id, order[0].id, remote)
-                order.sort(key=lambda m: m.id != puller)
+        order = placement.pullers(members, model_id, entry, has_files, self.registry)
+        if order:
             return order
         down = self.cluster.members((OFFLINE, COOLDOWN))
         if entry is None and not has_files and not any(m.ready(model_id) for m in down):
