@@ -12,7 +12,6 @@ from flask import Response, current_app, g, jsonify, request, session
 from .. import auth, errors, sessions
 from ..balancer.proxy import Forwarded
 from ..runtime import Runtime
-from ..serving.sse import SSEStream
 from ..storage import requested_model_id
 from ..wire import parse_json_object
 
@@ -140,12 +139,7 @@ def relay(forwarded: Forwarded) -> Response:
     return response
 
 
-def respond(result: dict | SSEStream, status: int = 200) -> Response:
-    if isinstance(result, SSEStream):
-        return Response(result, mimetype="text/event-stream", headers={
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # nginx: pass each event on at once
-        })
+def respond(result: dict, status: int = 200) -> Response:
     response = jsonify(result)
     response.status_code = status
     return response
