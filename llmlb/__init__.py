@@ -44,6 +44,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     the role's ``prepare`` (once per instance, before them) do that."""
     from . import errors
     from .api import keyed_sessions, security_headers
+    from .balancer.endpoints import INSTANCE_HEADER
     from .private_files import private_dir
     from .roles import build
 
@@ -79,6 +80,9 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     @app.after_request
     def tag_worker(response):  # which gunicorn worker answered: for operators behind nginx
         response.headers["X-LLMLB-Worker"] = worker
+        if INSTANCE_HEADER in request.headers:
+            # A balancer about to add an endpoint asks who answers: itself would be a loop.
+            response.headers[INSTANCE_HEADER] = rt.instance_id
         if request.method == "OPTIONS" and response.status_code == 200 \
                 and errors.is_api_path(request.path):
             # Flask's automatic OPTIONS answer is an empty "text/html" page: under the API,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -189,49 +190,69 @@ def _registry(home: str | None, database: str | None):  # noqa: ANN202 - (settin
 @click.argument("name")
 @click.argument("base_url")
 @click.option("--api-key-env", default=None, metavar="VAR",
-              help="Environment variable holding the endpoint's API key, read from the "
-              "balancer's environment (only its name is stored).")
+              help="Environment variable holding the endpoint's API key, read by the balancer "
+              "from ITS environment (only the name is stored); named LLMLB_ENDPOINT_KEY_* or "
+              "listed in LLMLB_ENDPOINT_ENV_ALLOWLIST.")
 @click.option("--api-key-stdin", is_flag=True, help="Read the API key from standard input; "
               "it is stored encrypted with $LLMLB_HOME/endpoints.key.")
 @db_flags
 def endpoints_add(name: str, base_url: str, api_key_env: str | None, api_key_stdin: bool,
                   home: str | None, database: str | None) -> None:
-    """Add an endpoint after checking that BASE_URL answers GET BASE_URL/models."""
-    from .balancer.endpoints import add_endpoint, endpoint_spec
+    """Add an endpoint after checking that BASE_URL answers GET BASE_URL/models (a BASE_URL
+    without a path means BASE_URL/v1). The balancer uses it once its own check passes."""
+    from .balancer.credentials import EnvAllowlist
+    from .balancer.endpoints import add_endpoint, endpoint_spec, instance_id
+    from .balancer.reports import model_ids
     from .errors import APIError
 
     settings, registry = _registry(home, database)
     api_key = sys.stdin.readline().strip() if api_key_stdin else None
     try:
         spec = endpoint_spec({"name": name, "base_url": base_url, "api_key": api_key,
-                              "api_key_env": api_key_env})
+                              "api_key_env": api_key_env},
+                             EnvAllowlist(settings.cluster.endpoint_env_allowlist))
         record = add_endpoint(registry, settings.files.home, spec,
                               check_seconds=settings.cluster.endpoint_check_seconds,
-                              timeout=max(2.0, settings.cluster.proxy_connect_timeout_seconds))
+                              timeout=max(2.0, settings.cluster.proxy_connect_timeout_seconds),
+                              instance=instance_id(registry.db), in_balancer=False)
     except APIError as exc:
         raise click.ClickException(exc.message) from None
-    models = ", ".join(sorted(m["id"] for m in record.report.get("models", []))) or "none"
-    click.echo(f"Added endpoint {name} ({record.url}); models: {models}")
+    models = ", ".join(model_ids(record.report.models)) or "none seen yet"
+    click.echo(f"Added endpoint {name} ({record.url}); models: {models}.")
+    if api_key_env:
+        shell = "checked with this shell's" if os.environ.get(api_key_env) else \
+            "not checked: this shell has no"
+        click.echo(f"Its API key: {shell} {api_key_env}. The balancer reads {api_key_env} from "
+                   f"its OWN environment (its service's, not this shell's).")
+    click.echo(f"The balancer routes to it once its own check passes (within "
+               f"{settings.cluster.endpoint_check_seconds:g} s); `llmlb endpoints list` shows its "
+               f"status and, if it fails, why.")
 
 
 @endpoints.command("list")
 @db_flags
 def endpoints_list(home: str | None, database: str | None) -> None:
-    """List endpoints: name, base URL, status, API key (never the key itself), models."""
+    """List endpoints: name, base URL, status, API key (never the key itself), models, and
+    the last check's error."""
     import time
 
     from .balancer.registry import ENDPOINT
+    from .balancer.reports import EndpointReport, model_ids
 
     settings, registry = _registry(home, database)
     now = time.time()
+    rows = [("NAME", "BASE_URL", "STATUS", "KEY", "MODELS", "LAST_CHECK_ERROR")]
     for r in registry.nodes(fresh=True):
         if r.kind != ENDPOINT:
             continue
         key = ("env:" + r.credential[4:] if r.credential.startswith("env:") else "stored") \
             if r.credential else "none"
-        models = ",".join(sorted(m["id"] for m in r.report.get("models", []))) or "-"
-        click.echo(f"{r.name}\t{r.url}\t{r.status(now, settings.cluster.node_timeout_seconds)}\t"
-                   f"key:{key}\t{models}")
+        error = r.unusable or (r.report.error if isinstance(r.report, EndpointReport)
+                               else None)
+        rows.append((r.name, r.url, r.status(now, settings.cluster.node_timeout_seconds), key,
+                     ",".join(model_ids(r.report.models)) or "-", error or "-"))
+    for row in rows:
+        click.echo("\t".join(row))
 
 
 @endpoints.command("remove")

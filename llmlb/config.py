@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
+from .urls import BadURL, check_url
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 ROLES = ("standalone", "balancer", "node")
@@ -263,14 +265,18 @@ class ClusterSettings:
         "Longest wait for a node's answer or its next streamed chunk.")
     endpoint_check_seconds: float = setting(
         "LLMLB_ENDPOINT_CHECK_SECONDS", 10.0,
-        "How often the balancer asks each external endpoint for its models (GET /v1/models), "
-        "its health and its load (its Prometheus /metrics, where it has one); a failed check "
-        "makes it offline until one succeeds.")
+        "How often the balancer asks each external endpoint for its models (GET "
+        "{base_url}/models), its health and its load (its Prometheus /metrics, where it has "
+        "one); a failed check makes it offline until one succeeds.")
     endpoint_max_requests: int = setting(
         "LLMLB_ENDPOINT_MAX_REQUESTS", 64,
         "Requests one external endpoint may hold at once (vLLM and Ollama accept and queue "
         "everything); more go to another candidate, or get 429 with Retry-After. 0: no "
         "limit.")
+    endpoint_env_allowlist: tuple[str, ...] = setting(
+        "LLMLB_ENDPOINT_ENV_ALLOWLIST", None,
+        "Environment variables an endpoint's API key may be read from (--api-key-env), "
+        "comma-separated, besides those named LLMLB_ENDPOINT_KEY_*; any other is refused.")
     history_retention_days: float = setting(
         "LLMLB_HISTORY_RETENTION_DAYS", 7.0,
         "How long the request history (one row per request: time, key, model, node, "
@@ -433,6 +439,7 @@ def load_settings(
         values["download_allowlist"] = (urlsplit(values["hf_endpoint"]).hostname or "",)
     elif values["download_allowlist"] == ("none",):
         values["download_allowlist"] = ()
+    values["endpoint_env_allowlist"] = values["endpoint_env_allowlist"] or ()
     if not values["plugins_dir"]:
         values["plugins_dir"] = (PROJECT_ROOT / "plugins", home / "plugins")
     else:
@@ -479,10 +486,11 @@ def _cluster_values(values: dict[str, Any], sources: dict[str, str]) -> None:
     for attr in ("balancer_url", "advertise_url"):
         url = values[attr]
         if url is not None:
-            if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
-                raise SettingsError(f"{OPTIONS_BY_ATTR[attr].env[0]} must be an http(s) URL, "
-                                    f"not {url!r}")
-            values[attr] = url.rstrip("/")
+            try:
+                values[attr] = check_url(url)
+            except BadURL as exc:
+                raise SettingsError(f"{OPTIONS_BY_ATTR[attr].env[0]} {exc}, not "
+                                    f"{url!r}") from None
     if values["advertise_url"] is None:
         host = values["host"]
         if host in ("", "0.0.0.0", "::"):  # listening everywhere: name the machine

@@ -157,6 +157,21 @@ def node_failed(node: str, cause: str) -> APIError:
                     type="upstream_error", code="node_failed")
 
 
+def upstream_not_json(kind: str, name: str, status: int, media_type: str) -> APIError:
+    """A node's or endpoint's answer that is neither JSON nor an event stream (a proxy's HTML
+    error page): never passed on as it is, from llmlb's origin."""
+    what = media_type or "no Content-Type"
+    return APIError(502, f"The {kind} '{name}' answered HTTP {status} with {what}, not an "
+                    f"OpenAI JSON answer (is its URL right?)", type="upstream_error",
+                    code="upstream_error")
+
+
+def endpoint_is_this_llmlb(base_url: str) -> APIError:
+    return APIError(400, f"The endpoint at {base_url} is this llmlb itself: its requests "
+                    "would come back here forever. Add another server (or another llmlb).",
+                    code="endpoint_loop", param="base_url")
+
+
 def relayed(status: int, body: dict) -> APIError:
     """A node's error, passed on as the node gave it (a node's 404 stays a 404)."""
     error = body.get("error") if isinstance(body.get("error"), dict) else {}

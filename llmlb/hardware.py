@@ -24,10 +24,9 @@ class Gpu:
     memory_free_bytes: int
 
 
-def memory_of(hardware: dict) -> Memory:
-    """The memory models run in, from a ``describe()`` report: VRAM with GPUs, else RAM."""
-    if hardware.get("gpu_count"):
-        return Memory("gpu", int(hardware["vram_total_bytes"]), int(hardware["vram_free_bytes"]),
-                      str(hardware.get("device", "gpu")))
-    return Memory("system", int(hardware.get("memory_total_bytes", 0)),
-                  int(hardware.get("memory_free_bytes", 0)), "cpu")
+def models_memory(gpu_count: int, vram_total: int, vram_free: int, device: str,
+                  ram_total: int, ram_free: int) -> Memory:
+    """The memory models run in: VRAM with GPUs, else RAM."""
+    if gpu_count:
+        return Memory("gpu", vram_total, vram_free, device)
+    return Memory("system", ram_total, ram_free, "cpu")

@@ -24,6 +24,7 @@ from . import errors
 from .balancer import placement
 from .balancer.members import Cluster, Member, RemoteMember
 from .balancer.registry import COOLDOWN, ONLINE
+from .balancer.reports import Download
 from .balancer.upstream import NodeUnreachable
 from .catalog import Catalog, CatalogModel
 from .db import Database
@@ -33,10 +34,13 @@ from .resolver.progress import ERROR
 from .resolver.state import (
     ABSENT,
     AVAILABLE,
+    DOWNLOADING,
     FAILED,
     HUB_DOWNLOADING,
     HUB_ERROR,
     INTERRUPTED_MESSAGE,
+    LOCAL,
+    QUEUED,
     READY,
     REGISTERED,
     UNDER_WAY,
@@ -67,11 +71,11 @@ class Hub:
 
     def _ready(self) -> dict[str, tuple[str, ...]]:
         """Model id -> the nodes that have it, from one listing (not one per model)."""
-        return {entry["id"]: tuple(nodes) for entry, nodes in self.cluster.list_models()}
+        return {entry.id: tuple(nodes) for entry, nodes in self.cluster.list_models()}
 
     def status_of(self, model_id: str, registered: set[str] | None = None,
                   ready: dict[str, tuple[str, ...]] | None = None,
-                  remote: dict[str, list[tuple[str, dict]]] | None = None) -> HubStatus:
+                  remote: dict[str, list[tuple[str, Download]]] | None = None) -> HubStatus:
         ready = self._ready() if ready is None else ready
         if model_id in ready:
             return HubStatus(READY, 1.0, nodes=ready[model_id])
@@ -109,9 +113,9 @@ class Hub:
         catalog = self.catalog.models()
         items = []
         for entry, nodes in self.cluster.list_models():
-            here = self.resolver.find(entry["id"]) if self.cluster.local else None
-            items.append({**entry, "nodes": nodes, "in_catalog": entry["id"] in catalog,
-                          "deletable": entry.get("owned_by") == "local",
+            here = self.resolver.find(entry.id) if self.cluster.local else None
+            items.append({**entry.to_json(), "nodes": nodes, "in_catalog": entry.id in catalog,
+                          "deletable": entry.owned_by == "local",
                           "path": str(here.path) if here else None})
         return items
 
@@ -187,7 +191,7 @@ class Hub:
     def delete(self, model_id: str) -> dict:
         remote = [m for m in self.cluster.members((ONLINE, COOLDOWN))
                   if isinstance(m, RemoteMember) and (m.ready(model_id) or any(
-                      d.get("model_id") == model_id for d in m.downloads()))]
+                      d.model_id == model_id for d in m.downloads()))]
         local = self.resolver.find(model_id)
         registered = model_id in self._registered()
         if self.resolver.download_state(model_id) == "running":
@@ -234,10 +238,22 @@ class Hub:
                 self.resolver.start_download(model_id)
 
 
-def _remote_state(downloads: list[dict]) -> ModelState:
+def _reported_state(download: Download) -> ModelState:
+    """The state a node reported (its RS-7 status, in its heartbeat's downloads)."""
+    phase = {"local": LOCAL, "not_downloaded": ABSENT, "error": FAILED}.get(
+        download.status, QUEUED if download.queued else DOWNLOADING)
+    total, done = download.total_bytes, download.downloaded_bytes
+    if not total:  # an older report without byte counts: keep its fraction
+        total, done = 10_000, int(download.progress * 10_000)
+    error = (download.error_message or "The download failed on a node."
+             if phase == FAILED else None)
+    return ModelState(download.model_id, phase, done, total, error=error)
+
+
+def _remote_state(downloads: list[Download]) -> ModelState:
     """A model's state from the downloads nodes report: the furthest one under way, else
     the first failure."""
-    states = [ModelState.from_status_body(d) for d in downloads]
+    states = [_reported_state(d) for d in downloads]
     running = [s for s in states if s.phase in UNDER_WAY]
     if running:
         return max(running, key=lambda s: s.progress)

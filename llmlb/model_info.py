@@ -10,22 +10,20 @@ from pathlib import Path
 from urllib.parse import quote
 
 from . import errors
+from .balancer.reports import ModelEntry
 from .catalog import CatalogModel
 from .storage import InvalidFileName, InvalidModelId, LocalModel, normalize_model_id, path_inside
 
 
-def listing_entry(model: LocalModel) -> dict:
+def listing_entry(model: LocalModel) -> ModelEntry:
     """A servable model as a node reports it: an OpenAI model object, no local path."""
-    return {
-        "id": model.id, "object": "model", "created": model.created, "owned_by": model.source,
-        "format": model.format, "size_bytes": model.size_bytes, "status": "ready",
-    }
+    return ModelEntry(id=model.id, created=model.created, owned_by=model.source,
+                      format=model.format, size_bytes=model.size_bytes)
 
 
-def model_object(model: LocalModel | dict, nodes: list[str]) -> dict:
+def model_object(entry: ModelEntry, nodes: list[str]) -> dict:
     """A model for ``/v1/models``, with the nodes that have it ready."""
-    entry = listing_entry(model) if isinstance(model, LocalModel) else model
-    return {**entry, "nodes": nodes}
+    return {**entry.to_json(), "nodes": nodes}
 
 
 def catalog_object(entry: CatalogModel, status: str) -> dict:

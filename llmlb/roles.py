@@ -33,7 +33,7 @@ from .api import (
     registry_routes,
     ws,
 )
-from .balancer.endpoints import EndpointWatch
+from .balancer.endpoints import EndpointWatch, instance_id
 from .balancer.inflight import InflightCounters
 from .balancer.members import Cluster, Member
 from .balancer.proxy import Balancer
@@ -116,6 +116,7 @@ class _Parts:
                                  self.engines.format_table)
         self.inflight = InflightCounters(Path(f"{settings.files.database}.inflight"))
         self.supervisor = Supervisor(Path(f"{settings.files.database}.supervisor.lock"))
+        self.instance_id = instance_id(self.db)
         self.local: Member | None = None
         self.pool: ModelPool | None = None
         self.registry: NodeRegistry | None = None
@@ -144,7 +145,7 @@ class _Parts:
         self.supervisor.add("node-watch", 1.0, StatusWatch(self.registry, forget_after))
         self.supervisor.add("endpoint-check", cluster.endpoint_check_seconds,
                             EndpointWatch(cluster, self.settings.files.home, self.registry,
-                                          self.inflight))
+                                          self.inflight, self.instance_id))
 
     def runtime(self, summary: str, history_days: float, authenticator: Authenticator,
                 blueprints: tuple[Blueprint, ...]) -> Runtime:
@@ -169,7 +170,8 @@ class _Parts:
             self.supervisor.add("history-prune", HISTORY_PRUNE_SECONDS, history.prune)
         return Runtime(settings, summary, self.db, self.catalog, self.engines, resolver,
                        self.inflight, cluster, balancer, hub, events, metrics, history,
-                       self.supervisor, authenticator, blueprints, self.registry, self.pool)
+                       self.supervisor, authenticator, self.instance_id, blueprints,
+                       self.registry, self.pool)
 
 
 def observer(metrics: Metrics, history: History) -> Callable[[RequestRecord], None]:

@@ -74,6 +74,7 @@ class Runtime:
     history: History
     supervisor: Supervisor
     authenticator: Authenticator
+    instance_id: str  # who this llmlb is, to itself (endpoints.INSTANCE_HEADER)
     blueprints: tuple[Blueprint, ...]
     registry: NodeRegistry | None = None  # where nodes and endpoints register
     pool: ModelPool | None = None  # where models run

@@ -257,13 +257,13 @@ def test_example_upstream_plugin(make_server, llmlb_home: Path, tiny,
     upstream = make_server()
     install(upstream, tiny, "llama-onnx", "tiny")
     install(upstream, tiny, "bert-embed", "embed")
-    monkeypatch.setenv("UPSTREAM_KEY", "sk_debug")
+    monkeypatch.setenv("LLMLB_ENDPOINT_KEY_UPSTREAM", "sk_debug")
     front = make_server(plugins_dir=[str(REPO / "plugins")])
     for name, target in (("relayed", "tiny"), ("relayed-embed", "embed")):
         (front.models_dir / name).mkdir()
         (front.models_dir / name / "model.upstream.json").write_text(
             f'{{"base_url": "{upstream.url}/v1", "model": "{target}", '
-            '"api_key_env": "UPSTREAM_KEY"}')
+            '"api_key_env": "LLMLB_ENDPOINT_KEY_UPSTREAM"}')
     direct = upstream.client().chat.completions.create(model="tiny", messages=HELLO,
                                                        max_tokens=12, temperature=0)
     relayed = front.client().chat.completions.create(model="relayed", messages=HELLO,
@@ -282,6 +282,26 @@ def test_example_upstream_plugin(make_server, llmlb_home: Path, tiny,
     with pytest.raises(openai.NotFoundError) as info:
         front.client().chat.completions.create(model="relayed", messages=HELLO)
     assert info.value.body["code"] == "model_not_found"
+
+
+def test_example_upstream_plugin_reads_only_keys_made_for_it(make_server,
+                                                             monkeypatch) -> None:
+    """A ``model.upstream.json`` (written by anyone who can put files in a model directory,
+    or synced with a model) must not ship the balancer's HF_TOKEN to its base_url."""
+    from .fake_openai import FakeOpenAI
+
+    monkeypatch.setenv("HF_TOKEN", "hf_private_token")
+    with FakeOpenAI("catcher") as fake:
+        front = make_server(plugins_dir=[str(REPO / "plugins")])
+        (front.models_dir / "stolen").mkdir()
+        (front.models_dir / "stolen" / "model.upstream.json").write_text(json.dumps(
+            {"base_url": fake.url, "model": "fake-model", "api_key_env": "HF_TOKEN"}))
+        r = requests.post(f"{front.url}/v1/chat/completions", timeout=30,
+                          headers={"Authorization": "Bearer sk_debug"},
+                          json={"model": "stolen", "messages": HELLO})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "model_load_failed"
+        assert "LLMLB_ENDPOINT_KEY_" in r.json()["error"]["message"]
+        assert fake.requests == []
 
 
 def test_example_upstream_plugin_keeps_its_connections(make_server) -> None:

@@ -193,6 +193,14 @@ class Balancer:
                 reason = str(exc)
                 self._failed(member, reason)
                 continue
+            except Exception as exc:  # a remote member failing as nobody foresaw: the next
+                if not remote:        # one serves, never a 500 for everyone (SC-8)
+                    raise
+                inflight.leave(member.id)
+                log.exception("Asking %s %s failed", member.kind, member.name)
+                reason = f"{member.kind} {member.name}: {type(exc).__name__}"
+                self._failed(member, reason)
+                continue
             status = response.status
             if status >= 500 or (remote and status in (401, 403, 429)):
                 response.close()

@@ -4,13 +4,17 @@ heartbeats, and whom it lets in.
 Trust both ways rests on node-scope credentials, never on ``api`` keys:
 
 - to the balancer, the node presents ``LLMLB_NODE_API_KEY``, a key with the node scope that
-  the balancer checks against its own database;
-- to the node, the balancer presents a secret the node made (kept in the node's database, so
-  all its workers and its restarts agree) and handed over inside its authenticated
-  registration. The balancer never needs, stores or sends the node key itself, and a copy of
-  the balancer's database opens no more than the nodes' own APIs. The node also accepts its
-  own node key (an operator with it can call the node directly), and, in development mode,
-  ``sk_debug``. Anything else, an ``api`` key of the balancer included, is refused.
+  the balancer checks against its own database, and its own secret, which proves that its
+  name is its own (SC-7: a name belongs to the node that first registered it);
+- to the node, the balancer presents that secret: the node made it (kept in the node's
+  database, so all its workers and its restarts agree) and handed it over inside its
+  authenticated registration. The balancer never needs, stores or sends the node key itself,
+  and a copy of the balancer's database opens no more than the nodes' own APIs.
+
+The node accepts nothing else (``sk_debug`` in development mode aside): not the node key,
+since every node holds it and whatever it opened on one node it would open on all of them,
+for each of them (a node could delete another's models); not an ``api`` key of the balancer.
+An operator reaches a node through its balancer (``/v0/nodes``, the hub).
 """
 
 from __future__ import annotations
@@ -26,6 +30,14 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from .. import auth, errors
 from ..balancer.inflight import InflightCounters
+from ..balancer.reports import (
+    Download,
+    EngineInfo,
+    Hardware,
+    LoadedModel,
+    NodeReport,
+    ReportError,
+)
 from ..config import ModelSettings, NodeSettings
 from ..db import Database
 from ..model_info import listing_entry
@@ -60,21 +72,30 @@ class Reporter:
         self.engines, self.inflight = engines, inflight
         self._version = _version()
 
-    def report(self) -> dict:
-        engines = self.engines.describe(self.pool.options)
-        loaded = self.pool.loaded()
-        return {
-            "version": self.version,
-            "hardware": describe_hardware(),
-            "engines": engines,
-            "formats": sorted({e["format"] for e in engines if e["active"] and e["available"]}),
-            "models": [listing_entry(m) for m in self.resolver.list_models()],
-            "loaded": loaded,
-            "downloads": self.downloads(),
-            "active_requests": self.inflight.load(IN_PROCESS_SLOT),
-            "queued_requests": sum(int(m.get("waiting") or 0) for m in loaded),
-            "can_download": self.resolver.hf.host in self.settings.download_allowlist,
-        }
+    def report(self) -> NodeReport:
+        engines = self._engines()
+        loaded = tuple(LoadedModel.parse(m, "loaded") for m in self.pool.loaded())
+        return NodeReport(
+            version=self.version,
+            hardware=Hardware.parse(describe_hardware()),
+            engines=engines,
+            formats=tuple(sorted({e.format for e in engines if e.active and e.available})),
+            models=tuple(listing_entry(m) for m in self.resolver.list_models()),
+            loaded=loaded,
+            downloads=tuple(Download.parse(d, "downloads") for d in self.downloads()),
+            active_requests=self.inflight.load(IN_PROCESS_SLOT),
+            queued_requests=sum(m.waiting for m in loaded),
+            can_download=self.resolver.hf.host in self.settings.download_allowlist,
+        )
+
+    def _engines(self) -> tuple[EngineInfo, ...]:
+        found = []
+        for i, row in enumerate(self.engines.describe(self.pool.options)):
+            try:
+                found.append(EngineInfo.parse(row, f"engines[{i}]"))
+            except ReportError as exc:  # a plugin's odd answer must not keep the node out
+                log.warning("An engine is left out of this node's report: %s", exc)
+        return tuple(found)
 
     @property
     def version(self) -> str | None:
@@ -99,7 +120,7 @@ class NodeAgent:
     sessions = False  # no users, no dashboard
 
     def __init__(self, settings: NodeSettings, dev: bool, db: Database,
-                 report: Callable[[], dict]) -> None:
+                 report: Callable[[], NodeReport]) -> None:
         self.settings, self.dev = settings, dev
         self.report = report
         # One secret per node, the same in every worker and across restarts.
@@ -112,13 +133,10 @@ class NodeAgent:
     # --- who may call the node ----------------------------------------------------------
 
     def principal(self, key: str) -> auth.Principal:
-        """The balancer, or the node key: everything a node serves (inference, model sync,
-        its status), nothing of an operator's (local paths); else a 401."""
+        """The balancer (it holds this node's secret): everything a node serves (inference,
+        model sync, its status), nothing of an operator's (local paths); else a 401."""
         if auth.same_secret(key, self.secret):
             return auth.Principal("node", "balancer", NODE_SCOPES)
-        own = self.settings.node_api_key
-        if own and auth.same_secret(key, own):
-            return auth.Principal("node", "node key", NODE_SCOPES)
         if self.dev and auth.same_secret(key, auth.DEV_API_KEY):
             return auth.Principal("dev", auth.DEV_API_KEY, frozenset(auth.SCOPES))
         raise errors.unauthorized("Invalid key: this node accepts only its balancer and its "
@@ -128,10 +146,10 @@ class NodeAgent:
 
     def beat(self) -> None:
         """One heartbeat; registers first (again, when the balancer forgot the node)."""
-        report = self.report()
+        report = self.report().to_json()
         if self.registered:
             status, body = self._post(f"/v0/nodes/{self.settings.node_name}/heartbeat",
-                                      {"report": report})
+                                      {"secret": self.secret, "report": report})
             if status == 404:
                 log.warning("The balancer does not know this node any more; registering again")
                 self.registered = False

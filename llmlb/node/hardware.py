@@ -14,7 +14,7 @@ import psutil
 
 from engines.base import nvidia_driver_present
 
-from ..hardware import Gpu, Memory, memory_of
+from ..hardware import Gpu, Memory, models_memory
 
 log = logging.getLogger(__name__)
 
@@ -98,4 +98,8 @@ def describe() -> dict:
 
 
 def node_memory() -> Memory:
-    return memory_of(describe())
+    found = gpus()
+    vm = psutil.virtual_memory()
+    return models_memory(len(found), sum(g.memory_total_bytes for g in found),
+                         sum(g.memory_free_bytes for g in found),
+                         found[0].name if found else "cpu", int(vm.total), int(vm.available))

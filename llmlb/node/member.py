@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..balancer.registry import NODE, ONLINE
+from ..balancer.reports import ModelEntry, NodeReport
 from ..balancer.upstream import ProxyRequest
 from ..hardware import Memory
 from ..model_info import listing_entry
@@ -26,7 +27,7 @@ class LocalMember:
     in_process = True
 
     def __init__(self, node: InProcessNode, resolver: Resolver, memory: Callable[[], Memory],
-                 report: Callable[[], dict]) -> None:
+                 report: Callable[[], NodeReport]) -> None:
         self.node = node
         self.name = node.name
         self.resolver, self._memory, self._report = resolver, memory, report
@@ -36,8 +37,8 @@ class LocalMember:
             return files_here(self.resolver, request) is not None
         return self.resolver.find(model_id) is not None
 
-    def models(self) -> list[dict]:
-        return [listing_entry(m) for m in self.resolver.list_models()]
+    def models(self) -> tuple[ModelEntry, ...]:
+        return tuple(listing_entry(m) for m in self.resolver.list_models())
 
     def queued(self) -> int:
         return 0  # its waiting requests are already among the balancer's in flight
@@ -51,5 +52,5 @@ class LocalMember:
     def can_fetch(self, model_id: str, balancer_has_it: bool) -> bool:
         return True  # its resolver decides, with the errors standalone always gave
 
-    def report(self) -> dict:
+    def report(self) -> NodeReport:
         return self._report()
