@@ -15,12 +15,6 @@ from .catalog import CatalogModel
 from .storage import InvalidFileName, InvalidModelId, LocalModel, normalize_model_id, path_inside
 
 
-def listing_entry(model: LocalModel) -> ModelEntry:
-    """A servable model as a node reports it: an OpenAI model object, no local path."""
-    return ModelEntry(id=model.id, created=model.created, owned_by=model.source,
-                      format=model.format, size_bytes=model.size_bytes)
-
-
 def model_object(entry: ModelEntry, nodes: list[str]) -> dict:
     """A model for ``/v1/models``, with the nodes that have it ready."""
     return {**entry.to_json(), "nodes": nodes}

@@ -40,11 +40,10 @@ from ..balancer.reports import (
 )
 from ..config import ModelSettings, NodeSettings
 from ..db import Database
-from ..model_info import listing_entry
 from ..plugins import EngineRegistry
 from ..resolver import Resolver
 from .hardware import describe as describe_hardware
-from .member import IN_PROCESS_SLOT
+from .member import IN_PROCESS_SLOT, ready_models
 from .pool import ModelPool
 
 log = logging.getLogger(__name__)
@@ -80,7 +79,7 @@ class Reporter:
             hardware=Hardware.parse(describe_hardware()),
             engines=engines,
             formats=tuple(sorted({e.format for e in engines if e.active and e.available})),
-            models=tuple(listing_entry(m) for m in self.resolver.list_models()),
+            models=ready_models(self.resolver),
             loaded=loaded,
             downloads=tuple(Download.parse(d, "downloads") for d in self.downloads()),
             active_requests=self.inflight.load(IN_PROCESS_SLOT),

@@ -10,12 +10,18 @@ from ..balancer.registry import NODE, ONLINE
 from ..balancer.reports import ModelEntry, NodeReport
 from ..balancer.upstream import ProxyRequest
 from ..hardware import Memory
-from ..model_info import listing_entry
 from ..resolver import Resolver
 from .local import files_here
 from .transport import InProcessNode
 
 IN_PROCESS_SLOT = 0  # its in-flight counter (registered members count from 1)
+
+
+def ready_models(resolver: Resolver) -> tuple[ModelEntry, ...]:
+    """The models ready on this node's disks as it reports them: OpenAI model objects, no
+    local paths."""
+    return tuple(ModelEntry(id=m.id, created=m.created, owned_by=m.source, format=m.format,
+                            size_bytes=m.size_bytes) for m in resolver.list_models())
 
 
 class LocalMember:
@@ -38,7 +44,7 @@ class LocalMember:
         return self.resolver.find(model_id) is not None
 
     def models(self) -> tuple[ModelEntry, ...]:
-        return tuple(listing_entry(m) for m in self.resolver.list_models())
+        return ready_models(self.resolver)
 
     def queued(self) -> int:
         return 0  # its waiting requests are already among the balancer's in flight
