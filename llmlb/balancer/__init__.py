@@ -6,7 +6,6 @@ resolver, serving or the node package: the role's builder hands it the in-proces
   each name bound to the secret of the node that first registered it
 - ``registration``: a node's registration and heartbeat bodies, checked
 - ``reports``: what a node or an endpoint reports, typed and checked where it enters
-- ``urls``: what a member's URL may be, and the paths the balancer asks at it
 - ``inflight``: requests in flight per node, counted by every worker in shared memory
 - ``upstream``: the node seam: the operations forwarded and their paths, hand a request to a
   node, get (status, headers, body) back; a remote node is reached over pooled HTTP
