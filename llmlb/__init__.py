@@ -16,6 +16,7 @@ from typing import Any
 from flask import Flask, request
 
 from .config import Settings, load_settings
+from .logsafe import SafeFormatter
 
 __all__ = ["create_app"]
 
@@ -32,7 +33,7 @@ def configure_logging(level: str) -> None:
         return
     if not any(getattr(h, "_llmlb", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(SafeFormatter(LOG_FORMAT))
         handler._llmlb = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
@@ -44,13 +45,15 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     the role's ``prepare`` (once per instance, before them) do that."""
     from . import errors
     from .api import keyed_sessions, security_headers
+    from .balancer.credentials import KEY_FILE
     from .balancer.endpoints import INSTANCE_HEADER
-    from .private_files import private_dir
+    from .private_files import private_dir, private_existing
     from .roles import build
 
     settings = config if isinstance(config, Settings) else load_settings(config)
     configure_logging(settings.server.log_level)
     private_dir(settings.files.home)  # before anything is created in it (SC-4)
+    private_existing(settings.files.home / KEY_FILE)
     rt = build(settings)
 
     app = Flask(__name__, static_folder="dashboard/static",

@@ -13,13 +13,24 @@ from .config import OPTIONS, SECTIONS, SettingsError, load_settings
 _TYPES = {"int": int, "float": float, "str": str, "path": click.Path(), "list": str}
 
 
-def _env_help() -> str:
+def _env_help(command: str | None = None) -> str:
+    """The settings a command reads beyond its flags: for ``llmlb --help`` every setting
+    (ST-9), for ``serve`` every one without a serve flag, for ``node`` those a node reads
+    (not a balancer's users, dashboard or routing) without a node flag."""
     import textwrap
 
+    if command is None:
+        options, title = OPTIONS, "Settings (defaults < $LLMLB_HOME/.env < environment < flags):"
+    else:
+        role = "node" if command == "node" else None
+        options = tuple(o for o in OPTIONS if (role is None or role in o.roles)
+                        and not (o.flag and command in o.commands))
+        title = ("More settings, from the environment or $LLMLB_HOME/.env (defaults < .env < "
+                 "environment < flags):")
     # "\b" keeps click from re-wrapping the block below it.
-    lines = ["Settings (defaults < $LLMLB_HOME/.env < environment < flags):", "", "\b"]
+    lines = [title, "", "\b"]
     section = None
-    for o in OPTIONS:
+    for o in options:
         if o.section != section:
             section = o.section
             lines.append(f"{section}: {' '.join((SECTIONS[section].__doc__ or '').split())}")
@@ -82,7 +93,7 @@ def _run(settings: Any) -> None:
     run(settings, lambda: create_app(settings))
 
 
-@main.command(epilog=_env_help(), context_settings={"max_content_width": 100})
+@main.command(epilog=_env_help("serve"), context_settings={"max_content_width": 100})
 @settings_flags
 def serve(**flags: Any) -> None:
     """Start llmlb: standalone (the OpenAI API, the model hub and dashboard, and a node in one
@@ -90,7 +101,7 @@ def serve(**flags: Any) -> None:
     _run(_settings(flags))
 
 
-@main.command(epilog=_env_help(), context_settings={"max_content_width": 100})
+@main.command(epilog=_env_help("node"), context_settings={"max_content_width": 100})
 @node_flags
 def node(**flags: Any) -> None:
     """Start a node: it runs models for the balancer at --balancer-url, registers there with
@@ -274,7 +285,31 @@ def endpoints_remove(name: str, home: str | None, database: str | None) -> None:
 
 @main.group()
 def users() -> None:
-    """Manage dashboard users."""
+    """Create, list and delete dashboard users (every user is an admin), and set passwords.
+    Passwords need at least 8 characters."""
+
+
+def _user_change(change: Any, *args: Any) -> Any:
+    from .auth import UserError
+
+    try:
+        return change(*args)
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@users.command("create")
+@click.argument("username")
+@click.password_option()
+@db_flags
+def users_create(username: str, password: str, home: str | None, database: str | None) -> None:
+    """Create a user (an admin) with a password."""
+    from .auth import create_user
+
+    if not _user_change(create_user, _db(home, database), username, password):
+        raise click.ClickException(f"a user named '{username}' exists already (set its "
+                                   f"password with: llmlb users set-password {username})")
+    click.echo(f"Created user {username}")
 
 
 @users.command("set-password")
@@ -283,13 +318,39 @@ def users() -> None:
 @db_flags
 def users_set_password(username: str, password: str, home: str | None,
                        database: str | None) -> None:
-    """Set a user's password, creating the user when missing."""
-    from .auth import create_user, set_password
+    """Set an existing user's password; every session of the user ends."""
+    from .auth import set_password
 
-    db = _db(home, database)
-    if not set_password(db, username, password):
-        create_user(db, username, password)
+    if not _user_change(set_password, _db(home, database), username, password):
+        raise click.ClickException(f"no user named '{username}' (llmlb users list shows "
+                                   f"them; llmlb users create {username} adds one)")
     click.echo(f"Password set for {username}")
+
+
+@users.command("list")
+@db_flags
+def users_list(home: str | None, database: str | None) -> None:
+    """List users: name and creation time."""
+    import time
+
+    from .auth import list_users
+
+    click.echo("USERNAME\tCREATED")
+    for user in list_users(_db(home, database)):
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(user.created_at))
+        click.echo(f"{user.username}\t{created}")
+
+
+@users.command("delete")
+@click.argument("username")
+@db_flags
+def users_delete(username: str, home: str | None, database: str | None) -> None:
+    """Delete a user (their sessions end); the last user cannot be deleted."""
+    from .auth import delete_user
+
+    if not _user_change(delete_user, _db(home, database), username):
+        raise click.ClickException(f"no user named '{username}'")
+    click.echo(f"Deleted user {username}")
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -299,8 +360,12 @@ def models() -> None:
     """Inspect models on disk and the catalog."""
 
 
+def models_flags(command: Any) -> Any:
+    return settings_flags(command, "models")
+
+
 @models.command("list")
-@settings_flags
+@models_flags
 def models_list(**flags: Any) -> None:
     """List servable models (local and shared) with their format and size."""
     from .plugins import EngineRegistry, load_plugins
@@ -314,7 +379,7 @@ def models_list(**flags: Any) -> None:
 
 
 @models.command("check-catalog")
-@settings_flags
+@models_flags
 def models_check_catalog(**flags: Any) -> None:
     """Validate the catalog file and print its models."""
     from .catalog import CatalogError, load_catalog

@@ -17,7 +17,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
@@ -27,9 +27,13 @@ from .urls import BadURL, check_url
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 ROLES = ("standalone", "balancer", "node")
+FRONT = ("standalone", "balancer")  # what only a balancer does: users, dashboard, routing
 NODE_PORT = 8081  # `llmlb node`'s default port, beside the balancer's 8080
 WORKER_CLASSES = ("gthread", "gevent")
 GEVENT_CONNECTIONS = 1000  # gunicorn's worker_connections: requests per gevent worker
+MIN_PASSWORD_LENGTH = 8  # NIST SP 800-63B's floor for a password a user chooses
+# Where a hub redirects its downloads to, allowed along with the hub by default.
+HUB_CDN_HOSTS = {"huggingface.co": ("hf.co",)}
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SERVE_AND_NODE = ("serve", "node")
 
@@ -37,7 +41,8 @@ SERVE_AND_NODE = ("serve", "node")
 @dataclass(frozen=True)
 class Option:
     """One setting: its attribute, the environment names read (first wins), default and help,
-    its CLI flag and the commands that take it, and the section it belongs to."""
+    its CLI flag and the commands that take it, the roles that read it, and the section it
+    belongs to."""
 
     attr: str
     env: tuple[str, ...]
@@ -46,6 +51,7 @@ class Option:
     help: str
     flag: str | None = None
     commands: tuple[str, ...] = SERVE_AND_NODE
+    roles: tuple[str, ...] = ROLES
     section: str = ""
 
 
@@ -57,10 +63,12 @@ _KINDS = {"str": "str", "str | None": "str", "int": "int", "int | None": "int",
 
 
 def setting(env: str | tuple[str, ...], default: Any, help: str, *, flag: str | None = None,
-            commands: tuple[str, ...] = SERVE_AND_NODE) -> Any:
-    """Declare a setting: the field of its section carries it."""
+            commands: tuple[str, ...] = SERVE_AND_NODE, roles: tuple[str, ...] | None = None,
+            ) -> Any:
+    """Declare a setting: the field of its section carries it. ``roles``: the roles that read
+    it, when not its section's (``read_by``, else every role)."""
     names = (env,) if isinstance(env, str) else env
-    return field(metadata={_DECLARED: (names, default, help, flag, commands)})
+    return field(metadata={_DECLARED: (names, default, help, flag, commands, roles)})
 
 
 # --- the sections ---------------------------------------------------------------------------
@@ -74,12 +82,12 @@ class ServerSettings:
         "LLMLB_ROLE", "standalone",
         "What this llmlb is: standalone (the balancer with an in-process node), balancer "
         "(routes to registered nodes, runs no model) or node (runs models for a balancer; "
-        "what `llmlb node` starts).", flag="--role", commands=("serve",))
+        "what `llmlb node` starts).", flag="--role", commands=("serve",), roles=FRONT)
     host: str = setting("LLMLB_HOST", "127.0.0.1", "Address to listen on.", flag="--host")
     port: int = setting("LLMLB_PORT", 8080, "Port to listen on.", flag="--port")
     workers: int = setting(
         "LLMLB_WORKERS", 1,
-        "gunicorn worker processes for `llmlb serve` (each holds its own loaded models).",
+        "gunicorn worker processes (each holds its own copy of the models it loads).",
         flag="--workers")
     threads: int = setting(
         "LLMLB_THREADS", 32,
@@ -87,7 +95,7 @@ class ServerSettings:
     worker_class: str = setting(
         "LLMLB_WORKER_CLASS", None,
         "gunicorn worker class: gthread (threads; the default where models run) or gevent "
-        "(the default of a balancer: thousands of streams per worker).")
+        "(the default of a balancer: thousands of streams per worker).", roles=FRONT)
     dev: bool = setting(
         "LLMLB_DEV", False,
         "Development mode: accepts the API key sk_debug and the login admin/test. "
@@ -102,7 +110,7 @@ class ServerSettings:
     max_websockets: int = setting(
         "LLMLB_MAX_WEBSOCKETS", None,
         "WebSockets open at once per worker (each holds a thread); more get 503. Must be "
-        "below LLMLB_THREADS (default: half of it).")
+        "below LLMLB_THREADS (default: half of it).", roles=FRONT)
     header_timeout_seconds: float = setting(
         "LLMLB_HEADER_TIMEOUT_SECONDS", 5.0,
         "Under gunicorn, a connection must send its request line and headers within this "
@@ -120,14 +128,14 @@ class FileSettings:
 
     home: Path = setting("LLMLB_HOME", "~/.llmlb",
                          "Directory for llmlb's state (SQLite database, .env, plugins).",
-                         flag="--home")
+                         flag="--home", commands=("serve", "node", "models"))
     database: Path = setting("LLMLB_DATABASE", None,
                              "SQLite database file (default: $LLMLB_HOME/llmlb.db).",
                              flag="--database")
     supported_models: Path = setting(
         "LLMLB_SUPPORTED_MODELS", None,
         "Catalog file (default: the supported_models.json shipped with llmlb).",
-        flag="--supported-models")
+        flag="--supported-models", commands=("serve", "node", "models"))
     plugins_dir: tuple[Path, ...] = setting(
         "LLMLB_PLUGINS_DIR", None,
         "Directories of drop-in engine plugins, separated by ':' (default: the project's "
@@ -146,19 +154,21 @@ class ModelSettings:
     models_dir: Path = setting(
         ("XLLM_MODELS_DIR", "LLM_MODELS_DIR"), None,
         "Model directory (default: $LLMLB_HOME/models). LLM_MODELS_DIR is read for "
-        "compatibility.", flag="--models-dir")
+        "compatibility.", flag="--models-dir", commands=("serve", "node", "models"))
     shared_models_dir: Path | None = setting(
         "LLMLB_SHARED_MODELS_DIR", None,
         "Shared model directory (e.g. an NFS mount) served in place, never copied.",
-        flag="--shared-models-dir")
+        flag="--shared-models-dir", commands=("serve", "node", "models"))
     hf_token: str | None = setting("HF_TOKEN", None,
                                    "Hugging Face token for private or gated repositories.")
     hf_endpoint: str = setting("HF_ENDPOINT", "https://huggingface.co",
                                "Hugging Face endpoint (a mirror may stand in for the hub).")
     download_allowlist: tuple[str, ...] = setting(
         "LLMLB_DOWNLOAD_ALLOWLIST", None,
-        "Hosts models may be downloaded from, comma-separated (default: the host of "
-        "HF_ENDPOINT; 'none' disables downloads).")
+        "Hosts models may be downloaded from, comma-separated; a host also allows its "
+        "subdomains, and a download follows redirects only to these hosts (default: the "
+        "host of HF_ENDPOINT, with hf.co for huggingface.co, whose CDN serves its large "
+        "files; 'none' disables downloads).")
     resolve_wait_seconds: float = setting(
         "LLMLB_RESOLVE_WAIT_SECONDS", 300.0,
         "How long a request waits for its model to download before a 503.")
@@ -170,10 +180,10 @@ class ModelSettings:
         "A download with no progress for this long fails with download_failed.")
     hf_stats_ttl_seconds: float = setting(
         "LLMLB_HF_STATS_TTL_SECONDS", 3600.0,
-        "How long Hugging Face download/like counts are cached.")
+        "How long Hugging Face download/like counts are cached.", roles=FRONT)
     hub_timeout_seconds: float = setting(
         "LLMLB_HUB_TIMEOUT_SECONDS", 2.0,
-        "Timeout for Hugging Face API calls that only add information (stats).")
+        "Timeout for Hugging Face API calls that only add information (stats).", roles=FRONT)
 
     @property
     def locks_dir(self) -> Path:
@@ -236,9 +246,11 @@ class ClusterSettings:
     """The balancer and its members: heartbeats, timeouts, cooldowns, routing, endpoints, the
     request history."""
 
+    read_by: ClassVar[tuple[str, ...]] = FRONT  # a node reads only its heartbeat's
+
     heartbeat_seconds: float = setting(
         "LLMLB_HEARTBEAT_SECONDS", 5.0,
-        "How often a node reports its hardware, models and load to the balancer.")
+        "How often a node reports its hardware, models and load to the balancer.", roles=ROLES)
     node_timeout_seconds: float = setting(
         "LLMLB_NODE_TIMEOUT_SECONDS", 15.0,
         "A node without a heartbeat for this long is offline and gets no traffic.")
@@ -287,6 +299,8 @@ class ClusterSettings:
 class UserSettings:
     """The dashboard's users: the first admin, sessions, logins."""
 
+    read_by: ClassVar[tuple[str, ...]] = FRONT
+
     admin_username: str = setting("LLMLB_ADMIN_USERNAME", "admin",
                                   "User name of the first admin, created at the first start.")
     admin_password: str | None = setting(
@@ -321,9 +335,11 @@ def _options() -> tuple[Option, ...]:
     found = []
     for section, cls in SECTIONS.items():
         for f in fields(cls):
-            env, default, help_text, flag, commands = f.metadata[_DECLARED]
+            env, default, help_text, flag, commands, roles = f.metadata[_DECLARED]
+            roles = roles or getattr(cls, "read_by", ROLES)
             kind = _KINDS[str(f.type)]  # a KeyError here: a type the loader cannot read
-            found.append(Option(f.name, env, default, kind, help_text, flag, commands, section))
+            found.append(Option(f.name, env, default, kind, help_text, flag, commands, roles,
+                                section))
     return tuple(found)
 
 
@@ -436,7 +452,8 @@ def load_settings(
     values["supported_models"] = values["supported_models"] or default_catalog_path()
     values["hf_endpoint"] = values["hf_endpoint"].rstrip("/")
     if values["download_allowlist"] is None:
-        values["download_allowlist"] = (urlsplit(values["hf_endpoint"]).hostname or "",)
+        hub_host = urlsplit(values["hf_endpoint"]).hostname or ""
+        values["download_allowlist"] = (hub_host, *HUB_CDN_HOSTS.get(hub_host, ()))
     elif values["download_allowlist"] == ("none",):
         values["download_allowlist"] = ()
     values["endpoint_env_allowlist"] = values["endpoint_env_allowlist"] or ()
@@ -457,6 +474,10 @@ def load_settings(
     elif values["max_websockets"] >= values["threads"]:
         raise SettingsError(f"LLMLB_MAX_WEBSOCKETS ({values['max_websockets']}) must be below "
                             f"LLMLB_THREADS ({values['threads']})")
+    if values["admin_password"] and \
+            len(values["admin_password"]) < MIN_PASSWORD_LENGTH:
+        raise SettingsError(f"LLMLB_ADMIN_PASSWORD must have at least {MIN_PASSWORD_LENGTH} "
+                            "characters")
     _cluster_values(values, sources)
     return Settings.from_values(values, sources)
 

@@ -197,7 +197,7 @@ class Hub:
         if self.resolver.download_state(model_id) == "running":
             raise errors.download_in_progress(model_id)
         if local is not None and local.source != "local":
-            raise errors.shared_model(model_id, local.path)
+            raise errors.shared_model(model_id)
         staging = self.resolver.staging_dir(model_id)
         if local is None and not registered and not staging.exists() and not remote \
                 and self.resolver.progress.read(model_id) is None:

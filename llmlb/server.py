@@ -11,6 +11,10 @@ from flask import Flask
 
 from .config import GEVENT_CONNECTIONS, Settings
 
+# llmlb's worker classes (JSON errors; header deadlines for gthread), by LLMLB_WORKER_CLASS.
+WORKERS = {"gthread": "llmlb.gunicorn_worker.ThreadWorker",
+           "gevent": "llmlb.gunicorn_gevent.GeventWorker"}
+
 
 def gunicorn_options(settings: Settings) -> dict[str, Any]:
     from gunicorn.config import KNOWN_SETTINGS
@@ -26,8 +30,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         # threads). A balancer runs no model and mostly waits on sockets: gevent holds 1,000
         # streams per worker for less CPU than gthread (bench/balancer.py), and a slow client
         # holds a greenlet, not a thread.
-        "worker_class": ("llmlb.gunicorn_worker.ThreadWorker"
-                         if server.worker_class == "gthread" else server.worker_class),
+        "worker_class": WORKERS[server.worker_class],
         "threads": server.threads,
         "worker_connections": GEVENT_CONNECTIONS,  # gevent's limit; gthread's idle keep-alives
         "timeout": 120,  # the arbiter's heartbeat; gthread keeps it alive during long streams
@@ -37,8 +40,10 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "errorlog": "-",
         "loglevel": server.log_level.lower(),
         # The path without its query string: a secret a client puts in a URL (?api_key=...)
-        # must not land in the log.
+        # must not land in the log. Every value escaped (logsafe.py): a CR/LF in a decoded
+        # path must not write a line of its own.
         "access_log_format": '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms',
+        "logger_class": "llmlb.gunicorn_worker.AccessLogger",
         # gunicorn >= 24 opens a control socket at one fixed path per user; two llmlb
         # instances on a host would fight over it, and llmlb does not use it.
         "control_socket_disable": True,

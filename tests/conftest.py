@@ -27,6 +27,7 @@ from llmlb import server as llmlb_server
 from llmlb.config import OPTIONS
 from llmlb.roles import prepare
 
+from .fake_balancer import FakeBalancer
 from .fake_hub import FakeHub
 from .nginx import Nginx
 from .postgres import Postgres
@@ -185,6 +186,14 @@ def published(hub: FakeHub, tiny: dict[str, Path], tmp_path: Path) -> Path:
         {"id": "bad-sha", "source": "hf_gguf", "repo_id": "llmlb-test/tiny-gguf",
          "artifacts": [{**artifact(gguf, "model.gguf"), "sha256": "0" * 64}]},
     ])
+
+
+@pytest.fixture
+def fake_balancer() -> Iterator[FakeBalancer]:
+    """A hostile balancer on loopback (tests/fake_balancer.py)."""
+    balancer = FakeBalancer()
+    yield balancer
+    balancer.close()
 
 
 @pytest.fixture

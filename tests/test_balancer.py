@@ -134,8 +134,9 @@ def cluster(start_process, llmlb_home: Path, tmp_path: Path, tiny) -> Iterator[C
                  "LLMLB_NODE_API_KEY": key or node_key, "LLMLB_PLUGINS_DIR": str(plugins),
                  **FAST, **env, **node_env}, node_port)
             made.nodes[node_dir or name] = proc
-            if wait:
-                made.wait_online(name)
+            if wait:  # online, its engines checked (it registers before: they import torch)
+                made.wait(lambda ns: ns.get(name, {}).get("status") == "online"
+                          and bool(ns[name]["engines"]))
             return proc
 
         made.start_node = start_node
@@ -148,7 +149,9 @@ def test_nodes_register_with_hardware_and_keep_their_identity(cluster) -> None:
     c = cluster()
     c.start_node("gpu-a", {"tiny-gguf": "llama-gguf"})
     c.start_node("gpu-b", {"tiny-st": "llama-st"})
-    nodes = c.wait(lambda ns: ns.get("gpu-b", {}).get("models") == ["tiny-st"])
+    # A node registers before its engines' first checks; their rows follow at once.
+    nodes = c.wait(lambda ns: ns.get("gpu-b", {}).get("models") == ["tiny-st"]
+                   and ns["gpu-a"]["formats"] and ns["gpu-b"]["formats"])
     a = nodes["gpu-a"]
     assert a["kind"] == "node" and a["status"] == "online" and a["models"] == ["tiny-gguf"]
     assert a["url"] == c.nodes["gpu-a"].url

@@ -68,6 +68,14 @@ def session_principal() -> auth.Principal | None:
                                       lifetime=rt.settings.users.session_lifetime_seconds)
 
 
+def missing_credentials() -> errors.APIError:
+    """The 401 for a request with neither a key nor a valid session: a dashboard call (its
+    cookie names a user, or its page sent the CSRF header) is told its session ended."""
+    if "user" in session or CSRF_HEADER in request.headers:
+        return errors.session_ended()
+    return errors.unauthorized()
+
+
 def require(*scopes: str) -> Callable:
     """Route decorator: 401 without credentials, 403 without one of the scopes."""
 
@@ -76,7 +84,7 @@ def require(*scopes: str) -> Callable:
         def wrapper(*args: Any, **kwargs: Any):
             principal = current_principal()
             if principal is None:
-                raise errors.unauthorized()
+                raise missing_credentials()
             if not any(principal.allows(s) for s in scopes):
                 raise errors.forbidden(" or ".join(scopes))
             g.principal = principal

@@ -7,6 +7,7 @@ from flask import Blueprint, g, request
 from .. import errors
 from ..model_info import manifest
 from ..node.pool import load_options
+from ..plugins import public_row
 from ..storage import requested_model_id
 from .common import require, respond, runtime
 
@@ -47,5 +48,7 @@ def engines():
     rt = runtime()
     pool = rt.pool  # none where no model runs (a balancer)
     options = pool.options if pool is not None else load_options(rt.settings.inference)
-    return respond({"engines": rt.engines.describe(options),
-                    "loaded": pool.loaded() if pool is not None else []})
+    rows = rt.engines.describe(options)
+    if not g.principal.allows("admin"):  # where plugins live is for operators only
+        rows = [public_row(row) for row in rows]
+    return respond({"engines": rows, "loaded": pool.loaded() if pool is not None else []})

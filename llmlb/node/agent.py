@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 
@@ -70,6 +71,8 @@ class Reporter:
         self.settings, self.resolver, self.pool = settings, resolver, pool
         self.engines, self.inflight = engines, inflight
         self._version = _version()
+        self._checked = threading.Event()
+        self._checking = threading.Lock()
 
     def report(self) -> NodeReport:
         engines = self._engines()
@@ -84,12 +87,12 @@ class Reporter:
             downloads=tuple(Download.parse(d, "downloads") for d in self.downloads()),
             active_requests=self.inflight.load(IN_PROCESS_SLOT),
             queued_requests=sum(m.waiting for m in loaded),
-            can_download=self.resolver.hf.host in self.settings.download_allowlist,
+            can_download=self.resolver.hf.allowed,
         )
 
     def _engines(self) -> tuple[EngineInfo, ...]:
         found = []
-        for i, row in enumerate(self.engines.describe(self.pool.options)):
+        for i, row in enumerate(self.engine_rows()):
             try:
                 found.append(EngineInfo.parse(row, f"engines[{i}]"))
             except ReportError as exc:  # a plugin's odd answer must not keep the node out
@@ -99,6 +102,23 @@ class Reporter:
     @property
     def version(self) -> str | None:
         return self._version
+
+    def engine_rows(self) -> list[dict]:
+        """The engines' rows once their first checks are done, [] until then: those import
+        their libraries (torch: seconds), on a thread of their own, so that no report (the
+        node's registration first) waits for them; the next report has them."""
+        if self._checked.is_set():
+            return self.engines.describe(self.pool.options)
+        if self._checking.acquire(blocking=False):
+            threading.Thread(target=self._check_engines, name="llmlb-engine-checks",
+                             daemon=True).start()
+        return []
+
+    def _check_engines(self) -> None:
+        try:
+            self.engines.describe(self.pool.options)
+        finally:
+            self._checked.set()
 
     def downloads(self) -> list[dict]:
         out = []
@@ -125,6 +145,7 @@ class NodeAgent:
         # One secret per node, the same in every worker and across restarts.
         self.secret = db.setdefault_meta("node_secret", "sk-node-" + secrets.token_urlsafe(32))
         self.registered = False
+        self._announced = False
         self.last_beat = 0.0
         self._http = urllib3.PoolManager(num_pools=2, maxsize=2, retries=False,
                                          timeout=urllib3.Timeout(connect=5, read=BALANCER_TIMEOUT))
@@ -155,6 +176,10 @@ class NodeAgent:
             else:
                 self._check(status, body, "heartbeat")
         if not self.registered:
+            if not self._announced:  # once: the supervisor logs each failure
+                self._announced = True
+                log.info("Registering with the balancer %s as node '%s'",
+                         self.settings.balancer_url, self.settings.node_name)
             status, body = self._post("/v0/nodes", {
                 "name": self.settings.node_name, "url": self.settings.advertise_url,
                 "secret": self.secret, "report": report})

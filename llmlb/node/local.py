@@ -34,12 +34,15 @@ OPERATION_NAMES = {CHAT: "chat completions", COMPLETION: "text completions",
 
 
 @contextmanager
-def engine_errors() -> Iterator[None]:
-    """Engines' exceptions as the API errors they mean."""
+def engine_errors(operation: str) -> Iterator[None]:
+    """Engines' exceptions, raised running ``operation``, as the API errors they mean."""
     try:
         yield
     except InvalidPrompt as exc:
-        raise errors.invalid_prompt(str(exc), getattr(exc, "param", "messages")) from exc
+        param = getattr(exc, "param", "messages")
+        if operation == COMPLETION and param == "messages":
+            param = "prompt"  # engines name the chat field unless told otherwise
+        raise errors.invalid_prompt(str(exc), param) from exc
     except EngineError as exc:
         log.exception("The engine failed")
         raise errors.engine_failed(str(exc)) from exc
@@ -58,12 +61,12 @@ class Generation:
     """Engine events of one call; the model stays leased until the iteration ends or
     ``close()`` is called (both release it, whichever comes first)."""
 
-    def __init__(self, lease: Lease, events: Iterator[GenerationEvent]) -> None:
-        self._lease, self._events = lease, events
+    def __init__(self, lease: Lease, events: Iterator[GenerationEvent], operation: str) -> None:
+        self._lease, self._events, self._operation = lease, events, operation
 
     def __iter__(self) -> Iterator[GenerationEvent]:
         try:
-            with engine_errors():
+            with engine_errors(self._operation):
                 yield from self._events
         finally:
             self.close()
@@ -122,7 +125,7 @@ class RequestRunner:
     def generate(self, call: InferenceCall) -> Generation:
         lease = self._node.lease(self._node.model(call.model_id, self._found), call)
         try:
-            with engine_errors():
+            with engine_errors(call.operation):
                 if call.operation == CHAT:
                     events = lease.model.chat(call.messages, call.params)
                 else:
@@ -130,9 +133,9 @@ class RequestRunner:
         except BaseException:
             lease.release()
             raise
-        return Generation(lease, events)
+        return Generation(lease, events, call.operation)
 
     def embed(self, call: InferenceCall) -> tuple[list[list[float]], int]:
         lease = self._node.lease(self._node.model(call.model_id, self._found), call)
-        with lease as loaded, engine_errors():
+        with lease as loaded, engine_errors(call.operation):
             return loaded.embed(call.texts)
