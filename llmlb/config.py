@@ -75,7 +75,7 @@ def setting(env: str | tuple[str, ...], default: Any, help: str, *, flag: str | 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """How this llmlb serves: its role, its address, gunicorn's workers, what one request may
+    """The server itself: its role, its address, gunicorn's workers, what one request may
     hold."""
 
     role: str = setting(
