@@ -213,6 +213,18 @@ def model_load_failed(model_id: str, cause: str) -> APIError:
                     type="server_error", code="model_load_failed")
 
 
+def invalid_prompt(cause: str, param: str = "messages") -> APIError:
+    """An engine refused the prompt (too long for the model, a template that cannot render
+    it, a schema it cannot follow)."""
+    return APIError(400, f"Invalid prompt: {without_paths(cause)}", code="invalid_prompt",
+                    param=param)
+
+
+def engine_failed(cause: str) -> APIError:
+    return APIError(500, f"The engine failed: {without_paths(cause)}", type="server_error",
+                    code="engine_error")
+
+
 def unsupported_operation(model_id: str, operation: str) -> APIError:
     return APIError(400, f"Model '{model_id}' does not support {operation}",
                     code="unsupported_operation", param="model")
@@ -298,17 +310,10 @@ def internal_error() -> APIError:
 
 
 def from_exception(exc: BaseException) -> APIError:
-    """The APIError for any exception raised while serving (engines' errors included)."""
-    from engines.base import EngineError, InvalidPrompt
-
+    """The APIError for any exception raised while serving (the node has turned engines'
+    errors into theirs, ``invalid_prompt`` and ``engine_failed``)."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, InvalidPrompt):
-        return APIError(400, f"Invalid prompt: {without_paths(str(exc))}",
-                        code="invalid_prompt", param=getattr(exc, "param", "messages"))
-    if isinstance(exc, EngineError):
-        return APIError(500, f"The engine failed: {without_paths(str(exc))}",
-                        type="server_error", code="engine_error")
     return internal_error()
 
 

@@ -1,6 +1,6 @@
-"""Model resolution (RS-2): the local directory, then the shared path (used in place), then a
-download from an allowed source (the balancer's blob route, or Hugging Face), else
-``model_not_found``.
+"""Model resolution (RS-2): ``find`` looks in the local directory, then the shared path (used
+in place); ``fetch`` then downloads from an allowed source (the balancer's blob route, or
+Hugging Face), else raises ``model_not_found``.
 
 A download runs in a background thread of the process that wins the model's lock file, so it
 carries on when the request that started it gives up; every request for the model, in any
@@ -25,7 +25,7 @@ from huggingface_hub.utils import get_session
 
 from .. import errors
 from ..catalog import Catalog, CatalogModel
-from ..config import Settings
+from ..config import ModelSettings, NodeSettings
 from ..storage import LocalModel, find_model, merged_listing
 from . import state as model_state
 from .download import Fetch, fetch_all
@@ -49,7 +49,7 @@ class DownloadJob:
 
 
 class Resolver:
-    def __init__(self, settings: Settings, catalog: Catalog,
+    def __init__(self, settings: ModelSettings, node: NodeSettings, catalog: Catalog,
                  formats: Callable[[], Mapping[str, tuple[str, ...]]]) -> None:
         self.settings = settings
         self.catalog = catalog
@@ -57,9 +57,9 @@ class Resolver:
         self.progress = ProgressStore(settings.locks_dir)
         self.hf = HuggingFaceSource(settings.hf_endpoint, settings.hf_token,
                                     settings.download_allowlist)
-        self.balancer = (BalancerSource(settings.balancer_url, settings.node_api_key,
+        self.balancer = (BalancerSource(node.balancer_url, node.node_api_key,
                                         settings.download_allowlist)
-                         if settings.balancer_url else None)
+                         if node.balancer_url else None)
         self._jobs: dict[str, DownloadJob] = {}
         self._jobs_lock = threading.Lock()
         self._waiting = 0
@@ -94,10 +94,9 @@ class Resolver:
 
     # --- resolving ------------------------------------------------------------------------
 
-    def resolve(self, model_id: str) -> LocalModel:
-        model = self.find(model_id)
-        if model is not None:
-            return model
+    def fetch(self, model_id: str) -> LocalModel:
+        """Resolve a model that ``find`` did not find here: from an allowed source, waiting
+        for it, or raise the error that says why not."""
         self.check_downloadable(model_id)
         log.info("Model resolution started: %s", model_id)
         return self._wait_for(model_id)

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from engines import compute
 from engines.base import Engine, EngineError, LoadedModel, LoadOptions
 
-from . import errors
-from .plugins import EngineRegistry
-from .storage import LocalModel
+from .. import errors
+from ..config import InferenceSettings
+from ..plugins import EngineRegistry
+from ..storage import LocalModel
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,12 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def load_options(settings: InferenceSettings) -> LoadOptions:
+    """What every model is loaded with: its context, its batch."""
+    return LoadOptions(context_length=settings.context_length,
+                       parallel_sequences=settings.parallel_sequences)
 
 
 class ModelPool:
