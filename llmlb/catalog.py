@@ -60,12 +60,6 @@ class CatalogModel:
     def required_memory_bytes(self) -> int:
         return self.required_vram_mb * 1024 * 1024
 
-    def memory_bytes(self, context_length: int, sequences: int) -> int:
-        """What running it takes: ``required_vram_mb`` plus the KV cache of ``sequences``
-        sequences of ``context_length`` tokens each."""
-        return self.required_memory_bytes + \
-            self.kv_cache_bytes_per_token * context_length * sequences
-
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id, "name": self.name, "description": self.description,

@@ -285,10 +285,11 @@ def test_by_default_each_model_gets_the_sequences_its_kv_cache_fits(
              by_id[ids[f]]["kv_cache_bytes"]) for f in MODEL_DIRS] == [
         (8, True, per_token * 2 * 512 * 8), (8, True, per_token * 4 * 512 * 8),
         (1, False, None)]
-    # What a node tells its balancer says the same.
-    report = server.runtime.reporter.report()
-    assert [m["parallel"] for m in report["loaded"]] == [by_id[m["id"]]["parallel"]
-                                                         for m in report["loaded"]]
+    # What a node tells its balancer says the same (the report of the in-process node).
+    report = server.runtime.cluster.local.report().to_json()
+    assert [(m["parallel"], m["parallel_auto"], m["kv_cache_bytes"]) for m in report["loaded"]] \
+        == [(by_id[m["id"]]["parallel"], by_id[m["id"]]["parallel_auto"],
+             by_id[m["id"]]["kv_cache_bytes"]) for m in report["loaded"]]
     assert report["load_options"] == {"context_length": 4096, "parallel_sequences": None}
     # Eight streams at once are decoded together: none waits for a slot.
     model = ids["gguf"]

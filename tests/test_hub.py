@@ -90,7 +90,7 @@ def test_register_errors(hub_server, tmp_path: Path, tiny, hub: FakeHub) -> None
 
 def test_a_pull_must_fit_the_kv_cache_of_every_slot(hub_server, tmp_path: Path, tiny,
                                                    hub: FakeHub) -> None:
-    from llmlb.hardware import node_memory
+    from llmlb.node.hardware import node_memory
 
     # A model whose weights fit with room to spare, and whose KV cache takes a fifth of the
     # free memory per sequence at the default context of 4096 tokens: one sequence fits,

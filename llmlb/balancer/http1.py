@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from ..serving.disconnect import peer_closed
+from ..disconnect import peer_closed
 
 READ_SIZE = 64 * 1024
 
