@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .config import OPTIONS, SettingsError, load_settings
+from .config import OPTIONS, SECTIONS, SettingsError, load_settings
 
 _TYPES = {"int": int, "float": float, "str": str, "path": click.Path(), "list": str}
 
@@ -29,7 +29,11 @@ def _env_help(command: str | None = None) -> str:
                  "environment < flags):")
     # "\b" keeps click from re-wrapping the block below it.
     lines = [title, "", "\b"]
+    section = None
     for o in options:
+        if o.section != section:
+            section = o.section
+            lines.append(f"{section}: {' '.join((SECTIONS[section].__doc__ or '').split())}")
         lines.append(f"  {' / '.join(o.env)}")
         lines.extend(textwrap.wrap(o.help, 90, initial_indent="      ",
                                    subsequent_indent="      "))
@@ -74,6 +78,7 @@ def main() -> None:
 
 
 def _run(settings: Any) -> None:
+    from . import create_app
     from .catalog import CatalogError
     from .config import SettingsError
     from .server import preflight
@@ -85,7 +90,7 @@ def _run(settings: Any) -> None:
         raise click.ClickException(f"the model catalog is invalid: {exc}") from None
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
-    run(settings)
+    run(settings, lambda: create_app(settings))
 
 
 @main.command(epilog=_env_help("serve"), context_settings={"max_content_width": 100})
@@ -117,8 +122,8 @@ def _db(home: str | None, database: str | None):
     from .private_files import private_dir
 
     settings = _settings({"home": home, "database": database})
-    private_dir(settings.home)
-    return Database(settings.database)
+    private_dir(settings.files.home)
+    return Database(settings.files.database)
 
 
 _db_flags = [click.option("--home", default=None, help="LLMLB_HOME to use."),
@@ -187,9 +192,9 @@ def _registry(home: str | None, database: str | None):  # noqa: ANN202 - (settin
 
     settings = _settings({"home": home, "database": database})
     db = _db(home, database)
-    return settings, NodeRegistry(db, timeout=settings.node_timeout_seconds,
-                                  cooldown=settings.cooldown_seconds,
-                                  cooldown_max=settings.cooldown_max_seconds)
+    return settings, NodeRegistry(db, timeout=settings.cluster.node_timeout_seconds,
+                                  cooldown=settings.cluster.cooldown_seconds,
+                                  cooldown_max=settings.cluster.cooldown_max_seconds)
 
 
 @endpoints.command("add")
@@ -216,10 +221,10 @@ def endpoints_add(name: str, base_url: str, api_key_env: str | None, api_key_std
     try:
         spec = endpoint_spec({"name": name, "base_url": base_url, "api_key": api_key,
                               "api_key_env": api_key_env},
-                             EnvAllowlist(settings.endpoint_env_allowlist))
-        record = add_endpoint(registry, settings.home, spec,
-                              check_seconds=settings.endpoint_check_seconds,
-                              timeout=max(2.0, settings.proxy_connect_timeout_seconds),
+                             EnvAllowlist(settings.cluster.endpoint_env_allowlist))
+        record = add_endpoint(registry, settings.files.home, spec,
+                              check_seconds=settings.cluster.endpoint_check_seconds,
+                              timeout=max(2.0, settings.cluster.proxy_connect_timeout_seconds),
                               instance=instance_id(registry.db), in_balancer=False)
     except APIError as exc:
         raise click.ClickException(exc.message) from None
@@ -231,7 +236,7 @@ def endpoints_add(name: str, base_url: str, api_key_env: str | None, api_key_std
         click.echo(f"Its API key: {shell} {api_key_env}. The balancer reads {api_key_env} from "
                    f"its OWN environment (its service's, not this shell's).")
     click.echo(f"The balancer routes to it once its own check passes (within "
-               f"{settings.endpoint_check_seconds:g} s); `llmlb endpoints list` shows its "
+               f"{settings.cluster.endpoint_check_seconds:g} s); `llmlb endpoints list` shows its "
                f"status and, if it fails, why.")
 
 
@@ -255,7 +260,7 @@ def endpoints_list(home: str | None, database: str | None) -> None:
             if r.credential else "none"
         error = r.unusable or (r.report.error if isinstance(r.report, EndpointReport)
                                else None)
-        rows.append((r.name, r.url, r.status(now, settings.node_timeout_seconds), key,
+        rows.append((r.name, r.url, r.status(now, settings.cluster.node_timeout_seconds), key,
                      ",".join(model_ids(r.report.models)) or "-", error or "-"))
     for row in rows:
         click.echo("\t".join(row))
@@ -367,9 +372,9 @@ def models_list(**flags: Any) -> None:
     from .storage import merged_listing
 
     settings = _settings(flags)
-    table = EngineRegistry(load_plugins(settings.plugins_dir)).format_table()
-    for m in merged_listing([(settings.models_dir, "local"),
-                             (settings.shared_models_dir, "shared")], table):
+    table = EngineRegistry(load_plugins(settings.files.plugins_dir)).format_table()
+    for m in merged_listing([(settings.models.models_dir, "local"),
+                             (settings.models.shared_models_dir, "shared")], table):
         click.echo(f"{m.id}\t{m.format}\t{m.size_bytes / 1e6:.1f} MB\t{m.source}\t{m.path}")
 
 
@@ -381,7 +386,7 @@ def models_check_catalog(**flags: Any) -> None:
 
     settings = _settings(flags)
     try:
-        catalog = load_catalog(settings.supported_models)
+        catalog = load_catalog(settings.files.supported_models)
     except CatalogError as exc:
         raise click.ClickException(str(exc)) from None
     for m in catalog.values():

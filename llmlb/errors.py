@@ -116,11 +116,20 @@ def model_not_supported(model_id: str) -> APIError:
                     code="model_not_supported", param="model_id")
 
 
-def insufficient_memory(required_bytes: int, available_bytes: int) -> APIError:
+def insufficient_memory(required_bytes: int, available_bytes: int, weights_bytes: int = 0,
+                        kv_cache_bytes: int = 0, sequences: int = 0,
+                        context: int = 0) -> APIError:
+    """``kv_cache_bytes``: the part of the requirement that is the KV cache of ``sequences``
+    sequences of ``context`` tokens (0: the weights alone)."""
+    detail = ""
+    if kv_cache_bytes:
+        detail = (f" (the model {weights_bytes // 2**20} MiB, its KV cache "
+                  f"{kv_cache_bytes // 2**20} MiB for {sequences} "
+                  f"sequence{'s' * (sequences != 1)} of {context} tokens)")
     return APIError(
         400,
-        f"Insufficient VRAM. Required: {_gb(required_bytes)}, Available: {_gb(available_bytes)}",
-        type="resource_error", code="insufficient_memory")
+        f"Insufficient VRAM. Required: {_gb(required_bytes)}, Available: "
+        f"{_gb(available_bytes)}{detail}", type="resource_error", code="insufficient_memory")
 
 
 def model_downloading(model_id: str, progress: float, retry_after: int = 10) -> APIError:
@@ -167,6 +176,13 @@ def node_failed(node: str, cause: str) -> APIError:
                     type="upstream_error", code="node_failed")
 
 
+def client_closed() -> APIError:
+    """The client left before its answer was ready: the work stopped, nobody reads this
+    (it is what the request history and the metrics record; nginx's 499)."""
+    return APIError(499, "The client closed the connection before the answer was ready",
+                    code="client_closed_request")
+
+
 def upstream_not_json(kind: str, name: str, status: int, media_type: str) -> APIError:
     """A node's or endpoint's answer that is neither JSON nor an event stream (a proxy's HTML
     error page): never passed on as it is, from llmlb's origin."""
@@ -211,6 +227,18 @@ def name_taken(name: str, why: str) -> APIError:
 def model_load_failed(model_id: str, cause: str) -> APIError:
     return APIError(500, f"Model '{model_id}' could not be loaded: {without_paths(cause)}",
                     type="server_error", code="model_load_failed")
+
+
+def invalid_prompt(cause: str, param: str = "messages") -> APIError:
+    """An engine refused the prompt (too long for the model, a template that cannot render
+    it, a schema it cannot follow)."""
+    return APIError(400, f"Invalid prompt: {without_paths(cause)}", code="invalid_prompt",
+                    param=param)
+
+
+def engine_failed(cause: str) -> APIError:
+    return APIError(500, f"The engine failed: {without_paths(cause)}", type="server_error",
+                    code="engine_error")
 
 
 def unsupported_operation(model_id: str, operation: str) -> APIError:
@@ -298,17 +326,10 @@ def internal_error() -> APIError:
 
 
 def from_exception(exc: BaseException) -> APIError:
-    """The APIError for any exception raised while serving (engines' errors included)."""
-    from engines.base import EngineError, InvalidPrompt
-
+    """The APIError for any exception raised while serving (the node has turned engines'
+    errors into theirs, ``invalid_prompt`` and ``engine_failed``)."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, InvalidPrompt):
-        return APIError(400, f"Invalid prompt: {without_paths(str(exc))}",
-                        code="invalid_prompt", param=getattr(exc, "param", "messages"))
-    if isinstance(exc, EngineError):
-        return APIError(500, f"The engine failed: {without_paths(str(exc))}",
-                        type="server_error", code="engine_error")
     return internal_error()
 
 

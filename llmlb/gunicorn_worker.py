@@ -143,7 +143,7 @@ def _address(peer: Any) -> str:
 def _header_timeout(app: Any) -> float:
     runtime = getattr(app, "extensions", {}).get("llmlb")
     if runtime is not None:
-        return runtime.settings.header_timeout_seconds
+        return runtime.settings.server.header_timeout_seconds
     return OPTIONS_BY_ATTR["header_timeout_seconds"].default
 
 

@@ -7,8 +7,9 @@ worker process and every restart therefore sees the same truth; a pull cut off b
 is picked up again by ``reconcile`` instead of hanging in Downloading.
 
 On a balancer the nodes' reports count too: a model is Ready on the nodes that have it,
-Downloading while a node pulls it; a pull goes to the node with the most free memory for the
-model, a delete to every node holding it.
+Downloading while a node pulls it; a pull goes where ``balancer/placement.py`` says (the
+member with the most free memory for the model, unless one is already set to pull it), a
+delete to every node holding it.
 """
 
 from __future__ import annotations
@@ -17,27 +18,29 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import errors
-from .balancer.members import Cluster, RemoteMember
+from .balancer import placement
+from .balancer.members import Cluster, Member, RemoteMember
 from .balancer.registry import COOLDOWN, ONLINE
 from .balancer.reports import Download
 from .balancer.upstream import NodeUnreachable
-from .catalog import Catalog
+from .catalog import Catalog, CatalogModel
 from .db import Database
-from .hardware import Memory
 from .hf_stats import HFStats
 from .resolver import Resolver
 from .resolver.progress import ERROR
 from .resolver.state import (
     ABSENT,
     AVAILABLE,
+    DOWNLOADING,
     FAILED,
     HUB_DOWNLOADING,
     HUB_ERROR,
     INTERRUPTED_MESSAGE,
+    LOCAL,
+    QUEUED,
     READY,
     REGISTERED,
     UNDER_WAY,
@@ -57,20 +60,21 @@ class HubStatus:
 
 class Hub:
     def __init__(self, db: Database, catalog: Catalog, resolver: Resolver,
-                 cluster: Cluster, stats: HFStats, memory: Callable[[], Memory]) -> None:
+                 cluster: Cluster, stats: HFStats) -> None:
         self.db, self.catalog, self.resolver = db, catalog, resolver
-        self.cluster, self.stats, self.memory = cluster, stats, memory
+        self.cluster, self.stats = cluster, stats
 
     # --- status -----------------------------------------------------------------------------
 
-    def _registered(self) -> set[str]:
-        return {r[0] for r in self.db.conn().execute("SELECT model_id FROM registrations")}
+    def _registered(self) -> dict[str, str | None]:
+        """Model id -> the remote node its pull was handed to (None: this process)."""
+        return dict(self.db.conn().execute("SELECT model_id, node FROM registrations"))
 
     def _ready(self) -> dict[str, tuple[str, ...]]:
         """Model id -> the nodes that have it, from one listing (not one per model)."""
         return {entry.id: tuple(nodes) for entry, nodes in self.cluster.list_models()}
 
-    def status_of(self, model_id: str, registered: set[str] | None = None,
+    def status_of(self, model_id: str, registered: dict[str, str | None] | None = None,
                   ready: dict[str, tuple[str, ...]] | None = None,
                   remote: dict[str, list[tuple[str, Download]]] | None = None) -> HubStatus:
         ready = self._ready() if ready is None else ready
@@ -83,9 +87,17 @@ class Hub:
             if remote.get(model_id):
                 here = _remote_state([d for _, d in remote[model_id]])
         registered = self._registered() if registered is None else registered
+        puller = registered.get(model_id)
+        if here.phase == ABSENT and puller is not None and not self._up(puller):
+            # The node it was handed to went offline (or away) mid-pull: nobody pulls it now.
+            return HubStatus(HUB_ERROR, 0.0, f"The pull stopped: node '{puller}', which was "
+                             "pulling it, is offline. Pull it again to use another node.")
         return _hub_status(here, model_id in registered)
 
-    def _views(self) -> tuple[set[str], dict[str, tuple[str, ...]], dict]:
+    def _up(self, node: str) -> bool:
+        return any(m.name == node for m in self.cluster.members((ONLINE, COOLDOWN)))
+
+    def _views(self) -> tuple[dict[str, str | None], dict[str, tuple[str, ...]], dict]:
         return self._registered(), self._ready(), self.cluster.downloads()
 
     def list_models(self) -> list[dict]:
@@ -144,7 +156,7 @@ class Hub:
         current = self.status_of(model_id)
         if current.status in (READY, HUB_DOWNLOADING):
             return {"model_id": model_id, "status": current.status}
-        target = self._pull_target(model_id, entry.required_memory_bytes)
+        target = self._pull_target(model_id, entry)
         if isinstance(target, RemoteMember):
             try:
                 status, body = self.cluster.call(target, "POST", "/v0/node/pull",
@@ -172,18 +184,21 @@ class Hub:
                          "UPDATE SET updated_at=excluded.updated_at, node=excluded.node",
                          (model_id, now, now, node))
 
-    def _pull_target(self, model_id: str, required: int):  # noqa: ANN202 - a Member
-        """The node with the most free memory (GPU, else system) that the model fits in."""
+    def _pull_target(self, model_id: str, entry: CatalogModel) -> Member:
+        """The member that pulls the model (``balancer/placement.py``: the same rule a
+        request for it follows), if the model fits in its memory: its weights and the KV
+        cache of the sequences that member would run at once."""
         has_files = self.resolver.find(model_id) is not None
-        able = [m for m in self.cluster.members((ONLINE,)) if m.can_fetch(model_id, has_files)]
-        if not able:
+        order = placement.pullers(self.cluster.members((ONLINE,)), model_id, entry, has_files,
+                                  self.cluster.registry)
+        if not order:
             raise errors.no_node_available(model_id, 5, "no node that can fetch it is online")
-        free = {m.id: (self.memory().free_bytes if m.id == 0 else m.free_memory())
-                for m in able}
-        best = max(able, key=lambda m: free[m.id])
-        if required > free[best.id]:
-            raise errors.insufficient_memory(required, free[best.id])
-        return best
+        target = order[0]
+        need, free = placement.required_on(target, entry), target.free_memory()
+        if need.total > free:
+            raise errors.insufficient_memory(need.total, free, need.weights, need.kv_cache,
+                                             need.sequences, need.context)
+        return target
 
     def delete(self, model_id: str) -> dict:
         remote = [m for m in self.cluster.members((ONLINE, COOLDOWN))
@@ -235,10 +250,22 @@ class Hub:
                 self.resolver.start_download(model_id)
 
 
+def _reported_state(download: Download) -> ModelState:
+    """The state a node reported (its RS-7 status, in its heartbeat's downloads)."""
+    phase = {"local": LOCAL, "not_downloaded": ABSENT, "error": FAILED}.get(
+        download.status, QUEUED if download.queued else DOWNLOADING)
+    total, done = download.total_bytes, download.downloaded_bytes
+    if not total:  # an older report without byte counts: keep its fraction
+        total, done = 10_000, int(download.progress * 10_000)
+    error = (download.error_message or "The download failed on a node."
+             if phase == FAILED else None)
+    return ModelState(download.model_id, phase, done, total, error=error)
+
+
 def _remote_state(downloads: list[Download]) -> ModelState:
     """A model's state from the downloads nodes report: the furthest one under way, else
     the first failure."""
-    states = [ModelState.from_download(d) for d in downloads]
+    states = [_reported_state(d) for d in downloads]
     running = [s for s in states if s.phase in UNDER_WAY]
     if running:
         return max(running, key=lambda s: s.progress)

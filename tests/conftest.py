@@ -23,7 +23,9 @@ import requests
 from werkzeug.serving import make_server as make_wsgi_server
 
 from llmlb import create_app
+from llmlb import server as llmlb_server
 from llmlb.config import OPTIONS
+from llmlb.roles import prepare
 
 from .fake_balancer import FakeBalancer
 from .fake_hub import FakeHub
@@ -92,6 +94,8 @@ def make_server(llmlb_home: Path) -> Iterator[Callable[..., LiveServer]]:
         config = {"home": llmlb_home, "dev": True, "hf_endpoint": CLOSED_ENDPOINT,
                   "plugins_dir": [str(llmlb_home / "plugins")], **overrides}
         app = create_app(config)
+        prepare(app.extensions["llmlb"].settings)  # what gunicorn's master does once
+        llmlb_server.start(app)  # and what each worker does
         server = make_wsgi_server("127.0.0.1", 0, app, threaded=True)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()

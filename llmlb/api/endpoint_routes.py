@@ -28,10 +28,10 @@ def list_endpoints():
 def add():
     rt = runtime()
     settings = rt.settings
-    spec = endpoint_spec(json_body(), EnvAllowlist(settings.endpoint_env_allowlist))
-    record = add_endpoint(registry(), settings.home, spec,
-                          check_seconds=settings.endpoint_check_seconds,
-                          timeout=max(2.0, settings.proxy_connect_timeout_seconds),
+    spec = endpoint_spec(json_body(), EnvAllowlist(settings.cluster.endpoint_env_allowlist))
+    record = add_endpoint(registry(), settings.files.home, spec,
+                          check_seconds=settings.cluster.endpoint_check_seconds,
+                          timeout=max(2.0, settings.cluster.proxy_connect_timeout_seconds),
                           instance=rt.instance_id)
     return respond(endpoint_json(record, registry().status(record)), status=201)
 

@@ -1,8 +1,8 @@
 """The cluster's HTTP API. On a balancer (``bp``): nodes register and send heartbeats (node
 scope, and the node's own secret for its name: SC-7); operators list and forget nodes (admin).
 On a node (``node_bp``): what its balancer asks of it besides inference: pull or delete a
-model, its report now (only the balancer holding the node's secret may: see
-``balancer/agent.py``)."""
+model, its report now, its in-process member's (only the balancer holding the node's secret
+may: see ``node/agent.py``)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def register():
     except NameTaken as exc:
         raise _refused(exc, "registration", node.url) from None
     return respond({"id": record.id, "name": record.name, "url": record.url,
-                    "heartbeat_seconds": runtime().settings.heartbeat_seconds}, status=201)
+                    "heartbeat_seconds": runtime().settings.cluster.heartbeat_seconds}, status=201)
 
 
 @bp.post("/<name>/heartbeat")
@@ -83,4 +83,4 @@ def delete(model_id: str):
 @node_bp.get("/report")
 @require("node")
 def report():
-    return respond(runtime().reporter.report().to_json())
+    return respond(runtime().cluster.local.report().to_json())  # type: ignore[union-attr]

@@ -3,12 +3,12 @@ to a node (this process's own, or another machine's) and relays the answer."""
 
 from __future__ import annotations
 
-from flask import Blueprint, g, send_file
-
-from engines.base import CHAT, COMPLETION, EMBEDDINGS
+from flask import Blueprint, g, request, send_file
 
 from .. import errors
-from ..model_info import catalog_object, model_object
+from ..balancer.upstream import CHAT, COMPLETION, EMBEDDINGS
+from ..disconnect import ClientWatch
+from ..model_info import blob_path, catalog_object, model_object
 from ..storage import requested_model_id
 from .common import relay, request_bytes, require, respond, runtime
 
@@ -45,7 +45,7 @@ def get_model(model_id: str):
 @require("node")
 def model_blob(rest: str):
     """A model file for nodes that sync from this balancer (LB-4); Range requests work."""
-    path = runtime().node.blob_path(rest)
+    path = blob_path(rest, runtime().resolver.find)
     return send_file(path, conditional=True, etag=True, max_age=0,
                      mimetype="application/octet-stream")
 
@@ -53,13 +53,15 @@ def model_blob(rest: str):
 @bp.post("/chat/completions")
 @require("api")
 def chat_completions():
-    return relay(runtime().balancer.forward(CHAT, request_bytes(), g.principal.name))
+    return relay(runtime().balancer.forward(CHAT, request_bytes(), g.principal.name,
+                                            ClientWatch.of(request.environ)))
 
 
 @bp.post("/completions")
 @require("api")
 def completions():
-    return relay(runtime().balancer.forward(COMPLETION, request_bytes(), g.principal.name))
+    return relay(runtime().balancer.forward(COMPLETION, request_bytes(), g.principal.name,
+                                            ClientWatch.of(request.environ)))
 
 
 @bp.post("/embeddings")

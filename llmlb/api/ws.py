@@ -30,12 +30,12 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Flask, current_app, g, request, session
+from flask import Blueprint, current_app, g, request, session
+from flask.blueprints import BlueprintSetupState
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
 from .. import auth, errors, sessions
-from ..config import Settings
 from .common import current_principal, runtime, session_principal
 
 bp = Blueprint("ws", __name__)
@@ -45,11 +45,11 @@ log = logging.getLogger(__name__)
 _SLOTS = "llmlb.websocket_slots"
 
 
-def init_app(app: Flask, settings: Settings) -> None:
-    sock.init_app(app)
-    app.register_blueprint(bp)
-    app.extensions[_SLOTS] = (threading.BoundedSemaphore(settings.max_websockets),
-                              settings.max_websockets)
+@bp.record_once
+def _slots(state: BlueprintSetupState) -> None:
+    """This worker's sockets: at most LLMLB_MAX_WEBSOCKETS at once."""
+    limit = state.app.extensions["llmlb"].settings.server.max_websockets
+    state.app.extensions[_SLOTS] = (threading.BoundedSemaphore(limit), limit)
 
 
 _DEFAULT_PORTS = {"http": ":80", "https": ":443"}
@@ -79,7 +79,7 @@ def _authorize() -> Callable[[], bool]:
         principal = current_principal()  # 401 for a wrong key
 
         def still_valid() -> bool:
-            again = auth.authenticate_key(rt.db, key, dev=rt.settings.dev)
+            again = auth.authenticate_key(rt.db, key, dev=rt.settings.server.dev)
             return again is not None and again.allows("admin")
     else:
         principal = session_principal()
@@ -89,8 +89,8 @@ def _authorize() -> Callable[[], bool]:
 
         def still_valid() -> bool:
             return sessions.session_principal(
-                rt.db, login, dev=rt.settings.dev,
-                lifetime=rt.settings.session_lifetime_seconds) is not None
+                rt.db, login, dev=rt.settings.server.dev,
+                lifetime=rt.settings.users.session_lifetime_seconds) is not None
     if principal is None:
         raise errors.unauthorized("A WebSocket needs an admin API key in a header "
                                   "('Authorization: Bearer <key>' or 'X-API-Key') or a "
@@ -102,7 +102,7 @@ def _authorize() -> Callable[[], bool]:
 
 @bp.before_request
 def admit() -> None:
-    g.websocket_valid = (lambda: True) if runtime().settings.dev else _authorize()
+    g.websocket_valid = (lambda: True) if runtime().settings.server.dev else _authorize()
     slots, limit = current_app.extensions[_SLOTS]
     if not slots.acquire(blocking=False):
         log.warning("WebSocket refused for %s: %d already open in this worker",

@@ -32,10 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import errors
-from ..config import NODE_NAME, Settings
+from .. import errors, urls
+from ..config import NODE_NAME, ClusterSettings
 from ..db import Database
-from . import credentials, http1, urls
+from . import credentials, http1
 from .credentials import EnvAllowlist
 from .inflight import InflightCounters
 from .registry import ENDPOINT, NameTaken, NodeRecord, NodeRegistry
@@ -249,9 +249,10 @@ class EndpointWatch:
     """The supervisor's ``endpoint-check`` task: models, health and load of every endpoint,
     checked side by side (a hanging one delays none of the others)."""
 
-    def __init__(self, settings: Settings, registry: NodeRegistry,
+    def __init__(self, settings: ClusterSettings, home: Path, registry: NodeRegistry,
                  inflight: InflightCounters, instance: str) -> None:
-        self.settings, self.registry, self.inflight = settings, registry, inflight
+        self.settings, self.home, self.registry, self.inflight = (
+            settings, home, registry, inflight)
         self.instance = instance
         self.allowlist = EnvAllowlist(settings.endpoint_env_allowlist)
         self.timeout = max(1.0, min(settings.endpoint_check_seconds,
@@ -277,8 +278,7 @@ class EndpointWatch:
         assert isinstance(before, EndpointReport)
         in_flight = self.inflight.load(record.id)
         try:
-            key = credentials.open_credential(self.settings.home, record.credential,
-                                              self.allowlist)
+            key = credentials.open_credential(self.home, record.credential, self.allowlist)
             models = fetch_models(pool, record.url, key, self.instance)
             load = fetch_load(pool, record.url, key, self.instance)
         except (http1.HTTPClientError, ValueError, credentials.CredentialError) as exc:

@@ -1,11 +1,13 @@
-"""The nodes a balancer routes to right now: the in-process node (standalone) and the
-registered ones, each seen through one interface (``Member``) whatever its kind.
+"""The nodes a balancer routes to right now: the in-process node (standalone, a node's own
+balancer side) and the registered ones, each seen through one interface (``Member``) whatever
+its kind.
 
 A remote member is a registry row plus the client that reaches it; clients (and their
 connection pools) live as long as the worker and are rebuilt when a node's URL or secret
 changes. What the members report (models, downloads, memory, queue) is what the node said in
 its last heartbeat, typed (``reports``); what the balancer counts itself (requests in flight)
-comes from shared memory.
+comes from shared memory. The in-process member is the node package's (``node/member.py``),
+handed in by the role's builder; the balancer knows it by ``in_process``, nothing else.
 
 One member that cannot be used (a row stored before URLs and reports were checked, a client
 that cannot be built) is left out of routing and listed as offline with its error: it never
@@ -18,70 +20,61 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from ..config import Settings
-from ..hardware import Memory
-from ..model_info import listing_entry
-from ..node import LocalNode
+from ..config import ClusterSettings
 from .credentials import CredentialError, EnvAllowlist, describe, open_credential
 from .http1 import HTTPClientError
 from .inflight import InflightCounters
 from .registry import COOLDOWN, ENDPOINT, OFFLINE, ONLINE, NodeRecord, NodeRegistry
 from .reports import Download, EndpointReport, ModelEntry, NodeReport, Report, model_ids
-from .upstream import InProcessNode, Node, NodeUnreachable, RemoteNode
+from .upstream import Node, NodeUnreachable, ProxyRequest, RemoteNode
 
 log = logging.getLogger(__name__)
 DOWNLOADING_STATES = ("queued", "downloading")
 
 
-class LocalMember:
-    """The node in this process; always online, never in cooldown (its failures are its
-    models', not the network's)."""
+class Member(Protocol):
+    """A node or endpoint the balancer can hand requests to."""
 
-    id = 0
-    kind = "node"
-    url = None
-    record = None
-    status = ONLINE
+    id: int  # its slot in the in-flight counters
+    name: str
+    kind: str  # NODE | ENDPOINT
+    url: str | None
+    status: str
+    in_process: bool  # the node in this process: no network, so no cooldown
+    node: Node  # how requests reach it
 
-    def __init__(self, node: InProcessNode, local: LocalNode, memory: Callable[[], Memory],
-                 report: Callable[[], NodeReport]) -> None:
-        self.node: Node = node
-        self.name = node.name
-        self.local, self._memory, self._report = local, memory, report
+    def ready(self, model_id: str, request: ProxyRequest | None = None) -> bool:
+        """Whether it has the model ready to serve (``request``: the one being routed)."""
+        ...
 
-    def ready(self, model_id: str) -> bool:
-        return self.local.find(model_id) is not None
-
-    def models(self) -> tuple[ModelEntry, ...]:
-        return tuple(listing_entry(m) for m in self.local.models())
+    def models(self) -> tuple[ModelEntry, ...]: ...
 
     def queued(self) -> int:
-        return 0  # its waiting requests are already among the balancer's in flight
+        """Requests waiting there that the balancer does not count itself."""
+        ...
 
-    def free_memory(self) -> int:
-        return self._memory().free_bytes
+    def free_memory(self) -> int: ...
 
-    def pulling(self, model_id: str) -> bool:
-        return self.local.resolver.download_state(model_id) == "running"
+    def pulling(self, model_id: str) -> bool: ...
 
-    def can_fetch(self, model_id: str, balancer_has_it: bool) -> bool:
-        return True  # its resolver decides, with the errors standalone always gave
+    def can_fetch(self, model_id: str, balancer_has_it: bool) -> bool: ...
 
-    def report(self) -> NodeReport:
-        return self._report()
+    def report(self) -> Report: ...
 
 
 class RemoteMember:
     """A registered node or endpoint, as its last report described it."""
 
+    in_process = False
+
     def __init__(self, record: NodeRecord, node: RemoteNode, status: str) -> None:
         self.record, self.node, self.status = record, node, status
         self.id, self.name, self.kind, self.url = record.id, record.name, record.kind, record.url
 
-    def ready(self, model_id: str) -> bool:
+    def ready(self, model_id: str, request: ProxyRequest | None = None) -> bool:
         return model_id in self.record.models
 
     def models(self) -> tuple[ModelEntry, ...]:
@@ -114,14 +107,13 @@ class RemoteMember:
         return self.record.report
 
 
-Member = LocalMember | RemoteMember
-
-
 class Cluster:
-    def __init__(self, settings: Settings, registry: NodeRegistry | None,
-                 inflight: InflightCounters, local: LocalMember | None) -> None:
+    def __init__(self, settings: ClusterSettings, registry: NodeRegistry | None,
+                 inflight: InflightCounters, local: Member | None, *, home: Path,
+                 pool_size: int) -> None:
         self.settings, self.registry, self.inflight, self.local = (
             settings, registry, inflight, local)
+        self.home, self.pool_size = home, pool_size  # endpoint keys; connections per member
         self.env_allowlist = EnvAllowlist(settings.endpoint_env_allowlist)
         self._clients: dict[int, tuple[tuple[str, str | None, str | None], RemoteNode]] = {}
         self._clients_lock = threading.Lock()
@@ -163,7 +155,7 @@ class Cluster:
                     known[1].close()
                 client = RemoteNode(record.name, record.url, self._bearer(record),
                                     endpoint=record.kind == ENDPOINT,
-                                    pool_size=self.settings.concurrency,
+                                    pool_size=self.pool_size,
                                     connect_timeout=self.settings.proxy_connect_timeout_seconds,
                                     read_timeout=self.settings.proxy_read_timeout_seconds)
                 self._clients[record.id] = (identity, client)
@@ -174,7 +166,7 @@ class Cluster:
         if record.kind != ENDPOINT:
             return record.secret
         try:
-            return open_credential(self.settings.home, record.credential, self.env_allowlist)
+            return open_credential(self.home, record.credential, self.env_allowlist)
         except CredentialError as exc:  # its requests get a 401 and it cools down: say why
             log.warning("Endpoint %s: no API key to send: %s", record.name, exc)
             return None
@@ -227,7 +219,7 @@ class Cluster:
                 log.exception("This node's report cannot be made")
                 report = NodeReport()
             rows.append(_row(self.local.id, self.local.name, "node", None, ONLINE, report, now,
-                             now, self.inflight.load(0)))
+                             now, self.inflight.load(self.local.id)))
         for record in (self.registry.nodes(fresh=True) if self.registry else ()):
             try:
                 rows.append(self._remote_row(record, now))

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from .. import errors
 from ..config import NODE_NAME
+from ..urls import BadURL, check_url
 from .reports import NodeReport, ReportError
-from .urls import BadURL, check_url
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 from ..auth import same_secret
 from ..db import Database
+from ..urls import BadURL, check_url
 from .reports import EndpointReport, NodeReport, Report, ReportError
-from .urls import BadURL, check_url
 
 log = logging.getLogger(__name__)
 CACHE_SECONDS = 0.5

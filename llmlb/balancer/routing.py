@@ -37,7 +37,7 @@ import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple, TypeVar
 
-from engines.base import CHAT, COMPLETION
+from .upstream import CHAT, COMPLETION
 
 T = TypeVar("T")
 BLOCK = 512  # bytes (~128 tokens): the shortest shared prefix worth sending a request after
@@ -229,7 +229,8 @@ def with_affinity(candidates: Sequence[T], ident: Callable[[T], int], load: Call
 
 
 def by_free_memory(candidates: Sequence[T], free: Callable[[T], int], pulling: Callable[[T], bool],
-                   required: int) -> list[T]:
-    """Nodes to fetch a model on: one already pulling it, then those it fits in, most free
-    memory first, then the rest (a model without a known size fits anywhere)."""
-    return sorted(candidates, key=lambda c: (not pulling(c), free(c) < required, -free(c)))
+                   required: Callable[[T], int]) -> list[T]:
+    """Nodes to fetch a model on: one already pulling it, then those it fits in (``required``
+    there: a node's own settings may change what the model takes), most free memory first,
+    then the rest (a model without a known size fits anywhere)."""
+    return sorted(candidates, key=lambda c: (not pulling(c), free(c) < required(c), -free(c)))

@@ -4,8 +4,12 @@ body, the same shape whether the node runs in this process or on another machine
 The wire is the OpenAI API itself: a node is the same app and answers ``/v1/...`` as vLLM or
 llama-server do, so the balancer passes the request's bytes to it and its response's bytes
 back as they arrive, reading only what it must (the status and headers before the first byte,
-for failover). The in-process node runs ``serving/`` directly; a remote node is reached over a
-pooled keep-alive connection (``http1``: one pool per node, sized to the worker's threads).
+for failover). A remote node is reached over a pooled keep-alive connection (``http1``: one
+pool per node, sized to the worker's threads); the node in this process
+(``node/transport.py``) runs ``serving/`` directly behind the same ``send``.
+
+The operations the balancer forwards, and the path of each, are ``PATHS``: a new dialect is a
+new operation there, a route, and the node's serving of it.
 
 Of a remote member's headers only those that belong to the answer reach the client
 (``PASSED_HEADERS``): never its security policy, framing rules, CORS, cookies or redirects,
@@ -19,21 +23,16 @@ import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from engines.base import CHAT, COMPLETION, EMBEDDINGS
-
-from .. import errors
-from ..dispatch import Dispatcher
-from ..serving import openai as serving
-from ..serving.openai import DEFAULT_LIMITS
-from ..serving.protocol import PromptLimits
-from ..serving.sse import SSEStream
-from . import http1, urls
+from .. import errors, urls
+from ..disconnect import ClientLeft, ClientWatch
+from . import http1
 
 log = logging.getLogger(__name__)
 
+CHAT, COMPLETION, EMBEDDINGS = "chat", "completion", "embeddings"  # the operations forwarded
 PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions",
          EMBEDDINGS: "/v1/embeddings"}
 SSE_HEADERS = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
@@ -81,13 +80,24 @@ def _noop() -> None:
 
 @dataclass(frozen=True)
 class ProxyRequest:
-    """One OpenAI request on its way to a node: the bytes as sent, and what was read of them."""
+    """One OpenAI request on its way to a node: the bytes as sent, and what was read of them.
+
+    ``model_id`` was checked once, where the request came in, and travels down as it is.
+    ``found`` is what members found when they looked for the model on their own disk, kept by
+    whoever looked: the in-process node reads its disk once per request, whether the balancer
+    asks it if it has the model ready, if this host has the files, or to run it.
+    ``id_refusal``: the model is an endpoint's own id (Ollama's ``llama3.2:1b``) that no llmlb
+    node can hold; what llmlb's own node answers for it."""
 
     operation: str  # CHAT | COMPLETION | EMBEDDINGS
     raw: bytes
     payload: dict
     model_id: str
     as_sent: ProxyRequest | None = None  # the client's request, when llmlb changed it
+    found: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
+    id_refusal: errors.APIError | None = None
+    #: the client's connection: an answer not yet begun stops when it leaves
+    client: ClientWatch | None = field(default=None, compare=False, repr=False)
 
     @property
     def path(self) -> str:
@@ -133,40 +143,6 @@ def error_response(err: errors.APIError) -> NodeResponse:
     return json_response(err.status, err.body(), err.headers)
 
 
-# --- the node in this process ---------------------------------------------------------------
-
-_SERVE = {CHAT: serving.chat_completion, COMPLETION: serving.completion,
-          EMBEDDINGS: serving.embeddings}
-
-
-def _encoded(stream: SSEStream) -> Iterator[bytes]:
-    for frame in stream:
-        yield frame.encode()
-
-
-class InProcessNode:
-    """Runs requests on this process's engines (standalone, and a node serving its balancer);
-    prompts over ``limits`` are refused before anything tokenizes them."""
-
-    def __init__(self, name: str, dispatcher: Dispatcher,
-                 limits: PromptLimits = DEFAULT_LIMITS) -> None:
-        self.name = name
-        self.dispatcher = dispatcher
-        self.limits = limits
-
-    def send(self, request: ProxyRequest) -> NodeResponse:
-        try:
-            result = _SERVE[request.operation](self.dispatcher, request.payload, self.limits)
-        except Exception as exc:
-            err = errors.from_exception(exc)
-            if err.code == "internal_error":
-                log.exception("Unhandled error serving %s", request.path)
-            return error_response(err)
-        if isinstance(result, SSEStream):
-            return NodeResponse(200, list(SSE_HEADERS), _encoded(result), result.close)
-        return json_response(200, result)
-
-
 # --- a node on another machine ----------------------------------------------------------------
 
 class RemoteNode:
@@ -191,15 +167,25 @@ class RemoteNode:
     def close(self) -> None:
         self.pool.close()
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> http1.Response:
-        """Send a request and return once the status and headers are in (the body unread)."""
+    def request(self, method: str, path: str, body: bytes | None = None,
+                client: ClientWatch | None = None) -> http1.Response:
+        """Send a request and return once the status and headers are in (the body unread);
+        ``client``: drop the connection and raise ClientLeft if it leaves first."""
         try:
-            return self.pool.request(method, self.path(path), body, self.headers)
+            return self.pool.request(method, self.path(path), body, self.headers,
+                                     client.sock if client is not None else None)
+        except http1.ClientGone:
+            raise ClientLeft() from None
         except http1.HTTPClientError as exc:
             raise NodeUnreachable(f"{self.kind} {self.name}: {exc}") from exc
 
     def send(self, request: ProxyRequest) -> NodeResponse:
-        response = self.request("POST", request.path, request.raw)
+        # A stream's headers come at once; a whole answer's only when it is done.
+        client = None if request.payload.get("stream") else request.client
+        try:
+            response = self.request("POST", request.path, request.raw, client)
+        except ClientLeft:
+            return error_response(errors.client_closed())
         headers = passed_headers(response.headers)
         media_type = _media_type(response.header("Content-Type"))
         if media_type != "text/event-stream" or response.status >= 300:

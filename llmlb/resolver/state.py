@@ -20,10 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ..balancer.reports import Download
 
 LOCAL, QUEUED, DOWNLOADING, FAILED, INTERRUPTED, ABSENT = (
     "local", "queued", "downloading", "failed", "interrupted", "absent")
@@ -70,18 +66,6 @@ class ModelState:
         if word == "error":
             body["error_message"] = self.error or INTERRUPTED_MESSAGE
         return body
-
-    @classmethod
-    def from_download(cls, download: Download) -> ModelState:
-        """The state a node reported (its RS-7 status, in its heartbeat's downloads)."""
-        phase = {"local": LOCAL, "not_downloaded": ABSENT, "error": FAILED}.get(
-            download.status, QUEUED if download.queued else DOWNLOADING)
-        total, done = download.total_bytes, download.downloaded_bytes
-        if not total:  # an older report without byte counts: keep its fraction
-            total, done = 10_000, int(download.progress * 10_000)
-        error = (download.error_message or "The download failed on a node."
-                 if phase == FAILED else None)
-        return cls(download.model_id, phase, done, total, error=error)
 
     # --- HB-1: the hub's statuses ------------------------------------------------------------
 

@@ -29,20 +29,29 @@ from collections.abc import Callable
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from .. import auth
-from ..config import Settings
+from .. import auth, errors
+from ..balancer.inflight import InflightCounters
+from ..balancer.reports import (
+    Download,
+    EngineInfo,
+    Hardware,
+    LoadedModel,
+    LoadSettings,
+    NodeReport,
+    ReportError,
+)
+from ..config import ModelSettings, NodeSettings
 from ..db import Database
-from ..hardware import describe as describe_hardware
-from ..model_info import listing_entry
-from ..model_pool import ModelPool
 from ..plugins import EngineRegistry
 from ..resolver import Resolver
-from .inflight import InflightCounters
-from .reports import Download, EngineInfo, Hardware, LoadedModel, NodeReport, ReportError
+from .hardware import describe as describe_hardware
+from .member import IN_PROCESS_SLOT, ready_models
+from .pool import ModelPool
 
 log = logging.getLogger(__name__)
 
 BALANCER_TIMEOUT = 10.0
+NODE_SCOPES = frozenset({"api", "node"})
 
 
 def _version() -> str | None:
@@ -58,7 +67,7 @@ class Reporter:
     """The node's report: hardware, engines and formats, models ready, loaded and being
     downloaded (with progress), requests in flight and queued."""
 
-    def __init__(self, settings: Settings, resolver: Resolver, pool: ModelPool,
+    def __init__(self, settings: ModelSettings, resolver: Resolver, pool: ModelPool,
                  engines: EngineRegistry, inflight: InflightCounters) -> None:
         self.settings, self.resolver, self.pool = settings, resolver, pool
         self.engines, self.inflight = engines, inflight
@@ -74,12 +83,15 @@ class Reporter:
             hardware=Hardware.parse(describe_hardware()),
             engines=engines,
             formats=tuple(sorted({e.format for e in engines if e.active and e.available})),
-            models=tuple(listing_entry(m) for m in self.resolver.list_models()),
+            models=ready_models(self.resolver),
             loaded=loaded,
             downloads=tuple(Download.parse(d, "downloads") for d in self.downloads()),
-            active_requests=self.inflight.load(0),
+            active_requests=self.inflight.load(IN_PROCESS_SLOT),
             queued_requests=sum(m.waiting for m in loaded),
             can_download=self.resolver.hf.allowed,
+            # what a pull must fit in memory besides the weights (placement)
+            load_options=LoadSettings(self.pool.options.context_length,
+                                      self.pool.options.parallel_sequences),
         )
 
     def _engines(self) -> tuple[EngineInfo, ...]:
@@ -126,11 +138,13 @@ class Reporter:
 
 class NodeAgent:
     """Registers this node with its balancer and keeps it informed (the supervisor's
-    ``heartbeat`` task), and checks who may call the node."""
+    ``heartbeat`` task), and is the node's authenticator: who may call it."""
 
-    def __init__(self, settings: Settings, db: Database,
+    sessions = False  # no users, no dashboard
+
+    def __init__(self, settings: NodeSettings, dev: bool, db: Database,
                  report: Callable[[], NodeReport]) -> None:
-        self.settings = settings
+        self.settings, self.dev = settings, dev
         self.report = report
         # One secret per node, the same in every worker and across restarts.
         self.secret = db.setdefault_meta("node_secret", "sk-node-" + secrets.token_urlsafe(32))
@@ -142,12 +156,15 @@ class NodeAgent:
 
     # --- who may call the node ----------------------------------------------------------
 
-    def principal(self, key: str) -> auth.Principal | None:
+    def principal(self, key: str) -> auth.Principal:
+        """The balancer (it holds this node's secret): everything a node serves (inference,
+        model sync, its status), nothing of an operator's (local paths); else a 401."""
         if auth.same_secret(key, self.secret):
-            return auth.Principal("node", "balancer", frozenset({"node"}))
-        if self.settings.dev and auth.same_secret(key, auth.DEV_API_KEY):
+            return auth.Principal("node", "balancer", NODE_SCOPES)
+        if self.dev and auth.same_secret(key, auth.DEV_API_KEY):
             return auth.Principal("dev", auth.DEV_API_KEY, frozenset(auth.SCOPES))
-        return None
+        raise errors.unauthorized("Invalid key: this node accepts only its balancer and its "
+                                  "own node key")
 
     # --- talking to the balancer --------------------------------------------------------
 
