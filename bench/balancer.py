@@ -117,7 +117,8 @@ def checkout(ref: str) -> Path:
 
 
 def part_proxy(seconds: float, compare: list[str], repeat: int = 1,
-               python_upstream: bool = False) -> dict:
+               python_upstream: bool = False, compare_as: str = "node",
+               anchors_only: bool = False) -> dict:
     json_port, sse_port, nginx_port, nginx_sse_port = (free_port() for _ in range(4))
     procs = [proxybench.start_upstream_nginx(json_port, sse_port, WORK, core=1)]
     rows: list[dict] = []
@@ -134,20 +135,22 @@ def part_proxy(seconds: float, compare: list[str], repeat: int = 1,
                              seconds, WORK)]
         for label, env in (("llmlb balancer (gevent), upstream as an endpoint", {}),
                            ("llmlb balancer (gthread), upstream as an endpoint",
-                            {"LLMLB_WORKER_CLASS": "gthread"})):
+                            {"LLMLB_WORKER_CLASS": "gthread"}))[:0 if anchors_only else 2]:
             rows.append(_llmlb_row(label, json_port, seconds, None, False, env))
         print("  streams (a fixed SSE body: 3 chunks, usage, [DONE]):", flush=True)
         streams.append(row("upstream direct, stream", f"http://127.0.0.1:{sse_port}{PATH}",
                            None, seconds, WORK, STREAM_BODY))
         streams.append(row("nginx as proxy, stream", f"http://127.0.0.1:{nginx_sse_port}"
                            f"{PATH}", None, seconds, WORK, STREAM_BODY))
-        streams.append(_llmlb_row("llmlb balancer (gevent), stream", sse_port, seconds, None,
-                                  False, {}, STREAM_BODY))
+        if not anchors_only:
+            streams.append(_llmlb_row("llmlb balancer (gevent), stream", sse_port, seconds,
+                                      None, False, {}, STREAM_BODY))
         if compare:
-            sides = [(f"llmlb {git_state()} (this checkout), as a node", None)]
-            sides += [(f"llmlb {ref} ({_commit(tree)}), as a node", tree)
+            as_ = f"as an {compare_as}" if compare_as == "endpoint" else "as a node"
+            sides = [(f"llmlb {git_state()} (this checkout), {as_}", None)]
+            sides += [(f"llmlb {ref} ({_commit(tree)}), {as_}", tree)
                       for ref, tree in ((ref, checkout(ref)) for ref in compare)]
-            nodes = _rounds(sides, json_port, seconds, repeat, "nginx")
+            nodes = _rounds(sides, json_port, seconds, repeat, "nginx", compare_as == "node")
             if python_upstream:  # issue 8's harness, for the same commits in the same run
                 python_port = free_port()
                 procs.append(start_upstream(python_port, WORK / "upstream-python.log", core=1))
@@ -164,14 +167,14 @@ def part_proxy(seconds: float, compare: list[str], repeat: int = 1,
 
 
 def _rounds(sides: list[tuple[str, Path | None]], upstream_port: int, seconds: float,
-            repeat: int, upstream: str) -> list[dict]:
+            repeat: int, upstream: str, as_node: bool = True) -> list[dict]:
     """Each side ``repeat`` times in a rotating order; a row of medians per side."""
-    print(f"  commits, the upstream ({upstream}) as a node, {repeat} round(s) in a rotating "
-          "order:", flush=True)
+    print(f"  commits, the upstream ({upstream}) as a {'node' if as_node else 'endpoint'}, "
+          f"{repeat} round(s) in a rotating order:", flush=True)
     runs: dict[str, list[dict]] = {label: [] for label, _ in sides}
     for n in range(repeat):
         for label, tree in sides[n % len(sides):] + sides[:n % len(sides)]:
-            runs[label].append(_llmlb_row(label, upstream_port, seconds, tree, True, {}))
+            runs[label].append(_llmlb_row(label, upstream_port, seconds, tree, as_node, {}))
     return [proxybench.median_row(runs[label]) for label, _ in sides]
 
 
@@ -369,6 +372,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--compare", default="", metavar="REF[,REF]",
                         help="more llmlb rows: other commits (or checkouts), as nodes")
+    parser.add_argument("--compare-as", choices=("node", "endpoint"), default="node",
+                        help="how the --compare rows add the upstream")
+    parser.add_argument("--anchors-only", action="store_true",
+                        help="of the fixed rows only the anchors (upstream direct, nginx): "
+                        "for quick --compare rounds")
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds of the --compare rows (medians)")
     parser.add_argument("--python-upstream", action="store_true",
@@ -389,7 +397,8 @@ def main() -> None:
     if "proxy" in parts:
         print("proxy overhead (wrk on core 0; upstream and proxy on core 1):", flush=True)
         summary["proxy"] = part_proxy(args.seconds, compare, args.repeat,
-                                      args.python_upstream)
+                                      args.python_upstream, args.compare_as,
+                                      args.anchors_only)
     if "scale" in parts:
         print("two workers on two cores (64 connections):", flush=True)
         summary["scale"] = part_scale(args.seconds, rounds=args.repeat)

@@ -44,7 +44,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     the environment. Nothing starts here: ``llmlb.server.start`` (gunicorn's workers do) and
     the role's ``prepare`` (once per instance, before them) do that."""
     from . import errors
-    from .api import keyed_sessions, security_headers
+    from .api import fastpath, keyed_sessions, security_headers
     from .balancer.credentials import KEY_FILE
     from .balancer.endpoints import INSTANCE_HEADER
     from .private_files import private_dir, private_existing
@@ -94,6 +94,10 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
             response.set_data(b"")
             del response.headers["Content-Type"]
         return response
+
+    # The proxied inference routes skip Flask's dispatch (api/fastpath.py).
+    app.wsgi_app = fastpath.FastPath(app.wsgi_app, rt, settings.server.max_body_bytes,  # type: ignore
+                                     worker, app.json.dumps, INSTANCE_HEADER)
 
     if settings.server.trusted_proxies:
         from werkzeug.middleware.proxy_fix import ProxyFix

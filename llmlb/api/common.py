@@ -113,7 +113,7 @@ def request_bytes() -> bytes:
     return raw
 
 
-class _Passthrough:
+class Passthrough:
     """A streamed body handed to the WSGI server as it is; its ``close()`` (called by the
     server when the response ends, the client left, or never started reading) also frees
     what the answer holds."""
@@ -140,7 +140,7 @@ def relay(forwarded: Forwarded) -> Response:
         answer.close()
         response = Response(answer.body, status=answer.status, headers=answer.headers)
     else:
-        response = Response(_Passthrough(answer.body, answer.close), status=answer.status,
+        response = Response(Passthrough(answer.body, answer.close), status=answer.status,
                             headers=answer.headers, direct_passthrough=True)
     if forwarded.node:
         response.headers["X-LLMLB-Node"] = forwarded.node
