@@ -25,14 +25,36 @@ class ClientLeft(Exception):
     """The client closed its connection before its answer was ready."""
 
 
+def _poll() -> Any:
+    """The system's poll: a look that never waits needs no event loop, and gevent's (where
+    gevent patched ``select``) costs a hub round per look."""
+    try:
+        from gevent import monkey
+    except ImportError:
+        return select.poll
+    return monkey.get_original("select", "poll")
+
+
+_POLL = None
+
+
+def readable_now(sock: Any) -> bool:
+    """Whether ``sock`` has something to read (bytes, end-of-file, an error), without
+    waiting. poll, not select: select() refuses descriptors above 1023."""
+    global _POLL
+    if _POLL is None:
+        _POLL = _poll()
+    poller = _POLL()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def peer_closed(sock: Any) -> bool | None:
     """True when the peer closed (or reset) the connection, False when it is open and quiet,
     None when it sent more bytes (a pipelined request: nothing can be said without reading
     them, and they must stay for the server)."""
     try:
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        if not poller.poll(0):
+        if not readable_now(sock):
             return False
         return None if sock.recv(1, socket.MSG_PEEK) else True
     except (ConnectionError, TimeoutError):

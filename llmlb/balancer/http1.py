@@ -23,9 +23,10 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from ..disconnect import peer_closed
+from ..disconnect import peer_closed, readable_now
 
 READ_SIZE = 64 * 1024
+WATCH_AFTER = 0.2  # seconds of waiting for an answer before its client is watched too
 
 
 class HTTPClientError(Exception):
@@ -186,12 +187,21 @@ class Pool:
         parsed = _Parsed()
         parser = parsed.parser
         received = False
+        # Most answers come at once: the client is watched only once one is slow (waiting on
+        # two sockets costs more than the rest of a quick request).
+        grace = client is not None
+        if grace:
+            sock.settimeout(WATCH_AFTER)
         while not parsed.headers_done:
             try:
-                if client is not None:
+                if client is not None and not grace:
                     client = self._await(sock, client)
                 chunk = sock.recv(READ_SIZE)
             except TimeoutError as exc:
+                if grace:
+                    grace = False
+                    sock.settimeout(self.read_timeout)
+                    continue
                 sock.close()
                 raise HTTPClientError("no answer in time") from exc
             except OSError as exc:
@@ -204,6 +214,9 @@ class Pool:
                     raise HTTPClientError("the connection closed in the middle of the answer")
                 raise _Dropped("the connection closed without an answer")
             received = True
+            if grace:
+                grace = False
+                sock.settimeout(self.read_timeout)
             try:
                 parser.feed_data(chunk)
             except httptools.HttpParserError as exc:
@@ -276,11 +289,7 @@ class Pool:
 def _alive(sock: socket.socket) -> bool:
     """Whether an idle kept-alive connection is still usable: nothing to read on it (a peer
     that closed it makes it readable, with EOF)."""
-    # poll, not select: select() refuses descriptors above 1023, and a balancer holding a
-    # thousand streams has them, so every idle connection would look dead and be replaced.
     try:
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        return not poller.poll(0)
+        return not readable_now(sock)
     except (OSError, ValueError):
         return False
