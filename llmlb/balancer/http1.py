@@ -26,7 +26,6 @@ import httptools
 from ..disconnect import peer_closed, readable_now
 
 READ_SIZE = 64 * 1024
-WATCH_AFTER = 0.2  # seconds of waiting for an answer before its client is watched too
 
 
 class HTTPClientError(Exception):
@@ -187,21 +186,12 @@ class Pool:
         parsed = _Parsed()
         parser = parsed.parser
         received = False
-        # Most answers come at once: the client is watched only once one is slow (waiting on
-        # two sockets costs more than the rest of a quick request).
-        grace = client is not None
-        if grace:
-            sock.settimeout(WATCH_AFTER)
         while not parsed.headers_done:
             try:
-                if client is not None and not grace:
+                if client is not None:
                     client = self._await(sock, client)
                 chunk = sock.recv(READ_SIZE)
             except TimeoutError as exc:
-                if grace:
-                    grace = False
-                    sock.settimeout(self.read_timeout)
-                    continue
                 sock.close()
                 raise HTTPClientError("no answer in time") from exc
             except OSError as exc:
@@ -214,9 +204,6 @@ class Pool:
                     raise HTTPClientError("the connection closed in the middle of the answer")
                 raise _Dropped("the connection closed without an answer")
             received = True
-            if grace:
-                grace = False
-                sock.settimeout(self.read_timeout)
             try:
                 parser.feed_data(chunk)
             except httptools.HttpParserError as exc:
