@@ -1,6 +1,7 @@
 """Two workers on two cores (``bench/balancer.py``'s ``scale`` part, issue 20): a balancer
 with 1 worker against 2 workers, each pinned to a core of its own, with gunicorn's shared
-accept and with a ``SO_REUSEPORT`` socket per worker (``bench/gunicorn_scale.py``); the nginx
+accept and with a ``SO_REUSEPORT`` socket per worker (``LLMLB_REUSE_PORT``: gunicorn's
+``reuse_port``; ``bench/gunicorn_scale.py`` pins the workers); the nginx
 upstream and wrk unpinned (on a 2-core machine they take their share from the workers).
 Reports requests/s at 64 connections, the ratio to 1 worker and each worker's share of the
 CPU (how evenly the connections were spread).
@@ -27,8 +28,7 @@ def _gunicorn_balancer(home: Path, port: int, upstream_port: int, workers: int,
     env = clean_env(LLMLB_HOME=str(home), LLMLB_ROLE="balancer", LLMLB_PORT=str(port),
                     LLMLB_WORKERS=str(workers), LLMLB_LOG_LEVEL="WARNING",
                     HF_ENDPOINT="http://127.0.0.1:9", BENCH_PIN="1",
-                    BENCH_REUSEPORT=str(int(reuseport)),
-                    BENCH_MASTER_SOCKET=str(home / "master.sock"))
+                    LLMLB_REUSE_PORT=str(int(reuseport)))
     proc = start_server([str(VENV_BIN / "gunicorn"), "-c", "bench/gunicorn_scale.py",
                          "wsgi:app"], env, log, port, name="balancer")
     r = requests.post(f"http://127.0.0.1:{port}/v0/endpoints", timeout=30,

@@ -32,6 +32,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         # streams per worker for less CPU than gthread (bench/balancer.py), and a slow client
         # holds a greenlet, not a thread.
         "worker_class": WORKERS[server.worker_class],
+        "reuse_port": server.reuse_port,
         "threads": server.threads,
         "worker_connections": GEVENT_CONNECTIONS,  # gevent's limit; gthread's idle keep-alives
         "timeout": 120,  # the arbiter's heartbeat; gthread keeps it alive during long streams
