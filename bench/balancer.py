@@ -162,6 +162,7 @@ def part_proxy(seconds: float, compare: list[str], repeat: int = 1,
         for proc in reversed(procs):
             proc.stop()
     return {"rows": rows, "streams": streams, "commits": nodes, "python_upstream": old_harness,
+            "compare_as": compare_as,
             "table": table(rows, direct), "streams_table": table(streams, streams[0]),
             "commits_table": table(nodes + old_harness, direct) if nodes else None}
 
@@ -349,8 +350,8 @@ def results_block(summary: dict) -> str:
                 proxy["table"], "", "Streams (a fixed SSE body of 3 chunks, usage, [DONE]):", "",
                 proxy["streams_table"], ""]
         if proxy["commits_table"]:
-            out += ["Commits, the upstream registered as a node:", "", proxy["commits_table"],
-                    ""]
+            out += [f"Commits, the upstream registered as a{'n' if proxy.get('compare_as') == 'endpoint' else ''} "
+                    f"{proxy.get('compare_as', 'node')}:", "", proxy["commits_table"], ""]
     if summary.get("scale"):
         out += ["Two workers on two cores (wrk and the upstream unpinned):", "",
                 scale_table(summary["scale"]), ""]
