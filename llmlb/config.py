@@ -97,11 +97,11 @@ class ServerSettings:
         "gunicorn worker class: gthread (threads; the default where models run) or gevent "
         "(the default of a balancer: thousands of streams per worker).", roles=FRONT)
     reuse_port: bool = setting(
-        "LLMLB_REUSE_PORT", True,
+        "LLMLB_REUSE_PORT", False,
         "Each gunicorn worker listens on a socket of its own (SO_REUSEPORT: the kernel spreads "
-        "new connections evenly over the workers) instead of all accepting from one shared "
-        "socket. Another process of the same user may then bind the same port too (it shares "
-        "the connections rather than failing to start).")
+        "new connections over the workers) instead of all accepting from one shared socket. "
+        "Another process of the same user may then bind the same port too (it shares the "
+        "connections rather than failing to start).")
     dev: bool = setting(
         "LLMLB_DEV", False,
         "Development mode: accepts the API key sk_debug and the login admin/test. "
