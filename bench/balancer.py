@@ -84,10 +84,10 @@ def start_balancer(home: Path, port: int, upstream_port: int, log: Path, core: i
     """``llmlb serve --role balancer`` with the upstream registered as its node ``up``."""
     sys.path.insert(0, str(REPO))
     from llmlb.auth import create_api_key
-    from llmlb.db import Database
+    from llmlb.state import open_database
 
     shutil.rmtree(home, ignore_errors=True)
-    db = Database(home / "llmlb.db")
+    db = open_database(home / "llmlb.db")
     api, _ = create_api_key(db, "bench", "api")
     node, _ = create_api_key(db, "bench-node", "node")
     db.close()

@@ -130,11 +130,12 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
                         generated)
     # Periodic work (pulls a restart cut off, heartbeats): one process per instance runs it.
     rt.supervisor.start()
+    rt.cluster_supervisor.start()
     # What exists now lives as long as the process: keep it out of the collector's full
     # passes, which otherwise stall a request for tens of milliseconds now and then.
     gc.freeze()
     log.info("llmlb ready (%s%s): models in %s, catalog %s (%d models), database %s",
              settings.role, f" '{settings.node_name}' for {settings.balancer_url}"
              if settings.role == "node" else "", settings.models_dir,
-             settings.supported_models, len(rt.catalog.models()), settings.database)
+             settings.supported_models, len(rt.catalog.models()), rt.db.description)
     return app

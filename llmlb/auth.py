@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from .db import Database
+from .state import State
 
 log = logging.getLogger(__name__)
 
@@ -68,31 +68,24 @@ def parse_scopes(scopes: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return cleaned
 
 
-def create_api_key(db: Database, name: str, scopes: str | list[str]) -> tuple[str, KeyRecord]:
+def create_api_key(db: State, name: str, scopes: str | list[str]) -> tuple[str, KeyRecord]:
     """Create a key; the plaintext is returned once and never stored."""
     scope_tuple = parse_scopes(scopes)
     key = "sk-" + secrets.token_urlsafe(32)
     now = time.time()
-    with db.transaction() as conn:
-        cur = conn.execute(
-            "INSERT INTO api_keys(name, prefix, key_hash, scopes, created_at) VALUES (?,?,?,?,?)",
-            (name, key[:10], _hash_key(key), ",".join(scope_tuple), now))
-        key_id = cur.lastrowid
+    key_id = db.keys.insert(name, key[:10], _hash_key(key), ",".join(scope_tuple), now)
     return key, KeyRecord(key_id, name, key[:10], scope_tuple, now, None, False)
 
 
-def list_api_keys(db: Database) -> list[KeyRecord]:
-    rows = db.conn().execute("SELECT * FROM api_keys ORDER BY id").fetchall()
+def list_api_keys(db: State) -> list[KeyRecord]:
     return [KeyRecord(r["id"], r["name"], r["prefix"], tuple(r["scopes"].split(",")),
                       r["created_at"], r["last_used_at"], r["revoked_at"] is not None)
-            for r in rows]
+            for r in db.keys.all()]
 
 
-def revoke_api_key(db: Database, key_id: int) -> bool:
-    with db.transaction() as conn:
-        cur = conn.execute("UPDATE api_keys SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
-                           (time.time(), key_id))
-        return cur.rowcount == 1
+def revoke_api_key(db: State, key_id: int) -> bool:
+    """Revoke a key: refused by every worker of every balancer within 2 seconds."""
+    return db.keys.revoke(key_id, time.time())
 
 
 def same_secret(given: str, expected: str) -> bool:
@@ -102,17 +95,17 @@ def same_secret(given: str, expected: str) -> bool:
                                expected.encode("utf-8", "surrogatepass"))
 
 
-def authenticate_key(db: Database, key: str, *, dev: bool = False) -> Principal | None:
+def authenticate_key(db: State, key: str, *, dev: bool = False) -> Principal | None:
+    """The key's principal (from this worker's cache while no key changed), or None."""
     if dev and same_secret(key, DEV_API_KEY):
         return Principal("dev", "sk_debug", frozenset(SCOPES))
-    row = db.conn().execute(
-        "SELECT id, name, scopes, last_used_at FROM api_keys "
-        "WHERE key_hash=? AND revoked_at IS NULL", (_hash_key(key),)).fetchone()
+    key_hash = _hash_key(key)
+    row = db.keys.active(key_hash)
     if row is None:
         return None
     now = time.time()
     if row["last_used_at"] is None or now - row["last_used_at"] > _LAST_USED_EVERY:
-        db.conn().execute("UPDATE api_keys SET last_used_at=? WHERE id=?", (now, row["id"]))
+        db.keys.touch(key_hash, row["id"], now)
     return Principal("key", row["name"], frozenset(row["scopes"].split(",")), row["id"])
 
 
@@ -125,22 +118,14 @@ def key_from_headers(headers) -> str | None:  # noqa: ANN001 - any Mapping of he
 
 # --- users ------------------------------------------------------------------------------------
 
-def create_user(db: Database, username: str, password: str) -> bool:
+def create_user(db: State, username: str, password: str) -> bool:
     """Create a user unless the name exists; True when created."""
-    with db.transaction() as conn:
-        cur = conn.execute(
-            "INSERT OR IGNORE INTO users(username, password_hash, created_at) VALUES (?,?,?)",
-            (username, generate_password_hash(password), time.time()))
-        return cur.rowcount == 1
+    return db.users.create(username, generate_password_hash(password), time.time())
 
 
-def set_password(db: Database, username: str, password: str) -> bool:
+def set_password(db: State, username: str, password: str) -> bool:
     """Change a password; every session of the user ends with the old one."""
-    with db.transaction() as conn:
-        cur = conn.execute("UPDATE users SET password_hash=?, "
-                           "session_version=session_version+1 WHERE username=?",
-                           (generate_password_hash(password), username))
-        return cur.rowcount == 1
+    return db.users.set_password(username, generate_password_hash(password))
 
 
 @functools.cache
@@ -148,27 +133,25 @@ def _dummy_hash() -> str:
     return generate_password_hash(secrets.token_urlsafe(16))
 
 
-def check_login(db: Database, username: str, password: str, *, dev: bool = False,
+def check_login(db: State, username: str, password: str, *, dev: bool = False,
                 ) -> Principal | None:
     if dev and username == DEV_USERNAME and same_secret(password, DEV_PASSWORD):
         return Principal("dev", DEV_USERNAME, frozenset(SCOPES))
-    row = db.conn().execute("SELECT password_hash FROM users WHERE username=?",
-                            (username,)).fetchone()
+    stored = db.users.password_hash(username)
     # An unknown user costs the same slow hash as a known one: the answer's timing must not
     # tell which user names exist.
-    stored = row["password_hash"] if row is not None else _dummy_hash()
-    if not check_password_hash(stored, password) or row is None:
+    if not check_password_hash(stored or _dummy_hash(), password) or stored is None:
         return None
     return Principal("user", username, frozenset(SCOPES))
 
 
-def ensure_first_admin(db: Database, username: str, password: str | None) -> str | None:
+def ensure_first_admin(db: State, username: str, password: str | None) -> str | None:
     """Create the first admin when there is no user yet.
 
     Returns the generated password when one was made (to print once), else None. Safe to call
     from every worker: only the one whose insert wins creates the user.
     """
-    if db.conn().execute("SELECT 1 FROM users LIMIT 1").fetchone():
+    if db.users.exist():
         return None
     generated = None if password else secrets.token_urlsafe(12)
     created = create_user(db, username, password or generated)

@@ -101,12 +101,16 @@ def keys() -> None:
 
 
 def _db(home: str | None, database: str | None):
-    from .db import Database
+    """The state this llmlb uses (LLMLB_DATABASE_URL, else the SQLite file)."""
     from .private_files import private_dir
+    from .state import StateUnavailable, open_state
 
     settings = _settings({"home": home, "database": database})
     private_dir(settings.home)
-    return Database(settings.database)
+    try:
+        return open_state(settings)
+    except StateUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 _db_flags = [click.option("--home", default=None, help="LLMLB_HOME to use."),

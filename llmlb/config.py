@@ -53,6 +53,17 @@ OPTIONS: tuple[Option, ...] = (
            "compatibility.", "--models-dir"),
     Option("database", ("LLMLB_DATABASE",), None, "path",
            "SQLite database file (default: $LLMLB_HOME/llmlb.db).", "--database"),
+    Option("database_url", ("LLMLB_DATABASE_URL",), None, "str",
+           "PostgreSQL URL (postgresql://user:password@host/db) holding the shared state "
+           "instead of the SQLite file, so that several balancers act as one.",
+           "--database-url", ("serve",)),
+    Option("database_pool_size", ("LLMLB_DATABASE_POOL_SIZE",), None, "int",
+           "PostgreSQL connections each worker keeps at most (default: its threads, at most "
+           "10); each worker also holds one to listen for changes and one for the leader "
+           "lock."),
+    Option("database_timeout_seconds", ("LLMLB_DATABASE_TIMEOUT_SECONDS",), 3.0, "float",
+           "Longest wait for PostgreSQL (connecting, a free pooled connection, a row lock); "
+           "past it a request gets 503 state_unavailable."),
     Option("host", ("LLMLB_HOST",), "127.0.0.1", "str", "Address to listen on.", "--host"),
     Option("port", ("LLMLB_PORT",), 8080, "int", "Port to listen on.", "--port"),
     Option("workers", ("LLMLB_WORKERS",), 1, "int",
@@ -194,6 +205,9 @@ class Settings:
     home: Path
     models_dir: Path
     database: Path
+    database_url: str | None
+    database_pool_size: int
+    database_timeout_seconds: float
     host: str
     port: int
     workers: int
@@ -360,7 +374,23 @@ def load_settings(
         raise SettingsError(f"LLMLB_MAX_WEBSOCKETS ({values['max_websockets']}) must be below "
                             f"LLMLB_THREADS ({values['threads']})")
     _cluster_values(values, sources)
+    _database_values(values)
     return Settings(**values, sources=sources)
+
+
+def _database_values(values: dict[str, Any]) -> None:
+    url = values["database_url"]
+    if url is not None:
+        if urlsplit(url).scheme not in ("postgresql", "postgres"):
+            raise SettingsError("LLMLB_DATABASE_URL must be a postgresql:// URL")
+        if values["role"] == "node":
+            raise SettingsError("LLMLB_DATABASE_URL is for balancers: a node keeps its own "
+                                "state in its SQLite file")
+    if values["database_pool_size"] is None:
+        concurrency = values["threads"] if values["worker_class"] == "gthread" else 10
+        values["database_pool_size"] = min(10, concurrency)
+    elif values["database_pool_size"] < 1:
+        raise SettingsError("LLMLB_DATABASE_POOL_SIZE must be at least 1")
 
 
 def _cluster_values(values: dict[str, Any], sources: dict[str, str]) -> None:

@@ -227,6 +227,13 @@ def too_many_websockets(limit: int, retry_after: int = 5) -> APIError:
                     code="too_many_websockets", headers={"Retry-After": str(retry_after)})
 
 
+def state_unavailable(retry_after: int = 1) -> APIError:
+    """The shared state (the database) cannot be reached: nothing was done, try again."""
+    return APIError(503, "The database is unavailable right now (restarting, or unreachable); "
+                    "nothing was done. Try again shortly.", type="service_unavailable",
+                    code="state_unavailable", headers={"Retry-After": str(retry_after)})
+
+
 def login_throttled(retry_after: int) -> APIError:
     return APIError(429, f"Too many failed logins. Try again in {retry_after} seconds.",
                     type="rate_limit_error", code="login_throttled",
@@ -255,8 +262,12 @@ def from_exception(exc: BaseException) -> APIError:
     """The APIError for any exception raised while serving (engines' errors included)."""
     from engines.base import EngineError, InvalidPrompt
 
+    from .state.engine import StateUnavailable
+
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, StateUnavailable):
+        return state_unavailable(exc.retry_after)
     if isinstance(exc, InvalidPrompt):
         return APIError(400, f"Invalid prompt: {exc}", code="invalid_prompt",
                         param=getattr(exc, "param", "messages"))
@@ -317,5 +328,7 @@ def init_app(app) -> None:  # noqa: ANN001 - Flask app, imported lazily to keep 
         if err.code == "internal_error":
             log.exception("Unhandled error on %s %s", request.method, request.path)
         if not is_api_path(request.path):
+            if err.code == "state_unavailable":  # a dashboard page: the same advice, as text
+                return err.message, err.status, err.headers
             return "Internal server error", 500
         return respond(err)

@@ -1,8 +1,8 @@
 """The model hub (HB): catalog statuses, pulls, deletes. No Flask here.
 
 A status is derived, never stored: from the files (Ready), the resolver's lock and progress
-record (Downloading, queued, failed) and the pull requests kept in SQLite (Registered); the
-states themselves, and their HB-1 words, live in ``resolver/state.py``. Every
+record (Downloading, queued, failed) and the pull requests kept in the database
+(Registered); the states themselves, and their HB-1 words, live in ``resolver/state.py``. Every
 worker process and every restart therefore sees the same truth; a pull cut off by a restart
 is picked up again by ``reconcile`` instead of hanging in Downloading.
 
@@ -25,7 +25,6 @@ from .balancer.members import Cluster, RemoteMember
 from .balancer.registry import COOLDOWN, ONLINE
 from .balancer.upstream import NodeUnreachable
 from .catalog import Catalog
-from .db import Database
 from .hardware import Memory
 from .hf_stats import HFStats
 from .resolver import Resolver
@@ -42,6 +41,7 @@ from .resolver.state import (
     UNDER_WAY,
     ModelState,
 )
+from .state import State
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class HubStatus:
 
 
 class Hub:
-    def __init__(self, db: Database, catalog: Catalog, resolver: Resolver,
+    def __init__(self, db: State, catalog: Catalog, resolver: Resolver,
                  cluster: Cluster, stats: HFStats, memory: Callable[[], Memory]) -> None:
         self.db, self.catalog, self.resolver = db, catalog, resolver
         self.cluster, self.stats, self.memory = cluster, stats, memory
@@ -63,7 +63,7 @@ class Hub:
     # --- status -----------------------------------------------------------------------------
 
     def _registered(self) -> set[str]:
-        return {r[0] for r in self.db.conn().execute("SELECT model_id FROM registrations")}
+        return self.db.registrations.models()
 
     def _ready(self) -> dict[str, tuple[str, ...]]:
         """Model id -> the nodes that have it, from one listing (not one per model)."""
@@ -164,12 +164,7 @@ class Hub:
 
     def _record_registration(self, model_id: str, node: str | None = None) -> None:
         """Remember the pull (``node``: the remote node that runs it; None: this process)."""
-        now = time.time()
-        with self.db.transaction() as conn:
-            conn.execute("INSERT INTO registrations(model_id, state, requested_at, updated_at, "
-                         "node) VALUES (?, 'registered', ?, ?, ?) ON CONFLICT(model_id) DO "
-                         "UPDATE SET updated_at=excluded.updated_at, node=excluded.node",
-                         (model_id, now, now, node))
+        self.db.registrations.record(model_id, node, time.time())
 
     def _pull_target(self, model_id: str, required: int):  # noqa: ANN202 - a Member
         """The node with the most free memory (GPU, else system) that the model fits in."""
@@ -214,16 +209,14 @@ class Hub:
             log.info("Deleted local copy of %s (%s)", model_id, local.path)
         shutil.rmtree(staging, ignore_errors=True)
         self.resolver.progress.clear(model_id)
-        with self.db.transaction() as conn:
-            conn.execute("DELETE FROM registrations WHERE model_id=?", (model_id,))
+        self.db.registrations.forget(model_id)
         return {"model_id": model_id, "deleted": True,
                 "status": AVAILABLE if self.catalog.get(model_id) else None}
 
     def reconcile(self) -> None:
         """Restart pulls of this process's that were requested but run nowhere (after a
         restart, say). A node's pulls are the node's to resume."""
-        rows = self.db.conn().execute("SELECT model_id FROM registrations WHERE node IS NULL")
-        for (model_id,) in rows.fetchall():
+        for model_id in self.db.registrations.local():
             if self.catalog.get(model_id) is None or self.resolver.find(model_id):
                 continue
             record = self.resolver.progress.read(model_id)

@@ -28,7 +28,6 @@ from .balancer.registry import NodeRegistry, StatusWatch
 from .balancer.upstream import InProcessNode
 from .catalog import Catalog
 from .config import Settings
-from .db import Database
 from .dispatch import Dispatcher
 from .events import StatusEvents
 from .hardware import node_memory
@@ -41,6 +40,7 @@ from .node import LocalNode
 from .plugins import EngineRegistry, load_plugins
 from .resolver import Resolver
 from .serving.protocol import PromptLimits
+from .state import State, open_state
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ EARLY_HEARTBEAT_SECONDS = 1.0  # download progress reaches the balancer at most 
 @dataclass
 class Runtime:
     settings: Settings
-    db: Database
+    db: State
     catalog: Catalog
     plugins: pluggy.PluginManager
     engines: EngineRegistry
@@ -69,12 +69,14 @@ class Runtime:
     balancer: Balancer
     reporter: Reporter
     agent: NodeAgent | None
-    supervisor: Supervisor
+    supervisor: Supervisor  # this host's periodic work
+    cluster_supervisor: Supervisor  # the cluster's: one balancer of all that share the state
     metrics: Metrics
     history: History
 
     def close(self) -> None:
         self.supervisor.stop()
+        self.cluster_supervisor.stop()
         self.history.close()
         self.pool.unload_all()
         self.inflight.close()
@@ -83,7 +85,7 @@ class Runtime:
 
 def build_runtime(settings: Settings) -> Runtime:
     settings.models_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.database)
+    db = open_state(settings)
     catalog = Catalog(settings.supported_models)
     pm = load_plugins(settings.plugins_dir)
     engines = EngineRegistry(pm)
@@ -121,7 +123,8 @@ def build_runtime(settings: Settings) -> Runtime:
     events = StatusEvents(hub.snapshot)
     resolver.on_progress(lambda _model_id: events.poke())
 
-    supervisor = Supervisor(Path(f"{settings.database}.supervisor.lock"))
+    supervisor = Supervisor(Path(f"{settings.database}.host.lock"))
+    cluster_supervisor = Supervisor(db.leader_lock("supervisor"))
     supervisor.add("hub-reconcile", SWEEP_SECONDS, hub.reconcile)
     supervisor.add("inflight-sweep", SWEEP_SECONDS, inflight.sweep)
     agent = None
@@ -136,14 +139,14 @@ def build_runtime(settings: Settings) -> Runtime:
         resolver.on_progress(progress_soon)
     if registry is not None:
         forget_after = settings.resolve_wait_seconds + settings.node_timeout_seconds
-        supervisor.add("node-watch", 1.0, StatusWatch(registry, forget_after))
-        supervisor.add("endpoint-check", settings.endpoint_check_seconds,
-                       EndpointWatch(settings, registry, inflight))
+        cluster_supervisor.add("node-watch", 1.0, StatusWatch(registry, forget_after))
+        cluster_supervisor.add("endpoint-check", settings.endpoint_check_seconds,
+                               EndpointWatch(settings, registry, inflight))
     if history.enabled:
-        supervisor.add("history-prune", HISTORY_PRUNE_SECONDS, history.prune)
+        cluster_supervisor.add("history-prune", HISTORY_PRUNE_SECONDS, history.prune)
     return Runtime(settings, db, catalog, pm, engines, resolver, pool, node, dispatcher, hub,
                    events, inflight, registry, cluster, balancer, reporter, agent, supervisor,
-                   metrics, history)
+                   cluster_supervisor, metrics, history)
 
 
 def observer(metrics: Metrics, history: History) -> Callable[[Outcome], None]:

@@ -280,6 +280,28 @@ def pg_url(postgres: Postgres) -> str:
     return postgres.new_database()
 
 
+ENGINES = ("sqlite", "postgresql")
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest, llmlb_home: Path,
+           monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once per state engine: "sqlite" (the default file under LLMLB_HOME) and
+    "postgresql" (a fresh database, given to everything the test starts — servers in this
+    process, the CLI, subprocesses — through LLMLB_DATABASE_URL)."""
+    if request.param == "postgresql":
+        monkeypatch.setenv("LLMLB_DATABASE_URL", request.getfixturevalue("pg_url"))
+    return request.param
+
+
+def open_test_state(home: Path):  # noqa: ANN201 - a State
+    """The state a server with this home uses (SQLite file or LLMLB_DATABASE_URL)."""
+    from llmlb.config import load_settings
+    from llmlb.state import open_state
+
+    return open_state(load_settings({"home": home}))
+
+
 @dataclass
 class Deployment:
     """gunicorn serving llmlb, behind nginx: ``url`` is nginx's, ``app.url`` gunicorn's."""

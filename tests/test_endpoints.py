@@ -356,7 +356,7 @@ def test_history_older_than_its_retention_is_forgotten(make_server) -> None:
         for age_days in (3, 0.5):
             conn.execute("INSERT INTO requests(at, operation, status, latency_ms) "
                          "VALUES (?, 'chat', 200, 1)", (now - age_days * 86400,))
-    server.runtime.supervisor.wake("history-prune")  # the supervisor's task, run now
+    server.runtime.cluster_supervisor.wake("history-prune")  # the supervisor's task, run now
 
     def ages() -> list[float]:
         r = requests.get(f"{server.url}/v0/requests", headers=ADMIN, timeout=10)

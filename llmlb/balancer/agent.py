@@ -26,12 +26,12 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from .. import auth
 from ..config import Settings
-from ..db import Database
 from ..hardware import describe as describe_hardware
 from ..model_info import listing_entry
 from ..model_pool import ModelPool
 from ..plugins import EngineRegistry
 from ..resolver import Resolver
+from ..state import State
 from .inflight import InflightCounters
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class NodeAgent:
     """Registers this node with its balancer and keeps it informed (the supervisor's
     ``heartbeat`` task), and checks who may call the node."""
 
-    def __init__(self, settings: Settings, db: Database, report: Callable[[], dict]) -> None:
+    def __init__(self, settings: Settings, db: State, report: Callable[[], dict]) -> None:
         self.settings = settings
         self.report = report
         # One secret per node, the same in every worker and across restarts.

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..db import Database
+from ..state import State
 
 log = logging.getLogger(__name__)
 CACHE_SECONDS = 0.5
@@ -75,7 +75,7 @@ class NameTaken(Exception):
 
 
 class NodeRegistry:
-    def __init__(self, db: Database, *, timeout: float, cooldown: float,
+    def __init__(self, db: State, *, timeout: float, cooldown: float,
                  cooldown_max: float) -> None:
         self.db = db
         self.timeout, self.cooldown, self.cooldown_max = timeout, cooldown, cooldown_max

@@ -25,10 +25,10 @@ from huggingface_hub.utils import get_session
 from .. import errors
 from ..catalog import Catalog, CatalogModel
 from ..config import Settings
+from ..locks import FileLock
 from ..storage import LocalModel, find_model, merged_listing
 from . import state as model_state
 from .download import fetch_all
-from .locks import FileLock
 from .progress import DOWNLOADING, ERROR, QUEUED, Progress, ProgressStore, key
 from .sources import BalancerSource, DownloadError, HuggingFaceSource, describe_failure
 from .state import ModelState

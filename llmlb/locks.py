@@ -1,8 +1,9 @@
-"""Exclusive locks on files under ``models_dir/.locks/`` (RS-5).
+"""Exclusive locks on files: one per download under ``models_dir/.locks/`` (RS-5), the
+supervisor's leader lock and the database's setup lock on one host (``state/sqlite.py``).
 
 ``flock`` makes them exclusive between processes, including gunicorn workers and nodes that
-share the directory, and the kernel drops them when a process dies, so a killed download never
-leaves a lock behind. A per-path threading lock on top makes them exclusive between threads of
+share the directory, and the kernel drops them when a process dies, so a killed download (or
+a killed leader) never leaves a lock behind. A per-path threading lock on top makes them exclusive between threads of
 one process too (on NFS, Linux emulates flock with per-process POSIX locks).
 """
 
