@@ -1,4 +1,5 @@
-"""The ``llmlb`` command: ``serve``, ``node``, ``keys``, ``endpoints``, ``users``, ``models``."""
+"""The ``llmlb`` command: ``serve``, ``node``, ``keys``, ``endpoints``, ``users``, ``db``,
+``models``."""
 
 from __future__ import annotations
 
@@ -268,6 +269,48 @@ def users_set_password(username: str, password: str, home: str | None,
     if not set_password(db, username, password):
         create_user(db, username, password)
     click.echo(f"Password set for {username}")
+
+
+# --- db -----------------------------------------------------------------------------------------
+
+@main.group("db")
+def database_group() -> None:
+    """The state's database."""
+
+
+@database_group.command("copy")
+@click.option("--to", "to_url", required=True, metavar="URL",
+              help="The PostgreSQL database to copy into (postgresql://user@host/db).")
+@click.option("--force", is_flag=True, help="Replace whatever the target already holds.")
+@db_flags
+def db_copy(to_url: str, force: bool, home: str | None, database: str | None) -> None:
+    """Copy the SQLite state (keys, users, history, nodes, endpoints, pulls, settings) into
+    PostgreSQL, for balancers started with LLMLB_DATABASE_URL=URL. Stop the balancer first:
+    what it writes meanwhile would not be copied."""
+    from .state import StateUnavailable, open_database
+    from .state.copy import TargetNotEmpty, copy_state
+    from .state.postgres import describe_url
+
+    if not to_url.startswith(("postgresql://", "postgres://")):
+        raise click.UsageError("--to must be a postgresql:// URL")
+    settings = _settings({"home": home, "database": database})
+    if not settings.database.is_file():
+        raise click.ClickException(f"no SQLite database at {settings.database}")
+    source = open_database(settings.database)
+    try:
+        target = open_database(to_url)
+    except StateUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        counts = copy_state(source, target, force=force)
+    except TargetNotEmpty as exc:
+        raise click.ClickException(f"{describe_url(to_url)} already holds state (in "
+                                   f"{exc}); --force replaces it") from None
+    finally:
+        source.close()
+        target.close()
+    click.echo(f"Copied {settings.database} to {describe_url(to_url)}: " + ", ".join(
+        f"{n} {table}" for table, n in counts.items() if n))
 
 
 # --- models -------------------------------------------------------------------------------------

@@ -207,3 +207,49 @@ def test_balancers_starting_together_migrate_once(pg_url: str,
     finally:
         for s in opened:
             s.close()
+
+
+def test_db_copy_moves_an_sqlite_state_to_postgresql(llmlb_home: Path, make_server,
+                                                     pg_url: str) -> None:
+    """Keys keep working, logins too, the history comes along; a target that holds state is
+    not overwritten without --force."""
+    import subprocess
+
+    import requests
+
+    from .conftest import dashboard_login, llmlb_command
+
+    import openai
+
+    old = make_server(dev=False, admin_password="pw-before-copy")
+    key, _ = auth.create_api_key(old.runtime.db, "ci", "api")
+    with pytest.raises(openai.NotFoundError):  # a request the history records
+        old.client(api_key=key).chat.completions.create(model="nope", messages=[
+            {"role": "user", "content": "hi"}])
+    old.runtime.history.flush()
+    old.stop()
+
+    copy = [*llmlb_command(), "db", "copy", "--to", pg_url]
+    done = subprocess.run(copy, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "1 api_keys" in done.stdout and "1 requests" in done.stdout
+
+    new = make_server(dev=False, database_url=pg_url)
+    assert new.runtime.db.shared
+    assert new.client(api_key=key).models.list().data == []
+    assert dashboard_login(new.url, "pw-before-copy").status_code == 302
+    rows = requests.get(f"{new.url}/v0/requests", headers={"Authorization": f"Bearer {key}"},
+                        timeout=10)
+    assert rows.status_code == 403  # an api key may not read it; an admin key may:
+    admin, _ = auth.create_api_key(new.runtime.db, "admin", "admin")
+    history = requests.get(f"{new.url}/v0/requests", timeout=10,
+                           headers={"Authorization": f"Bearer {admin}"}).json()["data"]
+    assert [r["key_name"] for r in history][-1:] == ["ci"]
+
+    again = subprocess.run(copy, capture_output=True, text=True)
+    assert again.returncode != 0 and "already holds state" in again.stderr
+    assert "api_keys" in again.stderr
+    forced = subprocess.run([*copy, "--force"], capture_output=True, text=True)
+    assert forced.returncode == 0, forced.stderr
+    assert auth.authenticate_key(new.runtime.db, admin) is None  # replaced by the copy
+    assert auth.authenticate_key(new.runtime.db, key) is not None

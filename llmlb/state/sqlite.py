@@ -141,10 +141,10 @@ class SQLiteEngine(Engine):
         with self._watch_lock:
             if self._watch is None:
                 self._watch = self._connect()
-            data_version = self._watch.execute("PRAGMA data_version").fetchone()["data_version"]
+                self._watch.row_factory = None  # plain tuples: this runs on every request
+            data_version = self._watch.execute("PRAGMA data_version").fetchone()[0]
             if data_version != self._data_version:
-                self._versions = {r["topic"]: r["version"] for r in
-                                  self._watch.execute("SELECT topic, version FROM changes")}
+                self._versions = dict(self._watch.execute("SELECT topic, version FROM changes"))
                 self._data_version = data_version
             return self._versions.get(topic, 0)
 
