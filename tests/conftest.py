@@ -251,13 +251,15 @@ def start_process(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
 
 
 @pytest.fixture
-def nginx(tmp_path: Path) -> Iterator[Callable[[int], Nginx]]:
+def nginx(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
     """Start Debian's nginx with the shipped site (deploy/nginx/llmlb.conf) in front of an
-    llmlb listening on the given port of 127.0.0.1."""
+    llmlb listening on the given port of 127.0.0.1 (or of several, given a list)."""
     started: list[Nginx] = []
 
-    def start(upstream_port: int) -> Nginx:
-        proxy = Nginx.start(tmp_path / f"nginx-{len(started)}", f"127.0.0.1:{upstream_port}")
+    def start(upstream_port: int | list[int]) -> Nginx:
+        ports = upstream_port if isinstance(upstream_port, list) else [upstream_port]
+        proxy = Nginx.start(tmp_path / f"nginx-{len(started)}",
+                            [f"127.0.0.1:{port}" for port in ports])
         started.append(proxy)
         return proxy
 
