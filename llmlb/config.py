@@ -61,6 +61,11 @@ OPTIONS: tuple[Option, ...] = (
            "PostgreSQL connections each worker keeps at most (default: its threads, at most "
            "10); each worker also holds one to listen for changes and one for the leader "
            "lock."),
+    Option("endpoints_key", ("LLMLB_ENDPOINTS_KEY",), None, "str",
+           "The key (Fernet, URL-safe base64) sealing endpoints' API keys in the database, "
+           "written to $LLMLB_HOME/endpoints.key at start (default: that file, made on first "
+           "use). Balancers sharing a PostgreSQL state need the same one, which the database "
+           "never holds."),
     Option("database_timeout_seconds", ("LLMLB_DATABASE_TIMEOUT_SECONDS",), 3.0, "float",
            "Longest wait for PostgreSQL (connecting, a free pooled connection, a row lock); "
            "past it a request gets 503 state_unavailable."),
@@ -208,6 +213,7 @@ class Settings:
     database_url: str | None
     database_pool_size: int
     database_timeout_seconds: float
+    endpoints_key: str | None
     host: str
     port: int
     workers: int

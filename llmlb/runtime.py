@@ -20,6 +20,7 @@ from engines.base import LoadOptions
 
 from .balancer.accounting import Outcome
 from .balancer.agent import NodeAgent, Reporter
+from .balancer.credentials import check_at_start
 from .balancer.endpoints import EndpointWatch
 from .balancer.inflight import InflightCounters
 from .balancer.members import Cluster, LocalMember
@@ -86,6 +87,8 @@ class Runtime:
 def build_runtime(settings: Settings) -> Runtime:
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     db = open_state(settings)
+    if settings.role != "node":
+        check_at_start(settings.home, settings.endpoints_key, db)
     catalog = Catalog(settings.supported_models)
     pm = load_plugins(settings.plugins_dir)
     engines = EngineRegistry(pm)

@@ -63,13 +63,28 @@ def preflight(settings: Settings) -> None:
     """Check, in the master before any worker boots, what would make every worker fail:
     a worker that cannot start shows gunicorn's traceback and "Worker failed to boot"
     instead of the reason. Raises CatalogError with the entry at fault, SettingsError for a
-    node that cannot reach or authenticate to a balancer."""
+    node that cannot reach or authenticate to a balancer, or a balancer whose database
+    cannot be used or that lacks the key its endpoints' API keys are sealed with."""
     from .catalog import load_catalog
     from .config import SettingsError
     from .metrics import prepare_directory
 
     load_catalog(settings.supported_models)
     prepare_directory(settings.metrics_dir)  # counters start at zero with the instance
+    if settings.role != "node":
+        from .balancer.credentials import check_at_start
+        from .private_files import private_dir
+        from .state import StateUnavailable, open_state
+
+        private_dir(settings.home)
+        try:
+            state = open_state(settings)  # migrated here, once, before any worker starts
+        except StateUnavailable as exc:
+            raise SettingsError(str(exc)) from None
+        try:
+            check_at_start(settings.home, settings.endpoints_key, state)
+        finally:
+            state.close()
     if settings.role == "node":
         if not settings.balancer_url:
             raise SettingsError("a node needs its balancer: --balancer-url or "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ import pytest
 import requests
 
 from llmlb.auth import create_api_key
+from llmlb.config import SettingsError
 from llmlb.state import open_database
 
 from .conftest import CLOSED_ENDPOINT, HELLO, Proc, dashboard_login, free_port, llmlb_command
@@ -284,3 +286,32 @@ def test_postgresql_restarting_under_load(balancers: Balancers, postgres: Postgr
         return len([r for r in rows if r["operation"] == "chat"])
 
     wait_for(lambda: history() >= answered, 20, "history written")
+
+
+def test_a_balancer_on_postgresql_needs_the_key_sealing_endpoint_keys(
+        make_server, pg_url: str, tmp_path: Path) -> None:
+    """The database alone must not open endpoints' API keys, so every balancer gets the key
+    from its operator — and one that lacks it, or has another, says so at start."""
+    refused = subprocess.run(
+        [*llmlb_command(), "serve", "--role", "balancer", "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "LLMLB_HOME": str(tmp_path / "bare"), "LLMLB_DATABASE_URL": pg_url})
+    assert refused.returncode != 0 and "LLMLB_ENDPOINTS_KEY" in refused.stderr
+    with pytest.raises(SettingsError, match="LLMLB_ENDPOINTS_KEY"):
+        make_server(role="balancer", database_url=pg_url)
+
+    one = make_server(role="balancer", database_url=pg_url, endpoints_key=ENDPOINTS_KEY,
+                      home=tmp_path / "one")
+    with pytest.raises(SettingsError, match="not the one the other balancers"):
+        make_server(role="balancer", database_url=pg_url, home=tmp_path / "wrong",
+                    endpoints_key="0" * 43 + "=")
+    two = make_server(role="balancer", database_url=pg_url, endpoints_key=ENDPOINTS_KEY,
+                      home=tmp_path / "two")
+    with FakeOpenAI("hosted", api_key="sk-upstream-secret") as fake:
+        added = requests.post(f"{one.url}/v0/endpoints", headers={
+            "Authorization": "Bearer sk_debug"}, timeout=30, json={
+            "name": "hosted", "base_url": fake.url, "api_key": "sk-upstream-secret"})
+        assert added.status_code == 201, added.text
+        wait_for(lambda: two.client().chat.completions.with_raw_response.create(
+            model="fake-model", messages=HELLO).headers["X-LLMLB-Node"] == "hosted", 10,
+            "the other balancer opens the endpoint's key")

@@ -215,11 +215,10 @@ def test_db_copy_moves_an_sqlite_state_to_postgresql(llmlb_home: Path, make_serv
     not overwritten without --force."""
     import subprocess
 
+    import openai
     import requests
 
     from .conftest import dashboard_login, llmlb_command
-
-    import openai
 
     old = make_server(dev=False, admin_password="pw-before-copy")
     key, _ = auth.create_api_key(old.runtime.db, "ci", "api")
