@@ -118,7 +118,7 @@ class Engine(ABC):
 
     def copy_rows(self, tx: Tx, table: str, columns: Sequence[str],
                   rows: Sequence[Sequence[Any]]) -> None:
-        """Insert many rows at once, ids included (``llmlb db copy``)."""
+        """Insert many rows at once (the request history; ``llmlb db copy``, ids included)."""
         tx.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
                        f"({', '.join('?' * len(columns))})", rows)
 

