@@ -311,6 +311,10 @@ def db_copy(to_url: str, force: bool, home: str | None, database: str | None) ->
         target.close()
     click.echo(f"Copied {settings.database} to {describe_url(to_url)}: " + ", ".join(
         f"{n} {table}" for table, n in counts.items() if n))
+    key_file = settings.home / "endpoints.key"
+    if key_file.exists():
+        click.echo(f"Endpoints' API keys stay sealed with {key_file}: give every balancer that "
+                   "file, or its content as LLMLB_ENDPOINTS_KEY.", err=True)
 
 
 # --- models -------------------------------------------------------------------------------------

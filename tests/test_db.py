@@ -233,7 +233,8 @@ def test_db_copy_moves_an_sqlite_state_to_postgresql(llmlb_home: Path, make_serv
     assert done.returncode == 0, done.stderr
     assert "1 api_keys" in done.stdout and "1 requests" in done.stdout
 
-    new = make_server(dev=False, database_url=pg_url)
+    new = make_server(dev=False, database_url=pg_url,
+                      endpoints_key="6SlU2IwtPSrNdv1h5DqTvlA1SQfjOw8AGdT0oqq6p8s=")
     assert new.runtime.db.shared
     assert new.client(api_key=key).models.list().data == []
     assert dashboard_login(new.url, "pw-before-copy").status_code == 302
