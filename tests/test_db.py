@@ -253,3 +253,34 @@ def test_db_copy_moves_an_sqlite_state_to_postgresql(llmlb_home: Path, make_serv
     assert forced.returncode == 0, forced.stderr
     assert auth.authenticate_key(new.runtime.db, admin) is None  # replaced by the copy
     assert auth.authenticate_key(new.runtime.db, key) is not None
+
+
+def test_one_pull_per_model_across_balancers(state: State, tmp_path: Path) -> None:
+    """Balancers (here: eight instances of the state on one database) asking at once which
+    node pulls a model all get the same answer."""
+    from llmlb.balancer.registry import NodeRegistry
+
+    target = state.engine.url if state.shared else state.engine.path
+    instances = [open_database(target) for _ in range(8)]
+    registries = [NodeRegistry(s, timeout=15, cooldown=1, cooldown_max=60) for s in instances]
+    barrier = threading.Barrier(len(registries))
+    answers: list[int] = []
+
+    def ask(i: int) -> None:
+        barrier.wait()
+        answers.append(registries[i].assign_pull(f"model-{tmp_path.name}", i + 1,
+                                                 set(range(1, 9))))
+
+    try:
+        for _ in range(5):
+            answers.clear()
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len(set(answers)) == 1, answers
+            state.execute("DELETE FROM pulls")
+    finally:
+        for s in instances:
+            s.close()

@@ -176,6 +176,7 @@ class NodeRegistry:
         row."""
         now = time.time()
         with self.db.transaction() as conn:
+            conn.lock(f"node:{node_id}")  # two workers' failures count once (PostgreSQL)
             row = conn.execute("SELECT failures, cooldown_until FROM nodes WHERE id=?",
                                (node_id,)).fetchone()
             if row is None:
@@ -206,6 +207,7 @@ class NodeRegistry:
         """The node that pulls ``model_id``: the one already assigned while it is in
         ``valid``, else ``node_id``. The first worker to ask wins; the others follow it."""
         with self.db.transaction() as conn:
+            conn.lock(f"pull:{model_id}")  # the first balancer to ask wins (PostgreSQL)
             row = conn.execute("SELECT node_id FROM pulls WHERE model_id=?",
                                (model_id,)).fetchone()
             if row is not None and row["node_id"] in valid:
