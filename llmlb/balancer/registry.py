@@ -7,7 +7,8 @@ while a failure's cooldown runs, else ``online``. Cooldowns double with each fai
 up to a cap (or last a node's own Retry-After) and are shared by all workers through the table.
 
 Each worker keeps the rows it read for ``CACHE_SECONDS`` (the staleness a routing decision may
-have) and drops them at once when it writes a change itself.
+have: reports, cooldowns), drops them at once when it writes a change itself, and when any
+worker of any balancer adds or removes a member (the state's ``nodes`` topic).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..state import State
 
 log = logging.getLogger(__name__)
 CACHE_SECONDS = 0.5
+MEMBERS = "nodes"  # the state's change topic: a node or endpoint added or removed
 ONLINE, OFFLINE, COOLDOWN = "online", "offline", "cooldown"
 NODE, ENDPOINT = "node", "endpoint"
 
@@ -79,21 +81,22 @@ class NodeRegistry:
                  cooldown_max: float) -> None:
         self.db = db
         self.timeout, self.cooldown, self.cooldown_max = timeout, cooldown, cooldown_max
-        self._cache: tuple[float, tuple[NodeRecord, ...]] = (-1.0, ())
+        self._cache: tuple[float, tuple[NodeRecord, ...], object] = (-1.0, (), None)
         self._cache_lock = threading.Lock()
 
     # --- reading ------------------------------------------------------------------------------
 
     def nodes(self, fresh: bool = False) -> tuple[NodeRecord, ...]:
-        read_at, records = self._cache
+        read_at, records, seen = self._cache
         now = time.monotonic()
-        if fresh or now - read_at > CACHE_SECONDS:
+        members = self.db.engine.version(MEMBERS)
+        if fresh or now - read_at > CACHE_SECONDS or members != seen:
             with self._cache_lock:
-                read_at, records = self._cache
-                if fresh or now - read_at > CACHE_SECONDS:
+                read_at, records, seen = self._cache
+                if fresh or now - read_at > CACHE_SECONDS or members != seen:
                     rows = self.db.conn().execute("SELECT * FROM nodes ORDER BY name").fetchall()
                     records = tuple(_record(r) for r in rows)
-                    self._cache = (time.monotonic(), records)
+                    self._cache = (time.monotonic(), records, members)
         return records
 
     def get(self, name: str) -> NodeRecord | None:
@@ -111,6 +114,7 @@ class NodeRegistry:
         and without cooldown."""
         now = time.time()
         with self.db.transaction() as conn:
+            conn.changed(MEMBERS)
             taken = conn.execute("SELECT kind FROM nodes WHERE name=?", (name,)).fetchone()
             if taken is not None and taken["kind"] == ENDPOINT:
                 raise NameTaken(name)
@@ -130,6 +134,7 @@ class NodeRegistry:
         """Add an external endpoint; None when the name is taken (by a node or endpoint)."""
         now = time.time()
         with self.db.transaction() as conn:
+            conn.changed(MEMBERS)
             if conn.execute("SELECT 1 FROM nodes WHERE name=?", (name,)).fetchone():
                 return None
             conn.execute("INSERT INTO nodes(name, kind, url, credential, report, registered_at, "
@@ -161,6 +166,7 @@ class NodeRegistry:
 
     def remove(self, name: str) -> bool:
         with self.db.transaction() as conn:
+            conn.changed(MEMBERS)
             row = conn.execute("SELECT id FROM nodes WHERE name=?", (name,)).fetchone()
             if row is None:
                 return False
@@ -226,7 +232,7 @@ class NodeRegistry:
                     conn.execute("DELETE FROM pulls WHERE model_id=?", (row["model_id"],))
 
     def _invalidate(self) -> None:
-        self._cache = (-1.0, ())
+        self._cache = (-1.0, (), None)
 
 
 class StatusWatch:
