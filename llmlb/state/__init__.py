@@ -5,7 +5,9 @@ hub's pulls and stats, small settings, and the node registry.
 Two engines implement it (``engine.Engine``): SQLite, embedded, the default
 (``LLMLB_DATABASE``, one host), and PostgreSQL when ``LLMLB_DATABASE_URL=postgresql://…`` is
 set (any number of balancers). The stores (``accounts.py``, ``records.py``) hold the SQL,
-written once for both; nothing outside this package knows which engine runs.
+written once for both; nothing outside this package knows which engine runs. The node
+registry's SQL (``balancer/registry.py``) has not moved in yet: it runs, unchanged but for
+its locks and change notices, through ``conn()`` and ``transaction()``.
 """
 
 from __future__ import annotations
