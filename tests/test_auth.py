@@ -110,6 +110,7 @@ def test_first_admin_password_generated_once(llmlb_home: Path, make_server, engi
     db = open_test_state(llmlb_home)
     assert auth.check_login(db, "admin", password) is not None
     assert auth.check_login(db, "admin", "wrong") is None
+    db.close()
     caplog.clear()
     make_server(dev=False)  # a restart (or a second worker) never prints it again
     assert not [r for r in caplog.records if "first admin" in r.getMessage()]
@@ -121,6 +122,7 @@ def test_first_admin_from_environment(llmlb_home: Path, make_server, engine: str
     assert auth.check_login(db, "root", "from-env-pw") is not None
     assert auth.check_login(db, "admin", "test") is None  # no default secret outside dev
     assert auth.check_login(db, "admin", "test", dev=True) is not None
+    db.close()
 
 
 def test_status_shows_the_local_path_to_admins_only(prod: LiveServer) -> None:
