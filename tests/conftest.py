@@ -283,6 +283,7 @@ def pg_url(postgres: Postgres) -> str:
 
 
 ENGINES = ("sqlite", "postgresql")
+ENDPOINTS_KEY = "6SlU2IwtPSrNdv1h5DqTvlA1SQfjOw8AGdT0oqq6p8s="  # a Fernet key, for the tests
 
 
 @pytest.fixture(params=ENGINES)
@@ -290,9 +291,11 @@ def engine(request: pytest.FixtureRequest, llmlb_home: Path,
            monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the test once per state engine: "sqlite" (the default file under LLMLB_HOME) and
     "postgresql" (a fresh database, given to everything the test starts — servers in this
-    process, the CLI, subprocesses — through LLMLB_DATABASE_URL)."""
+    process, the CLI, subprocesses — through LLMLB_DATABASE_URL, with the key every balancer
+    on a shared database needs)."""
     if request.param == "postgresql":
         monkeypatch.setenv("LLMLB_DATABASE_URL", request.getfixturevalue("pg_url"))
+        monkeypatch.setenv("LLMLB_ENDPOINTS_KEY", ENDPOINTS_KEY)
     return request.param
 
 

@@ -22,14 +22,21 @@ from llmlb.auth import create_api_key
 from llmlb.config import SettingsError
 from llmlb.state import open_database
 
-from .conftest import CLOSED_ENDPOINT, HELLO, Proc, dashboard_login, free_port, llmlb_command
+from .conftest import (
+    CLOSED_ENDPOINT,
+    ENDPOINTS_KEY,
+    HELLO,
+    Proc,
+    dashboard_login,
+    free_port,
+    llmlb_command,
+)
 from .fake_openai import FakeOpenAI
 from .postgres import Postgres
 from .test_balancer import FAST, install_model
 from .test_plugins import SLOW_ENGINE, write_plugin
 
 PASSWORD = "correct horse battery"
-ENDPOINTS_KEY = "6SlU2IwtPSrNdv1h5DqTvlA1SQfjOw8AGdT0oqq6p8s="  # a Fernet key, for every balancer
 
 
 @dataclass

@@ -18,7 +18,7 @@ from llmlb.history import History, RequestRow
 from llmlb.logins import LoginThrottle
 from llmlb.state import State, open_database, schema
 
-from .conftest import ENGINES
+from .conftest import ENDPOINTS_KEY, ENGINES
 
 
 def tables(path: Path) -> set[str]:
@@ -233,8 +233,7 @@ def test_db_copy_moves_an_sqlite_state_to_postgresql(llmlb_home: Path, make_serv
     assert done.returncode == 0, done.stderr
     assert "1 api_keys" in done.stdout and "1 requests" in done.stdout
 
-    new = make_server(dev=False, database_url=pg_url,
-                      endpoints_key="6SlU2IwtPSrNdv1h5DqTvlA1SQfjOw8AGdT0oqq6p8s=")
+    new = make_server(dev=False, database_url=pg_url, endpoints_key=ENDPOINTS_KEY)
     assert new.runtime.db.shared
     assert new.client(api_key=key).models.list().data == []
     assert dashboard_login(new.url, "pw-before-copy").status_code == 302
