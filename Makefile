@@ -54,6 +54,8 @@ test: $(VENV)/.installed-test
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check llmlb engines plugins tests bench
+	@# the layering setup.cfg's [importlinter] contracts write down
+	$(BIN)/lint-imports --no-cache
 
 bench: $(VENV)/.installed-test
 	@# bench/balancer.py drives the proxy with wrk, a C load generator (a Python client cannot

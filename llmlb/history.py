@@ -1,10 +1,10 @@
 """The request history (LB-6): one row per request in the ``requests`` table, and its reading
 for ``GET /v0/requests`` and the dashboard.
 
-A request only appends its row to this worker's buffer; a writer thread per worker inserts
-what has gathered once a second in one transaction, so the request path never waits on
-the database and the database sees one write per second per worker, not one per request. A
-worker killed outright loses at most its last second of rows. While the database is
+A request only appends its row to this worker's buffer; a writer thread per worker (started
+with the worker) inserts what has gathered once a second in one transaction, so the request
+path never waits on the database and the database sees one write per second per worker, not
+one per request. A worker killed outright loses at most its last second of rows. While the database is
 unavailable (PostgreSQL restarting) the rows stay in the buffer, up to ``MAX_BUFFERED``, and
 are written when it returns. Rows older than ``LLMLB_HISTORY_RETENTION_DAYS`` are deleted by
 the supervisor's ``history-prune`` task. The SQL is in ``state/records.py``.
@@ -16,10 +16,9 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 from .state import State, StateUnavailable
-from .state.records import REQUEST_COLUMNS as COLUMNS
 
 log = logging.getLogger(__name__)
 FLUSH_SECONDS = 1.0
@@ -28,7 +27,10 @@ BATCH = 10_000
 
 
 @dataclass(frozen=True)
-class RequestRow:
+class RequestRecord:
+    """One forwarded request as the balancer saw it (``balancer/accounting.py``): what the
+    metrics count and the history keeps. Times in seconds."""
+
     at: float
     key_name: str | None
     operation: str
@@ -36,17 +38,25 @@ class RequestRow:
     node: str | None
     status: int
     stream: bool
-    latency_ms: float
-    ttft_ms: float | None
+    latency: float
+    ttft: float | None
     tokens_in: int | None
     tokens_out: int | None
     error: str | None
+
+    def row(self) -> tuple:
+        """The ``requests`` row in ``state.records.REQUEST_COLUMNS``' order, as both engines
+        store it (times in milliseconds, the flag as 0 or 1)."""
+        return (self.at, self.key_name, self.operation, self.model, self.node, self.status,
+                int(self.stream), round(self.latency * 1000, 2),
+                round(self.ttft * 1000, 2) if self.ttft is not None else None,
+                self.tokens_in, self.tokens_out, self.error)
 
 
 class History:
     def __init__(self, db: State, retention_days: float) -> None:
         self.db, self.retention_days = db, retention_days
-        self._rows: deque[RequestRow] = deque()
+        self._rows: deque[tuple] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -58,17 +68,18 @@ class History:
     def enabled(self) -> bool:
         return self.retention_days > 0
 
-    def add(self, row: RequestRow) -> None:
+    def add(self, record: RequestRecord) -> None:
         if not self.enabled:
             return
         if len(self._rows) >= MAX_BUFFERED:
             self._dropped += 1
             return
-        self._rows.append(row)
-        if self._thread is None:
-            self._start()
+        self._rows.append(record.row())
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Write what gathers, once a second, from now on (each worker, as it starts)."""
+        if not self.enabled:
+            return
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._write_loop, daemon=True,
@@ -89,7 +100,7 @@ class History:
             while self._rows and len(batch) < BATCH:
                 batch.append(self._rows.popleft())
             try:
-                self.db.requests.insert([_values(r) for r in batch])
+                self.db.requests.insert(batch)
             except StateUnavailable as exc:
                 self._rows.extendleft(reversed(batch))  # kept, in order, for the next flush
                 if not self._unwritten:
@@ -130,8 +141,3 @@ class History:
                                       before_id=before_id)
         return [{**r, "stream": bool(r["stream"])} for r in rows]
 
-
-def _values(row: RequestRow) -> tuple:
-    """The row in ``COLUMNS`` order, as both engines store it (a flag as 0 or 1)."""
-    values = zip(COLUMNS, astuple(row), strict=True)
-    return tuple(int(v) if name == "stream" else v for name, v in values)

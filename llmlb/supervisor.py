@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .locks import FileLeaderLock
 from .state import LeaderLock, StateUnavailable
-from .state.sqlite import FileLeaderLock
 
 log = logging.getLogger(__name__)
 

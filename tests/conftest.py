@@ -23,8 +23,11 @@ import requests
 from werkzeug.serving import make_server as make_wsgi_server
 
 from llmlb import create_app
+from llmlb import server as llmlb_server
 from llmlb.config import OPTIONS
+from llmlb.roles import prepare
 
+from .fake_balancer import FakeBalancer
 from .fake_hub import FakeHub
 from .nginx import Nginx
 from .postgres import Postgres
@@ -90,6 +93,8 @@ def make_server(llmlb_home: Path) -> Iterator[Callable[..., LiveServer]]:
         config = {"home": llmlb_home, "dev": True, "hf_endpoint": CLOSED_ENDPOINT,
                   "plugins_dir": [str(llmlb_home / "plugins")], **overrides}
         app = create_app(config)
+        prepare(app.extensions["llmlb"].settings)  # what gunicorn's master does once
+        llmlb_server.start(app)  # and what each worker does
         server = make_wsgi_server("127.0.0.1", 0, app, threaded=True)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
@@ -181,6 +186,14 @@ def published(hub: FakeHub, tiny: dict[str, Path], tmp_path: Path) -> Path:
         {"id": "bad-sha", "source": "hf_gguf", "repo_id": "llmlb-test/tiny-gguf",
          "artifacts": [{**artifact(gguf, "model.gguf"), "sha256": "0" * 64}]},
     ])
+
+
+@pytest.fixture
+def fake_balancer() -> Iterator[FakeBalancer]:
+    """A hostile balancer on loopback (tests/fake_balancer.py)."""
+    balancer = FakeBalancer()
+    yield balancer
+    balancer.close()
 
 
 @pytest.fixture
@@ -304,7 +317,7 @@ def open_test_state(home: Path):  # noqa: ANN201 - a State
     from llmlb.config import load_settings
     from llmlb.state import open_state
 
-    return open_state(load_settings({"home": home}))
+    return open_state(load_settings({"home": home}).files)
 
 
 @dataclass

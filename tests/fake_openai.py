@@ -1,8 +1,9 @@
 """A minimal OpenAI-compatible server, as vLLM or Ollama would stand behind llmlb as an
-endpoint: ``GET /v1/models``, chat and completions (streamed with a delay per token, usage
+endpoint: ``GET {prefix}/models``, chat and completions (streamed with a delay per token, usage
 when asked), embeddings, a vLLM-style Prometheus ``/metrics``, and fault modes (500, a cut
-connection, a hang, 429 with Retry-After). Stdlib only: a ThreadingHTTPServer on loopback,
-HTTP/1.1 keep-alive, streams sent chunked."""
+connection, a hang, 429 with Retry-After, an HTML error page). ``prefix`` is its OpenAI base
+path (``/v1``, or ``/v1beta/openai`` as Google's); ``extra_headers`` go on every answer.
+Stdlib only: a ThreadingHTTPServer on loopback, HTTP/1.1 keep-alive, streams sent chunked."""
 
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class FakeOpenAI:
     def __init__(self, name: str, models: tuple[str, ...] = ("fake-model",), *,
                  latency: float = 0.0, token_delay: float = 0.0, tokens: int = 5,
-                 api_key: str | None = None, metrics: bool = True) -> None:
-        self.name, self.models = name, list(models)
+                 api_key: str | None = None, metrics: bool = True, prefix: str = "/v1") -> None:
+        self.name, self.models, self.prefix = name, list(models), prefix
         self.latency, self.token_delay, self.tokens = latency, token_delay, tokens
         self.api_key, self.has_metrics = api_key, metrics
         # "500" | "cut" | "hang" | "429" | "down" | "no-stream-options" (an older server)
+        # | "html" (a 404 HTML page, as a proxy in front of it would send)
         self.fault: str | None = None
+        self.extra_headers: dict[str, str] = {}
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Authorization)
         self.retry_after = "7"
         self.waiting, self.running = 0, 0
         self.calls: list[dict] = []  # inference bodies received
@@ -41,12 +45,18 @@ class FakeOpenAI:
                 with fake._lock:
                     fake.connections += 1
 
+            def send_response(self, code: int, message: str | None = None) -> None:
+                super().send_response(code, message)
+                for k, v in fake.extra_headers.items():
+                    self.send_header(k, v)
+
             def do_GET(self) -> None:  # noqa: N802
+                fake.requests.append(("GET", self.path, self.headers.get("Authorization")))
                 if not self._authorized():
                     return
                 if fake.fault == "down":
                     return self._json(500, {"error": {"message": "down"}})
-                if self.path == "/v1/models":
+                if self.path == f"{fake.prefix}/models":
                     return self._json(200, {"object": "list", "data": [
                         {"id": m, "object": "model", "created": 1, "owned_by": fake.name}
                         for m in fake.models]})
@@ -61,6 +71,7 @@ class FakeOpenAI:
                 self._json(404, {"error": {"message": "not found", "code": "not_found"}})
 
             def do_POST(self) -> None:  # noqa: N802
+                fake.requests.append(("POST", self.path, self.headers.get("Authorization")))
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 if not self._authorized():
                     return
@@ -83,6 +94,11 @@ class FakeOpenAI:
                     return self._json(429, {"error": {"message": "slow down",
                                                       "type": "rate_limit_error"}},
                                       {"Retry-After": fake.retry_after})
+                if fault == "html":
+                    return self._send(404, b"<html><body><script>alert(1)</script>Not Found"
+                                      b"</body></html>", "text/html")
+                if not self.path.startswith(fake.prefix + "/"):
+                    return self._json(404, {"error": {"message": "no such route"}})
                 if fault == "cut":
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
@@ -163,7 +179,7 @@ class FakeOpenAI:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.server.request_queue_size = 128
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        self.url = f"http://127.0.0.1:{self.server.server_port}{prefix}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> FakeOpenAI:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llmlb import auth, sessions
-from llmlb.history import History, RequestRow
+from llmlb.history import History, RequestRecord
 from llmlb.logins import LoginThrottle
 from llmlb.state import State, open_database, schema
 
@@ -87,13 +87,20 @@ def test_every_store_behaves_the_same_on_both_engines(state: State) -> None:
     second, _ = auth.create_api_key(state, "next", "api")
     assert auth.list_api_keys(state)[-1].id > record.id
 
-    assert auth.ensure_first_admin(state, "admin", "pw-1") is None  # made with this password
-    assert auth.check_login(state, "admin", "pw-1") is not None
-    fields = sessions.login_fields(state, auth.check_login(state, "admin", "pw-1"))
+    assert auth.ensure_first_admin(state, "admin", "password-1") is None  # made with this one
+    assert auth.check_login(state, "admin", "password-1") is not None
+    fields = sessions.login_fields(state, auth.check_login(state, "admin", "password-1"))
     assert sessions.session_principal(state, fields, dev=False, lifetime=60) is not None
-    assert auth.set_password(state, "admin", "pw-2")
+    assert auth.set_password(state, "admin", "password-2")
     assert sessions.session_principal(state, fields, dev=False, lifetime=60) is None
-    assert not auth.create_user(state, "admin", "again")
+    assert not auth.create_user(state, "admin", "password-again")
+    assert auth.create_user(state, "ann", "ann-password")
+    fields = sessions.login_fields(state, auth.check_login(state, "ann", "ann-password"))
+    assert [u.username for u in auth.list_users(state)] == ["admin", "ann"]
+    assert auth.delete_user(state, "ann") and not auth.delete_user(state, "ann")
+    assert sessions.session_principal(state, fields, dev=False, lifetime=60) is None
+    with pytest.raises(auth.UserError, match="last user"):
+        auth.delete_user(state, "admin")
     assert state.setdefault_meta("secret", "a") == "a" == state.setdefault_meta("secret", "b")
 
     throttle = LoginThrottle(state, max_failures=2, window_seconds=60)
@@ -106,7 +113,8 @@ def test_every_store_behaves_the_same_on_both_engines(state: State) -> None:
 
     history = History(state, retention_days=1)
     for status, at in ((200, time.time()), (503, time.time()), (200, time.time() - 3 * 86400)):
-        history.add(RequestRow(at, "ci", "chat", "m", "n", status, True, 1.5, 0.5, 3, 4, None))
+        history.add(RequestRecord(at, "ci", "chat", "m", "n", status, True, 0.0015, 0.0005,
+                                  3, 4, None))
     assert history.flush() == 3
     assert [r["status"] for r in history.query()] == [200, 503, 200]
     assert [r["status"] for r in history.query(status="5xx")] == [503]
@@ -147,8 +155,8 @@ def two_balancers(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[State
 def test_a_revoked_key_and_an_ended_session_reach_the_other_cache(two_balancers) -> None:
     one, two = two_balancers
     key, record = auth.create_api_key(one, "ci", "api")
-    auth.create_user(one, "ann", "pw")
-    fields = sessions.login_fields(one, auth.check_login(one, "ann", "pw"))
+    auth.create_user(one, "ann", "ann-password")
+    fields = sessions.login_fields(one, auth.check_login(one, "ann", "ann-password"))
     wait_for(lambda: two.engine.version("keys") is not None)  # the other one listens
     assert auth.authenticate_key(two, key) is not None  # now in two's cache
     assert sessions.session_principal(two, fields, dev=False, lifetime=60) is not None
@@ -279,7 +287,53 @@ def test_one_pull_per_model_across_balancers(state: State, tmp_path: Path) -> No
             for t in threads:
                 t.join()
             assert len(set(answers)) == 1, answers
-            state.execute("DELETE FROM pulls")
+            state.engine.execute("DELETE FROM pulls")
+    finally:
+        for s in instances:
+            s.close()
+
+
+def test_one_owner_per_node_name_across_balancers(state: State, tmp_path: Path) -> None:
+    """Eight nodes, each with its own secret, register one name at once, each at its own
+    balancer (eight instances of the state on one database): one of them gets the name,
+    every other is refused, and the name stays with the one that got it."""
+    from llmlb.balancer.registry import NameTaken, NodeRegistry
+    from llmlb.balancer.reports import NodeReport
+
+    target = state.engine.url if state.shared else state.engine.path
+    instances = [open_database(target) for _ in range(8)]
+    registries = [NodeRegistry(s, timeout=15, cooldown=1, cooldown_max=60) for s in instances]
+    barrier = threading.Barrier(len(registries))
+    outcomes: dict[int, str] = {}
+
+    def register(i: int, name: str) -> None:
+        barrier.wait()
+        try:
+            registries[i].register(name, f"http://127.0.0.1:{9000 + i}", NodeReport(),
+                                   secret=f"secret-{i}" * 4)
+            outcomes[i] = "registered"
+        except NameTaken:
+            outcomes[i] = "refused"
+
+    try:
+        for round_ in range(5):
+            name = f"gpu-{round_}"
+            outcomes.clear()
+            threads = [threading.Thread(target=register, args=(i, name)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            winners = [i for i, outcome in outcomes.items() if outcome == "registered"]
+            assert len(winners) == 1 and len(outcomes) == 8, outcomes
+            owner = winners[0]
+            stored = registries[owner].get(name)
+            assert stored.url == f"http://127.0.0.1:{9000 + owner}"
+            assert registries[owner].heartbeat(name, f"secret-{owner}" * 4, NodeReport())
+            with pytest.raises(NameTaken):
+                registries[(owner + 1) % 8].heartbeat(name, f"secret-{owner + 1}" * 4,
+                                                      NodeReport())
+        assert registries[0].remove("gpu-0") and registries[1].get("gpu-0") is None
     finally:
         for s in instances:
             s.close()

@@ -1,5 +1,5 @@
 """What the balancer notes about each request it forwards (LB-6): status, node, latency, time
-to the first byte, tokens, handed to ``on_done`` (metrics and history) when the answer ends.
+to the first byte, tokens, handed to ``on_done`` as one ``RequestRecord`` (metrics and history) when the answer ends.
 
 Tokens come from the answer's ``usage``, found without decoding the answer: a regular
 expression over the bytes of a complete answer, or over the last events of a stream. A
@@ -15,11 +15,9 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
-from engines.base import CHAT, COMPLETION
-
-from .upstream import NodeResponse, ProxyRequest
+from ..history import RequestRecord
+from .upstream import CHAT, COMPLETION, NodeResponse, ProxyRequest
 
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
@@ -30,22 +28,6 @@ _NULL_USAGE = re.compile(rb',\s*"usage":\s*null')
 _USAGE = b'"usage"'
 TAIL_BYTES = 8192  # a stream's usage event is among its last bytes
 CLIENT_LEFT = 499  # nginx's code for a client that closed the connection first
-
-
-@dataclass(frozen=True)
-class Outcome:
-    at: float
-    key_name: str | None
-    operation: str
-    model: str | None
-    node: str | None
-    status: int
-    stream: bool
-    latency: float
-    ttft: float | None
-    tokens_in: int | None
-    tokens_out: int | None
-    error: str | None
 
 
 def usage_of(data: bytes) -> tuple[int | None, int | None]:
@@ -69,14 +51,15 @@ def with_usage(request: ProxyRequest) -> tuple[ProxyRequest, bool]:
         return request, False  # invalid: the node says so
     payload = {**payload, "stream_options": {**(options or {}), "include_usage": True}}
     raw = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-    return ProxyRequest(request.operation, raw, payload, request.model_id, request), True
+    return ProxyRequest(request.operation, raw, payload, request.model_id, request,
+                        request.found, request.id_refusal), True
 
 
 class Watch:
     """One request, from arrival to the end of its answer."""
 
     def __init__(self, operation: str, key_name: str | None,
-                 on_done: Callable[[Outcome], None]) -> None:
+                 on_done: Callable[[RequestRecord], None]) -> None:
         self.operation, self.key_name, self.on_done = operation, key_name, on_done
         self.at, self.started = time.time(), time.perf_counter()
         self.model: str | None = None
@@ -136,9 +119,9 @@ class Watch:
             return
         self._done = True
         latency = time.perf_counter() - self.started
-        self.on_done(Outcome(self.at, self.key_name, self.operation, self.model, node, status,
-                             stream, latency, ttft if stream else latency, tokens_in,
-                             tokens_out, error))
+        self.on_done(RequestRecord(self.at, self.key_name, self.operation, self.model, node,
+                                   status, stream, latency, ttft if stream else latency,
+                                   tokens_in, tokens_out, error))
 
 
 class _Watched:

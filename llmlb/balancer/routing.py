@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from engines.base import CHAT, COMPLETION
+from .upstream import CHAT, COMPLETION
 
 T = TypeVar("T")
 POINTS_PER_NODE = 64  # virtual nodes: spreads conversations evenly over a few nodes

@@ -3,17 +3,13 @@ event, always ending with ``data: [DONE]``."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 
 from .. import errors
+from ..wire import DONE, event
 
 log = logging.getLogger(__name__)
-
-
-def event(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 class SSEStream:
@@ -47,4 +43,4 @@ def _frames(chunks: Iterable[dict]) -> Iterator[str]:
         close = getattr(chunks, "close", None)
         if close is not None:
             close()
-    yield "data: [DONE]\n\n"
+    yield DONE

@@ -92,6 +92,24 @@ class Users:
             tx.changed(USERS)
         return done
 
+    def all(self) -> list[Row]:
+        return self.engine.execute("SELECT username, created_at FROM users ORDER BY id"
+                                   ).fetchall()
+
+    def delete(self, username: str) -> bool | None:
+        """Delete a user, which ends their sessions: True; False when there is no such user;
+        None when it is the last one (kept). Two deletes at once cannot leave none."""
+        with self.engine.transaction() as tx:
+            tx.lock("users")
+            if tx.execute("SELECT 1 AS one FROM users WHERE username = ?",
+                          (username,)).fetchone() is None:
+                return False
+            if tx.execute("SELECT COUNT(*) AS n FROM users").fetchone()["n"] <= 1:
+                return None
+            tx.execute("DELETE FROM users WHERE username = ?", (username,))
+            tx.changed(USERS)
+        return True
+
     def password_hash(self, username: str) -> str | None:
         row = self.engine.execute("SELECT password_hash FROM users WHERE username = ?",
                                   (username,)).fetchone()

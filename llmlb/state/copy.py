@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import State, schema
 from .accounts import KEYS, USERS
+from .members import MEMBERS
 
 BATCH = 10_000
 
@@ -23,7 +24,7 @@ class TargetNotEmpty(Exception):
 def copy_state(source: State, target: State, *, force: bool = False) -> dict[str, int]:
     """Copy every table of ``source`` into ``target``; rows copied per table."""
     counts: dict[str, int] = {}
-    with target.transaction() as tx:
+    with target.engine.transaction() as tx:
         filled = [t for t in schema.TABLES
                   if tx.execute(f"SELECT 1 AS one FROM {t} LIMIT 1").fetchone()]
         if filled and not force:
@@ -40,19 +41,20 @@ def copy_state(source: State, target: State, *, force: bool = False) -> dict[str
             target.engine.continue_ids(tx, table)
         tx.changed(KEYS)
         tx.changed(USERS)
+        tx.changed(MEMBERS)
     return counts
 
 
 def _batches(source: State, table: str):  # noqa: ANN202 - an iterator of row lists
     if table not in schema.IDENTITY_TABLES:
-        rows = source.execute(f"SELECT * FROM {table}").fetchall()
+        rows = source.engine.execute(f"SELECT * FROM {table}").fetchall()
         if rows:
             yield rows
         return
     last = -1
     while True:
-        rows = source.execute(f"SELECT * FROM {table} WHERE id > ? ORDER BY id LIMIT {BATCH}",
-                              (last,)).fetchall()
+        rows = source.engine.execute(f"SELECT * FROM {table} WHERE id > ? ORDER BY id "
+                                     f"LIMIT {BATCH}", (last,)).fetchall()
         if not rows:
             return
         yield rows

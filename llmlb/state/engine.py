@@ -20,6 +20,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from ..errors import StateUnavailable
+
+__all__ = ["Cached", "Engine", "LeaderLock", "Result", "Row", "StateUnavailable", "Tx"]
+
 V = TypeVar("V")
 
 
@@ -32,14 +36,6 @@ class Row(dict):
         if isinstance(key, int):
             return list(self.values())[key]
         return dict.__getitem__(self, key)
-
-
-class StateUnavailable(Exception):
-    """The shared state cannot be read or written right now; try again shortly."""
-
-    def __init__(self, message: str, retry_after: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..locks import FileLock
+from ..locks import FileLeaderLock, FileLock
 from ..private_files import private_database, private_dir
 from . import schema
 from .engine import Engine, Result, Row, StateUnavailable
@@ -59,27 +59,6 @@ class _SQLiteTx:
 
     def changed(self, topic: str) -> None:
         self.topics.add(topic)
-
-
-class FileLeaderLock:
-    """The leader lock on one host: ``flock`` on a file, dropped by the kernel when the
-    holder dies."""
-
-    def __init__(self, path: Path) -> None:
-        self._lock = FileLock(path)
-        self._held = False
-
-    def try_acquire(self) -> bool:
-        self._held = self._held or self._lock.try_acquire()
-        return self._held
-
-    def held(self) -> bool:
-        return self._held
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._lock.release()
 
 
 class SQLiteEngine(Engine):

@@ -1,11 +1,13 @@
-"""Request bodies: the JSON object a route needs, or a 400 that says what is wrong with it."""
+"""The OpenAI wire format as both sides of llmlb meet it, the balancer that passes requests on
+and the node that serves them: a request body as the JSON object a route needs (or a 400 that
+says what is wrong with it), and one server-sent event."""
 
 from __future__ import annotations
 
 import json
 import re
 
-from .. import errors
+from . import errors
 
 # JSON escapes of UTF-16 surrogates: pairs decode to one character, lone ones stay in the
 # string and break every later encode (tokenizers, logs, responses) with a 500.
@@ -43,3 +45,11 @@ def _has_lone_surrogate(data: object) -> bool:
         elif isinstance(item, list):
             stack.extend(item)
     return False
+
+
+DONE = "data: [DONE]\n\n"  # the last event of every stream
+
+
+def event(payload: dict) -> str:
+    """One server-sent event carrying ``payload`` as compact JSON."""
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
