@@ -248,7 +248,9 @@ class NodeSettings:
     balancer_url: str | None = setting(
         "LLMLB_BALANCER_URL", None,
         "Balancer a node registers with and may fetch model files through "
-        "(/v1/models/blob/...).", flag="--balancer-url")
+        "(/v1/models/blob/...); several balancers sharing one state, comma-separated: the "
+        "node sends its heartbeats to the first that answers and moves on to the next when "
+        "it fails.", flag="--balancer-url")
     node_api_key: str | None = setting(
         "LLMLB_NODE_API_KEY", None, "API key with the node scope, used against the balancer.")
     node_name: str = setting(
@@ -259,6 +261,11 @@ class NodeSettings:
         "LLMLB_ADVERTISE_URL", None,
         "How the balancer reaches this node (default: http://<host>:<port>).",
         flag="--advertise-url", commands=("node",))
+
+    @property
+    def balancer_urls(self) -> tuple[str, ...]:
+        """The balancers, in the order given."""
+        return tuple(url for url in (self.balancer_url or "").split(",") if url)
 
 
 @dataclass(frozen=True)
@@ -367,7 +374,7 @@ OPTIONS: tuple[Option, ...] = _options()
 OPTIONS_BY_ATTR = {o.attr: o for o in OPTIONS}
 # Flat name -> its section: every setting, and what a section derives from them.
 _SECTION_OF = {**{o.attr: o.section for o in OPTIONS}, "concurrency": "server",
-               "metrics_dir": "files", "locks_dir": "models"}
+               "metrics_dir": "files", "locks_dir": "models", "balancer_urls": "node"}
 
 
 class SettingsError(ValueError):
@@ -541,13 +548,17 @@ def _cluster_values(values: dict[str, Any], sources: dict[str, str]) -> None:
         raise SettingsError("LLMLB_WORKER_CLASS=gevent is for a balancer (LLMLB_ROLE=balancer): "
                             "engines need real threads")
     for attr in ("balancer_url", "advertise_url"):
-        url = values[attr]
-        if url is not None:
+        if values[attr] is None:
+            continue
+        checked = []
+        # Several balancers, comma-separated (a node's LLMLB_BALANCER_URL only).
+        for url in values[attr].split(",") if attr == "balancer_url" else [values[attr]]:
             try:
-                values[attr] = check_url(url)
+                checked.append(check_url(url.strip()))
             except BadURL as exc:
                 raise SettingsError(f"{OPTIONS_BY_ATTR[attr].env[0]} {exc}, not "
-                                    f"{url!r}") from None
+                                    f"{url.strip()!r}") from None
+        values[attr] = ",".join(checked)
     if values["advertise_url"] is None:
         host = values["host"]
         if host in ("", "0.0.0.0", "::"):  # listening everywhere: name the machine

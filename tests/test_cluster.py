@@ -189,6 +189,33 @@ def test_periodic_work_moves_when_its_holder_is_killed(balancers: Balancers) -> 
     print(f"periodic work moved in {took:.1f} s")
 
 
+def test_a_node_given_several_balancers_moves_on_when_one_dies(balancers: Balancers) -> None:
+    """`llmlb node --balancer-url A,B,C`: the node registers with the first that answers
+    (the first is a closed port here), sends its heartbeats there, and when that balancer
+    dies moves on to the next: the node stays online and routed."""
+    one, two = balancers.start(), balancers.start()
+    node = balancers.start_node("gpu-a", [CLOSED_ENDPOINT, one.url, two.url])
+    wait_for(lambda: balancers.chat(two.url, "snail").status_code == 200, 60,
+             "the node routed")
+    assert f"Registered with the balancer {one.url} as node 'gpu-a'" in node.log()
+
+    def heartbeat_at_two() -> float:
+        rows = requests.get(f"{two.url}/v0/nodes", headers=balancers.headers(balancers.admin),
+                            timeout=10).json()["data"]
+        row = next(r for r in rows if r["name"] == "gpu-a")
+        assert row["status"] == "online", row  # never offline on the way
+        return row["last_heartbeat"]
+
+    os.killpg(one.process.pid, signal.SIGKILL)
+    killed = time.time()
+    wait_for(lambda: f"Heartbeats go to the balancer {two.url}" in node.log(), 30,
+             "the node moved on")
+    # Past the node timeout (3 s) since the kill, still heard from, online and routed.
+    wait_for(lambda: heartbeat_at_two() > killed + 4, 30, "heartbeats at the other")
+    answer = balancers.chat(two.url, "snail")
+    assert answer.status_code == 200 and answer.headers["X-LLMLB-Node"] == "gpu-a"
+
+
 def load(url: str, headers: dict[str, str], stop: threading.Event,
          seen: list[tuple[float, float, str, int, str]], model: str) -> None:
     """Ask again and again (a POST to the model, a GET of the models), recording each

@@ -57,9 +57,9 @@ class Resolver:
         self.progress = ProgressStore(settings.locks_dir)
         self.hf = HuggingFaceSource(settings.hf_endpoint, settings.hf_token,
                                     settings.download_allowlist)
-        self.balancer = (BalancerSource(node.balancer_url, node.node_api_key,
+        self.balancer = (BalancerSource(node.balancer_urls, node.node_api_key,
                                         settings.download_allowlist)
-                         if node.balancer_url else None)
+                         if node.balancer_urls else None)
         self._jobs: dict[str, DownloadJob] = {}
         self._jobs_lock = threading.Lock()
         self._waiting = 0
