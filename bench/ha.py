@@ -12,14 +12,20 @@ Parts (``--parts``, all by default):
   through A's admin API; B is asked every 5 ms until it refuses the key. Goal: <= 2 s.
 - ``takeover``: two balancers; the one holding the leader lock of periodic work is killed
   (``kill -9`` of its process group); time until the other holds it. Goal: <= 30 s.
+- ``scale``: req/s at 64 connections through nginx (the shipped site,
+  ``deploy/nginx/llmlb.conf``, as tests/nginx.py runs it) to one balancer (1 gevent worker,
+  pinned to core 0), then to two on one PostgreSQL (cores 0 and 1), the upstream registered
+  as their node; wrk, nginx, the upstream and PostgreSQL on any core. The two runs alternate,
+  ``--rounds`` times each, with the load average noted before each. Goal: two >= 1.7x one.
 
-    .venv/bin/python bench/ha.py [--parts proxy,revocation,takeover] [--seconds 10]
+    .venv/bin/python bench/ha.py [--parts proxy,revocation,takeover,scale] [--seconds 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -186,6 +192,118 @@ def part_takeover(pg, rounds: int = 3) -> dict:  # noqa: ANN001
     return {"seconds": took, "max_s": max(took)}
 
 
+def part_scale(pg, seconds: float, rounds: int) -> dict:  # noqa: ANN001
+    import requests
+
+    from tests.nginx import Nginx
+
+    up_port = free_port()
+    upstream = start_upstream(up_port, WORK / "upstream-scale.log")
+    db_url = pg.new_database()
+    api, node, _ = keys(db_url)
+    pg_pid = int((pg.data / "postmaster.pid").read_text().split()[0])
+    ports = [free_port(), free_port()]
+    lbs = [balancer(f"scale-{core}", ports[core], core, db_url, LLMLB_TRUSTED_PROXIES="1")
+           for core in (0, 1)]
+    path = "/v1/chat/completions"
+    runs: dict[str, list[dict]] = {"one": [], "two": []}
+    try:
+        register_upstream(ports[0], node, up_port)
+        for port in ports:  # both route to it (the other learns of it from the state)
+            deadline = time.monotonic() + 30
+            while requests.post(f"http://127.0.0.1:{port}{path}", json={"model": "bench-model",
+                                "messages": [{"role": "user", "content": "hi"}]},
+                                headers={"Authorization": f"Bearer {api}"}, timeout=10
+                                ).status_code != 200:
+                assert time.monotonic() < deadline, f"balancer on {port} never routed"
+                time.sleep(0.1)
+        for round_ in range(rounds):
+            for name, used in (("one", ports[:1]), ("two", ports)):
+                proxy = Nginx.start(WORK / f"nginx-{name}-{round_}",
+                                    [f"127.0.0.1:{p}" for p in used])
+                trees = {"balancers": [lb.pid for lb in lbs[:len(used)]],
+                         "nginx": [proxy.process.pid], "upstream": [upstream.pid],
+                         "postgresql": [pg_pid]}
+                try:
+                    wrk(proxy.url + path, 8, 2, api, core=None)  # warm: connections
+                    load = os.getloadavg()[0]
+                    before = {k: cpu_seconds(v) for k, v in trees.items()}
+                    before["wrk"] = children_cpu()
+                    result = wrk(proxy.url + path, 64, seconds, api, core=None)
+                    after = {k: cpu_seconds(v) for k, v in trees.items()}
+                    after["wrk"] = children_cpu()
+                finally:
+                    proxy.stop()
+                # CPU per request: the balancers', and the rest's (nginx, the upstream,
+                # PostgreSQL, wrk): what an idle machine would share out between them.
+                per = {k: (after[k] - before[k]) * 1000 / result["requests"] for k in after}
+                result["cpu_ms"] = {k: round(v, 3) for k, v in per.items()}
+                result["balancer_cpu_ms"] = round(per["balancers"], 3)
+                result["others_cpu_ms"] = round(sum(per.values()) - per["balancers"], 3)
+                result["load_before"] = round(load, 2)
+                runs[name].append(result)
+                print(f"  {name} balancer{'s' if name == 'two' else ''}: {result['rps']} "
+                      f"req/s, p99 {result['p99_us'] / 1000:.1f} ms, errors "
+                      f"{result['non2xx'] + result['socket_errors']}, CPU per request "
+                      f"{result['balancer_cpu_ms']} ms in balancers, "
+                      f"{result['others_cpu_ms']} ms elsewhere {result['cpu_ms']} "
+                      f"(load {load:.1f})", flush=True)
+    finally:
+        for lb in lbs:
+            lb.stop()
+        upstream.stop()
+    ratios = [round(two["rps"] / one["rps"], 2) for one, two in zip(runs["one"], runs["two"],
+                                                                    strict=True)]
+    # On an idle 2-core machine one balancer is bound by its core (1/b1 req/s, the rest on
+    # the other core), two by both cores (2/(b2+h2), the CPU per request of each run):
+    # two over one = 2 b1 / (b2 + h2).
+    b1, b2, h2 = (statistics.median(r[key] for r in runs[side]) for side, key in (
+        ("one", "balancer_cpu_ms"), ("two", "balancer_cpu_ms"), ("two", "others_cpu_ms")))
+    bound = round(2 * b1 / (b2 + h2), 2)
+    # Deployed, the clients (wrk) and the node (the upstream) run on other machines: only
+    # nginx and PostgreSQL share the balancers' cores.
+    h2_here = statistics.median(r["cpu_ms"]["nginx"] + r["cpu_ms"]["postgresql"]
+                                for r in runs["two"])
+    deployed = round(2 * b1 / (b2 + h2_here), 2)
+    print(f"  two over one, per round: {ratios}; on an idle machine, from the CPU per "
+          f"request (2 b1 / (b2 + h2)): {bound}, {deployed} with wrk and the upstream on "
+          "other machines", flush=True)
+    return {**runs, "two_over_one": ratios, "two_over_one_median": statistics.median(ratios),
+            "idle_machine_two_over_one": bound,
+            "idle_machine_two_over_one_clients_and_node_elsewhere": deployed}
+
+
+def cpu_seconds(roots: list[int]) -> float:
+    """CPU time (user and system) of the processes ``roots`` and all their descendants."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(fields[1])
+            times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf(
+                "SC_CLK_TCK")
+    total, todo = 0.0, list(roots)
+    seen: set[int] = set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += times.get(pid, 0.0)
+        todo.extend(child for child, parent in parents.items() if parent == pid)
+    return total
+
+
+def children_cpu() -> float:
+    """CPU time of this process's finished children (wrk)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _tree(pid: int) -> set[int]:
     """``pid`` and its children (gunicorn's master and workers)."""
     found = {pid}
@@ -202,8 +320,9 @@ def _tree(pid: int) -> set[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="proxy,revocation,takeover")
+    parser.add_argument("--parts", default="proxy,revocation,takeover,scale")
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--rounds", type=int, default=2, help="scale: runs of each side")
     args = parser.parse_args()
     parts = args.parts.split(",")
     started, load_before = announce("ha")
@@ -224,6 +343,10 @@ def main() -> None:
             summary["revocation"] = part_revocation(pg)
         if "takeover" in parts:
             summary["takeover"] = part_takeover(pg)
+        if "scale" in parts:
+            print("req/s through nginx to one balancer (core 0), then two (cores 0, 1):",
+                  flush=True)
+            summary["scale"] = part_scale(pg, args.seconds, args.rounds)
     finally:
         pg.destroy()
     summary["run"] = run_facts("ha", started, load_before, busy_before)
