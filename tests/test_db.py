@@ -124,7 +124,8 @@ def test_every_store_behaves_the_same_on_both_engines(state: State) -> None:
 
     state.registrations.record("m", None, 1.0)
     state.registrations.record("m", "gpu-a", 2.0)
-    assert state.registrations.models() == {"m"} and state.registrations.local() == []
+    assert state.registrations.models() == {"m": "gpu-a"}
+    assert state.registrations.local() == []
     assert state.hf_stats.claim("org/repo", 100.0, 3600, 300, 60)
     assert not state.hf_stats.claim("org/repo", 101.0, 3600, 300, 60)  # claimed by us
     state.hf_stats.store("org/repo", 5, 6, True, 102.0)

@@ -52,7 +52,7 @@ def with_usage(request: ProxyRequest) -> tuple[ProxyRequest, bool]:
     payload = {**payload, "stream_options": {**(options or {}), "include_usage": True}}
     raw = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     return ProxyRequest(request.operation, raw, payload, request.model_id, request,
-                        request.found, request.id_refusal), True
+                        request.found, request.id_refusal, request.client), True
 
 
 class Watch:

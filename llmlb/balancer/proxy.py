@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from .. import errors
 from ..catalog import Catalog
 from ..config import ClusterSettings
+from ..disconnect import ClientWatch
 from ..history import RequestRecord
 from ..storage import requested_model_id
 from ..wire import DONE, event, parse_json_object
@@ -84,23 +85,27 @@ class Balancer:
         self.has_files, self.registry = has_files, registry
         self.on_done = on_done
 
-    def forward(self, operation: str, raw: bytes, caller: str | None = None) -> Forwarded:
+    def forward(self, operation: str, raw: bytes, caller: str | None = None,
+                client: ClientWatch | None = None) -> Forwarded:
         """Hand the request to a node and return its answer; ``caller`` (the key's name) is
-        what the request history says sent it."""
+        what the request history says sent it; ``client`` watches the client's connection
+        (an answer not yet begun stops when it closes)."""
         if self.on_done is None:
-            return self._forward(operation, raw, None)
+            return self._forward(operation, raw, None, client)
         watch = Watch(operation, caller, self.on_done)
         try:
-            forwarded = self._forward(operation, raw, watch)
+            forwarded = self._forward(operation, raw, watch, client)
         except errors.APIError as exc:
             watch.failed(exc.status, exc.code)
             raise
         return Forwarded(forwarded.node, watch.answered(forwarded.node, forwarded.response))
 
-    def _forward(self, operation: str, raw: bytes, watch: Watch | None) -> Forwarded:
+    def _forward(self, operation: str, raw: bytes, watch: Watch | None,
+                 client: ClientWatch | None = None) -> Forwarded:
         payload = parse_json_object(raw)
         model_id, refusal = self.requested_model(payload)
-        request = ProxyRequest(operation, raw, payload, model_id, id_refusal=refusal)
+        request = ProxyRequest(operation, raw, payload, model_id, id_refusal=refusal,
+                               client=client)
         if watch is not None:
             watch.model = model_id
             request, watch.strip_usage = with_usage(request)

@@ -21,6 +21,7 @@ from ..balancer.upstream import (
     error_response,
     json_response,
 )
+from ..disconnect import ClientLeft, ClientWatch
 from ..serving import openai as serving
 from ..serving.inference import Runner
 from ..serving.protocol import PromptLimits
@@ -29,7 +30,7 @@ from .local import LocalNode
 
 log = logging.getLogger(__name__)
 
-Serve = Callable[[Runner, dict, str, PromptLimits], "dict | SSEStream"]
+Serve = Callable[[Runner, dict, str, PromptLimits, "ClientWatch | None"], "dict | SSEStream"]
 SERVING: dict[str, Serve] = {CHAT: serving.chat_completion, COMPLETION: serving.completion,
                              EMBEDDINGS: serving.embeddings}
 
@@ -53,7 +54,9 @@ class InProcessNode:
             if request.id_refusal is not None:
                 raise request.id_refusal
             result = SERVING[request.operation](self.local.runner(request), request.payload,
-                                                request.model_id, self.limits)
+                                                request.model_id, self.limits, request.client)
+        except ClientLeft:
+            return error_response(errors.client_closed())
         except Exception as exc:
             err = errors.from_exception(exc)
             if err.code == "internal_error":

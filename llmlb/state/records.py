@@ -62,8 +62,10 @@ class Registrations:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def models(self) -> set[str]:
-        return {r["model_id"] for r in self.engine.execute("SELECT model_id FROM registrations")}
+    def models(self) -> dict[str, str | None]:
+        """Model id -> the remote node its pull was handed to (None: this process)."""
+        return {r["model_id"]: r["node"]
+                for r in self.engine.execute("SELECT model_id, node FROM registrations")}
 
     def local(self) -> list[str]:
         return [r["model_id"] for r in
