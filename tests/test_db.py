@@ -176,8 +176,10 @@ def test_a_revoked_key_and_an_ended_session_reach_the_other_cache(two_balancers)
 def test_a_known_key_is_read_from_the_cache_while_nothing_changes(
         two_balancers, monkeypatch: pytest.MonkeyPatch) -> None:
     one, two = two_balancers
+    wait_for(lambda: two.engine.version("keys") is not None)  # two listens
+    before = two.engine.version("keys")
     key, _ = auth.create_api_key(one, "ci", "api")
-    wait_for(lambda: two.engine.version("keys") is not None)
+    wait_for(lambda: two.engine.version("keys") != before)  # the notice of it came
     assert auth.authenticate_key(two, key) is not None
     statements = []
     real = two.engine.execute
