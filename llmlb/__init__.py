@@ -45,6 +45,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     from .api import (
         admin_routes,
         dashboard_routes,
+        dialect_routes,
         endpoint_routes,
         hub_routes,
         keyed_sessions,
@@ -83,6 +84,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     security_headers.init_app(app)
     app.register_blueprint(openai_routes.bp)
+    app.register_blueprint(dialect_routes.bp)
     app.register_blueprint(registry_routes.bp)
     app.register_blueprint(metrics_routes.bp)
     if settings.role == "node":  # the balancer's internal API to it; no users, no dashboard

@@ -121,6 +121,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("history_retention_days", ("LLMLB_HISTORY_RETENTION_DAYS",), 7.0, "float",
            "How long the request history (one row per request: time, key, model, node, "
            "status, latency, tokens) is kept; 0 keeps none."),
+    Option("responses_retention_days", ("LLMLB_RESPONSES_RETENTION_DAYS",), 30.0, "float",
+           "Days a stored response of the Responses API (\"store\": true, the default) is "
+           "kept for previous_response_id and GET /v1/responses/{id}."),
     Option("resolve_wait_seconds", ("LLMLB_RESOLVE_WAIT_SECONDS",), 300.0, "float",
            "How long a request waits for its model to download before a 503."),
     Option("max_resolve_waiters", ("LLMLB_MAX_RESOLVE_WAITERS",), 32, "int",
@@ -221,6 +224,7 @@ class Settings:
     endpoint_check_seconds: float
     endpoint_max_requests: int
     history_retention_days: float
+    responses_retention_days: float
     resolve_wait_seconds: float
     max_resolve_waiters: int
     download_timeout_seconds: float

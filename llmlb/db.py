@@ -1,6 +1,7 @@
 """The SQLite database every worker process shares (WAL mode): keys, users, sessions' login
-throttle, registrations (pulls), Hugging Face stats, small settings and the balancer's node
-registry. One connection per thread; schema versions in ``user_version``.
+throttle, registrations (pulls), Hugging Face stats, small settings, the balancer's node
+registry, the request history and stored responses. One connection per thread; schema
+versions in ``user_version``.
 """
 
 from __future__ import annotations
@@ -113,6 +114,20 @@ MIGRATIONS: tuple[str, ...] = (
     # stored: the events table was never read or written.
     """
     DROP TABLE IF EXISTS events;
+    """,
+    # Stored responses of the Responses API (response_store.py): the response object and
+    # the whole input it answered, so that previous_response_id can continue from it.
+    """
+    CREATE TABLE IF NOT EXISTS responses (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        model TEXT,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        input TEXT NOT NULL,
+        response TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS responses_expires_at ON responses(expires_at);
     """,
 )
 

@@ -1,8 +1,10 @@
-"""Every error body llmlb sends: ``{"error": {"message", "type", "code", "param"?}}``.
+"""Every error body llmlb sends: ``{"error": {"message", "type", "code", "param"?}}``, and
+under ``/v1/messages`` Anthropic's ``{"type": "error", "error": {"type", "message"}}``.
 
 ``APIError`` carries status, type, code, message and optional headers; the constructors below
 are the one place where each code's status and wording are decided. ``init_app`` installs
-handlers so that any 4xx/5xx under the API prefixes (404, 405 and 413 included) is JSON.
+handlers so that any 4xx/5xx under the API prefixes (404, 405 and 413 included) is JSON, in
+the shape of the API the request came through.
 """
 
 from __future__ import annotations
@@ -39,12 +41,32 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.code, self.param)
 
+    def anthropic_body(self) -> dict[str, Any]:
+        """Anthropic's shape (AG-2): its error type follows from the status, as Anthropic's
+        SDK expects; llmlb's code travels along (extra fields are ignored by the SDKs)."""
+        return {"type": "error", "error": {"type": anthropic_type(self.status),
+                                           "message": self.message, "code": self.code}}
+
 
 def error_body(message: str, type: str, code: str | None, param: str | None = None) -> dict:
     error: dict[str, Any] = {"message": message, "type": type, "code": code}
     if param is not None:
         error["param"] = param
     return {"error": error}
+
+
+ANTHROPIC_PREFIX = "/v1/messages"
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_type(status: int) -> str:
+    return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
 
 
 # --- the codes -------------------------------------------------------------------------------
@@ -70,6 +92,31 @@ def invalid_model_id(reason: str, param: str | None = "model") -> APIError:
 def prompt_too_large(what: str, count: int, limit: int, setting: str, param: str) -> APIError:
     return APIError(400, f"The request has {count} {what}; the limit is {limit} ({setting})",
                     code="prompt_too_large", param=param)
+
+
+def context_length_exceeded(prompt_tokens: int, context_length: int, at_least: bool = False,
+                            ) -> APIError:
+    """A prompt longer than the model's context. The wording starts as Anthropic's does
+    ("prompt is too long: N tokens > M maximum"): Claude Code compacts its conversation
+    when it reads that."""
+    more = "at least " if at_least else ""
+    return APIError(400, f"prompt is too long: {more}{prompt_tokens} tokens > {context_length} "
+                    f"maximum (the context of this model on its node; LLMLB_CONTEXT_LENGTH "
+                    f"sets it, up to the model's own limit)", code="context_length_exceeded",
+                    param="messages")
+
+
+def unsupported_field(param: str, why: str) -> APIError:
+    """A field of an agent API that would change the answer and that llmlb cannot honour."""
+    return APIError(400, f"'{param}' cannot be honoured: {why}", code="unsupported_parameter",
+                    param=param)
+
+
+def response_not_found(response_id: str, param: str | None = None) -> APIError:
+    """A stored response that does not exist, has expired, or belongs to another key."""
+    what = "Previous response" if param == "previous_response_id" else "Response"
+    return APIError(404, f"{what} with id '{response_id}' not found.", param=param,
+                    code="previous_response_not_found" if param else "response_not_found")
 
 
 def model_not_found(model_id: str, *, in_catalog_hint: bool = True) -> APIError:
@@ -253,10 +300,12 @@ def internal_error() -> APIError:
 
 def from_exception(exc: BaseException) -> APIError:
     """The APIError for any exception raised while serving (engines' errors included)."""
-    from engines.base import EngineError, InvalidPrompt
+    from engines.base import ContextOverflow, EngineError, InvalidPrompt
 
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ContextOverflow):
+        return context_length_exceeded(exc.prompt_tokens, exc.context_length, exc.at_least)
     if isinstance(exc, InvalidPrompt):
         return APIError(400, f"Invalid prompt: {exc}", code="invalid_prompt",
                         param=getattr(exc, "param", "messages"))
@@ -282,7 +331,8 @@ def init_app(app) -> None:  # noqa: ANN001 - Flask app, imported lazily to keep 
     from werkzeug.exceptions import HTTPException
 
     def respond(err: APIError):
-        response = jsonify(err.body())
+        response = jsonify(err.anthropic_body() if is_anthropic_path(request.path)
+                           else err.body())
         response.status_code = err.status
         for key, value in err.headers.items():
             response.headers[key] = value

@@ -25,6 +25,7 @@ from .balancer.inflight import InflightCounters
 from .balancer.members import Cluster, LocalMember
 from .balancer.proxy import Balancer
 from .balancer.registry import NodeRegistry, StatusWatch
+from .balancer.stored_responses import StoredResponses
 from .balancer.upstream import InProcessNode
 from .catalog import Catalog
 from .config import Settings
@@ -40,6 +41,7 @@ from .model_pool import ModelPool
 from .node import LocalNode
 from .plugins import EngineRegistry, load_plugins
 from .resolver import Resolver
+from .response_store import ResponseStore
 from .serving.protocol import PromptLimits
 from .supervisor import Supervisor
 
@@ -72,6 +74,7 @@ class Runtime:
     supervisor: Supervisor
     metrics: Metrics
     history: History
+    responses: StoredResponses | None = None  # the Responses API's state (not on a node)
 
     def close(self) -> None:
         self.supervisor.stop()
@@ -141,9 +144,14 @@ def build_runtime(settings: Settings) -> Runtime:
                        EndpointWatch(settings, registry, inflight))
     if history.enabled:
         supervisor.add("history-prune", HISTORY_PRUNE_SECONDS, history.prune)
+    responses = None
+    if settings.role != "node":  # nodes are stateless: their balancer keeps responses
+        store = ResponseStore(db, settings.responses_retention_days)
+        responses = StoredResponses(store, balancer)
+        supervisor.add("responses-prune", HISTORY_PRUNE_SECONDS, store.prune)
     return Runtime(settings, db, catalog, pm, engines, resolver, pool, node, dispatcher, hub,
                    events, inflight, registry, cluster, balancer, reporter, agent, supervisor,
-                   metrics, history)
+                   metrics, history, responses)
 
 
 def observer(metrics: Metrics, history: History) -> Callable[[Outcome], None]:

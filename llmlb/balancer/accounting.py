@@ -1,9 +1,10 @@
 """What the balancer notes about each request it forwards (LB-6): status, node, latency, time
 to the first byte, tokens, handed to ``on_done`` (metrics and history) when the answer ends.
 
-Tokens come from the answer's ``usage``, found without decoding the answer: a regular
-expression over the bytes of a complete answer, or over the last events of a stream. A
-stream's usage exists only when the client asks for it (``stream_options.include_usage``);
+Tokens come from the answer's ``usage`` (in any of the three APIs), found without decoding
+the answer: a regular expression over the bytes of a complete answer, or over the last events
+of a stream. A chat stream's usage exists only when the client asks for it
+(``stream_options.include_usage``);
 when it did not, the balancer asks on its behalf (``with_usage``) and removes that extra
 event (``choices: []`` with ``usage``) from what the client gets, so the client sees the
 stream it asked for.
@@ -21,8 +22,9 @@ from engines.base import CHAT, COMPLETION
 
 from .upstream import NodeResponse, ProxyRequest
 
-_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+# Chat's names, and the Responses and Messages APIs' (whose streams end with their usage too).
+_PROMPT = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*(\d+)')
+_COMPLETION = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*(\d+)')
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 # With include_usage, every chunk carries ``"usage": null`` (OpenAI's shape); a client that did
 # not ask for usage must not see it.

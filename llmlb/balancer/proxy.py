@@ -21,8 +21,8 @@ from .. import errors
 from ..catalog import Catalog
 from ..config import Settings
 from ..node import LocalNode
+from ..serving import dialects
 from ..serving.body import parse_json_object
-from ..serving.sse import event
 from ..storage import requested_model_id
 from . import routing
 from .accounting import Outcome, Watch, with_usage
@@ -31,8 +31,6 @@ from .registry import COOLDOWN, ENDPOINT, OFFLINE, ONLINE, NodeRegistry
 from .upstream import NodeResponse, NodeUnreachable, ProxyRequest
 
 log = logging.getLogger(__name__)
-
-DONE = b"data: [DONE]\n\n"
 
 
 @dataclass
@@ -84,21 +82,24 @@ class Balancer:
         self.files, self.registry = files, registry
         self.on_done = on_done
 
-    def forward(self, operation: str, raw: bytes, caller: str | None = None) -> Forwarded:
+    def forward(self, operation: str, raw: bytes, caller: str | None = None,
+                payload: dict | None = None) -> Forwarded:
         """Hand the request to a node and return its answer; ``caller`` (the key's name) is
-        what the request history says sent it."""
+        what the request history says sent it; ``payload``, the body already parsed."""
         if self.on_done is None:
-            return self._forward(operation, raw, None)
+            return self._forward(operation, raw, None, payload)
         watch = Watch(operation, caller, self.on_done)
         try:
-            forwarded = self._forward(operation, raw, watch)
+            forwarded = self._forward(operation, raw, watch, payload)
         except errors.APIError as exc:
             watch.failed(exc.status, exc.code)
             raise
         return Forwarded(forwarded.node, watch.answered(forwarded.node, forwarded.response))
 
-    def _forward(self, operation: str, raw: bytes, watch: Watch | None) -> Forwarded:
-        payload = parse_json_object(raw)
+    def _forward(self, operation: str, raw: bytes, watch: Watch | None,
+                 payload: dict | None) -> Forwarded:
+        if payload is None:
+            payload = parse_json_object(raw)
         model_id = self.requested_model(payload)
         request = ProxyRequest(operation, raw, payload, model_id)
         if watch is not None:
@@ -234,7 +235,7 @@ class Balancer:
                 self._failed(member, reason)
                 continue
             done = _Once(response.close, lambda m=member.id: inflight.leave(m))
-            body = self._relay(member, first, chunks)
+            body = self._relay(member, first, chunks, request.operation)
             return Forwarded(member.name, NodeResponse(status, response.headers, body, done))
         if relayed is not None:
             return relayed
@@ -243,9 +244,10 @@ class Balancer:
         down = [m for m in self.cluster.members((COOLDOWN,))]
         raise errors.no_node_available(request.model_id, self._retry_after(down), reason)
 
-    def _relay(self, member: Member, first: bytes, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    def _relay(self, member: Member, first: bytes, chunks: Iterator[bytes],
+               operation: str) -> Iterator[bytes]:
         """The node's stream as it comes; a node that breaks off gets the stream ended
-        properly: an error event, then ``[DONE]``."""
+        properly: an error event (then ``[DONE]`` for chat), in the API's own shape."""
         tail = first
         if first:
             yield first
@@ -254,16 +256,15 @@ class Balancer:
                 if chunk:
                     tail = chunk
                     yield chunk
-            if tail.rstrip().endswith(b"[DONE]"):
+            if dialects.stream_ended(operation, tail):
                 return
-            cause = "the stream ended before [DONE]"
+            cause = "the stream ended before its last event"
         except NodeUnreachable as exc:
             cause = str(exc)
         self._failed(member, cause)
         log.warning("Stream from node %s broke off: %s", member.name, cause)
         separator = b"" if tail.endswith(b"\n\n") or not tail else b"\n\n"
-        body = errors.node_failed(member.name, cause).body()
-        yield separator + event(body).encode() + DONE
+        yield separator + dialects.stream_error(operation, errors.node_failed(member.name, cause))
 
     def _failed(self, member: Member, reason: str, wait: float | None = None) -> None:
         if not isinstance(member, RemoteMember) or self.registry is None:

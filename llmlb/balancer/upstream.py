@@ -21,6 +21,7 @@ from engines.base import CHAT, COMPLETION, EMBEDDINGS
 
 from .. import errors
 from ..dispatch import Dispatcher
+from ..serving import dialects
 from ..serving import openai as serving
 from ..serving.openai import DEFAULT_LIMITS
 from ..serving.protocol import PromptLimits
@@ -30,7 +31,7 @@ from . import http1
 log = logging.getLogger(__name__)
 
 PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions",
-         EMBEDDINGS: "/v1/embeddings"}
+         EMBEDDINGS: "/v1/embeddings", **dialects.PATHS}
 SSE_HEADERS = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
                ("X-Accel-Buffering", "no")]  # nginx: pass each event on at once
 JSON_HEADERS = [("Content-Type", "application/json")]
@@ -49,7 +50,7 @@ def _noop() -> None:
 class ProxyRequest:
     """One OpenAI request on its way to a node: the bytes as sent, and what was read of them."""
 
-    operation: str  # CHAT | COMPLETION | EMBEDDINGS
+    operation: str  # CHAT | COMPLETION | EMBEDDINGS | a dialect's (serving/dialects.py)
     raw: bytes
     payload: dict
     model_id: str
@@ -95,14 +96,14 @@ def json_response(status: int, body: dict, headers: dict[str, str] | None = None
     return NodeResponse(status, JSON_HEADERS + list((headers or {}).items()), data)
 
 
-def error_response(err: errors.APIError) -> NodeResponse:
-    return json_response(err.status, err.body(), err.headers)
+def error_response(err: errors.APIError, operation: str = CHAT) -> NodeResponse:
+    return json_response(err.status, dialects.error_body(operation, err), err.headers)
 
 
 # --- the node in this process ---------------------------------------------------------------
 
 _SERVE = {CHAT: serving.chat_completion, COMPLETION: serving.completion,
-          EMBEDDINGS: serving.embeddings}
+          EMBEDDINGS: serving.embeddings, **dialects.SERVE}
 
 
 def _encoded(stream: SSEStream) -> Iterator[bytes]:
@@ -127,7 +128,7 @@ class InProcessNode:
             err = errors.from_exception(exc)
             if err.code == "internal_error":
                 log.exception("Unhandled error serving %s", request.path)
-            return error_response(err)
+            return error_response(err, request.operation)
         if isinstance(result, SSEStream):
             return NodeResponse(200, list(SSE_HEADERS), _encoded(result), result.close)
         return json_response(200, result)

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from engines.base import CHAT, COMPLETION, EMBEDDINGS, SamplingParams, TopLogprob
+from engines.base import CHAT, COMPLETION, EMBEDDINGS, SamplingParams, Started, TopLogprob
 
 from .. import errors
 from ..dispatch import Dispatcher
@@ -61,7 +61,10 @@ def _start(dispatcher: Dispatcher, call: InferenceCall, stops: list[str]) -> Tex
         generation.close()
         raise
     chained = itertools.chain([first] if first is not None else [], events)
-    return TextStream(chained, stops, on_close=generation.close)
+    stream = TextStream(chained, stops, on_close=generation.close)
+    if isinstance(first, Started):  # known before the first token (a dialect reports it)
+        stream.prompt_tokens = first.prompt_tokens
+    return stream
 
 
 def _ids(prefix: str) -> tuple[str, int]:
@@ -70,8 +73,8 @@ def _ids(prefix: str) -> tuple[str, int]:
 
 # --- chat -------------------------------------------------------------------------------------
 
-def chat_completion(dispatcher: Dispatcher, body: dict,
-                    limits: protocol.PromptLimits = DEFAULT_LIMITS) -> dict | SSEStream:
+def _chat_call(body: dict, limits: protocol.PromptLimits,
+               ) -> tuple[protocol.ChatRequest, tools.OutputPlan, InferenceCall]:
     limits.check_messages(body)
     req = protocol.parse(protocol.ChatRequest, body)
     limits.check_chars(protocol.chat_texts(req), "messages")
@@ -81,25 +84,42 @@ def chat_completion(dispatcher: Dispatcher, body: dict,
         raise errors.invalid_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(req, json_schema=output.json_schema, tools=output.tools, top_logprobs=top)
-    call = InferenceCall(CHAT, model, messages=tools.template_messages(req), params=params)
+    return req, output, InferenceCall(CHAT, model, messages=tools.template_messages(req),
+                                      params=params)
+
+
+def chat_completion(dispatcher: Dispatcher, body: dict,
+                    limits: protocol.PromptLimits = DEFAULT_LIMITS) -> dict | SSEStream:
+    req, output, call = _chat_call(body, limits)
+    model = call.model_id
     stream = _start(dispatcher, call, req.stops)
     completion_id, created = _ids("chatcmpl")
     if req.stream:
         chunks = _chat_chunks(stream, output, bool(req.logprobs))
         return SSEStream(_framed(chunks, completion_id, created, model, req.include_usage,
-                                 stream), stream.close)
+                                 stream), stream.close, lambda: stream.usage)
     text = "".join(stream)
     content, calls = tools.read_calls(output, text)
     message: dict = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = calls
-    return {
-        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": message,
-                     "logprobs": _chat_logprobs(stream) if req.logprobs else None,
-                     "finish_reason": _finish(stream, bool(calls))}],
-        "usage": stream.usage,
-    }
+    choice = {"index": 0, "message": message,
+              "logprobs": _chat_logprobs(stream) if req.logprobs else None,
+              "finish_reason": _finish(stream, bool(calls))}
+    if stream.stop_sequence is not None:  # which one, as vLLM says it
+        choice["stop_reason"] = stream.stop_sequence
+    return {"id": completion_id, "object": "chat.completion", "created": created,
+            "model": model, "choices": [choice], "usage": stream.usage}
+
+
+def prompt_tokens(dispatcher: Dispatcher, body: dict,
+                  limits: protocol.PromptLimits = DEFAULT_LIMITS) -> int:
+    """How many tokens a chat request's prompt has (template and tools included), without
+    generating: the engine counts the prompt when it starts, and closing it stops it."""
+    _, _, call = _chat_call({**body, "stream": False}, limits)
+    stream = _start(dispatcher, call, [])
+    stream.close()
+    return stream.prompt_tokens
 
 
 def _finish(stream: TextStream, called: bool) -> str:
@@ -119,9 +139,11 @@ def _framed(choices: Iterator[tuple[dict, str | None, dict | None]], cid: str, c
             model: str, include_usage: bool, stream: TextStream) -> Iterator[dict]:
     """``chat.completion.chunk`` objects around each (delta, finish_reason, logprobs)."""
     for delta, finish, logprobs in choices:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        if finish is not None and stream.stop_sequence is not None:
+            choice["stop_reason"] = stream.stop_sequence
         out = {"id": cid, "object": "chat.completion.chunk", "created": created,
-               "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
-                                            "finish_reason": finish}]}
+               "model": model, "choices": [choice]}
         if include_usage:
             out["usage"] = None
         yield out

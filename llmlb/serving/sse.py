@@ -1,5 +1,6 @@
 """Server-sent events framing: one ``data:`` line per chunk, errors as a ``data: {"error"}``
-event, always ending with ``data: [DONE]``."""
+event, always ending with ``data: [DONE]``; and the named events (``event:`` and ``data:``
+lines) of the Responses and Messages APIs."""
 
 from __future__ import annotations
 
@@ -16,16 +17,27 @@ def event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def named_event(name: str, payload: dict) -> str:
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {name}\ndata: {data}\n\n"
+
+
 class SSEStream:
     """The body of a streaming response. The WSGI server calls ``close()`` when the request
     ends, also when the client left before the first byte, so ``on_close`` always runs (a
     generator that never started would skip its ``finally``)."""
 
-    def __init__(self, chunks: Iterable[dict], on_close: Callable[[], None]) -> None:
+    def __init__(self, chunks: Iterable[dict], on_close: Callable[[], None],
+                 usage: Callable[[], dict] | None = None) -> None:
         self._chunks, self._on_close = chunks, on_close
+        self.usage = usage  # the token counts so far (the prompt's, once it is read)
 
     def __iter__(self) -> Iterator[str]:
         return _frames(self._chunks)
+
+    def chunks(self) -> Iterable[dict]:
+        """The chunks before framing, for a dialect that frames them its own way."""
+        return self._chunks
 
     def close(self) -> None:
         self._on_close()
@@ -48,3 +60,15 @@ def _frames(chunks: Iterable[dict]) -> Iterator[str]:
         if close is not None:
             close()
     yield "data: [DONE]\n\n"
+
+
+class EventStream(SSEStream):
+    """A stream whose frames are already made (a dialect's named events); closing it closes
+    what it was made from."""
+
+    def __init__(self, frames: Iterable[str], on_close: Callable[[], None]) -> None:
+        super().__init__((), on_close)
+        self._frames = frames
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._frames)
