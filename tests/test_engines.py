@@ -191,7 +191,7 @@ def test_prompt_longer_than_the_context(server: LiveServer, models: dict[str, st
                                                     stream=True)
         assert info.value.body["code"] == "context_length_exceeded"
         assert "context" in info.value.body["message"]
-        assert "> 4096 maximum" in info.value.body["message"]  # both numbers
+        assert "tokens > 512 maximum" in info.value.body["message"]  # both numbers
 
 
 def test_metal_model_gets_a_clear_error(server: LiveServer) -> None:
