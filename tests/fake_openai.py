@@ -1,8 +1,9 @@
 """A minimal OpenAI-compatible server, as vLLM or Ollama would stand behind llmlb as an
 endpoint: ``GET /v1/models``, chat and completions (streamed with a delay per token, usage
 when asked), embeddings, a vLLM-style Prometheus ``/metrics``, and fault modes (500, a cut
-connection, a hang, 429 with Retry-After). Stdlib only: a ThreadingHTTPServer on loopback,
-HTTP/1.1 keep-alive, streams sent chunked."""
+connection, a hang, 429 with Retry-After); with ``native=("messages",)``, Anthropic's
+``/v1/messages`` as vLLM serves it; any other path, FastAPI's 404. Stdlib only: a
+ThreadingHTTPServer on loopback, HTTP/1.1 keep-alive, streams sent chunked."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class FakeOpenAI:
     def __init__(self, name: str, models: tuple[str, ...] = ("fake-model",), *,
                  latency: float = 0.0, token_delay: float = 0.0, tokens: int = 5,
-                 api_key: str | None = None, metrics: bool = True) -> None:
-        self.name, self.models = name, list(models)
+                 api_key: str | None = None, metrics: bool = True,
+                 native: tuple[str, ...] = ()) -> None:
+        self.name, self.models, self.native = name, list(models), native
+        self.paths: list[str] = []  # the paths of the inference requests received
         self.latency, self.token_delay, self.tokens = latency, token_delay, tokens
         self.api_key, self.has_metrics = api_key, metrics
         # "500" | "cut" | "hang" | "429" | "down" | "no-stream-options" (an older server)
@@ -64,8 +67,13 @@ class FakeOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 if not self._authorized():
                     return
+                known = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                         *(f"/v1/{api}" for api in fake.native))
+                if self.path.split("?")[0] not in known:
+                    return self._json(404, {"detail": "Not Found"})
                 with fake._lock:
                     fake.calls.append(body)
+                    fake.paths.append(self.path)
                     fake.concurrent += 1
                     fake.max_concurrent = max(fake.max_concurrent, fake.concurrent)
                 try:
@@ -95,6 +103,8 @@ class FakeOpenAI:
                 if body.get("model") not in fake.models:
                     return self._json(404, {"error": {"message": "no such model",
                                                       "code": "model_not_found"}})
+                if self.path.startswith("/v1/messages"):
+                    return self._message(body)
                 if self.path.endswith("/embeddings"):
                     return self._json(200, {"object": "list", "model": body["model"], "data": [
                         {"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
@@ -130,6 +140,35 @@ class FakeOpenAI:
                         "prompt_tokens": 5, "completion_tokens": fake.tokens,
                         "total_tokens": 5 + fake.tokens}})
                 self._write(b"data: [DONE]\n\n")
+                self._write(b"")
+
+            def _message(self, body: dict) -> None:
+                text = f"hello from {fake.name}"
+                usage = {"input_tokens": 5, "output_tokens": fake.tokens}
+                if not body.get("stream"):
+                    return self._json(200, {
+                        "id": "msg_x", "type": "message", "role": "assistant",
+                        "model": body["model"], "content": [{"type": "text", "text": text}],
+                        "stop_reason": "end_turn", "stop_sequence": None, "usage": usage})
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                events = [("message_start", {"type": "message_start", "message": {
+                    "id": "msg_x", "type": "message", "role": "assistant",
+                    "model": body["model"], "content": [], "stop_reason": None,
+                    "stop_sequence": None, "usage": {**usage, "output_tokens": 0}}}),
+                    ("content_block_start", {"type": "content_block_start", "index": 0,
+                                             "content_block": {"type": "text", "text": ""}}),
+                    ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                             "delta": {"type": "text_delta", "text": text}}),
+                    ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                    ("message_delta", {"type": "message_delta", "delta": {
+                        "stop_reason": "end_turn", "stop_sequence": None},
+                        "usage": {"output_tokens": fake.tokens}}),
+                    ("message_stop", {"type": "message_stop"})]
+                for name, data in events:
+                    self._write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
                 self._write(b"")
 
             def _chunk(self, payload: dict) -> None:

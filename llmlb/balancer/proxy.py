@@ -28,6 +28,7 @@ from . import routing
 from .accounting import Outcome, Watch, with_usage
 from .members import Cluster, Member, RemoteMember
 from .registry import COOLDOWN, ENDPOINT, OFFLINE, ONLINE, NodeRegistry
+from .translate import Translator
 from .upstream import NodeResponse, NodeUnreachable, ProxyRequest
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Balancer:
         self.settings, self.cluster, self.catalog = settings, cluster, catalog
         self.files, self.registry = files, registry
         self.on_done = on_done
+        self.translator = Translator()  # the agent APIs for endpoints that lack them
 
     def forward(self, operation: str, raw: bytes, caller: str | None = None,
                 payload: dict | None = None) -> Forwarded:
@@ -191,7 +193,7 @@ class Balancer:
                 full = True
                 continue
             try:
-                response = member.node.send(request)
+                response = self.translator.send(member, request)
                 if request.as_sent is not None and _refused_usage(response):
                     # A server that refuses the stream_options llmlb added (an older one):
                     # the client's own request, as it sent it.

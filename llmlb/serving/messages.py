@@ -277,7 +277,8 @@ def from_chat(answer: dict, req: Request) -> dict:
                         "input": _input(call["function"]["arguments"])})
     reason, sequence = _stop(choice.get("finish_reason"), choice.get("stop_reason"))
     usage = answer.get("usage") or {}
-    return {"id": "msg_" + answer["id"].removeprefix("chatcmpl-"), "type": "message",
+    return {"id": "msg_" + str(answer.get("id") or uuid.uuid4().hex).removeprefix("chatcmpl-"),
+            "type": "message",
             "role": "assistant", "model": req.model, "content": content,
             "stop_reason": reason, "stop_sequence": sequence,
             "usage": _usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))}
@@ -348,7 +349,7 @@ def stream_ended(tail: bytes) -> bool:
 
 # --- serving ----------------------------------------------------------------------------------
 
-def _framed(chunks: Iterator[dict], req: Request, prompt_tokens: int) -> Iterator[str]:
+def framed(chunks: Iterator[dict], req: Request, prompt_tokens: int) -> Iterator[str]:
     try:
         for name, data in events(chunks, req, prompt_tokens):
             yield named_event(name, data)
@@ -381,7 +382,7 @@ def serve(dispatcher: Dispatcher, body: dict, limits: PromptLimits) -> dict | SS
         raise renamed(exc, PARAMS) from None
     if isinstance(result, SSEStream):
         prompt = (result.usage() if result.usage else {}).get("prompt_tokens", 0)
-        return EventStream(_framed(iter(result.chunks()), req, prompt), result.close)
+        return EventStream(framed(iter(result.chunks()), req, prompt), result.close)
     return from_chat(result, req)
 
 

@@ -320,7 +320,8 @@ def from_chat(answer: dict, req: Request) -> dict:
                                     _logprobs(choice.get("logprobs"))))
     for call in message.get("tool_calls") or ():
         output.append(_call_item(_new_id("fc"), call, req, "completed"))
-    return response_object(_new_id("resp"), answer["created"], req, status, output,
+    return response_object(_new_id("resp"), answer.get("created") or int(time.time()), req,
+                           status, output,
                            _usage(answer.get("usage")), choice.get("finish_reason"))
 
 
@@ -430,7 +431,7 @@ def stream_ended(tail: bytes) -> bool:
 
 # --- serving ----------------------------------------------------------------------------------
 
-def _framed(chunks: Iterator[dict], req: Request) -> Iterator[str]:
+def framed(chunks: Iterator[dict], req: Request) -> Iterator[str]:
     sequence = 0
     try:
         for name, data in events(chunks, req):
@@ -452,7 +453,7 @@ def serve(dispatcher: Dispatcher, body: dict, limits: PromptLimits) -> dict | SS
     except errors.APIError as exc:
         raise renamed(exc, PARAMS) from None
     if isinstance(result, SSEStream):
-        return EventStream(_framed(iter(result.chunks()), req), result.close)
+        return EventStream(framed(iter(result.chunks()), req), result.close)
     return from_chat(result, req)
 
 
