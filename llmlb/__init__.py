@@ -44,6 +44,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     from . import auth, errors
     from .api import (
         admin_routes,
+        alias_routes,
         dashboard_routes,
         dialect_routes,
         endpoint_routes,
@@ -92,6 +93,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     else:
         app.register_blueprint(node_routes.bp)
         app.register_blueprint(endpoint_routes.bp)
+        app.register_blueprint(alias_routes.bp)
         app.register_blueprint(admin_routes.bp)
         app.register_blueprint(hub_routes.bp)
         ws.init_app(app, settings)

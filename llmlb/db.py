@@ -1,7 +1,7 @@
 """The SQLite database every worker process shares (WAL mode): keys, users, sessions' login
 throttle, registrations (pulls), Hugging Face stats, small settings, the balancer's node
-registry, the request history and stored responses. One connection per thread; schema
-versions in ``user_version``.
+registry, the request history, stored responses and model aliases. One connection per
+thread; schema versions in ``user_version``.
 """
 
 from __future__ import annotations
@@ -128,6 +128,14 @@ MIGRATIONS: tuple[str, ...] = (
         response TEXT NOT NULL
     );
     CREATE INDEX IF NOT EXISTS responses_expires_at ON responses(expires_at);
+    """,
+    # Model aliases (aliases.py): a name agents use, standing for a list of models.
+    """
+    CREATE TABLE IF NOT EXISTS aliases (
+        name TEXT PRIMARY KEY,
+        models TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
     """,
 )
 

@@ -119,6 +119,10 @@ def response_not_found(response_id: str, param: str | None = None) -> APIError:
                     code="previous_response_not_found" if param else "response_not_found")
 
 
+def alias_not_found(name: str) -> APIError:
+    return APIError(404, f"No alias named '{name}'", code="alias_not_found")
+
+
 def model_not_found(model_id: str, *, in_catalog_hint: bool = True) -> APIError:
     if in_catalog_hint:
         message = f"Model '{model_id}' is not supported. Check supported_models.json."

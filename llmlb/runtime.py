@@ -18,6 +18,7 @@ import pluggy
 
 from engines.base import LoadOptions
 
+from .aliases import Aliases
 from .balancer.accounting import Outcome
 from .balancer.agent import NodeAgent, Reporter
 from .balancer.endpoints import EndpointWatch
@@ -115,8 +116,9 @@ def build_runtime(settings: Settings) -> Runtime:
     metrics = Metrics(settings.metrics_dir, cluster.describe)
     # A node's requests come from its balancer, which keeps their history.
     history = History(db, settings.history_retention_days if settings.role != "node" else 0)
+    aliases = Aliases(db) if settings.role != "node" else None
     balancer = Balancer(settings, cluster, catalog, node, registry,
-                        on_done=observer(metrics, history))
+                        on_done=observer(metrics, history), aliases=aliases)
 
     stats = HFStats(db, settings.hf_endpoint, settings.hf_token, settings.hf_stats_ttl_seconds,
                     settings.hub_timeout_seconds)

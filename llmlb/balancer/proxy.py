@@ -11,6 +11,7 @@ Once a stream has started, a node that fails ends it with a ``data: {"error": â€
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .. import errors
+from ..aliases import Aliases
 from ..catalog import Catalog
 from ..config import Settings
 from ..node import LocalNode
@@ -78,10 +80,11 @@ class _Once:
 class Balancer:
     def __init__(self, settings: Settings, cluster: Cluster, catalog: Catalog,
                  files: LocalNode, registry: NodeRegistry | None,
-                 on_done: Callable[[Outcome], None] | None = None) -> None:
+                 on_done: Callable[[Outcome], None] | None = None,
+                 aliases: Aliases | None = None) -> None:
         self.settings, self.cluster, self.catalog = settings, cluster, catalog
         self.files, self.registry = files, registry
-        self.on_done = on_done
+        self.on_done, self.aliases = on_done, aliases
         self.translator = Translator()  # the agent APIs for endpoints that lack them
 
     def forward(self, operation: str, raw: bytes, caller: str | None = None,
@@ -103,11 +106,42 @@ class Balancer:
         if payload is None:
             payload = parse_json_object(raw)
         model_id = self.requested_model(payload)
+        targets = self.aliases.resolve(model_id) if self.aliases is not None else None
+        if targets:
+            return self._forward_alias(operation, payload, targets, watch)
         request = ProxyRequest(operation, raw, payload, model_id)
         if watch is not None:
             watch.model = model_id
             request, watch.strip_usage = with_usage(request)
         return self._attempt(self.candidates(request), request)
+
+    def _forward_alias(self, operation: str, payload: dict, targets: list[str],
+                       watch: Watch | None) -> Forwarded:
+        """An alias (AG-5): its models in order, the next one when a model cannot be served
+        or its nodes fail before the first byte."""
+        failure: errors.APIError | Forwarded | None = None
+        for i, target in enumerate(targets):
+            body = {**payload, "model": target}
+            try:
+                model_id = self.requested_model(body)
+                raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+                request = ProxyRequest(operation, raw, body, model_id)
+                if watch is not None:
+                    watch.model = model_id
+                    request, watch.strip_usage = with_usage(request)
+                forwarded = self._attempt(self.candidates(request), request)
+            except errors.APIError as exc:
+                if exc.status not in (400, 404, 429, 503):
+                    raise
+                failure = exc
+                continue
+            if forwarded.response.status < 500 or i == len(targets) - 1:
+                return forwarded
+            forwarded.response.close()
+            failure = forwarded
+        if isinstance(failure, errors.APIError) or failure is None:
+            raise failure or errors.model_not_found(str(payload.get("model")))
+        return failure
 
     def requested_model(self, payload: dict) -> str:
         """The request's model id; an endpoint's own ids (Ollama's ``llama3.2:1b``) may hold
