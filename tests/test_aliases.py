@@ -12,6 +12,7 @@ import anthropic
 import requests
 
 from .conftest import HELLO, llmlb_command
+from .test_dashboard import browser, dash, log_in, page  # noqa: F401 - fixtures
 from .test_endpoints import ADMIN, FAST, add, fakes  # noqa: F401 - the fixture
 
 
@@ -82,3 +83,27 @@ def test_aliases_from_the_shell(llmlb_home, tmp_path) -> None:
     assert llmlb("remove", "claude-sonnet-4-5").returncode == 0
     assert llmlb("list").stdout == ""
     assert "no alias" in llmlb("remove", "claude-sonnet-4-5").stderr
+
+
+def test_aliases_on_the_dashboard(dash, page) -> None:  # noqa: F811, ANN001
+    from playwright.sync_api import expect
+
+    server = dash(role="balancer")
+    log_in(page, server)
+    page.click("nav >> text=Nodes")
+    expect(page.locator("#aliases")).to_contain_text("No aliases.")
+    form = page.locator("#new-alias")
+    form.locator("#alias-name").fill("gpt-4o")
+    form.locator("#alias-models").fill("qwen2.5-7b, llama3.2:1b")
+    form.locator("button").click()
+    expect(page.locator("#toast")).to_contain_text("gpt-4o → qwen2.5-7b, llama3.2:1b")
+    row = page.locator('tr[data-alias="gpt-4o"]')
+    expect(row).to_contain_text("qwen2.5-7b → llama3.2:1b")
+    assert server.runtime.balancer.aliases.all() == {"gpt-4o": ["qwen2.5-7b", "llama3.2:1b"]}
+    form.locator("#alias-name").fill("loop")
+    form.locator("#alias-models").fill("loop")
+    form.locator("button").click()
+    expect(page.locator("#toast")).to_contain_text("cannot name itself")
+    row.locator("button").click()
+    expect(row).to_have_count(0)
+    assert server.runtime.balancer.aliases.all() == {}

@@ -123,5 +123,46 @@ document.getElementById("new-endpoint").addEventListener("submit", async (event)
   load();
 });
 
+// Aliases: a name agents use standing for a list of models (AG-5).
+async function loadAliases() {
+  const box = document.getElementById("aliases");
+  try {
+    const data = await api("/v0/aliases");
+    if (!data.data.length) {
+      box.replaceChildren(el("p", { class: "muted" }, "No aliases."));
+      return;
+    }
+    box.replaceChildren(el("table", {}, el("tbody", {}, data.data.map((a) =>
+      el("tr", { dataset: { alias: a.name } },
+        el("td", {}, el("code", {}, a.name)),
+        el("td", {}, a.models.join(" → ")),
+        el("td", {}, el("button", { class: "btn small", type: "button",
+          onclick: () => removeAlias(a.name) }, "Remove")))))));
+  } catch (error) {
+    box.replaceChildren(el("p", { class: "alert error" }, error.message));
+  }
+}
+
+async function removeAlias(name) {
+  await api(`/v0/aliases/${encodeURIComponent(name)}`, { method: "DELETE" }).catch((e) => toast(e.message));
+  loadAliases();
+}
+
+document.getElementById("new-alias").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = event.target;
+  const name = form.querySelector("#alias-name").value.trim();
+  const models = form.querySelector("#alias-models").value.split(",").map((m) => m.trim()).filter(Boolean);
+  try {
+    const set = await api(`/v0/aliases/${encodeURIComponent(name)}`, { method: "PUT", body: { models } });
+    toast(`${set.name} → ${set.models.join(", ")}`);
+    form.reset();
+  } catch (error) {
+    toast(error.message, 6000);
+  }
+  loadAliases();
+});
+
 load();
+loadAliases();
 setInterval(load, REFRESH_MS);
