@@ -208,6 +208,12 @@ def node_failed(node: str, cause: str) -> APIError:
                     type="upstream_error", code="node_failed")
 
 
+def unreadable_upstream_answer(what: str) -> APIError:
+    """An endpoint's answer the balancer had to translate and could not read."""
+    return APIError(502, f"The endpoint's {what} could not be read", type="upstream_error",
+                    code="bad_upstream_answer")
+
+
 def relayed(status: int, body: dict) -> APIError:
     """A node's error, passed on as the node gave it (a node's 404 stays a 404)."""
     error = body.get("error") if isinstance(body.get("error"), dict) else {}

@@ -30,6 +30,11 @@ def test_an_endpoint_without_the_apis_gets_them_translated(make_server, fakes) -
     assert fake.paths[-1] == "/v1/chat/completions"
     assert sent["messages"] == [{"role": "system", "content": "Be kind."},
                                 {"role": "user", "content": "Hi"}]
+    follow = client.responses.create(model="plain-model", input="And then?",
+                                     previous_response_id=answer.id)
+    assert follow.previous_response_id == answer.id
+    assert [m["content"] for m in fake.calls[-1]["messages"]] == ["Hi", "hello from plain",
+                                                                  "And then?"]
     with client.responses.stream(model="plain-model", input="Hi") as stream:
         deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
         final = stream.get_final_response()
@@ -51,7 +56,7 @@ def test_an_endpoint_without_the_apis_gets_them_translated(make_server, fakes) -
                                            messages=[{"role": "user", "content": "Hi"}])
     assert counted.input_tokens == 5
     # the first request of each API found the route missing (404): each ran once, as chat
-    assert fake.paths == ["/v1/chat/completions"] * 5
+    assert fake.paths == ["/v1/chat/completions"] * 6
 
     # the endpoint's errors come back in the client's API
     fake.fault = "429"

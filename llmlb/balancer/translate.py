@@ -9,7 +9,9 @@ that is not about the model (FastAPI's ``{"detail":"Not Found"}``, Ollama's ``40
 found``, llama-server's ``File Not Found``) means the endpoint lacks the route. That is
 remembered per worker for ``REMEMBER_SECONDS`` (an upgraded endpoint is found again after
 that), and the request — which no model has read yet — goes translated. ``count_tokens`` on
-such an endpoint is a one-token chat completion whose usage says how long the prompt is.
+such an endpoint is a one-token chat completion whose usage says how long the prompt is. An
+endpoint never sees ``previous_response_id``: the balancer has already put that response's
+turns into the input (``stored_responses.py``).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class Translator:
         if member.kind != ENDPOINT or request.operation not in TRANSLATED:
             return member.node.send(request)
         if not self.lacks(member.id, request.operation):
-            response = member.node.send(request)
+            response = member.node.send(_as_sent_natively(request))
             if not _missing_route(response):
                 return response
             response.close()
@@ -64,6 +66,16 @@ class Translator:
             log.info("Endpoint %s lacks %s: translating to chat completions", member.name,
                      request.path)
         return translated(member.node, request)
+
+
+def _as_sent_natively(request: ProxyRequest) -> ProxyRequest:
+    """Without ``previous_response_id``: this balancer has put that response's turns into
+    the input already, and the endpoint's own store knows no such id."""
+    if "previous_response_id" not in request.payload:
+        return request
+    payload = {k: v for k, v in request.payload.items() if k != "previous_response_id"}
+    raw = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    return ProxyRequest(request.operation, raw, payload, request.model_id)
 
 
 def translated(node, request: ProxyRequest) -> NodeResponse:  # noqa: ANN001 - a Node
@@ -93,9 +105,8 @@ def translated(node, request: ProxyRequest) -> NodeResponse:  # noqa: ANN001 - a
         else:
             body = dialect.from_chat(answer, req)
     except (ValueError, KeyError, TypeError, IndexError):
-        return error_response(errors.APIError(502, "The endpoint's chat completion could not "
-                                              "be read", type="upstream_error",
-                                              code="bad_upstream_answer"), request.operation)
+        return error_response(errors.unreadable_upstream_answer("chat completion"),
+                              request.operation)
     data = (json.dumps(body, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
     return NodeResponse(200, list(JSON_HEADERS), data)
 
@@ -104,7 +115,7 @@ def _error(response: NodeResponse, operation: str) -> NodeResponse:
     """The endpoint's error, in the request's API's shape (the status kept)."""
     if response.streaming:
         response.close()
-        return error_response(errors.APIError(response.status, "The endpoint failed"), operation)
+        return error_response(errors.relayed(response.status, {}), operation)
     try:
         body = json.loads(response.body)
     except ValueError:
