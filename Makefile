@@ -76,6 +76,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/affinity.py
 	$(BIN)/python bench/endpoints.py
 	$(BIN)/python bench/json_schema.py
+	$(BIN)/python bench/dialects.py
 	$(BIN)/python bench/soak.py
 
 clean:
