@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from .. import errors
 from ..auth import Principal
 from ..response_store import ResponseStore
-from ..serving import responses
 from ..serving.body import parse_json_object
 from ..serving.dialects import RESPONSES
 from .proxy import Balancer, Forwarded
@@ -44,7 +43,7 @@ class StoredResponses:
         payload = parse_json_object(raw)
         owner = owner_of(principal)
         previous = payload.get("previous_response_id")
-        items = responses.input_items(payload)
+        items = _input_items(payload)
         if previous is not None:
             if not isinstance(previous, str):
                 raise errors.invalid_request("Invalid value for 'previous_response_id': a "
@@ -54,7 +53,7 @@ class StoredResponses:
                 raise errors.response_not_found(previous, "previous_response_id")
             items = stored.input + _as_input(stored.response.get("output")) + items
             payload = {**payload, "input": items}
-            raw = responses.json_text(payload)
+            raw = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         forwarded = self.balancer.forward(RESPONSES, raw, principal.name, payload)
         answer = forwarded.response
         if payload.get("store") is False or answer.status != 200:
@@ -101,6 +100,15 @@ class StoredResponses:
         if not isinstance(response, dict) or not isinstance(response.get("id"), str):
             return
         self.store.put(owner, response, items)
+
+
+def _input_items(body: dict) -> list[dict]:
+    """A request's ``input`` as a list of items (a string is one user message)."""
+    given = body.get("input")
+    if isinstance(given, str):
+        return [{"type": "message", "role": "user",
+                 "content": [{"type": "input_text", "text": given}]}]
+    return list(given) if isinstance(given, list) else []
 
 
 def _as_input(output: object) -> list:

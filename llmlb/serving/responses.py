@@ -21,7 +21,6 @@ input and only echoes the id.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -456,15 +455,3 @@ def serve(dispatcher: Dispatcher, body: dict, limits: PromptLimits) -> dict | SS
         return EventStream(framed(iter(result.chunks()), req), result.close)
     return from_chat(result, req)
 
-
-def input_items(body: dict) -> list[dict]:
-    """A request's ``input`` as a list of items (a string is one user message)."""
-    given = body.get("input")
-    if isinstance(given, str):
-        return [{"type": "message", "role": "user",
-                 "content": [{"type": "input_text", "text": given}]}]
-    return list(given) if isinstance(given, list) else []
-
-
-def json_text(data: dict) -> bytes:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
