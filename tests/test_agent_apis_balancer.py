@@ -152,3 +152,32 @@ def test_a_dialect_stream_of_a_dying_node_ends_with_its_error_event(cluster) -> 
             if kinds.count("response.output_text.delta") == 3:
                 c.nodes["node-c"].stop(signal.SIGKILL)
     assert kinds[-1] == "error" and "response.completed" not in kinds
+
+
+def test_affinity_keeps_an_agent_conversation_on_its_node(cluster) -> None:  # noqa: F811
+    c = cluster()
+    c.start_node("node-a", {"tiny": "llama-gguf"})
+    c.start_node("node-b", {"tiny": "llama-gguf"})
+    claude = anthropic.Anthropic(base_url=c.url, api_key=c.api, max_retries=0, timeout=120)
+    client = c.client()
+    used: set[str] = set()
+    for n in range(6):
+        messages = [{"role": "user", "content": f"Conversation {n}: tell me about Paris."}]
+        by_messages, by_responses, previous = [], [], None
+        for turn in range(3):
+            raw = claude.messages.with_raw_response.create(
+                model="tiny", system="You are terse.", messages=messages, max_tokens=3)
+            by_messages.append(raw.headers["X-LLMLB-Node"])
+            messages = [*messages, {"role": "assistant", "content": raw.parse().content},
+                        {"role": "user", "content": f"And turn {turn + 2}?"}]
+            # turns chained by previous_response_id: the balancer expands them, so each
+            # starts with the first turn's input, and goes where that one went
+            answer = client.responses.with_raw_response.create(
+                model="tiny", instructions="You are terse.", max_output_tokens=3,
+                input=f"Conversation {n}, turn {turn}", previous_response_id=previous)
+            by_responses.append(answer.headers["X-LLMLB-Node"])
+            previous = answer.parse().id
+        assert len(set(by_messages)) == 1, f"conversation {n} moved: {by_messages}"
+        assert len(set(by_responses)) == 1, f"conversation {n} moved: {by_responses}"
+        used |= set(by_messages) | set(by_responses)
+    assert used == {"node-a", "node-b"}  # conversations spread over the nodes
