@@ -118,6 +118,25 @@ OPTIONS: tuple[Option, ...] = (
            "Requests one external endpoint may hold at once (vLLM and Ollama accept and queue "
            "everything); more go to another candidate, or get 429 with Retry-After. 0: no "
            "limit."),
+    Option("openai_api_key", ("OPENAI_API_KEY",), None, "str",
+           "OpenAI's API key: model names openai:<model> go to OpenAI with it (unset: such "
+           "names are a 404 that says to set it). Sent only to OPENAI_BASE_URL."),
+    Option("openai_base_url", ("OPENAI_BASE_URL",), "https://api.openai.com/v1", "str",
+           "Where openai:<model> requests go (a proxy, or a stand-in in tests)."),
+    Option("anthropic_api_key", ("ANTHROPIC_API_KEY",), None, "str",
+           "Anthropic's API key: model names anthropic:<model> go to Anthropic with it. Sent "
+           "only to ANTHROPIC_BASE_URL."),
+    Option("anthropic_base_url", ("ANTHROPIC_BASE_URL",), "https://api.anthropic.com", "str",
+           "Where anthropic:<model> requests go."),
+    Option("google_api_key", ("GOOGLE_API_KEY", "GEMINI_API_KEY"), None, "str",
+           "Google's Gemini API key: model names google:<model> go to the Gemini API with it. "
+           "Sent only to GOOGLE_BASE_URL."),
+    Option("google_base_url", ("GOOGLE_BASE_URL",), "https://generativelanguage.googleapis.com",
+           "str", "Where google:<model> requests go."),
+    Option("provider_check_seconds", ("LLMLB_PROVIDER_CHECK_SECONDS",), 3600.0, "float",
+           "How often the balancer asks each hosted provider it has a key for which models it "
+           "has (listed in /v1/models as <provider>:<model>); any model name of the provider "
+           "is sent on, listed or not."),
     Option("history_retention_days", ("LLMLB_HISTORY_RETENTION_DAYS",), 7.0, "float",
            "How long the request history (one row per request: time, key, model, node, "
            "status, latency, tokens) is kept; 0 keeps none."),
@@ -223,6 +242,13 @@ class Settings:
     proxy_read_timeout_seconds: float
     endpoint_check_seconds: float
     endpoint_max_requests: int
+    openai_api_key: str | None
+    openai_base_url: str
+    anthropic_api_key: str | None
+    anthropic_base_url: str
+    google_api_key: str | None
+    google_base_url: str
+    provider_check_seconds: float
     history_retention_days: float
     responses_retention_days: float
     resolve_wait_seconds: float

@@ -131,6 +131,19 @@ def model_not_found(model_id: str, *, in_catalog_hint: bool = True) -> APIError:
     return APIError(404, message, code="model_not_found", param="model")
 
 
+def provider_not_configured(model: str, provider: str, variable: str) -> APIError:
+    """A hosted provider's model (``openai:gpt-4o``) on a balancer without that provider's key."""
+    return APIError(404, f"Model '{model}' is {provider}'s, and this llmlb has no {provider} "
+                    f"API key: set {variable} in the balancer's environment",
+                    code="provider_not_configured", param="model")
+
+
+def provider_cannot(provider: str, path: str) -> APIError:
+    """An API a hosted provider has no equivalent of (Anthropic's embeddings)."""
+    return APIError(400, f"{provider} has no equivalent of {path}; use another model",
+                    code="unsupported_operation", param="model")
+
+
 def model_not_allowed(model_id: str, host: str) -> APIError:
     """A catalog model whose only source this node may not download from."""
     return APIError(404, f"Model '{model_id}' is in supported_models.json, but its source "

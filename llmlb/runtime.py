@@ -24,6 +24,7 @@ from .balancer.agent import NodeAgent, Reporter
 from .balancer.endpoints import EndpointWatch
 from .balancer.inflight import InflightCounters
 from .balancer.members import Cluster, LocalMember
+from .balancer.providers import Providers, ProviderWatch
 from .balancer.proxy import Balancer
 from .balancer.registry import NodeRegistry, StatusWatch
 from .balancer.stored_responses import StoredResponses
@@ -112,7 +113,10 @@ def build_runtime(settings: Settings) -> Runtime:
         name = settings.node_name if settings.role == "node" else "local"
         local = LocalMember(InProcessNode(name, dispatcher, PromptLimits.from_settings(settings)),
                             node, node_memory, reporter.report)
-    cluster = Cluster(settings, registry, inflight, local)
+    providers = Providers(settings) if registry is not None else None
+    if providers is not None:
+        registry.sync_providers({n: p.url for n, p in providers.nodes.items()})  # type: ignore[union-attr]
+    cluster = Cluster(settings, registry, inflight, local, providers)
     metrics = Metrics(settings.metrics_dir, cluster.describe)
     # A node's requests come from its balancer, which keeps their history.
     history = History(db, settings.history_retention_days if settings.role != "node" else 0)
@@ -144,6 +148,9 @@ def build_runtime(settings: Settings) -> Runtime:
         supervisor.add("node-watch", 1.0, StatusWatch(registry, forget_after))
         supervisor.add("endpoint-check", settings.endpoint_check_seconds,
                        EndpointWatch(settings, registry, inflight))
+        if providers is not None and providers.nodes:
+            supervisor.add("provider-check", settings.provider_check_seconds,
+                           ProviderWatch(providers, registry))
     if history.enabled:
         supervisor.add("history-prune", HISTORY_PRUNE_SECONDS, history.prune)
     responses = None

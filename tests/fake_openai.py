@@ -2,7 +2,8 @@
 endpoint: ``GET /v1/models``, chat and completions (streamed with a delay per token, usage
 when asked), embeddings, a vLLM-style Prometheus ``/metrics``, and fault modes (500, a cut
 connection, a hang, 429 with Retry-After); with ``native=("messages",)``, Anthropic's
-``/v1/messages`` as vLLM serves it; any other path, FastAPI's 404. Stdlib only: a
+``/v1/messages`` as vLLM serves it, with ``native=("responses",)`` OpenAI's ``/v1/responses``;
+any other path, FastAPI's 404. Stdlib only: a
 ThreadingHTTPServer on loopback, HTTP/1.1 keep-alive, streams sent chunked."""
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class FakeOpenAI:
         self.retry_after = "7"
         self.waiting, self.running = 0, 0
         self.calls: list[dict] = []  # inference bodies received
+        self.headers: list[dict] = []  # the headers of every request received
         self.concurrent = self.max_concurrent = 0
         self.connections = 0  # TCP connections accepted
         self._lock = threading.Lock()
@@ -43,6 +45,12 @@ class FakeOpenAI:
                 super().setup()
                 with fake._lock:
                     fake.connections += 1
+
+            def parse_request(self) -> bool:
+                parsed = super().parse_request()
+                if parsed:
+                    fake.headers.append({k.lower(): v for k, v in self.headers.items()})
+                return parsed
 
             def do_GET(self) -> None:  # noqa: N802
                 if not self._authorized():
@@ -105,6 +113,8 @@ class FakeOpenAI:
                                                       "code": "model_not_found"}})
                 if self.path.startswith("/v1/messages"):
                     return self._message(body)
+                if self.path.startswith("/v1/responses"):
+                    return self._response(body)
                 if self.path.endswith("/embeddings"):
                     return self._json(200, {"object": "list", "model": body["model"], "data": [
                         {"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
@@ -169,6 +179,44 @@ class FakeOpenAI:
                     ("message_stop", {"type": "message_stop"})]
                 for name, data in events:
                     self._write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+                self._write(b"")
+
+            def _response(self, body: dict) -> None:
+                text = f"hello from {fake.name}"
+                message = {"type": "message", "id": "msg_r", "status": "completed",
+                           "role": "assistant", "content": [
+                               {"type": "output_text", "text": text, "annotations": []}]}
+                done = {"id": "resp_native", "object": "response", "created_at": 1,
+                        "status": "completed", "model": body["model"], "output": [message],
+                        "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                        "usage": {"input_tokens": 5, "output_tokens": fake.tokens,
+                                  "total_tokens": 5 + fake.tokens}}
+                if not body.get("stream"):
+                    return self._json(200, done)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                started = {**done, "status": "in_progress", "output": [], "usage": None}
+                events = [
+                    {"type": "response.created", "response": started},
+                    {"type": "response.output_item.added", "output_index": 0,
+                     "item": {**message, "status": "in_progress", "content": []}},
+                    {"type": "response.content_part.added", "item_id": "msg_r",
+                     "output_index": 0, "content_index": 0,
+                     "part": {"type": "output_text", "text": "", "annotations": []}},
+                    {"type": "response.output_text.delta", "item_id": "msg_r",
+                     "output_index": 0, "content_index": 0, "delta": text},
+                    {"type": "response.output_text.done", "item_id": "msg_r",
+                     "output_index": 0, "content_index": 0, "text": text},
+                    {"type": "response.content_part.done", "item_id": "msg_r",
+                     "output_index": 0, "content_index": 0,
+                     "part": message["content"][0]},
+                    {"type": "response.output_item.done", "output_index": 0, "item": message},
+                    {"type": "response.completed", "response": done}]
+                for i, data in enumerate(events):
+                    data["sequence_number"] = i
+                    self._write(f"event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode())
                 self._write(b"")
 
             def _chunk(self, payload: dict) -> None:

@@ -9,22 +9,30 @@ from __future__ import annotations
 from flask import Blueprint, Response, g, request
 
 from .. import errors
+from ..balancer.providers import ANTHROPIC_HEADERS
 from ..serving.dialects import COUNT_TOKENS, MESSAGES, RESPONSES
 from .common import relay, request_bytes, require, respond, runtime
 
 bp = Blueprint("dialects", __name__, url_prefix="/v1")
 
 
+def _anthropic_headers() -> tuple[tuple[str, str], ...]:
+    """The version and betas a client asked for, for a request that goes on to Anthropic."""
+    return tuple((k, request.headers[k]) for k in ANTHROPIC_HEADERS if k in request.headers)
+
+
 @bp.post("/messages")
 @require("api")
 def messages() -> Response:
-    return relay(runtime().balancer.forward(MESSAGES, request_bytes(), g.principal.name))
+    return relay(runtime().balancer.forward(MESSAGES, request_bytes(), g.principal.name,
+                                            headers=_anthropic_headers()))
 
 
 @bp.post("/messages/count_tokens")
 @require("api")
 def count_tokens() -> Response:
-    return relay(runtime().balancer.forward(COUNT_TOKENS, request_bytes(), g.principal.name))
+    return relay(runtime().balancer.forward(COUNT_TOKENS, request_bytes(), g.principal.name,
+                                            headers=_anthropic_headers()))
 
 
 @bp.post("/responses")

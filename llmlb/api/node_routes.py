@@ -26,9 +26,10 @@ def register():
     name, url, secret, report = registration(json_body())
     try:
         record = registry().register(name, url, report, secret=secret)
-    except NameTaken:
-        raise errors.name_taken(name, "belongs to an external endpoint; start the node with "
-                                "another --name") from None
+    except NameTaken as taken:
+        what = "a hosted provider" if str(taken) == "provider" else "an external endpoint"
+        raise errors.name_taken(name, f"belongs to {what}; start the node with another "
+                                "--name") from None
     return respond({"id": record.id, "name": record.name, "url": record.url,
                     "heartbeat_seconds": runtime().settings.heartbeat_seconds}, status=201)
 

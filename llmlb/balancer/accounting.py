@@ -16,7 +16,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engines.base import CHAT, COMPLETION
 
@@ -71,7 +71,7 @@ def with_usage(request: ProxyRequest) -> tuple[ProxyRequest, bool]:
         return request, False  # invalid: the node says so
     payload = {**payload, "stream_options": {**(options or {}), "include_usage": True}}
     raw = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-    return ProxyRequest(request.operation, raw, payload, request.model_id, request), True
+    return replace(request, raw=raw, payload=payload, as_sent=request), True
 
 
 class Watch:

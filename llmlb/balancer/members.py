@@ -24,7 +24,8 @@ from ..node import LocalNode
 from .credentials import CredentialError, describe, open_credential
 from .http1 import HTTPClientError
 from .inflight import InflightCounters
-from .registry import COOLDOWN, ENDPOINT, ONLINE, NodeRecord, NodeRegistry
+from .providers import Providers
+from .registry import COOLDOWN, ENDPOINT, ONLINE, PROVIDER, NodeRecord, NodeRegistry
 from .upstream import InProcessNode, Node, NodeUnreachable, RemoteNode
 
 log = logging.getLogger(__name__)
@@ -104,14 +105,41 @@ class RemoteMember:
         return self.record.report
 
 
+class ProviderMember(RemoteMember):
+    """A hosted provider (``providers.py``): ready for every model name with its prefix,
+    listed or not; it holds no files and fetches none."""
+
+    def __init__(self, record: NodeRecord, node: Node, status: str) -> None:
+        self.record, self.node, self.status = record, node, status  # type: ignore[assignment]
+        self.id, self.name, self.kind, self.url = record.id, record.name, record.kind, record.url
+        self._prefix = record.name + ":"
+
+    def ready(self, model_id: str) -> bool:
+        return model_id.startswith(self._prefix)
+
+    def queued(self) -> int:
+        return 0
+
+    def free_memory(self) -> int:
+        return 0
+
+    def downloads(self) -> list[dict]:
+        return []
+
+    def can_fetch(self, model_id: str, balancer_has_it: bool) -> bool:
+        return False
+
+
 Member = LocalMember | RemoteMember
 
 
 class Cluster:
     def __init__(self, settings: Settings, registry: NodeRegistry | None,
-                 inflight: InflightCounters, local: LocalMember | None) -> None:
+                 inflight: InflightCounters, local: LocalMember | None,
+                 providers: Providers | None = None) -> None:
         self.settings, self.registry, self.inflight, self.local = (
             settings, registry, inflight, local)
+        self.providers = providers
         self._clients: dict[int, tuple[tuple[str, str | None], RemoteNode]] = {}
         self._clients_lock = threading.Lock()
 
@@ -123,8 +151,17 @@ class Cluster:
             for record in self.registry.nodes():
                 status = record.status(now, self.registry.timeout)
                 if status in statuses:
-                    found.append(RemoteMember(record, self.client(record), status))
+                    member = self._member(record, status)
+                    if member is not None:
+                        found.append(member)
         return found
+
+    def _member(self, record: NodeRecord, status: str) -> RemoteMember | None:
+        if record.kind != PROVIDER:
+            return RemoteMember(record, self.client(record), status)
+        # A provider's URL and key are this process's own settings, never the row's.
+        node = self.providers.node(record.name) if self.providers is not None else None
+        return ProviderMember(record, node, status) if node is not None else None
 
     def client(self, record: NodeRecord) -> RemoteNode:
         identity = (record.url, record.secret, record.credential)
@@ -154,10 +191,14 @@ class Cluster:
             return None
 
     def endpoint_model(self, model: str) -> bool:
-        """Whether an endpoint lists this model id (which may not be a valid llmlb id)."""
-        model = model.lower()
-        return self.registry is not None and any(
-            r.kind == ENDPOINT and model in r.models for r in self.registry.nodes())
+        """Whether an endpoint lists this model id (which may not be a valid llmlb id), or it
+        is a configured hosted provider's (``openai:gpt-4o``; another provider's is a 404
+        naming the key to set)."""
+        lowered = model.lower()
+        if self.registry is not None and any(
+                r.kind == ENDPOINT and lowered in r.models for r in self.registry.nodes()):
+            return True
+        return self.providers is not None and self.providers.check(model)
 
     def load(self, member: Member) -> int:
         return self.inflight.load(member.id) + member.queued()
@@ -198,12 +239,18 @@ class Cluster:
                                   self.inflight.load(0)))
         for record in (self.registry.nodes(fresh=True) if self.registry else ()):
             status = record.status(now, self.registry.timeout)  # type: ignore[union-attr]
-            row = _describe(RemoteMember(record, self.client(record), status), record.report,
-                            status, now, record.last_seen, self.inflight.load(record.id))
+            member = self._member(record, status)
+            if member is None:  # another balancer's provider, which this one has no key for
+                continue
+            row = _describe(member, record.report, status, now, record.last_seen,
+                            self.inflight.load(record.id))
             row.update({"registered_at": record.registered_at, "failures": record.failures,
                         "cooldown_until": record.cooldown_until if status == COOLDOWN
                         else None, "last_error": record.last_error})
-            if record.kind == ENDPOINT:
+            if record.kind == PROVIDER:
+                row.update(has_api_key=True, api_key_env=member.node.spec.key_variable,  # type: ignore[union-attr]
+                           last_check_error=record.report.get("error"))
+            elif record.kind == ENDPOINT:
                 row.update(describe(record.credential), load_source=record.report.get(
                     "load_source"), endpoint_running=record.report.get("endpoint_running"),
                     endpoint_waiting=record.report.get("endpoint_waiting"),

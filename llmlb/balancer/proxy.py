@@ -29,7 +29,8 @@ from ..storage import requested_model_id
 from . import routing
 from .accounting import Outcome, Watch, with_usage
 from .members import Cluster, Member, RemoteMember
-from .registry import COOLDOWN, ENDPOINT, OFFLINE, ONLINE, NodeRegistry
+from .providers import provider_of
+from .registry import COOLDOWN, ENDPOINT, OFFLINE, ONLINE, PROVIDER, NodeRegistry
 from .translate import Translator
 from .upstream import NodeResponse, NodeUnreachable, ProxyRequest
 
@@ -88,35 +89,38 @@ class Balancer:
         self.translator = Translator()  # the agent APIs for endpoints that lack them
 
     def forward(self, operation: str, raw: bytes, caller: str | None = None,
-                payload: dict | None = None) -> Forwarded:
+                payload: dict | None = None,
+                headers: tuple[tuple[str, str], ...] = ()) -> Forwarded:
         """Hand the request to a node and return its answer; ``caller`` (the key's name) is
-        what the request history says sent it; ``payload``, the body already parsed."""
+        what the request history says sent it; ``payload``, the body already parsed;
+        ``headers``, the client's that a hosted provider reads (``anthropic-beta``)."""
         if self.on_done is None:
-            return self._forward(operation, raw, None, payload)
+            return self._forward(operation, raw, None, payload, headers)
         watch = Watch(operation, caller, self.on_done)
         try:
-            forwarded = self._forward(operation, raw, watch, payload)
+            forwarded = self._forward(operation, raw, watch, payload, headers)
         except errors.APIError as exc:
             watch.failed(exc.status, exc.code)
             raise
         return Forwarded(forwarded.node, watch.answered(forwarded.node, forwarded.response))
 
     def _forward(self, operation: str, raw: bytes, watch: Watch | None,
-                 payload: dict | None) -> Forwarded:
+                 payload: dict | None, headers: tuple[tuple[str, str], ...]) -> Forwarded:
         if payload is None:
             payload = parse_json_object(raw)
         model_id = self.requested_model(payload)
         targets = self.aliases.resolve(model_id) if self.aliases is not None else None
         if targets:
-            return self._forward_alias(operation, payload, targets, watch)
-        request = ProxyRequest(operation, raw, payload, model_id)
+            return self._forward_alias(operation, payload, targets, watch, headers)
+        request = ProxyRequest(operation, raw, payload, model_id, headers=headers)
         if watch is not None:
             watch.model = model_id
             request, watch.strip_usage = with_usage(request)
         return self._attempt(self.candidates(request), request)
 
     def _forward_alias(self, operation: str, payload: dict, targets: list[str],
-                       watch: Watch | None) -> Forwarded:
+                       watch: Watch | None, headers: tuple[tuple[str, str], ...],
+                       ) -> Forwarded:
         """An alias (AG-5): its models in order, the next one when a model cannot be served
         or its nodes fail before the first byte."""
         failure: errors.APIError | Forwarded | None = None
@@ -125,7 +129,7 @@ class Balancer:
             try:
                 model_id = self.requested_model(body)
                 raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-                request = ProxyRequest(operation, raw, body, model_id)
+                request = ProxyRequest(operation, raw, body, model_id, headers=headers)
                 if watch is not None:
                     watch.model = model_id
                     request, watch.strip_usage = with_usage(request)
@@ -144,8 +148,8 @@ class Balancer:
         return failure
 
     def requested_model(self, payload: dict) -> str:
-        """The request's model id; an endpoint's own ids (Ollama's ``llama3.2:1b``) may hold
-        characters llmlb's ids do not."""
+        """The request's model id; an endpoint's own ids (Ollama's ``llama3.2:1b``) and a
+        hosted provider's (``openai:gpt-4o``) may hold characters llmlb's ids do not."""
         try:
             return requested_model(payload)
         except errors.APIError:
@@ -174,6 +178,9 @@ class Balancer:
                 return routing.least_busy(ready, self.cluster.load)
             return routing.with_affinity(ready, lambda m: m.name, self.cluster.load, key,
                                          self.settings.affinity_load_factor)
+        if provider_of(model_id) is not None:  # a hosted provider's, cooling down
+            raise errors.no_node_available(model_id, self._retry_after(
+                self.cluster.members((COOLDOWN,))))
         # Nobody has it ready: a node that can fetch it does (LB-4), one pull per model.
         entry = self.catalog.get(model_id)
         has_files = self.files.find(model_id) is not None
@@ -243,7 +250,8 @@ class Balancer:
                 inflight.leave(member.id)
                 if status in (401, 403):  # it refused our credentials: our problem, not the client's
                     reason = (f"{member.kind} {member.name} refused the balancer's credentials "
-                              f"({status}); " + ("check its API key" if member.kind == ENDPOINT
+                              f"({status}); " + ("check its API key" if member.kind
+                                                 in (ENDPOINT, PROVIDER)
                                                  else "it registers again with its next "
                                                  "heartbeat"))
                     self._failed(member, reason)

@@ -23,14 +23,14 @@ from ..db import Database
 log = logging.getLogger(__name__)
 CACHE_SECONDS = 0.5
 ONLINE, OFFLINE, COOLDOWN = "online", "offline", "cooldown"
-NODE, ENDPOINT = "node", "endpoint"
+NODE, ENDPOINT, PROVIDER = "node", "endpoint", "provider"
 
 
 @dataclass(frozen=True)
 class NodeRecord:
     id: int
     name: str
-    kind: str  # "node" | "endpoint"
+    kind: str  # NODE | ENDPOINT | PROVIDER
     url: str
     secret: str | None
     report: dict
@@ -43,6 +43,8 @@ class NodeRecord:
     credential: str | None = field(default=None, repr=False)
 
     def status(self, now: float, timeout: float) -> str:
+        if self.kind == PROVIDER:  # a hosted API: down only while a failure cools it down
+            return COOLDOWN if self.cooldown_until > now else ONLINE
         if self.kind == ENDPOINT:
             # Its health comes from the balancer's own checks (EndpointWatch); a check that
             # has not run for three rounds (no supervisor) counts as a failed one.
@@ -71,7 +73,7 @@ def _record(row) -> NodeRecord:  # noqa: ANN001 - a sqlite3.Row
 
 
 class NameTaken(Exception):
-    """A node tried to register under an endpoint's name."""
+    """A node tried to register under an endpoint's or a hosted provider's name."""
 
 
 class NodeRegistry:
@@ -112,8 +114,8 @@ class NodeRegistry:
         now = time.time()
         with self.db.transaction() as conn:
             taken = conn.execute("SELECT kind FROM nodes WHERE name=?", (name,)).fetchone()
-            if taken is not None and taken["kind"] == ENDPOINT:
-                raise NameTaken(name)
+            if taken is not None and taken["kind"] in (ENDPOINT, PROVIDER):
+                raise NameTaken(taken["kind"])
             conn.execute(
                 "INSERT INTO nodes(name, kind, url, secret, report, registered_at, last_seen) "
                 "VALUES (?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET kind=excluded.kind, "
@@ -138,6 +140,32 @@ class NodeRegistry:
             row = conn.execute("SELECT * FROM nodes WHERE name=?", (name,)).fetchone()
         self._invalidate()
         return _record(row)
+
+    def sync_providers(self, providers: dict[str, str]) -> None:
+        """The hosted providers this balancer has keys for (name -> base URL) as rows of their
+        own, which carry their cooldowns, failures and model lists like any member's; the
+        rows of providers no longer configured go. A name a node or endpoint holds stays
+        theirs (logged)."""
+        now = time.time()
+        with self.db.transaction() as conn:
+            rows = {r["name"]: r for r in conn.execute("SELECT name, kind, url FROM nodes")
+                    if r["kind"] == PROVIDER or r["name"] in providers}
+            for name, row in rows.items():
+                if row["kind"] == PROVIDER and name not in providers:
+                    conn.execute("DELETE FROM nodes WHERE name=?", (name,))
+            for name, url in providers.items():
+                row = rows.get(name)
+                if row is None:
+                    conn.execute("INSERT INTO nodes(name, kind, url, report, registered_at, "
+                                 "last_seen) VALUES (?,?,?,?,?,?)",
+                                 (name, PROVIDER, url, json.dumps({"models": []}), now, now))
+                elif row["kind"] != PROVIDER:
+                    log.warning("The %s %s holds the name %s: the hosted provider of that "
+                                "name cannot be used until it is removed", row["kind"], name,
+                                name)
+                elif row["url"] != url:
+                    conn.execute("UPDATE nodes SET url=? WHERE name=?", (url, name))
+        self._invalidate()
 
     def checked(self, node_id: int, report: dict) -> None:
         """An endpoint's check result: a healthy one counts as a heartbeat."""

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 from engines.base import CHAT
 
@@ -75,7 +76,7 @@ def _as_sent_natively(request: ProxyRequest) -> ProxyRequest:
         return request
     payload = {k: v for k, v in request.payload.items() if k != "previous_response_id"}
     raw = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-    return ProxyRequest(request.operation, raw, payload, request.model_id)
+    return replace(request, raw=raw, payload=payload)
 
 
 def translated(node, request: ProxyRequest) -> NodeResponse:  # noqa: ANN001 - a Node

@@ -55,6 +55,7 @@ class ProxyRequest:
     payload: dict
     model_id: str
     as_sent: ProxyRequest | None = None  # the client's request, when llmlb changed it
+    headers: tuple[tuple[str, str], ...] = ()  # the client's, that a hosted provider reads
 
     @property
     def path(self) -> str:

@@ -1,6 +1,7 @@
 """Server-sent events framing: one ``data:`` line per chunk, errors as a ``data: {"error"}``
 event, always ending with ``data: [DONE]``; and the named events (``event:`` and ``data:``
-lines) of the Responses and Messages APIs."""
+lines) of the Responses and Messages APIs; and the reading of an upstream's events
+(``data_of``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,31 @@ def event(payload: dict) -> str:
 def named_event(name: str, payload: dict) -> str:
     data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return f"event: {name}\ndata: {data}\n\n"
+
+
+def data_of(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The ``data`` of each event of a server-sent event stream, from its bytes as they come
+    (lines ending in LF or CRLF, as Gemini sends them); comments and other fields skipped."""
+    pending = b""
+    data: list[bytes] = []
+    for chunk in chunks:
+        pending += chunk
+        if b"\n" not in chunk:
+            continue
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if data:
+                    yield b"\n".join(data)
+                    data = []
+            elif line.startswith(b"data:"):
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+    if pending.startswith(b"data:"):
+        data.append(pending[5:].strip())
+    if data:
+        yield b"\n".join(data)
 
 
 class SSEStream:
