@@ -55,15 +55,18 @@ function row(n) {
     ? el("button", { class: "btn small danger", "data-role": "remove", onclick: () => removeEndpoint(n.name) }, "Remove")
     : n.status === "offline" && n.id
       ? el("button", { class: "btn small danger", onclick: () => forgetNode(n.name) }, "Forget") : null;
+  const provider = n.kind === "provider";
   const hw = endpoint
     ? el("div", {}, el("strong", {}, "endpoint"), el("div", { class: "muted small" },
       `load from ${n.load_source === "metrics" ? "its metrics" : "the balancer"}${n.has_api_key ? " · API key" : ""}`))
-    : hardware(n.hardware);
+    : provider
+      ? el("div", {}, el("strong", {}, "hosted provider"), el("div", { class: "muted small" }, `key from ${n.api_key_env}`))
+      : hardware(n.hardware);
   return el("tr", { dataset: { nodeName: n.name, status: n.status } },
     el("td", {}, el("strong", {}, n.name), el("div", { class: "muted small" }, n.url || "in this process")),
     el("td", {}, el("span", { class: `badge ${n.status}`, "data-role": "status", title: n.last_error || "" }, n.status)),
     el("td", {}, hw),
-    el("td", {}, endpoint ? el("span", { class: "muted" }, "–") : memory(n.hardware)),
+    el("td", {}, endpoint || provider ? el("span", { class: "muted" }, "–") : memory(n.hardware)),
     el("td", {}, models(n)),
     el("td", { "data-role": "active", title: "in flight from this balancer · queued at the node" },
       `${Math.max(n.in_flight, n.active_requests)} active`, n.queued_requests ? ` · ${n.queued_requests} queued` : ""),
