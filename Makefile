@@ -44,6 +44,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	@# (and openssl for a throw-away certificate).
 	{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null && command -v openssl >/dev/null \
 		|| { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nginx openssl; }
+	@# PostgreSQL for the shared-state tests (started by the tests themselves, as nobody).
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq postgresql; }
 	@# Claude Code and Codex CLI (tests/test_coding_agents.py) run from $(NPM_TOOLS)/, never
 	@# installed globally; without npm those tests skip and say why.
 	command -v npm >/dev/null || { $(SUDO) apt-get update -qq && \
@@ -60,6 +63,8 @@ test: $(VENV)/.installed-test
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check llmlb engines plugins tests bench
+	@# the layering setup.cfg's [importlinter] contracts write down
+	$(BIN)/lint-imports --no-cache
 
 bench: $(VENV)/.installed-test
 	@# bench/balancer.py drives the proxy with wrk, a C load generator (a Python client cannot

@@ -12,7 +12,8 @@ are sequential from one ``requests.Session``: once with keep-alive and once with
 ``Connection: close`` (a new TCP connection per request); the three paths are interleaved
 request by request, after a warm-up. The same paths are then timed in-process (Flask's test
 client on ``create_app``, no HTTP) to separate llmlb's own time from the server's and the
-client's; ``--profile`` adds cProfile's hot spots of that in-process run. Requests are timed in
+client's, with how often a request looks for its model on disk (``Resolver.find``);
+``--profile`` adds cProfile's hot spots of that in-process run. Requests are timed in
 stretches of 100 rounds; a stretch during which other processes took more than 5% of the cores
 is measured again (see ``cpuwatch.py``), so a busy neighbour does not end up in the p99.
 
@@ -165,9 +166,12 @@ def in_process_app(home: Path):  # noqa: ANN201 - a Flask app
     os.environ.clear()
     os.environ.update(llmlb_free_environ())
     from llmlb import create_app
+    from llmlb.server import start
 
-    return create_app({"home": home, "dev": True, "hf_endpoint": CLOSED_ENDPOINT,
-                       "log_level": "ERROR"})
+    app = create_app({"home": home, "dev": True, "hf_endpoint": CLOSED_ENDPOINT,
+                      "log_level": "ERROR"})
+    start(app)  # as a gunicorn worker does: its periodic tasks, the history writer
+    return app
 
 
 def in_process_calls(app) -> dict[str, Callable[[], None]]:  # noqa: ANN001
@@ -200,6 +204,23 @@ def measure_in_process(calls: dict[str, Callable[[], None]], n: int, warmup: int
         return time.perf_counter() - t0
 
     return stretches.run(n, list(calls), timed)
+
+
+def disk_lookups(calls: dict[str, Callable[[], None]], n: int = 100) -> dict[str, float]:
+    """How often one in-process request looks for its model on disk (``Resolver.find``, a
+    directory walk), counted by cProfile over n requests per path."""
+    out = {}
+    for path, call in calls.items():
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(n):
+            call()
+        prof.disable()
+        stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+        found = sum(calls_ for (file, _, name), (_, calls_, *_) in stats.items()
+                    if name == "find" and file.endswith(os.path.join("resolver", "__init__.py")))
+        out[path] = found / n
+    return out
 
 
 def profile(calls: dict[str, Callable[[], None]], n: int, top: int) -> dict[str, str]:
@@ -302,6 +323,7 @@ def main() -> None:
     app = in_process_app(home)
     calls = in_process_calls(app)
     inproc = measure_in_process(calls, args.requests, args.warmup, stretches)
+    lookups = disk_lookups(calls)
     hot = profile(calls, args.profile_requests, 25) if args.profile else {}
     app.extensions["llmlb"].close()
     info["loadavg_end"] = os.getloadavg()[0]
@@ -326,6 +348,8 @@ def main() -> None:
                 f"{fresh_workers})", results["no_keepalive"], True)
     print_table("in-process (Flask test client on create_app: llmlb's own time, no HTTP)",
                 results["in_process"], False)
+    print("  model lookups on disk (Resolver.find) per request: " + ", ".join(
+        f"{path} {n:g}" for path, n in lookups.items()))
     ok = all(results["keepalive"][p]["p99"] < TARGET_P99_MS for p in ("models", "not_found"))
     print(f"\nkeep-alive p99 under {TARGET_P99_MS:g} ms for both paths: {'yes' if ok else 'NO'}; "
           f"other processes: {info['busy_before']:.0%} of the cores busy before, at most "
@@ -339,7 +363,7 @@ def main() -> None:
                "requests": args.requests, "no_keepalive_requests": args.no_keepalive_requests,
                "warmup": args.warmup, "target_p99_ms": TARGET_P99_MS, "p99_ok": ok,
                "workers_seen": {"keepalive": keep_workers, "no_keepalive": fresh_workers},
-               "machine": info, "results": results}
+               "machine": info, "results": results, "disk_lookups_per_request": lookups}
     save_summary("api_latency", summary, indent=2, separators=(",", ":"))
 
 

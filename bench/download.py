@@ -130,7 +130,8 @@ class Bench:
         self.catalog = Catalog(self.settings.supported_models)
         self.resolver_cls = Resolver
         self.formats = lambda: BUILTIN_FORMATS
-        self.resolver = Resolver(self.settings, self.catalog, self.formats)
+        self.resolver = Resolver(self.settings.models, self.settings.node, self.catalog,
+                                 self.formats)
         self.http = requests.Session()
         self.http.trust_env = False
         self.curl_out = WORK / "curl" / FILENAME
@@ -333,7 +334,8 @@ def profile_download(bench: Bench) -> dict:
                 prof.disable()
                 type(self).profile = prof
 
-    resolver = ProfiledResolver(bench.settings, bench.catalog, bench.formats)
+    resolver = ProfiledResolver(bench.settings.models, bench.settings.node, bench.catalog,
+                                bench.formats)
     bench.cleanup()
     seconds, _ = bench.llmlb_inprocess(resolver)
     deadline = time.monotonic() + 5

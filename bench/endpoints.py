@@ -102,11 +102,11 @@ def part_relay(seconds: float) -> dict:
             proc.stop()
 
 
-def _outcome(i: int, pid: int = 0):  # noqa: ANN202 - an Outcome
-    from llmlb.balancer.accounting import Outcome
+def _outcome(i: int, pid: int = 0):  # noqa: ANN202 - a RequestRecord
+    from llmlb.history import RequestRecord
 
-    return Outcome(time.time(), "bench", "chat", f"model-{i % 5}", f"node-{i % 3}",
-                   200 if i % 50 else 503, False, 0.012, 0.012, 9, 3, None)
+    return RequestRecord(time.time(), "bench", "chat", f"model-{i % 5}", f"node-{i % 3}",
+                         200 if i % 50 else 503, False, 0.012, 0.012, 9, 3, None)
 
 
 def part_accounting(n: int, relay_rps: float | None) -> dict:
@@ -115,7 +115,7 @@ def part_accounting(n: int, relay_rps: float | None) -> dict:
     from llmlb.db import Database
     from llmlb.history import History
     from llmlb.metrics import Metrics
-    from llmlb.runtime import observer
+    from llmlb.roles import observer
 
     tmp = Path(tempfile.mkdtemp(prefix="llmlb-bench-accounting-"))
     try:

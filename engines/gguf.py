@@ -112,14 +112,14 @@ class GGUFChatModel(LoadedModel):
     capabilities = frozenset({CHAT, COMPLETION})
 
     def __init__(self, lib, model, context, slots: int,  # noqa: ANN001 - llama_cpp objects
-                 context_length: int) -> None:
+                 context_length: int, unified: bool = True) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self._lib, self._model = lib, model
         self.context_length = context_length
         self.parallel = slots
         self._vocab = _Vocab(lib, model)
-        self._runner = LlamaBatchRunner(lib, model, context, slots)
+        self._runner = LlamaBatchRunner(lib, model, context, slots, unified)
         meta = model.metadata()
         eos, bos = model.token_eos(), model.token_bos()
         self._template = meta.get("tokenizer.chat_template") or FALLBACK_CHAT_TEMPLATE
@@ -236,12 +236,12 @@ class GGUFEngine(Engine):
                                       embedding=True, verbose=False)
                 return GGUFEmbeddingModel(llm)
             return self._load_generator(llama_cpp, path, gpu_layers, context_length,
-                                        self.parallel(options))
+                                        self.parallel(options), trained)
         except (ValueError, RuntimeError, OSError) as exc:
             raise EngineError(f"llama.cpp could not load {Path(path).name}: {exc}") from exc
 
     def _load_generator(self, lib, path: str, gpu_layers: int, context_length: int,  # noqa: ANN001
-                        slots: int) -> GGUFChatModel:
+                        slots: int, trained: int) -> GGUFChatModel:
         from llama_cpp import _internals
 
         model_params = lib.llama_model_default_params()
@@ -250,12 +250,17 @@ class GGUFEngine(Engine):
         # which other threads share; the log level set above filters llama.cpp's log instead.
         model = _internals.LlamaModel(path_model=path, params=model_params, verbose=True)
         params = lib.llama_context_default_params()
-        # One unified KV cache with room for every slot's full context: each sequence may
-        # use LLMLB_CONTEXT_LENGTH tokens, and prefixes shared between slots are stored once.
+        # Room for every slot's full context: each sequence may use context_length tokens
+        # (LLMLB_CONTEXT_LENGTH, or the model's training context when smaller). One unified
+        # cache stores prefixes shared between slots once; llama.cpp then counts the whole
+        # cache as one sequence's context, so where the slots together outgrow the training
+        # context each slot gets a stream of its own, exactly context_length long, and
+        # llama.cpp sees the limit llmlb enforces (nothing to warn about).
+        unified = context_length * slots <= trained
         params.n_ctx = context_length * slots
         params.n_batch = params.n_ubatch = PROMPT_CHUNK
         params.n_seq_max = slots
-        params.kv_unified = True
+        params.kv_unified = unified
         params.n_threads = params.n_threads_batch = os.cpu_count() or 1
         # As llama_cpp.Llama: flash attention's results depend on the batch's shape, and a
         # sequence must read the same alone as in a batch.
@@ -266,4 +271,4 @@ class GGUFEngine(Engine):
         except BaseException:
             model.close()
             raise
-        return GGUFChatModel(lib, model, context, slots, context_length)
+        return GGUFChatModel(lib, model, context, slots, context_length, unified)

@@ -1,8 +1,9 @@
 """Continuous batching for llama.cpp through llama-cpp-python's low-level API.
 
-One ``LlamaBatchRunner`` per loaded GGUF model owns a llama.cpp context with a unified KV
-cache of ``slots × context_length`` cells, one llama.cpp sequence id per slot. Each step on
-the compute thread (``engines/compute.py``):
+One ``LlamaBatchRunner`` per loaded GGUF model owns a llama.cpp context with a KV cache of
+``slots × context_length`` cells, one llama.cpp sequence id per slot: unified, or one stream
+per slot where the slots together outgrow the model's training context (``gguf.py``). Each
+step on the compute thread (``engines/compute.py``):
 
 1. drops cancelled sequences (their slot is free at once) and admits waiting ones;
 2. builds one batch: the last sampled token of every decoding sequence, then prompt tokens
@@ -13,8 +14,9 @@ the compute thread (``engines/compute.py``):
 
 A slot keeps the KV of its last sequence after it ends; a new prompt takes the free slot that
 shares the longest prefix with it, or copies a longer shared prefix from another slot
-(``llama_memory_seq_cp`` shares cells in a unified cache), and computes only the rest. Every
-sequence stays within ``context_length`` tokens, so the cache never runs out.
+(``llama_memory_seq_cp`` shares cells in a unified cache; streams can copy only whole
+caches, so a slot of its own stream reuses only its own prefix), and computes only the rest.
+Every sequence stays within ``context_length`` tokens, so the cache never runs out.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class LlamaBatchRunner(compute.Runner):
-    def __init__(self, lib, model, context, slots: int) -> None:  # noqa: ANN001 - llama_cpp objects
+    def __init__(self, lib, model, context, slots: int,  # noqa: ANN001 - llama_cpp objects
+                 unified: bool = True) -> None:
         self._lib, self._model, self._ctx = lib, model, context
         self._mem = lib.llama_get_memory(context.ctx)
         self._n_vocab = lib.llama_vocab_n_tokens(model.vocab)
@@ -67,8 +70,9 @@ class LlamaBatchRunner(compute.Runner):
         self._slots = [_Slot(i) for i in range(slots)]
         self._waiting: deque[Sequence] = deque()  # appended by request threads
         self._clock = 0
-        # Recurrent and sliding-window caches cannot cut or share a prefix reliably.
-        self._share = not (lib.llama_model_is_recurrent(model.model)
+        # Recurrent and sliding-window caches cannot cut or share a prefix reliably; separate
+        # streams cannot share part of one.
+        self._share = unified and not (lib.llama_model_is_recurrent(model.model)
                            or lib.llama_model_is_hybrid(model.model)
                            or lib.llama_model_n_swa(model.model) > 0)
         self._closed = False

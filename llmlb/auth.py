@@ -1,7 +1,10 @@
 """API keys (hashed, with scopes) and dashboard users (hashed passwords). No Flask here.
 
 Keys are 256-bit random strings, so one SHA-256 is the right hash: it allows a direct lookup
-and cannot be brute-forced. Passwords are low-entropy and get werkzeug's salted slow hash.
+and cannot be brute-forced. Passwords are low-entropy and get werkzeug's salted slow hash;
+every way of setting one (the first admin, ``llmlb users``) asks for ``MIN_PASSWORD_LENGTH``
+characters. Every user is an admin, so the last one cannot be deleted: that would lock
+everyone out of the dashboard.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from .config import MIN_PASSWORD_LENGTH
 from .db import Database
 
 log = logging.getLogger(__name__)
@@ -24,6 +28,11 @@ SCOPES = ("api", "node", "admin")
 DEV_API_KEY = "sk_debug"
 DEV_USERNAME, DEV_PASSWORD = "admin", "test"
 _LAST_USED_EVERY = 60.0  # seconds between last_used_at writes for one key
+_SQLITE_MAX_ROWID = 2**63 - 1
+
+
+class UserError(ValueError):
+    """A user operation refused; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,8 @@ def list_api_keys(db: Database) -> list[KeyRecord]:
 
 
 def revoke_api_key(db: Database, key_id: int) -> bool:
+    if not 0 < key_id <= _SQLITE_MAX_ROWID:  # no such row can exist (and SQLite would raise)
+        return False
     with db.transaction() as conn:
         cur = conn.execute("UPDATE api_keys SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
                            (time.time(), key_id))
@@ -125,8 +136,29 @@ def key_from_headers(headers) -> str | None:  # noqa: ANN001 - any Mapping of he
 
 # --- users ------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class UserRecord:
+    username: str
+    created_at: float
+
+
+def check_password(password: str) -> None:
+    """Raise UserError unless the password is long enough to be one."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise UserError(f"a password needs at least {MIN_PASSWORD_LENGTH} characters")
+
+
+def check_username(username: str) -> None:
+    if not username or len(username) > 64 or not username.isprintable() \
+            or username != username.strip():
+        raise UserError(f"a user name is 1-64 printable characters without surrounding "
+                        f"spaces, not {username!r}")
+
+
 def create_user(db: Database, username: str, password: str) -> bool:
     """Create a user unless the name exists; True when created."""
+    check_username(username)
+    check_password(password)
     with db.transaction() as conn:
         cur = conn.execute(
             "INSERT OR IGNORE INTO users(username, password_hash, created_at) VALUES (?,?,?)",
@@ -135,12 +167,33 @@ def create_user(db: Database, username: str, password: str) -> bool:
 
 
 def set_password(db: Database, username: str, password: str) -> bool:
-    """Change a password; every session of the user ends with the old one."""
+    """Change an existing user's password (False: no such user); every session of the user
+    ends with the old one."""
+    check_password(password)
     with db.transaction() as conn:
         cur = conn.execute("UPDATE users SET password_hash=?, "
                            "session_version=session_version+1 WHERE username=?",
                            (generate_password_hash(password), username))
         return cur.rowcount == 1
+
+
+def list_users(db: Database) -> list[UserRecord]:
+    rows = db.conn().execute("SELECT username, created_at FROM users ORDER BY id").fetchall()
+    return [UserRecord(r["username"], r["created_at"]) for r in rows]
+
+
+def delete_user(db: Database, username: str) -> bool:
+    """Delete a user (False: no such user), which ends their sessions; the last user is
+    refused (UserError)."""
+    with db.transaction() as conn:
+        if conn.execute("SELECT 1 FROM users WHERE username=?", (username,)).fetchone() is None:
+            return False
+        if conn.execute("SELECT COUNT(*) FROM users").fetchone()[0] <= 1:
+            raise UserError(f"'{username}' is the last user: every user is an admin, and "
+                            "without one nobody can log in to the dashboard. Create another "
+                            "first (llmlb users create NAME)")
+        conn.execute("DELETE FROM users WHERE username=?", (username,))
+        return True
 
 
 @functools.cache

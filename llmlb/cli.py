@@ -3,22 +3,38 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 import click
 
-from .config import OPTIONS, SettingsError, load_settings
+from .config import OPTIONS, SECTIONS, SettingsError, load_settings
 
 _TYPES = {"int": int, "float": float, "str": str, "path": click.Path(), "list": str}
 
 
-def _env_help() -> str:
+def _env_help(command: str | None = None) -> str:
+    """The settings a command reads beyond its flags: for ``llmlb --help`` every setting
+    (ST-9), for ``serve`` every one without a serve flag, for ``node`` those a node reads
+    (not a balancer's users, dashboard or routing) without a node flag."""
     import textwrap
 
+    if command is None:
+        options, title = OPTIONS, "Settings (defaults < $LLMLB_HOME/.env < environment < flags):"
+    else:
+        role = "node" if command == "node" else None
+        options = tuple(o for o in OPTIONS if (role is None or role in o.roles)
+                        and not (o.flag and command in o.commands))
+        title = ("More settings, from the environment or $LLMLB_HOME/.env (defaults < .env < "
+                 "environment < flags):")
     # "\b" keeps click from re-wrapping the block below it.
-    lines = ["Settings (defaults < $LLMLB_HOME/.env < environment < flags):", "", "\b"]
-    for o in OPTIONS:
+    lines = [title, "", "\b"]
+    section = None
+    for o in options:
+        if o.section != section:
+            section = o.section
+            lines.append(f"{section}: {' '.join((SECTIONS[section].__doc__ or '').split())}")
         lines.append(f"  {' / '.join(o.env)}")
         lines.extend(textwrap.wrap(o.help, 90, initial_indent="      ",
                                    subsequent_indent="      "))
@@ -63,6 +79,7 @@ def main() -> None:
 
 
 def _run(settings: Any) -> None:
+    from . import create_app
     from .catalog import CatalogError
     from .config import SettingsError
     from .server import preflight
@@ -74,10 +91,10 @@ def _run(settings: Any) -> None:
         raise click.ClickException(f"the model catalog is invalid: {exc}") from None
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
-    run(settings)
+    run(settings, lambda: create_app(settings))
 
 
-@main.command(epilog=_env_help(), context_settings={"max_content_width": 100})
+@main.command(epilog=_env_help("serve"), context_settings={"max_content_width": 100})
 @settings_flags
 def serve(**flags: Any) -> None:
     """Start llmlb: standalone (the OpenAI API, the model hub and dashboard, and a node in one
@@ -85,7 +102,7 @@ def serve(**flags: Any) -> None:
     _run(_settings(flags))
 
 
-@main.command(epilog=_env_help(), context_settings={"max_content_width": 100})
+@main.command(epilog=_env_help("node"), context_settings={"max_content_width": 100})
 @node_flags
 def node(**flags: Any) -> None:
     """Start a node: it runs models for the balancer at --balancer-url, registers there with
@@ -106,8 +123,8 @@ def _db(home: str | None, database: str | None):
     from .private_files import private_dir
 
     settings = _settings({"home": home, "database": database})
-    private_dir(settings.home)
-    return Database(settings.database)
+    private_dir(settings.files.home)
+    return Database(settings.files.database)
 
 
 _db_flags = [click.option("--home", default=None, help="LLMLB_HOME to use."),
@@ -176,58 +193,78 @@ def _registry(home: str | None, database: str | None):  # noqa: ANN202 - (settin
 
     settings = _settings({"home": home, "database": database})
     db = _db(home, database)
-    return settings, NodeRegistry(db, timeout=settings.node_timeout_seconds,
-                                  cooldown=settings.cooldown_seconds,
-                                  cooldown_max=settings.cooldown_max_seconds)
+    return settings, NodeRegistry(db, timeout=settings.cluster.node_timeout_seconds,
+                                  cooldown=settings.cluster.cooldown_seconds,
+                                  cooldown_max=settings.cluster.cooldown_max_seconds)
 
 
 @endpoints.command("add")
 @click.argument("name")
 @click.argument("base_url")
 @click.option("--api-key-env", default=None, metavar="VAR",
-              help="Environment variable holding the endpoint's API key, read from the "
-              "balancer's environment (only its name is stored).")
+              help="Environment variable holding the endpoint's API key, read by the balancer "
+              "from ITS environment (only the name is stored); named LLMLB_ENDPOINT_KEY_* or "
+              "listed in LLMLB_ENDPOINT_ENV_ALLOWLIST.")
 @click.option("--api-key-stdin", is_flag=True, help="Read the API key from standard input; "
               "it is stored encrypted with $LLMLB_HOME/endpoints.key.")
 @db_flags
 def endpoints_add(name: str, base_url: str, api_key_env: str | None, api_key_stdin: bool,
                   home: str | None, database: str | None) -> None:
-    """Add an endpoint after checking that BASE_URL answers GET BASE_URL/models."""
-    from .balancer.endpoints import add_endpoint, endpoint_spec
+    """Add an endpoint after checking that BASE_URL answers GET BASE_URL/models (a BASE_URL
+    without a path means BASE_URL/v1). The balancer uses it once its own check passes."""
+    from .balancer.credentials import EnvAllowlist
+    from .balancer.endpoints import add_endpoint, endpoint_spec, instance_id
+    from .balancer.reports import model_ids
     from .errors import APIError
 
     settings, registry = _registry(home, database)
     api_key = sys.stdin.readline().strip() if api_key_stdin else None
     try:
         spec = endpoint_spec({"name": name, "base_url": base_url, "api_key": api_key,
-                              "api_key_env": api_key_env})
-        record = add_endpoint(registry, settings.home, spec,
-                              check_seconds=settings.endpoint_check_seconds,
-                              timeout=max(2.0, settings.proxy_connect_timeout_seconds))
+                              "api_key_env": api_key_env},
+                             EnvAllowlist(settings.cluster.endpoint_env_allowlist))
+        record = add_endpoint(registry, settings.files.home, spec,
+                              check_seconds=settings.cluster.endpoint_check_seconds,
+                              timeout=max(2.0, settings.cluster.proxy_connect_timeout_seconds),
+                              instance=instance_id(registry.db), in_balancer=False)
     except APIError as exc:
         raise click.ClickException(exc.message) from None
-    models = ", ".join(sorted(m["id"] for m in record.report.get("models", []))) or "none"
-    click.echo(f"Added endpoint {name} ({record.url}); models: {models}")
+    models = ", ".join(model_ids(record.report.models)) or "none seen yet"
+    click.echo(f"Added endpoint {name} ({record.url}); models: {models}.")
+    if api_key_env:
+        shell = "checked with this shell's" if os.environ.get(api_key_env) else \
+            "not checked: this shell has no"
+        click.echo(f"Its API key: {shell} {api_key_env}. The balancer reads {api_key_env} from "
+                   f"its OWN environment (its service's, not this shell's).")
+    click.echo(f"The balancer routes to it once its own check passes (within "
+               f"{settings.cluster.endpoint_check_seconds:g} s); `llmlb endpoints list` shows its "
+               f"status and, if it fails, why.")
 
 
 @endpoints.command("list")
 @db_flags
 def endpoints_list(home: str | None, database: str | None) -> None:
-    """List endpoints: name, base URL, status, API key (never the key itself), models."""
+    """List endpoints: name, base URL, status, API key (never the key itself), models, and
+    the last check's error."""
     import time
 
     from .balancer.registry import ENDPOINT
+    from .balancer.reports import EndpointReport, model_ids
 
     settings, registry = _registry(home, database)
     now = time.time()
+    rows = [("NAME", "BASE_URL", "STATUS", "KEY", "MODELS", "LAST_CHECK_ERROR")]
     for r in registry.nodes(fresh=True):
         if r.kind != ENDPOINT:
             continue
         key = ("env:" + r.credential[4:] if r.credential.startswith("env:") else "stored") \
             if r.credential else "none"
-        models = ",".join(sorted(m["id"] for m in r.report.get("models", []))) or "-"
-        click.echo(f"{r.name}\t{r.url}\t{r.status(now, settings.node_timeout_seconds)}\t"
-                   f"key:{key}\t{models}")
+        error = r.unusable or (r.report.error if isinstance(r.report, EndpointReport)
+                               else None)
+        rows.append((r.name, r.url, r.status(now, settings.cluster.node_timeout_seconds), key,
+                     ",".join(model_ids(r.report.models)) or "-", error or "-"))
+    for row in rows:
+        click.echo("\t".join(row))
 
 
 @endpoints.command("remove")
@@ -300,7 +337,31 @@ def aliases_remove(name: str, home: str | None, database: str | None) -> None:
 
 @main.group()
 def users() -> None:
-    """Manage dashboard users."""
+    """Create, list and delete dashboard users (every user is an admin), and set passwords.
+    Passwords need at least 8 characters."""
+
+
+def _user_change(change: Any, *args: Any) -> Any:
+    from .auth import UserError
+
+    try:
+        return change(*args)
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@users.command("create")
+@click.argument("username")
+@click.password_option()
+@db_flags
+def users_create(username: str, password: str, home: str | None, database: str | None) -> None:
+    """Create a user (an admin) with a password."""
+    from .auth import create_user
+
+    if not _user_change(create_user, _db(home, database), username, password):
+        raise click.ClickException(f"a user named '{username}' exists already (set its "
+                                   f"password with: llmlb users set-password {username})")
+    click.echo(f"Created user {username}")
 
 
 @users.command("set-password")
@@ -309,13 +370,39 @@ def users() -> None:
 @db_flags
 def users_set_password(username: str, password: str, home: str | None,
                        database: str | None) -> None:
-    """Set a user's password, creating the user when missing."""
-    from .auth import create_user, set_password
+    """Set an existing user's password; every session of the user ends."""
+    from .auth import set_password
 
-    db = _db(home, database)
-    if not set_password(db, username, password):
-        create_user(db, username, password)
+    if not _user_change(set_password, _db(home, database), username, password):
+        raise click.ClickException(f"no user named '{username}' (llmlb users list shows "
+                                   f"them; llmlb users create {username} adds one)")
     click.echo(f"Password set for {username}")
+
+
+@users.command("list")
+@db_flags
+def users_list(home: str | None, database: str | None) -> None:
+    """List users: name and creation time."""
+    import time
+
+    from .auth import list_users
+
+    click.echo("USERNAME\tCREATED")
+    for user in list_users(_db(home, database)):
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(user.created_at))
+        click.echo(f"{user.username}\t{created}")
+
+
+@users.command("delete")
+@click.argument("username")
+@db_flags
+def users_delete(username: str, home: str | None, database: str | None) -> None:
+    """Delete a user (their sessions end); the last user cannot be deleted."""
+    from .auth import delete_user
+
+    if not _user_change(delete_user, _db(home, database), username):
+        raise click.ClickException(f"no user named '{username}'")
+    click.echo(f"Deleted user {username}")
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -325,29 +412,33 @@ def models() -> None:
     """Inspect models on disk and the catalog."""
 
 
+def models_flags(command: Any) -> Any:
+    return settings_flags(command, "models")
+
+
 @models.command("list")
-@settings_flags
+@models_flags
 def models_list(**flags: Any) -> None:
     """List servable models (local and shared) with their format and size."""
     from .plugins import EngineRegistry, load_plugins
     from .storage import merged_listing
 
     settings = _settings(flags)
-    table = EngineRegistry(load_plugins(settings.plugins_dir)).format_table()
-    for m in merged_listing([(settings.models_dir, "local"),
-                             (settings.shared_models_dir, "shared")], table):
+    table = EngineRegistry(load_plugins(settings.files.plugins_dir)).format_table()
+    for m in merged_listing([(settings.models.models_dir, "local"),
+                             (settings.models.shared_models_dir, "shared")], table):
         click.echo(f"{m.id}\t{m.format}\t{m.size_bytes / 1e6:.1f} MB\t{m.source}\t{m.path}")
 
 
 @models.command("check-catalog")
-@settings_flags
+@models_flags
 def models_check_catalog(**flags: Any) -> None:
     """Validate the catalog file and print its models."""
     from .catalog import CatalogError, load_catalog
 
     settings = _settings(flags)
     try:
-        catalog = load_catalog(settings.supported_models)
+        catalog = load_catalog(settings.files.supported_models)
     except CatalogError as exc:
         raise click.ClickException(str(exc)) from None
     for m in catalog.values():

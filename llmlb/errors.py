@@ -10,11 +10,20 @@ the shape of the API the request came through.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 API_PREFIXES = ("/v1", "/v0", "/api", "/ws")
+# An absolute path in a message (not a URL's path: that follows a host or a ':').
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s/'\"()\[\]:,;]+/)+([^\s/'\"()\[\]:,;]*)")
+
+
+def without_paths(text: str) -> str:
+    """``text`` for a client: where llmlb keeps its files is for its operators (the log has
+    the whole text), so each absolute path becomes ``…/`` and its last part."""
+    return _ABSOLUTE_PATH.sub(lambda m: "…/" + m.group(1), text)
 
 
 class APIError(Exception):
@@ -160,9 +169,10 @@ def download_in_progress(model_id: str) -> APIError:
                     "ended", code="download_in_progress")
 
 
-def shared_model(model_id: str, path: object) -> APIError:
-    return APIError(400, f"Model '{model_id}' lives on the shared path ({path}); llmlb never "
-                    "deletes shared copies", code="shared_model")
+def shared_model(model_id: str) -> APIError:
+    return APIError(400, f"Model '{model_id}' lives on the shared path "
+                    "(LLMLB_SHARED_MODELS_DIR); llmlb never deletes shared copies",
+                    code="shared_model")
 
 
 def model_not_supported(model_id: str) -> APIError:
@@ -185,7 +195,7 @@ def model_downloading(model_id: str, progress: float, retry_after: int = 10) -> 
 
 
 def download_failed(cause: str) -> APIError:
-    return APIError(502, f"Failed to download model: {cause}", type="upstream_error",
+    return APIError(502, f"Failed to download model: {without_paths(cause)}", type="upstream_error",
                     code="download_failed")
 
 
@@ -197,7 +207,7 @@ def model_busy(model_id: str, retry_after: int = 2) -> APIError:
 
 def engine_unavailable(model_id: str, fmt: str, reason: str) -> APIError:
     return APIError(503, f"Model '{model_id}' needs the {fmt} engine, which is unavailable "
-                    f"on this node: {reason}", type="service_unavailable",
+                    f"on this node: {without_paths(reason)}", type="service_unavailable",
                     code="engine_unavailable")
 
 
@@ -227,6 +237,21 @@ def unreadable_upstream_answer(what: str) -> APIError:
                     code="bad_upstream_answer")
 
 
+def upstream_not_json(kind: str, name: str, status: int, media_type: str) -> APIError:
+    """A node's or endpoint's answer that is neither JSON nor an event stream (a proxy's HTML
+    error page): never passed on as it is, from llmlb's origin."""
+    what = media_type or "no Content-Type"
+    return APIError(502, f"The {kind} '{name}' answered HTTP {status} with {what}, not an "
+                    f"OpenAI JSON answer (is its URL right?)", type="upstream_error",
+                    code="upstream_error")
+
+
+def endpoint_is_this_llmlb(base_url: str) -> APIError:
+    return APIError(400, f"The endpoint at {base_url} is this llmlb itself: its requests "
+                    "would come back here forever. Add another server (or another llmlb).",
+                    code="endpoint_loop", param="base_url")
+
+
 def relayed(status: int, body: dict) -> APIError:
     """A node's error, passed on as the node gave it (a node's 404 stays a 404)."""
     error = body.get("error") if isinstance(body.get("error"), dict) else {}
@@ -254,8 +279,20 @@ def name_taken(name: str, why: str) -> APIError:
 
 
 def model_load_failed(model_id: str, cause: str) -> APIError:
-    return APIError(500, f"Model '{model_id}' could not be loaded: {cause}",
+    return APIError(500, f"Model '{model_id}' could not be loaded: {without_paths(cause)}",
                     type="server_error", code="model_load_failed")
+
+
+def invalid_prompt(cause: str, param: str = "messages") -> APIError:
+    """An engine refused the prompt (too long for the model, a template that cannot render
+    it, a schema it cannot follow)."""
+    return APIError(400, f"Invalid prompt: {without_paths(cause)}", code="invalid_prompt",
+                    param=param)
+
+
+def engine_failed(cause: str) -> APIError:
+    return APIError(500, f"The engine failed: {without_paths(cause)}", type="server_error",
+                    code="engine_error")
 
 
 def unsupported_operation(model_id: str, operation: str) -> APIError:
@@ -273,6 +310,14 @@ def unauthorized(message: str = "Missing API key. Send 'Authorization: Bearer <k
                  "'X-API-Key: <key>'.") -> APIError:
     return APIError(401, message, type="authentication_error", code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"})
+
+
+def session_ended() -> APIError:
+    """A dashboard call without a valid session any more (logged out, a new password, the
+    login's lifetime over): the dashboard sends its user back to the login page."""
+    return APIError(401, "Your dashboard session has ended (logged out, password changed or "
+                    "expired): log in again", type="authentication_error",
+                    code="session_ended")
 
 
 def forbidden(scope: str) -> APIError:
@@ -316,25 +361,29 @@ def request_too_large(limit: int) -> APIError:
                     code="request_too_large")
 
 
+def unparsable_request(status: int, reason: str, detail: str, line_limit: int) -> APIError:
+    """A request the HTTP server refused before llmlb saw it, with the status it chose: a
+    URL over the request-line limit (414), headers too large (431), a malformed request."""
+    if status == 414:
+        return APIError(414, f"The URL is too long (the request line may have at most "
+                        f"{line_limit} bytes); send long data in a POST body",
+                        code="uri_too_long")
+    if status >= 500:
+        return internal_error()
+    return APIError(status, f"Malformed HTTP request: {detail}",
+                    code=reason.lower().replace(" ", "_") or "bad_request")
+
+
 def internal_error() -> APIError:
     return APIError(500, "Internal server error; the details are in the server log",
                     type="server_error", code="internal_error")
 
 
 def from_exception(exc: BaseException) -> APIError:
-    """The APIError for any exception raised while serving (engines' errors included)."""
-    from engines.base import ContextOverflow, EngineError, InvalidPrompt
-
+    """The APIError for any exception raised while serving (the node has turned engines'
+    errors into theirs, ``invalid_prompt`` and ``engine_failed``)."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, ContextOverflow):
-        return context_length_exceeded(exc.prompt_tokens, exc.context_length, exc.at_least)
-    if isinstance(exc, InvalidPrompt):
-        return APIError(400, f"Invalid prompt: {exc}", code="invalid_prompt",
-                        param=getattr(exc, "param", "messages"))
-    if isinstance(exc, EngineError):
-        return APIError(500, f"The engine failed: {exc}", type="server_error",
-                        code="engine_error")
     return internal_error()
 
 

@@ -1,4 +1,8 @@
-"""The gunicorn worker llmlb runs in: gthread, plus a deadline for each request's headers.
+"""The gunicorn workers llmlb runs in: gthread, plus a deadline for each request's headers;
+and, for both gthread and gevent (``gunicorn_gevent.py``), errors gunicorn answers itself (a
+URL over its limit, a malformed request line or header) as JSON in the API's error shape
+rather than gunicorn's HTML page. Also the access log's logger class, which escapes what
+clients send (``logsafe.py``).
 
 gunicorn's gthread worker gives a connection to a pool thread once its first bytes arrive,
 and that thread then reads the rest of the request line and headers from a blocking socket
@@ -16,6 +20,7 @@ before passing them on; exposed without it, this bounds the cheap attack, not ev
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import socket
 import threading
@@ -23,11 +28,66 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gunicorn import util
+from gunicorn.glogging import Logger
 from gunicorn.workers import gthread
 
+from . import errors
 from .config import OPTIONS_BY_ATTR
+from .logsafe import escape
 
 log = logging.getLogger(__name__)
+
+
+class AccessLogger(Logger):
+    """gunicorn's logger, with every value of the access line escaped: a CR/LF from a
+    URL-decoded path cannot write a line of its own."""
+
+    def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict:
+        atoms = super().atoms(resp, req, environ, request_time)
+        return {k: escape(v) if isinstance(v, str) else v for k, v in atoms.items()}
+
+
+class _Captured:
+    """Stands in for the client's socket while gunicorn handles an error: gunicorn decides
+    the status (and logs the request) as always; its HTML page stays here."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def gettimeout(self) -> float:
+        return 0.0
+
+    def setblocking(self, _flag: bool) -> None:
+        pass
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
+
+    def status(self) -> tuple[int, str]:
+        line = bytes(self.data).split(b"\r\n", 1)[0].decode("latin-1")
+        _, code, reason = (line.split(" ", 2) + ["", ""])[:3]
+        return (int(code), reason) if code.isdigit() else (500, "Internal Server Error")
+
+
+class JSONErrors:
+    """gunicorn's own error answers as llmlb's JSON errors (a worker class mixin)."""
+
+    cfg: Any
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        captured = _Captured()
+        super().handle_error(req, captured, addr, exc)  # type: ignore[misc]
+        status, reason = captured.status()
+        err = errors.unparsable_request(status, reason, str(exc),
+                                        self.cfg.limit_request_line)
+        body = json.dumps(err.body()).encode()
+        head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+        try:
+            util.write_nonblock(client, head.encode("latin-1") + body)
+        except Exception:  # noqa: BLE001 - the client is gone: nothing more to tell it
+            log.debug("Failed to send an error answer")
 
 class HeaderDeadlines:
     """Sockets whose request headers are awaited, by the thread reading them."""
@@ -83,12 +143,13 @@ def _address(peer: Any) -> str:
 def _header_timeout(app: Any) -> float:
     runtime = getattr(app, "extensions", {}).get("llmlb")
     if runtime is not None:
-        return runtime.settings.header_timeout_seconds
+        return runtime.settings.server.header_timeout_seconds
     return OPTIONS_BY_ATTR["header_timeout_seconds"].default
 
 
-class ThreadWorker(gthread.ThreadWorker):
-    """``worker_class = "llmlb.gunicorn_worker.ThreadWorker"``: gthread with header deadlines."""
+class ThreadWorker(JSONErrors, gthread.ThreadWorker):
+    """``worker_class = "llmlb.gunicorn_worker.ThreadWorker"``: gthread with header deadlines
+    and JSON errors."""
 
     def run(self) -> None:
         self.header_deadlines = HeaderDeadlines(_header_timeout(self.wsgi))

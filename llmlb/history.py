@@ -1,10 +1,10 @@
 """The request history (LB-6): one row per request in the ``requests`` table, and its reading
 for ``GET /v0/requests`` and the dashboard.
 
-A request only appends its row to this worker's buffer; a writer thread per worker inserts
-what has gathered once a second in one transaction, so the request path never waits on
-SQLite and the database sees one write per second per worker, not one per request. A worker
-killed outright loses at most its last second of rows. Rows older than
+A request only appends its row to this worker's buffer; a writer thread per worker (started
+with the worker) inserts what has gathered once a second in one transaction, so the request
+path never waits on SQLite and the database sees one write per second per worker, not one per
+request. A worker killed outright loses at most its last second of rows. Rows older than
 ``LLMLB_HISTORY_RETENTION_DAYS`` are deleted by the supervisor's ``history-prune`` task.
 """
 
@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 from .db import Database
 
@@ -27,7 +27,10 @@ COLUMNS = ("at", "key_name", "operation", "model", "node", "status", "stream", "
 
 
 @dataclass(frozen=True)
-class RequestRow:
+class RequestRecord:
+    """One forwarded request as the balancer saw it (``balancer/accounting.py``): what the
+    metrics count and the history keeps. Times in seconds."""
+
     at: float
     key_name: str | None
     operation: str
@@ -35,17 +38,24 @@ class RequestRow:
     node: str | None
     status: int
     stream: bool
-    latency_ms: float
-    ttft_ms: float | None
+    latency: float
+    ttft: float | None
     tokens_in: int | None
     tokens_out: int | None
     error: str | None
+
+    def row(self) -> tuple:
+        """The ``requests`` row, in COLUMNS' order (times in milliseconds)."""
+        return (self.at, self.key_name, self.operation, self.model, self.node, self.status,
+                self.stream, round(self.latency * 1000, 2),
+                round(self.ttft * 1000, 2) if self.ttft is not None else None,
+                self.tokens_in, self.tokens_out, self.error)
 
 
 class History:
     def __init__(self, db: Database, retention_days: float) -> None:
         self.db, self.retention_days = db, retention_days
-        self._rows: deque[RequestRow] = deque()
+        self._rows: deque[tuple] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -55,16 +65,17 @@ class History:
     def enabled(self) -> bool:
         return self.retention_days > 0
 
-    def add(self, row: RequestRow) -> None:
+    def add(self, record: RequestRecord) -> None:
         if not self.enabled:
             return
         if len(self._rows) >= MAX_BUFFERED:
             return
-        self._rows.append(row)
-        if self._thread is None:
-            self._start()
+        self._rows.append(record.row())
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Write what gathers, once a second, from now on (each worker, as it starts)."""
+        if not self.enabled:
+            return
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._write_loop, daemon=True,
@@ -81,7 +92,7 @@ class History:
         """Insert the buffered rows now; how many."""
         batch = []
         while self._rows and len(batch) < 10_000:
-            batch.append(astuple(self._rows.popleft()))
+            batch.append(self._rows.popleft())
         if not batch:
             return 0
         try:

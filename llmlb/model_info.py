@@ -1,28 +1,23 @@
-"""How models are described to clients: OpenAI model objects (ST-6) and manifests (ST-7)."""
+"""How models are described to clients: OpenAI model objects (ST-6), manifests (ST-7) and
+the files a manifest lists."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
+from . import errors
+from .balancer.reports import ModelEntry
 from .catalog import CatalogModel
-from .storage import LocalModel
+from .storage import InvalidFileName, InvalidModelId, LocalModel, normalize_model_id, path_inside
 
 
-def listing_entry(model: LocalModel) -> dict:
-    """A servable model as a node reports it: an OpenAI model object, no local path."""
-    return {
-        "id": model.id, "object": "model", "created": model.created, "owned_by": model.source,
-        "format": model.format, "size_bytes": model.size_bytes, "status": "ready",
-    }
-
-
-def model_object(model: LocalModel | dict, nodes: list[str]) -> dict:
+def model_object(entry: ModelEntry, nodes: list[str]) -> dict:
     """A model for ``/v1/models``, with the nodes that have it ready."""
-    entry = listing_entry(model) if isinstance(model, LocalModel) else model
-    return {**entry, "nodes": nodes}
+    return {**entry.to_json(), "nodes": nodes}
 
 
 def catalog_object(entry: CatalogModel, status: str) -> dict:
@@ -94,3 +89,28 @@ def manifest(model_id: str, local: LocalModel | None, entry: CatalogModel | None
             files.append(item)
         created = None
     return {"model_id": model_id, "repo": repo, "files": files, "created_at": created}
+
+
+def blob_path(rest: str, find: Callable[[str], LocalModel | None]) -> Path:
+    """The file named by ``<model-id>/<filename>`` (either may contain '/') among the models
+    ``find`` knows, refusing anything outside the model's directory and llmlb's own dot
+    files."""
+    parts = rest.split("/")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            model_id = normalize_model_id("/".join(parts[:cut]))
+        except InvalidModelId:
+            continue
+        model = find(model_id)
+        if model is None:
+            continue
+        name = "/".join(parts[cut:])
+        try:  # NUL bytes, '..', dot files, symlinks leading outside: never a path
+            path = path_inside(model.path, name)
+        except InvalidFileName as exc:
+            raise errors.invalid_request(f"Invalid file name {name!r}: {exc}",
+                                         "filename") from None
+        if path.is_file():
+            return path
+        raise errors.file_not_found(model_id, name)
+    raise errors.model_not_found("/".join(parts[:-1]), in_catalog_hint=False)

@@ -22,6 +22,7 @@ import pluggy
 from engines.base import Availability, Engine, LoadOptions
 
 from . import hookspecs
+from .errors import without_paths
 from .storage import BUILTIN_FORMATS
 
 log = logging.getLogger(__name__)
@@ -139,3 +140,13 @@ class EngineRegistry:
                 "suffixes": list(entry.engine.formats.get(entry.format, ())),
             })
         return rows
+
+
+def public_row(row: dict) -> dict:
+    """An engine's row of ``describe`` without local paths (for keys that are not admin):
+    a plugin file by its name, a reason without directories."""
+    plugin = row["plugin"]
+    if plugin.startswith("file:"):
+        plugin = "file:" + Path(plugin[5:]).name
+    reason = row["reason"] and without_paths(row["reason"])
+    return {**row, "plugin": plugin, "reason": reason}

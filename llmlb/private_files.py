@@ -1,6 +1,7 @@
 """File modes of llmlb's state (SC-4): ``$LLMLB_HOME`` is 0700, the SQLite database and its
 ``-wal``/``-shm`` files 0600, because the database holds the key that signs dashboard sessions
-(anyone who reads it can forge an admin login).
+(anyone who reads it can forge an admin login); so is ``endpoints.key``, which decrypts the
+endpoints' API keys.
 
 New files get their mode at creation, never through the process umask (a process-wide setting
 that would race with other threads creating files). An existing install with looser modes is
@@ -40,6 +41,12 @@ def private_file(path: Path) -> None:
         return
     os.fchmod(fd, FILE_MODE)
     os.close(fd)
+
+
+def private_existing(path: Path) -> None:
+    """A secret file llmlb made earlier (``endpoints.key``): tightened to 0600 when it is
+    looser, left alone when it does not exist (it is created on first use, 0600)."""
+    _tighten(path, FILE_MODE)
 
 
 def private_database(path: Path) -> None:

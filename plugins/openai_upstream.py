@@ -4,12 +4,14 @@ Put a file ending in ``.upstream.json`` in a model directory, e.g.
 ``~/.llmlb/models/big-llama/model.upstream.json``::
 
     {"base_url": "http://gpu-box:8000/v1", "model": "meta-llama/Llama-3.1-70B-Instruct",
-     "api_key_env": "GPU_BOX_KEY", "parallel": 32}
+     "api_key_env": "LLMLB_ENDPOINT_KEY_GPU_BOX", "parallel": 32}
 
 and ``big-llama`` is listed by ``GET /v1/models`` and answers chat, completion and embedding
 calls by relaying them (streamed) to that server: vLLM, Ollama, llama.cpp's server, another
 llmlb, or a hosted API. ``api_key_env`` names an environment variable, so the secret stays out
-of the file. The upstream batches requests on its own, so llmlb lets ``parallel`` calls (32 by
+of the file; like an endpoint's, it must be named ``LLMLB_ENDPOINT_KEY_*`` (a file that names
+``HF_TOKEN`` would send it to whatever ``base_url`` says: such files can also arrive with a
+model's files). The upstream batches requests on its own, so llmlb lets ``parallel`` calls (32 by
 default) run at once instead of queueing them one behind the other, over a pool of kept-alive
 connections (urllib3); an upstream's error reaches the client with its status (a 404 stays a
 404). This shows the whole
@@ -48,6 +50,7 @@ from engines.base import (
     TokenText,
 )
 from llmlb import errors
+from llmlb.balancer.credentials import ENV_PREFIX, EnvAllowlist
 from llmlb.hookspecs import hookimpl
 
 TIMEOUT = 300
@@ -197,6 +200,10 @@ class UpstreamEngine(Engine):
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise EngineError(f"{artifacts[0].name} needs base_url and model: {exc}") from exc
         key_env = config.get("api_key_env")
+        if key_env is not None and not (isinstance(key_env, str)
+                                        and EnvAllowlist().allows(key_env)):
+            raise EngineError(f"{artifacts[0].name}: api_key_env must name a variable "
+                              f"{ENV_PREFIX}…, not {key_env!r}")
         parallel = config.get("parallel", DEFAULT_PARALLEL)
         if not isinstance(parallel, int) or parallel < 1:
             raise EngineError(f"{artifacts[0].name}: parallel must be a positive integer")

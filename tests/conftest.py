@@ -23,10 +23,14 @@ import requests
 from werkzeug.serving import make_server as make_wsgi_server
 
 from llmlb import create_app
+from llmlb import server as llmlb_server
 from llmlb.config import OPTIONS
+from llmlb.roles import prepare
 
+from .fake_balancer import FakeBalancer
 from .fake_hub import FakeHub
 from .nginx import Nginx
+from .postgres import Postgres
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -89,6 +93,8 @@ def make_server(llmlb_home: Path) -> Iterator[Callable[..., LiveServer]]:
         config = {"home": llmlb_home, "dev": True, "hf_endpoint": CLOSED_ENDPOINT,
                   "plugins_dir": [str(llmlb_home / "plugins")], **overrides}
         app = create_app(config)
+        prepare(app.extensions["llmlb"].settings)  # what gunicorn's master does once
+        llmlb_server.start(app)  # and what each worker does
         server = make_wsgi_server("127.0.0.1", 0, app, threaded=True)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
@@ -195,6 +201,14 @@ def published(hub: FakeHub, tiny: dict[str, Path], tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def fake_balancer() -> Iterator[FakeBalancer]:
+    """A hostile balancer on loopback (tests/fake_balancer.py)."""
+    balancer = FakeBalancer()
+    yield balancer
+    balancer.close()
+
+
+@pytest.fixture
 def hub_server(make_server, hub: FakeHub, published: Path) -> Callable[..., LiveServer]:
     """Start servers whose catalog is ``published`` and whose Hugging Face is ``hub``."""
     def start(**overrides) -> LiveServer:
@@ -275,6 +289,20 @@ def nginx(tmp_path: Path) -> Iterator[Callable[[int], Nginx]]:
     yield start
     for proxy in started:
         proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One real PostgreSQL for the session (Debian's, as an unprivileged user; see postgres.py)."""
+    pg = Postgres.start()
+    yield pg
+    pg.destroy()
+
+
+@pytest.fixture
+def pg_url(postgres: Postgres) -> str:
+    """The URL of a fresh, empty PostgreSQL database for this test."""
+    return postgres.new_database()
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """A minimal OpenAI-compatible server, as vLLM or Ollama would stand behind llmlb as an
-endpoint: ``GET /v1/models``, chat and completions (streamed with a delay per token, usage
+endpoint: ``GET {prefix}/models``, chat and completions (streamed with a delay per token, usage
 when asked), embeddings, a vLLM-style Prometheus ``/metrics``, and fault modes (500, a cut
-connection, a hang, 429 with Retry-After); with ``native=("messages",)``, Anthropic's
-``/v1/messages`` as vLLM serves it, with ``native=("responses",)`` OpenAI's ``/v1/responses``;
-any other path, FastAPI's 404. Stdlib only: a
-ThreadingHTTPServer on loopback, HTTP/1.1 keep-alive, streams sent chunked."""
+connection, a hang, 429 with Retry-After, an HTML error page). ``prefix`` is its OpenAI base
+path (``/v1``, or ``/v1beta/openai`` as Google's); ``extra_headers`` go on every answer. With
+``native=("messages",)``, Anthropic's ``/v1/messages`` as vLLM serves it, with
+``native=("responses",)`` OpenAI's ``/v1/responses``; another route is FastAPI's 404.
+Stdlib only: a ThreadingHTTPServer on loopback, HTTP/1.1 keep-alive, streams sent chunked."""
 
 from __future__ import annotations
 
@@ -18,18 +19,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class FakeOpenAI:
     def __init__(self, name: str, models: tuple[str, ...] = ("fake-model",), *,
                  latency: float = 0.0, token_delay: float = 0.0, tokens: int = 5,
-                 api_key: str | None = None, metrics: bool = True,
+                 api_key: str | None = None, metrics: bool = True, prefix: str = "/v1",
                  native: tuple[str, ...] = ()) -> None:
-        self.name, self.models, self.native = name, list(models), native
+        self.name, self.models, self.prefix, self.native = name, list(models), prefix, native
         self.paths: list[str] = []  # the paths of the inference requests received
+        self.headers: list[dict] = []  # the headers of every request received
         self.latency, self.token_delay, self.tokens = latency, token_delay, tokens
         self.api_key, self.has_metrics = api_key, metrics
         # "500" | "cut" | "hang" | "429" | "down" | "no-stream-options" (an older server)
+        # | "html" (a 404 HTML page, as a proxy in front of it would send)
         self.fault: str | None = None
+        self.extra_headers: dict[str, str] = {}
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Authorization)
         self.retry_after = "7"
         self.waiting, self.running = 0, 0
         self.calls: list[dict] = []  # inference bodies received
-        self.headers: list[dict] = []  # the headers of every request received
         self.concurrent = self.max_concurrent = 0
         self.connections = 0  # TCP connections accepted
         self._lock = threading.Lock()
@@ -52,12 +56,18 @@ class FakeOpenAI:
                     fake.headers.append({k.lower(): v for k, v in self.headers.items()})
                 return parsed
 
+            def send_response(self, code: int, message: str | None = None) -> None:
+                super().send_response(code, message)
+                for k, v in fake.extra_headers.items():
+                    self.send_header(k, v)
+
             def do_GET(self) -> None:  # noqa: N802
+                fake.requests.append(("GET", self.path, self.headers.get("Authorization")))
                 if not self._authorized():
                     return
                 if fake.fault == "down":
                     return self._json(500, {"error": {"message": "down"}})
-                if self.path == "/v1/models":
+                if self.path == f"{fake.prefix}/models":
                     return self._json(200, {"object": "list", "data": [
                         {"id": m, "object": "model", "created": 1, "owned_by": fake.name}
                         for m in fake.models]})
@@ -72,12 +82,15 @@ class FakeOpenAI:
                 self._json(404, {"error": {"message": "not found", "code": "not_found"}})
 
             def do_POST(self) -> None:  # noqa: N802
+                fake.requests.append(("POST", self.path, self.headers.get("Authorization")))
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 if not self._authorized():
                     return
-                known = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-                         *(f"/v1/{api}" for api in fake.native))
-                if self.path.split("?")[0] not in known:
+                known = ("/chat/completions", "/completions", "/embeddings",
+                         *(f"/{api}" for api in fake.native))
+                route = self.path.split("?")[0]
+                if route.startswith(fake.prefix + "/") and \
+                        route.removeprefix(fake.prefix) not in known:
                     return self._json(404, {"detail": "Not Found"})
                 with fake._lock:
                     fake.calls.append(body)
@@ -99,6 +112,11 @@ class FakeOpenAI:
                     return self._json(429, {"error": {"message": "slow down",
                                                       "type": "rate_limit_error"}},
                                       {"Retry-After": fake.retry_after})
+                if fault == "html":
+                    return self._send(404, b"<html><body><script>alert(1)</script>Not Found"
+                                      b"</body></html>", "text/html")
+                if not self.path.startswith(fake.prefix + "/"):
+                    return self._json(404, {"error": {"message": "no such route"}})
                 if fault == "cut":
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
@@ -111,9 +129,9 @@ class FakeOpenAI:
                 if body.get("model") not in fake.models:
                     return self._json(404, {"error": {"message": "no such model",
                                                       "code": "model_not_found"}})
-                if self.path.startswith("/v1/messages"):
+                if self.path.startswith(fake.prefix + "/messages"):
                     return self._message(body)
-                if self.path.startswith("/v1/responses"):
+                if self.path.startswith(fake.prefix + "/responses"):
                     return self._response(body)
                 if self.path.endswith("/embeddings"):
                     return self._json(200, {"object": "list", "model": body["model"], "data": [
@@ -250,7 +268,7 @@ class FakeOpenAI:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.server.request_queue_size = 128
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        self.url = f"http://127.0.0.1:{self.server.server_port}{prefix}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> FakeOpenAI:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -131,3 +132,64 @@ def test_status_shows_the_local_path_to_admins_only(prod: LiveServer) -> None:
         assert str(prod.models_dir) not in json.dumps(body)
     body = requests.get(url, headers={"X-API-Key": make_key(prod, "admin")}, timeout=10).json()
     assert body["local_path"] == str(model)
+
+
+def test_revoking_a_key_id_beyond_any_integer_is_404(prod: LiveServer) -> None:
+    headers = {"Authorization": f"Bearer {make_key(prod, 'admin')}"}
+    for key_id in ("99999999999999999999999", "9223372036854775808", "0"):
+        r = requests.delete(f"{prod.url}/api/keys/{key_id}", headers=headers, timeout=10)
+        assert r.status_code == 404, (key_id, r.text)
+        assert r.json()["error"]["code"] == "key_not_found"
+    result = users_cli("keys", "revoke", "99999999999999999999999")
+    assert result.returncode == 1 and "no active key with id" in result.stderr
+
+
+def users_cli(*args: str, password: str | None = None) -> subprocess.CompletedProcess:
+    """``llmlb ...`` as a user types it (a password typed twice at the prompt)."""
+    typed = f"{password}\n{password}\n" if password is not None else None
+    return subprocess.run([*llmlb_command(), *args], input=typed, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_users_cli_manages_users_without_surprises(prod: LiveServer, llmlb_home: Path) -> None:
+    db = prod.runtime.db
+    # A typo does not create a second admin: set-password changes existing users only.
+    typo = users_cli("users", "set-password", "admn", password="a good passphrase")
+    assert typo.returncode == 1 and "no user named 'admn'" in typo.stderr
+    assert [u.username for u in auth.list_users(db)] == ["admin"]
+    # A one-character password is refused, the old one stays.
+    short = users_cli("users", "set-password", "admin", password="x")
+    assert short.returncode == 1 and "at least 8 characters" in short.stderr
+    assert auth.check_login(db, "admin", "s3cret-pass") is not None
+
+    created = users_cli("users", "create", "alice", password="alice's passphrase")
+    assert created.returncode == 0, created.stderr
+    assert auth.check_login(db, "alice", "alice's passphrase") is not None
+    again = users_cli("users", "create", "alice", password="another passphrase")
+    assert again.returncode == 1 and "exists already" in again.stderr
+    assert users_cli("users", "create", "bob", password="short").returncode == 1
+    listing = users_cli("users", "list")
+    assert listing.returncode == 0
+    assert [line.split("\t")[0] for line in listing.stdout.splitlines()] == [
+        "USERNAME", "admin", "alice"]
+
+    # Deleting a user ends their sessions at once; the last user cannot be deleted.
+    from .conftest import dashboard_login
+
+    alice = dashboard_login(prod.url, "alice's passphrase", username="alice").browser
+    assert alice.get(f"{prod.url}/api/keys", timeout=10).status_code == 200
+    assert users_cli("users", "delete", "alice").returncode == 0
+    assert alice.get(f"{prod.url}/api/keys", timeout=10).status_code == 401
+    last = users_cli("users", "delete", "admin")
+    assert last.returncode == 1 and "last user" in last.stderr
+    assert users_cli("users", "delete", "nobody").returncode == 1
+    assert [u.username for u in auth.list_users(db)] == ["admin"]
+
+
+def test_a_short_first_admin_password_is_refused(llmlb_home: Path) -> None:
+    result = subprocess.run([*llmlb_command(), "serve", "--port", "0"], capture_output=True,
+                            text=True, timeout=60,
+                            env={**os.environ, "LLMLB_ADMIN_PASSWORD": "1234567"})
+    assert result.returncode != 0
+    assert "LLMLB_ADMIN_PASSWORD must have at least 8 characters" in result.stderr
+    assert "Traceback" not in result.stderr

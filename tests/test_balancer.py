@@ -67,6 +67,14 @@ class Cluster:
         return self.wait(lambda ns: all(ns.get(n, {}).get("status") == "online"
                                         for n in names), timeout)
 
+    def node_secret(self, name: str) -> str:
+        """What a node accepts from its balancer: the secret it made, kept in its home."""
+        db = Database(self.home.parent / name / "llmlb.db")
+        try:
+            return db.get_meta("node_secret")
+        finally:
+            db.close()
+
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
@@ -110,8 +118,11 @@ def cluster(start_process, llmlb_home: Path, tmp_path: Path, tiny) -> Iterator[C
         made = Cluster(balancer, home, admin, api, node_key, plugins, lambda *a, **k: None)
 
         def start_node(name: str, models: dict[str, str] | None = None, *, wait: bool = True,
-                       key: str | None = None, **node_env: str) -> Proc:
-            node_home = tmp_path / name
+                       key: str | None = None, node_dir: str | None = None,
+                       **node_env: str) -> Proc:
+            """``node_dir``: the node's home under tmp_path (default: its name), and its
+            key in ``nodes``."""
+            node_home = tmp_path / (node_dir or name)
             for model_id, source in (models or {}).items():
                 install_model(node_home / "models", model_id,
                               source if source.startswith("slow:") else tiny[source])
@@ -122,9 +133,10 @@ def cluster(start_process, llmlb_home: Path, tmp_path: Path, tiny) -> Iterator[C
                 {"LLMLB_HOME": str(node_home), "HF_ENDPOINT": CLOSED_ENDPOINT,
                  "LLMLB_NODE_API_KEY": key or node_key, "LLMLB_PLUGINS_DIR": str(plugins),
                  **FAST, **env, **node_env}, node_port)
-            made.nodes[name] = proc
-            if wait:
-                made.wait_online(name)
+            made.nodes[node_dir or name] = proc
+            if wait:  # online, its engines checked (it registers before: they import torch)
+                made.wait(lambda ns: ns.get(name, {}).get("status") == "online"
+                          and bool(ns[name]["engines"]))
             return proc
 
         made.start_node = start_node
@@ -137,7 +149,9 @@ def test_nodes_register_with_hardware_and_keep_their_identity(cluster) -> None:
     c = cluster()
     c.start_node("gpu-a", {"tiny-gguf": "llama-gguf"})
     c.start_node("gpu-b", {"tiny-st": "llama-st"})
-    nodes = c.wait(lambda ns: ns.get("gpu-b", {}).get("models") == ["tiny-st"])
+    # A node registers before its engines' first checks; their rows follow at once.
+    nodes = c.wait(lambda ns: ns.get("gpu-b", {}).get("models") == ["tiny-st"]
+                   and ns["gpu-a"]["formats"] and ns["gpu-b"]["formats"])
     a = nodes["gpu-a"]
     assert a["kind"] == "node" and a["status"] == "online" and a["models"] == ["tiny-gguf"]
     assert a["url"] == c.nodes["gpu-a"].url
@@ -235,7 +249,9 @@ def test_killed_node_goes_offline_and_no_request_fails(cluster) -> None:
     killed_at = time.monotonic()
     after: collections.Counter = collections.Counter()
     n = 0
-    while time.monotonic() - killed_at < 5:  # through cooldowns ending and the node going offline
+    # Through cooldowns ending and the node going offline, and at least a dozen requests
+    # however slow the machine.
+    while time.monotonic() - killed_at < 5 or n <= 10:
         n += 1  # new conversations: affinity would send a repeated one to a single node
         raw = client.chat.completions.with_raw_response.create(
             model="tiny-gguf", messages=[{"role": "user", "content": f"after {n}"}],
@@ -291,12 +307,13 @@ def test_chunks_pass_through_one_by_one_and_a_client_leaving_frees_the_node(clus
     lines = r.iter_lines()
     for _ in range(6):
         next(lines)
-    report = requests.get(f"{node.url}/v0/node/report", headers=bearer(c.node_key), timeout=10)
+    as_balancer = bearer(c.node_secret("node-a"))
+    report = requests.get(f"{node.url}/v0/node/report", headers=as_balancer, timeout=10)
     assert report.json()["active_requests"] == 1
     r.close()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        report = requests.get(f"{node.url}/v0/node/report", headers=bearer(c.node_key),
+        report = requests.get(f"{node.url}/v0/node/report", headers=as_balancer,
                               timeout=10).json()
         if report["active_requests"] == 0 and not report["loaded"][0]["busy"]:
             break
@@ -331,12 +348,14 @@ def test_node_keys_both_ways(cluster) -> None:
     assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_scope"
     assert requests.get(f"{c.url}/v0/nodes", headers=bearer(c.api),
                         timeout=10).status_code == 403
-    # The node refuses the balancer's api keys and anonymous calls, on /v1 and its own API.
+    # The node refuses the balancer's api keys, the shared node key (every node has it) and
+    # anonymous calls, on /v1 and its own API: only the balancer holding its secret gets in.
     for path in ("/v1/models", "/v0/node/report"):
         assert requests.get(f"{node.url}{path}", timeout=10).status_code == 401
-        r = requests.get(f"{node.url}{path}", headers=bearer(c.api), timeout=10)
-        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        assert requests.get(f"{node.url}{path}", headers=bearer(c.node_key),
+        for key in (c.api, c.node_key):
+            r = requests.get(f"{node.url}{path}", headers=bearer(key), timeout=10)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert requests.get(f"{node.url}{path}", headers=bearer(c.node_secret("node-a")),
                             timeout=10).status_code == 200
     assert requests.post(f"{node.url}/v1/chat/completions", headers=bearer(c.api), timeout=10,
                          json={"model": "tiny-gguf", "messages": HELLO}).status_code == 401
@@ -411,8 +430,8 @@ def test_a_lone_failing_node_cools_down_without_a_retry_storm(cluster) -> None:
         t.start()
     deadline = time.monotonic() + 20  # one generating, one waiting: the node's queue is full
     while time.monotonic() < deadline:
-        report = requests.get(f"{node.url}/v0/node/report", headers=bearer(c.node_key),
-                              timeout=10).json()
+        report = requests.get(f"{node.url}/v0/node/report",
+                              headers=bearer(c.node_secret("node-a")), timeout=10).json()
         if any(m.get("waiting") for m in report["loaded"]):
             break
         time.sleep(0.05)

@@ -101,7 +101,7 @@ def test_pull_picks_the_node_with_the_most_free_memory(hub_server, tiny) -> None
 
     report["hardware"]["vram_free_bytes"] = 1024**2  # the GPUs fill up: this machine wins
     requests.post(f"{server.url}/v0/nodes/gpu-box/heartbeat", headers=bearer(node_key),
-                  json={"report": report}, timeout=10).raise_for_status()
+                  json={"secret": "s" * 32, "report": report}, timeout=10).raise_for_status()
     r = requests.post(f"{server.url}/api/models/register", json={"model_id": "tiny-gguf"},
                       headers=DEV, timeout=10)
     assert r.status_code == 202 and "node" not in r.json()  # pulled in this process

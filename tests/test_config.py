@@ -70,12 +70,17 @@ def test_help_documents_every_setting(llmlb_home: Path) -> None:
                                      capture_output=True, text=True, check=True).stdout
              for command in ("serve", "node")}
     for option in OPTIONS:
-        for name in option.env:
+        for name in option.env:  # ST-9: llmlb --help (and serve, which runs every role)
             assert name in top, f"{name} missing from llmlb --help"
-            assert name in helps["node"], f"{name} missing from llmlb node --help"
+            assert name in helps["serve"], f"{name} missing from llmlb serve --help"
+            # a node's help: every option a node takes, none of a balancer's
+            assert (name in helps["node"]) == ("node" in option.roles), \
+                f"{name} wrongly {'missing from' if 'node' in option.roles else 'in'} " \
+                "llmlb node --help"
         for command in option.commands if option.flag else ():
-            assert option.flag in helps[command], \
-                f"{option.flag} missing from llmlb {command} --help"
+            if command in helps:
+                assert option.flag in helps[command], \
+                    f"{option.flag} missing from llmlb {command} --help"
     for flag in ("--balancer-url", "--port", "--host", "--models-dir", "--advertise-url",
                  "--name"):  # the interface operators rely on (SPEC, below LB-6)
         assert flag in helps["node"], f"{flag} missing from llmlb node --help"

@@ -211,3 +211,23 @@ def test_api_keys_page(dash, page: Page) -> None:
     expect(page.locator("#keys tbody tr")).to_have_count(1)
     assert server.client(api_key=key).models.list().data == []
     save_artifact("dashboard-keys.png", page.screenshot())
+
+
+def test_a_page_whose_session_ended_goes_to_the_login(dash, page: Page) -> None:
+    """Logged out elsewhere (another tab, a new password): the page's next call is told
+    its session ended and the browser lands on the login form, not on 'Missing API key'."""
+    from llmlb import auth
+
+    server = dash()
+    log_in(page, server)
+    page.click("nav >> text=API keys")
+    expect(page.locator("#keys")).to_contain_text("No API keys yet.")
+    auth.set_password(server.runtime.db, "admin", "a new passphrase")
+    page.fill("#key-name", "after the end")
+    page.click("text=Create key")
+    expect(page).to_have_url(f"{server.url}/login?next=/keys")
+    assert auth.list_api_keys(server.runtime.db) == []
+    page.fill("input[name=username]", "admin")
+    page.fill("input[name=password]", "a new passphrase")
+    page.click("button[type=submit]")
+    expect(page).to_have_url(f"{server.url}/keys")  # back where the user was

@@ -17,7 +17,7 @@ H100 = 80 * 1024**3
 
 
 def gpu_report(models: list[dict]) -> dict:
-    """What a node on a two-GPU machine reports (llmlb.balancer.agent.Reporter's shape)."""
+    """What a node on a two-GPU machine reports (llmlb.node.agent.Reporter's shape)."""
     gpus = [{"index": i, "name": "NVIDIA H100 80GB HBM3", "uuid": f"GPU-{i}",
              "memory_total_bytes": H100, "memory_free_bytes": H100 // 4} for i in range(2)]
     return {

@@ -5,6 +5,7 @@ their models listed, chat and streams relayed, calls not serialised, failover, o
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -13,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import requests
+
+from llmlb.auth import create_api_key
 
 from .conftest import CLOSED_ENDPOINT, HELLO, free_port, llmlb_command
 from .fake_openai import FakeOpenAI
@@ -126,13 +129,13 @@ def test_an_api_key_is_stored_sealed_and_never_shown(make_server, fakes, monkeyp
     assert answer.choices[0].message.content == "hello from hosted"
 
     # By environment variable name: only the name is stored.
-    monkeypatch.setenv("HOSTED_KEY", "sk-upstream-secret-123")
-    r = add(server, "hosted-env", fake.url, api_key_env="HOSTED_KEY")
+    monkeypatch.setenv("LLMLB_ENDPOINT_KEY_HOSTED", "sk-upstream-secret-123")
+    r = add(server, "hosted-env", fake.url, api_key_env="LLMLB_ENDPOINT_KEY_HOSTED")
     assert r.status_code == 201, r.text
-    assert r.json()["api_key_env"] == "HOSTED_KEY"
+    assert r.json()["api_key_env"] == "LLMLB_ENDPOINT_KEY_HOSTED"
     stored = server.runtime.db.conn().execute(
         "SELECT credential FROM nodes WHERE name='hosted-env'").fetchone()[0]
-    assert stored == "env:HOSTED_KEY"
+    assert stored == "env:LLMLB_ENDPOINT_KEY_HOSTED"
 
 
 @pytest.mark.parametrize(("body", "param", "fragment"), [
@@ -146,6 +149,13 @@ def test_an_api_key_is_stored_sealed_and_never_shown(make_server, fakes, monkeyp
     ({"name": "x", "base_url": "http://u:p@127.0.0.1:9/v1"}, "base_url", "no credentials"),
     ({"name": "x", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "NOT SET"},
      "api_key_env", "environment variable"),
+    ({"name": "x", "base_url": "http://127.0.0.1:99999/v1"}, "base_url", "usable URL"),
+    ({"name": "x", "base_url": "http://127.0.0.1:0/v1"}, "base_url", "port"),
+    ({"name": "x", "base_url": "http://[::1/v1"}, "base_url", "usable URL"),
+    ({"name": "x", "base_url": "http://127.0.0.1:9/v1\r\nX-Injected: 1"}, "base_url",
+     "control characters"),
+    ({"name": "x", "base_url": "http://127.0.0.1:9/v1\n"}, "base_url", "control characters"),
+    ({"name": "x", "base_url": "http://127.0.0.1:9/v1?key=1"}, "base_url", "no query"),
 ])
 def test_bad_endpoint_input_is_a_400(server, body, param, fragment) -> None:
     r = requests.post(f"{server.url}/v0/endpoints", headers=ADMIN, json=body, timeout=30)
@@ -156,7 +166,7 @@ def test_bad_endpoint_input_is_a_400(server, body, param, fragment) -> None:
 
 def test_a_server_that_is_not_openai_and_a_taken_name_are_refused(server, fakes) -> None:
     fake = fakes("gpu")
-    r = add(server, "web", server.url + "/nowhere")  # llmlb's own 404 JSON, no model list
+    r = add(server, "web", fake.url.removesuffix("/v1") + "/nowhere")  # a 404, no model list
     assert r.status_code == 400 and r.json()["error"]["code"] == "endpoint_unusable", r.text
     assert add(server, "local", fake.url).status_code == 409  # the in-process node's name
     assert add(server, "gpu", fake.url).status_code == 201
@@ -324,25 +334,52 @@ def test_every_request_leaves_a_history_row(make_server, fakes) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "status"
 
 
-def test_the_cli_adds_lists_and_removes_endpoints(llmlb_home, fakes) -> None:
+def test_the_cli_adds_lists_and_removes_endpoints(llmlb_home, fakes, make_server,
+                                                  monkeypatch) -> None:
     fake = fakes("gpu", api_key="sk-cli-secret")
-    env = {**os.environ, "LLMLB_HOME": str(llmlb_home), "VLLM_KEY": "sk-cli-secret"}
+    env = {**os.environ, "LLMLB_HOME": str(llmlb_home)}
 
-    def llmlb(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*llmlb_command(), "endpoints", *args], env=env, timeout=60,
-                              capture_output=True, text=True)
+    def llmlb(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*llmlb_command(), "endpoints", *args], env={**env, **extra},
+                              timeout=60, capture_output=True, text=True)
 
-    done = llmlb("add", "big-box", fake.url, "--api-key-env", "VLLM_KEY")
+    # The CLI is not the balancer: it says where the key will be read and claims nothing
+    # for what only the balancer can check (its own environment).
+    done = llmlb("add", "big-box", fake.url, "--api-key-env", "LLMLB_ENDPOINT_KEY_VLLM",
+                 LLMLB_ENDPOINT_KEY_VLLM="sk-cli-secret")
     assert done.returncode == 0, done.stderr
-    assert "fake-model" in done.stdout
+    assert "fake-model" in done.stdout and "online" not in done.stdout
+    assert "reads LLMLB_ENDPOINT_KEY_VLLM from its OWN environment" in done.stdout
+    # Without the variable in this shell, the server is still checked (it asks for a key).
+    done = llmlb("add", "no-key-here", fake.url, "--api-key-env", "LLMLB_ENDPOINT_KEY_OTHER")
+    assert done.returncode == 0, done.stderr
+    assert "not checked: this shell has no LLMLB_ENDPOINT_KEY_OTHER" in done.stdout
+    bad = llmlb("add", "other", fake.url, "--api-key-env", "VLLM_KEY")
+    assert bad.returncode != 0 and "LLMLB_ENDPOINT_KEY_" in bad.stderr
     bad = llmlb("add", "other", "file:///etc/passwd")
     assert bad.returncode != 0 and "http:// or https://" in bad.stderr
     unreachable = llmlb("add", "other", f"http://127.0.0.1:{free_port()}/v1")
     assert unreachable.returncode != 0 and "cannot be reached" in unreachable.stderr
     listed = llmlb("list")
     assert listed.returncode == 0, listed.stderr
-    assert "big-box" in listed.stdout and "env:VLLM_KEY" in listed.stdout
+    header, *rows = [line.split("\t") for line in listed.stdout.splitlines()]
+    assert header == ["NAME", "BASE_URL", "STATUS", "KEY", "MODELS", "LAST_CHECK_ERROR"]
+    big = next(r for r in rows if r[0] == "big-box")
+    assert big[2:4] == ["offline", "env:LLMLB_ENDPOINT_KEY_VLLM"]
+    assert "not checked by the balancer yet" in big[5]
     assert "sk-cli-secret" not in listed.stdout
+
+    # The balancer, with the variable in its environment, checks it and routes to it.
+    monkeypatch.setenv("LLMLB_ENDPOINT_KEY_VLLM", "sk-cli-secret")
+    server = make_server(**FAST)
+    assert wait_for(lambda: nodes(server)["big-box"]["status"] == "online")
+    assert server.client().chat.completions.create(
+        model="fake-model", messages=HELLO).choices[0].message.content == "hello from gpu"
+    other = wait_for(lambda: (n := nodes(server)["no-key-here"])["last_check_error"]
+                     and "not checked" not in n["last_check_error"] and n)
+    assert other["status"] == "offline" and "LLMLB_ENDPOINT_KEY_OTHER is not set" in \
+        other["last_check_error"]
+
     assert llmlb("remove", "big-box").returncode == 0
     assert "big-box" not in llmlb("list").stdout
     assert llmlb("remove", "big-box").returncode != 0
@@ -363,3 +400,130 @@ def test_history_older_than_its_retention_is_forgotten(make_server) -> None:
         return [round((now - row["at"]) / 86400, 1) for row in r.json()["data"]]
 
     assert wait_for(lambda: ages() == [0.5]), ages()
+
+
+def test_an_endpoint_reads_only_the_environment_variables_made_for_it(make_server, fakes,
+                                                                       monkeypatch) -> None:
+    """Finding 3: an admin adding an endpoint must not be able to ship any variable of the
+    balancer's environment (a Hugging Face token, cloud credentials) to any URL."""
+    fake = fakes("catcher")
+    monkeypatch.setenv("HF_TOKEN", "hf_balancer_private_token")
+    monkeypatch.setenv("TEAM_VLLM_TOKEN", "sk-team-token")
+    server = make_server(**FAST, endpoint_env_allowlist=("TEAM_VLLM_TOKEN",))
+    for name in ("HF_TOKEN", "LLMLB_ADMIN_PASSWORD", "LLMLB_ENDPOINT_KEY_", "PATH"):
+        r = add(server, "catcher", fake.url, api_key_env=name)
+        assert r.status_code == 400, (name, r.text)
+        error = r.json()["error"]
+        assert error["param"] == "api_key_env" and "LLMLB_ENDPOINT_KEY_" in error["message"]
+    assert fake.requests == []  # refused before anything was asked of the URL
+    # Named for it, or listed by the operator: accepted.
+    monkeypatch.setenv("LLMLB_ENDPOINT_KEY_CATCHER", "sk-made-for-it")
+    assert add(server, "ok", fake.url, api_key_env="LLMLB_ENDPOINT_KEY_CATCHER"
+               ).status_code == 201
+    assert add(server, "team", fake.url, api_key_env="TEAM_VLLM_TOKEN").status_code == 201
+    assert {auth for _, _, auth in fake.requests} == {"Bearer sk-made-for-it",
+                                                      "Bearer sk-team-token"}
+
+    # An endpoint stored with such a name before (an older llmlb): it sends nothing and goes
+    # offline, saying why.
+    with server.runtime.db.transaction() as conn:
+        conn.execute("INSERT INTO nodes(name, kind, url, credential, report, registered_at, "
+                     "last_seen) VALUES ('old', 'endpoint', ?, 'env:HF_TOKEN', ?, ?, ?)",
+                     (fake.url, json.dumps({"healthy": True, "models": [
+                         {"id": "old-model", "object": "model"}]}), time.time(), time.time()))
+    old = wait_for(lambda: (n := nodes(server)["old"])["status"] == "offline" and n)
+    assert old and "HF_TOKEN is neither" in old["last_check_error"], old
+    listed = {e["name"]: e for e in requests.get(f"{server.url}/v0/endpoints", headers=ADMIN,
+                                                 timeout=10).json()["data"]}
+    assert listed["old"]["status"] == "offline" and listed["ok"]["status"] == "online"
+    assert "HF_TOKEN is neither" in listed["old"]["last_check_error"]
+    r = requests.post(f"{server.url}/v1/chat/completions", headers=ADMIN, timeout=10,
+                      json={"model": "old-model", "messages": HELLO})
+    assert r.status_code == 503, r.text
+    assert not any("hf_balancer" in (auth or "") for _, _, auth in fake.requests)
+
+
+def test_an_upstreams_headers_never_speak_for_llmlb(make_server, fakes) -> None:
+    """Finding 5: of an endpoint's headers only those of the answer pass; llmlb's security
+    headers are on every answer; an HTML error page becomes llmlb's JSON error."""
+    fake = fakes("hostile")
+    fake.extra_headers = {
+        "Content-Security-Policy": "default-src *", "X-Frame-Options": "ALLOWALL",
+        "Access-Control-Allow-Origin": "*", "Access-Control-Allow-Credentials": "true",
+        "Set-Cookie": "session=stolen; Path=/", "Location": "https://evil.example/",
+        "Referrer-Policy": "unsafe-url", "X-Request-Id": "req-123",
+        "openai-processing-ms": "42", "x-ratelimit-remaining-requests": "99"}
+    server = make_server(**FAST)
+    assert add(server, "hostile", fake.url).status_code == 201
+    r = requests.post(f"{server.url}/v1/chat/completions", headers=ADMIN, timeout=10,
+                      json={"model": "fake-model", "messages": HELLO})
+    streamed = requests.post(f"{server.url}/v1/chat/completions", headers=ADMIN, timeout=10,
+                             json={"model": "fake-model", "messages": HELLO, "stream": True})
+    for answer in (r, streamed):
+        assert answer.status_code == 200, answer.text
+        h = answer.headers
+        assert h["Content-Security-Policy"].startswith("default-src 'self'")
+        assert h["X-Frame-Options"] == "DENY" and h["Referrer-Policy"] == "same-origin"
+        for gone in ("Access-Control-Allow-Origin", "Access-Control-Allow-Credentials",
+                     "Set-Cookie", "Location"):
+            assert gone not in h, (gone, dict(h))
+        assert h["X-Request-Id"] == "req-123" and h["openai-processing-ms"] == "42"
+        assert h["x-ratelimit-remaining-requests"] == "99"
+    assert streamed.headers["Content-Type"].startswith("text/event-stream")
+    assert b"data: [DONE]" in streamed.content
+
+    fake.fault = "html"
+    with pytest.raises(openai.APIStatusError) as failed:
+        server.client().chat.completions.create(model="fake-model", messages=HELLO)
+    answer = failed.value.response
+    assert answer.status_code == 502 and answer.headers["Content-Type"] == "application/json"
+    assert b"<html" not in answer.content and b"<script" not in answer.content
+    error = failed.value.body
+    assert error["code"] == "upstream_error" and "'hostile'" in error["message"]
+    assert "HTTP 404" in error["message"] and "text/html" in error["message"]
+    assert answer.headers["X-Frame-Options"] == "DENY"
+
+
+def test_an_endpoint_is_never_this_llmlb_and_its_name_is_checked_first(make_server,
+                                                                        fakes) -> None:
+    """Finding 6 and the first hour: a loop is refused whatever key it is given; a taken
+    name is the answer before anything is asked of the URL."""
+    server = make_server(**FAST)
+    for url in (server.url + "/v1", server.url, server.url.replace("127.0.0.1", "localhost")):
+        r = add(server, "myself", url, api_key="sk_debug")
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "endpoint_loop", r.text
+        assert r.json()["error"]["param"] == "base_url"
+    assert "myself" not in nodes(server)
+
+    node_key, _ = create_api_key(server.runtime.db, "nodes", "node")
+    r = requests.post(f"{server.url}/v0/nodes", headers={"Authorization": f"Bearer {node_key}"},
+                      timeout=10, json={"name": "gpu-node", "url": "http://127.0.0.1:9",
+                                        "secret": "s" * 32, "report": {}})
+    assert r.status_code == 201, r.text
+    keyed = fakes("keyed", api_key="sk-needed")
+    r = add(server, "gpu-node", keyed.url)  # no key given: probing would say 401
+    assert r.status_code == 409 and r.json()["error"]["code"] == "name_taken", r.text
+    assert keyed.requests == []
+
+
+@pytest.mark.parametrize(("prefix", "base"), [
+    ("/v1beta/openai", "{root}/v1beta/openai"),  # Google's OpenAI-compatible base
+    ("/api/v1", "{root}/api/v1/"),
+    ("/v1", "{root}"),  # no path: /v1, where every OpenAI server answers
+])
+def test_the_paths_asked_are_the_openai_sdks(make_server, fakes, prefix, base) -> None:
+    """``{base_url}/models``, ``{base_url}/chat/completions``: what the openai SDK asks."""
+    fake = fakes("gemini-like", prefix=prefix)
+    root = fake.url.removesuffix(prefix)
+    server = make_server(**FAST)
+    r = add(server, "g", base.format(root=root))
+    assert r.status_code == 201, r.text
+    assert r.json()["status"] == "online" and r.json()["models"] == ["fake-model"]
+    assert ("GET", f"{prefix}/models") in [(m, p) for m, p, _ in fake.requests]
+    answer = server.client().chat.completions.create(model="fake-model", messages=HELLO)
+    assert answer.choices[0].message.content == "hello from gemini-like"
+    assert [p for m, p, _ in fake.requests if m == "POST"] == [f"{prefix}/chat/completions"]
+    listed = requests.get(f"{server.url}/v0/endpoints", headers=ADMIN, timeout=10).json()
+    assert listed["data"][0]["status"] == "online"
+    assert listed["data"][0]["last_check_error"] is None

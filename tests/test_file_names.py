@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import openai
@@ -17,49 +14,9 @@ import requests
 from llmlb.catalog import CatalogError, parse_catalog
 
 from .conftest import HELLO, LiveServer, raw_get
+from .fake_balancer import PAYLOAD, FakeBalancer
 
 DEV = {"Authorization": "Bearer sk_debug"}
-PAYLOAD = b"#!/bin/sh\necho pwned\n"
-
-
-class FakeBalancer:
-    """A tiny HTTP server answering as a balancer would, with the manifest it is given."""
-
-    def __init__(self) -> None:
-        self.files: list[dict] = []
-        self.blob_requests: list[str] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                if self.path.endswith("/manifest.json"):
-                    body = json.dumps({"model_id": "evil", "repo": None, "files": outer.files,
-                                       "created_at": None}).encode()
-                else:
-                    outer.blob_requests.append(self.path)
-                    body = PAYLOAD
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def manifest(self, *names: str) -> None:
-        self.files = [{"filename": name, "format": "gguf", "size_bytes": len(PAYLOAD),
-                       "url": f"{self.url}/v1/models/blob/evil/model.gguf"} for name in names]
-
-
-@pytest.fixture
-def fake_balancer() -> Iterator[FakeBalancer]:
-    balancer = FakeBalancer()
-    yield balancer
-    balancer.server.shutdown()
 
 
 def everything_under(root: Path) -> set[Path]:

@@ -257,13 +257,13 @@ def test_example_upstream_plugin(make_server, llmlb_home: Path, tiny,
     upstream = make_server()
     install(upstream, tiny, "llama-onnx", "tiny")
     install(upstream, tiny, "bert-embed", "embed")
-    monkeypatch.setenv("UPSTREAM_KEY", "sk_debug")
+    monkeypatch.setenv("LLMLB_ENDPOINT_KEY_UPSTREAM", "sk_debug")
     front = make_server(plugins_dir=[str(REPO / "plugins")])
     for name, target in (("relayed", "tiny"), ("relayed-embed", "embed")):
         (front.models_dir / name).mkdir()
         (front.models_dir / name / "model.upstream.json").write_text(
             f'{{"base_url": "{upstream.url}/v1", "model": "{target}", '
-            '"api_key_env": "UPSTREAM_KEY"}')
+            '"api_key_env": "LLMLB_ENDPOINT_KEY_UPSTREAM"}')
     direct = upstream.client().chat.completions.create(model="tiny", messages=HELLO,
                                                        max_tokens=12, temperature=0)
     relayed = front.client().chat.completions.create(model="relayed", messages=HELLO,
@@ -282,6 +282,26 @@ def test_example_upstream_plugin(make_server, llmlb_home: Path, tiny,
     with pytest.raises(openai.NotFoundError) as info:
         front.client().chat.completions.create(model="relayed", messages=HELLO)
     assert info.value.body["code"] == "model_not_found"
+
+
+def test_example_upstream_plugin_reads_only_keys_made_for_it(make_server,
+                                                             monkeypatch) -> None:
+    """A ``model.upstream.json`` (written by anyone who can put files in a model directory,
+    or synced with a model) must not ship the balancer's HF_TOKEN to its base_url."""
+    from .fake_openai import FakeOpenAI
+
+    monkeypatch.setenv("HF_TOKEN", "hf_private_token")
+    with FakeOpenAI("catcher") as fake:
+        front = make_server(plugins_dir=[str(REPO / "plugins")])
+        (front.models_dir / "stolen").mkdir()
+        (front.models_dir / "stolen" / "model.upstream.json").write_text(json.dumps(
+            {"base_url": fake.url, "model": "fake-model", "api_key_env": "HF_TOKEN"}))
+        r = requests.post(f"{front.url}/v1/chat/completions", timeout=30,
+                          headers={"Authorization": "Bearer sk_debug"},
+                          json={"model": "stolen", "messages": HELLO})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "model_load_failed"
+        assert "LLMLB_ENDPOINT_KEY_" in r.json()["error"]["message"]
+        assert fake.requests == []
 
 
 def test_example_upstream_plugin_keeps_its_connections(make_server) -> None:
@@ -308,3 +328,53 @@ def test_every_hook_has_a_test() -> None:
     tests = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
     missing = [h for h in hooks if not re.search(rf"def test_hook_{h}\b", tests)]
     assert not missing, f"hooks without a test_hook_<name> test: {missing}"
+
+
+WEIGHTS_ENGINE = '''
+from engines.base import Availability, Engine, EngineError
+from llmlb.hookspecs import hookimpl
+
+
+class WeightsEngine(Engine):
+    name = "weights"
+    formats = {"weights": (".weights",)}
+
+    def availability(self):
+        return Availability(True)
+
+    def load(self, model_dir, artifacts, options):
+        try:
+            (model_dir / "tensors.bin").read_bytes()
+        except OSError as exc:
+            raise EngineError(f"cannot read the tensors: {exc}") from exc
+'''
+
+
+def test_local_paths_stay_with_the_operators(make_server, tmp_path: Path) -> None:
+    """An engine's error quotes the file it could not read; the client sees its name, not
+    where llmlb keeps its models. /v0/engines names plugin files without their directory,
+    except to admins."""
+    from llmlb import auth
+
+    plugins = tmp_path / "secret-place" / "plugins"
+    write_plugin(plugins, "weights", WEIGHTS_ENGINE + "\n@hookimpl\ndef register_engines():\n"
+                 "    return [WeightsEngine()]\n")
+    server = make_server(plugins_dir=[str(plugins)], dev=False)
+    (server.models_dir / "heavy").mkdir()
+    (server.models_dir / "heavy" / "model.weights").write_text("x")
+    api_key, _ = auth.create_api_key(server.runtime.db, "inference", "api")
+    admin_key, _ = auth.create_api_key(server.runtime.db, "ops", "admin")
+
+    with pytest.raises(openai.InternalServerError) as info:
+        server.client(api_key=api_key).chat.completions.create(model="heavy", messages=HELLO)
+    message = info.value.body["message"]
+    assert info.value.body["code"] == "model_load_failed"
+    assert "tensors.bin" in message and str(tmp_path) not in message, message
+
+    listing = requests.get(f"{server.url}/v0/engines", timeout=120,  # the first imports torch
+                           headers={"Authorization": f"Bearer {api_key}"})
+    assert listing.status_code == 200 and str(tmp_path) not in listing.text
+    assert {e["plugin"] for e in listing.json()["engines"]} >= {"file:weights.py"}
+    admin = requests.get(f"{server.url}/v0/engines", timeout=60,
+                         headers={"Authorization": f"Bearer {admin_key}"})
+    assert str(plugins / "weights.py") in admin.text

@@ -300,5 +300,6 @@ def test_the_key_goes_to_the_providers_base_url_only(make_server, providers) -> 
         assert elsewhere.calls == [] and elsewhere.headers == []
         # a node cannot take a provider's name
         r = requests.post(f"{server.url}/v0/nodes", headers=ADMIN, timeout=10,
-                          json={"name": "openai", "url": elsewhere.url, "report": {}})
+                          json={"name": "openai", "url": elsewhere.url, "report": {},
+                                "secret": "a-node-of-its-own-0123"})
         assert r.status_code == 409 and "hosted provider" in r.json()["error"]["message"]

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from .conftest import HELLO, LiveServer, raw_get
+from .fake_balancer import FakeBalancer
 from .fake_hub import FakeHub
 from .tinymodels import make_llama_gguf, make_llama_safetensors
 
@@ -359,3 +360,97 @@ def test_a_full_disk_fails_the_download_cleanly(hub_server, hub: FakeHub, small_
     filler.unlink()
     reply = client.chat.completions.create(model="tiny-gguf", messages=HELLO, max_tokens=2)
     assert reply.usage.completion_tokens == 2
+
+
+# --- a hostile balancer (or whoever answers at its address) steers no download -------------
+
+SECRET = b"internal-secret: db password hunter2\n"
+
+
+def files_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and ".locks" not in p.parts]
+
+
+@pytest.mark.parametrize("target", ["other-port", "other-host"])
+def test_a_blob_redirect_leaves_neither_the_balancer_nor_the_allowlist(
+        make_server, fake_balancer: FakeBalancer, target: str) -> None:
+    """The finding: a blob route that redirects to an internal service on loopback. The node
+    refuses to follow it, never asks the service, and keeps nothing."""
+    from .fake_balancer import LoopbackServer, send
+
+    internal = LoopbackServer(lambda h: send(h, SECRET, length=len(SECRET)),
+                              host="127.0.0.1" if target == "other-port" else "127.0.0.2")
+    try:
+        fake_balancer.blob = lambda h: send(h, b"", 302, length=0, headers={
+            "Location": f"{internal.url}/internal-secret"})
+        fake_balancer.manifest("model.gguf", size=len(SECRET))
+        node = make_server(balancer_url=fake_balancer.url, node_api_key="sk_debug",
+                           download_allowlist=["none"])
+        with pytest.raises(openai.APIStatusError) as info:
+            node.client().chat.completions.create(model="evil", messages=HELLO)
+        assert info.value.status_code == 502
+        error = info.value.body
+        assert error["code"] == "download_failed"
+        assert "redirected model.gguf" in error["message"]
+        assert "LLMLB_DOWNLOAD_ALLOWLIST" in error["message"]
+        assert fake_balancer.blob_requests  # the node did ask its balancer
+        assert internal.requests == []      # and never the host it was sent to
+        assert files_under(node.models_dir) == []
+        assert status(node, "evil")["status"] == "error"
+        models = [m.id for m in node.client().models.list()]
+        assert "evil" not in models
+    finally:
+        internal.close()
+
+
+def test_a_redirect_within_the_balancer_is_followed(make_server,
+                                                    fake_balancer: FakeBalancer) -> None:
+    """Its own blob route on its own origin stays usable, with a redirect in between."""
+    from .fake_balancer import PAYLOAD, send
+
+    def blob(handler) -> None:  # noqa: ANN001
+        if handler.path.endswith("/moved"):
+            send(handler, PAYLOAD, length=len(PAYLOAD))
+        else:
+            send(handler, b"", 307, length=0,
+                 headers={"Location": "/v1/models/blob/evil/moved"})
+
+    fake_balancer.blob = blob
+    fake_balancer.manifest("model.gguf")
+    node = make_server(balancer_url=fake_balancer.url, node_api_key="sk_debug",
+                       download_allowlist=["none"])
+    with pytest.raises(openai.APIStatusError):  # the payload is no GGUF: loading fails
+        node.client().chat.completions.create(model="evil", messages=HELLO)
+    assert (node.models_dir / "evil" / "model.gguf").read_bytes() == PAYLOAD
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_a_blob_longer_than_declared_is_refused_and_removed(
+        make_server, fake_balancer: FakeBalancer, announced: bool) -> None:
+    """The finding: a 100-byte manifest entry, 30 MB sent. The node stops at the declared
+    size (whether Content-Length says more or the body just goes on) and keeps nothing."""
+    flood = 30 * 1024 * 1024
+
+    def blob(handler) -> None:  # noqa: ANN001
+        handler.send_response(200)
+        if announced:
+            handler.send_header("Content-Length", str(flood))
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        try:
+            for _ in range(flood // 65536):
+                handler.wfile.write(b"A" * 65536)
+        except OSError:  # the node hung up: what it should do
+            pass
+
+    fake_balancer.blob = blob
+    fake_balancer.manifest("model.gguf", size=100)
+    node = make_server(balancer_url=fake_balancer.url, node_api_key="sk_debug",
+                       download_allowlist=["none"])
+    with pytest.raises(openai.APIStatusError) as info:
+        node.client().chat.completions.create(model="evil", messages=HELLO)
+    assert info.value.status_code == 502
+    error = info.value.body
+    assert error["code"] == "download_failed"
+    assert "more than the 100 bytes declared for model.gguf" in error["message"]
+    assert files_under(node.models_dir) == []  # no .partial kept

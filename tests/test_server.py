@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import openai
+import pytest
 import requests
 
-from .conftest import REPO, free_port, gunicorn_command, llmlb_command
+from .conftest import REPO, Proc, free_port, gunicorn_command, llmlb_command
 
 
 def test_llmlb_serve_dev_mode_warns_loudly(start_process, llmlb_home: Path) -> None:
@@ -65,3 +70,69 @@ def test_a_bad_catalog_stops_the_start_with_the_reason(llmlb_home: Path) -> None
         output = result.stdout + result.stderr
         assert "models[0] (x): source hf_gguf needs a repo_id" in output, output
         assert "Traceback" not in output and "Worker failed to boot" not in output
+
+
+# --- what gunicorn writes and answers itself -------------------------------------------------
+
+WORKER_ROLES = pytest.mark.parametrize("role", ["standalone", "balancer"],
+                                       ids=["gthread", "gevent"])
+
+
+def serve(start_process, role: str) -> Proc:
+    port = free_port()
+    return start_process([*llmlb_command(), "serve", "--dev", "--role", role, "--port",
+                          str(port)], {}, port)
+
+
+def raw_request(url: str, head: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``head`` as it is (no client-side checks) and read the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(head)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, dict(response.getheaders()), response.read()
+
+
+def wait_for_log(proc: Proc, text: str) -> str:
+    deadline = time.monotonic() + 30
+    while text not in proc.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return proc.log()
+
+
+@WORKER_ROLES
+def test_a_path_cannot_forge_access_log_lines(start_process, llmlb_home: Path,
+                                              role: str) -> None:
+    proc = serve(start_process, role)
+    forged = '127.0.0.1 "GET /admin/forged HTTP/1.1" 200 0 0ms'
+    path = "/v1/models/x%0D%0A" + quote(forged) + "%00%1b[31m"
+    status, headers, body = raw_request(proc.url, (
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk_debug\r\n"
+        "Connection: close\r\n\r\n").encode())
+    assert status == 404 and headers["Content-Type"] == "application/json"
+    log = wait_for_log(proc, "/v1/models/x")
+    lines = [line for line in log.splitlines() if "/admin/forged" in line]
+    assert len(lines) == 1, lines  # one request, one line...
+    assert not lines[0].startswith(forged)  # ...that is not the forged one
+    assert "/v1/models/x\\x0d\\x0a127.0.0.1 \\x22GET /admin/forged" in lines[0]
+    assert "\\x00\\x1b[31m" in lines[0] and "\x00" not in log and "\x1b" not in log
+
+
+@WORKER_ROLES
+def test_gunicorns_own_errors_are_json(start_process, llmlb_home: Path, role: str) -> None:
+    proc = serve(start_process, role)
+    status, headers, body = raw_request(proc.url, (
+        f"GET /v1/models/{'x' * 10_000} HTTP/1.1\r\nHost: x\r\n\r\n").encode())
+    assert status == 414
+    assert headers["Content-Type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert error["code"] == "uri_too_long" and "4094 bytes" in error["message"]
+
+    status, headers, body = raw_request(proc.url, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
+                                        b"Bad Header: x\r\n\r\n")
+    assert status == 400 and headers["Content-Type"] == "application/json"
+    assert json.loads(body)["error"]["message"].startswith("Malformed HTTP request")
+    # The server is fine afterwards.
+    assert requests.get(f"{proc.url}/v1/models", headers={"Authorization": "Bearer sk_debug"},
+                        timeout=10).status_code == 200

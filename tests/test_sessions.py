@@ -80,3 +80,20 @@ def test_sessions_expire(make_server) -> None:
     browser.get(f"{server.url}/models", timeout=10)  # activity does not extend a login
     time.sleep(1.2)
     assert can_manage_keys(server, cookie, csrf) == (401, 401)
+
+
+def test_a_dashboard_call_after_logout_says_the_session_ended(prod: LiveServer) -> None:
+    """Not "Missing API key": the dashboard's user is told to log in again, whether the
+    call carries the ended session's cookie or (the same browser, after its logout) only
+    the page's CSRF header."""
+    browser, cookie, csrf = saved_cookie(prod)
+    browser.post(f"{prod.url}/logout", data={"csrf_token": csrf}, timeout=10)
+    for how in ({"cookies": cookie}, {"headers": {"X-CSRF-Token": csrf}}):
+        r = requests.get(f"{prod.url}/api/keys", timeout=10, **how)
+        assert r.status_code == 401
+        error = r.json()["error"]
+        assert error["code"] == "session_ended", how
+        assert "log in again" in error["message"] and "API key" not in error["message"]
+    # A program without any credentials is still asked for a key.
+    r = requests.get(f"{prod.url}/api/keys", timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["message"].startswith("Missing API key")

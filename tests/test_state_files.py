@@ -58,3 +58,18 @@ def test_loose_modes_of_an_existing_install_are_tightened(llmlb_home: Path, make
     assert any(str(llmlb_home / "llmlb.db") in w and "changed it to 0600" in w
                for w in warnings), warnings
     assert any(f"{llmlb_home} is" in w and "changed it to 0700" in w for w in warnings)
+
+
+def test_a_loose_endpoints_key_is_tightened(llmlb_home: Path, make_server,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The key that decrypts the endpoints' API keys, restored from a backup with the usual
+    umask: as private as the database once llmlb starts."""
+    from cryptography.fernet import Fernet
+
+    key_file = llmlb_home / "endpoints.key"
+    key_file.write_bytes(Fernet.generate_key())
+    os.chmod(key_file, 0o644)
+    make_server(dev=False)
+    assert mode(key_file) == 0o600
+    assert any(str(key_file) in r.getMessage() and "changed it to 0600" in r.getMessage()
+               for r in caplog.records)

@@ -8,13 +8,13 @@ import time
 from contextlib import ExitStack
 
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from llmlb import auth
 from llmlb.config import SettingsError, load_settings
 
-from .conftest import LiveServer, dashboard_login
+from .conftest import LiveServer, dashboard_login, page_csrf
 
 PASSWORD = "correct horse battery"
 
@@ -88,3 +88,48 @@ def test_the_cap_stays_below_the_threads(llmlb_home) -> None:
     assert load_settings({"threads": 8, "max_websockets": 7}).max_websockets == 7
     with pytest.raises(SettingsError, match="LLMLB_MAX_WEBSOCKETS .* must be below"):
         load_settings({"threads": 8, "max_websockets": 8})
+
+
+def closed_within(ws, seconds: float = 15) -> ConnectionClosed:  # noqa: ANN001
+    """The close the server sends: events before it are read past."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            ws.recv(timeout=1)
+        except TimeoutError:
+            continue
+        except ConnectionClosed as closed:
+            return closed
+    raise AssertionError("the socket stayed open")
+
+
+def test_an_open_socket_ends_with_its_session(prod: LiveServer) -> None:
+    """Logging out, or a new password set with the CLI, closes the sockets that session
+    opened (1008, "log in again"), and the events stop."""
+    from .test_auth import users_cli
+
+    for end in ("logout", "password"):
+        browser = dashboard_login(prod.url, PASSWORD).browser
+        cookie = {"Cookie": f"session={browser.cookies['session']}"}
+        with connect(ws_url(prod), origin=prod.url, additional_headers=cookie,
+                     open_timeout=10) as ws:
+            with pytest.raises(TimeoutError):
+                ws.recv(timeout=1.5)  # open, and stays open while the session lasts
+            if end == "logout":
+                csrf = page_csrf(browser, f"{prod.url}/keys")
+                browser.post(f"{prod.url}/logout", data={"csrf_token": csrf}, timeout=10)
+            else:
+                assert users_cli("users", "set-password", "admin",
+                                 password=PASSWORD + "!").returncode == 0
+                auth.set_password(prod.runtime.db, "admin", PASSWORD)
+            closed = closed_within(ws)
+        assert closed.rcvd is not None and closed.rcvd.code == 1008, end
+        assert "log in again" in closed.rcvd.reason
+
+
+def test_an_open_socket_ends_with_its_key(prod: LiveServer) -> None:
+    key, record = auth.create_api_key(prod.runtime.db, "admin", "admin")
+    with connect(ws_url(prod), additional_headers={"X-API-Key": key}, open_timeout=10) as ws:
+        auth.revoke_api_key(prod.runtime.db, record.id)
+        closed = closed_within(ws)
+    assert closed.rcvd is not None and closed.rcvd.code == 1008

@@ -12,9 +12,8 @@ from flask import Response, current_app, g, jsonify, request, session
 from .. import auth, errors, sessions
 from ..balancer.proxy import Forwarded
 from ..runtime import Runtime
-from ..serving.body import parse_json_object
-from ..serving.sse import SSEStream
 from ..storage import requested_model_id
+from ..wire import parse_json_object
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 CSRF_HEADER = "X-CSRF-Token"
@@ -45,22 +44,15 @@ def check_csrf(sent: str | None) -> None:
 
 
 def current_principal() -> auth.Principal | None:
-    """The key's principal, else the logged-in dashboard user's (CSRF-checked when unsafe)."""
+    """The key's principal (the role's authenticator decides, 401 for a key it refuses),
+    else, where the role has dashboard users, the logged-in user's (CSRF-checked when
+    unsafe)."""
     rt = runtime()
     key = auth.key_from_headers(request.headers)
-    if rt.agent is not None:  # a node: only node credentials (see balancer/agent.py)
-        if key is None:
-            return None
-        node_principal = rt.agent.principal(key)
-        if node_principal is None:
-            raise errors.unauthorized("Invalid key: this node accepts only its balancer and "
-                                      "its own node key")
-        return node_principal
     if key is not None:
-        principal = auth.authenticate_key(rt.db, key, dev=rt.settings.dev)
-        if principal is None:
-            raise errors.unauthorized("Invalid API key")
-        return principal
+        return rt.authenticator.principal(key)
+    if not rt.authenticator.sessions:
+        return None
     principal = session_principal()
     if principal is not None and request.method in UNSAFE_METHODS:
         check_csrf(request.headers.get(CSRF_HEADER))
@@ -72,8 +64,16 @@ def session_principal() -> auth.Principal | None:
     if "user" not in session:
         return None
     rt = runtime()
-    return sessions.session_principal(rt.db, session, dev=rt.settings.dev,
-                                      lifetime=rt.settings.session_lifetime_seconds)
+    return sessions.session_principal(rt.db, session, dev=rt.settings.server.dev,
+                                      lifetime=rt.settings.users.session_lifetime_seconds)
+
+
+def missing_credentials() -> errors.APIError:
+    """The 401 for a request with neither a key nor a valid session: a dashboard call (its
+    cookie names a user, or its page sent the CSRF header) is told its session ended."""
+    if "user" in session or CSRF_HEADER in request.headers:
+        return errors.session_ended()
+    return errors.unauthorized()
 
 
 def require(*scopes: str) -> Callable:
@@ -84,10 +84,9 @@ def require(*scopes: str) -> Callable:
         def wrapper(*args: Any, **kwargs: Any):
             principal = current_principal()
             if principal is None:
-                raise errors.unauthorized()
-            needed = ("node",) if runtime().agent is not None else scopes  # a node: node only
-            if not any(principal.allows(s) for s in needed):
-                raise errors.forbidden(" or ".join(needed))
+                raise missing_credentials()
+            if not any(principal.allows(s) for s in scopes):
+                raise errors.forbidden(" or ".join(scopes))
             g.principal = principal
             return view(*args, **kwargs)
 
@@ -148,12 +147,7 @@ def relay(forwarded: Forwarded) -> Response:
     return response
 
 
-def respond(result: dict | SSEStream, status: int = 200) -> Response:
-    if isinstance(result, SSEStream):
-        return Response(result, mimetype="text/event-stream", headers={
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # nginx: pass each event on at once
-        })
+def respond(result: dict, status: int = 200) -> Response:
     response = jsonify(result)
     response.status_code = status
     return response

@@ -25,7 +25,7 @@ bp = Blueprint("dashboard", __name__)
 def template_globals() -> dict[str, Any]:
     principal = session_principal()
     return {"csrf_token": csrf_token, "user": principal.name if principal else None,
-            "dev_mode": runtime().settings.dev}
+            "dev_mode": runtime().settings.server.dev}
 
 
 def login_required(view: Callable) -> Callable:
@@ -61,11 +61,11 @@ def login():
         return render_template("login.html",
                                error="Your session expired. Please try again."), 401
     rt = runtime()
-    throttle = LoginThrottle(rt.db, rt.settings.login_max_failures,
-                             rt.settings.login_window_seconds)
+    throttle = LoginThrottle(rt.db, rt.settings.users.login_max_failures,
+                             rt.settings.users.login_window_seconds)
     outcome = attempt_login(throttle, request.remote_addr or "unknown",
                             request.form.get("username", "").strip(),
-                            request.form.get("password", ""), dev=rt.settings.dev)
+                            request.form.get("password", ""), dev=rt.settings.server.dev)
     if outcome.retry_after:
         refusal = errors.login_throttled(outcome.retry_after)
         return render_template("login.html", error=refusal.message), refusal.status, \

@@ -10,7 +10,7 @@ from flask import Blueprint, Response, g, request
 
 from .. import errors
 from ..balancer.providers import ANTHROPIC_HEADERS
-from ..serving.dialects import COUNT_TOKENS, MESSAGES, RESPONSES
+from ..dialects import COUNT_TOKENS, MESSAGES, RESPONSES
 from .common import relay, request_bytes, require, respond, runtime
 
 bp = Blueprint("dialects", __name__, url_prefix="/v1")

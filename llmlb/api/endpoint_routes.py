@@ -7,6 +7,7 @@ from __future__ import annotations
 from flask import Blueprint
 
 from .. import errors
+from ..balancer.credentials import EnvAllowlist
 from ..balancer.endpoints import add_endpoint, endpoint_json, endpoint_spec
 from ..balancer.registry import ENDPOINT
 from .common import json_body, registry, require, respond, runtime
@@ -17,8 +18,9 @@ bp = Blueprint("endpoints", __name__, url_prefix="/v0/endpoints")
 @bp.get("")
 @require("admin")
 def list_endpoints():
-    records = [r for r in registry().nodes(fresh=True) if r.kind == ENDPOINT]
-    return respond({"data": [endpoint_json(r) for r in records]})
+    nodes = registry()
+    return respond({"data": [endpoint_json(r, nodes.status(r))
+                             for r in nodes.nodes(fresh=True) if r.kind == ENDPOINT]})
 
 
 @bp.post("")
@@ -26,13 +28,12 @@ def list_endpoints():
 def add():
     rt = runtime()
     settings = rt.settings
-    spec = endpoint_spec(json_body())
-    if rt.cluster.local is not None and spec.name == rt.cluster.local.name:
-        raise errors.name_taken(spec.name, "is this llmlb's own node; choose another")
-    record = add_endpoint(registry(), settings.home, spec,
-                          check_seconds=settings.endpoint_check_seconds,
-                          timeout=max(2.0, settings.proxy_connect_timeout_seconds))
-    return respond(endpoint_json(record), status=201)
+    spec = endpoint_spec(json_body(), EnvAllowlist(settings.cluster.endpoint_env_allowlist))
+    record = add_endpoint(registry(), settings.files.home, spec,
+                          check_seconds=settings.cluster.endpoint_check_seconds,
+                          timeout=max(2.0, settings.cluster.proxy_connect_timeout_seconds),
+                          instance=rt.instance_id)
+    return respond(endpoint_json(record, registry().status(record)), status=201)
 
 
 @bp.delete("/<name>")

@@ -1,15 +1,21 @@
 """The cluster's HTTP API. On a balancer (``bp``): nodes register and send heartbeats (node
-scope); operators list and forget nodes (admin). On a node (``node_bp``): what its balancer
-asks of it besides inference: pull or delete a model, its report now."""
+scope, and the node's own secret for its name: SC-7); operators list and forget nodes (admin).
+On a node (``node_bp``): what its balancer asks of it besides inference: pull or delete a
+model, its report now, its in-process member's (only the balancer holding the node's secret
+may: see ``node/agent.py``)."""
 
 from __future__ import annotations
 
-from flask import Blueprint
+import logging
+
+from flask import Blueprint, g, request
 
 from .. import errors
-from ..balancer.registry import NameTaken, registration, report_of
+from ..balancer.registration import node_report, node_secret, registration
+from ..balancer.registry import NameTaken
 from .common import delete_model, json_body, register_model, registry, require, respond, runtime
 
+log = logging.getLogger(__name__)
 bp = Blueprint("nodes", __name__, url_prefix="/v0/nodes")
 node_bp = Blueprint("node", __name__, url_prefix="/v0/node")
 
@@ -23,23 +29,35 @@ def list_nodes():
 @bp.post("")
 @require("node")
 def register():
-    name, url, secret, report = registration(json_body())
+    node = registration(json_body())
     try:
-        record = registry().register(name, url, report, secret=secret)
-    except NameTaken as taken:
-        what = "a hosted provider" if str(taken) == "provider" else "an external endpoint"
-        raise errors.name_taken(name, f"belongs to {what}; start the node with another "
-                                "--name") from None
+        record = registry().register(node.name, node.url, node.report, secret=node.secret)
+    except NameTaken as exc:
+        raise _refused(exc, "registration", node.url) from None
     return respond({"id": record.id, "name": record.name, "url": record.url,
-                    "heartbeat_seconds": runtime().settings.heartbeat_seconds}, status=201)
+                    "heartbeat_seconds": runtime().settings.cluster.heartbeat_seconds}, status=201)
 
 
 @bp.post("/<name>/heartbeat")
 @require("node")
 def heartbeat(name: str):
-    if not registry().heartbeat(name, report_of(json_body())):
+    body = json_body()
+    secret, report = node_secret(body), node_report(body)
+    try:
+        known = registry().heartbeat(name, secret, report)
+    except NameTaken as exc:
+        raise _refused(exc, "heartbeat") from None
+    if not known:
         raise errors.node_not_found(name)
     return respond({"name": name, "ok": True})
+
+
+def _refused(exc: NameTaken, what: str, url: str | None = None) -> errors.APIError:
+    """Say who tried to take a name that is not theirs, and refuse it."""
+    log.warning("Refused a node %s as '%s' from %s (key '%s')%s: the name %s", what, exc.name,
+                request.remote_addr, g.principal.name, f", advertising {url}" if url else "",
+                exc.taken_by)
+    return errors.name_taken(exc.name, exc.why)
 
 
 @bp.delete("/<name>")
@@ -65,4 +83,4 @@ def delete(model_id: str):
 @node_bp.get("/report")
 @require("node")
 def report():
-    return respond(runtime().reporter.report())
+    return respond(runtime().cluster.local.report().to_json())  # type: ignore[union-attr]

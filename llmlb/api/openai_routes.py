@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from flask import Blueprint, g, send_file
 
-from engines.base import CHAT, COMPLETION, EMBEDDINGS
-
 from .. import errors
-from ..model_info import catalog_object, model_object
+from ..balancer.upstream import CHAT, COMPLETION, EMBEDDINGS
+from ..model_info import blob_path, catalog_object, model_object
 from ..storage import requested_model_id
 from .common import relay, request_bytes, require, respond, runtime
 
@@ -45,7 +44,7 @@ def get_model(model_id: str):
 @require("node")
 def model_blob(rest: str):
     """A model file for nodes that sync from this balancer (LB-4); Range requests work."""
-    path = runtime().node.blob_path(rest)
+    path = blob_path(rest, runtime().resolver.find)
     return send_file(path, conditional=True, etag=True, max_age=0,
                      mimetype="application/octet-stream")
 

@@ -6,6 +6,8 @@ from flask import Blueprint, g, request
 
 from .. import errors
 from ..model_info import manifest
+from ..node.pool import load_options
+from ..plugins import public_row
 from ..storage import requested_model_id
 from .common import require, respond, runtime
 
@@ -23,12 +25,12 @@ def health():
 def model_manifest(model_id: str):
     model_id = requested_model_id(model_id)
     rt = runtime()
-    local = rt.node.find(model_id)
+    local = rt.resolver.find(model_id)
     entry = rt.catalog.get(model_id)
     if local is None and entry is None:
         raise errors.model_not_found(model_id, in_catalog_hint=False)
     blob_base = request.host_url.rstrip("/") + "/v1/models/blob"
-    return respond(manifest(model_id, local, entry, rt.settings.hf_endpoint, blob_base))
+    return respond(manifest(model_id, local, entry, rt.settings.models.hf_endpoint, blob_base))
 
 
 @bp.get("/v0/models/<path:model_id>/status")
@@ -44,4 +46,9 @@ def model_status(model_id: str):
 @require("api")
 def engines():
     rt = runtime()
-    return respond({"engines": rt.engines.describe(rt.pool.options), "loaded": rt.pool.loaded()})
+    pool = rt.pool  # none where no model runs (a balancer)
+    options = pool.options if pool is not None else load_options(rt.settings.inference)
+    rows = rt.engines.describe(options)
+    if not g.principal.allows("admin"):  # where plugins live is for operators only
+        rows = [public_row(row) for row in rows]
+    return respond({"engines": rows, "loaded": pool.loaded() if pool is not None else []})

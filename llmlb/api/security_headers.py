@@ -3,7 +3,8 @@
 The dashboard loads only its own scripts and styles from ``/static`` (no inline script or
 style, no CDN), so the policy allows nothing but the same origin; it may not be framed
 (clickjacking), browsers must not guess content types, and no URL leaks to other sites in a
-Referer. The JSON API gets the same headers: harmless there, and one rule is simpler.
+Referer. The JSON API gets the same headers: harmless there, and one rule is simpler. They
+are set on every response, whatever a node or endpoint whose answer is relayed sent (SC-8).
 """
 
 from __future__ import annotations
@@ -34,5 +35,5 @@ def init_app(app: Flask) -> None:
     @app.after_request
     def add_security_headers(response: Response) -> Response:
         for name, value in HEADERS.items():
-            response.headers.setdefault(name, value)
+            response.headers[name] = value
         return response

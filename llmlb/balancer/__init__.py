@@ -1,13 +1,18 @@
-"""The balancer and its nodes (LB-1..LB-4).
+"""The balancer and its nodes (LB-1..LB-4). It knows its members through a protocol
+(``members.Member``) and the node seam (``upstream``), and imports nothing of engines, the
+resolver, serving or the node package: the role's builder hands it the in-process member.
 
-- ``registry``: nodes in SQLite (registration, heartbeats, status, cooldown, pull assignments)
+- ``registry``: nodes in SQLite (registration, heartbeats, status, cooldown, pull assignments),
+  each name bound to the secret of the node that first registered it
+- ``registration``: a node's registration and heartbeat bodies, checked
+- ``reports``: what a node or an endpoint reports, typed and checked where it enters
 - ``inflight``: requests in flight per node, counted by every worker in shared memory
-- ``upstream``: the node seam: hand a request to a node, get (status, headers, body) back;
-  the in-process node runs ``serving/``, a remote one is reached over pooled HTTP
-- ``members``: the nodes a balancer can route to right now, local and remote
+- ``upstream``: the node seam: the operations forwarded and their paths, hand a request to a
+  node, get (status, headers, body) back; a remote node is reached over pooled HTTP
+- ``members``: the nodes a balancer can route to right now, as ``Member``s
 - ``routing``: ready or resolvable candidates, least busy, conversation affinity
+- ``placement``: which member pulls a model no one has ready, for requests and the hub alike
 - ``proxy``: forwarding with failover, cooldown and pass-through streaming
-- ``agent``: the node's side: its report, registration and heartbeats, its credentials
 - ``endpoints``: external OpenAI-compatible servers as registry members (LB-5): checked when
   added, then their models, health and load refreshed by the supervisor
 - ``credentials``: an endpoint's API key as stored (an env var's name, or sealed with Fernet)

@@ -1,5 +1,6 @@
 """What the balancer notes about each request it forwards (LB-6): status, node, latency, time
-to the first byte, tokens, handed to ``on_done`` (metrics and history) when the answer ends.
+to the first byte, tokens, handed to ``on_done`` as one ``RequestRecord`` (metrics and
+history) when the answer ends.
 
 Tokens come from the answer's ``usage`` (in any of the three APIs), found without decoding
 the answer: a regular expression over the bytes of a complete answer, or over the last events
@@ -16,11 +17,10 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from engines.base import CHAT, COMPLETION
-
-from .upstream import NodeResponse, ProxyRequest
+from ..history import RequestRecord
+from .upstream import CHAT, COMPLETION, NodeResponse, ProxyRequest
 
 # Chat's names, and the Responses and Messages APIs' (whose streams end with their usage too).
 _PROMPT = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*(\d+)')
@@ -32,22 +32,6 @@ _NULL_USAGE = re.compile(rb',\s*"usage":\s*null')
 _USAGE = b'"usage"'
 TAIL_BYTES = 8192  # a stream's usage event is among its last bytes
 CLIENT_LEFT = 499  # nginx's code for a client that closed the connection first
-
-
-@dataclass(frozen=True)
-class Outcome:
-    at: float
-    key_name: str | None
-    operation: str
-    model: str | None
-    node: str | None
-    status: int
-    stream: bool
-    latency: float
-    ttft: float | None
-    tokens_in: int | None
-    tokens_out: int | None
-    error: str | None
 
 
 def usage_of(data: bytes) -> tuple[int | None, int | None]:
@@ -78,7 +62,7 @@ class Watch:
     """One request, from arrival to the end of its answer."""
 
     def __init__(self, operation: str, key_name: str | None,
-                 on_done: Callable[[Outcome], None]) -> None:
+                 on_done: Callable[[RequestRecord], None]) -> None:
         self.operation, self.key_name, self.on_done = operation, key_name, on_done
         self.at, self.started = time.time(), time.perf_counter()
         self.model: str | None = None
@@ -138,9 +122,9 @@ class Watch:
             return
         self._done = True
         latency = time.perf_counter() - self.started
-        self.on_done(Outcome(self.at, self.key_name, self.operation, self.model, node, status,
-                             stream, latency, ttft if stream else latency, tokens_in,
-                             tokens_out, error))
+        self.on_done(RequestRecord(self.at, self.key_name, self.operation, self.model, node,
+                                   status, stream, latency, ttft if stream else latency,
+                                   tokens_in, tokens_out, error))
 
 
 class _Watched:

@@ -4,7 +4,10 @@ Two forms, stored in the ``credential`` column of its ``nodes`` row:
 
 - ``env:NAME``: the key is read from the balancer's environment variable NAME whenever a
   connection is built (``llmlb endpoints add ... --api-key-env NAME``); the database holds
-  only the name.
+  only the name. Only names made for it may be read: ``LLMLB_ENDPOINT_KEY_*``, or those the
+  operator lists in ``LLMLB_ENDPOINT_ENV_ALLOWLIST`` (``EnvAllowlist``). Anything else (an
+  ``HF_TOKEN``, a cloud credential, the admin password) would go to whatever URL the
+  endpoint has, as a bearer token; a stored name that is no longer allowed sends nothing.
 - ``fernet:TOKEN``: the key itself, encrypted with Fernet (AES-128-CBC + HMAC-SHA256, from
   ``cryptography``) under a key file ``$LLMLB_HOME/endpoints.key`` (0600, made on first use).
   A copy of the database alone does not reveal the key.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -23,7 +27,25 @@ from cryptography.fernet import Fernet, InvalidToken
 from ..private_files import FILE_MODE
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+ENV_PREFIX = "LLMLB_ENDPOINT_KEY_"
 KEY_FILE = "endpoints.key"
+
+
+@dataclass(frozen=True)
+class EnvAllowlist:
+    """The environment variables an endpoint's key may be read from: ``LLMLB_ENDPOINT_KEY_*``
+    and the names listed in ``LLMLB_ENDPOINT_ENV_ALLOWLIST``."""
+
+    names: tuple[str, ...] = ()
+
+    def allows(self, name: str) -> bool:
+        return (name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX)) \
+            or name in self.names
+
+    def refusal(self, name: str) -> str:
+        return (f"llmlb reads endpoint keys only from environment variables named "
+                f"{ENV_PREFIX}<something> or listed in LLMLB_ENDPOINT_ENV_ALLOWLIST; {name} "
+                f"is neither (rename it, e.g. {ENV_PREFIX}{name.upper()}, or list it)")
 
 
 class CredentialError(ValueError):
@@ -52,12 +74,16 @@ def from_env(name: str) -> str:
     return f"env:{name}"
 
 
-def open_credential(home: Path, credential: str | None) -> str | None:
-    """The key in clear (None: no key). Raises CredentialError for a key that is gone."""
+def open_credential(home: Path, credential: str | None, allowlist: EnvAllowlist,
+                    ) -> str | None:
+    """The key in clear (None: no key). Raises CredentialError for a key that is gone, or
+    an environment variable that may not be read."""
     if not credential:
         return None
     kind, _, value = credential.partition(":")
     if kind == "env":
+        if not allowlist.allows(value):
+            raise CredentialError(allowlist.refusal(value))
         key = os.environ.get(value)
         if not key:
             raise CredentialError(f"the environment variable {value} is not set")

@@ -14,26 +14,32 @@ llmlb, so the supervisor's ``endpoint-check`` task asks each one every
   stored and added to the routing score; without metrics (Ollama, hosted APIs) the score is
   the balancer's own in-flight count.
 
-Adding one checks it first: an http(s) URL that answers ``GET {base}/models`` with a model
-list, else a 400 that says what went wrong.
+Adding one checks it first: its name free, an http(s) URL that answers
+``GET {base_url}/models`` with a model list and is not this llmlb itself (every llmlb answers
+a request carrying ``X-LLMLB-Instance`` with its own instance id: the balancer sends its
+own), else a 400 that says what went wrong. The paths asked are ``urls``' rule, the openai
+SDK's: ``{base_url}/models``, ``{base_url}/chat/completions``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from .. import errors
-from ..config import NODE_NAME, Settings
+from .. import errors, urls
+from ..config import NODE_NAME, ClusterSettings
+from ..db import Database
 from . import credentials, http1
+from .credentials import EnvAllowlist
 from .inflight import InflightCounters
-from .registry import ENDPOINT, NodeRecord, NodeRegistry
-from .upstream import RemoteNode
+from .registry import ENDPOINT, NameTaken, NodeRecord, NodeRegistry
+from .reports import CHECKED_BY_METRICS, MAX_ITEMS, EndpointReport, ModelEntry, model_ids
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,23 @@ LOAD_METRICS = {
     "llamacpp:requests_processing": "running", "llamacpp:requests_deferred": "waiting",
 }
 MAX_MODELS_BYTES = 4 * 1024 * 1024
+INSTANCE_HEADER = "X-LLMLB-Instance"
+NOT_CHECKED = "not checked by the balancer yet (its first check comes within " \
+    "LLMLB_ENDPOINT_CHECK_SECONDS)"
+
+
+def instance_id(db: Database) -> str:
+    """This llmlb's id (the same in every worker, kept in its database): how it recognises
+    itself when asked to add itself as an endpoint."""
+    return db.setdefault_meta("instance_id", secrets.token_urlsafe(16))
+
+
+class IsThisLlmlb(ValueError):
+    """The endpoint answered with this llmlb's own instance id."""
+
+
+class KeyRefused(ValueError):
+    """The endpoint answered 401 or 403: a wrong or missing API key."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +77,7 @@ class EndpointSpec:
     api_key_env: str | None
 
 
-def endpoint_spec(body: dict) -> EndpointSpec:
+def endpoint_spec(body: dict, allowlist: EnvAllowlist) -> EndpointSpec:
     """The endpoint a ``POST /v0/endpoints`` body describes, or a 400 naming the field."""
     name, url = body.get("name"), body.get("base_url")
     api_key, api_key_env = body.get("api_key"), body.get("api_key_env")
@@ -66,36 +89,38 @@ def endpoint_spec(body: dict) -> EndpointSpec:
     if url is None:
         raise errors.missing_parameter(
             "base_url", " (the server's OpenAI base URL, such as http://gpu:8000/v1)")
-    if not isinstance(url, str):
-        raise errors.invalid_request("Invalid value for 'base_url': a string", "base_url")
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise errors.invalid_request(f"Invalid value for 'base_url': an http:// or https:// URL "
-                                     f"with a host, not {url[:200]!r}", "base_url")
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise errors.invalid_request("Invalid value for 'base_url': no credentials, query or "
-                                     "fragment in it (send the key as 'api_key')", "base_url")
+    try:
+        url = urls.check_url(url)
+    except urls.BadURL as exc:
+        raise errors.invalid_request(f"Invalid value for 'base_url': it {exc}",
+                                     "base_url") from None
     if api_key is not None and (not isinstance(api_key, str) or not 1 <= len(api_key) <= 4096):
         raise errors.invalid_request("Invalid value for 'api_key': a string", "api_key")
-    if api_key_env is not None and (not isinstance(api_key_env, str)
-                                    or not credentials.ENV_NAME.fullmatch(api_key_env)):
-        raise errors.invalid_request("Invalid value for 'api_key_env': an environment "
-                                     "variable name", "api_key_env")
+    if api_key_env is not None:
+        if not isinstance(api_key_env, str) or not credentials.ENV_NAME.fullmatch(api_key_env):
+            raise errors.invalid_request("Invalid value for 'api_key_env': an environment "
+                                         "variable name", "api_key_env")
+        if not allowlist.allows(api_key_env):
+            raise errors.invalid_request(f"Invalid value for 'api_key_env': "
+                                         f"{allowlist.refusal(api_key_env)}", "api_key_env")
     if api_key is not None and api_key_env is not None:
         raise errors.invalid_request("Give 'api_key' or 'api_key_env', not both", "api_key")
-    return EndpointSpec(name, url.strip().rstrip("/"), api_key or None, api_key_env)
+    return EndpointSpec(name, url, api_key or None, api_key_env)
 
 
-def _pool(url: str, timeout: float) -> tuple[http1.Pool, str]:
-    base_path = RemoteNode.base_path_of(url)
-    return http1.Pool(url, maxsize=2, connect_timeout=timeout, read_timeout=timeout), base_path
+def _pool(url: str, timeout: float) -> http1.Pool:
+    return http1.Pool(url, maxsize=2, connect_timeout=timeout, read_timeout=timeout)
 
 
-def _get(pool: http1.Pool, path: str, key: str | None, limit: int) -> tuple[int, bytes]:
-    headers = {"Accept-Encoding": "identity"}
+def _get(pool: http1.Pool, path: str, key: str | None, limit: int, instance: str,
+         ) -> tuple[int, bytes]:
+    headers = {"Accept-Encoding": "identity", INSTANCE_HEADER: instance}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     response = pool.request("GET", path, None, headers)
+    if response.header(INSTANCE_HEADER) == instance:
+        response.close()
+        raise IsThisLlmlb(f"GET {path} reached this llmlb itself")
     data = b""
     for chunk in response.chunks():
         data += chunk
@@ -105,36 +130,35 @@ def _get(pool: http1.Pool, path: str, key: str | None, limit: int) -> tuple[int,
     return response.status, data
 
 
-def fetch_models(pool: http1.Pool, base_path: str, key: str | None) -> list[dict]:
-    """The endpoint's ``GET /v1/models`` as model objects. Raises ValueError saying what is
-    wrong, http1.HTTPClientError when it cannot be reached."""
-    status, data = _get(pool, base_path + "/v1/models", key, MAX_MODELS_BYTES)
+def fetch_models(pool: http1.Pool, base_url: str, key: str | None, instance: str,
+                 ) -> tuple[ModelEntry, ...]:
+    """The endpoint's ``GET {base_url}/models`` as model entries. Raises ValueError saying
+    what is wrong (IsThisLlmlb when it is this llmlb), http1.HTTPClientError when it cannot
+    be reached."""
+    path = urls.endpoint_path(base_url, "/v1/models")
+    status, data = _get(pool, path, key, MAX_MODELS_BYTES, instance)
+    if status in (401, 403):
+        raise KeyRefused(f"GET {path} answered HTTP {status} (a wrong or missing API key?)")
     if status != 200:
-        raise ValueError(f"GET {base_path}/v1/models answered HTTP {status}"
-                         + (" (a wrong or missing API key?)" if status in (401, 403) else ""))
+        raise ValueError(f"GET {path} answered HTTP {status}")
     try:
         listed = json.loads(data).get("data")
     except (ValueError, AttributeError):
         listed = None
     if not isinstance(listed, list):
-        raise ValueError(f"GET {base_path}/v1/models did not answer an OpenAI model list")
-    models = []
-    for m in listed:
-        if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]:
-            models.append({"id": m["id"], "object": "model",
-                           "created": m.get("created") if isinstance(m.get("created"), int)
-                           else 0, "owned_by": str(m.get("owned_by") or "endpoint"),
-                           "status": "ready"})
-    return models
+        raise ValueError(f"GET {path} did not answer an OpenAI model list")
+    found = (ModelEntry.listed(m, "endpoint") for m in listed)
+    return tuple(m for m in found if m is not None)[:MAX_ITEMS]
 
 
-def fetch_load(pool: http1.Pool, base_path: str, key: str | None) -> dict[str, int] | None:
+def fetch_load(pool: http1.Pool, base_url: str, key: str | None, instance: str,
+               ) -> dict[str, int] | None:
     """Requests running and waiting by the endpoint's own Prometheus metrics; None when it
     has none we know."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        status, data = _get(pool, base_path + "/metrics", key, 8 * 1024 * 1024)
+        status, data = _get(pool, urls.metrics_path(base_url), key, 8 * 1024 * 1024, instance)
     except http1.HTTPClientError:
         return None
     if status != 200:
@@ -150,101 +174,133 @@ def fetch_load(pool: http1.Pool, base_path: str, key: str | None) -> dict[str, i
         return None
     if not found:
         return None
-    return {k: int(found.get(k, 0)) for k in ("running", "waiting")}
+    return {k: max(0, int(found.get(k, 0))) for k in ("running", "waiting")}
 
 
-def probe(spec: EndpointSpec, timeout: float) -> list[dict]:
-    """Check a new endpoint before it is added: its models, or a 400 saying what failed."""
-    key = spec.api_key
-    if spec.api_key_env is not None:
-        import os
-
-        key = os.environ.get(spec.api_key_env)
-        if not key:
-            raise errors.invalid_request(f"The environment variable {spec.api_key_env} is not "
-                                         "set on the balancer", "api_key_env")
-    pool, base_path = _pool(spec.base_url, timeout)
+def probe(base_url: str, key: str | None, timeout: float, instance: str, *,
+          key_elsewhere: bool = False) -> tuple[ModelEntry, ...]:
+    """Check a new endpoint before it is added: its models, or a 400 saying what failed.
+    ``key_elsewhere``: the key is not at hand here (another process reads it), so an
+    answer that asks for one still shows the server is there."""
+    pool = _pool(base_url, timeout)
     try:
-        return fetch_models(pool, base_path, key)
+        return fetch_models(pool, base_url, key, instance)
+    except IsThisLlmlb:
+        raise errors.endpoint_is_this_llmlb(base_url) from None
     except http1.HTTPClientError as exc:
-        raise errors.invalid_request(f"The endpoint at {spec.base_url} cannot be reached: {exc}",
+        raise errors.invalid_request(f"The endpoint at {base_url} cannot be reached: {exc}",
                                      "base_url", code="endpoint_unreachable") from None
     except ValueError as exc:
-        raise errors.invalid_request(f"The endpoint at {spec.base_url} is not usable: {exc}",
+        if key_elsewhere and isinstance(exc, KeyRefused):
+            return ()
+        raise errors.invalid_request(f"The endpoint at {base_url} is not usable: {exc}",
                                      "base_url", code="endpoint_unusable") from None
     finally:
         pool.close()
 
 
 def add_endpoint(registry: NodeRegistry, home: Path, spec: EndpointSpec, *,
-                 check_seconds: float, timeout: float) -> NodeRecord:
-    """Check and store an endpoint (its key sealed); 409 when the name is taken."""
-    models = probe(spec, timeout)
+                 check_seconds: float, timeout: float, instance: str,
+                 in_balancer: bool = True) -> NodeRecord:
+    """Check and store an endpoint (its key sealed); 409 when the name is taken, checked
+    before anything is asked of the URL. ``in_balancer``: this is the balancer's own
+    process, whose check (its environment, its network) is the one that counts; otherwise
+    (the CLI) the endpoint waits for the balancer's first check before it gets traffic."""
+    try:
+        registry.check_free(spec.name)
+    except NameTaken as exc:
+        raise errors.name_taken(spec.name, exc.why) from None
+    key = spec.api_key
+    if spec.api_key_env is not None:
+        key = os.environ.get(spec.api_key_env)
+        if not key and in_balancer:
+            raise errors.invalid_request(f"The environment variable {spec.api_key_env} is not "
+                                         "set on the balancer", "api_key_env")
+    models = probe(spec.base_url, key, timeout, instance,
+                   key_elsewhere=not in_balancer and spec.api_key_env is not None and not key)
     credential = (credentials.from_env(spec.api_key_env) if spec.api_key_env
                   else credentials.seal(home, spec.api_key) if spec.api_key else None)
-    report = {"healthy": True, "models": models, "check_seconds": check_seconds,
-              "load_source": "balancer", "checked_at": time.time()}
-    record = registry.add_endpoint(spec.name, spec.base_url, report, credential)
-    if record is None:
-        raise errors.name_taken(spec.name, "is already used by a node or endpoint; remove it "
-                                "first or choose another")
+    report = EndpointReport(healthy=True, models=models, check_seconds=check_seconds,
+                            checked_at=time.time())
+    if not in_balancer:
+        report = EndpointReport(healthy=False, models=models, check_seconds=check_seconds,
+                                error=NOT_CHECKED)
+    try:
+        record = registry.add_endpoint(spec.name, spec.base_url, report, credential)
+    except NameTaken as exc:
+        raise errors.name_taken(spec.name, exc.why) from None
     log.info("Endpoint %s added: %s with %d models", spec.name, spec.base_url, len(models))
     return record
 
 
-def endpoint_json(record: NodeRecord) -> dict:
+def endpoint_json(record: NodeRecord, status: str) -> dict:
+    """An endpoint as ``/v0/endpoints`` shows it: its status, last check error and last
+    failure as ``/v0/nodes`` does; never its key."""
+    report = record.report
+    check_error = record.unusable or (report.error if isinstance(report, EndpointReport)
+                                      else None)
     return {"id": record.id, "name": record.name, "kind": ENDPOINT, "base_url": record.url,
-            "models": sorted(m["id"] for m in record.report.get("models", ())
-                             if isinstance(m, dict) and "id" in m),
-            **credentials.describe(record.credential)}
+            "status": status, "models": model_ids(report.models),
+            **credentials.describe(record.credential),
+            "last_check_error": check_error, "last_error": record.last_error}
 
 
 class EndpointWatch:
     """The supervisor's ``endpoint-check`` task: models, health and load of every endpoint,
     checked side by side (a hanging one delays none of the others)."""
 
-    def __init__(self, settings: Settings, registry: NodeRegistry,
-                 inflight: InflightCounters) -> None:
-        self.settings, self.registry, self.inflight = settings, registry, inflight
+    def __init__(self, settings: ClusterSettings, home: Path, registry: NodeRegistry,
+                 inflight: InflightCounters, instance: str) -> None:
+        self.settings, self.home, self.registry, self.inflight = (
+            settings, home, registry, inflight)
+        self.instance = instance
+        self.allowlist = EnvAllowlist(settings.endpoint_env_allowlist)
         self.timeout = max(1.0, min(settings.endpoint_check_seconds,
                                     settings.proxy_connect_timeout_seconds * 2))
-        self._pools: dict[int, tuple[str, http1.Pool, str]] = {}
+        self._pools: dict[int, tuple[str, http1.Pool]] = {}
         self._executor = ThreadPoolExecutor(8, thread_name_prefix="llmlb-endpoint-check")
 
     def __call__(self) -> None:
-        endpoints = [r for r in self.registry.nodes(fresh=True) if r.kind == ENDPOINT]
+        endpoints = [r for r in self.registry.nodes(fresh=True)
+                     if r.kind == ENDPOINT and r.unusable is None]
         for gone in set(self._pools) - {r.id for r in endpoints}:
             self._pools.pop(gone)[1].close()
         list(self._executor.map(self.check, endpoints))
 
-    def check(self, record: NodeRecord) -> dict:
+    def check(self, record: NodeRecord) -> EndpointReport:
         known = self._pools.get(record.id)
         if known is None or known[0] != record.url:
             if known is not None:
                 known[1].close()
-            pool, base_path = _pool(record.url, self.timeout)
-            self._pools[record.id] = known = (record.url, pool, base_path)
-        _, pool, base_path = known
-        report: dict = {"check_seconds": self.settings.endpoint_check_seconds,
-                        "checked_at": time.time(), "load_source": "balancer"}
+            self._pools[record.id] = known = (record.url, _pool(record.url, self.timeout))
+        pool = known[1]
+        before = record.report
+        assert isinstance(before, EndpointReport)
         in_flight = self.inflight.load(record.id)
         try:
-            key = credentials.open_credential(self.settings.home, record.credential)
-            report["models"] = fetch_models(pool, base_path, key)
-            load = fetch_load(pool, base_path, key)
+            key = credentials.open_credential(self.home, record.credential, self.allowlist)
+            models = fetch_models(pool, record.url, key, self.instance)
+            load = fetch_load(pool, record.url, key, self.instance)
         except (http1.HTTPClientError, ValueError, credentials.CredentialError) as exc:
-            report.update(healthy=False, error=str(exc),
-                          models=record.report.get("models", []))
-            if record.report.get("healthy", True):
-                log.warning("Endpoint %s is offline: %s", record.name, exc)
+            error = (f"{record.url} is this llmlb itself" if isinstance(exc, IsThisLlmlb)
+                     else str(exc))[:500]
+            report = EndpointReport(healthy=False, models=before.models,
+                                    check_seconds=self.settings.endpoint_check_seconds,
+                                    checked_at=time.time(), error=error)
+            if before.healthy or before.checked_at is None:  # was online, or never checked
+                log.warning("Endpoint %s is offline: %s", record.name, error)
             self.registry.checked(record.id, report)
             return report
-        report["healthy"] = True
+        report = EndpointReport(healthy=True, models=models,
+                                check_seconds=self.settings.endpoint_check_seconds,
+                                checked_at=time.time())
         if load is not None:
-            report.update(load_source="metrics", endpoint_running=load["running"],
-                          endpoint_waiting=load["waiting"],
-                          queued_requests=max(0, load["running"] + load["waiting"] - in_flight))
-        if not record.report.get("healthy", True):
-            log.info("Endpoint %s is online again", record.name)
+            report = replace(report, load_source=CHECKED_BY_METRICS,
+                             endpoint_running=load["running"], endpoint_waiting=load["waiting"],
+                             queued_requests=max(0, load["running"] + load["waiting"]
+                                                 - in_flight))
+        if not before.healthy:
+            log.info("Endpoint %s is online%s", record.name,
+                     "" if before.checked_at is None else " again")
         self.registry.checked(record.id, report)
         return report

@@ -1,11 +1,17 @@
-"""The nodes a balancer routes to right now: the in-process node (standalone) and the
-registered ones, each seen through one interface (``Member``) whatever its kind.
+"""The nodes a balancer routes to right now: the in-process node (standalone, a node's own
+balancer side) and the registered ones, each seen through one interface (``Member``) whatever
+its kind.
 
 A remote member is a registry row plus the client that reaches it; clients (and their
 connection pools) live as long as the worker and are rebuilt when a node's URL or secret
 changes. What the members report (models, downloads, memory, queue) is what the node said in
-its last heartbeat; what the balancer counts itself (requests in flight) comes from shared
-memory.
+its last heartbeat, typed (``reports``); what the balancer counts itself (requests in flight)
+comes from shared memory. The in-process member is the node package's (``node/member.py``),
+handed in by the role's builder; the balancer knows it by ``in_process``, nothing else.
+
+One member that cannot be used (a row stored before URLs and reports were checked, a client
+that cannot be built) is left out of routing and listed as offline with its error: it never
+breaks the listings, the routing or ``/v0/nodes`` for the others (SC-8).
 """
 
 from __future__ import annotations
@@ -14,94 +20,91 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from ..config import Settings
-from ..hardware import Memory, memory_of
-from ..model_info import listing_entry
-from ..node import LocalNode
-from .credentials import CredentialError, describe, open_credential
+from ..config import ClusterSettings
+from .credentials import CredentialError, EnvAllowlist, describe, open_credential
 from .http1 import HTTPClientError
 from .inflight import InflightCounters
 from .providers import Providers
-from .registry import COOLDOWN, ENDPOINT, ONLINE, PROVIDER, NodeRecord, NodeRegistry
-from .upstream import InProcessNode, Node, NodeUnreachable, RemoteNode
+from .registry import COOLDOWN, ENDPOINT, OFFLINE, ONLINE, PROVIDER, NodeRecord, NodeRegistry
+from .reports import Download, EndpointReport, ModelEntry, NodeReport, Report, model_ids
+from .upstream import Node, NodeUnreachable, ProxyRequest, RemoteNode
 
 log = logging.getLogger(__name__)
 DOWNLOADING_STATES = ("queued", "downloading")
 
 
-class LocalMember:
-    """The node in this process; always online, never in cooldown (its failures are its
-    models', not the network's)."""
+class Member(Protocol):
+    """A node or endpoint the balancer can hand requests to."""
 
-    id = 0
-    kind = "node"
-    url = None
-    record = None
-    status = ONLINE
+    id: int  # its slot in the in-flight counters
+    name: str
+    kind: str  # NODE | ENDPOINT
+    url: str | None
+    status: str
+    in_process: bool  # the node in this process: no network, so no cooldown
+    node: Node  # how requests reach it
 
-    def __init__(self, node: InProcessNode, local: LocalNode, memory: Callable[[], Memory],
-                 report: Callable[[], dict]) -> None:
-        self.node: Node = node
-        self.name = node.name
-        self.local, self._memory, self._report = local, memory, report
+    def ready(self, model_id: str, request: ProxyRequest | None = None) -> bool:
+        """Whether it has the model ready to serve (``request``: the one being routed)."""
+        ...
 
-    def ready(self, model_id: str) -> bool:
-        return self.local.find(model_id) is not None
-
-    def models(self) -> list[dict]:
-        return [listing_entry(m) for m in self.local.models()]
+    def models(self) -> tuple[ModelEntry, ...]: ...
 
     def queued(self) -> int:
-        return 0  # its waiting requests are already among the balancer's in flight
+        """Requests waiting there that the balancer does not count itself."""
+        ...
 
-    def free_memory(self) -> int:
-        return self._memory().free_bytes
+    def free_memory(self) -> int: ...
 
-    def pulling(self, model_id: str) -> bool:
-        return self.local.resolver.download_state(model_id) == "running"
+    def pulling(self, model_id: str) -> bool: ...
 
-    def can_fetch(self, model_id: str, balancer_has_it: bool) -> bool:
-        return True  # its resolver decides, with the errors standalone always gave
+    def can_fetch(self, model_id: str, balancer_has_it: bool) -> bool: ...
 
-    def report(self) -> dict:
-        return self._report()
+    def report(self) -> Report: ...
 
 
 class RemoteMember:
-    """A registered node, as its last heartbeat described it."""
+    """A registered node or endpoint, as its last report described it."""
+
+    in_process = False
 
     def __init__(self, record: NodeRecord, node: RemoteNode, status: str) -> None:
         self.record, self.node, self.status = record, node, status
         self.id, self.name, self.kind, self.url = record.id, record.name, record.kind, record.url
 
-    def ready(self, model_id: str) -> bool:
+    def ready(self, model_id: str, request: ProxyRequest | None = None) -> bool:
         return model_id in self.record.models
 
-    def models(self) -> list[dict]:
-        return [m for m in self.record.report.get("models", ()) if isinstance(m, dict)]
+    def models(self) -> tuple[ModelEntry, ...]:
+        return self.record.report.models
 
     def queued(self) -> int:
-        return int(self.record.report.get("queued_requests") or 0)
+        return self.record.report.queued_requests
 
     def free_memory(self) -> int:
-        return memory_of(self.record.report.get("hardware") or {}).free_bytes
+        report = self.record.report
+        if isinstance(report, NodeReport) and report.hardware is not None:
+            return report.hardware.memory().free_bytes
+        return 0
 
-    def downloads(self) -> list[dict]:
-        return [d for d in self.record.report.get("downloads", ()) if isinstance(d, dict)]
+    def downloads(self) -> tuple[Download, ...]:
+        report = self.record.report
+        return report.downloads if isinstance(report, NodeReport) else ()
 
     def pulling(self, model_id: str) -> bool:
-        return any(d.get("model_id") == model_id and d.get("status") in DOWNLOADING_STATES
+        return any(d.model_id == model_id and d.status in DOWNLOADING_STATES
                    for d in self.downloads())
 
     def can_fetch(self, model_id: str, balancer_has_it: bool) -> bool:
         """Whether it can get the model: from its allowed sources (the catalog's), or from
         this balancer's copy (LB-4)."""
-        return balancer_has_it or bool(self.record.report.get("can_download"))
+        report = self.record.report
+        return balancer_has_it or (isinstance(report, NodeReport) and report.can_download)
 
-    def report(self) -> dict:
+    def report(self) -> Report:
         return self.record.report
 
 
@@ -114,54 +117,60 @@ class ProviderMember(RemoteMember):
         self.id, self.name, self.kind, self.url = record.id, record.name, record.kind, record.url
         self._prefix = record.name + ":"
 
-    def ready(self, model_id: str) -> bool:
+    def ready(self, model_id: str, request: ProxyRequest | None = None) -> bool:
         return model_id.startswith(self._prefix)
 
     def queued(self) -> int:
         return 0
 
-    def free_memory(self) -> int:
-        return 0
-
-    def downloads(self) -> list[dict]:
-        return []
-
     def can_fetch(self, model_id: str, balancer_has_it: bool) -> bool:
         return False
 
 
-Member = LocalMember | RemoteMember
-
-
 class Cluster:
-    def __init__(self, settings: Settings, registry: NodeRegistry | None,
-                 inflight: InflightCounters, local: LocalMember | None,
-                 providers: Providers | None = None) -> None:
+    def __init__(self, settings: ClusterSettings, registry: NodeRegistry | None,
+                 inflight: InflightCounters, local: Member | None, *, home: Path,
+                 pool_size: int, providers: Providers | None = None) -> None:
         self.settings, self.registry, self.inflight, self.local = (
             settings, registry, inflight, local)
-        self.providers = providers
-        self._clients: dict[int, tuple[tuple[str, str | None], RemoteNode]] = {}
+        self.providers = providers  # the hosted providers this balancer has keys for
+        self.home, self.pool_size = home, pool_size  # endpoint keys; connections per member
+        self.env_allowlist = EnvAllowlist(settings.endpoint_env_allowlist)
+        self._clients: dict[int, tuple[tuple[str, str | None, str | None], RemoteNode]] = {}
         self._clients_lock = threading.Lock()
+        self._unbuildable: set[tuple[int, str]] = set()  # logged once each
 
     def members(self, statuses: tuple[str, ...] = (ONLINE,)) -> list[Member]:
-        """The members whose status is one of ``statuses``, the in-process one first."""
+        """The members whose status is one of ``statuses``, the in-process one first; a row
+        that cannot be used is never among them."""
         found: list[Member] = [self.local] if self.local is not None else []
         if self.registry is not None:
             now = time.time()
             for record in self.registry.nodes():
                 status = record.status(now, self.registry.timeout)
-                if status in statuses:
+                if status in statuses and record.unusable is None:
                     member = self._member(record, status)
                     if member is not None:
                         found.append(member)
         return found
 
     def _member(self, record: NodeRecord, status: str) -> RemoteMember | None:
-        if record.kind != PROVIDER:
-            return RemoteMember(record, self.client(record), status)
-        # A provider's URL and key are this process's own settings, never the row's.
-        node = self.providers.node(record.name) if self.providers is not None else None
-        return ProviderMember(record, node, status) if node is not None else None
+        if record.kind == PROVIDER:
+            # Its URL and key are this process's own settings, never the row's.
+            node = self.providers.node(record.name) if self.providers is not None else None
+            return ProviderMember(record, node, status) if node is not None else None
+        client = self._client_or_none(record)
+        return RemoteMember(record, client, status) if client is not None else None
+
+    def _client_or_none(self, record: NodeRecord) -> RemoteNode | None:
+        try:
+            return self.client(record)
+        except Exception as exc:  # noqa: BLE001 - one member must not fail the others
+            if (record.id, record.url) not in self._unbuildable:
+                self._unbuildable.add((record.id, record.url))
+                log.warning("Node %s left out: no client for %s (%s)", record.name,
+                            record.url, exc)
+            return None
 
     def client(self, record: NodeRecord) -> RemoteNode:
         identity = (record.url, record.secret, record.credential)
@@ -174,7 +183,8 @@ class Cluster:
                 if known is not None:
                     known[1].close()
                 client = RemoteNode(record.name, record.url, self._bearer(record),
-                                    pool_size=self.settings.concurrency,
+                                    endpoint=record.kind == ENDPOINT,
+                                    pool_size=self.pool_size,
                                     connect_timeout=self.settings.proxy_connect_timeout_seconds,
                                     read_timeout=self.settings.proxy_read_timeout_seconds)
                 self._clients[record.id] = (identity, client)
@@ -185,7 +195,7 @@ class Cluster:
         if record.kind != ENDPOINT:
             return record.secret
         try:
-            return open_credential(self.settings.home, record.credential)
+            return open_credential(self.home, record.credential, self.env_allowlist)
         except CredentialError as exc:  # its requests get a 401 and it cools down: say why
             log.warning("Endpoint %s: no API key to send: %s", record.name, exc)
             return None
@@ -205,58 +215,76 @@ class Cluster:
 
     # --- views: listings, the node list ---------------------------------------------------
 
-    def list_models(self) -> list[tuple[dict, list[str]]]:
+    def list_models(self) -> list[tuple[ModelEntry, list[str]]]:
         """Each model ready on a node that is up (online or cooling down), with the nodes."""
-        by_id: dict[str, tuple[dict, list[str]]] = {}
+        by_id: dict[str, tuple[ModelEntry, list[str]]] = {}
         for member in self.members((ONLINE, COOLDOWN)):
             for entry in member.models():
-                by_id.setdefault(entry["id"], (entry, []))[1].append(member.name)
+                by_id.setdefault(entry.id, (entry, []))[1].append(member.name)
         return [by_id[k] for k in sorted(by_id)]
 
-    def locate(self, model_id: str) -> tuple[dict, list[str]] | None:
+    def locate(self, model_id: str) -> tuple[ModelEntry, list[str]] | None:
         found = [(m, m.name) for m in self.members((ONLINE, COOLDOWN)) if m.ready(model_id)]
         if not found:
             return None
         first = found[0][0]
-        entry = next((e for e in first.models() if e["id"] == model_id), {"id": model_id})
+        entry = next((e for e in first.models() if e.id == model_id), ModelEntry(model_id))
         return entry, [name for _, name in found]
 
-    def downloads(self) -> dict[str, list[tuple[str, dict]]]:
+    def downloads(self) -> dict[str, list[tuple[str, Download]]]:
         """Downloads the remote nodes that are up report, by model id."""
-        out: dict[str, list[tuple[str, dict]]] = {}
+        out: dict[str, list[tuple[str, Download]]] = {}
         for member in self.members((ONLINE, COOLDOWN)):
             if isinstance(member, RemoteMember):
                 for d in member.downloads():
-                    out.setdefault(str(d.get("model_id")), []).append((member.name, d))
+                    out.setdefault(d.model_id, []).append((member.name, d))
         return out
 
     def describe(self) -> list[dict]:
-        """``GET /v0/nodes``: every node with its status, report and load."""
+        """``GET /v0/nodes``: every node with its status, report and load. A member whose row
+        cannot be read is listed as offline with its error, so that it can be forgotten."""
         now = time.time()
         rows = []
         if self.local is not None:
-            rows.append(_describe(self.local, self.local.report(), ONLINE, now, now,
-                                  self.inflight.load(0)))
+            try:
+                report = self.local.report()
+            except Exception:  # noqa: BLE001 - the list must still show every node
+                log.exception("This node's report cannot be made")
+                report = NodeReport()
+            rows.append(_row(self.local.id, self.local.name, "node", None, ONLINE, report, now,
+                             now, self.inflight.load(self.local.id)))
         for record in (self.registry.nodes(fresh=True) if self.registry else ()):
-            status = record.status(now, self.registry.timeout)  # type: ignore[union-attr]
-            member = self._member(record, status)
-            if member is None:  # another balancer's provider, which this one has no key for
-                continue
-            row = _describe(member, record.report, status, now, record.last_seen,
-                            self.inflight.load(record.id))
-            row.update({"registered_at": record.registered_at, "failures": record.failures,
-                        "cooldown_until": record.cooldown_until if status == COOLDOWN
-                        else None, "last_error": record.last_error})
-            if record.kind == PROVIDER:
-                row.update(has_api_key=True, api_key_env=member.node.spec.key_variable,  # type: ignore[union-attr]
-                           last_check_error=record.report.get("error"))
-            elif record.kind == ENDPOINT:
-                row.update(describe(record.credential), load_source=record.report.get(
-                    "load_source"), endpoint_running=record.report.get("endpoint_running"),
-                    endpoint_waiting=record.report.get("endpoint_waiting"),
-                    last_check_error=record.report.get("error"))
-            rows.append(row)
+            if record.kind == PROVIDER and (self.providers is None
+                                            or self.providers.node(record.name) is None):
+                continue  # another balancer's provider, which this one has no key for
+            try:
+                rows.append(self._remote_row(record, now))
+            except Exception as exc:  # noqa: BLE001 - the admin must see it to forget it
+                log.exception("Node %s cannot be described", record.name)
+                rows.append({**_row(record.id, record.name, record.kind, record.url, OFFLINE,
+                                    NodeReport(), now, record.last_seen, 0),
+                             "last_error": f"cannot be described: {type(exc).__name__}"})
         return rows
+
+    def _remote_row(self, record: NodeRecord, now: float) -> dict:
+        assert self.registry is not None
+        status = record.status(now, self.registry.timeout)
+        row = _row(record.id, record.name, record.kind, record.url, status, record.report, now,
+                   record.last_seen, self.inflight.load(record.id))
+        row.update({"registered_at": record.registered_at, "failures": record.failures,
+                    "cooldown_until": record.cooldown_until if status == COOLDOWN else None,
+                    "last_error": record.unusable or record.last_error})
+        report = record.report
+        if record.kind == PROVIDER and isinstance(report, EndpointReport):
+            node = self.providers.node(record.name)  # type: ignore[union-attr]
+            row.update(has_api_key=True, api_key_env=node.spec.key_variable,  # type: ignore[union-attr]
+                       last_check_error=record.unusable or report.error)
+        elif isinstance(report, EndpointReport):
+            row.update(describe(record.credential), load_source=report.load_source,
+                       endpoint_running=report.endpoint_running,
+                       endpoint_waiting=report.endpoint_waiting,
+                       last_check_error=record.unusable or report.error)
+        return row
 
     # --- the node's internal API (pull, delete) ------------------------------------------
 
@@ -277,18 +305,14 @@ class Cluster:
         return response.status, parsed if isinstance(parsed, dict) else {}
 
 
-def _describe(member: Member, report: dict, status: str, now: float, seen: float,
-              in_flight: int) -> dict:
-    models = [m["id"] for m in member.models() if "id" in m]
+def _row(member_id: int, name: str, kind: str, url: str | None, status: str, report: Report,
+         now: float, seen: float, in_flight: int) -> dict:
+    """A member's row of ``/v0/nodes``: its report, with its models as ids."""
+    # An endpoint has none of a node's report (hardware, engines…) but its queue.
+    reported = report.to_json() if isinstance(report, NodeReport) else {
+        **NodeReport().to_json(), "queued_requests": report.queued_requests}
     return {
-        "id": member.id, "name": member.name, "kind": member.kind, "url": member.url,
-        "status": status, "models": sorted(models),
-        "active_requests": int(report.get("active_requests") or 0),
-        "queued_requests": int(report.get("queued_requests") or 0),
-        "in_flight": in_flight,
-        "hardware": report.get("hardware"), "formats": report.get("formats", []),
-        "engines": report.get("engines", []), "loaded": report.get("loaded", []),
-        "downloads": report.get("downloads", []),
-        "can_download": bool(report.get("can_download")), "version": report.get("version"),
+        "id": member_id, "name": name, "kind": kind, "url": url, "status": status,
+        **reported, "models": model_ids(report.models), "in_flight": in_flight,
         "last_heartbeat": seen, "seconds_since_heartbeat": round(max(0.0, now - seen), 1),
     }

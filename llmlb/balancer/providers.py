@@ -11,8 +11,8 @@ process's settings only, so the key reaches its provider's base URL and nothing 
 
 Each provider serves some of llmlb's operations in its own API (``NATIVE``), which get the
 client's request with the model's prefix taken off; the rest are translated by the dialect
-modules: a chat completion to Anthropic's Messages (``serving/messages_upstream.py``) or
-Gemini's ``generateContent`` (``serving/gemini.py``) and back, and the Responses and Messages
+modules: a chat completion to Anthropic's Messages (``dialects/messages_upstream.py``) or
+Gemini's ``generateContent`` (``dialects/gemini.py``) and back, and the Responses and Messages
 APIs to chat completions first (``translate.translated``), so that every API reaches every
 provider. A model list is asked of each every ``LLMLB_PROVIDER_CHECK_SECONDS`` for
 ``/v1/models``; a model missing from it is sent on all the same.
@@ -25,28 +25,28 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
-from engines.base import CHAT, COMPLETION, EMBEDDINGS
-
-from .. import errors
-from ..config import Settings
-from ..serving import gemini, messages_upstream
-from ..serving.dialects import COUNT_TOKENS, MESSAGES, RESPONSES
-from ..serving.sse import data_of, event
+from .. import errors, urls
+from ..config import ProviderSettings, SettingsError
+from ..dialects import COUNT_TOKENS, MESSAGES, RESPONSES, gemini, messages_upstream
+from ..wire import DONE, data_of, event
 from . import http1
 from .registry import PROVIDER, NodeRegistry
+from .reports import EndpointReport, ModelEntry
 from .translate import translated
 from .upstream import (
-    DROPPED_HEADERS,
+    CHAT,
+    COMPLETION,
+    EMBEDDINGS,
     JSON_HEADERS,
     SSE_HEADERS,
     NodeResponse,
     NodeUnreachable,
     ProxyRequest,
-    RemoteNode,
     error_response,
     json_response,
+    passed_headers,
 )
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ ANTHROPIC_VERSION = "2023-06-01"
 #: the client headers an Anthropic request takes along (Claude Code's betas need theirs)
 ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
 MAX_LIST_BYTES = 8 * 1024 * 1024
+MAX_MODELS = 5000  # of one provider's list (reports hold at most 10,000 items)
+MAX_ERROR = 500
 
 
 @dataclass(frozen=True)
@@ -63,20 +65,21 @@ class Spec:
     """What llmlb knows of one hosted provider."""
 
     name: str
-    key_setting: str  # the Settings attribute; its environment variable names it to users
+    key_setting: str  # the ProviderSettings attribute; its variable is what users set
     key_variable: str
     url_setting: str
+    url_variable: str
     native: frozenset[str]  # the operations it serves in its own API
     list_path: str  # its model list
 
 
 SPECS = {spec.name: spec for spec in (
-    Spec(OPENAI, "openai_api_key", "OPENAI_API_KEY", "openai_base_url",
+    Spec(OPENAI, "openai_api_key", "OPENAI_API_KEY", "openai_base_url", "OPENAI_BASE_URL",
          frozenset((CHAT, COMPLETION, EMBEDDINGS, RESPONSES)), "/v1/models"),
     Spec(ANTHROPIC, "anthropic_api_key", "ANTHROPIC_API_KEY", "anthropic_base_url",
-         frozenset((MESSAGES, COUNT_TOKENS)), "/v1/models?limit=1000"),
-    Spec(GOOGLE, "google_api_key", "GOOGLE_API_KEY", "google_base_url", frozenset(),
-         "/v1beta/models?pageSize=1000"),
+         "ANTHROPIC_BASE_URL", frozenset((MESSAGES, COUNT_TOKENS)), "/v1/models?limit=1000"),
+    Spec(GOOGLE, "google_api_key", "GOOGLE_API_KEY", "google_base_url", "GOOGLE_BASE_URL",
+         frozenset(), "/v1beta/models?pageSize=1000"),
 )}
 
 
@@ -99,7 +102,6 @@ class ProviderNode:
         self.spec, self.name, self.url = spec, spec.name, base_url
         self.pool = http1.Pool(base_url, maxsize=pool_size, connect_timeout=connect_timeout,
                                read_timeout=read_timeout)
-        self.base_path = RemoteNode.base_path_of(base_url).removesuffix("/v1beta")
         self.headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if spec.name == ANTHROPIC:
             self.headers.update({"x-api-key": key, "anthropic-version": ANTHROPIC_VERSION})
@@ -107,6 +109,15 @@ class ProviderNode:
             self.headers["x-goog-api-key"] = key
         else:
             self.headers["Authorization"] = f"Bearer {key}"
+
+    def path(self, api_path: str) -> str:
+        """Where the provider answers ``api_path`` (``/v1/...``, ``/v1beta/...``): under an
+        OpenAI base URL as the ``openai`` SDK takes it (``…/v1``), under Anthropic's and
+        Google's as their SDKs do (the host, a ``/v1`` or ``/v1beta`` on it allowed)."""
+        if self.name == OPENAI:
+            return urls.endpoint_path(self.url, api_path)
+        base = urlsplit(self.url).path.rstrip("/")
+        return base.removesuffix("/v1beta" if self.name == GOOGLE else "/v1") + api_path
 
     def close(self) -> None:
         self.pool.close()
@@ -160,7 +171,7 @@ class ProviderNode:
         payload = {**request.payload, "model": self._model(request)}
         payload.pop("previous_response_id", None)
         response = self._post(request.path, payload, request)
-        headers = [(k, v) for k, v in response.headers if k.lower() not in DROPPED_HEADERS]
+        headers = passed_headers(response.headers)
         streamed = (response.header("Content-Type") or "").startswith("text/event-stream")
         if not streamed or response.status >= 300:
             return NodeResponse(response.status, headers, self._read(response))
@@ -173,7 +184,7 @@ class ProviderNode:
                                      if k.lower() in ANTHROPIC_HEADERS}}
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         try:
-            return self.pool.request("POST", self.base_path + path, data, headers)
+            return self.pool.request("POST", self.path(path), data, headers)
         except http1.HTTPClientError as exc:
             raise NodeUnreachable(f"provider {self.name}: {exc}") from exc
 
@@ -217,8 +228,7 @@ class ProviderNode:
         """Its model names (one page of its list). Raises NodeUnreachable or ValueError."""
         headers = {k: v for k, v in self.headers.items() if k != "Content-Type"}
         try:
-            response = self.pool.request("GET", self.base_path + self.spec.list_path, None,
-                                         headers)
+            response = self.pool.request("GET", self.path(self.spec.list_path), None, headers)
             data = b""
             for chunk in response.chunks():
                 data += chunk
@@ -247,22 +257,32 @@ def _chat_stream(chunks: Iterator[dict]) -> Iterator[bytes]:
         yield event(exc.body()).encode()
     except (ValueError, TypeError, AttributeError):
         yield event(errors.unreadable_upstream_answer("stream").body()).encode()
-    yield b"data: [DONE]\n\n"
+    yield DONE.encode()
+
+
+def configured(settings: ProviderSettings) -> dict[str, str]:
+    """The providers there is a key for: name -> base URL. Raises SettingsError for a base URL
+    a key may not be sent to."""
+    found = {}
+    for spec in SPECS.values():
+        if getattr(settings, spec.key_setting):
+            try:
+                found[spec.name] = urls.check_url(getattr(settings, spec.url_setting))
+            except urls.BadURL as exc:
+                raise SettingsError(f"{spec.url_variable} {exc}") from None
+    return found
 
 
 class Providers:
     """The providers this process has a key for, each with the node that reaches it."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.nodes: dict[str, ProviderNode] = {}
-        for spec in SPECS.values():
-            key = getattr(settings, spec.key_setting)
-            if key:
-                self.nodes[spec.name] = ProviderNode(
-                    spec, getattr(settings, spec.url_setting).rstrip("/"), key,
-                    pool_size=settings.concurrency,
-                    connect_timeout=settings.proxy_connect_timeout_seconds,
-                    read_timeout=settings.proxy_read_timeout_seconds)
+    def __init__(self, settings: ProviderSettings, *, pool_size: int, connect_timeout: float,
+                 read_timeout: float) -> None:
+        self.nodes: dict[str, ProviderNode] = {
+            name: ProviderNode(SPECS[name], url, getattr(settings, SPECS[name].key_setting),
+                               pool_size=pool_size, connect_timeout=connect_timeout,
+                               read_timeout=read_timeout)
+            for name, url in configured(settings).items()}
 
     def node(self, name: str) -> ProviderNode | None:
         return self.nodes.get(name)
@@ -297,16 +317,17 @@ class ProviderWatch:
             record = rows.get(name)
             if record is None:
                 continue
-            report = {**record.report, "checked_at": self.now()}
+            last = record.report
             try:
                 names = node.models()
             except (NodeUnreachable, ValueError) as exc:
-                if record.report.get("error") is None:
+                if not isinstance(last, EndpointReport) or last.error is None:
                     log.warning("Provider %s: its model list could not be read: %s", name, exc)
-                report.update(healthy=False, error=str(exc))
-                self.registry.checked(record.id, report)
+                self.registry.checked(record.id, EndpointReport(
+                    healthy=False, models=last.models, checked_at=self.now(),
+                    error=str(exc)[:MAX_ERROR]))
                 continue
-            report.update(healthy=True, error=None, models=[
-                {"id": f"{name}:{model}", "object": "model", "created": 0, "owned_by": name,
-                 "status": "ready"} for model in names])
-            self.registry.checked(record.id, report)
+            self.registry.checked(record.id, EndpointReport(
+                healthy=True, models=tuple(ModelEntry(f"{name}:{model}", owned_by=name)
+                                           for model in names[:MAX_MODELS]),
+                checked_at=self.now()))

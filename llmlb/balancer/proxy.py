@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from .. import errors
 from ..aliases import Aliases
 from ..catalog import Catalog
-from ..config import Settings
-from ..node import LocalNode
-from ..serving import dialects
-from ..serving.body import parse_json_object
+from ..config import ClusterSettings
+from ..dialects import stream_ended, stream_error
+from ..history import RequestRecord
 from ..storage import requested_model_id
-from . import routing
-from .accounting import Outcome, Watch, with_usage
+from ..wire import parse_json_object
+from . import placement, routing
+from .accounting import Watch, with_usage
 from .members import Cluster, Member, RemoteMember
 from .providers import provider_of
 from .registry import COOLDOWN, ENDPOINT, OFFLINE, ONLINE, PROVIDER, NodeRegistry
@@ -79,12 +79,15 @@ class _Once:
 
 
 class Balancer:
-    def __init__(self, settings: Settings, cluster: Cluster, catalog: Catalog,
-                 files: LocalNode, registry: NodeRegistry | None,
-                 on_done: Callable[[Outcome], None] | None = None,
+    """``has_files(request)``: whether this host holds the request's model files (a node
+    may then fetch them from here); ``aliases``: the names that stand for lists of models."""
+
+    def __init__(self, settings: ClusterSettings, cluster: Cluster, catalog: Catalog,
+                 has_files: Callable[[ProxyRequest], bool], registry: NodeRegistry | None,
+                 on_done: Callable[[RequestRecord], None] | None = None,
                  aliases: Aliases | None = None) -> None:
         self.settings, self.cluster, self.catalog = settings, cluster, catalog
-        self.files, self.registry = files, registry
+        self.has_files, self.registry = has_files, registry
         self.on_done, self.aliases = on_done, aliases
         self.translator = Translator()  # the agent APIs for endpoints that lack them
 
@@ -108,11 +111,12 @@ class Balancer:
                  payload: dict | None, headers: tuple[tuple[str, str], ...]) -> Forwarded:
         if payload is None:
             payload = parse_json_object(raw)
-        model_id = self.requested_model(payload)
+        model_id, refusal = self.requested_model(payload)
         targets = self.aliases.resolve(model_id) if self.aliases is not None else None
         if targets:
             return self._forward_alias(operation, payload, targets, watch, headers)
-        request = ProxyRequest(operation, raw, payload, model_id, headers=headers)
+        request = ProxyRequest(operation, raw, payload, model_id, id_refusal=refusal,
+                               headers=headers)
         if watch is not None:
             watch.model = model_id
             request, watch.strip_usage = with_usage(request)
@@ -127,9 +131,10 @@ class Balancer:
         for i, target in enumerate(targets):
             body = {**payload, "model": target}
             try:
-                model_id = self.requested_model(body)
+                model_id, refusal = self.requested_model(body)
                 raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-                request = ProxyRequest(operation, raw, body, model_id, headers=headers)
+                request = ProxyRequest(operation, raw, body, model_id, id_refusal=refusal,
+                                       headers=headers)
                 if watch is not None:
                     watch.model = model_id
                     request, watch.strip_usage = with_usage(request)
@@ -147,15 +152,16 @@ class Balancer:
             raise failure or errors.model_not_found(str(payload.get("model")))
         return failure
 
-    def requested_model(self, payload: dict) -> str:
-        """The request's model id; an endpoint's own ids (Ollama's ``llama3.2:1b``) and a
-        hosted provider's (``openai:gpt-4o``) may hold characters llmlb's ids do not."""
+    def requested_model(self, payload: dict) -> tuple[str, errors.APIError | None]:
+        """The request's model id, checked here once; an endpoint's own ids (Ollama's
+        ``llama3.2:1b``) and a hosted provider's (``openai:gpt-4o``) may hold characters
+        llmlb's ids do not: then also why llmlb's own nodes refuse it."""
         try:
-            return requested_model(payload)
-        except errors.APIError:
+            return requested_model(payload), None
+        except errors.APIError as exc:
             model = payload.get("model")
             if isinstance(model, str) and self.cluster.endpoint_model(model):
-                return model.lower()
+                return model.lower(), exc
             raise
 
     # --- choosing ---------------------------------------------------------------------------
@@ -165,7 +171,7 @@ class Balancer:
         that could serve it is up."""
         model_id = request.model_id
         members = self.cluster.members((ONLINE,))
-        ready = [m for m in members if m.ready(model_id)]
+        ready = [m for m in members if m.ready(model_id, request)]
         if ready and self.settings.endpoint_max_requests:
             room = [m for m in ready if not self._full(m)]
             if not room:
@@ -181,19 +187,11 @@ class Balancer:
         if provider_of(model_id) is not None:  # a hosted provider's, cooling down
             raise errors.no_node_available(model_id, self._retry_after(
                 self.cluster.members((COOLDOWN,))))
-        # Nobody has it ready: a node that can fetch it does (LB-4), one pull per model.
+        # Nobody has it ready: a member that can fetch it does (LB-4), one pull per model.
         entry = self.catalog.get(model_id)
-        has_files = self.files.find(model_id) is not None
-        fetchers = [m for m in members if (entry is not None or has_files or m.id == 0)
-                    and m.can_fetch(model_id, has_files)]
-        if fetchers:
-            required = entry.required_memory_bytes if entry else 0
-            order = routing.by_free_memory(fetchers, lambda m: m.free_memory(),
-                                           lambda m: m.pulling(model_id), required)
-            remote = {m.id for m in order if isinstance(m, RemoteMember)}
-            if self.registry is not None and remote and order[0].id in remote:
-                puller = self.registry.assign_pull(model_id, order[0].id, remote)
-                order.sort(key=lambda m: m.id != puller)
+        has_files = self.has_files(request)
+        order = placement.pullers(members, model_id, entry, has_files, self.registry)
+        if order:
             return order
         down = self.cluster.members((OFFLINE, COOLDOWN))
         if entry is None and not has_files and not any(m.ready(model_id) for m in down):
@@ -242,6 +240,14 @@ class Balancer:
             except NodeUnreachable as exc:
                 inflight.leave(member.id)
                 reason = str(exc)
+                self._failed(member, reason)
+                continue
+            except Exception as exc:  # a remote member failing as nobody foresaw: the next
+                if not remote:        # one serves, never a 500 for everyone (SC-8)
+                    raise
+                inflight.leave(member.id)
+                log.exception("Asking %s %s failed", member.kind, member.name)
+                reason = f"{member.kind} {member.name}: {type(exc).__name__}"
                 self._failed(member, reason)
                 continue
             status = response.status
@@ -300,7 +306,7 @@ class Balancer:
                 if chunk:
                     tail = chunk
                     yield chunk
-            if dialects.stream_ended(operation, tail):
+            if stream_ended(operation, tail):
                 return
             cause = "the stream ended before its last event"
         except NodeUnreachable as exc:
@@ -308,7 +314,7 @@ class Balancer:
         self._failed(member, cause)
         log.warning("Stream from node %s broke off: %s", member.name, cause)
         separator = b"" if tail.endswith(b"\n\n") or not tail else b"\n\n"
-        yield separator + dialects.stream_error(operation, errors.node_failed(member.name, cause))
+        yield separator + stream_error(operation, errors.node_failed(member.name, cause))
 
     def _failed(self, member: Member, reason: str, wait: float | None = None) -> None:
         if not isinstance(member, RemoteMember) or self.registry is None:

@@ -1,10 +1,21 @@
 """The balancer's node registry, in SQLite so that every gunicorn worker agrees (LB-1).
 
 A node registers by name (the same name after a restart is the same node: same row, same id)
-and then sends heartbeats carrying its report. Its status is derived when read, never stored:
-``offline`` when the last heartbeat is older than ``LLMLB_NODE_TIMEOUT_SECONDS``, ``cooldown``
-while a failure's cooldown runs, else ``online``. Cooldowns double with each failure in a row
-up to a cap (or last a node's own Retry-After) and are shared by all workers through the table.
+and then sends heartbeats carrying its report. A name belongs to the node that first
+registered it (SC-7): every node holds a secret of its own, kept in its home, and hands it
+over at registration; a registration or heartbeat under a taken name must bring that same
+secret, or it is refused (``NameTaken``), whoever holds the shared node key. Forgetting the
+node (an admin) frees the name. ``local``, the in-process node's name, is never a member's.
+
+Its status is derived when read, never stored: ``offline`` when the last heartbeat is older
+than ``LLMLB_NODE_TIMEOUT_SECONDS`` (or its row cannot be used: a URL or report stored before
+they were checked), ``cooldown`` while a failure's cooldown runs, else ``online``. Cooldowns
+double with each failure in a row up to a cap (or last a node's own Retry-After) and are
+shared by all workers through the table.
+
+External endpoints (``endpoints.py``) and hosted providers (``providers.py``) are rows too:
+their cooldowns and failures work as a node's, their reports are the balancer's own checks;
+a provider is ``online`` unless it cools down.
 
 Each worker keeps the rows it read for ``CACHE_SECONDS`` (the staleness a routing decision may
 have) and drops them at once when it writes a change itself.
@@ -18,12 +29,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..auth import same_secret
 from ..db import Database
+from ..urls import BadURL, check_url
+from .reports import EndpointReport, NodeReport, Report, ReportError
 
 log = logging.getLogger(__name__)
 CACHE_SECONDS = 0.5
 ONLINE, OFFLINE, COOLDOWN = "online", "offline", "cooldown"
 NODE, ENDPOINT, PROVIDER = "node", "endpoint", "provider"
+LOCAL_NAME = "local"  # the in-process node's name (X-LLMLB-Node: local): never a member's
 
 
 @dataclass(frozen=True)
@@ -32,8 +47,8 @@ class NodeRecord:
     name: str
     kind: str  # NODE | ENDPOINT | PROVIDER
     url: str
-    secret: str | None
-    report: dict
+    secret: str | None = field(repr=False)
+    report: Report
     registered_at: float
     last_seen: float
     failures: int
@@ -41,16 +56,21 @@ class NodeRecord:
     last_error: str | None
     models: frozenset[str] = field(default=frozenset(), compare=False)
     credential: str | None = field(default=None, repr=False)
+    # Why the row cannot be used (its URL or report was stored before they were checked):
+    # it is listed offline with this as its error, gets no traffic, and can be forgotten.
+    unusable: str | None = None
 
     def status(self, now: float, timeout: float) -> str:
+        if self.unusable is not None:
+            return OFFLINE
         if self.kind == PROVIDER:  # a hosted API: down only while a failure cools it down
             return COOLDOWN if self.cooldown_until > now else ONLINE
-        if self.kind == ENDPOINT:
+        if isinstance(self.report, EndpointReport):
             # Its health comes from the balancer's own checks (EndpointWatch); a check that
             # has not run for three rounds (no supervisor) counts as a failed one.
-            if not self.report.get("healthy", True):
+            if not self.report.healthy:
                 return OFFLINE
-            timeout = max(timeout, 3 * float(self.report.get("check_seconds") or 0))
+            timeout = max(timeout, 3 * self.report.check_seconds)
         if now - self.last_seen > timeout:
             return OFFLINE
         if self.cooldown_until > now:
@@ -58,22 +78,60 @@ class NodeRecord:
         return ONLINE
 
 
-def _record(row) -> NodeRecord:  # noqa: ANN001 - a sqlite3.Row
+Parsed = tuple[Report, frozenset[str], str | None]  # report, model ids, why unusable
+
+
+def _parse_row(row) -> Parsed:  # noqa: ANN001 - a sqlite3.Row
+    """A row's URL and report checked again as they are read (a row an older llmlb wrote
+    may hold anything): a row that fails is unusable, never an exception for its reader."""
+    checked = row["kind"] in (ENDPOINT, PROVIDER)  # by the balancer: an endpoint's report
+    report: Report = EndpointReport(healthy=False) if checked else NodeReport()
+    unusable = None
     try:
-        report = json.loads(row["report"])
-    except ValueError:
-        report = {}
+        check_url(row["url"])
+        raw = json.loads(row["report"])
+        report = EndpointReport.parse(raw) if checked else NodeReport.parse(raw)
+    except BadURL as exc:
+        unusable = f"its stored URL {exc}; forget it (DELETE /v0/nodes/{row['name']})"
+    except (ValueError, ReportError) as exc:
+        unusable = f"its stored report is malformed ({exc}); it is replaced by the next good one"
     # Lower-cased like every model id a request names (an endpoint's own ids keep their case
     # in its listing).
-    models = frozenset(m["id"].lower() for m in report.get("models", ()) if isinstance(m, dict)
-                       and isinstance(m.get("id"), str))
-    return NodeRecord(row["id"], row["name"], row["kind"], row["url"], row["secret"], report,
-                      row["registered_at"], row["last_seen"], row["failures"],
-                      row["cooldown_until"], row["last_error"], models, row["credential"])
+    return report, frozenset(m.id.lower() for m in report.models), unusable
+
+
+def _record(row, parsed: Parsed) -> NodeRecord:  # noqa: ANN001 - a sqlite3.Row
+    report, models, unusable = parsed
+    return NodeRecord(row["id"], row["name"],
+                      row["kind"] if row["kind"] in (ENDPOINT, PROVIDER) else NODE,
+                      row["url"], row["secret"], report, row["registered_at"], row["last_seen"],
+                      row["failures"], row["cooldown_until"], row["last_error"], models,
+                      row["credential"], unusable)
 
 
 class NameTaken(Exception):
-    """A node tried to register under an endpoint's or a hosted provider's name."""
+    """A name a member may not have; ``taken_by`` says by what (for the log), ``why`` also
+    what to do (for the error message)."""
+
+    def __init__(self, name: str, taken_by: str, advice: str) -> None:
+        super().__init__(f"{name} {taken_by}")
+        self.name, self.taken_by, self.why = name, taken_by, f"{taken_by}; {advice}"
+
+
+def owned_elsewhere(name: str) -> NameTaken:
+    return NameTaken(
+        name, "belongs to another node (registered by a node holding a different secret; each "
+        "node keeps its own in its LLMLB_HOME)",
+        f"start this node with another --name, or, if this is that node and its home was "
+        f"lost, forget the old node first (DELETE /v0/nodes/{name}, or Forget on the "
+        f"dashboard's Nodes page) and it registers anew")
+
+
+def reserved(name: str) -> NameTaken | None:
+    if name.lower() == LOCAL_NAME:
+        return NameTaken(name, "is the name of the balancer's in-process node",
+                         "choose another")
+    return None
 
 
 class NodeRegistry:
@@ -83,6 +141,10 @@ class NodeRegistry:
         self.timeout, self.cooldown, self.cooldown_max = timeout, cooldown, cooldown_max
         self._cache: tuple[float, tuple[NodeRecord, ...]] = (-1.0, ())
         self._cache_lock = threading.Lock()
+        # Reports parsed, by row id, while their text is the same: parsing a 50-model report
+        # costs ~1 ms, and the rows are read twice a second per worker, reports change at most
+        # once a heartbeat.
+        self._parsed: dict[int, tuple[tuple[str, str, str], Parsed]] = {}
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -94,52 +156,70 @@ class NodeRegistry:
                 read_at, records = self._cache
                 if fresh or now - read_at > CACHE_SECONDS:
                     rows = self.db.conn().execute("SELECT * FROM nodes ORDER BY name").fetchall()
-                    records = tuple(_record(r) for r in rows)
+                    records = tuple(self._record(r) for r in rows)
+                    for gone in self._parsed.keys() - {r.id for r in records}:
+                        self._parsed.pop(gone, None)
                     self._cache = (time.monotonic(), records)
         return records
 
     def get(self, name: str) -> NodeRecord | None:
         row = self.db.conn().execute("SELECT * FROM nodes WHERE name=?", (name,)).fetchone()
-        return _record(row) if row else None
+        return self._record(row) if row else None
+
+    def _record(self, row) -> NodeRecord:  # noqa: ANN001 - a sqlite3.Row
+        identity = (row["kind"], row["url"], row["report"])
+        known = self._parsed.get(row["id"])
+        if known is None or known[0] != identity:
+            known = self._parsed[row["id"]] = (identity, _parse_row(row))
+        return _record(row, known[1])
 
     def status(self, record: NodeRecord, now: float | None = None) -> str:
         return record.status(time.time() if now is None else now, self.timeout)
 
     # --- writing ------------------------------------------------------------------------------
 
-    def register(self, name: str, url: str, report: dict, *, secret: str | None = None,
-                 kind: str = "node") -> NodeRecord:
-        """Add the node, or update the one of that name (a restart): it starts afresh, online
-        and without cooldown."""
+    def register(self, name: str, url: str, report: NodeReport, *, secret: str,
+                 ) -> NodeRecord:
+        """Add the node, or update the one of that name when ``secret`` proves it is the
+        same node (a restart): it starts afresh, online and without cooldown. Raises
+        NameTaken for a name that is not this node's."""
+        taken = reserved(name)
+        if taken is not None:
+            raise taken
         now = time.time()
         with self.db.transaction() as conn:
-            taken = conn.execute("SELECT kind FROM nodes WHERE name=?", (name,)).fetchone()
-            if taken is not None and taken["kind"] in (ENDPOINT, PROVIDER):
-                raise NameTaken(taken["kind"])
+            row = conn.execute("SELECT kind, secret FROM nodes WHERE name=?", (name,)).fetchone()
+            if row is not None and row["kind"] in (ENDPOINT, PROVIDER):
+                raise NameTaken(name, "belongs to an external endpoint" if row["kind"] ==
+                                ENDPOINT else "belongs to a hosted provider",
+                                "start the node with another --name")
+            if row is not None and not same_secret(secret, row["secret"] or ""):
+                raise owned_elsewhere(name)
             conn.execute(
                 "INSERT INTO nodes(name, kind, url, secret, report, registered_at, last_seen) "
-                "VALUES (?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET kind=excluded.kind, "
-                "url=excluded.url, secret=excluded.secret, report=excluded.report, "
+                "VALUES (?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
+                "url=excluded.url, report=excluded.report, "
                 "registered_at=excluded.registered_at, last_seen=excluded.last_seen, "
                 "failures=0, cooldown_until=0, last_error=NULL",
-                (name, kind, url, secret, json.dumps(report), now, now))
+                (name, NODE, url, secret, _dumps(report), now, now))
             row = conn.execute("SELECT * FROM nodes WHERE name=?", (name,)).fetchone()
         self._invalidate()
-        return _record(row)
+        return self._record(row)
 
-    def add_endpoint(self, name: str, url: str, report: dict, credential: str | None,
-                     ) -> NodeRecord | None:
-        """Add an external endpoint; None when the name is taken (by a node or endpoint)."""
+    def add_endpoint(self, name: str, url: str, report: EndpointReport,
+                     credential: str | None) -> NodeRecord:
+        """Add an external endpoint; raises NameTaken when the name is taken."""
+        self.check_free(name)
         now = time.time()
         with self.db.transaction() as conn:
             if conn.execute("SELECT 1 FROM nodes WHERE name=?", (name,)).fetchone():
-                return None
+                raise _used(name)
             conn.execute("INSERT INTO nodes(name, kind, url, credential, report, registered_at, "
                          "last_seen) VALUES (?,?,?,?,?,?,?)",
-                         (name, ENDPOINT, url, credential, json.dumps(report), now, now))
+                         (name, ENDPOINT, url, credential, _dumps(report), now, now))
             row = conn.execute("SELECT * FROM nodes WHERE name=?", (name,)).fetchone()
         self._invalidate()
-        return _record(row)
+        return self._record(row)
 
     def sync_providers(self, providers: dict[str, str]) -> None:
         """The hosted providers this balancer has keys for (name -> base URL) as rows of their
@@ -158,7 +238,8 @@ class NodeRegistry:
                 if row is None:
                     conn.execute("INSERT INTO nodes(name, kind, url, report, registered_at, "
                                  "last_seen) VALUES (?,?,?,?,?,?)",
-                                 (name, PROVIDER, url, json.dumps({"models": []}), now, now))
+                                 (name, PROVIDER, url, _dumps(EndpointReport(healthy=True)),
+                                  now, now))
                 elif row["kind"] != PROVIDER:
                     log.warning("The %s %s holds the name %s: the hosted provider of that "
                                 "name cannot be used until it is removed", row["kind"], name,
@@ -167,25 +248,40 @@ class NodeRegistry:
                     conn.execute("UPDATE nodes SET url=? WHERE name=?", (url, name))
         self._invalidate()
 
-    def checked(self, node_id: int, report: dict) -> None:
-        """An endpoint's check result: a healthy one counts as a heartbeat."""
+    def check_free(self, name: str) -> None:
+        """Raises NameTaken unless an endpoint may take ``name`` now (checked again when it
+        is stored)."""
+        taken = reserved(name)
+        if taken is not None:
+            raise taken
+        if self.db.conn().execute("SELECT 1 FROM nodes WHERE name=?", (name,)).fetchone():
+            raise _used(name)
+
+    def checked(self, node_id: int, report: EndpointReport) -> None:
+        """An endpoint's (or a provider's) check result: a healthy one counts as a heartbeat."""
         with self.db.transaction() as conn:
-            if report.get("healthy"):
+            if report.healthy:
                 conn.execute("UPDATE nodes SET report=?, last_seen=? WHERE id=?",
-                             (json.dumps(report), time.time(), node_id))
+                             (_dumps(report), time.time(), node_id))
             else:
                 conn.execute("UPDATE nodes SET report=?, last_error=? WHERE id=?",
-                             (json.dumps(report), str(report.get("error"))[:500], node_id))
+                             (_dumps(report), (report.error or "failed check")[:500], node_id))
         self._invalidate()
 
-    def heartbeat(self, name: str, report: dict) -> bool:
-        """Store a node's report; False when the node is unknown (it should register)."""
+    def heartbeat(self, name: str, secret: str, report: NodeReport) -> bool:
+        """Store a node's report; False when the node is unknown (it should register).
+        Raises NameTaken when ``secret`` is not the one the node registered with."""
         with self.db.transaction() as conn:
-            cur = conn.execute("UPDATE nodes SET report=?, last_seen=? WHERE name=? "
-                               "AND kind='node'",
-                               (json.dumps(report), time.time(), name))
+            row = conn.execute("SELECT id, secret FROM nodes WHERE name=? AND kind=?",
+                               (name, NODE)).fetchone()
+            if row is None:
+                return False
+            if not same_secret(secret, row["secret"] or ""):
+                raise owned_elsewhere(name)
+            conn.execute("UPDATE nodes SET report=?, last_seen=? WHERE id=?",
+                         (_dumps(report), time.time(), row["id"]))
         self._invalidate()
-        return cur.rowcount == 1
+        return True
 
     def remove(self, name: str) -> bool:
         with self.db.transaction() as conn:
@@ -271,8 +367,9 @@ class StatusWatch:
             status = record.status(now, self.registry.timeout)
             before = self._seen.get(record.name)
             if before is not None and before != status:
-                why = {OFFLINE: record.last_error or "failed check" if record.kind == ENDPOINT
-                       else f"no heartbeat for {now - record.last_seen:.0f}s",
+                why = {OFFLINE: record.unusable or (
+                           record.last_error or "failed check" if record.kind == ENDPOINT
+                           else f"no heartbeat for {now - record.last_seen:.0f}s"),
                        COOLDOWN: record.last_error or "a failure",
                        ONLINE: "its cooldown is over" if before == COOLDOWN
                        else "it sends heartbeats again"}[status]
@@ -285,31 +382,10 @@ class StatusWatch:
             self._pruned = now
 
 
-def registration(body: dict) -> tuple[str, str, str | None, dict]:
-    """(name, url, secret, report) from a node's registration, or a 400 naming the field."""
-    from urllib.parse import urlsplit
-
-    from .. import errors
-    from ..config import NODE_NAME
-
-    name, url, secret = body.get("name"), body.get("url"), body.get("secret")
-    if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
-        raise errors.invalid_request("Invalid value for 'name': 1-64 letters, digits, '.', '_' "
-                                     "or '-', starting with a letter or digit", "name")
-    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") \
-            or not urlsplit(url).hostname:
-        raise errors.invalid_request("Invalid value for 'url': the node's http(s) address",
-                                     "url")
-    if secret is not None and (not isinstance(secret, str) or not 16 <= len(secret) <= 200):
-        raise errors.invalid_request("Invalid value for 'secret': 16 to 200 characters",
-                                     "secret")
-    return name, url.rstrip("/"), secret, report_of(body)
+def _dumps(report: Report) -> str:
+    return json.dumps(report.to_json(), separators=(",", ":"))
 
 
-def report_of(body: dict) -> dict:
-    report = body.get("report", {})
-    if not isinstance(report, dict):
-        from .. import errors
-
-        raise errors.invalid_request("Invalid value for 'report': a JSON object", "report")
-    return report
+def _used(name: str) -> NameTaken:
+    return NameTaken(name, "is already used by a node or endpoint",
+                     "remove it first or choose another")

@@ -23,9 +23,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from engines.base import CHAT, COMPLETION
-
-from ..serving.dialects import MESSAGES, RESPONSES
+from ..dialects import MESSAGES, RESPONSES
+from .upstream import CHAT, COMPLETION
 
 T = TypeVar("T")
 POINTS_PER_NODE = 64  # virtual nodes: spreads conversations evenly over a few nodes

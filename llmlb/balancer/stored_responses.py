@@ -16,9 +16,9 @@ from collections.abc import Iterator
 
 from .. import errors
 from ..auth import Principal
+from ..dialects import RESPONSES
 from ..response_store import ResponseStore
-from ..serving.body import parse_json_object
-from ..serving.dialects import RESPONSES
+from ..wire import parse_json_object
 from .proxy import Balancer, Forwarded
 from .upstream import NodeResponse
 

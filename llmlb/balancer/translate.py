@@ -1,7 +1,7 @@
 """The Responses and Messages APIs for endpoints that do not speak them (AG-3): the balancer
 translates such a request to chat completions, sends that, and translates the answer back —
-the stream event by event — with the same converters a node uses (``serving/responses.py``,
-``serving/messages.py``). An endpoint that serves the API itself (vLLM, Ollama, llama-server
+the stream event by event — with the same converters a node uses (``dialects/responses.py``,
+``dialects/messages.py``). An endpoint that serves the API itself (vLLM, Ollama, llama-server
 do, in their recent versions) gets the request as the client sent it.
 
 How to tell: the first request of an API to an endpoint goes as sent; an answer of 404 or 405
@@ -23,13 +23,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 
-from engines.base import CHAT
-
 from .. import errors
-from ..serving import messages, responses
-from ..serving.dialects import COUNT_TOKENS, MESSAGES, RESPONSES
+from ..dialects import COUNT_TOKENS, MESSAGES, RESPONSES, messages, responses
 from .registry import ENDPOINT
-from .upstream import JSON_HEADERS, SSE_HEADERS, NodeResponse, ProxyRequest, error_response
+from .upstream import (
+    CHAT,
+    JSON_HEADERS,
+    SSE_HEADERS,
+    NodeResponse,
+    ProxyRequest,
+    error_response,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""Model resolution (RS-2): the local directory, then the shared path (used in place), then a
-download from an allowed source (the balancer's blob route, or Hugging Face), else
-``model_not_found``.
+"""Model resolution (RS-2): ``find`` looks in the local directory, then the shared path (used
+in place); ``fetch`` then downloads from an allowed source (the balancer's blob route, or
+Hugging Face), else raises ``model_not_found``.
 
 A download runs in a background thread of the process that wins the model's lock file, so it
 carries on when the request that started it gives up; every request for the model, in any
@@ -10,6 +10,7 @@ thread, worker or node sharing ``models_dir``, waits for the files to appear (up
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -24,10 +25,10 @@ from huggingface_hub.utils import get_session
 
 from .. import errors
 from ..catalog import Catalog, CatalogModel
-from ..config import Settings
+from ..config import ModelSettings, NodeSettings
 from ..storage import LocalModel, find_model, merged_listing
 from . import state as model_state
-from .download import fetch_all
+from .download import Fetch, fetch_all
 from .locks import FileLock
 from .progress import DOWNLOADING, ERROR, QUEUED, Progress, ProgressStore, key
 from .sources import BalancerSource, DownloadError, HuggingFaceSource, describe_failure
@@ -48,15 +49,17 @@ class DownloadJob:
 
 
 class Resolver:
-    def __init__(self, settings: Settings, catalog: Catalog,
+    def __init__(self, settings: ModelSettings, node: NodeSettings, catalog: Catalog,
                  formats: Callable[[], Mapping[str, tuple[str, ...]]]) -> None:
         self.settings = settings
         self.catalog = catalog
         self._formats = formats
         self.progress = ProgressStore(settings.locks_dir)
-        self.hf = HuggingFaceSource(settings.hf_endpoint, settings.hf_token)
-        self.balancer = (BalancerSource(settings.balancer_url, settings.node_api_key)
-                         if settings.balancer_url else None)
+        self.hf = HuggingFaceSource(settings.hf_endpoint, settings.hf_token,
+                                    settings.download_allowlist)
+        self.balancer = (BalancerSource(node.balancer_url, node.node_api_key,
+                                        settings.download_allowlist)
+                         if node.balancer_url else None)
         self._jobs: dict[str, DownloadJob] = {}
         self._jobs_lock = threading.Lock()
         self._waiting = 0
@@ -91,10 +94,9 @@ class Resolver:
 
     # --- resolving ------------------------------------------------------------------------
 
-    def resolve(self, model_id: str) -> LocalModel:
-        model = self.find(model_id)
-        if model is not None:
-            return model
+    def fetch(self, model_id: str) -> LocalModel:
+        """Resolve a model that ``find`` did not find here: from an allowed source, waiting
+        for it, or raise the error that says why not."""
         self.check_downloadable(model_id)
         log.info("Model resolution started: %s", model_id)
         return self._wait_for(model_id)
@@ -102,7 +104,7 @@ class Resolver:
     def check_downloadable(self, model_id: str) -> None:
         """Raise model_not_found unless some allowed source can provide the model."""
         entry = self.catalog.get(model_id)
-        if entry is not None and self.hf.host in self.settings.download_allowlist:
+        if entry is not None and self.hf.allowed:
             return
         if self.balancer is not None:
             try:
@@ -208,6 +210,7 @@ class Resolver:
                 # else on it (the database, other models): give the space back. A retry,
                 # once there is room, starts over.
                 shutil.rmtree(self.staging_dir(model_id), ignore_errors=True)
+            _remove_empty_dirs(self.staging_dir(model_id))
             record.status, record.error_message = ERROR, job.error
             self.progress.write(record)
         finally:
@@ -223,7 +226,7 @@ class Resolver:
         if not files:
             if entry is None:
                 raise DownloadError(f"no source has model '{model_id}' any more")
-            if self.hf.host not in self.settings.download_allowlist:
+            if not self.hf.allowed:
                 raise DownloadError(f"{self.hf.host} is not in LLMLB_DOWNLOAD_ALLOWLIST")
             source = self.hf
             log.info("Model not found locally, downloading from %s...", source.name)
@@ -237,7 +240,7 @@ class Resolver:
         free = shutil.disk_usage(staging).free
         if total - have > free:
             raise DownloadError(f"Not enough disk space: need {(total - have) / 1e6:.1f} MB, "
-                                f"{free / 1e6:.1f} MB free in {self.settings.models_dir}")
+                                f"{free / 1e6:.1f} MB free in the models directory")
         record.status, record.total_bytes, record.downloaded_bytes = DOWNLOADING, total, 0
         self.progress.write(record)
         self._notify(model_id)
@@ -258,7 +261,9 @@ class Resolver:
                 log.info("Download progress: %d%% (%.1f MB / %.1f MB)",
                          state["logged_tenth"] * 10, record.downloaded_bytes / 1e6, total / 1e6)
 
-        fetch_all(get_session(), files, staging, self.settings.download_timeout_seconds, report)
+        fetch = Fetch(get_session(), self.settings.download_timeout_seconds, source.allows,
+                      source.name)
+        fetch_all(fetch, files, staging, report)
         target = self.settings.models_dir.joinpath(*model_id.split("/"))
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -298,3 +303,15 @@ class Resolver:
         if current.phase == model_state.ABSENT and self.catalog.get(model_id) is None:
             raise errors.model_not_found(model_id)
         return current.status_body()
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    """What a failed download leaves of its staging directory, when it holds no file."""
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                path.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()

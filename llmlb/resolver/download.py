@@ -1,6 +1,10 @@
 """Fetching files atomically (RS-6): bytes go to ``<name>.partial``, a crash leaves it for the
 next attempt to continue with HTTP Range, and only a file whose size and checksum (sha256, or
 the git blob id of small hub files) are right is renamed to its real name.
+
+A file is never longer than its declared size: a server that sends more (or announces more in
+``Content-Length``) fails the download, and what it sent is deleted, so a source cannot fill a
+node's disk with one small manifest entry.
 """
 
 from __future__ import annotations
@@ -8,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
@@ -35,7 +41,30 @@ def _hash_existing(path: Path, hasher) -> None:  # noqa: ANN001
             hasher.update(block)
 
 
-def fetch_file(client: httpx2.Client, remote: RemoteFile, final: Path, read_timeout: float,
+@dataclass(frozen=True)
+class Fetch:
+    """How files are fetched: the client, the read timeout, where redirects may lead
+    (``allows``) and the source's name for errors."""
+
+    client: httpx2.Client
+    read_timeout: float
+    allows: Callable[[str], bool]
+    source: str
+
+
+def _too_long(remote: RemoteFile, source: str, partial: Path) -> DownloadError:
+    partial.unlink(missing_ok=True)  # never keep, nor resume from, what overran
+    return DownloadError(f"{source} sent more than the {remote.size} bytes declared for "
+                         f"{remote.filename}: refused")
+
+
+def _announced(response: httpx2.Response) -> int | None:
+    with suppress(KeyError, ValueError):
+        return int(response.headers["Content-Length"])
+    return None
+
+
+def fetch_file(fetch: Fetch, remote: RemoteFile, final: Path,
                report: Callable[[int], None]) -> None:
     """Download one file to ``final`` (resuming a partial one); report(n) per n new bytes."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -52,17 +81,24 @@ def fetch_file(client: httpx2.Client, remote: RemoteFile, final: Path, read_time
     while have < remote.size or (remote.size == 0 and not partial.exists()):
         before = have
         try:
-            with open_stream(client, remote, have, read_timeout) as response:
+            with open_stream(fetch.client, remote, have, fetch.read_timeout, fetch.allows,
+                             fetch.source) as response:
                 raise_for_status(response)
                 if have and response.status_code == 200:  # the server ignored our Range
                     report(-have)
                     have = 0
                     partial.unlink(missing_ok=True)
                     hasher = _hasher(remote)
+                announced = _announced(response)
+                if announced is not None and announced > remote.size - have:
+                    raise _too_long(remote, fetch.source, partial)
                 with partial.open("ab") as out:
                     # As the bytes arrive (not in fixed blocks), so progress moves smoothly
                     # and a slow link still shows it.
                     for chunk in response.iter_bytes():
+                        if have + len(chunk) > remote.size:
+                            out.close()
+                            raise _too_long(remote, fetch.source, partial)
                         out.write(chunk)
                         if hasher is not None:
                             hasher.update(chunk)
@@ -90,8 +126,8 @@ def fetch_file(client: httpx2.Client, remote: RemoteFile, final: Path, read_time
     os.replace(partial, final)
 
 
-def fetch_all(client: httpx2.Client, files: list[RemoteFile], staging: Path,
-              read_timeout: float, report: Callable[[int], None]) -> None:
+def fetch_all(fetch: Fetch, files: list[RemoteFile], staging: Path,
+              report: Callable[[int], None]) -> None:
     """Fetch every file into ``staging``; files already complete there are kept."""
     for remote in files:
         try:
@@ -101,4 +137,4 @@ def fetch_all(client: httpx2.Client, files: list[RemoteFile], staging: Path,
         if final.is_file() and final.stat().st_size == remote.size:
             report(remote.size)  # verified and renamed by an earlier attempt
             continue
-        fetch_file(client, remote, final, read_timeout, report)
+        fetch_file(fetch, remote, final, report)

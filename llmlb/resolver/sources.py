@@ -2,13 +2,18 @@
 ``huggingface_hub``, against ``HF_ENDPOINT``) or the balancer's blob route.
 
 A source turns a model into a list of ``RemoteFile`` (name, size, checksum, URL, headers);
-``download.py`` fetches them the same way whatever the source.
+``download.py`` fetches them the same way whatever the source. A source also says where its
+downloads may lead (``allows``): a redirect is followed only there, so whoever answers at a
+source's address cannot make a node fetch from a host the allowlist does not name (an internal
+service, say) and keep the answer as a model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
@@ -23,6 +28,7 @@ from ..storage import InvalidFileName, safe_file_name
 log = logging.getLogger(__name__)
 
 METADATA_TIMEOUT = 10.0
+MAX_REDIRECTS = 10
 
 
 class DownloadError(Exception):
@@ -39,12 +45,37 @@ class RemoteFile:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+def host_allowed(host: str | None, allowlist: Iterable[str]) -> bool:
+    """The host is on the allowlist, itself or as a subdomain of a host there."""
+    host = (host or "").lower().rstrip(".")
+    return bool(host) and any(
+        host == entry or host.endswith("." + entry)
+        for entry in (e.lower().rstrip(".") for e in allowlist) if entry)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
 class HuggingFaceSource:
     name = "HuggingFace"
 
-    def __init__(self, endpoint: str, token: str | None) -> None:
+    def __init__(self, endpoint: str, token: str | None, allowlist: Iterable[str] = ()) -> None:
         self.endpoint, self.token = endpoint, token
         self.host = urlsplit(endpoint).hostname or ""
+        self.allowlist = tuple(allowlist)
+
+    @property
+    def allowed(self) -> bool:
+        """Downloads from the hub are allowed at all."""
+        return host_allowed(self.host, self.allowlist)
+
+    def allows(self, url: str) -> bool:
+        """A download (or a redirect of one) may go to ``url``."""
+        return urlsplit(url).scheme in ("http", "https") and \
+            host_allowed(urlsplit(url).hostname, self.allowlist)
 
     def plan(self, entry: CatalogModel) -> list[RemoteFile]:
         headers = build_hf_headers(token=self.token or False)
@@ -78,16 +109,27 @@ class BalancerSource:
 
     name = "the balancer"
 
-    def __init__(self, balancer_url: str, api_key: str | None) -> None:
+    def __init__(self, balancer_url: str, api_key: str | None,
+                 allowlist: Iterable[str] = ()) -> None:
         self.base = balancer_url.rstrip("/")
         self.host = urlsplit(self.base).hostname or ""
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.allowlist = tuple(allowlist)
+
+    def allows(self, url: str) -> bool:
+        """The balancer itself (scheme, host and port: another port of its host is another
+        service), or a host of the allowlist."""
+        return _origin(url) == _origin(self.base) or (
+            urlsplit(url).scheme in ("http", "https")
+            and host_allowed(urlsplit(url).hostname, self.allowlist))
 
     def plan(self, model_id: str) -> list[RemoteFile] | None:
         """The balancer's files for the model, or None when it has no local copy."""
         url = f"{self.base}/v0/models/registry/{quote(model_id)}/manifest.json"
         try:
-            response = get_session().get(url, headers=self.headers, timeout=METADATA_TIMEOUT)
+            # Not followed elsewhere: whoever answers here is the balancer or nobody.
+            response = get_session().get(url, headers=self.headers, timeout=METADATA_TIMEOUT,
+                                         follow_redirects=False)
         except httpx2.HTTPError as exc:
             log.warning("Balancer %s unreachable for %s: %s", self.base, model_id, exc)
             return None
@@ -122,15 +164,39 @@ def manifest_file(item: dict, headers: dict[str, str]) -> RemoteFile:
     return RemoteFile(name, size, item["url"], sha256=sha256, headers=headers)
 
 
-def open_stream(client: httpx2.Client, remote: RemoteFile, start: int, read_timeout: float):
-    """A streaming GET of the file from byte ``start`` (HTTP Range when resuming)."""
+@contextlib.contextmanager
+def open_stream(client: httpx2.Client, remote: RemoteFile, start: int, read_timeout: float,
+                allows: Callable[[str], bool], source: str) -> Iterator[httpx2.Response]:
+    """A streaming GET of the file from byte ``start`` (HTTP Range when resuming), following
+    redirects only to URLs ``allows`` accepts (httpx drops the credentials when a redirect
+    leaves the origin). ``source`` names where the file comes from, for the error."""
     headers = {**remote.headers, "Accept-Encoding": "identity"}
     if start:
         headers["Range"] = f"bytes={start}-"
     timeout = httpx2.Timeout(connect=METADATA_TIMEOUT, read=read_timeout, write=read_timeout,
                              pool=read_timeout)
-    return client.stream("GET", remote.url, headers=headers, timeout=timeout,
-                         follow_redirects=True)
+    request: httpx2.Request | None = client.build_request("GET", remote.url, headers=headers,
+                                                          timeout=timeout)
+    for hop in range(MAX_REDIRECTS + 1):
+        assert request is not None
+        url = str(request.url)
+        if not allows(url):
+            where = "sent" if hop == 0 else "redirected"
+            parts = urlsplit(url)
+            raise DownloadError(
+                f"{source} {where} {remote.filename} to {parts.scheme}://{parts.netloc}, "
+                "which is not in LLMLB_DOWNLOAD_ALLOWLIST: refused")
+        response = client.send(request, stream=True, follow_redirects=False)
+        if response.next_request is None:
+            try:
+                yield response
+            finally:
+                response.close()
+            return
+        request = response.next_request
+        response.close()
+    raise DownloadError(f"{source} redirected {remote.filename} more than {MAX_REDIRECTS} "
+                        "times")
 
 
 def raise_for_status(response: httpx2.Response) -> None:

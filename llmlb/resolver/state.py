@@ -67,20 +67,6 @@ class ModelState:
             body["error_message"] = self.error or INTERRUPTED_MESSAGE
         return body
 
-    @classmethod
-    def from_status_body(cls, body: dict) -> ModelState:
-        """The state a node reported (its RS-7 status, in its heartbeat's downloads)."""
-        word = body.get("status")
-        phase = {"local": LOCAL, "not_downloaded": ABSENT, "error": FAILED}.get(
-            word, QUEUED if body.get("queued") else DOWNLOADING)
-        total = int(body.get("total_bytes") or 0)
-        done = int(body.get("downloaded_bytes") or 0)
-        if not total:  # an older report without byte counts: keep its fraction
-            total, done = 10_000, int(float(body.get("progress") or 0) * 10_000)
-        error = (body.get("error_message") or "The download failed on a node."
-                 if phase == FAILED else None)
-        return cls(str(body.get("model_id")), phase, done, total, error=error)
-
     # --- HB-1: the hub's statuses ------------------------------------------------------------
 
     def hub_status(self, registered: bool = False) -> str:

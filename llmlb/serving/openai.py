@@ -1,6 +1,7 @@
-"""The OpenAI endpoints' logic, free of Flask: validate, dispatch, shape the response.
+"""The OpenAI endpoints' logic, free of Flask: validate, run, shape the response.
 
-Each function takes the JSON body and returns either a dict (the response) or an iterator of
+Each function takes the ``Runner`` that runs the model, the JSON body and the model id as
+checked where the request came in, and returns either a dict (the response) or an iterator of
 SSE strings (a stream). Streams are primed before they are returned, so a request that cannot
 start (unknown model, busy model, prompt too long) is an ordinary JSON error, not a broken
 stream.
@@ -19,10 +20,8 @@ from collections.abc import Iterator
 from engines.base import CHAT, COMPLETION, EMBEDDINGS, SamplingParams, Started, TopLogprob
 
 from .. import errors
-from ..dispatch import Dispatcher
-from ..node import Generation, InferenceCall
-from ..storage import requested_model_id
 from . import protocol, tools
+from .inference import InferenceCall, Runner
 from .sse import SSEStream
 from .textstream import TextStream
 
@@ -49,9 +48,8 @@ def _params(req: protocol.ChatRequest | protocol.CompletionRequest, *,
     )
 
 
-def _start(dispatcher: Dispatcher, call: InferenceCall, stops: list[str]) -> TextStream:
-    generation = dispatcher.dispatch(call)
-    assert isinstance(generation, Generation)
+def _start(runner: Runner, call: InferenceCall, stops: list[str]) -> TextStream:
+    generation = runner.generate(call)
     events = iter(generation)
     try:
         first = next(events)  # runs the prompt: errors surface before any response is sent
@@ -73,12 +71,11 @@ def _ids(prefix: str) -> tuple[str, int]:
 
 # --- chat -------------------------------------------------------------------------------------
 
-def _chat_call(body: dict, limits: protocol.PromptLimits,
+def _chat_call(body: dict, model: str, limits: protocol.PromptLimits,
                ) -> tuple[protocol.ChatRequest, tools.OutputPlan, InferenceCall]:
     limits.check_messages(body)
     req = protocol.parse(protocol.ChatRequest, body)
     limits.check_chars(protocol.chat_texts(req), "messages")
-    model = requested_model_id(req.model)
     output = tools.plan(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise errors.invalid_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
@@ -88,11 +85,10 @@ def _chat_call(body: dict, limits: protocol.PromptLimits,
                                       params=params)
 
 
-def chat_completion(dispatcher: Dispatcher, body: dict,
+def chat_completion(runner: Runner, body: dict, model: str,
                     limits: protocol.PromptLimits = DEFAULT_LIMITS) -> dict | SSEStream:
-    req, output, call = _chat_call(body, limits)
-    model = call.model_id
-    stream = _start(dispatcher, call, req.stops)
+    req, output, call = _chat_call(body, model, limits)
+    stream = _start(runner, call, req.stops)
     completion_id, created = _ids("chatcmpl")
     if req.stream:
         chunks = _chat_chunks(stream, output, bool(req.logprobs))
@@ -112,12 +108,12 @@ def chat_completion(dispatcher: Dispatcher, body: dict,
             "model": model, "choices": [choice], "usage": stream.usage}
 
 
-def prompt_tokens(dispatcher: Dispatcher, body: dict,
+def prompt_tokens(runner: Runner, body: dict, model: str,
                   limits: protocol.PromptLimits = DEFAULT_LIMITS) -> int:
     """How many tokens a chat request's prompt has (template and tools included), without
     generating: the engine counts the prompt when it starts, and closing it stops it."""
-    _, _, call = _chat_call({**body, "stream": False}, limits)
-    stream = _start(dispatcher, call, [])
+    _, _, call = _chat_call({**body, "stream": False}, model, limits)
+    stream = _start(runner, call, [])
     stream.close()
     return stream.prompt_tokens
 
@@ -189,16 +185,15 @@ def _chat_chunks(stream: TextStream, output: tools.OutputPlan,
 
 # --- completions ------------------------------------------------------------------------------
 
-def completion(dispatcher: Dispatcher, body: dict,
+def completion(runner: Runner, body: dict, model: str,
                limits: protocol.PromptLimits = DEFAULT_LIMITS) -> dict | SSEStream:
     req = protocol.parse(protocol.CompletionRequest, body)
     limits.check_chars([req.prompt_text], "prompt")
-    model = requested_model_id(req.model)
     if req.echo:
         raise errors.invalid_request("echo is not supported", "echo")
     call = InferenceCall(COMPLETION, model, prompt=req.prompt_text,
                          params=_params(req, top_logprobs=req.logprobs))
-    stream = _start(dispatcher, call, req.stops)
+    stream = _start(runner, call, req.stops)
     completion_id, created = _ids("cmpl")
     want_logprobs = req.logprobs is not None
     if req.stream:
@@ -249,14 +244,11 @@ def _completion_chunks(stream: TextStream, cid: str, created: int, model: str,
 
 # --- embeddings -------------------------------------------------------------------------------
 
-def embeddings(dispatcher: Dispatcher, body: dict,
+def embeddings(runner: Runner, body: dict, model: str,
                limits: protocol.PromptLimits = DEFAULT_LIMITS) -> dict:
     req = protocol.parse(protocol.EmbeddingRequest, body)
     limits.check_chars(req.texts, "input")
-    model = requested_model_id(req.model)
-    result = dispatcher.dispatch(InferenceCall(EMBEDDINGS, model, texts=req.texts))
-    assert isinstance(result, tuple)
-    vectors, tokens = result
+    vectors, tokens = runner.embed(InferenceCall(EMBEDDINGS, model, texts=req.texts))
     as_base64 = req.encoding_format == "base64"
     data = [{"object": "embedding", "index": i,
              "embedding": _b64(v) if as_base64 else v} for i, v in enumerate(vectors)]

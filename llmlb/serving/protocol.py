@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .. import errors
-from ..config import OPTIONS_BY_ATTR
+from ..config import OPTIONS_BY_ATTR, InferenceSettings
 
 MAX_TOKENS_LIMIT = 1_000_000  # beyond any context window: larger is a client bug
 MAX_STOP_SEQUENCES = 4
@@ -212,7 +212,7 @@ class PromptLimits:
     max_messages: int = OPTIONS_BY_ATTR["max_messages"].default
 
     @classmethod
-    def from_settings(cls, settings: Any) -> PromptLimits:
+    def from_settings(cls, settings: InferenceSettings) -> PromptLimits:
         return cls(settings.max_prompt_chars, settings.max_messages)
 
     def check_messages(self, body: dict) -> None:

@@ -9,10 +9,15 @@ async function api(path, options = {}) {
     headers["Content-Type"] = "application/json";
     options.body = JSON.stringify(options.body);
   }
-  if ((options.method || "GET") !== "GET") headers["X-CSRF-Token"] = CSRF;
+  // On every call, GETs too: it also tells the server this is the dashboard, so that a call
+  // after the session ended is answered "session_ended" (and we go to the login page).
+  headers["X-CSRF-Token"] = CSRF;
   const response = await fetch(path, { credentials: "same-origin", ...options, headers });
   let data = null;
   try { data = await response.json(); } catch (_) { /* empty or not JSON */ }
+  if (response.status === 401 && data?.error?.code === "session_ended") {
+    location.href = `/login?next=${encodeURI(location.pathname)}`;
+  }
   if (!response.ok) {
     const message = data?.error?.message || `${response.status} ${response.statusText}`;
     const error = new Error(message);

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from engines import compute
 from engines.base import Engine, EngineError, LoadedModel, LoadOptions
 
-from . import errors
-from .plugins import EngineRegistry
-from .storage import LocalModel
+from .. import errors
+from ..config import InferenceSettings
+from ..plugins import EngineRegistry
+from ..storage import LocalModel
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,12 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def load_options(settings: InferenceSettings) -> LoadOptions:
+    """What every model is loaded with: its context, its batch."""
+    return LoadOptions(context_length=settings.context_length,
+                       parallel_sequences=settings.parallel_sequences)
 
 
 class ModelPool:
@@ -145,23 +152,29 @@ class ModelPool:
         return found.engine if found is not None else None
 
     def _load(self, model: LocalModel) -> LoadedModel:
+        # The time a request waits for the model: the engine's first check imports its
+        # library (llama_cpp, torch: seconds), so the clock starts before it.
+        started = time.monotonic()
         found = self._registry.for_format(model.format)
         if found is None:
             raise errors.engine_unavailable(model.id, model.format, "no engine is registered")
         availability = self._registry.availability(found.engine)
         if not availability.available:
             raise errors.engine_unavailable(model.id, model.format, availability.reason)
-        started = time.monotonic()
+        checked = time.monotonic()
         try:
             artifacts = [model.path / a for a in model.artifacts]
             loaded = found.engine.load(model.path, artifacts, self.options)
         except EngineError as exc:
+            log.error("Model %s could not be loaded from %s: %s", model.id, model.path, exc)
             raise errors.model_load_failed(model.id, str(exc)) from exc
         except MemoryError:
             raise errors.model_load_failed(model.id, "out of memory") from None
-        log.info("Model loaded successfully: %s (%s via %s, %d at a time, %.1fs)", model.id,
-                 model.format, found.engine.name, getattr(loaded, "parallel", 1),
-                 time.monotonic() - started)
+        done = time.monotonic()
+        log.info("Model loaded successfully: %s (%s via %s, %d at a time, %.1fs: %.1fs "
+                 "loading the engine, %.1fs the model)", model.id, model.format,
+                 found.engine.name, getattr(loaded, "parallel", 1), done - started,
+                 checked - started, done - checked)
         return loaded
 
     def _retire(self, entry: _Entry) -> None:

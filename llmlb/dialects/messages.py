@@ -3,8 +3,10 @@ internal form: the request in (``system``, content blocks, ``tools`` with ``inpu
 ``tool_choice``, ``stop_sequences``, ``output_config.format``), the answer out (content blocks,
 ``stop_reason``, ``usage``), the stream as Anthropic's events (``message_start``,
 ``content_block_start`` / ``_delta`` / ``_stop``, ``message_delta``, ``message_stop``; an
-error as an ``error`` event), and ``count_tokens``. Pure functions, plus ``serve`` and
-``count_tokens`` that run them around the chat path of ``serving.openai``.
+error as an ``error`` event), and ``count_tokens``'s request. Pure functions: a node runs them
+around its chat path (``serving/agents.py``), the balancer around an endpoint's or a hosted
+provider's chat completions (``balancer/translate.py``). The other way round, llmlb as a
+client of Anthropic, is ``messages_upstream.py``.
 
 Mapping choices (compared with vLLM's ``entrypoints/anthropic``, llama.cpp's server and
 LiteLLM): every ``system`` text, and a ``system`` message inside ``messages`` (Claude Code
@@ -27,10 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .. import errors
-from ..dispatch import Dispatcher
-from . import openai as chat
-from .protocol import PromptLimits
-from .sse import EventStream, SSEStream, named_event
+from ..wire import named_event
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +346,7 @@ def stream_ended(tail: bytes) -> bool:
     return b"message_stop" in tail[-256:] or b"event: error" in tail[-4096:]
 
 
-# --- serving ----------------------------------------------------------------------------------
+# --- the stream and errors, framed -----------------------------------------------------------
 
 def framed(chunks: Iterator[dict], req: Request, prompt_tokens: int) -> Iterator[str]:
     try:
@@ -372,24 +371,3 @@ def renamed(err: errors.APIError, names: dict[str, str]) -> errors.APIError:
             err.param = new
             break
     return err
-
-
-def serve(dispatcher: Dispatcher, body: dict, limits: PromptLimits) -> dict | SSEStream:
-    chat_body, req = to_chat(body)
-    try:
-        result = chat.chat_completion(dispatcher, chat_body, limits)
-    except errors.APIError as exc:
-        raise renamed(exc, PARAMS) from None
-    if isinstance(result, SSEStream):
-        prompt = (result.usage() if result.usage else {}).get("prompt_tokens", 0)
-        return EventStream(framed(iter(result.chunks()), req, prompt), result.close)
-    return from_chat(result, req)
-
-
-def count_tokens(dispatcher: Dispatcher, body: dict, limits: PromptLimits) -> dict:
-    """``POST /v1/messages/count_tokens``: the prompt's tokens as the model reads them."""
-    chat_body, _ = to_chat(body, count_only=True)
-    try:
-        return {"input_tokens": chat.prompt_tokens(dispatcher, chat_body, limits)}
-    except errors.APIError as exc:
-        raise renamed(exc, PARAMS) from None

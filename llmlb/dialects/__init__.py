@@ -1,27 +1,26 @@
-"""The APIs besides chat completions that llmlb speaks, as operations of the balancer: their
-paths, how a node serves them, and how their streams end and report an error — what the
-balancer and the node need to treat them as they treat chat completions.
+"""The APIs llmlb speaks besides chat completions, as pure conversions to and from chat
+completions, its internal form: OpenAI's Responses API (``responses``), Anthropic's Messages
+API (``messages``; and the other way round, llmlb as Anthropic's client:
+``messages_upstream``), Google's Gemini API as a hosted provider speaks it (``gemini``).
+Free of Flask, of the node and of the balancer, so both use them: a node frames every dialect
+itself (``serving/agents.py``) and the balancer passes its bytes through; only an endpoint
+that lacks a dialect, or a hosted provider that speaks another, gets the balancer's
+translation (``balancer/translate.py``, ``balancer/providers.py``).
 
-A node frames every dialect itself (``responses.serve``, ``messages.serve``), so the balancer
-passes its bytes through; it reads only whether a stream ended properly and, when a node
-broke off, ends the stream with an error event in the dialect's own shape.
+Here also what the balancer needs to treat these APIs as it treats chat completions: each
+operation's path, its errors' shape, and how its streams end and report an error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from .. import errors
+from ..wire import DONE, event
 from . import messages, responses
-from .sse import event
 
 RESPONSES, MESSAGES, COUNT_TOKENS = "responses", "messages", "count_tokens"
 PATHS = {RESPONSES: "/v1/responses", MESSAGES: "/v1/messages",
          COUNT_TOKENS: "/v1/messages/count_tokens"}
-SERVE: dict[str, Callable] = {RESPONSES: responses.serve, MESSAGES: messages.serve,
-                              COUNT_TOKENS: messages.count_tokens}
 ANTHROPIC = (MESSAGES, COUNT_TOKENS)
-DONE = b"data: [DONE]\n\n"
 
 
 def error_body(operation: str, err: errors.APIError) -> dict:
@@ -44,4 +43,4 @@ def stream_error(operation: str, err: errors.APIError) -> bytes:
         return responses.error_event(err).encode()
     if operation == MESSAGES:
         return messages.error_event(err).encode()
-    return event(err.body()).encode() + DONE
+    return (event(err.body()) + DONE).encode()

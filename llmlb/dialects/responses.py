@@ -4,7 +4,8 @@ form: the request in (``instructions``, ``input`` items — ``message``, ``funct
 ``text.format``, ``max_output_tokens``), the response object out (``output`` items,
 ``status``, ``usage``), and the stream as the typed events the SDK parses
 (``response.created`` … ``response.completed``; an error as an ``error`` event). Pure
-functions, plus ``serve`` that runs them around the chat path of ``serving.openai``.
+functions: a node runs them around its chat path (``serving/agents.py``), the balancer around
+an endpoint's or a hosted provider's chat completions (``balancer/translate.py``).
 
 Mapping choices (compared with vLLM's Responses serving, llama.cpp's server and LiteLLM):
 ``instructions`` and every ``system`` / ``developer`` message join the one leading system
@@ -28,11 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .. import errors
-from ..dispatch import Dispatcher
-from . import openai as chat
-from .messages import renamed
-from .protocol import PromptLimits
-from .sse import EventStream, SSEStream, named_event
+from ..wire import named_event
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +425,7 @@ def stream_ended(tail: bytes) -> bool:
                                             b"response.failed", b"event: error"))
 
 
-# --- serving ----------------------------------------------------------------------------------
+# --- the stream and errors, framed -----------------------------------------------------------
 
 def framed(chunks: Iterator[dict], req: Request) -> Iterator[str]:
     sequence = 0
@@ -443,15 +440,3 @@ def framed(chunks: Iterator[dict], req: Request) -> Iterator[str]:
     except Exception as exc:  # headers are sent: the error can only travel as an event
         log.exception("Stream failed")
         yield error_event(errors.from_exception(exc), sequence)
-
-
-def serve(dispatcher: Dispatcher, body: dict, limits: PromptLimits) -> dict | SSEStream:
-    chat_body, req = to_chat(body)
-    try:
-        result = chat.chat_completion(dispatcher, chat_body, limits)
-    except errors.APIError as exc:
-        raise renamed(exc, PARAMS) from None
-    if isinstance(result, SSEStream):
-        return EventStream(framed(iter(result.chunks()), req), result.close)
-    return from_chat(result, req)
-

@@ -4,13 +4,17 @@ heartbeats, and whom it lets in.
 Trust both ways rests on node-scope credentials, never on ``api`` keys:
 
 - to the balancer, the node presents ``LLMLB_NODE_API_KEY``, a key with the node scope that
-  the balancer checks against its own database;
-- to the node, the balancer presents a secret the node made (kept in the node's database, so
-  all its workers and its restarts agree) and handed over inside its authenticated
-  registration. The balancer never needs, stores or sends the node key itself, and a copy of
-  the balancer's database opens no more than the nodes' own APIs. The node also accepts its
-  own node key (an operator with it can call the node directly), and, in development mode,
-  ``sk_debug``. Anything else, an ``api`` key of the balancer included, is refused.
+  the balancer checks against its own database, and its own secret, which proves that its
+  name is its own (SC-7: a name belongs to the node that first registered it);
+- to the node, the balancer presents that secret: the node made it (kept in the node's
+  database, so all its workers and its restarts agree) and handed it over inside its
+  authenticated registration. The balancer never needs, stores or sends the node key itself,
+  and a copy of the balancer's database opens no more than the nodes' own APIs.
+
+The node accepts nothing else (``sk_debug`` in development mode aside): not the node key,
+since every node holds it and whatever it opened on one node it would open on all of them,
+for each of them (a node could delete another's models); not an ``api`` key of the balancer.
+An operator reaches a node through its balancer (``/v0/nodes``, the hub).
 """
 
 from __future__ import annotations
@@ -18,25 +22,35 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from .. import auth
-from ..config import Settings
+from .. import auth, errors
+from ..balancer.inflight import InflightCounters
+from ..balancer.reports import (
+    Download,
+    EngineInfo,
+    Hardware,
+    LoadedModel,
+    NodeReport,
+    ReportError,
+)
+from ..config import ModelSettings, NodeSettings
 from ..db import Database
-from ..hardware import describe as describe_hardware
-from ..model_info import listing_entry
-from ..model_pool import ModelPool
 from ..plugins import EngineRegistry
 from ..resolver import Resolver
-from .inflight import InflightCounters
+from .hardware import describe as describe_hardware
+from .member import IN_PROCESS_SLOT, ready_models
+from .pool import ModelPool
 
 log = logging.getLogger(__name__)
 
 BALANCER_TIMEOUT = 10.0
+NODE_SCOPES = frozenset({"api", "node"})
 
 
 def _version() -> str | None:
@@ -52,31 +66,59 @@ class Reporter:
     """The node's report: hardware, engines and formats, models ready, loaded and being
     downloaded (with progress), requests in flight and queued."""
 
-    def __init__(self, settings: Settings, resolver: Resolver, pool: ModelPool,
+    def __init__(self, settings: ModelSettings, resolver: Resolver, pool: ModelPool,
                  engines: EngineRegistry, inflight: InflightCounters) -> None:
         self.settings, self.resolver, self.pool = settings, resolver, pool
         self.engines, self.inflight = engines, inflight
         self._version = _version()
+        self._checked = threading.Event()
+        self._checking = threading.Lock()
 
-    def report(self) -> dict:
-        engines = self.engines.describe(self.pool.options)
-        loaded = self.pool.loaded()
-        return {
-            "version": self.version,
-            "hardware": describe_hardware(),
-            "engines": engines,
-            "formats": sorted({e["format"] for e in engines if e["active"] and e["available"]}),
-            "models": [listing_entry(m) for m in self.resolver.list_models()],
-            "loaded": loaded,
-            "downloads": self.downloads(),
-            "active_requests": self.inflight.load(0),
-            "queued_requests": sum(int(m.get("waiting") or 0) for m in loaded),
-            "can_download": self.resolver.hf.host in self.settings.download_allowlist,
-        }
+    def report(self) -> NodeReport:
+        engines = self._engines()
+        loaded = tuple(LoadedModel.parse(m, "loaded") for m in self.pool.loaded())
+        return NodeReport(
+            version=self.version,
+            hardware=Hardware.parse(describe_hardware()),
+            engines=engines,
+            formats=tuple(sorted({e.format for e in engines if e.active and e.available})),
+            models=ready_models(self.resolver),
+            loaded=loaded,
+            downloads=tuple(Download.parse(d, "downloads") for d in self.downloads()),
+            active_requests=self.inflight.load(IN_PROCESS_SLOT),
+            queued_requests=sum(m.waiting for m in loaded),
+            can_download=self.resolver.hf.allowed,
+        )
+
+    def _engines(self) -> tuple[EngineInfo, ...]:
+        found = []
+        for i, row in enumerate(self.engine_rows()):
+            try:
+                found.append(EngineInfo.parse(row, f"engines[{i}]"))
+            except ReportError as exc:  # a plugin's odd answer must not keep the node out
+                log.warning("An engine is left out of this node's report: %s", exc)
+        return tuple(found)
 
     @property
     def version(self) -> str | None:
         return self._version
+
+    def engine_rows(self) -> list[dict]:
+        """The engines' rows once their first checks are done, [] until then: those import
+        their libraries (torch: seconds), on a thread of their own, so that no report (the
+        node's registration first) waits for them; the next report has them."""
+        if self._checked.is_set():
+            return self.engines.describe(self.pool.options)
+        if self._checking.acquire(blocking=False):
+            threading.Thread(target=self._check_engines, name="llmlb-engine-checks",
+                             daemon=True).start()
+        return []
+
+    def _check_engines(self) -> None:
+        try:
+            self.engines.describe(self.pool.options)
+        finally:
+            self._checked.set()
 
     def downloads(self) -> list[dict]:
         out = []
@@ -92,44 +134,52 @@ class Reporter:
 
 class NodeAgent:
     """Registers this node with its balancer and keeps it informed (the supervisor's
-    ``heartbeat`` task), and checks who may call the node."""
+    ``heartbeat`` task), and is the node's authenticator: who may call it."""
 
-    def __init__(self, settings: Settings, db: Database, report: Callable[[], dict]) -> None:
-        self.settings = settings
+    sessions = False  # no users, no dashboard
+
+    def __init__(self, settings: NodeSettings, dev: bool, db: Database,
+                 report: Callable[[], NodeReport]) -> None:
+        self.settings, self.dev = settings, dev
         self.report = report
         # One secret per node, the same in every worker and across restarts.
         self.secret = db.setdefault_meta("node_secret", "sk-node-" + secrets.token_urlsafe(32))
         self.registered = False
+        self._announced = False
         self.last_beat = 0.0
         self._http = urllib3.PoolManager(num_pools=2, maxsize=2, retries=False,
                                          timeout=urllib3.Timeout(connect=5, read=BALANCER_TIMEOUT))
 
     # --- who may call the node ----------------------------------------------------------
 
-    def principal(self, key: str) -> auth.Principal | None:
+    def principal(self, key: str) -> auth.Principal:
+        """The balancer (it holds this node's secret): everything a node serves (inference,
+        model sync, its status), nothing of an operator's (local paths); else a 401."""
         if auth.same_secret(key, self.secret):
-            return auth.Principal("node", "balancer", frozenset({"node"}))
-        own = self.settings.node_api_key
-        if own and auth.same_secret(key, own):
-            return auth.Principal("node", "node key", frozenset({"node"}))
-        if self.settings.dev and auth.same_secret(key, auth.DEV_API_KEY):
+            return auth.Principal("node", "balancer", NODE_SCOPES)
+        if self.dev and auth.same_secret(key, auth.DEV_API_KEY):
             return auth.Principal("dev", auth.DEV_API_KEY, frozenset(auth.SCOPES))
-        return None
+        raise errors.unauthorized("Invalid key: this node accepts only its balancer and its "
+                                  "own node key")
 
     # --- talking to the balancer --------------------------------------------------------
 
     def beat(self) -> None:
         """One heartbeat; registers first (again, when the balancer forgot the node)."""
-        report = self.report()
+        report = self.report().to_json()
         if self.registered:
             status, body = self._post(f"/v0/nodes/{self.settings.node_name}/heartbeat",
-                                      {"report": report})
+                                      {"secret": self.secret, "report": report})
             if status == 404:
                 log.warning("The balancer does not know this node any more; registering again")
                 self.registered = False
             else:
                 self._check(status, body, "heartbeat")
         if not self.registered:
+            if not self._announced:  # once: the supervisor logs each failure
+                self._announced = True
+                log.info("Registering with the balancer %s as node '%s'",
+                         self.settings.balancer_url, self.settings.node_name)
             status, body = self._post("/v0/nodes", {
                 "name": self.settings.node_name, "url": self.settings.advertise_url,
                 "secret": self.secret, "report": report})
