@@ -56,8 +56,8 @@ def test_responses_and_messages_through_a_balancer_to_a_node(cluster, fmt: str) 
     # the balancer keeps both; the node kept nothing
     assert client.responses.retrieve(second.id).previous_response_id == first.id
     node_url = c.nodes_json()["node-a"]["url"]
-    r = requests.get(f"{node_url}/v1/responses/{first.id}", headers=bearer(c.node_key),
-                     timeout=10)
+    r = requests.get(f"{node_url}/v1/responses/{first.id}",
+                     headers=bearer(c.node_secret("node-a")), timeout=10)
     assert r.status_code == 404
 
     claude = anthropic.Anthropic(base_url=c.url, api_key=c.api, max_retries=0, timeout=120)
