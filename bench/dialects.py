@@ -14,7 +14,7 @@ Parts (``--parts``, both by default):
   Messages and Responses (``"store": false``: translation alone; translated both ways on the
   balancer) against chat (passed through). Aim: <= 0.3 ms added at p50.
 
-    .venv/bin/python bench/dialects.py [--parts throughput,latency]
+    .venv/bin/python bench/dialects.py [--parts throughput,latency] [--cases node,endpoint]
 """
 
 from __future__ import annotations
@@ -181,6 +181,8 @@ def endpoint_balancer(fake_url: str) -> tuple[object, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default="throughput,latency")
+    parser.add_argument("--cases", default="node,endpoint",
+                        help="throughput's cases: an llmlb node, a translated endpoint")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per node stream")
     parser.add_argument("--fake-tokens", type=int, default=2000)
     parser.add_argument("--reps", type=int, default=5)
@@ -192,7 +194,8 @@ def main() -> None:
     from tests.fake_openai import FakeOpenAI
 
     summary: dict = {"bench": "dialects", **machine_info()}
-    if "throughput" in parts:
+    cases = set(args.cases.split(","))
+    if "throughput" in parts and "node" in cases:
         summary["node"] = node_case(args)
         print("node:", json.dumps(summary["node"]))
     fast = FakeOpenAI("chat-only", ("fake-model",), tokens=args.fake_tokens).__enter__()
@@ -203,7 +206,7 @@ def main() -> None:
 
         requests.post(f"{url}/v0/endpoints", headers=AUTH, timeout=30,
                       json={"name": "paced", "base_url": paced.url}).raise_for_status()
-        if "throughput" in parts:
+        if "throughput" in parts and "endpoint" in cases:
             summary["endpoint_unthrottled"] = throughput(url, "fake-model", args.fake_tokens,
                                                          args.reps, [proc.pid])
             print("endpoint, as fast as it goes:", json.dumps(summary["endpoint_unthrottled"]))

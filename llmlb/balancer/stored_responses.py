@@ -127,20 +127,17 @@ class _Recorded:
         return self._relay()
 
     def _relay(self) -> Iterator[bytes]:
-        pending = b""
-        final = None
+        tail = b""  # the stream's last events: the final one comes last (or before [DONE])
         for chunk in self._chunks:
             yield chunk
-            if final is not None:
-                continue
-            pending += chunk
-            while (cut := pending.find(b"\n\n")) >= 0:
-                block, pending = pending[:cut], pending[cut + 2:]
-                if any(marker in block[:120] for marker in _FINAL_EVENTS):
-                    final = _data_of(block)
-                    break
-        if final is not None:
-            self._keep(final)
+            tail += chunk
+            start = tail.rfind(b"\n\n", 0, max(0, tail.rfind(b"\n\n", 0, len(tail) - 2)))
+            if start >= 0:  # keep the last two events only: the rest was relayed
+                tail = tail[start + 2:]
+        for block in reversed(tail.split(b"\n\n")):
+            if any(marker in block[:120] for marker in _FINAL_EVENTS):
+                self._keep(_data_of(block))
+                break
 
     def close(self) -> None:
         close = getattr(self._chunks, "close", None)

@@ -25,6 +25,7 @@ from dataclasses import replace
 
 from .. import errors
 from ..dialects import COUNT_TOKENS, MESSAGES, RESPONSES, messages, responses
+from ..wire import dumps, loads
 from .registry import ENDPOINT
 from .upstream import (
     CHAT,
@@ -94,17 +95,17 @@ def translated(node, request: ProxyRequest) -> NodeResponse:  # noqa: ANN001 - a
             chat_body, req = dialect.to_chat(request.payload)
     except errors.APIError as exc:
         return error_response(exc, request.operation)
-    raw = json.dumps(chat_body, ensure_ascii=False, separators=(",", ":")).encode()
+    raw = dumps(chat_body)
     response = node.send(ProxyRequest(CHAT, raw, chat_body, request.model_id))
     if response.status >= 400:
         return _error(response, request.operation)
     if response.streaming:
         frames = (responses.framed(_chunks(response.body), req) if dialect is responses
                   else messages.framed(_chunks(response.body), req, 0))
-        return NodeResponse(response.status, list(SSE_HEADERS),
-                            (frame.encode() for frame in frames), response.close)
+        return NodeResponse(response.status, list(SSE_HEADERS), _batched(frames),
+                            response.close)
     try:
-        answer = json.loads(response.body)
+        answer = loads(response.body)
         if request.operation == COUNT_TOKENS:
             body = {"input_tokens": int(answer["usage"]["prompt_tokens"])}
         else:
@@ -112,7 +113,7 @@ def translated(node, request: ProxyRequest) -> NodeResponse:  # noqa: ANN001 - a
     except (ValueError, KeyError, TypeError, IndexError):
         return error_response(errors.unreadable_upstream_answer("chat completion"),
                               request.operation)
-    data = (json.dumps(body, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+    data = dumps(body) + b"\n"
     return NodeResponse(200, list(JSON_HEADERS), data)
 
 
@@ -131,20 +132,36 @@ def _error(response: NodeResponse, operation: str) -> NodeResponse:
                                                    if k.lower() == "retry-after"], out.body)
 
 
-def _chunks(body: Iterator[bytes]) -> Iterator[dict]:
-    """The chat completion chunks of an endpoint's stream; its error event, raised."""
+def _chunks(body: Iterator[bytes]) -> Iterator[dict | None]:
+    """The chat completion chunks of an endpoint's stream, those of each read from the network
+    followed by None (the translation may send what it has: a fast endpoint's chunks arrive
+    many to a read, and each write to the client costs more than translating one); its error
+    event, raised."""
     pending = b""
     for data in body:
-        pending += data
-        while (cut := pending.find(b"\n")) >= 0:
-            line, pending = pending[:cut].strip(), pending[cut + 1:]
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
             if not line.startswith(b"data:"):
                 continue
             payload = line[5:].strip()
             if payload == b"[DONE]":
                 return
-            chunk = json.loads(payload)
+            chunk = loads(payload)
             if isinstance(chunk, dict) and isinstance(chunk.get("error"), dict):
                 raise errors.relayed(502, chunk)
             if isinstance(chunk, dict):
                 yield chunk
+        yield None
+
+
+def _batched(frames: Iterator[bytes | None]) -> Iterator[bytes]:
+    """The frames of one read from the network as one write."""
+    batch: list[bytes] = []
+    for frame in frames:
+        if frame is not None:
+            batch.append(frame)
+        elif batch:
+            yield b"".join(batch)
+            batch = []
+    if batch:
+        yield b"".join(batch)

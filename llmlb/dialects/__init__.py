@@ -40,7 +40,7 @@ def stream_ended(operation: str, tail: bytes) -> bool:
 def stream_error(operation: str, err: errors.APIError) -> bytes:
     """The last event of a stream that a node broke off."""
     if operation == RESPONSES:
-        return responses.error_event(err).encode()
+        return responses.error_event(err)
     if operation == MESSAGES:
-        return messages.error_event(err).encode()
+        return messages.error_event(err)
     return (event(err.body()) + DONE).encode()

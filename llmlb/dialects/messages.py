@@ -283,9 +283,10 @@ def from_chat(answer: dict, req: Request) -> dict:
             "usage": _usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))}
 
 
-def events(chunks: Iterator[dict], req: Request, prompt_tokens: int,
-           ) -> Iterator[tuple[str, dict]]:
-    """Anthropic's stream events from chat completion chunks (their usage chunk last)."""
+def events(chunks: Iterator[dict | None], req: Request, prompt_tokens: int,
+           ) -> Iterator[tuple[str, dict] | None]:
+    """Anthropic's stream events from chat completion chunks (their usage chunk last); a None
+    among the chunks (the end of what has arrived so far) is passed on as it is."""
     message_id = f"msg_{uuid.uuid4().hex[:24]}"
     yield "message_start", {"type": "message_start", "message": {
         "id": message_id, "type": "message", "role": "assistant", "model": req.model,
@@ -294,6 +295,9 @@ def events(chunks: Iterator[dict], req: Request, prompt_tokens: int,
     index, open_kind = -1, None
     finish, sequence, usage = None, None, None
     for chunk in chunks:
+        if chunk is None:
+            yield None
+            continue
         if not chunk.get("choices"):
             usage = chunk.get("usage") or usage
             continue
@@ -337,7 +341,7 @@ def events(chunks: Iterator[dict], req: Request, prompt_tokens: int,
     yield "message_stop", {"type": "message_stop"}
 
 
-def error_event(err: errors.APIError) -> str:
+def error_event(err: errors.APIError) -> bytes:
     return named_event("error", err.anthropic_body())
 
 
@@ -348,10 +352,13 @@ def stream_ended(tail: bytes) -> bool:
 
 # --- the stream and errors, framed -----------------------------------------------------------
 
-def framed(chunks: Iterator[dict], req: Request, prompt_tokens: int) -> Iterator[str]:
+def framed(chunks: Iterator[dict | None], req: Request, prompt_tokens: int,
+           ) -> Iterator[bytes | None]:
+    """The stream's events as server-sent events (a None passed on as it came); an error
+    while it runs as the error event that ends it."""
     try:
-        for name, data in events(chunks, req, prompt_tokens):
-            yield named_event(name, data)
+        for item in events(chunks, req, prompt_tokens):
+            yield item if item is None else named_event(*item)
     except errors.APIError as exc:
         yield error_event(exc)
     except GeneratorExit:

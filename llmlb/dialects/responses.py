@@ -340,8 +340,10 @@ class _Events:
                                list(self.output), usage, finish)
 
 
-def events(chunks: Iterator[dict], req: Request) -> Iterator[tuple[str, dict]]:
-    """The Responses stream from chat completion chunks (their usage chunk last)."""
+def events(chunks: Iterator[dict | None], req: Request,
+           ) -> Iterator[tuple[str, dict] | None]:
+    """The Responses stream from chat completion chunks (their usage chunk last); a None
+    among the chunks (the end of what has arrived so far) is passed on as it is."""
     ev = _Events(req)
     yield ev.event("response.created", response=ev.response("in_progress"))
     yield ev.event("response.in_progress", response=ev.response("in_progress"))
@@ -371,6 +373,9 @@ def events(chunks: Iterator[dict], req: Request) -> Iterator[tuple[str, dict]]:
         item, text, logprobs = None, "", []
 
     for chunk in chunks:
+        if chunk is None:
+            yield None
+            continue
         if not chunk.get("choices"):
             usage = chunk.get("usage") or usage
             continue
@@ -413,7 +418,7 @@ def events(chunks: Iterator[dict], req: Request) -> Iterator[tuple[str, dict]]:
     yield ev.event(kind, response=ev.response(status, _usage(usage), finish))
 
 
-def error_event(err: errors.APIError, sequence: int = 0) -> str:
+def error_event(err: errors.APIError, sequence: int = 0) -> bytes:
     return named_event("error", {"type": "error", "code": err.code, "message": err.message,
                                  "param": err.param, "sequence_number": sequence})
 
@@ -427,10 +432,16 @@ def stream_ended(tail: bytes) -> bool:
 
 # --- the stream and errors, framed -----------------------------------------------------------
 
-def framed(chunks: Iterator[dict], req: Request) -> Iterator[str]:
+def framed(chunks: Iterator[dict | None], req: Request) -> Iterator[bytes | None]:
+    """The stream's events as server-sent events (a None passed on as it came); an error
+    while it runs as the error event that ends it."""
     sequence = 0
     try:
-        for name, data in events(chunks, req):
+        for item in events(chunks, req):
+            if item is None:
+                yield None
+                continue
+            name, data = item
             sequence = data["sequence_number"] + 1
             yield named_event(name, data)
     except errors.APIError as exc:
