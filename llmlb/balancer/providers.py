@@ -45,7 +45,9 @@ from .upstream import (
     NodeUnreachable,
     ProxyRequest,
     error_response,
+    is_json,
     json_response,
+    media_type_of,
     passed_headers,
 )
 
@@ -172,9 +174,13 @@ class ProviderNode:
         payload.pop("previous_response_id", None)
         response = self._post(request.path, payload, request)
         headers = passed_headers(response.headers)
-        streamed = (response.header("Content-Type") or "").startswith("text/event-stream")
-        if not streamed or response.status >= 300:
-            return NodeResponse(response.status, headers, self._read(response))
+        media_type = media_type_of(response.header("Content-Type"))
+        if media_type != "text/event-stream" or response.status >= 300:
+            data = self._read(response)
+            if not is_json(media_type, data):  # a proxy's HTML page: never passed on
+                return error_response(errors.upstream_not_json(
+                    "provider", self.name, response.status, media_type), request.operation)
+            return NodeResponse(response.status, headers, data)
         return NodeResponse(response.status, headers, self._chunks(response), response.close)
 
     def _post(self, path: str, payload: dict, request: ProxyRequest) -> http1.Response:

@@ -57,11 +57,11 @@ def _passes(name: str) -> bool:      # upstream may send any)
     return low in PASSED_HEADERS or low.startswith(PASSED_PREFIXES)
 
 
-def _media_type(content_type: str | None) -> str:
+def media_type_of(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def _is_json(media_type: str, body: bytes) -> bool:
+def is_json(media_type: str, body: bytes) -> bool:
     if media_type == "application/json" or media_type.endswith("+json"):
         return True
     if media_type:
@@ -176,13 +176,13 @@ class RemoteNode:
     def send(self, request: ProxyRequest) -> NodeResponse:
         response = self.request("POST", request.path, request.raw)
         headers = passed_headers(response.headers)
-        media_type = _media_type(response.header("Content-Type"))
+        media_type = media_type_of(response.header("Content-Type"))
         if media_type != "text/event-stream" or response.status >= 300:
             try:  # an answer or an error is small: read it whole, so a cut is still a failover
                 data = response.read()
             except http1.HTTPClientError as exc:
                 raise NodeUnreachable(f"{self.kind} {self.name}: {exc}") from exc
-            if not _is_json(media_type, data):
+            if not is_json(media_type, data):
                 return error_response(errors.upstream_not_json(
                     self.kind, self.name, response.status, media_type), request.operation)
             return NodeResponse(response.status, headers, data)
