@@ -248,6 +248,12 @@ class FakeGemini(_Fake):
         model, _, method = path.removeprefix("/v1beta/models/").partition(":")
         if model not in self.models:
             return send_json(handler, 404, self.error_body(404, f"models/{model} is not found"))
+        if method == "countTokens":  # of the request it would answer
+            request = body.get("generateContentRequest") or {}
+            problem = _gemini_problem(request)
+            if problem or request.get("model") != f"models/{model}":
+                return send_json(handler, 400, self.error_body(400, problem or "model"))
+            return send_json(handler, 200, {"totalTokens": 7})
         problem = _gemini_problem(body)
         if problem:
             return send_json(handler, 400, self.error_body(400, problem))

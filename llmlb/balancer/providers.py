@@ -29,12 +29,12 @@ from urllib.parse import quote, urlsplit
 
 from .. import errors, urls
 from ..config import ProviderSettings, SettingsError
-from ..dialects import COUNT_TOKENS, MESSAGES, RESPONSES, gemini, messages_upstream
-from ..wire import DONE, data_of, event
+from ..dialects import COUNT_TOKENS, MESSAGES, RESPONSES, gemini, messages, messages_upstream
+from ..wire import DONE, data_of, event, loads
 from . import http1
 from .registry import PROVIDER, NodeRegistry
 from .reports import EndpointReport, ModelEntry
-from .translate import translated
+from .translate import translated, translated_error
 from .upstream import (
     CHAT,
     COMPLETION,
@@ -128,6 +128,8 @@ class ProviderNode:
         operation = request.operation
         if operation in self.spec.native:
             return self._native(request)
+        if operation == COUNT_TOKENS and self.name == GOOGLE:
+            return self._count_gemini_tokens(request)
         if operation in (RESPONSES, MESSAGES, COUNT_TOKENS):
             return translated(self, request)  # to chat completions, which come back here
         if operation != CHAT:
@@ -159,6 +161,26 @@ class ProviderNode:
         except (ValueError, TypeError, AttributeError):
             return error_response(errors.unreadable_upstream_answer(f"{self.name} answer"))
         return json_response(200, chat)
+
+    def _count_gemini_tokens(self, request: ProxyRequest) -> NodeResponse:
+        """``count_tokens`` as Gemini's ``countTokens`` (free, where a one-token generation,
+        what other chat-only upstreams get, is not)."""
+        model = self._model(request)
+        try:
+            chat_body, _ = messages.to_chat(request.payload, count_only=True)
+            body, _ = gemini.to_gemini(chat_body, model)
+        except errors.APIError as exc:
+            return error_response(exc, COUNT_TOKENS)
+        response = self._post(f"/v1beta/models/{quote(model, safe='')}:countTokens",
+                              gemini.count_request(body, model), request)
+        if response.status >= 300:
+            return translated_error(self._error(response), COUNT_TOKENS)
+        try:
+            tokens = int(loads(self._read(response))["totalTokens"])  # type: ignore[index]
+        except (ValueError, KeyError, TypeError):
+            return error_response(errors.unreadable_upstream_answer("google token count"),
+                                  COUNT_TOKENS)
+        return json_response(200, {"input_tokens": tokens})
 
     # --- the provider's own API -----------------------------------------------------------
 

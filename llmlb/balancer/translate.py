@@ -98,7 +98,7 @@ def translated(node, request: ProxyRequest) -> NodeResponse:  # noqa: ANN001 - a
     raw = dumps(chat_body)
     response = node.send(ProxyRequest(CHAT, raw, chat_body, request.model_id))
     if response.status >= 400:
-        return _error(response, request.operation)
+        return translated_error(response, request.operation)
     if response.streaming:
         frames = (responses.framed(_chunks(response.body), req) if dialect is responses
                   else messages.framed(_chunks(response.body), req, 0))
@@ -117,8 +117,9 @@ def translated(node, request: ProxyRequest) -> NodeResponse:  # noqa: ANN001 - a
     return NodeResponse(200, list(JSON_HEADERS), data)
 
 
-def _error(response: NodeResponse, operation: str) -> NodeResponse:
-    """The endpoint's error, in the request's API's shape (the status kept)."""
+def translated_error(response: NodeResponse, operation: str) -> NodeResponse:
+    """An upstream's error (chat completions' shape), in the request's API's shape (the
+    status and Retry-After kept)."""
     if response.streaming:
         response.close()
         return error_response(errors.relayed(response.status, {}), operation)
