@@ -25,6 +25,7 @@ class _Fake:
         self.key, self.models = key, list(models)
         self.calls: list[tuple[str, dict]] = []  # (path, body) of each POST
         self.headers: list[dict] = []  # every request's headers
+        self.post_headers: list[dict] = []  # the headers of each POST (beside ``calls``)
         self.fault: str | None = None  # "429" | "500"
         self.lock = threading.Lock()
         fake = self
@@ -42,9 +43,11 @@ class _Fake:
 
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                fake.headers.append({k.lower(): v for k, v in self.headers.items()})
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                fake.headers.append(headers)
                 with fake.lock:
                     fake.calls.append((self.path, body))
+                    fake.post_headers.append(headers)
                 if not fake.authorized(self):
                     return
                 if fake.fault == "429":

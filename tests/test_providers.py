@@ -131,14 +131,18 @@ def test_anthropic_by_prefix(make_server, providers) -> None:
     path, sent = ant.calls[-1]
     assert path.startswith("/v1/messages") and sent["model"] == "claude-test"
     assert sent["messages"] == HELLO and sent["max_tokens"] == 50
-    assert ant.headers[-1]["x-api-key"] == "sk-ant-secret"
-    assert ant.headers[-1]["anthropic-beta"] == "context-management-2025-06-27"
+    assert ant.post_headers[-1]["x-api-key"] == "sk-ant-secret"
+    assert ant.post_headers[-1]["anthropic-beta"] == "context-management-2025-06-27"
     with claude.messages.stream(model="anthropic:claude-test", max_tokens=50,
                                 messages=ASK, tools=CLAUDE_TOOLS) as stream:
         final = stream.get_final_message()
     assert final.stop_reason == "tool_use" and final.content[1].input == {"city": "Paris"}
     counted = claude.messages.count_tokens(model="anthropic:claude-test", messages=HELLO)
     assert counted.input_tokens == 11 and ant.calls[-1][0] == "/v1/messages/count_tokens"
+    # the history has both counts of the stream (the prompt's from its first event)
+    rows = wait_for(lambda: [r for r in server.runtime.history.query(node="anthropic")
+                             if r["stream"]], timeout=30)
+    assert (rows[0]["tokens_in"], rows[0]["tokens_out"]) == (10, 3)
 
     # chat completions, translated to Messages and back: a forced tool, its result
     client = server.client()
@@ -201,7 +205,7 @@ def test_google_by_prefix(make_server, providers) -> None:
     assert path == "/v1beta/models/gemini-test:generateContent"
     assert sent["systemInstruction"] == {"parts": [{"text": "Be brief."}]}
     assert sent["generationConfig"] == {"temperature": 0.2, "maxOutputTokens": 30}
-    assert gem.headers[-1]["x-goog-api-key"] == "goog-secret"
+    assert gem.post_headers[-1]["x-goog-api-key"] == "goog-secret"
     chunks = list(client.chat.completions.create(model="google:gemini-test", messages=HELLO,
                                                  stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \

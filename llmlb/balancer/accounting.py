@@ -87,7 +87,7 @@ class Watch:
 
     def _stream(self, node: str | None, status: int, chunks: Iterator[bytes]) -> Iterator[bytes]:
         ttft = None
-        tail = b""
+        head = tail = b""  # head: Anthropic's message_start, with the prompt's tokens
         pending = b""
         usage: tuple[int | None, int | None] = (None, None)
         ended = False
@@ -95,6 +95,7 @@ class Watch:
             for chunk in chunks:
                 if ttft is None:
                     ttft = time.perf_counter() - self.started
+                    head = chunk[:TAIL_BYTES]
                 if self.strip_usage:
                     chunk, pending, found = _without_usage_event(pending + chunk)
                     if found is not None:
@@ -111,6 +112,8 @@ class Watch:
         finally:
             if not self.strip_usage:
                 usage = usage_of(tail)
+                if usage[0] is None:  # the last usage (a Messages stream's) without it
+                    usage = (usage_of(head)[0], usage[1])
             broke = b'"code":"node_failed"' in tail[-2048:]
             final = CLIENT_LEFT if not ended else 502 if broke else status
             self._finish(final, node, True, ttft, *usage,
