@@ -6,7 +6,9 @@ Models: the random ~63M-parameter Llama of ``engine_overhead.py`` (built once un
 
 Sides:
 
-* **llmlb**: ``llmlb serve`` with ``LLMLB_PARALLEL_SEQUENCES=8``, all three models installed.
+* **llmlb**: ``llmlb serve`` at its default settings (each model's parallel sequences chosen
+  from memory; ``--parallel N`` sets ``LLMLB_PARALLEL_SEQUENCES``), all three models
+  installed; the number each model got (``GET /v0/engines``) is printed and saved.
 * **llama-server** (the anchor, GGUF only): llama.cpp's own server built from the llama.cpp
   vendored in the llama-cpp-python 0.3.36 sdist (from pip's cache, or ``pip download``), with
   the Makefile's CPU flags, once, into ``bench/.work/llama-server/`` (about 6 minutes on 2
@@ -20,13 +22,16 @@ its own user turn (different per client and per round), so a server may reuse th
 prompt's KV but never a whole prompt. Clients are minimal HTTP clients (one thread each), the
 same for both servers. Per round: aggregate tok/s = all tokens / (first request sent -> last
 stream done); time to first token per stream (sent -> first content). Figures: the median
-round's tok/s per n, p50/p95 TTFT over all streams at n=1 and n=8, the 8-stream / 1-stream
-speed-up and llmlb / llama-server at 8 streams. The two servers run side by side and take
+round's tok/s per n, p50/p95 TTFT over all streams at n=1 and n=8, the TTFT ratio 8 / 1
+(p50: the goal is at most 3), the 8-stream / 1-stream speed-up and llmlb / llama-server at 8
+streams (the goal: at least 1.0 at llmlb's defaults). The two servers run side by side and take
 turns round by round, so that a disturbance hits both alike; a block (one model and n) during
 which other processes took more than ``--max-foreign`` of the cores is measured again once.
 
 Run: ``.venv/bin/python bench/batching.py [--rounds 3] [--models gguf-f16,gguf-f32,safetensors]
-[--no-anchor]``. The last line printed is the JSON summary, also saved as
+[--no-anchor] [--parallel N] [--baseline DIR]``. ``--baseline DIR`` adds a side
+``llmlb-base``: llmlb from another checkout (say main, ``git archive main | tar -x -C DIR``)
+with the same settings, so that a change is measured against what it replaces in one run. The last line printed is the JSON summary, also saved as
 ``bench/.work/results/batching-<time>.json``.
 """
 
@@ -232,6 +237,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", default="gguf-f16,gguf-f32,safetensors")
     parser.add_argument("--no-anchor", action="store_true", help="skip llama-server")
+    parser.add_argument("--parallel", type=int, default=None,
+                        help="LLMLB_PARALLEL_SEQUENCES for llmlb (default: llmlb's own choice)")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also run llmlb from this checkout (e.g. `git archive main`), "
+                             "side by side with the same settings: side 'llmlb-base'")
     parser.add_argument("--build-only", action="store_true",
                         help="build the models and llama-server, measure nothing")
     add_quiet_args(parser, foreign_help="redo a block when other processes took more than "
@@ -261,12 +271,25 @@ def main() -> None:
     results: dict = {}
     port = free_port()
     env = clean_env(LLMLB_HOME=str(home), LLMLB_DEV="1", HF_ENDPOINT=CLOSED_ENDPOINT,
-                    LLMLB_PARALLEL_SEQUENCES="8", LLMLB_MAX_LOADED_MODELS=str(len(models)),
+                    LLMLB_MAX_LOADED_MODELS=str(len(models)),
+                    LLMLB_KEEP_ALIVE_SECONDS="86400",  # loaded from warm-up to the end
                     LLMLB_LOG_LEVEL="WARNING", PYTHONPATH=str(REPO))
-    server = start_server(llmlb_serve_cmd(port), env, work / "llmlb.log", port, name="llmlb")
+    if args.parallel is not None:
+        env["LLMLB_PARALLEL_SEQUENCES"] = str(args.parallel)
+    slots: dict[tuple[str, str], int | None] = {}
+    servers = {"llmlb": (port, start_server(llmlb_serve_cmd(port), env, work / "llmlb.log",
+                                            port, name="llmlb"))}
     try:
+        if args.baseline:  # the same settings, another checkout's code, its own home
+            base_port = free_port()
+            shutil.copytree(home, work / "home-base", copy_function=os.link)
+            base_env = {**env, "LLMLB_HOME": str(work / "home-base"),
+                        "PYTHONPATH": str(Path(args.baseline).resolve())}
+            servers["llmlb-base"] = (base_port, start_server(
+                llmlb_serve_cmd(base_port), base_env, work / "llmlb-base.log", base_port,
+                name="llmlb (baseline)"))
         for name, (fmt, src) in models.items():
-            sides = {"llmlb": (port, f"bench-{name}")}
+            sides = {side: (p, f"bench-{name}") for side, (p, _) in servers.items()}
             anchor_proc = None
             if anchor and fmt == "gguf":
                 anchor_port = free_port()
@@ -275,24 +298,38 @@ def main() -> None:
                 sides["llama-server"] = (anchor_port, name)
             try:
                 print(f"{name}: {', '.join(sides)}", flush=True)
-                for side_port, model in sides.values():
+                for side, (side_port, model) in sides.items():
                     one_round(side_port, model, 8, 0)  # load and warm up
+                    if side in servers:
+                        slots[(name, side)] = llmlb_parallel(side_port, model)
+                        print(f"    {side} decodes {slots[(name, side)]} sequences at once",
+                              flush=True)
                 for side, figs in measure(sides, args.rounds, args.max_foreign).items():
                     results[(name, side)] = figs
             finally:
                 if anchor_proc is not None:
                     anchor_proc.stop()
     finally:
-        server.stop()
-    report(results, args, started, load_before, busy)
+        for _, proc in servers.values():
+            proc.stop()
+    report(results, args, started, load_before, busy, slots)
+
+
+def llmlb_parallel(port: int, model: str) -> int | None:
+    """The parallel sequences llmlb gave a loaded model (GET /v0/engines)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/v0/engines", headers={"Authorization": f"Bearer {DEV_API_KEY}"})
+    loaded = json.loads(conn.getresponse().read()).get("loaded", [])
+    conn.close()
+    return next((m.get("parallel") for m in loaded if m.get("id") == model), None)
 
 
 def report(results: dict, args: argparse.Namespace, started: float, load_before: float,
-           busy: float) -> None:
+           busy: float, slots: dict[tuple[str, str], int | None]) -> None:
     print("\n| model | server | " + " | ".join(f"{n} stream{'s' * (n > 1)} tok/s"
                                              for n in STREAMS)
-          + " | 8 / 1 | TTFT p50/p95 ms at 1 | at 8 |")
-    print("|---" * (len(STREAMS) + 5) + "|")
+          + " | 8 / 1 | TTFT p50/p95 ms at 1 | at 8 | TTFT 8 / 1 (p50) |")
+    print("|---" * (len(STREAMS) + 6) + "|")
     rows = []
     for (name, side), fig in results.items():
         gain = fig[8]["tok_s"] / fig[1]["tok_s"]
@@ -302,18 +339,22 @@ def report(results: dict, args: argparse.Namespace, started: float, load_before:
                      "speedup_8": round(gain, 2),
                      "ttft_1": [fig[1]["ttft_p50_ms"], fig[1]["ttft_p95_ms"]],
                      "ttft_8": [fig[8]["ttft_p50_ms"], fig[8]["ttft_p95_ms"]],
+                     "ttft_ratio_8_1": round(fig[8]["ttft_p50_ms"] / fig[1]["ttft_p50_ms"], 2),
+                     "parallel": slots.get((name, side), 8),
                      "vs_llama_server_8": round(fig[8]["tok_s"] / anchor[8]["tok_s"], 3)
-                     if anchor and side == "llmlb" else None,
+                     if anchor and side.startswith("llmlb") else None,
                      "foreign": max(fig[n]["foreign"] for n in STREAMS)})
         print(f"| {name} | {side} | " + " | ".join(f"{fig[n]['tok_s']:.1f}" for n in STREAMS)
               + f" | {gain:.2f}x | {fig[1]['ttft_p50_ms']:.0f} / {fig[1]['ttft_p95_ms']:.0f}"
-              f" | {fig[8]['ttft_p50_ms']:.0f} / {fig[8]['ttft_p95_ms']:.0f} |")
+              f" | {fig[8]['ttft_p50_ms']:.0f} / {fig[8]['ttft_p95_ms']:.0f}"
+              f" | {fig[8]['ttft_p50_ms'] / fig[1]['ttft_p50_ms']:.2f}x |")
     for row in rows:
         if row["vs_llama_server_8"] is not None:
-            print(f"{row['model']}: llmlb / llama-server at 8 streams = "
+            print(f"{row['model']}: {row['server']} / llama-server at 8 streams = "
                   f"{row['vs_llama_server_8']:.2f}")
     summary = {**run_facts("batching", started, load_before, busy), "rounds": args.rounds,
-               "max_tokens": MAX_TOKENS, "rows": rows}
+               "max_tokens": MAX_TOKENS, "llmlb_parallel_setting": args.parallel,
+               "baseline": args.baseline, "rows": rows}
     save_summary("batching", summary, indent=2)
 
 

@@ -18,8 +18,9 @@ The rules an engine follows:
 * **Concurrency.** ``LoadedModel.parallel`` says how many calls llmlb may run on the model at
   once; more wait in its queue (503 with ``Retry-After`` when the queue is full). 1, the
   default, means llmlb serialises calls and the engine needs no locks. An engine that batches
-  sequences itself, or relays to a server that does, sets it higher (from
-  ``LoadOptions.parallel_sequences`` when the operator set it) and reports its default
+  sequences itself, or relays to a server that does, sets it higher: from
+  ``LoadOptions.parallel_sequences`` when the operator set it, else from the memory its KV
+  cache needs per sequence (``choose_parallel``), and reports the most it would give a model
   through ``Engine.parallel``.
 * **The compute thread.** Heavy work on this machine — loading weights, forward passes,
   anything that calls into llama.cpp, torch or onnxruntime — runs on llmlb's one compute
@@ -112,9 +113,36 @@ class LoadOptions:
     """What llmlb's settings ask of every engine when it loads a model."""
 
     context_length: int = 4096  # per sequence; the model's own limit wins when smaller
-    #: sequences one model may decode together (LLMLB_PARALLEL_SEQUENCES); None: the engine's
-    #: default (``Engine.parallel``)
+    #: sequences one model may decode together (LLMLB_PARALLEL_SEQUENCES); None: the engine
+    #: chooses (``choose_parallel``)
     parallel_sequences: int | None = None
+    #: memory free where the model will live (VRAM with a GPU, else RAM) as it loads; None:
+    #: unknown
+    free_memory_bytes: int | None = None
+
+
+#: Without LLMLB_PARALLEL_SEQUENCES a batching model gets as many sequences as the KV cache
+#: of each (``context_length`` tokens) fits in ``KV_MEMORY_SHARE`` of the memory left free
+#: after its weights, within these bounds: at least one, and no more than a CPU gains from
+#: (batched decoding stops paying once the batch is compute-bound) while each waiting prompt
+#: still gets its first token soon. ``UNKNOWN_MEMORY_PARALLEL`` when nothing is known.
+AUTO_PARALLEL_MIN, AUTO_PARALLEL_MAX = 1, 8
+KV_MEMORY_SHARE = 0.5
+UNKNOWN_MEMORY_PARALLEL = 4
+
+
+def choose_parallel(options: LoadOptions, weights_bytes: int,
+                    kv_bytes_per_sequence: int | None, most: int) -> int:
+    """Sequences one model decodes together: ``LoadOptions.parallel_sequences`` when set
+    (at most ``most``), else what its KV cache allows (Ollama's rule, in a finer grain: it
+    tries 4 sequences, then 1). At least 1."""
+    if options.parallel_sequences is not None:
+        return max(1, min(options.parallel_sequences, most))
+    if not kv_bytes_per_sequence or options.free_memory_bytes is None:
+        return max(1, min(UNKNOWN_MEMORY_PARALLEL, most))
+    room = (options.free_memory_bytes - weights_bytes) * KV_MEMORY_SHARE
+    fits = int(room // kv_bytes_per_sequence)
+    return max(AUTO_PARALLEL_MIN, min(fits, AUTO_PARALLEL_MAX, most))
 
 
 @dataclass(frozen=True)
@@ -223,6 +251,9 @@ class LoadedModel:
     context_length: int | None = None
     #: calls llmlb may run on this model at once (1: one at a time, the rest queue)
     parallel: int = 1
+    #: memory its KV cache holds for all of those (``parallel`` x ``context_length``), when
+    #: known; GET /v0/engines and the node's report show it with ``parallel``
+    kv_cache_bytes: int | None = None
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[GenerationEvent]:
         """Generate the assistant's reply to OpenAI-style messages, using the chat template.
@@ -254,14 +285,18 @@ class Engine(ABC):
     parameters: ClassVar[frozenset[str]] = frozenset()
     #: format name -> artifact file suffixes that mark a model directory of that format
     formats: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: whether, without LLMLB_PARALLEL_SEQUENCES, each model's number of sequences is chosen
+    #: from the memory its KV cache needs (``choose_parallel``)
+    parallel_from_memory: ClassVar[bool] = False
 
     @abstractmethod
     def availability(self) -> Availability:
         """Can this engine run here? Import its library lazily and say why not."""
 
     def parallel(self, options: LoadOptions) -> int:
-        """How many sequences one model decodes together under ``options`` (GET /v0/engines
-        shows it); 1 for engines that run one call at a time."""
+        """The most sequences one model decodes together under ``options`` (GET /v0/engines
+        shows it; each loaded model says what it got); 1 for engines that run one call at
+        a time."""
         return 1
 
     @abstractmethod

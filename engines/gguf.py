@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import compute, grammar
 from .base import (
+    AUTO_PARALLEL_MAX,
     CHAT,
     COMPLETION,
     EMBEDDINGS,
@@ -25,6 +26,7 @@ from .base import (
     LoadedModel,
     LoadOptions,
     SamplingParams,
+    choose_parallel,
     token_budget,
 )
 from .batching import PieceDecoder, SequenceStream
@@ -39,12 +41,39 @@ from .textgen import FALLBACK_CHAT_TEMPLATE, with_tools
 ENCODER_ARCHITECTURES = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3",
                          "t5encoder", "modern-bert", "neo-bert"}
 _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
-#: sequences a GGUF model decodes together unless LLMLB_PARALLEL_SEQUENCES says otherwise
-DEFAULT_PARALLEL = 4
 MAX_PARALLEL = 64
+KV_CACHE_ELEMENT_BYTES = 2  # llama.cpp's default KV cache type, f16
 
 # llama.cpp logs through llama-cpp-python's logger; only its errors belong in llmlb's log.
 logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+
+
+def kv_bytes_per_token(fields, arch: str) -> int | None:  # noqa: ANN001 - GGUFReader fields
+    """The KV cache one token takes in llama.cpp (f16 keys and values, every layer), from the
+    GGUF metadata; None when the metadata does not say (an encoder, an unknown layout)."""
+    def value(name: str):  # noqa: ANN202 - an int, or a list of ints (one per layer)
+        found = fields.get(f"{arch}.{name}")
+        return found.contents() if found is not None else None
+
+    try:
+        layers = int(value("block_count") or 0)
+        heads = value("attention.head_count")
+        kv_heads = value("attention.head_count_kv")
+        width = int(value("embedding_length") or 0)
+        if not layers or heads is None:
+            return None
+        heads_of = heads if isinstance(heads, list) else [heads] * layers
+        kv_of = kv_heads if isinstance(kv_heads, list) else [kv_heads or 0] * layers
+        total = 0
+        for n_head, n_kv in zip(heads_of, kv_of, strict=False):
+            n_kv = n_kv or n_head  # absent: one KV head per query head
+            head = width // n_head if n_head else 0
+            key = int(value("attention.key_length") or head)
+            val = int(value("attention.value_length") or head)
+            total += int(n_kv) * (key + val)
+        return total * KV_CACHE_ELEMENT_BYTES or None
+    except (TypeError, ValueError):
+        return None
 
 
 def pick_main_file(artifacts: Sequence[Path]) -> Path:
@@ -112,14 +141,14 @@ class GGUFChatModel(LoadedModel):
     capabilities = frozenset({CHAT, COMPLETION})
 
     def __init__(self, lib, model, context, slots: int,  # noqa: ANN001 - llama_cpp objects
-                 context_length: int, unified: bool = True) -> None:
+                 context_length: int, unified: bool = True, gpu: bool = False) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self._lib, self._model = lib, model
         self.context_length = context_length
         self.parallel = slots
         self._vocab = _Vocab(lib, model)
-        self._runner = LlamaBatchRunner(lib, model, context, slots, unified)
+        self._runner = LlamaBatchRunner(lib, model, context, slots, unified, gpu)
         meta = model.metadata()
         eos, bos = model.token_eos(), model.token_bos()
         self._template = meta.get("tokenizer.chat_template") or FALLBACK_CHAT_TEMPLATE
@@ -189,6 +218,7 @@ class GGUFEmbeddingModel(LoadedModel):
 class GGUFEngine(Engine):
     name = "llama.cpp"
     formats = {"gguf": (".gguf",)}
+    parallel_from_memory = True
 
     @property
     def parameters(self) -> frozenset[str]:  # type: ignore[override]
@@ -206,7 +236,9 @@ class GGUFEngine(Engine):
         return Availability(True, device="gpu" if gpu else "cpu")
 
     def parallel(self, options: LoadOptions) -> int:
-        return max(1, min(options.parallel_sequences or DEFAULT_PARALLEL, MAX_PARALLEL))
+        if options.parallel_sequences is not None:
+            return max(1, min(options.parallel_sequences, MAX_PARALLEL))
+        return AUTO_PARALLEL_MAX  # each model gets what its KV cache leaves room for
 
     def load(self, model_dir: Path, artifacts: Sequence[Path],
              options: LoadOptions = LoadOptions()) -> LoadedModel:  # noqa: B008
@@ -228,6 +260,10 @@ class GGUFEngine(Engine):
         except (KeyError, ValueError, OSError) as exc:
             raise EngineError(f"{Path(path).name} is not a readable GGUF file: {exc}") from exc
         context_length = min(trained, options.context_length)
+        per_token = kv_bytes_per_token(fields, arch)
+        per_sequence = per_token * context_length if per_token else None
+        weights = sum(a.stat().st_size for a in artifacts)
+        slots = choose_parallel(options, weights, per_sequence, MAX_PARALLEL)
         gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
         try:
             if arch in ENCODER_ARCHITECTURES:
@@ -235,8 +271,10 @@ class GGUFEngine(Engine):
                                       n_gpu_layers=gpu_layers, n_threads=os.cpu_count() or 1,
                                       embedding=True, verbose=False)
                 return GGUFEmbeddingModel(llm)
-            return self._load_generator(llama_cpp, path, gpu_layers, context_length,
-                                        self.parallel(options), trained)
+            model = self._load_generator(llama_cpp, path, gpu_layers, context_length, slots,
+                                         trained)
+            model.kv_cache_bytes = per_sequence * slots if per_sequence else None
+            return model
         except (ValueError, RuntimeError, OSError) as exc:
             raise EngineError(f"llama.cpp could not load {Path(path).name}: {exc}") from exc
 
@@ -255,7 +293,8 @@ class GGUFEngine(Engine):
         # cache stores prefixes shared between slots once; llama.cpp then counts the whole
         # cache as one sequence's context, so where the slots together outgrow the training
         # context each slot gets a stream of its own, exactly context_length long, and
-        # llama.cpp sees the limit llmlb enforces (nothing to warn about).
+        # llama.cpp sees the limit llmlb enforces (nothing to warn about). Either way the
+        # cache holds slots x context_length cells: what choose_parallel counted.
         unified = context_length * slots <= trained
         params.n_ctx = context_length * slots
         params.n_batch = params.n_ubatch = PROMPT_CHUNK
@@ -271,4 +310,5 @@ class GGUFEngine(Engine):
         except BaseException:
             model.close()
             raise
-        return GGUFChatModel(lib, model, context, slots, context_length, unified)
+        return GGUFChatModel(lib, model, context, slots, context_length, unified,
+                             gpu_layers != 0)

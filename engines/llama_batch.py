@@ -7,7 +7,8 @@ step on the compute thread (``engines/compute.py``):
 
 1. drops cancelled sequences (their slot is free at once) and admits waiting ones;
 2. builds one batch: the last sampled token of every decoding sequence, then prompt tokens
-   of sequences still reading their prompt, up to a chunk (smaller while other models wait);
+   of sequences still reading their prompt, first come first served, up to a chunk
+   (chunked prefill: see ``prompt_chunk``);
 3. runs ``llama_decode`` once and samples each sequence's next token with its own sampler
    chain (``llama_sampling.build_sampler``: its own seed, temperature, top-p) after its own
    logit rules (``logit_rules``: penalties, logit bias, JSON-schema grammar, logprobs).
@@ -34,8 +35,9 @@ from .logit_rules import Logprobs
 
 log = logging.getLogger(__name__)
 
-#: prompt tokens one step reads: llama.cpp's default physical batch; a quarter of it while
-#: other models wait for the compute thread, so they get their turn sooner
+#: tokens one step reads: llama.cpp's default physical batch for a sequence alone; a quarter
+#: of it while other sequences share the model or other models wait for the compute thread
+#: (``prompt_chunk``)
 PROMPT_CHUNK = 512
 SHARED_PROMPT_CHUNK = 128
 #: a prefix in another slot is copied when it saves at least this many tokens of prompt
@@ -62,8 +64,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 class LlamaBatchRunner(compute.Runner):
     def __init__(self, lib, model, context, slots: int,  # noqa: ANN001 - llama_cpp objects
-                 unified: bool = True) -> None:
+                 unified: bool = True, gpu: bool = False) -> None:
         self._lib, self._model, self._ctx = lib, model, context
+        # On a GPU a step's fixed cost is worth hundreds of prompt tokens: prompts with
+        # company keep the whole physical batch there.
+        self._busy_chunk = PROMPT_CHUNK if gpu else SHARED_PROMPT_CHUNK
         self._mem = lib.llama_get_memory(context.ctx)
         self._n_vocab = lib.llama_vocab_n_tokens(model.vocab)
         self._batch = lib.llama_batch_init(PROMPT_CHUNK, 0, 1)
@@ -145,15 +150,32 @@ class LlamaBatchRunner(compute.Runner):
             self._clock += 1
             slot.last_used = self._clock
 
+    def prompt_chunk(self, live: list[_Slot]) -> int:
+        """Tokens the next step reads, decoding ones included. A prompt alone is read in
+        llama.cpp's physical batches. With company it is read in pieces inside the decoding
+        batch (chunked prefill, as vLLM and llama.cpp's server do): each step then costs the
+        decoding sequences a piece of prompt, not a whole one; and prompts that arrive
+        together are read first come first served, a few per step, so the first ones answer
+        after a step or two instead of all after the whole crowd's prompts (time to first
+        token under load, bench/batching.py). On a CPU a step's fixed cost (reading the
+        weights) is worth some tens of prompt tokens; a quarter of the physical batch keeps it
+        small against the prompt work of a step (on a GPU it is worth hundreds: the whole
+        batch stays). Other models waiting for the compute thread get the quarter too."""
+        if compute.contended():
+            return SHARED_PROMPT_CHUNK
+        if len(live) > 1 or self._waiting:
+            return self._busy_chunk
+        return PROMPT_CHUNK
+
     def _fill_batch(self, live: list[_Slot]) -> list[tuple[_Slot, list[int], int | None]]:
         """Fill the llama_batch; per slot the tokens fed and the row whose logits to sample."""
         batch = self._batch
         batch.n_tokens = 0
         rows: list[tuple[_Slot, list[int], int | None]] = []
         decoding = [s for s in live if s.seq.produced > 0 or len(s.pending) == 1]
-        reading = [s for s in live if s not in decoding]
-        budget = (SHARED_PROMPT_CHUNK if compute.contended() else PROMPT_CHUNK) - len(decoding)
-        budget = max(budget, 1)
+        # first come, first served: the order the slots were taken in
+        reading = sorted((s for s in live if s not in decoding), key=lambda s: s.last_used)
+        budget = max(self.prompt_chunk(live) - len(decoding), 1)
         for slot in decoding + reading:
             take = slot.pending if slot in decoding else slot.pending[:budget]
             if not take:

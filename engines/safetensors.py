@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import compute, grammar
 from .base import (
+    AUTO_PARALLEL_MAX,
     CHAT,
     COMPLETION,
     EMBEDDINGS,
@@ -24,6 +25,7 @@ from .base import (
     LoadedModel,
     LoadOptions,
     SamplingParams,
+    choose_parallel,
     token_budget,
 )
 from .batching import Sequence as BatchSequence
@@ -44,9 +46,21 @@ from .transformers_batch import ContinuousBatchRunner, SerialRunner
 log = logging.getLogger(__name__)
 
 GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-#: sequences a model decodes together unless LLMLB_PARALLEL_SEQUENCES says otherwise
-DEFAULT_PARALLEL = 4
 MAX_PARALLEL = 64
+
+
+def kv_bytes_per_token(config: dict, element_bytes: int) -> int | None:
+    """The KV cache one token takes (keys and values, every layer), from config.json; None
+    when it does not say."""
+    try:
+        layers = int(config.get("num_hidden_layers") or 0)
+        heads = int(config.get("num_attention_heads") or 0)
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head = int(config.get("head_dim") or (int(config.get("hidden_size") or 0) // heads
+                                             if heads else 0))
+    except (TypeError, ValueError):
+        return None
+    return layers * kv_heads * head * 2 * element_bytes or None
 
 
 def _device_and_dtype():
@@ -189,6 +203,7 @@ class Encoder(LoadedModel):
 class SafetensorsEngine(Engine):
     name = "transformers"
     formats = {"safetensors": (".safetensors",)}
+    parallel_from_memory = True
 
     @property
     def parameters(self) -> frozenset[str]:  # type: ignore[override]
@@ -209,13 +224,16 @@ class SafetensorsEngine(Engine):
 
         if not hasattr(GenerationMixin, "init_continuous_batching"):
             return 1
-        return max(1, min(options.parallel_sequences or DEFAULT_PARALLEL, MAX_PARALLEL))
+        if options.parallel_sequences is not None:
+            return max(1, min(options.parallel_sequences, MAX_PARALLEL))
+        return AUTO_PARALLEL_MAX  # each model gets what its KV cache leaves room for
 
     def load(self, model_dir: Path, artifacts: Sequence[Path],
              options: LoadOptions = LoadOptions()) -> LoadedModel:  # noqa: B008
-        return compute.call(self._load, model_dir, options)
+        weights = sum(a.stat().st_size for a in artifacts)
+        return compute.call(self._load, model_dir, options, weights)
 
-    def _load(self, model_dir: Path, options: LoadOptions) -> LoadedModel:
+    def _load(self, model_dir: Path, options: LoadOptions, weights: int) -> LoadedModel:
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         config = read_json(model_dir / "config.json")
@@ -234,5 +252,12 @@ class SafetensorsEngine(Engine):
         except (OSError, ValueError, KeyError) as exc:
             raise EngineError(f"transformers could not load the model: {exc}") from exc
         if generative:
-            return CausalLM(model, tokenizer, device, context, self.parallel(options))
+            per_token = kv_bytes_per_token(config, model.dtype.itemsize)
+            per_sequence = per_token * context if per_token else None
+            slots = min(choose_parallel(options, weights, per_sequence, MAX_PARALLEL),
+                        self.parallel(options))
+            loaded = CausalLM(model, tokenizer, device, context, slots)
+            if per_sequence:
+                loaded.kv_cache_bytes = per_sequence * loaded.parallel
+            return loaded
         return Encoder(model, tokenizer, device, context)

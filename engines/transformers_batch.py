@@ -26,8 +26,12 @@ from .logit_rules import LogitRules, Logprobs, RawLogprob
 
 log = logging.getLogger(__name__)
 
-#: prompt tokens per step (fewer while other models wait for the compute thread)
+#: prompt tokens per step: for a sequence alone; with company (chunked prefill inside the
+#: decoding batch, first come first served: the first of several prompts that arrive together
+#: answers after a step or two, not after all of them, and decoding sequences wait for a
+#: piece of prompt, not a whole one); while other models wait for the compute thread
 PROMPT_CHUNK = 256
+BUSY_PROMPT_CHUNK = 128
 SHARED_PROMPT_CHUNK = 64
 PAGE_SIZE = 64  # tokens per KV page: the granularity of prefix sharing
 
@@ -252,7 +256,8 @@ class ContinuousBatchRunner(compute.Runner):
                 self._manager.cancel_request(request_id)
                 self._forget(request_id)
         bp = self._bp
-        bp.max_batch_tokens = SHARED_PROMPT_CHUNK if compute.contended() else PROMPT_CHUNK
+        bp.max_batch_tokens = (SHARED_PROMPT_CHUNK if compute.contended() else
+                               BUSY_PROMPT_CHUNK if len(self._seqs) > 1 else PROMPT_CHUNK)
         import torch
 
         try:

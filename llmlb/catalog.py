@@ -44,6 +44,9 @@ class CatalogModel:
     tags: tuple[str, ...]
     capabilities: tuple[str, ...]
     quantization: str | None
+    #: the KV cache one token of context takes (16-bit keys and values, every layer); 0 for
+    #: models without one (encoders) or when the catalog does not say
+    kv_cache_bytes_per_token: int = 0
 
     @property
     def format(self) -> str:
@@ -105,6 +108,9 @@ def _parse_entry(i: int, raw: Any) -> CatalogModel:
     vram = raw.get("required_vram_mb")
     if not isinstance(vram, int) or isinstance(vram, bool) or vram <= 0:
         raise CatalogError(f"{where}: required_vram_mb must be a positive integer")
+    kv = raw.get("kv_cache_bytes_per_token", 0)
+    if not isinstance(kv, int) or isinstance(kv, bool) or kv < 0:
+        raise CatalogError(f"{where}: kv_cache_bytes_per_token must be a non-negative integer")
     tags = raw.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise CatalogError(f"{where}: tags must be a list of strings")
@@ -114,7 +120,7 @@ def _parse_entry(i: int, raw: Any) -> CatalogModel:
         revision=str(raw.get("revision") or "main"), artifacts=tuple(artifacts),
         required_vram_mb=vram, tags=tuple(tags),
         capabilities=tuple(raw.get("capabilities") or ()),
-        quantization=raw.get("quantization"),
+        quantization=raw.get("quantization"), kv_cache_bytes_per_token=kv,
     )
 
 

@@ -207,8 +207,10 @@ class InferenceSettings:
         "sequence it decodes at once.")
     parallel_sequences: int | None = setting(
         "LLMLB_PARALLEL_SEQUENCES", None,
-        "Requests one loaded model decodes together in a batch (default: the engine's, "
-        "4 for GGUF and safetensors; ONNX takes 1); more wait in its queue.")
+        "Requests one loaded model decodes together in a batch; more wait in its queue. "
+        "Unset: GGUF and safetensors models get as many as the KV cache of each "
+        "(LLMLB_CONTEXT_LENGTH tokens) fits in half the memory their weights leave free, "
+        "1 to 8; ONNX takes 1.")
     max_prompt_chars: int = setting(
         "LLMLB_MAX_PROMPT_CHARS", 1_000_000,
         "Largest prompt in characters (all message contents together, or a completion's "

@@ -180,11 +180,20 @@ def model_not_supported(model_id: str) -> APIError:
                     code="model_not_supported", param="model_id")
 
 
-def insufficient_memory(required_bytes: int, available_bytes: int) -> APIError:
+def insufficient_memory(required_bytes: int, available_bytes: int, weights_bytes: int = 0,
+                        kv_cache_bytes: int = 0, sequences: int = 0,
+                        context: int = 0) -> APIError:
+    """``kv_cache_bytes``: the part of the requirement that is the KV cache of ``sequences``
+    sequences of ``context`` tokens (0: the weights alone)."""
+    detail = ""
+    if kv_cache_bytes:
+        detail = (f" (the model {weights_bytes // 2**20} MiB, its KV cache "
+                  f"{kv_cache_bytes // 2**20} MiB for {sequences} "
+                  f"sequence{'s' * (sequences != 1)} of {context} tokens)")
     return APIError(
         400,
-        f"Insufficient VRAM. Required: {_gb(required_bytes)}, Available: {_gb(available_bytes)}",
-        type="resource_error", code="insufficient_memory")
+        f"Insufficient VRAM. Required: {_gb(required_bytes)}, Available: "
+        f"{_gb(available_bytes)}{detail}", type="resource_error", code="insufficient_memory")
 
 
 def model_downloading(model_id: str, progress: float, retry_after: int = 10) -> APIError:
@@ -235,6 +244,13 @@ def unreadable_upstream_answer(what: str) -> APIError:
     """An endpoint's answer the balancer had to translate and could not read."""
     return APIError(502, f"The endpoint's {what} could not be read", type="upstream_error",
                     code="bad_upstream_answer")
+
+
+def client_closed() -> APIError:
+    """The client left before its answer was ready: the work stopped, nobody reads this
+    (it is what the request history and the metrics record; nginx's 499)."""
+    return APIError(499, "The client closed the connection before the answer was ready",
+                    code="client_closed_request")
 
 
 def upstream_not_json(kind: str, name: str, status: int, media_type: str) -> APIError:

@@ -66,14 +66,15 @@ class Hub:
 
     # --- status -----------------------------------------------------------------------------
 
-    def _registered(self) -> set[str]:
-        return {r[0] for r in self.db.conn().execute("SELECT model_id FROM registrations")}
+    def _registered(self) -> dict[str, str | None]:
+        """Model id -> the remote node its pull was handed to (None: this process)."""
+        return dict(self.db.conn().execute("SELECT model_id, node FROM registrations"))
 
     def _ready(self) -> dict[str, tuple[str, ...]]:
         """Model id -> the nodes that have it, from one listing (not one per model)."""
         return {entry.id: tuple(nodes) for entry, nodes in self.cluster.list_models()}
 
-    def status_of(self, model_id: str, registered: set[str] | None = None,
+    def status_of(self, model_id: str, registered: dict[str, str | None] | None = None,
                   ready: dict[str, tuple[str, ...]] | None = None,
                   remote: dict[str, list[tuple[str, Download]]] | None = None) -> HubStatus:
         ready = self._ready() if ready is None else ready
@@ -86,9 +87,17 @@ class Hub:
             if remote.get(model_id):
                 here = _remote_state([d for _, d in remote[model_id]])
         registered = self._registered() if registered is None else registered
+        puller = registered.get(model_id)
+        if here.phase == ABSENT and puller is not None and not self._up(puller):
+            # The node it was handed to went offline (or away) mid-pull: nobody pulls it now.
+            return HubStatus(HUB_ERROR, 0.0, f"The pull stopped: node '{puller}', which was "
+                             "pulling it, is offline. Pull it again to use another node.")
         return _hub_status(here, model_id in registered)
 
-    def _views(self) -> tuple[set[str], dict[str, tuple[str, ...]], dict]:
+    def _up(self, node: str) -> bool:
+        return any(m.name == node for m in self.cluster.members((ONLINE, COOLDOWN)))
+
+    def _views(self) -> tuple[dict[str, str | None], dict[str, tuple[str, ...]], dict]:
         return self._registered(), self._ready(), self.cluster.downloads()
 
     def list_models(self) -> list[dict]:
@@ -177,16 +186,19 @@ class Hub:
 
     def _pull_target(self, model_id: str, entry: CatalogModel) -> Member:
         """The member that pulls the model (``balancer/placement.py``: the same rule a
-        request for it follows), if the model fits in its memory."""
+        request for it follows), if the model fits in its memory: its weights and the KV
+        cache of the sequences that member would run at once."""
         has_files = self.resolver.find(model_id) is not None
         order = placement.pullers(self.cluster.members((ONLINE,)), model_id, entry, has_files,
                                   self.cluster.registry)
         if not order:
             raise errors.no_node_available(model_id, 5, "no node that can fetch it is online")
-        required, free = placement.required_memory(entry), order[0].free_memory()
-        if required > free:
-            raise errors.insufficient_memory(required, free)
-        return order[0]
+        target = order[0]
+        need, free = placement.required_on(target, entry), target.free_memory()
+        if need.total > free:
+            raise errors.insufficient_memory(need.total, free, need.weights, need.kv_cache,
+                                             need.sequences, need.context)
+        return target
 
     def delete(self, model_id: str) -> dict:
         remote = [m for m in self.cluster.members((ONLINE, COOLDOWN))

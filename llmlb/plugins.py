@@ -135,6 +135,10 @@ class EngineRegistry:
                 "available": avail.available, "reason": avail.reason or None,
                 "device": avail.device if avail.available else None,
                 "parallel": parallel,
+                # each model gets up to ``parallel``, as many as its KV cache fits in memory
+                "parallel_auto": bool(parallel and parallel > 1
+                                      and getattr(entry.engine, "parallel_from_memory", False)
+                                      and (options or LoadOptions()).parallel_sequences is None),
                 # the optional OpenAI parameters its models honour (others are a 400)
                 "parameters": sorted(getattr(entry.engine, "parameters", ()) or ()),
                 "suffixes": list(entry.engine.formats.get(entry.format, ())),

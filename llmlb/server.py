@@ -4,6 +4,7 @@ before any worker, and ``start`` in each worker once it has built the app."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -66,10 +67,22 @@ def _post_worker_init(worker: Any) -> None:
 
 
 def _worker_exit(server: Any, worker: Any) -> None:
-    """In the worker, as it exits: its buffered request history goes to the database."""
+    """In the worker, as it exits: its buffered request history goes to the database, and
+    its log is flushed and let go while the process still works."""
     runtime = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("llmlb")
     if runtime is not None:
         runtime.history.close()
+    _release_log_handlers()
+
+
+def _release_log_handlers() -> None:
+    # In a gevent worker, logging's lock is gevent's; the interpreter's teardown clears
+    # gevent's modules before the log handlers are collected, and the callback that drops
+    # each handler from logging's list then fails on that lock: a TypeError traceback at
+    # every stop (gevent issue 2148). Flushed and closed here, the handlers need no callback
+    # afterwards: logging skips it once its list is empty.
+    logging.shutdown()
+    del logging._handlerList[:]  # type: ignore[attr-defined]
 
 
 def _child_exit(server: Any, worker: Any) -> None:

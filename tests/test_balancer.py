@@ -4,6 +4,7 @@ balancer` and `llmlb node` processes with the tiny models, talked to with the op
 from __future__ import annotations
 
 import collections
+import http.client
 import json
 import shutil
 import signal
@@ -320,6 +321,40 @@ def test_chunks_pass_through_one_by_one_and_a_client_leaving_frees_the_node(clus
         time.sleep(0.1)
     assert report["active_requests"] == 0 and not report["loaded"][0]["busy"], report
     assert c.nodes_json()["node-a"]["in_flight"] == 0
+
+
+def test_a_client_that_leaves_a_whole_answer_frees_the_node(cluster) -> None:
+    c = cluster()
+    node = c.start_node("node-a", {"snail": "slow:0.1"})
+    port = int(c.url.rsplit(":", 1)[1])
+
+    as_balancer = bearer(c.node_secret("node-a"))
+
+    def node_report() -> dict:
+        return requests.get(f"{node.url}/v0/node/report", headers=as_balancer,
+                            timeout=10).json()
+
+    # Not streamed: 300 tokens, 30 s of work at the node before the balancer sees a byte.
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", headers={**bearer(c.api), "Content-Type":
+                                                          "application/json"},
+                 body=json.dumps({"model": "snail", "messages": HELLO, "max_tokens": 300}))
+    deadline = time.monotonic() + 30
+    while node_report()["active_requests"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert node_report()["active_requests"] == 1
+    conn.close()  # the client gives up
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        report = node_report()
+        if report["active_requests"] == 0 and not report["loaded"][0]["busy"]:
+            break
+        time.sleep(0.1)
+    assert report["active_requests"] == 0 and not report["loaded"][0]["busy"], report
+    assert c.nodes_json()["node-a"]["in_flight"] == 0
+    # Nothing held against the node: the next request is served as usual.
+    answer = c.client().chat.completions.create(model="snail", messages=HELLO, max_tokens=3)
+    assert answer.usage.completion_tokens == 3
 
 
 def test_a_node_without_internet_gets_the_model_through_the_balancer(cluster) -> None:

@@ -3,6 +3,7 @@ memory, progress and Ready come from the nodes' reports, deletes reach the node.
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -105,3 +106,76 @@ def test_pull_picks_the_node_with_the_most_free_memory(hub_server, tiny) -> None
     r = requests.post(f"{server.url}/api/models/register", json={"model_id": "tiny-gguf"},
                       headers=DEV, timeout=10)
     assert r.status_code == 202 and "node" not in r.json()  # pulled in this process
+
+
+def test_a_pull_whose_node_dies_becomes_an_error(cluster, hub: FakeHub, tiny,  # noqa: F811
+                                                 tmp_path: Path) -> None:
+    gguf = tiny["llama-gguf"]
+    hub.add_repo("llmlb-test/tiny-gguf", {"model.gguf": gguf})
+    catalog = write_catalog(tmp_path / "catalog.json", [
+        {"id": "tiny-gguf", "source": "hf_gguf", "repo_id": "llmlb-test/tiny-gguf",
+         "artifacts": [artifact(gguf, "model.gguf")]}])
+    env = {"HF_ENDPOINT": hub.endpoint, "LLMLB_SUPPORTED_MODELS": str(catalog)}
+    c = cluster(**env)
+    node = c.start_node("fetcher", {}, **env)
+    hub.throttle_bps = 20_000  # half a minute: the node dies long before the end
+    r = requests.post(f"{c.url}/api/models/register", json={"model_id": "tiny-gguf"},
+                      headers=bearer(c.admin), timeout=10)
+    assert r.status_code == 202 and r.json()["node"] == "fetcher", r.text
+    deadline = time.monotonic() + 60
+    while hub_item(c, "tiny-gguf")["status"] != "Downloading" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert hub_item(c, "tiny-gguf")["status"] == "Downloading"
+
+    node.stop(signal.SIGKILL)  # the machine goes away mid-pull
+    c.wait(lambda ns: ns["fetcher"]["status"] == "offline")
+    item = hub_item(c, "tiny-gguf")
+    assert item["status"] == "Error", item
+    assert "fetcher" in item["error"] and "offline" in item["error"]
+
+    # Pulled again, it goes to a node that is up.
+    c.start_node("rescuer", {}, **env)
+    hub.throttle_bps = None
+    r = requests.post(f"{c.url}/api/models/register", json={"model_id": "tiny-gguf"},
+                      headers=bearer(c.admin), timeout=10)
+    assert r.status_code == 202 and r.json()["node"] == "rescuer", r.text
+    c.wait(lambda ns: ns["rescuer"]["models"] == ["tiny-gguf"])
+    assert hub_item(c, "tiny-gguf")["status"] == "Ready"
+
+
+def test_a_first_request_pulls_where_the_kv_cache_fits(hub_server, tiny,
+                                                      tmp_path: Path) -> None:
+    """The proxy's pull for a request counts the KV cache as the hub's does: a GPU node with
+    the most free memory, but eight long sequences to hold, is not where the model goes."""
+    from llmlb.auth import create_api_key
+    from llmlb.node.hardware import node_memory
+
+    from .test_dashboard_nodes import gpu_report
+
+    local_free = node_memory().free_bytes
+    # One sequence of 4096 tokens takes a quarter of this machine's free memory.
+    per_token = int(local_free * 0.25 / 4096)
+    catalog = write_catalog(tmp_path / "kv.json", [{
+        "id": "long-context", "source": "hf_gguf", "repo_id": "llmlb-test/tiny-gguf",
+        "required_vram_mb": 1, "kv_cache_bytes_per_token": per_token,
+        "artifacts": [artifact(tiny["llama-gguf"], "model.gguf")]}])
+    server = hub_server(supported_models=catalog)  # chooses its sequences: one must fit
+    node_key, _ = create_api_key(server.runtime.db, "nodes", "node")
+    # A node with 40 GB of VRAM free that would hold 8 sequences of 32k tokens: 16 times
+    # this machine's free memory in KV cache.
+    report = {**gpu_report([]), "downloads": [], "can_download": True,
+              "load_options": {"context_length": 32768, "parallel_sequences": 8}}
+    gpu_free = report["hardware"]["vram_free_bytes"]
+    assert local_free < gpu_free < per_token * 32768 * 8
+    requests.post(f"{server.url}/v0/nodes", headers=bearer(node_key), timeout=10,
+                  json={"name": "gpu-box", "url": "http://127.0.0.1:9", "secret": "s" * 32,
+                        "report": report}).raise_for_status()
+
+    r = requests.post(f"{server.url}/v1/chat/completions", headers=DEV, timeout=120,
+                      json={"model": "long-context", "messages": HELLO, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.headers["X-LLMLB-Node"] == "local"
+    # gpu-box was never tried (its address is closed: trying it would have failed it).
+    nodes = requests.get(f"{server.url}/v0/nodes", headers=DEV, timeout=10).json()
+    gpu_box = next(n for n in nodes["data"] if n["name"] == "gpu-box")
+    assert gpu_box["status"] == "online" and gpu_box["last_error"] is None, gpu_box

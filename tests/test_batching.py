@@ -4,6 +4,8 @@ their client does; ONNX models take one call at a time."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 import time
 from pathlib import Path
@@ -173,6 +175,27 @@ def test_a_client_that_leaves_frees_its_slot_at_once(make_server, long_models: d
     assert wait_for(lambda: loaded(server, model)["active"] == 0)
 
 
+@pytest.mark.parametrize("fmt", BATCHING)
+def test_a_whole_answer_stops_when_its_client_leaves(make_server, long_models: dict[str, Path],
+                                                     fmt: str) -> None:
+    # Greedy, the 16k model writes until the context is full: a minute or more of work that
+    # nobody reads once the client has gone.
+    server = make_server(parallel_sequences=2, context_length=16384)
+    model = install(server, long_models, fmt, f"long-{fmt}")
+    run_alone(server, model, HELLO, max_tokens=1)  # loaded before the clock starts
+    conn = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]),
+                                      timeout=60)
+    conn.request("POST", "/v1/chat/completions", headers={**DEV, "Content-Type":
+                                                          "application/json"},
+                 body=json.dumps({"model": model, "messages": HELLO, "temperature": 0}))
+    assert wait_for(lambda: loaded(server, model)["active"] == 1)
+    time.sleep(0.5)  # well into its generation
+    conn.close()  # the client gives up before the answer
+    # The slot is free in moments, not when the context is full.
+    assert wait_for(lambda: loaded(server, model)["active"] == 0, timeout=15)
+    run_alone(server, model, HELLO, max_tokens=2)  # and the model serves the next one
+
+
 def test_queue_full_is_503_with_retry_after(make_server, long_models: dict[str, Path]) -> None:
     server = make_server(parallel_sequences=2, max_queued_requests=1)
     model = install(server, long_models, "gguf", "long")
@@ -242,3 +265,48 @@ def test_engines_say_how_many_sequences_they_batch(make_server, tiny: dict[str, 
     assert active["metal"]["parallel"] is None  # unavailable here
     by_id = {m["id"]: m for m in state["loaded"]}
     assert [by_id[ids[f]]["parallel"] for f in ("gguf", "safetensors", "onnx")] == [8, 8, 1]
+
+
+def test_by_default_each_model_gets_the_sequences_its_kv_cache_fits(
+        make_server, tiny: dict[str, Path]) -> None:
+    server = make_server(max_loaded_models=3)  # no LLMLB_PARALLEL_SEQUENCES
+    ids = {fmt: install(server, tiny, MODEL_DIRS[fmt], f"tiny-{fmt}") for fmt in MODEL_DIRS}
+    for model in ids.values():
+        run_alone(server, model, HELLO, max_tokens=1)
+    state = engines_state(server)
+    active = {e["format"]: e for e in state["engines"] if e["active"]}
+    assert [(active[f]["parallel"], active[f]["parallel_auto"]) for f in MODEL_DIRS] == \
+        [(8, True), (8, True), (1, False)]
+    # The tiny Llama: 2 layers x 2 KV heads x 16 wide, keys and values, 512 tokens of
+    # context; f16 in llama.cpp, float32 in torch on the CPU. Its cache is tiny: all 8 fit.
+    per_token = 2 * 2 * 16 * 2
+    by_id = {m["id"]: m for m in state["loaded"]}
+    assert [(by_id[ids[f]]["parallel"], by_id[ids[f]]["parallel_auto"],
+             by_id[ids[f]]["kv_cache_bytes"]) for f in MODEL_DIRS] == [
+        (8, True, per_token * 2 * 512 * 8), (8, True, per_token * 4 * 512 * 8),
+        (1, False, None)]
+    # What a node tells its balancer says the same (the report of the in-process node).
+    report = server.runtime.cluster.local.report().to_json()
+    assert [(m["parallel"], m["parallel_auto"], m["kv_cache_bytes"]) for m in report["loaded"]] \
+        == [(by_id[m["id"]]["parallel"], by_id[m["id"]]["parallel_auto"],
+             by_id[m["id"]]["kv_cache_bytes"]) for m in report["loaded"]]
+    assert report["load_options"] == {"context_length": 4096, "parallel_sequences": None}
+    # Eight streams at once are decoded together: none waits for a slot.
+    model = ids["gguf"]
+    results = run_together(server, model, [(p, {"max_tokens": 50, "temperature": 0})
+                                           for p in PROMPTS])
+    assert max(r["first"] for r in results) < min(r["end"] for r in results)
+
+
+def test_fewer_sequences_when_memory_is_short() -> None:
+    from engines.base import LoadOptions, choose_parallel
+
+    mib = 2**20
+    auto = LoadOptions(free_memory_bytes=1000 * mib)
+    # Half of what the weights leave free goes to the KV cache.
+    assert choose_parallel(auto, 400 * mib, 30 * mib, 64) == 8  # room for 10: 8 at most
+    assert choose_parallel(auto, 400 * mib, 100 * mib, 64) == 3
+    assert choose_parallel(auto, 900 * mib, 100 * mib, 64) == 1  # never fewer than one
+    assert choose_parallel(LoadOptions(), 400 * mib, 30 * mib, 64) == 4  # memory unknown
+    assert choose_parallel(LoadOptions(parallel_sequences=16, free_memory_bytes=mib),
+                           400 * mib, 100 * mib, 64) == 16  # the setting wins

@@ -88,6 +88,32 @@ def test_register_errors(hub_server, tmp_path: Path, tiny, hub: FakeHub) -> None
                          timeout=10).status_code == 400
 
 
+def test_a_pull_must_fit_the_kv_cache_of_every_slot(hub_server, tmp_path: Path, tiny,
+                                                   hub: FakeHub) -> None:
+    from llmlb.node.hardware import node_memory
+
+    # A model whose weights fit with room to spare, and whose KV cache takes a fifth of the
+    # free memory per sequence at the default context of 4096 tokens: one sequence fits,
+    # eight do not.
+    per_token = int(node_memory().free_bytes * 0.2 / 4096)
+    catalog = write_catalog(tmp_path / "kv.json", [{
+        "id": "long-context", "source": "hf_gguf", "repo_id": "llmlb-test/tiny-gguf",
+        "required_vram_mb": 1, "kv_cache_bytes_per_token": per_token,
+        "artifacts": [artifact(tiny["llama-gguf"], "model.gguf")]}])
+    server = hub_server(supported_models=catalog, parallel_sequences=8)
+    r = register(server, "long-context")
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "insufficient_memory"
+    assert "KV cache" in error["message"] and "8 sequences of 4096 tokens" in error["message"]
+    assert hub.downloads("llmlb-test/tiny-gguf", "model.gguf") == 0
+
+    # Choosing its number of sequences by memory, the node runs it with fewer: it may pull.
+    server = hub_server(supported_models=catalog)
+    assert register(server, "long-context").status_code == 202
+    wait_status(server, "long-context", "Ready")
+
+
 def test_pull_goes_registered_downloading_ready(hub_server, hub: FakeHub) -> None:
     server = hub_server()
     hub.throttle_bps = 300_000

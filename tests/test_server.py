@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -136,3 +137,18 @@ def test_gunicorns_own_errors_are_json(start_process, llmlb_home: Path, role: st
     # The server is fine afterwards.
     assert requests.get(f"{proc.url}/v1/models", headers={"Authorization": "Bearer sk_debug"},
                         timeout=10).status_code == 200
+
+
+def test_a_balancer_stops_cleanly(start_process, llmlb_home: Path) -> None:
+    # The balancer runs gevent workers; what an operator reads after Ctrl-C or systemctl stop
+    # must end with gunicorn's goodbye, not a traceback.
+    port = free_port()
+    proc = start_process([*llmlb_command(), "serve", "--role", "balancer", "--dev", "--port",
+                          str(port)], {}, port)
+    assert requests.get(f"{proc.url}/v1/models", headers={"Authorization": "Bearer sk_debug"},
+                        timeout=10).status_code == 200
+    proc.process.send_signal(signal.SIGTERM)
+    assert proc.process.wait(timeout=60) == 0
+    log = proc.log()
+    assert "Using worker: llmlb.gunicorn_gevent.GeventWorker" in log and "Shutting down: Master" in log
+    assert "Traceback" not in log and "Exception ignored" not in log, log

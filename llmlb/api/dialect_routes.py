@@ -11,6 +11,7 @@ from flask import Blueprint, Response, g, request
 from .. import errors
 from ..balancer.providers import ANTHROPIC_HEADERS
 from ..dialects import COUNT_TOKENS, MESSAGES, RESPONSES
+from ..disconnect import ClientWatch
 from .common import relay, request_bytes, require, respond, runtime
 
 bp = Blueprint("dialects", __name__, url_prefix="/v1")
@@ -25,23 +26,26 @@ def _anthropic_headers() -> tuple[tuple[str, str], ...]:
 @require("api")
 def messages() -> Response:
     return relay(runtime().balancer.forward(MESSAGES, request_bytes(), g.principal.name,
-                                            headers=_anthropic_headers()))
+                                            headers=_anthropic_headers(),
+                                            client=ClientWatch.of(request.environ)))
 
 
 @bp.post("/messages/count_tokens")
 @require("api")
 def count_tokens() -> Response:
     return relay(runtime().balancer.forward(COUNT_TOKENS, request_bytes(), g.principal.name,
-                                            headers=_anthropic_headers()))
+                                            headers=_anthropic_headers(),
+                                            client=ClientWatch.of(request.environ)))
 
 
 @bp.post("/responses")
 @require("api")
 def create_response() -> Response:
-    rt = runtime()
+    rt, client = runtime(), ClientWatch.of(request.environ)
     if rt.responses is None:  # a node: its balancer expanded and keeps the responses
-        return relay(rt.balancer.forward(RESPONSES, request_bytes(), g.principal.name))
-    return relay(rt.responses.create(request_bytes(), g.principal))
+        return relay(rt.balancer.forward(RESPONSES, request_bytes(), g.principal.name,
+                                         client=client))
+    return relay(rt.responses.create(request_bytes(), g.principal, client))
 
 
 def _stored():  # noqa: ANN202 - StoredResponses

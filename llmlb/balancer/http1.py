@@ -16,11 +16,14 @@ import select
 import socket
 import ssl
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import httptools
+
+from ..disconnect import peer_closed
 
 READ_SIZE = 64 * 1024
 
@@ -31,6 +34,11 @@ class HTTPClientError(Exception):
 
 class ConnectError(HTTPClientError):
     """The connection could not be made (refused, unreachable, timed out)."""
+
+
+class ClientGone(HTTPClientError):
+    """The client the request is made for closed its own connection while the answer was
+    awaited; this connection was dropped, so that the peer stops working on it."""
 
 
 class _Dropped(HTTPClientError):
@@ -142,20 +150,21 @@ class Pool:
         self._tls = ssl.create_default_context() if self.scheme == "https" else None
 
     def request(self, method: str, path: str, body: bytes | None,
-                headers: dict[str, str]) -> Response:
-        """Send a request; return once the status and headers are in."""
+                headers: dict[str, str], client: socket.socket | None = None) -> Response:
+        """Send a request; return once the status and headers are in. ``client``: the
+        connection of the client it is made for; ClientGone when that closes first."""
         head = [f"{method} {path} HTTP/1.1".encode(), b"Host: " + self.host_header]
         head += [f"{k}: {v}".encode("latin-1") for k, v in headers.items()]
         head.append(b"Content-Length: %d" % len(body or b""))
         data = b"\r\n".join(head) + b"\r\n\r\n" + (body or b"")
         sock, reused = self._get()
         try:
-            return self._exchange(sock, data)
+            return self._exchange(sock, data, client)
         except _Dropped:
             if not reused:
                 raise
         # A kept-alive connection the peer closed just as it was reused: once more, anew.
-        return self._exchange(self._connect(), data)
+        return self._exchange(self._connect(), data, client)
 
     def close(self) -> None:
         with self._lock:
@@ -164,7 +173,8 @@ class Pool:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _exchange(self, sock: socket.socket, data: bytes) -> Response:
+    def _exchange(self, sock: socket.socket, data: bytes,
+                  client: socket.socket | None = None) -> Response:
         try:
             sock.sendall(data)
         except TimeoutError as exc:
@@ -178,6 +188,8 @@ class Pool:
         received = False
         while not parsed.headers_done:
             try:
+                if client is not None:
+                    client = self._await(sock, client)
                 chunk = sock.recv(READ_SIZE)
             except TimeoutError as exc:
                 sock.close()
@@ -198,6 +210,32 @@ class Pool:
                 sock.close()
                 raise HTTPClientError(f"invalid response: {exc}") from exc
         return Response(self, sock, parser, parsed)
+
+    def _await(self, sock: socket.socket, client: socket.socket) -> socket.socket | None:
+        """Wait until ``sock`` can be read, watching ``client`` meanwhile: ClientGone (the
+        connection closed) when it leaves first, TimeoutError after the read timeout. The
+        client to go on watching is returned: None once it sent more (it is still there, and
+        its bytes are not ours to read)."""
+        if getattr(sock, "pending", lambda: 0)():
+            return client  # TLS: bytes already decrypted wait in the buffer
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        poller.register(client, select.POLLIN)
+        deadline = time.monotonic() + self.read_timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError()
+            ready = {fd for fd, _ in poller.poll(left * 1000)}
+            if sock.fileno() in ready:
+                return client
+            if client.fileno() in ready:
+                closed = peer_closed(client)
+                if closed:
+                    sock.close()
+                    raise ClientGone("the client closed its connection")
+                if closed is None:
+                    return None
 
     def _get(self) -> tuple[socket.socket, bool]:
         while True:

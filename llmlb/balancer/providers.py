@@ -30,7 +30,8 @@ from urllib.parse import quote, urlsplit
 from .. import errors, urls
 from ..config import ProviderSettings, SettingsError
 from ..dialects import COUNT_TOKENS, MESSAGES, RESPONSES, gemini, messages, messages_upstream
-from ..wire import DONE, data_of, event, loads
+from ..disconnect import ClientLeft
+from ..wire import DONE, data_of, dumps, event, loads
 from . import http1
 from .registry import PROVIDER, NodeRegistry
 from .reports import EndpointReport, ModelEntry
@@ -125,6 +126,12 @@ class ProviderNode:
         self.pool.close()
 
     def send(self, request: ProxyRequest) -> NodeResponse:
+        try:
+            return self._send(request)
+        except ClientLeft:
+            return error_response(errors.client_closed(), request.operation)
+
+    def _send(self, request: ProxyRequest) -> NodeResponse:
         operation = request.operation
         if operation in self.spec.native:
             return self._native(request)
@@ -210,9 +217,13 @@ class ProviderNode:
         if self.name == ANTHROPIC and request.headers:
             headers = {**headers, **{k: v for k, v in request.headers
                                      if k.lower() in ANTHROPIC_HEADERS}}
-        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        # A whole answer comes only when it is done: a client that leaves meanwhile stops it.
+        client = None if payload.get("stream") else request.client
         try:
-            return self.pool.request("POST", self.path(path), data, headers)
+            return self.pool.request("POST", self.path(path), dumps(payload), headers,
+                                     client.sock if client is not None else None)
+        except http1.ClientGone:
+            raise ClientLeft() from None
         except http1.HTTPClientError as exc:
             raise NodeUnreachable(f"provider {self.name}: {exc}") from exc
 

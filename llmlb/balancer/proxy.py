@@ -23,6 +23,7 @@ from ..aliases import Aliases
 from ..catalog import Catalog
 from ..config import ClusterSettings
 from ..dialects import stream_ended, stream_error
+from ..disconnect import ClientWatch
 from ..history import RequestRecord
 from ..storage import requested_model_id
 from ..wire import parse_json_object
@@ -93,30 +94,34 @@ class Balancer:
 
     def forward(self, operation: str, raw: bytes, caller: str | None = None,
                 payload: dict | None = None,
-                headers: tuple[tuple[str, str], ...] = ()) -> Forwarded:
+                headers: tuple[tuple[str, str], ...] = (),
+                client: ClientWatch | None = None) -> Forwarded:
         """Hand the request to a node and return its answer; ``caller`` (the key's name) is
         what the request history says sent it; ``payload``, the body already parsed;
-        ``headers``, the client's that a hosted provider reads (``anthropic-beta``)."""
+        ``headers``, the client's that a hosted provider reads (``anthropic-beta``);
+        ``client`` watches the client's connection (an answer not yet begun stops when it
+        closes)."""
         if self.on_done is None:
-            return self._forward(operation, raw, None, payload, headers)
+            return self._forward(operation, raw, None, payload, headers, client)
         watch = Watch(operation, caller, self.on_done)
         try:
-            forwarded = self._forward(operation, raw, watch, payload, headers)
+            forwarded = self._forward(operation, raw, watch, payload, headers, client)
         except errors.APIError as exc:
             watch.failed(exc.status, exc.code)
             raise
         return Forwarded(forwarded.node, watch.answered(forwarded.node, forwarded.response))
 
     def _forward(self, operation: str, raw: bytes, watch: Watch | None,
-                 payload: dict | None, headers: tuple[tuple[str, str], ...]) -> Forwarded:
+                 payload: dict | None, headers: tuple[tuple[str, str], ...],
+                 client: ClientWatch | None = None) -> Forwarded:
         if payload is None:
             payload = parse_json_object(raw)
         model_id, refusal = self.requested_model(payload)
         targets = self.aliases.resolve(model_id) if self.aliases is not None else None
         if targets:
-            return self._forward_alias(operation, payload, targets, watch, headers)
+            return self._forward_alias(operation, payload, targets, watch, headers, client)
         request = ProxyRequest(operation, raw, payload, model_id, id_refusal=refusal,
-                               headers=headers)
+                               headers=headers, client=client)
         if watch is not None:
             watch.model = model_id
             request, watch.strip_usage = with_usage(request)
@@ -124,7 +129,7 @@ class Balancer:
 
     def _forward_alias(self, operation: str, payload: dict, targets: list[str],
                        watch: Watch | None, headers: tuple[tuple[str, str], ...],
-                       ) -> Forwarded:
+                       client: ClientWatch | None) -> Forwarded:
         """An alias (AG-5): its models in order, the next one when a model cannot be served
         or its nodes fail before the first byte."""
         failure: errors.APIError | Forwarded | None = None
@@ -134,7 +139,7 @@ class Balancer:
                 model_id, refusal = self.requested_model(body)
                 raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
                 request = ProxyRequest(operation, raw, body, model_id, id_refusal=refusal,
-                                       headers=headers)
+                                       headers=headers, client=client)
                 if watch is not None:
                     watch.model = model_id
                     request, watch.strip_usage = with_usage(request)

@@ -217,6 +217,8 @@ class EngineInfo:
     parallel: int | None = None
     parameters: tuple[str, ...] = ()
     suffixes: tuple[str, ...] = ()
+    #: each model gets up to ``parallel`` sequences, as many as its KV cache fits in memory
+    parallel_auto: bool = False
 
     @classmethod
     def parse(cls, raw: object, path: str) -> EngineInfo:
@@ -224,12 +226,15 @@ class EngineInfo:
         return cls(o.text("name", required=True), o.text("format", required=True),
                    o.optional_text("plugin"), o.flag("active"), o.flag("available"),
                    o.optional_text("reason"), o.optional_text("device"),
-                   o.optional_count("parallel"), o.texts("parameters"), o.texts("suffixes"))
+                   o.optional_count("parallel"), o.texts("parameters"), o.texts("suffixes"),
+                   o.flag("parallel_auto"))
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model loaded on a node: requests it decodes now (``active``) and waiting."""
+    """A model loaded on a node: requests it decodes now (``active``) and waiting, the most
+    it decodes together (``parallel``: chosen from memory when ``parallel_auto``) and the
+    memory their KV cache holds."""
 
     id: str
     format: str | None = None
@@ -238,13 +243,30 @@ class LoadedModel:
     parallel: int | None = None
     waiting: int = 0
     idle_seconds: float = 0.0
+    parallel_auto: bool = False
+    kv_cache_bytes: int | None = None
 
     @classmethod
     def parse(cls, raw: object, path: str) -> LoadedModel:
         o = _Object(raw, path)
         return cls(o.text("id", required=True), o.optional_text("format"), o.flag("busy"),
                    o.count("active"), o.optional_count("parallel"), o.count("waiting"),
-                   o.number("idle_seconds"))
+                   o.number("idle_seconds"), o.flag("parallel_auto"),
+                   o.optional_count("kv_cache_bytes"))
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """What a node loads every model with (LLMLB_CONTEXT_LENGTH, LLMLB_PARALLEL_SEQUENCES;
+    None: unset): what a pull must fit besides the weights (``placement``)."""
+
+    context_length: int | None = None
+    parallel_sequences: int | None = None
+
+    @classmethod
+    def parse(cls, raw: object, path: str) -> LoadSettings:
+        o = _Object(raw, path)
+        return cls(o.optional_count("context_length"), o.optional_count("parallel_sequences"))
 
 
 @dataclass(frozen=True)
@@ -293,18 +315,21 @@ class NodeReport:
     active_requests: int = 0
     queued_requests: int = 0
     can_download: bool = False
+    load_options: LoadSettings = LoadSettings()
 
     @classmethod
     def parse(cls, raw: object, path: str = "report") -> NodeReport:
         """The report a node sent; raises ReportError naming the field that is wrong."""
         o = _Object(raw, path)
-        hardware = o.raw.get("hardware")
+        hardware, options = o.raw.get("hardware"), o.raw.get("load_options")
         return cls(o.optional_text("version"),
                    None if hardware is None else Hardware.parse(hardware, o._at("hardware")),
                    o.items("engines", EngineInfo.parse), o.texts("formats"),
                    o.items("models", ModelEntry.parse), o.items("loaded", LoadedModel.parse),
                    o.items("downloads", Download.parse), o.count("active_requests"),
-                   o.count("queued_requests"), o.flag("can_download"))
+                   o.count("queued_requests"), o.flag("can_download"),
+                   LoadSettings() if options is None
+                   else LoadSettings.parse(options, o._at("load_options")))
 
     def to_json(self) -> dict[str, Any]:
         body = _json(self)

@@ -165,7 +165,8 @@ def with_affinity(candidates: Sequence[T], name: Callable[[T], str], load: Calla
 
 
 def by_free_memory(candidates: Sequence[T], free: Callable[[T], int], pulling: Callable[[T], bool],
-                   required: int) -> list[T]:
-    """Nodes to fetch a model on: one already pulling it, then those it fits in, most free
-    memory first, then the rest (a model without a known size fits anywhere)."""
-    return sorted(candidates, key=lambda c: (not pulling(c), free(c) < required, -free(c)))
+                   required: Callable[[T], int]) -> list[T]:
+    """Nodes to fetch a model on: one already pulling it, then those it fits in (``required``
+    there: a node's own settings may change what the model takes), most free memory first,
+    then the rest (a model without a known size fits anywhere)."""
+    return sorted(candidates, key=lambda c: (not pulling(c), free(c) < required(c), -free(c)))

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from .. import errors
 from ..auth import Principal
 from ..dialects import RESPONSES
+from ..disconnect import ClientWatch
 from ..response_store import ResponseStore
 from ..wire import parse_json_object
 from .proxy import Balancer, Forwarded
@@ -38,7 +39,8 @@ class StoredResponses:
     def __init__(self, store: ResponseStore, balancer: Balancer) -> None:
         self.store, self.balancer = store, balancer
 
-    def create(self, raw: bytes, principal: Principal) -> Forwarded:
+    def create(self, raw: bytes, principal: Principal,
+               client: ClientWatch | None = None) -> Forwarded:
         """``POST /v1/responses``: continue from the previous response, forward, keep."""
         payload = parse_json_object(raw)
         owner = owner_of(principal)
@@ -54,7 +56,8 @@ class StoredResponses:
             items = stored.input + _as_input(stored.response.get("output")) + items
             payload = {**payload, "input": items}
             raw = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-        forwarded = self.balancer.forward(RESPONSES, raw, principal.name, payload)
+        forwarded = self.balancer.forward(RESPONSES, raw, principal.name, payload,
+                                          client=client)
         answer = forwarded.response
         if payload.get("store") is False or answer.status != 200:
             return forwarded

@@ -95,8 +95,8 @@ def translated(node, request: ProxyRequest) -> NodeResponse:  # noqa: ANN001 - a
             chat_body, req = dialect.to_chat(request.payload)
     except errors.APIError as exc:
         return error_response(exc, request.operation)
-    raw = dumps(chat_body)
-    response = node.send(ProxyRequest(CHAT, raw, chat_body, request.model_id))
+    response = node.send(replace(request, operation=CHAT, raw=dumps(chat_body),
+                                 payload=chat_body, as_sent=None))
     if response.status >= 400:
         return translated_error(response, request.operation)
     if response.streaming:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .. import dialects, errors, urls
+from ..disconnect import ClientLeft, ClientWatch
 from . import http1
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class ProxyRequest:
     found: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
     id_refusal: errors.APIError | None = None
     headers: tuple[tuple[str, str], ...] = ()  # the client's, that a hosted provider reads
+    #: the client's connection: an answer not yet begun stops when it leaves
+    client: ClientWatch | None = field(default=None, compare=False, repr=False)
 
     @property
     def path(self) -> str:
@@ -166,15 +169,25 @@ class RemoteNode:
     def close(self) -> None:
         self.pool.close()
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> http1.Response:
-        """Send a request and return once the status and headers are in (the body unread)."""
+    def request(self, method: str, path: str, body: bytes | None = None,
+                client: ClientWatch | None = None) -> http1.Response:
+        """Send a request and return once the status and headers are in (the body unread);
+        ``client``: drop the connection and raise ClientLeft if it leaves first."""
         try:
-            return self.pool.request(method, self.path(path), body, self.headers)
+            return self.pool.request(method, self.path(path), body, self.headers,
+                                     client.sock if client is not None else None)
+        except http1.ClientGone:
+            raise ClientLeft() from None
         except http1.HTTPClientError as exc:
             raise NodeUnreachable(f"{self.kind} {self.name}: {exc}") from exc
 
     def send(self, request: ProxyRequest) -> NodeResponse:
-        response = self.request("POST", request.path, request.raw)
+        # A stream's headers come at once; a whole answer's only when it is done.
+        client = None if request.payload.get("stream") else request.client
+        try:
+            response = self.request("POST", request.path, request.raw, client)
+        except ClientLeft:
+            return error_response(errors.client_closed())
         headers = passed_headers(response.headers)
         media_type = media_type_of(response.header("Content-Type"))
         if media_type != "text/event-stream" or response.status >= 300:

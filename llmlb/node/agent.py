@@ -36,6 +36,7 @@ from ..balancer.reports import (
     EngineInfo,
     Hardware,
     LoadedModel,
+    LoadSettings,
     NodeReport,
     ReportError,
 )
@@ -88,6 +89,9 @@ class Reporter:
             active_requests=self.inflight.load(IN_PROCESS_SLOT),
             queued_requests=sum(m.waiting for m in loaded),
             can_download=self.resolver.hf.allowed,
+            # what a pull must fit in memory besides the weights (placement)
+            load_options=LoadSettings(self.pool.options.context_length,
+                                      self.pool.options.parallel_sequences),
         )
 
     def _engines(self) -> tuple[EngineInfo, ...]:

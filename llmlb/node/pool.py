@@ -15,7 +15,8 @@ import gc
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from engines import compute
 from engines.base import Engine, EngineError, LoadedModel, LoadOptions
@@ -24,6 +25,7 @@ from .. import errors
 from ..config import InferenceSettings
 from ..plugins import EngineRegistry
 from ..storage import LocalModel
+from .hardware import node_memory
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,10 @@ class _Entry:
     @property
     def parallel(self) -> int:
         return max(1, int(getattr(self.loaded, "parallel", 1) or 1))
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        return getattr(self.loaded, "kv_cache_bytes", None)
 
 
 class Lease:
@@ -74,10 +80,12 @@ def load_options(settings: InferenceSettings) -> LoadOptions:
 
 class ModelPool:
     def __init__(self, registry: EngineRegistry, *, max_loaded: int, keep_alive: float,
-                 max_queued: int, load_options: LoadOptions) -> None:
+                 max_queued: int, load_options: LoadOptions,
+                 free_memory: Callable[[], int] = lambda: node_memory().free_bytes) -> None:
         self._registry = registry
         self._max_loaded, self._keep_alive, self._max_queued = max_loaded, keep_alive, max_queued
         self.options = load_options
+        self._free_memory = free_memory  # where models live; engines size their KV cache by it
         self._entries: dict[str, _Entry] = {}
         self._mutex = threading.Lock()
         self._load_locks: dict[str, threading.Lock] = {}
@@ -110,6 +118,10 @@ class ModelPool:
         with self._mutex:
             return [{"id": e.model.id, "format": e.model.format, "busy": bool(e.busy),
                      "active": e.busy, "parallel": e.parallel, "waiting": e.waiting,
+                     # chosen at load from the memory its KV cache needs, or the setting
+                     "parallel_auto": self.options.parallel_sequences is None
+                     and e.kv_cache_bytes is not None,
+                     "kv_cache_bytes": e.kv_cache_bytes,
                      "idle_seconds": round(time.monotonic() - e.last_used)}
                     for e in self._entries.values()]
 
@@ -164,16 +176,19 @@ class ModelPool:
         checked = time.monotonic()
         try:
             artifacts = [model.path / a for a in model.artifacts]
-            loaded = found.engine.load(model.path, artifacts, self.options)
+            options = replace(self.options, free_memory_bytes=self._free_memory())
+            loaded = found.engine.load(model.path, artifacts, options)
         except EngineError as exc:
             log.error("Model %s could not be loaded from %s: %s", model.id, model.path, exc)
             raise errors.model_load_failed(model.id, str(exc)) from exc
         except MemoryError:
             raise errors.model_load_failed(model.id, "out of memory") from None
         done = time.monotonic()
-        log.info("Model loaded successfully: %s (%s via %s, %d at a time, %.1fs: %.1fs "
+        kv = getattr(loaded, "kv_cache_bytes", None)
+        log.info("Model loaded successfully: %s (%s via %s, %d at a time%s, %.1fs: %.1fs "
                  "loading the engine, %.1fs the model)", model.id, model.format,
-                 found.engine.name, getattr(loaded, "parallel", 1), done - started,
+                 found.engine.name, getattr(loaded, "parallel", 1),
+                 f", {kv / 2**20:.0f} MiB of KV cache" if kv else "", done - started,
                  checked - started, done - checked)
         return loaded
 

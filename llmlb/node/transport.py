@@ -22,6 +22,7 @@ from ..balancer.upstream import (
     json_response,
 )
 from ..dialects import COUNT_TOKENS, MESSAGES, RESPONSES
+from ..disconnect import ClientLeft, ClientWatch
 from ..serving import agents
 from ..serving import openai as serving
 from ..serving.inference import Runner
@@ -31,7 +32,7 @@ from .local import LocalNode
 
 log = logging.getLogger(__name__)
 
-Serve = Callable[[Runner, dict, str, PromptLimits], "dict | SSEStream"]
+Serve = Callable[[Runner, dict, str, PromptLimits, "ClientWatch | None"], "dict | SSEStream"]
 SERVING: dict[str, Serve] = {CHAT: serving.chat_completion, COMPLETION: serving.completion,
                              EMBEDDINGS: serving.embeddings,
                              RESPONSES: agents.serve_responses, MESSAGES: agents.serve_messages,
@@ -57,7 +58,9 @@ class InProcessNode:
             if request.id_refusal is not None:
                 raise request.id_refusal
             result = SERVING[request.operation](self.local.runner(request), request.payload,
-                                                request.model_id, self.limits)
+                                                request.model_id, self.limits, request.client)
+        except ClientLeft:
+            return error_response(errors.client_closed())
         except Exception as exc:
             err = errors.from_exception(exc)
             if err.code == "internal_error":

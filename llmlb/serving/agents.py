@@ -7,17 +7,18 @@ from __future__ import annotations
 
 from .. import errors
 from ..dialects import messages, responses
+from ..disconnect import ClientWatch
 from . import openai as chat
 from .inference import Runner
 from .protocol import PromptLimits
 from .sse import EventStream, SSEStream
 
 
-def serve_responses(runner: Runner, body: dict, model: str,
-                    limits: PromptLimits) -> dict | SSEStream:
+def serve_responses(runner: Runner, body: dict, model: str, limits: PromptLimits,
+                    client: ClientWatch | None = None) -> dict | SSEStream:
     chat_body, req = responses.to_chat(body)
     try:
-        result = chat.chat_completion(runner, chat_body, model, limits)
+        result = chat.chat_completion(runner, chat_body, model, limits, client)
     except errors.APIError as exc:
         raise messages.renamed(exc, responses.PARAMS) from None
     if isinstance(result, SSEStream):
@@ -25,11 +26,11 @@ def serve_responses(runner: Runner, body: dict, model: str,
     return responses.from_chat(result, req)
 
 
-def serve_messages(runner: Runner, body: dict, model: str,
-                   limits: PromptLimits) -> dict | SSEStream:
+def serve_messages(runner: Runner, body: dict, model: str, limits: PromptLimits,
+                   client: ClientWatch | None = None) -> dict | SSEStream:
     chat_body, req = messages.to_chat(body)
     try:
-        result = chat.chat_completion(runner, chat_body, model, limits)
+        result = chat.chat_completion(runner, chat_body, model, limits, client)
     except errors.APIError as exc:
         raise messages.renamed(exc, messages.PARAMS) from None
     if isinstance(result, SSEStream):
@@ -38,7 +39,8 @@ def serve_messages(runner: Runner, body: dict, model: str,
     return messages.from_chat(result, req)
 
 
-def count_tokens(runner: Runner, body: dict, model: str, limits: PromptLimits) -> dict:
+def count_tokens(runner: Runner, body: dict, model: str, limits: PromptLimits,
+                 client: ClientWatch | None = None) -> dict:
     """``POST /v1/messages/count_tokens``: the prompt's tokens as the model reads them."""
     chat_body, _ = messages.to_chat(body, count_only=True)
     try:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from engines.base import CHAT, COMPLETION, EMBEDDINGS, SamplingParams, Started, TopLogprob
 
 from .. import errors
+from ..disconnect import ClientWatch
 from . import protocol, tools
 from .inference import InferenceCall, Runner
 from .sse import SSEStream
@@ -48,7 +49,10 @@ def _params(req: protocol.ChatRequest | protocol.CompletionRequest, *,
     )
 
 
-def _start(runner: Runner, call: InferenceCall, stops: list[str]) -> TextStream:
+def _start(runner: Runner, call: InferenceCall, stops: list[str],
+           client: ClientWatch | None = None) -> TextStream:
+    """The generation, its first event read; ``client``: stop when it leaves (for answers
+    that write nothing before the end: a stream notices at its next write)."""
     generation = runner.generate(call)
     events = iter(generation)
     try:
@@ -59,7 +63,8 @@ def _start(runner: Runner, call: InferenceCall, stops: list[str]) -> TextStream:
         generation.close()
         raise
     chained = itertools.chain([first] if first is not None else [], events)
-    stream = TextStream(chained, stops, on_close=generation.close)
+    stream = TextStream(chained, stops, on_close=generation.close,
+                        check=client.check if client is not None else None)
     if isinstance(first, Started):  # known before the first token (a dialect reports it)
         stream.prompt_tokens = first.prompt_tokens
     return stream
@@ -86,9 +91,10 @@ def _chat_call(body: dict, model: str, limits: protocol.PromptLimits,
 
 
 def chat_completion(runner: Runner, body: dict, model: str,
-                    limits: protocol.PromptLimits = DEFAULT_LIMITS) -> dict | SSEStream:
+                    limits: protocol.PromptLimits = DEFAULT_LIMITS,
+                    client: ClientWatch | None = None) -> dict | SSEStream:
     req, output, call = _chat_call(body, model, limits)
-    stream = _start(runner, call, req.stops)
+    stream = _start(runner, call, req.stops, None if req.stream else client)
     completion_id, created = _ids("chatcmpl")
     if req.stream:
         chunks = _chat_chunks(stream, output, bool(req.logprobs))
@@ -186,14 +192,15 @@ def _chat_chunks(stream: TextStream, output: tools.OutputPlan,
 # --- completions ------------------------------------------------------------------------------
 
 def completion(runner: Runner, body: dict, model: str,
-               limits: protocol.PromptLimits = DEFAULT_LIMITS) -> dict | SSEStream:
+               limits: protocol.PromptLimits = DEFAULT_LIMITS,
+               client: ClientWatch | None = None) -> dict | SSEStream:
     req = protocol.parse(protocol.CompletionRequest, body)
     limits.check_chars([req.prompt_text], "prompt")
     if req.echo:
         raise errors.invalid_request("echo is not supported", "echo")
     call = InferenceCall(COMPLETION, model, prompt=req.prompt_text,
                          params=_params(req, top_logprobs=req.logprobs))
-    stream = _start(runner, call, req.stops)
+    stream = _start(runner, call, req.stops, None if req.stream else client)
     completion_id, created = _ids("cmpl")
     want_logprobs = req.logprobs is not None
     if req.stream:
@@ -245,7 +252,8 @@ def _completion_chunks(stream: TextStream, cid: str, created: int, model: str,
 # --- embeddings -------------------------------------------------------------------------------
 
 def embeddings(runner: Runner, body: dict, model: str,
-               limits: protocol.PromptLimits = DEFAULT_LIMITS) -> dict:
+               limits: protocol.PromptLimits = DEFAULT_LIMITS,
+               client: ClientWatch | None = None) -> dict:
     req = protocol.parse(protocol.EmbeddingRequest, body)
     limits.check_chars(req.texts, "input")
     vectors, tokens = runner.embed(InferenceCall(EMBEDDINGS, model, texts=req.texts))

@@ -13,12 +13,15 @@ class TextStream:
 
     Text that might be the start of a stop sequence is held back until it is clear that it is
     not; when a stop sequence appears, the text before it is emitted and the engine is stopped.
+    ``check`` runs after each token and may raise to stop the generation (the client left).
     """
 
     def __init__(self, events: Iterator[GenerationEvent], stops: list[str],
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None,
+                 check: Callable[[], None] | None = None) -> None:
         self._events = events
         self._on_close = on_close
+        self._check = check
         self._stops = stops
         self._hold = max((len(s) for s in stops), default=1) - 1
         self.finish_reason: str | None = None
@@ -43,6 +46,8 @@ class TextStream:
                     break
                 if not isinstance(event, TokenText):
                     continue
+                if self._check is not None:
+                    self._check()
                 self.completion_tokens += event.tokens
                 if event.logprob is not None:
                     self._logprobs.append(event.logprob)
