@@ -80,6 +80,8 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/balancer.py
 	$(BIN)/python bench/affinity.py
 	$(BIN)/python bench/endpoints.py
+	$(BIN)/python bench/state_lookup.py
+	$(BIN)/python bench/ha.py
 	$(BIN)/python bench/json_schema.py
 	$(BIN)/python bench/dialects.py
 	$(BIN)/python bench/soak.py

@@ -84,10 +84,10 @@ def start_balancer(home: Path, port: int, upstream_port: int, log: Path, core: i
     """``llmlb serve --role balancer`` with the upstream registered as its node ``up``."""
     sys.path.insert(0, str(REPO))
     from llmlb.auth import create_api_key
-    from llmlb.db import Database
+    from llmlb.state import open_database
 
     shutil.rmtree(home, ignore_errors=True)
-    db = Database(home / "llmlb.db")
+    db = open_database(home / "llmlb.db")
     api, _ = create_api_key(db, "bench", "api")
     node, _ = create_api_key(db, "bench-node", "node")
     db.close()
@@ -131,7 +131,9 @@ http {{
     return proc
 
 
-def wrk(url: str, connections: int, seconds: float, api_key: str | None) -> dict:
+def wrk(url: str, connections: int, seconds: float, api_key: str | None,
+        core: int | None = 0) -> dict:
+    """wrk's figures for POSTs of BODY to ``url`` (pinned to ``core``; None: any core)."""
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
@@ -139,8 +141,9 @@ def wrk(url: str, connections: int, seconds: float, api_key: str | None) -> dict
     script.write_text(f"wrk.method = 'POST'\nwrk.body = {json.dumps(json.dumps(BODY))}\n"
                       + "".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n"
                                 for k, v in headers.items()) + WRK_DONE)
-    out = subprocess.run(pinned(0, ["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s",
-                                    "--latency", "-s", str(script), url]),
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "--latency", "-s",
+            str(script), url]
+    out = subprocess.run(pinned(core, args) if core is not None else args,
                          capture_output=True, text=True, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("WRK "))
     result = json.loads(line[4:])

@@ -2,22 +2,23 @@
 operator maps to a list of models llmlb serves; a request for the alias goes to the first of
 them that can serve it, and to the next when one fails before the first byte.
 
-Kept in the ``aliases`` table (shared by every worker and, with PostgreSQL, every balancer);
-each worker reads it through a cache of ``CACHE_SECONDS``, so a change reaches every worker
-within that. An alias wins over a model of the same name: the operator asked for it.
+Kept in the shared state (``state/agents.py``: every worker and, with PostgreSQL, every
+balancer); each worker keeps the table it read until a change is announced (the state's
+``aliases`` topic), so a change reaches every worker at once. An alias wins over a model of
+the same name: the operator asked for it.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 from . import errors
-from .db import Database
+from .state import State
+from .state.agents import ALIASES
+from .state.engine import Cached
 from .storage import requested_model_id
 
-CACHE_SECONDS = 2.0
 MAX_TARGETS = 16
 
 
@@ -39,34 +40,19 @@ def alias_spec(name: object, models: object) -> tuple[str, list[str]]:
 
 
 class Aliases:
-    def __init__(self, db: Database) -> None:
-        self.db = db
-        self._cache: dict[str, list[str]] = {}
-        self._read_at = 0.0
-        self._lock = threading.Lock()
+    def __init__(self, db: State) -> None:
+        self.rows = db.aliases
+        self._cache = Cached(db.engine, ALIASES, limit=1)
 
     def all(self) -> dict[str, list[str]]:
-        rows = self.db.conn().execute("SELECT name, models FROM aliases ORDER BY name")
-        return {row["name"]: json.loads(row["models"]) for row in rows}
+        return {row["name"]: json.loads(row["models"]) for row in self.rows.all()}
 
     def resolve(self, model_id: str) -> list[str] | None:
         """The models an alias stands for, or None when ``model_id`` is no alias."""
-        if time.monotonic() - self._read_at > CACHE_SECONDS:
-            with self._lock:
-                if time.monotonic() - self._read_at > CACHE_SECONDS:
-                    self._cache, self._read_at = self.all(), time.monotonic()
-        return self._cache.get(model_id)
+        return self._cache.get("all", self.all).get(model_id)
 
     def set(self, name: str, models: list[str]) -> None:
-        with self.db.transaction() as conn:
-            conn.execute("INSERT INTO aliases(name, models, updated_at) VALUES (?,?,?) "
-                         "ON CONFLICT(name) DO UPDATE SET models=excluded.models, "
-                         "updated_at=excluded.updated_at",
-                         (name, json.dumps(models), time.time()))
-        self._read_at = 0.0
+        self.rows.set(name, json.dumps(models), time.time())
 
     def remove(self, name: str) -> bool:
-        with self.db.transaction() as conn:
-            removed = conn.execute("DELETE FROM aliases WHERE name=?", (name,)).rowcount == 1
-        self._read_at = 0.0
-        return removed
+        return self.rows.remove(name)

@@ -358,6 +358,23 @@ def too_many_websockets(limit: int, retry_after: int = 5) -> APIError:
                     code="too_many_websockets", headers={"Retry-After": str(retry_after)})
 
 
+class StateUnavailable(Exception):
+    """Raised by the state (``llmlb/state/``): the shared state cannot be read or written
+    right now (the database down, restarting, every connection busy). The message is for the
+    log; a client sees ``state_unavailable``."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def state_unavailable(retry_after: int = 1) -> APIError:
+    """The shared state (the database) cannot be reached: nothing was done, try again."""
+    return APIError(503, "The database is unavailable right now (restarting, or unreachable); "
+                    "nothing was done. Try again shortly.", type="service_unavailable",
+                    code="state_unavailable", headers={"Retry-After": str(retry_after)})
+
+
 def login_throttled(retry_after: int) -> APIError:
     return APIError(429, f"Too many failed logins. Try again in {retry_after} seconds.",
                     type="rate_limit_error", code="login_throttled",
@@ -397,9 +414,12 @@ def internal_error() -> APIError:
 
 def from_exception(exc: BaseException) -> APIError:
     """The APIError for any exception raised while serving (the node has turned engines'
-    errors into theirs, ``invalid_prompt`` and ``engine_failed``)."""
+    errors into theirs, ``invalid_prompt`` and ``engine_failed``; the state's absence is
+    ``state_unavailable``)."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, StateUnavailable):
+        return state_unavailable(exc.retry_after)
     return internal_error()
 
 
@@ -455,5 +475,7 @@ def init_app(app) -> None:  # noqa: ANN001 - Flask app, imported lazily to keep 
         if err.code == "internal_error":
             log.exception("Unhandled error on %s %s", request.method, request.path)
         if not is_api_path(request.path):
+            if err.code == "state_unavailable":  # a dashboard page: the same advice, as text
+                return err.message, err.status, err.headers
             return "Internal server error", 500
         return respond(err)

@@ -7,8 +7,9 @@
   own node key); it reports to the balancer by heartbeats and keeps no request history.
 
 A builder only builds: threads start with ``Runtime.start`` in each worker, and what a role
-needs once per instance, before any worker (the first admin; a node's link to its balancer,
-checked), is its ``prepare``, which the server runs first.
+needs once per instance, before any worker (the state migrated, the endpoints' key checked and
+the first admin; a node's link to its balancer, checked), is its ``prepare``, which the server
+runs first.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .api import (
     registry_routes,
     ws,
 )
+from .balancer.credentials import check_at_start
 from .balancer.endpoints import EndpointWatch, instance_id
 from .balancer.inflight import InflightCounters
 from .balancer.members import Cluster, Member
@@ -45,7 +47,6 @@ from .balancer.registry import NodeRegistry, StatusWatch
 from .balancer.stored_responses import StoredResponses
 from .catalog import Catalog
 from .config import Settings, SettingsError
-from .db import Database
 from .events import StatusEvents
 from .hf_stats import HFStats
 from .history import History, RequestRecord
@@ -62,6 +63,7 @@ from .resolver import Resolver
 from .response_store import ResponseStore
 from .runtime import ApiKeys, Authenticator, Runtime
 from .serving.protocol import PromptLimits
+from .state import StateUnavailable, open_state
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -116,13 +118,18 @@ class _Parts:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.models.models_dir.mkdir(parents=True, exist_ok=True)
-        self.db = Database(settings.files.database)
+        self.db = open_state(settings.files)
+        if settings.server.role in config.FRONT:  # the start refuses without it (prepare)
+            check_at_start(settings.files.home, settings.files.endpoints_key, self.db)
         self.catalog = Catalog(settings.files.supported_models)
         self.engines = EngineRegistry(load_plugins(settings.files.plugins_dir))
         self.resolver = Resolver(settings.models, settings.node, self.catalog,
                                  self.engines.format_table)
         self.inflight = InflightCounters(Path(f"{settings.files.database}.inflight"))
-        self.supervisor = Supervisor(Path(f"{settings.files.database}.supervisor.lock"))
+        # Work of this host (its pulls, its workers' counters, a node's heartbeat), and work
+        # of the whole cluster: one balancer of all that share the state runs it.
+        self.supervisor = Supervisor(Path(f"{settings.files.database}.host.lock"))
+        self.cluster_supervisor = Supervisor(self.db.leader_lock("supervisor"))
         self.instance_id = instance_id(self.db)
         self.local: Member | None = None
         self.pool: ModelPool | None = None
@@ -149,10 +156,11 @@ class _Parts:
                                      cooldown=cluster.cooldown_seconds,
                                      cooldown_max=cluster.cooldown_max_seconds)
         forget_after = self.settings.models.resolve_wait_seconds + cluster.node_timeout_seconds
-        self.supervisor.add("node-watch", 1.0, StatusWatch(self.registry, forget_after))
-        self.supervisor.add("endpoint-check", cluster.endpoint_check_seconds,
-                            EndpointWatch(cluster, self.settings.files.home, self.registry,
-                                          self.inflight, self.instance_id))
+        self.cluster_supervisor.add("node-watch", 1.0, StatusWatch(self.registry, forget_after))
+        self.cluster_supervisor.add("endpoint-check", cluster.endpoint_check_seconds,
+                                    EndpointWatch(cluster, self.settings.files.home,
+                                                  self.registry, self.inflight,
+                                                  self.instance_id))
 
     def runtime(self, summary: str, history_days: float, authenticator: Authenticator,
                 blueprints: tuple[Blueprint, ...]) -> Runtime:
@@ -183,15 +191,17 @@ class _Parts:
         self.supervisor.add("hub-reconcile", SWEEP_SECONDS, hub.reconcile)
         self.supervisor.add("inflight-sweep", SWEEP_SECONDS, self.inflight.sweep)
         if history.enabled:
-            self.supervisor.add("history-prune", HISTORY_PRUNE_SECONDS, history.prune)
+            self.cluster_supervisor.add("history-prune", HISTORY_PRUNE_SECONDS, history.prune)
         return Runtime(settings, summary, self.db, self.catalog, self.engines, resolver,
                        self.inflight, cluster, balancer, hub, events, metrics, history,
-                       self.supervisor, authenticator, self.instance_id, blueprints,
-                       self.registry, self.pool, responses, providers)
+                       self.supervisor, self.cluster_supervisor, authenticator,
+                       self.instance_id, blueprints, self.registry, self.pool, responses,
+                       providers)
 
     def hosted_providers(self) -> Providers:
         """The hosted providers this balancer has keys for; their registry rows (made by
-        ``first_start``) kept in step, and their model lists checked, by ``provider-check``."""
+        ``prepare_balancer``) kept in step, and their model lists checked, by
+        ``provider-check``."""
         assert self.registry is not None
         server, cluster = self.settings.server, self.settings.cluster
         providers = Providers(self.settings.providers, pool_size=server.concurrency,
@@ -220,31 +230,30 @@ def observer(metrics: Metrics, history: History) -> Callable[[RequestRecord], No
 
 # --- once per instance, before its workers --------------------------------------------------
 
-def first_admin(settings: Settings) -> None:
-    """The first dashboard admin, when there is no user yet (its password shown once)."""
-    users = settings.users
-    db = Database(settings.files.database)
+def prepare_balancer(settings: Settings) -> None:
+    """The state, migrated to the current schema (once, before any worker: a database that
+    cannot be used is a SettingsError here, not a worker failing to boot); the key sealing
+    endpoints' API keys, the one the other balancers of a shared state use; the first
+    dashboard admin, when there is no user yet (its password shown once); a row for each
+    hosted provider it has a key for, so that its first request finds them."""
+    users, cluster = settings.users, settings.cluster
     try:
+        db = open_state(settings.files)
+    except StateUnavailable as exc:
+        raise SettingsError(str(exc)) from None
+    try:
+        check_at_start(settings.files.home, settings.files.endpoints_key, db)
         generated = auth.ensure_first_admin(db, users.admin_username, users.admin_password)
+        NodeRegistry(db, timeout=cluster.node_timeout_seconds, cooldown=cluster.cooldown_seconds,
+                     cooldown_max=cluster.cooldown_max_seconds).sync_providers(
+            configured(settings.providers))
+    except StateUnavailable as exc:
+        raise SettingsError(str(exc)) from None
     finally:
         db.close()
     if generated:
         log.warning("Created the first admin user '%s' with the password: %s  (shown once; "
                     "set LLMLB_ADMIN_PASSWORD to choose it)", users.admin_username, generated)
-
-
-def first_start(settings: Settings) -> None:
-    """A balancer's, before its workers: the first admin, and a row for each hosted provider
-    it has a key for (none for those it has not), so that its first request finds them."""
-    first_admin(settings)
-    cluster = settings.cluster
-    db = Database(settings.files.database)
-    try:
-        NodeRegistry(db, timeout=cluster.node_timeout_seconds, cooldown=cluster.cooldown_seconds,
-                     cooldown_max=cluster.cooldown_max_seconds).sync_providers(
-            configured(settings.providers))
-    finally:
-        db.close()
 
 
 def check_node_link(settings: Settings) -> None:
@@ -262,7 +271,8 @@ class Role:
     prepare: Callable[[Settings], None]
 
 
-ROLES = {"standalone": Role(standalone, first_start), "balancer": Role(balancer, first_start),
+ROLES = {"standalone": Role(standalone, prepare_balancer),
+         "balancer": Role(balancer, prepare_balancer),
          "node": Role(node, check_node_link)}
 assert tuple(ROLES) == config.ROLES, "each role its builder"
 

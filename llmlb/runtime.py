@@ -22,7 +22,6 @@ from .balancer.registry import NodeRegistry
 from .balancer.stored_responses import StoredResponses
 from .catalog import Catalog
 from .config import Settings
-from .db import Database
 from .events import StatusEvents
 from .history import History
 from .hub import Hub
@@ -30,6 +29,7 @@ from .metrics import Metrics
 from .node.pool import ModelPool
 from .plugins import EngineRegistry
 from .resolver import Resolver
+from .state import State
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,11 @@ class Authenticator(Protocol):
 
 
 class ApiKeys:
-    """The balancer's keys (its database), and the dashboard's logins."""
+    """The balancer's keys (its state), and the dashboard's logins."""
 
     sessions = True
 
-    def __init__(self, db: Database, dev: bool) -> None:
+    def __init__(self, db: State, dev: bool) -> None:
         self.db, self.dev = db, dev
 
     def principal(self, key: str) -> auth.Principal:
@@ -63,7 +63,7 @@ class ApiKeys:
 class Runtime:
     settings: Settings
     summary: str  # what this llmlb is, for its start-up line
-    db: Database
+    db: State
     catalog: Catalog
     engines: EngineRegistry
     resolver: Resolver
@@ -74,7 +74,8 @@ class Runtime:
     events: StatusEvents
     metrics: Metrics
     history: History
-    supervisor: Supervisor
+    supervisor: Supervisor  # this host's periodic work
+    cluster_supervisor: Supervisor  # the cluster's: one balancer of all that share the state
     authenticator: Authenticator
     instance_id: str  # who this llmlb is, to itself (endpoints.INSTANCE_HEADER)
     blueprints: tuple[Blueprint, ...]
@@ -87,6 +88,7 @@ class Runtime:
         """Start serving in this process (each gunicorn worker): the periodic tasks, the
         history's writer."""
         self.supervisor.start()
+        self.cluster_supervisor.start()
         self.history.start()
         # What exists now lives as long as the process: keep it out of the collector's full
         # passes, which otherwise stall a request for tens of milliseconds now and then.
@@ -94,6 +96,7 @@ class Runtime:
 
     def close(self) -> None:
         self.supervisor.stop()
+        self.cluster_supervisor.stop()
         self.history.close()
         if self.providers is not None:
             self.providers.close()

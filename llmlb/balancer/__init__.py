@@ -2,7 +2,8 @@
 (``members.Member``) and the node seam (``upstream``), and imports nothing of engines, the
 resolver, serving or the node package: the role's builder hands it the in-process member.
 
-- ``registry``: nodes in SQLite (registration, heartbeats, status, cooldown, pull assignments),
+- ``registry``: nodes and endpoints in the shared state (registration, heartbeats, status,
+  cooldown, pull assignments; the SQL in ``state/members.py``),
   each name bound to the secret of the node that first registered it
 - ``registration``: a node's registration and heartbeat bodies, checked
 - ``reports``: what a node or an endpoint reports, typed and checked where it enters

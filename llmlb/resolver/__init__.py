@@ -26,10 +26,10 @@ from huggingface_hub.utils import get_session
 from .. import errors
 from ..catalog import Catalog, CatalogModel
 from ..config import ModelSettings, NodeSettings
+from ..locks import FileLock
 from ..storage import LocalModel, find_model, merged_listing
 from . import state as model_state
 from .download import Fetch, fetch_all
-from .locks import FileLock
 from .progress import DOWNLOADING, ERROR, QUEUED, Progress, ProgressStore, key
 from .sources import BalancerSource, DownloadError, HuggingFaceSource, describe_failure
 from .state import ModelState
@@ -57,9 +57,9 @@ class Resolver:
         self.progress = ProgressStore(settings.locks_dir)
         self.hf = HuggingFaceSource(settings.hf_endpoint, settings.hf_token,
                                     settings.download_allowlist)
-        self.balancer = (BalancerSource(node.balancer_url, node.node_api_key,
+        self.balancer = (BalancerSource(node.balancer_urls, node.node_api_key,
                                         settings.download_allowlist)
-                         if node.balancer_url else None)
+                         if node.balancer_urls else None)
         self._jobs: dict[str, DownloadJob] = {}
         self._jobs_lock = threading.Lock()
         self._waiting = 0
@@ -212,7 +212,10 @@ class Resolver:
                 shutil.rmtree(self.staging_dir(model_id), ignore_errors=True)
             _remove_empty_dirs(self.staging_dir(model_id))
             record.status, record.error_message = ERROR, job.error
-            self.progress.write(record)
+            try:
+                self.progress.write(record)
+            except OSError:  # the job keeps the error for this process's state()
+                log.exception("Could not record the failure of %s", model_id)
         finally:
             job.lock.release()
             job.done.set()
@@ -288,14 +291,19 @@ class Resolver:
         if record is None:
             entry = self.catalog.get(model_id)
             return ModelState(model_id, model_state.ABSENT, 0, entry.size_bytes if entry else 0)
+        error = record.error_message
         if record.status == ERROR:
             phase = model_state.FAILED
         elif self.download_state(model_id) == "idle":
-            phase = model_state.INTERRUPTED
+            with self._jobs_lock:
+                job = self._jobs.get(model_id)
+            # A failure this process ran but could not write down is still a failure.
+            phase = model_state.FAILED if job and job.error else model_state.INTERRUPTED
+            error = job.error if job and job.error else error
         else:
             phase = model_state.QUEUED if record.status == QUEUED else model_state.DOWNLOADING
         return ModelState(model_id, phase, record.downloaded_bytes, record.total_bytes,
-                          error=record.error_message)
+                          error=error)
 
     def status(self, model_id: str) -> dict:
         """RS-7's status body; 404 for a model that is neither here nor in the catalog."""

@@ -3,6 +3,7 @@ lock, replaced atomically, so gunicorn workers and nodes sharing the directory a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -57,8 +58,20 @@ class ProgressStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self._path(record.model_id)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(record)))
-        os.replace(tmp, path)
+        text = json.dumps(asdict(record))
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno != errno.ENOSPC or not path.exists():
+                raise
+            # A full disk (the download that failed may have filled it) has no block for a
+            # new file, but the record's own block is still there: overwrite it in place, so
+            # that the failure is told rather than read as an interrupted download.
+            with path.open("r+") as f:
+                f.truncate(0)
+                f.write(text)
 
     def read(self, model_id: str) -> Progress | None:
         try:
