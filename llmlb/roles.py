@@ -181,7 +181,7 @@ class _Parts:
         if front:  # nodes are stateless: their balancer keeps the Responses API's state
             store = ResponseStore(self.db, settings.cluster.responses_retention_days)
             responses = StoredResponses(store, balancer)
-            self.supervisor.add("responses-prune", HISTORY_PRUNE_SECONDS, store.prune)
+            self.cluster_supervisor.add("responses-prune", HISTORY_PRUNE_SECONDS, store.prune)
         models = settings.models
         stats = HFStats(self.db, models.hf_endpoint, models.hf_token,
                         models.hf_stats_ttl_seconds, models.hub_timeout_seconds)
