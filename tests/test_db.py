@@ -217,6 +217,21 @@ def test_an_alias_set_or_removed_reaches_the_other_cache(
     assert wait_for(lambda: two.resolve("gpt-4o") is None) < 2.0
 
 
+def test_hosted_provider_rows_follow_the_keys_balancers_hold(two_balancers) -> None:
+    """Each balancer makes the rows of the providers it has keys for; one without a key leaves
+    the row of a shared state to the balancers that have it, and forgets it in a state of its
+    own (SQLite: a balancer alone)."""
+    from llmlb.balancer.registry import NodeRegistry
+
+    one, two = (NodeRegistry(s, timeout=10, cooldown=1, cooldown_max=10) for s in two_balancers)
+    one.sync_providers({"anthropic": "http://127.0.0.1:9/v1"})
+    one.sync_providers({"anthropic": "http://127.0.0.1:9/v1"})  # again: one row
+    assert [(r.name, r.kind) for r in two.nodes(fresh=True)] == [("anthropic", "provider")]
+    two.sync_providers({"openai": "http://127.0.0.1:9/v1"})
+    kept = {r.name for r in one.nodes(fresh=True)}
+    assert kept == ({"anthropic", "openai"} if two_balancers[0].shared else {"openai"})
+
+
 def test_a_known_key_is_read_from_the_cache_while_nothing_changes(
         two_balancers, monkeypatch: pytest.MonkeyPatch) -> None:
     one, two = two_balancers
