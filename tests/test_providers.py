@@ -294,8 +294,8 @@ def test_the_key_goes_to_the_providers_base_url_only(make_server, providers) -> 
                              openai_base_url=oai.url)
         # a row of the shared state pointed elsewhere (another balancer, a tampered
         # database) moves nothing: the URL and key are this balancer's own settings
-        with server.runtime.db.transaction() as conn:
-            conn.execute("UPDATE nodes SET url=? WHERE name='openai'", (elsewhere.url,))
+        server.runtime.db.engine.execute("UPDATE nodes SET url = ? WHERE name = 'openai'",
+                                         (elsewhere.url,))
         server.runtime.registry.nodes(fresh=True)
         client = server.client()
         assert client.chat.completions.create(model="openai:gpt-test",
