@@ -95,3 +95,41 @@ def test_an_endpoint_that_speaks_messages_gets_the_request_as_sent(make_server,
     with claude.messages.stream(**body) as stream:
         assert "".join(stream.text_stream) == "hello from native"
     assert fake.paths == ["/v1/messages", "/v1/messages"]
+
+
+def test_an_answer_whose_storing_fails_still_reaches_its_client(make_server, fakes) -> None:  # noqa: F811
+    """The database refuses the stored response (another writer holds SQLite's lock past the
+    busy timeout): the answer, whole or streamed, still reaches the client, unstored."""
+    import sqlite3
+    import threading
+
+    fake = fakes("plain", "plain-model", tokens=4)
+    server = make_server(**FAST)
+    assert add(server, "plain", fake.url).status_code == 201
+    client = server.client()
+    assert client.responses.create(model="plain-model", input="Hi").output_text  # routed
+    results: dict[str, object] = {}
+
+    def whole() -> None:
+        results["whole"] = client.responses.create(model="plain-model", input="Hi")
+
+    def streamed() -> None:
+        with client.responses.stream(model="plain-model", input="Hi") as stream:
+            results["streamed"] = stream.get_final_response()
+
+    blocker = sqlite3.connect(server.runtime.db.engine.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # every writer waits, then gives up
+    try:
+        threads = [threading.Thread(target=t) for t in (whole, streamed)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert results["whole"].output_text == "hello from plain"
+    assert results["streamed"].output_text == "t0 t1 t2 t3 "
+    for answer in results.values():
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(answer.id)

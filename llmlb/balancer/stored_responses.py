@@ -102,7 +102,13 @@ class StoredResponses:
             response = response.get("response")
         if not isinstance(response, dict) or not isinstance(response.get("id"), str):
             return
-        self.store.put(owner, response, items)
+        try:
+            self.store.put(owner, response, items)
+        except errors.StateUnavailable as exc:
+            # The client has its answer (a stream's last byte is out): losing it for a
+            # database that is down costs more than a later previous_response_id's 404.
+            log.warning("Response %s answered but not stored (the database is unavailable: "
+                        "%s); previous_response_id cannot continue from it", response["id"], exc)
 
 
 def _input_items(body: dict) -> list[dict]:
