@@ -1,5 +1,5 @@
-"""The ``llmlb`` command: ``serve``, ``node``, ``keys``, ``endpoints``, ``users``, ``db``,
-``models``."""
+"""The ``llmlb`` command: ``serve``, ``node``, ``keys``, ``endpoints``, ``aliases``, ``users``,
+``db``, ``models``."""
 
 from __future__ import annotations
 
@@ -284,6 +284,58 @@ def endpoints_remove(name: str, home: str | None, database: str | None) -> None:
         raise click.ClickException(f"no endpoint named {name}")
     registry.remove(name)
     click.echo(f"Removed endpoint {name}")
+
+
+# --- aliases ---------------------------------------------------------------------------------
+
+@main.group()
+def aliases() -> None:
+    """Model aliases: a name agents use (claude-sonnet-4-5, gpt-4o) standing for a list of
+    models; the first that can serve answers, the next when one fails before answering. Run
+    on the balancer's machine with its LLMLB_HOME (or LLMLB_DATABASE_URL); every worker sees
+    a change at once."""
+
+
+def _aliases(home: str | None, database: str | None):  # noqa: ANN202 - Aliases
+    from .aliases import Aliases
+
+    return Aliases(_db(home, database))
+
+
+@aliases.command("set")
+@click.argument("name")
+@click.argument("models", nargs=-1, required=True)
+@db_flags
+def aliases_set(name: str, models: tuple[str, ...], home: str | None,
+                database: str | None) -> None:
+    """Make NAME stand for MODELS (in the order they are tried); replaces what it stood for."""
+    from .aliases import alias_spec
+    from .errors import APIError
+
+    try:
+        name, targets = alias_spec(name, list(models))
+    except APIError as exc:
+        raise click.ClickException(exc.message) from None
+    _aliases(home, database).set(name, targets)
+    click.echo(f"{name} -> {', '.join(targets)}")
+
+
+@aliases.command("list")
+@db_flags
+def aliases_list(home: str | None, database: str | None) -> None:
+    """List aliases: name, then the models in order."""
+    for name, targets in _aliases(home, database).all().items():
+        click.echo(f"{name}\t{','.join(targets)}")
+
+
+@aliases.command("remove")
+@click.argument("name")
+@db_flags
+def aliases_remove(name: str, home: str | None, database: str | None) -> None:
+    """Remove an alias."""
+    if not _aliases(home, database).remove(name.lower()):
+        raise click.ClickException(f"no alias named {name}")
+    click.echo(f"Removed alias {name}")
 
 
 # --- users --------------------------------------------------------------------------------------

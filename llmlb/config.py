@@ -322,6 +322,44 @@ class ClusterSettings:
         "LLMLB_HISTORY_RETENTION_DAYS", 7.0,
         "How long the request history (one row per request: time, key, model, node, "
         "status, latency, tokens) is kept; 0 keeps none.")
+    responses_retention_days: float = setting(
+        "LLMLB_RESPONSES_RETENTION_DAYS", 30.0,
+        "Days a stored response of the Responses API (\"store\": true, the default) is "
+        "kept for previous_response_id and GET /v1/responses/{id}.")
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    """The hosted providers a balancer sends ``openai:``, ``anthropic:`` and ``google:``
+    model names to: their keys and where each key may go."""
+
+    read_by: ClassVar[tuple[str, ...]] = FRONT
+
+    openai_api_key: str | None = setting(
+        "OPENAI_API_KEY", None,
+        "OpenAI's API key: model names openai:<model> go to OpenAI with it (unset: such "
+        "names are a 404 that says to set it). Sent only to OPENAI_BASE_URL.")
+    openai_base_url: str = setting(
+        "OPENAI_BASE_URL", "https://api.openai.com/v1",
+        "Where openai:<model> requests go (a proxy, or a stand-in in tests).")
+    anthropic_api_key: str | None = setting(
+        "ANTHROPIC_API_KEY", None,
+        "Anthropic's API key: model names anthropic:<model> go to Anthropic with it. Sent "
+        "only to ANTHROPIC_BASE_URL.")
+    anthropic_base_url: str = setting("ANTHROPIC_BASE_URL", "https://api.anthropic.com",
+                                      "Where anthropic:<model> requests go.")
+    google_api_key: str | None = setting(
+        ("GOOGLE_API_KEY", "GEMINI_API_KEY"), None,
+        "Google's Gemini API key: model names google:<model> go to the Gemini API with it. "
+        "Sent only to GOOGLE_BASE_URL.")
+    google_base_url: str = setting("GOOGLE_BASE_URL",
+                                   "https://generativelanguage.googleapis.com",
+                                   "Where google:<model> requests go.")
+    provider_check_seconds: float = setting(
+        "LLMLB_PROVIDER_CHECK_SECONDS", 3600.0,
+        "How often the balancer asks each hosted provider it has a key for which models it "
+        "has (listed in /v1/models as <provider>:<model>); any model name of the provider "
+        "is sent on, listed or not.")
 
 
 @dataclass(frozen=True)
@@ -356,7 +394,7 @@ class UserSettings:
 SECTIONS: dict[str, type] = {
     "server": ServerSettings, "files": FileSettings, "models": ModelSettings,
     "inference": InferenceSettings, "node": NodeSettings, "cluster": ClusterSettings,
-    "users": UserSettings,
+    "providers": ProviderSettings, "users": UserSettings,
 }
 
 
@@ -391,6 +429,7 @@ class Settings:
     inference: InferenceSettings
     node: NodeSettings
     cluster: ClusterSettings
+    providers: ProviderSettings
     users: UserSettings
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 

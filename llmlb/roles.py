@@ -23,9 +23,12 @@ from pathlib import Path
 from flask import Blueprint
 
 from . import auth, config
+from .aliases import Aliases
 from .api import (
     admin_routes,
+    alias_routes,
     dashboard_routes,
+    dialect_routes,
     endpoint_routes,
     hub_routes,
     metrics_routes,
@@ -38,8 +41,10 @@ from .balancer.credentials import check_at_start
 from .balancer.endpoints import EndpointWatch, instance_id
 from .balancer.inflight import InflightCounters
 from .balancer.members import Cluster, Member
+from .balancer.providers import Providers, ProviderWatch, configured
 from .balancer.proxy import Balancer
 from .balancer.registry import NodeRegistry, StatusWatch
+from .balancer.stored_responses import StoredResponses
 from .catalog import Catalog
 from .config import Settings, SettingsError
 from .events import StatusEvents
@@ -55,6 +60,7 @@ from .node.pool import ModelPool, load_options
 from .node.transport import InProcessNode
 from .plugins import EngineRegistry, load_plugins
 from .resolver import Resolver
+from .response_store import ResponseStore
 from .runtime import ApiKeys, Authenticator, Runtime
 from .serving.protocol import PromptLimits
 from .state import StateUnavailable, open_state
@@ -62,10 +68,11 @@ from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-# Every role answers the OpenAI API, /v0's manifests and status, and /metrics.
-COMMON_ROUTES = (openai_routes.bp, registry_routes.bp, metrics_routes.bp)
-BALANCER_ROUTES = (*COMMON_ROUTES, node_routes.bp, endpoint_routes.bp, admin_routes.bp,
-                   hub_routes.bp, ws.bp, dashboard_routes.bp)
+# Every role answers the OpenAI API and the agents' APIs, /v0's manifests and status, and
+# /metrics.
+COMMON_ROUTES = (openai_routes.bp, dialect_routes.bp, registry_routes.bp, metrics_routes.bp)
+BALANCER_ROUTES = (*COMMON_ROUTES, node_routes.bp, endpoint_routes.bp, alias_routes.bp,
+                   admin_routes.bp, hub_routes.bp, ws.bp, dashboard_routes.bp)
 NODE_ROUTES = (*COMMON_ROUTES, node_routes.node_bp)  # no users, no dashboard
 
 HISTORY_PRUNE_SECONDS = 600.0
@@ -159,13 +166,22 @@ class _Parts:
                 blueprints: tuple[Blueprint, ...]) -> Runtime:
         """The balancer over the members there are, the hub, and what they leave behind."""
         settings, resolver = self.settings, self.resolver
+        front = self.registry is not None  # a balancer's: not a node's
+        providers = self.hosted_providers() if front else None
         cluster = Cluster(settings.cluster, self.registry, self.inflight, self.local,
-                          home=settings.files.home, pool_size=settings.server.concurrency)
+                          home=settings.files.home, pool_size=settings.server.concurrency,
+                          providers=providers)
         metrics = Metrics(settings.files.metrics_dir, cluster.describe)
         history = History(self.db, history_days)
         balancer = Balancer(settings.cluster, cluster, self.catalog,
                             lambda request: files_here(resolver, request) is not None,
-                            self.registry, on_done=observer(metrics, history))
+                            self.registry, on_done=observer(metrics, history),
+                            aliases=Aliases(self.db) if front else None)
+        responses = None
+        if front:  # nodes are stateless: their balancer keeps the Responses API's state
+            store = ResponseStore(self.db, settings.cluster.responses_retention_days)
+            responses = StoredResponses(store, balancer)
+            self.cluster_supervisor.add("responses-prune", HISTORY_PRUNE_SECONDS, store.prune)
         models = settings.models
         stats = HFStats(self.db, models.hf_endpoint, models.hf_token,
                         models.hf_stats_ttl_seconds, models.hub_timeout_seconds)
@@ -179,8 +195,23 @@ class _Parts:
         return Runtime(settings, summary, self.db, self.catalog, self.engines, resolver,
                        self.inflight, cluster, balancer, hub, events, metrics, history,
                        self.supervisor, self.cluster_supervisor, authenticator,
-                       self.instance_id, blueprints,
-                       self.registry, self.pool)
+                       self.instance_id, blueprints, self.registry, self.pool, responses,
+                       providers)
+
+    def hosted_providers(self) -> Providers:
+        """The hosted providers this balancer has keys for; their registry rows (made by
+        ``prepare_balancer``) kept in step, and their model lists checked, by
+        ``provider-check``."""
+        assert self.registry is not None
+        server, cluster = self.settings.server, self.settings.cluster
+        providers = Providers(self.settings.providers, pool_size=server.concurrency,
+                              connect_timeout=cluster.proxy_connect_timeout_seconds,
+                              read_timeout=cluster.proxy_read_timeout_seconds)
+        if providers.nodes:
+            self.supervisor.add("provider-check",
+                                self.settings.providers.provider_check_seconds,
+                                ProviderWatch(providers, self.registry))
+        return providers
 
 
 def observer(metrics: Metrics, history: History) -> Callable[[RequestRecord], None]:
@@ -203,8 +234,9 @@ def prepare_balancer(settings: Settings) -> None:
     """The state, migrated to the current schema (once, before any worker: a database that
     cannot be used is a SettingsError here, not a worker failing to boot); the key sealing
     endpoints' API keys, the one the other balancers of a shared state use; the first
-    dashboard admin, when there is no user yet (its password shown once)."""
-    users = settings.users
+    dashboard admin, when there is no user yet (its password shown once); a row for each
+    hosted provider it has a key for, so that its first request finds them."""
+    users, cluster = settings.users, settings.cluster
     try:
         db = open_state(settings.files)
     except StateUnavailable as exc:
@@ -212,6 +244,9 @@ def prepare_balancer(settings: Settings) -> None:
     try:
         check_at_start(settings.files.home, settings.files.endpoints_key, db)
         generated = auth.ensure_first_admin(db, users.admin_username, users.admin_password)
+        NodeRegistry(db, timeout=cluster.node_timeout_seconds, cooldown=cluster.cooldown_seconds,
+                     cooldown_max=cluster.cooldown_max_seconds).sync_providers(
+            configured(settings.providers))
     except StateUnavailable as exc:
         raise SettingsError(str(exc)) from None
     finally:

@@ -16,8 +16,10 @@ from flask import Blueprint
 from . import auth, errors
 from .balancer.inflight import InflightCounters
 from .balancer.members import Cluster
+from .balancer.providers import Providers
 from .balancer.proxy import Balancer
 from .balancer.registry import NodeRegistry
+from .balancer.stored_responses import StoredResponses
 from .catalog import Catalog
 from .config import Settings
 from .events import StatusEvents
@@ -79,6 +81,8 @@ class Runtime:
     blueprints: tuple[Blueprint, ...]
     registry: NodeRegistry | None = None  # where nodes and endpoints register
     pool: ModelPool | None = None  # where models run
+    responses: StoredResponses | None = None  # the Responses API's state (not on a node)
+    providers: Providers | None = None  # the hosted providers it has keys for
 
     def start(self) -> None:
         """Start serving in this process (each gunicorn worker): the periodic tasks, the
@@ -94,6 +98,8 @@ class Runtime:
         self.supervisor.stop()
         self.cluster_supervisor.stop()
         self.history.close()
+        if self.providers is not None:
+            self.providers.close()
         if self.pool is not None:
             self.pool.unload_all()
         self.inflight.close()

@@ -135,6 +135,18 @@ def long_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "onnx": make_llama_onnx(st, root / "onnx")}
 
 
+@pytest.fixture(scope="session")
+def brief_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny Llama with a 16k context that ends its answers after a few dozen tokens, keyed
+    by format: for agents (Codex, the Agents SDK) that send no output limit and wait for
+    the model to finish."""
+    from .tinymodels import make_llama_gguf, make_llama_safetensors
+
+    root = tmp_path_factory.mktemp("brief")
+    st = make_llama_safetensors(root / "st", max_position_embeddings=16384, brief=True)
+    return {"safetensors": st, "gguf": make_llama_gguf(st, root / "gguf" / "model.gguf")}
+
+
 def install(server: LiveServer, tiny: dict[str, Path], key: str, model_id: str) -> str:
     """Copy one of the tiny models into the server's models directory, as a user would."""
     src = tiny[key]

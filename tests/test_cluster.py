@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import openai
 import psycopg
 import pytest
 import requests
@@ -167,6 +168,53 @@ def test_two_balancers_act_as_one(balancers: Balancers) -> None:
     assert wait_for(lambda: requests.get(f"{two.url}/api/keys", cookies=cookie,
                                          timeout=10).status_code == 401,
                     10, "logout seen") < 2.0
+
+
+def test_two_balancers_share_stored_responses_and_aliases(balancers: Balancers) -> None:
+    """The agents' state (AG-1, AG-5) is the cluster's: a response stored through one balancer
+    is continued, read and deleted through the other; an alias set or removed on one is
+    routed by the other at once (its workers' caches told by NOTIFY)."""
+    one, two = balancers.start(), balancers.start()
+    admin = balancers.headers(balancers.admin)
+    with FakeOpenAI("plain", ("plain-model",)) as fake:
+        added = requests.post(f"{one.url}/v0/endpoints", headers=admin, timeout=30,
+                              json={"name": "plain", "base_url": fake.url})
+        assert added.status_code == 201, added.text
+        for b in (one, two):
+            wait_for(lambda b=b: balancers.chat(b.url, "plain-model").status_code == 200, 30,
+                     "the endpoint routed")
+        client_one, client_two = (openai.OpenAI(base_url=f"{b.url}/v1", api_key=balancers.api,
+                                                max_retries=0) for b in (one, two))
+
+        # An alias set on one balancer is routed by the other.
+        put = requests.put(f"{one.url}/v0/aliases/gpt-4o", headers=admin, timeout=10,
+                           json={"models": ["plain-model"]})
+        assert put.status_code == 200, put.text
+        assert wait_for(lambda: balancers.chat(two.url, "gpt-4o").status_code == 200, 10,
+                        "the alias seen") < 2.0
+
+        # A response stored through one is continued through the other.
+        first = client_one.responses.create(model="gpt-4o", input="Hi")
+        assert first.output_text == "hello from plain"
+        follow = client_two.responses.create(model="plain-model", input="And then?",
+                                             previous_response_id=first.id)
+        assert follow.previous_response_id == first.id
+        assert [m["content"] for m in fake.calls[-1]["messages"]] == [
+            "Hi", "hello from plain", "And then?"]
+        assert client_two.responses.retrieve(first.id).output_text == "hello from plain"
+        # ... and deleted through it: gone for both.
+        client_two.responses.delete(first.id)
+        with pytest.raises(openai.NotFoundError):
+            client_one.responses.retrieve(first.id)
+        with pytest.raises(openai.NotFoundError):
+            client_one.responses.create(model="plain-model", input="More",
+                                        previous_response_id=first.id)
+
+        # An alias removed on the other: gone for the first.
+        removed = requests.delete(f"{two.url}/v0/aliases/gpt-4o", headers=admin, timeout=10)
+        assert removed.status_code == 200, removed.text
+        assert wait_for(lambda: balancers.chat(one.url, "gpt-4o").status_code == 404, 10,
+                        "the alias removal seen") < 2.0
 
 
 def test_periodic_work_moves_when_its_holder_is_killed(balancers: Balancers) -> None:

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from llmlb import auth, sessions
+from llmlb.aliases import Aliases
 from llmlb.history import History, RequestRecord
 from llmlb.logins import LoginThrottle
+from llmlb.response_store import ResponseStore
 from llmlb.state import State, open_database, schema
 
 from .conftest import ENDPOINTS_KEY, ENGINES
@@ -132,6 +134,30 @@ def test_every_store_behaves_the_same_on_both_engines(state: State) -> None:
     assert state.hf_stats.all()["org/repo"]["downloads"] == 5
     assert auth.authenticate_key(state, second) is not None
 
+    responses = ResponseStore(state, retention_days=1)
+    answer = {"id": "resp_1", "model": "m", "output": [{"type": "message", "text": "é"}]}
+    responses.put("key:1", answer, [{"role": "user", "content": "Hi"}])
+    responses.put("key:1", answer, [{"role": "user", "content": "Hi again"}])  # replaced
+    stored = responses.get("resp_1", "key:1")
+    assert stored.response == answer and stored.input == [{"role": "user", "content": "Hi again"}]
+    assert responses.get("resp_1", "key:2") is None  # another key's: not there
+    assert not responses.delete("resp_1", "key:2")
+    assert responses.delete("resp_1", "key:1") and responses.get("resp_1", "key:1") is None
+    expired = ResponseStore(state, retention_days=-1)
+    expired.put("key:1", {"id": "resp_old"}, [])
+    assert expired.get("resp_old", "key:1") is None
+    expired.prune()
+    assert state.engine.execute("SELECT id FROM responses").fetchall() == []
+
+    aliases = Aliases(state)
+    aliases.set("gpt-4o", ["a", "b"])
+    aliases.set("gpt-4o", ["c"])
+    aliases.set("claude", ["d"])
+    assert aliases.all() == {"claude": ["d"], "gpt-4o": ["c"]}
+    assert aliases.resolve("gpt-4o") == ["c"] and aliases.resolve("c") is None
+    assert aliases.remove("gpt-4o") and not aliases.remove("gpt-4o")
+    assert aliases.resolve("gpt-4o") is None
+
 
 def wait_for(condition, timeout: float = 10.0) -> float:  # noqa: ANN001
     """Seconds until ``condition()`` held (polling), or fail."""
@@ -171,6 +197,39 @@ def test_a_revoked_key_and_an_ended_session_reach_the_other_cache(two_balancers)
     assert auth.authenticate_key(two, new) is None
     one.keys.insert("new", new[:10], auth._hash_key(new), "api", time.time())
     assert wait_for(lambda: auth.authenticate_key(two, new) is not None) < 2.0
+
+
+def test_an_alias_set_or_removed_reaches_the_other_cache(
+        two_balancers, monkeypatch: pytest.MonkeyPatch) -> None:
+    one, two = Aliases(two_balancers[0]), Aliases(two_balancers[1])
+    wait_for(lambda: two_balancers[1].engine.version("aliases") is not None)
+    assert two.resolve("gpt-4o") is None  # now in two's cache
+    one.set("gpt-4o", ["m"])
+    assert wait_for(lambda: two.resolve("gpt-4o") == ["m"]) < 2.0
+    statements = []
+    real = two_balancers[1].engine.execute
+    monkeypatch.setattr(two_balancers[1].engine, "execute",
+                        lambda *a: statements.append(a) or real(*a))
+    for _ in range(100):  # nothing changed: no round trip
+        assert two.resolve("gpt-4o") == ["m"]
+    assert statements == []
+    one.remove("gpt-4o")
+    assert wait_for(lambda: two.resolve("gpt-4o") is None) < 2.0
+
+
+def test_hosted_provider_rows_follow_the_keys_balancers_hold(two_balancers) -> None:
+    """Each balancer makes the rows of the providers it has keys for; one without a key leaves
+    the row of a shared state to the balancers that have it, and forgets it in a state of its
+    own (SQLite: a balancer alone)."""
+    from llmlb.balancer.registry import NodeRegistry
+
+    one, two = (NodeRegistry(s, timeout=10, cooldown=1, cooldown_max=10) for s in two_balancers)
+    one.sync_providers({"anthropic": "http://127.0.0.1:9/v1"})
+    one.sync_providers({"anthropic": "http://127.0.0.1:9/v1"})  # again: one row
+    assert [(r.name, r.kind) for r in two.nodes(fresh=True)] == [("anthropic", "provider")]
+    two.sync_providers({"openai": "http://127.0.0.1:9/v1"})
+    kept = {r.name for r in one.nodes(fresh=True)}
+    assert kept == ({"anthropic", "openai"} if two_balancers[0].shared else {"openai"})
 
 
 def test_a_known_key_is_read_from_the_cache_while_nothing_changes(
@@ -237,6 +296,8 @@ def test_db_copy_moves_an_sqlite_state_to_postgresql(llmlb_home: Path, make_serv
         old.client(api_key=key).chat.completions.create(model="nope", messages=[
             {"role": "user", "content": "hi"}])
     old.runtime.history.flush()
+    old.runtime.balancer.aliases.set("gpt-4o", ["m"])
+    ResponseStore(old.runtime.db, 1).put("key:1", {"id": "resp_1"}, [])
     old.stop()
 
     copy = [*llmlb_command(), "db", "copy", "--to", pg_url]
@@ -255,6 +316,8 @@ def test_db_copy_moves_an_sqlite_state_to_postgresql(llmlb_home: Path, make_serv
     history = requests.get(f"{new.url}/v0/requests", timeout=10,
                            headers={"Authorization": f"Bearer {admin}"}).json()["data"]
     assert [r["key_name"] for r in history][-1:] == ["ci"]
+    assert new.runtime.balancer.aliases.resolve("gpt-4o") == ["m"]
+    assert ResponseStore(new.runtime.db, 1).get("resp_1", "key:1") is not None
 
     again = subprocess.run(copy, capture_output=True, text=True)
     assert again.returncode != 0 and "already holds state" in again.stderr

@@ -14,6 +14,10 @@ they were checked), ``cooldown`` while a failure's cooldown runs, else ``online`
 double with each failure in a row up to a cap (or last a node's own Retry-After) and are
 shared by all workers through the table.
 
+External endpoints (``endpoints.py``) and hosted providers (``providers.py``) are rows too:
+their cooldowns and failures work as a node's, their reports are the balancer's own checks;
+a provider is ``online`` unless it cools down.
+
 Each worker keeps the rows it read for ``CACHE_SECONDS`` (the staleness a routing decision may
 have: reports, cooldowns), drops them at once when it writes a change itself, and when any
 worker of any balancer adds or removes a member (the state's ``MEMBERS`` topic).
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field
 
 from ..auth import same_secret
 from ..state import State
-from ..state.members import ENDPOINT, NODE, Row
+from ..state.members import ENDPOINT, NODE, PROVIDER, Row
 from ..urls import BadURL, check_url
 from .reports import EndpointReport, NodeReport, Report, ReportError
 
@@ -43,7 +47,7 @@ LOCAL_NAME = "local"  # the in-process node's name (X-LLMLB-Node: local): never 
 class NodeRecord:
     id: int
     name: str
-    kind: str  # "node" | "endpoint"
+    kind: str  # NODE | ENDPOINT | PROVIDER
     url: str
     secret: str | None = field(repr=False)
     report: Report
@@ -61,6 +65,8 @@ class NodeRecord:
     def status(self, now: float, timeout: float) -> str:
         if self.unusable is not None:
             return OFFLINE
+        if self.kind == PROVIDER:  # a hosted API: down only while a failure cools it down
+            return COOLDOWN if self.cooldown_until > now else ONLINE
         if isinstance(self.report, EndpointReport):
             # Its health comes from the balancer's own checks (EndpointWatch); a check that
             # has not run for three rounds (no supervisor) counts as a failed one.
@@ -80,13 +86,13 @@ Parsed = tuple[Report, frozenset[str], str | None]  # report, model ids, why unu
 def _parse_row(row: Row) -> Parsed:
     """A row's URL and report checked again as they are read (a row an older llmlb wrote
     may hold anything): a row that fails is unusable, never an exception for its reader."""
-    kind = row["kind"]
-    report: Report = EndpointReport(healthy=False) if kind == ENDPOINT else NodeReport()
+    checked = row["kind"] in (ENDPOINT, PROVIDER)  # by the balancer: an endpoint's report
+    report: Report = EndpointReport(healthy=False) if checked else NodeReport()
     unusable = None
     try:
         check_url(row["url"])
         raw = json.loads(row["report"])
-        report = EndpointReport.parse(raw) if kind == ENDPOINT else NodeReport.parse(raw)
+        report = EndpointReport.parse(raw) if checked else NodeReport.parse(raw)
     except BadURL as exc:
         unusable = f"its stored URL {exc}; forget it (DELETE /v0/nodes/{row['name']})"
     except (ValueError, ReportError) as exc:
@@ -98,7 +104,8 @@ def _parse_row(row: Row) -> Parsed:
 
 def _record(row: Row, parsed: Parsed) -> NodeRecord:
     report, models, unusable = parsed
-    return NodeRecord(row["id"], row["name"], ENDPOINT if row["kind"] == ENDPOINT else NODE,
+    return NodeRecord(row["id"], row["name"],
+                      row["kind"] if row["kind"] in (ENDPOINT, PROVIDER) else NODE,
                       row["url"], row["secret"], report, row["registered_at"], row["last_seen"],
                       row["failures"], row["cooldown_until"], row["last_error"], models,
                       row["credential"], unusable)
@@ -184,8 +191,9 @@ class NodeRegistry:
             raise taken
 
         def admit(row: Row | None) -> None:
-            if row is not None and row["kind"] == ENDPOINT:
-                raise NameTaken(name, "belongs to an external endpoint",
+            if row is not None and row["kind"] in (ENDPOINT, PROVIDER):
+                raise NameTaken(name, "belongs to an external endpoint" if row["kind"] ==
+                                ENDPOINT else "belongs to a hosted provider",
                                 "start the node with another --name")
             if row is not None and not same_secret(secret, row["secret"] or ""):
                 raise owned_elsewhere(name)
@@ -204,6 +212,19 @@ class NodeRegistry:
         self._invalidate()
         return self._record(row)
 
+    def sync_providers(self, providers: dict[str, str]) -> None:
+        """The hosted providers this balancer has keys for (name -> base URL) as rows of their
+        own, which carry their cooldowns, failures and model lists like any member's. On a
+        state of its own, the rows of providers no longer configured go; on a shared one they
+        stay (another balancer may hold their keys; this one skips them when routing). A name
+        a node or endpoint holds stays theirs (logged)."""
+        taken = self.members.sync_providers(providers, _dumps(EndpointReport(healthy=True)),
+                                            time.time(), forget_others=not self.db.shared)
+        for row in taken:
+            log.warning("The %s %s holds the name %s: the hosted provider of that name cannot "
+                        "be used until it is removed", row["kind"], row["name"], row["name"])
+        self._invalidate()
+
     def check_free(self, name: str) -> None:
         """Raises NameTaken unless an endpoint may take ``name`` now (checked again when it
         is stored)."""
@@ -214,7 +235,7 @@ class NodeRegistry:
             raise _used(name)
 
     def checked(self, node_id: int, report: EndpointReport) -> None:
-        """An endpoint's check result: a healthy one counts as a heartbeat."""
+        """An endpoint's (or a provider's) check result: a healthy one counts as a heartbeat."""
         self.members.checked(node_id, _dumps(report), time.time(),
                              None if report.healthy else (report.error or "failed check")[:500])
         self._invalidate()

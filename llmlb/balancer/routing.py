@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from ..dialects import MESSAGES, RESPONSES
 from .upstream import CHAT, COMPLETION
 
 T = TypeVar("T")
@@ -43,11 +44,26 @@ def _text(content: object) -> str:
     return ""
 
 
+def _dialect_messages(operation: str, payload: dict) -> object:
+    """The Responses and Messages APIs' turns as chat's ``messages`` are hashed: the system
+    prompt (``instructions``, ``system``) first, then the items or messages."""
+    if operation == RESPONSES:
+        system, turns = payload.get("instructions"), payload.get("input")
+        if isinstance(turns, str):
+            turns = [{"role": "user", "content": turns}]
+    else:
+        system, turns = payload.get("system"), payload.get("messages")
+    if not isinstance(turns, list):
+        return None
+    return ([{"role": "system", "content": system}] if system else []) + turns
+
+
 def conversation_key(operation: str, model_id: str, payload: dict) -> int | None:
     """A hash shared by the turns of one conversation, or None (embeddings)."""
     h = hashlib.blake2b(model_id.encode(), digest_size=8)
-    if operation == CHAT:
-        messages = payload.get("messages")
+    if operation in (CHAT, RESPONSES, MESSAGES):
+        messages = (payload.get("messages") if operation == CHAT
+                    else _dialect_messages(operation, payload))
         if not isinstance(messages, list) or not messages:
             return None
         # The system prompt and first user message: what every later turn starts with.

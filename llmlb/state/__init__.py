@@ -1,10 +1,11 @@
 """The shared state of llmlb behind one interface: every fact all workers, and all balancers,
 must agree on — users, API keys, session versions, failed logins, the request history, the
-hub's pulls and stats, small settings, and the node registry.
+hub's pulls and stats, small settings, the node registry, and the agents' APIs' stored
+responses and model aliases.
 
 Two engines implement it (``engine.Engine``): SQLite, embedded, the default
 (``LLMLB_DATABASE``, one host), and PostgreSQL when ``LLMLB_DATABASE_URL=postgresql://…`` is
-set (any number of balancers). The stores (``accounts.py``, ``records.py``, ``members.py``)
+set (any number of balancers). The stores (``accounts.py``, ``records.py``, ``members.py``, ``agents.py``)
 hold the SQL, written once for both; nothing outside this package knows which engine runs
 (an import contract in setup.cfg keeps the engines' modules to it). A test that must write a
 row as an older llmlb would goes through ``engine``.
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .accounts import Keys, LoginFailures, Meta, Users
+from .agents import Aliases, Responses
 from .engine import Engine, LeaderLock, StateUnavailable, Tx
 from .members import Members
 from .records import HubStats, Registrations, Requests
@@ -38,11 +40,14 @@ class State:
     registrations: Registrations
     hf_stats: HubStats
     members: Members
+    responses: Responses
+    aliases: Aliases
 
     @classmethod
     def on(cls, engine: Engine) -> State:
         return cls(engine, Meta(engine), Keys(engine), Users(engine), LoginFailures(engine),
-                   Requests(engine), Registrations(engine), HubStats(engine), Members(engine))
+                   Requests(engine), Registrations(engine), HubStats(engine), Members(engine),
+                   Responses(engine), Aliases(engine))
 
     @property
     def description(self) -> str:

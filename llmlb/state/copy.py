@@ -1,13 +1,15 @@
 """``llmlb db copy``: an SQLite state moved into PostgreSQL, whole — keys (hashed, so they
 keep working), users and their sessions' versions, the request history, the hub's records,
-the node registry, small settings (the dashboard's signing key among them) — in one
-transaction on the target, ids kept, so nothing half-copied is ever seen.
+the node registry, stored responses and model aliases, small settings (the dashboard's
+signing key among them) — in one transaction on the target, ids kept, so nothing
+half-copied is ever seen.
 """
 
 from __future__ import annotations
 
 from . import State, schema
 from .accounts import KEYS, USERS
+from .agents import ALIASES
 from .members import MEMBERS
 
 BATCH = 10_000
@@ -42,6 +44,7 @@ def copy_state(source: State, target: State, *, force: bool = False) -> dict[str
         tx.changed(KEYS)
         tx.changed(USERS)
         tx.changed(MEMBERS)
+        tx.changed(ALIASES)
     return counts
 
 

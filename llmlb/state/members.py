@@ -1,5 +1,5 @@
-"""The balancer's members: nodes and external endpoints (the ``nodes`` table, one row per
-name), their reports, failures and cooldowns; and which member pulls a model nobody has yet
+"""The balancer's members: nodes, external endpoints and hosted providers (the ``nodes``
+table, one row per name), their reports, failures and cooldowns; and which member pulls a model nobody has yet
 (``pulls``, one row per model across the cluster). The SQL only; what the rows mean, who may
 take a name and how long a cooldown lasts are ``balancer/registry.py``'s.
 
@@ -15,8 +15,8 @@ from collections.abc import Callable, Collection, Hashable
 
 from .engine import Engine, Row
 
-MEMBERS = "nodes"  # the change topic: a node or endpoint added or removed
-NODE, ENDPOINT = "node", "endpoint"
+MEMBERS = "nodes"  # the change topic: a node, endpoint or provider added or removed
+NODE, ENDPOINT, PROVIDER = "node", "endpoint", "provider"
 
 #: called with a name's row (None: the name is free) before it is registered or heartbeats;
 #: raises to refuse, which leaves everything as it was
@@ -76,6 +76,36 @@ class Members:
                 (name, ENDPOINT, url, credential, report, now, now)).fetchone()
             tx.changed(MEMBERS)
         return row
+
+    def sync_providers(self, providers: dict[str, str], report: str, now: float, *,
+                       forget_others: bool) -> list[Row]:
+        """A row for each hosted provider in ``providers`` (name -> base URL) that lacks one,
+        its URL brought up to date; with ``forget_others``, the rows of other providers go.
+        Returns the rows of other kinds that hold one of these names."""
+        taken = []
+        with self.engine.transaction() as tx:
+            tx.lock("providers")
+            rows = {r["name"]: r for r in tx.execute("SELECT name, kind, url FROM nodes")
+                    if r["kind"] == PROVIDER or r["name"] in providers}
+            changed = False
+            for name, row in rows.items():
+                if forget_others and row["kind"] == PROVIDER and name not in providers:
+                    tx.execute("DELETE FROM nodes WHERE name = ?", (name,))
+                    changed = True
+            for name, url in providers.items():
+                row = rows.get(name)
+                if row is None:
+                    tx.execute("INSERT INTO nodes (name, kind, url, report, registered_at, "
+                               "last_seen) VALUES (?, ?, ?, ?, ?, ?)",
+                               (name, PROVIDER, url, report, now, now))
+                    changed = True
+                elif row["kind"] != PROVIDER:
+                    taken.append(row)
+                elif row["url"] != url:
+                    tx.execute("UPDATE nodes SET url = ? WHERE name = ?", (url, name))
+            if changed:
+                tx.changed(MEMBERS)
+        return taken
 
     def remove(self, name: str) -> bool:
         """Forget the member (its pulls with it), which frees its name."""

@@ -113,6 +113,25 @@ SQLITE: tuple[str, ...] = (
     """
     CREATE TABLE IF NOT EXISTS changes (topic TEXT PRIMARY KEY, version INTEGER NOT NULL);
     """,
+    # The agents' APIs (agents.py): stored responses of the Responses API, with the whole
+    # input each answered (previous_response_id continues from it); model aliases.
+    """
+    CREATE TABLE IF NOT EXISTS responses (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        model TEXT,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        input TEXT NOT NULL,
+        response TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS responses_expires_at ON responses(expires_at);
+    CREATE TABLE IF NOT EXISTS aliases (
+        name TEXT PRIMARY KEY,
+        models TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 )
 
 # PostgreSQL starts at SQLite's version 7, in its own types: ids are identity columns,
@@ -191,12 +210,30 @@ POSTGRES: tuple[str, ...] = (
     );
     CREATE INDEX requests_at ON requests(at);
     """,
+    # SQLite's version 8.
+    """
+    CREATE TABLE responses (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        model TEXT,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        input TEXT NOT NULL,
+        response TEXT NOT NULL
+    );
+    CREATE INDEX responses_expires_at ON responses(expires_at);
+    CREATE TABLE aliases (
+        name TEXT PRIMARY KEY,
+        models TEXT NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
+    );
+    """,
 )
 
 # Every table of the state, in an order that copies cleanly; those with an identity ``id``
 # (whose sequence must continue after a copy).
 TABLES = ("meta", "api_keys", "users", "registrations", "hf_stats", "login_failures", "nodes",
-          "pulls", "requests")
+          "pulls", "requests", "responses", "aliases")
 IDENTITY_TABLES = ("api_keys", "users", "nodes", "requests")
 
 
