@@ -17,6 +17,9 @@ export CMAKE_ARGS ?= $(LLAMA_CMAKE_ARGS)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 ARGS ?=
+# The coding agents tests/test_coding_agents.py drives, from npm into a project-local prefix.
+NPM_TOOLS := .npm-tools
+AGENT_CLIS := @anthropic-ai/claude-code@2.1 @openai/codex@0.171
 
 .PHONY: run test install lint bench clean
 
@@ -44,6 +47,12 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	@# PostgreSQL for the shared-state tests (started by the tests themselves, as nobody).
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq postgresql; }
+	@# Claude Code and Codex CLI (tests/test_coding_agents.py) run from $(NPM_TOOLS)/, never
+	@# installed globally; without npm those tests skip and say why.
+	command -v npm >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq npm; } || true
+	command -v npm >/dev/null && npm install --prefix $(NPM_TOOLS) --no-audit --no-fund \
+		--loglevel=error $(AGENT_CLIS) || echo "npm: the coding agent CLIs are not installed"
 	touch $@
 
 run: $(VENV)/.installed
@@ -71,8 +80,11 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/balancer.py
 	$(BIN)/python bench/affinity.py
 	$(BIN)/python bench/endpoints.py
+	$(BIN)/python bench/state_lookup.py
+	$(BIN)/python bench/ha.py
 	$(BIN)/python bench/json_schema.py
+	$(BIN)/python bench/dialects.py
 	$(BIN)/python bench/soak.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info test-artifacts bench/.work
+	rm -rf $(VENV) build *.egg-info test-artifacts bench/.work $(NPM_TOOLS)

@@ -69,12 +69,12 @@ def start_cluster(affinity: bool, model: Path, tag: str, code: Path | None = Non
                   ) -> tuple[list, str, str]:
     sys.path.insert(0, str(REPO))
     from llmlb.auth import create_api_key
-    from llmlb.db import Database
+    from llmlb.state import open_database
 
     home = WORK / f"{tag}-balancer"
     shutil.rmtree(WORK / tag, ignore_errors=True)
     shutil.rmtree(home, ignore_errors=True)
-    db = Database(home / "llmlb.db")
+    db = open_database(home / "llmlb.db")
     api, _ = create_api_key(db, "bench", "api")
     admin, _ = create_api_key(db, "admin", "admin")
     node_key, _ = create_api_key(db, "nodes", "node")

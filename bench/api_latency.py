@@ -305,8 +305,9 @@ def main() -> None:
     except RuntimeError as exc:
         if "database is locked" not in str(exc):
             raise
-        # Two workers creating a fresh SQLite database at once can lose the race for
-        # "PRAGMA journal_mode=WAL" (llmlb/db.py); the database exists now, so try once more.
+        # Two workers creating a fresh SQLite database at once could lose the race for
+        # "PRAGMA journal_mode=WAL" (before llmlb/state/sqlite.py set it up under a file
+        # lock, in the master); the database exists now, so try once more.
         print("WARNING: gunicorn failed to boot: a worker got 'database is locked' while "
               "creating the database (first-start race); starting it again", flush=True)
         info["boot_retried"] = True

@@ -57,10 +57,10 @@ def start_balancer_with_endpoint(home: Path, port: int, upstream_port: int, log:
     import requests
 
     from llmlb.auth import create_api_key
-    from llmlb.db import Database
+    from llmlb.state import open_database
 
     shutil.rmtree(home, ignore_errors=True)
-    db = Database(home / "llmlb.db")
+    db = open_database(home / "llmlb.db")
     api, _ = create_api_key(db, "bench", "api")
     admin, _ = create_api_key(db, "bench-admin", "admin")
     db.close()
@@ -112,15 +112,15 @@ def _outcome(i: int, pid: int = 0):  # noqa: ANN202 - a RequestRecord
 def part_accounting(n: int, relay_rps: float | None) -> dict:
     from llmlb.balancer.accounting import Watch
     from llmlb.balancer.upstream import json_response
-    from llmlb.db import Database
     from llmlb.history import History
     from llmlb.metrics import Metrics
     from llmlb.roles import observer
+    from llmlb.state import open_database
 
     tmp = Path(tempfile.mkdtemp(prefix="llmlb-bench-accounting-"))
     try:
         metrics = Metrics(tmp / "metrics", lambda: [])
-        history = History(Database(tmp / "llmlb.db"), 7)
+        history = History(open_database(tmp / "llmlb.db"), 7)
         done = observer(metrics, history)
         answer = json_response(200, {"id": "x", "object": "chat.completion", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": "Hello there!"}}],

@@ -150,7 +150,9 @@ def make_keys(home: Path, code: Path | None) -> dict[str, str]:
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
     script = ("import json, sys; from pathlib import Path; from llmlb.auth import "
-              "create_api_key; from llmlb.db import Database; db = Database(Path(sys.argv[1]));"
+              "create_api_key\ntry:\n    from llmlb.state import open_database\nexcept ImportError:"
+              "  # a commit before the shared state\n    from llmlb.db import Database as "
+              "open_database\ndb = open_database(Path(sys.argv[1]));"
               "print(json.dumps({s: create_api_key(db, 'bench-' + s, s)[0] for s in "
               "('api', 'admin', 'node')})); db.close()")
     out = subprocess.run([sys.executable, "-c", script, str(home / "llmlb.db")],

@@ -6,7 +6,8 @@ possible.
   ``"stream": true``, ``--tokens`` SSE chunks ``--token-delay`` seconds apart (chunked), ending
   with ``data: [DONE]``.
 - ``GET /v1/models`` lists ``bench-model`` (what the balancer checks of an endpoint); any
-  other ``GET`` answers ``{"status":"ok"}``.
+  other ``GET`` answers ``{"status":"ok"}``; any other ``POST`` is a 404, as a server that
+  speaks only chat completions answers ``/v1/responses`` or ``/v1/messages``.
 
 Run: ``python bench/upstream.py --port 9101 [--tokens 20 --token-delay 0.5]``; it prints
 ``ready`` when it listens.
@@ -26,6 +27,8 @@ COMPLETION = json.dumps({
     "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12},
 }, separators=(",", ":")).encode()
 HEALTH = b'{"status":"ok"}'
+NOT_FOUND = (b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 22\r\n\r\n" + b'{"detail":"Not Found"}')
 
 
 def response(body: bytes, content_type: bytes = b"application/json") -> bytes:
@@ -80,6 +83,8 @@ class Upstream(asyncio.Protocol):
                 self.transport.write(MODELS)
             elif head.startswith(b"GET"):
                 self.transport.write(HEALTHY)
+            elif not head.startswith(b"POST /v1/chat/completions "):
+                self.transport.write(NOT_FOUND)
             elif b'"stream":true' in body.replace(b" ", b""):
                 self.streaming = True
                 asyncio.ensure_future(self.stream())

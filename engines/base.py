@@ -213,6 +213,18 @@ class InvalidPrompt(EngineError):
         self.param = param
 
 
+class ContextOverflow(InvalidPrompt):
+    """The prompt does not fit the model's context: ``prompt_tokens`` (a lower bound when
+    ``at_least``: counting stopped once it was certain) against ``context_length``."""
+
+    def __init__(self, prompt_tokens: int, context_length: int, at_least: bool = False) -> None:
+        more = "at least " if at_least else ""
+        super().__init__(f"the prompt has {more}{prompt_tokens} tokens; this model's context "
+                         f"holds {context_length}")
+        self.prompt_tokens, self.context_length, self.at_least = (
+            prompt_tokens, context_length, at_least)
+
+
 def nvidia_driver_present() -> bool:
     """Whether an NVIDIA driver is installed (libraries may list CUDA support without one)."""
     import ctypes
@@ -228,8 +240,7 @@ def token_budget(prompt_tokens: int, context_length: int, max_tokens: int | None
     """How many tokens may be generated after a prompt; InvalidPrompt if it fills the context."""
     room = context_length - prompt_tokens
     if room <= 0:
-        raise InvalidPrompt(f"the prompt has {prompt_tokens} tokens; this model's context "
-                            f"holds {context_length}")
+        raise ContextOverflow(prompt_tokens, context_length)
     return room if max_tokens is None else min(max_tokens, room)
 
 

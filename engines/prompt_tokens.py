@@ -24,7 +24,7 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from .base import InvalidPrompt
+from .base import ContextOverflow
 from .textgen import plain_messages
 
 
@@ -90,8 +90,7 @@ class SpecialTokens:
             else:
                 ids.extend(encode_text(piece))
             if context_length is not None and len(ids) > context_length:
-                raise InvalidPrompt(f"the prompt has more than {len(ids) - 1} tokens; this "
-                                    f"model's context holds {context_length}")
+                raise ContextOverflow(len(ids), context_length, at_least=True)
         return ids
 
 
@@ -101,8 +100,7 @@ def refuse_if_too_long(text: str, max_token_bytes: int, context_length: int) -> 
     context (a megabyte of text costs nothing to refuse)."""
     at_least = len(text.encode("utf-8", errors="replace")) // max(1, max_token_bytes)
     if at_least > context_length:
-        raise InvalidPrompt(f"the prompt has at least {at_least} tokens; this model's context "
-                            f"holds {context_length}")
+        raise ContextOverflow(at_least, context_length, at_least=True)
 
 
 def hf_max_token_bytes(tokenizer) -> int:  # noqa: ANN001 - tokenizers.Tokenizer

@@ -113,5 +113,5 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         log.warning("=" * 72)
     log.info("llmlb ready (%s): models in %s, catalog %s (%d models), database %s",
              rt.summary, settings.models.models_dir, settings.files.supported_models,
-             len(rt.catalog.models()), settings.files.database)
+             len(rt.catalog.models()), rt.db.description)
     return app

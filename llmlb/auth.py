@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from .config import MIN_PASSWORD_LENGTH
-from .db import Database
+from .state import State
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ SCOPES = ("api", "node", "admin")
 DEV_API_KEY = "sk_debug"
 DEV_USERNAME, DEV_PASSWORD = "admin", "test"
 _LAST_USED_EVERY = 60.0  # seconds between last_used_at writes for one key
-_SQLITE_MAX_ROWID = 2**63 - 1
+_MAX_ID = 2**63 - 1  # the largest id either engine stores (SQLite rowid, BIGINT)
 
 
 class UserError(ValueError):
@@ -77,33 +77,26 @@ def parse_scopes(scopes: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return cleaned
 
 
-def create_api_key(db: Database, name: str, scopes: str | list[str]) -> tuple[str, KeyRecord]:
+def create_api_key(db: State, name: str, scopes: str | list[str]) -> tuple[str, KeyRecord]:
     """Create a key; the plaintext is returned once and never stored."""
     scope_tuple = parse_scopes(scopes)
     key = "sk-" + secrets.token_urlsafe(32)
     now = time.time()
-    with db.transaction() as conn:
-        cur = conn.execute(
-            "INSERT INTO api_keys(name, prefix, key_hash, scopes, created_at) VALUES (?,?,?,?,?)",
-            (name, key[:10], _hash_key(key), ",".join(scope_tuple), now))
-        key_id = cur.lastrowid
+    key_id = db.keys.insert(name, key[:10], _hash_key(key), ",".join(scope_tuple), now)
     return key, KeyRecord(key_id, name, key[:10], scope_tuple, now, None, False)
 
 
-def list_api_keys(db: Database) -> list[KeyRecord]:
-    rows = db.conn().execute("SELECT * FROM api_keys ORDER BY id").fetchall()
+def list_api_keys(db: State) -> list[KeyRecord]:
     return [KeyRecord(r["id"], r["name"], r["prefix"], tuple(r["scopes"].split(",")),
                       r["created_at"], r["last_used_at"], r["revoked_at"] is not None)
-            for r in rows]
+            for r in db.keys.all()]
 
 
-def revoke_api_key(db: Database, key_id: int) -> bool:
-    if not 0 < key_id <= _SQLITE_MAX_ROWID:  # no such row can exist (and SQLite would raise)
+def revoke_api_key(db: State, key_id: int) -> bool:
+    """Revoke a key: refused by every worker of every balancer within 2 seconds."""
+    if not 0 < key_id <= _MAX_ID:  # no such row can exist (and the database would raise)
         return False
-    with db.transaction() as conn:
-        cur = conn.execute("UPDATE api_keys SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
-                           (time.time(), key_id))
-        return cur.rowcount == 1
+    return db.keys.revoke(key_id, time.time())
 
 
 def same_secret(given: str, expected: str) -> bool:
@@ -113,17 +106,17 @@ def same_secret(given: str, expected: str) -> bool:
                                expected.encode("utf-8", "surrogatepass"))
 
 
-def authenticate_key(db: Database, key: str, *, dev: bool = False) -> Principal | None:
+def authenticate_key(db: State, key: str, *, dev: bool = False) -> Principal | None:
+    """The key's principal (from this worker's cache while no key changed), or None."""
     if dev and same_secret(key, DEV_API_KEY):
         return Principal("dev", "sk_debug", frozenset(SCOPES))
-    row = db.conn().execute(
-        "SELECT id, name, scopes, last_used_at FROM api_keys "
-        "WHERE key_hash=? AND revoked_at IS NULL", (_hash_key(key),)).fetchone()
+    key_hash = _hash_key(key)
+    row = db.keys.active(key_hash)
     if row is None:
         return None
     now = time.time()
     if row["last_used_at"] is None or now - row["last_used_at"] > _LAST_USED_EVERY:
-        db.conn().execute("UPDATE api_keys SET last_used_at=? WHERE id=?", (now, row["id"]))
+        db.keys.touch(key_hash, row["id"], now)
     return Principal("key", row["name"], frozenset(row["scopes"].split(",")), row["id"])
 
 
@@ -155,45 +148,33 @@ def check_username(username: str) -> None:
                         f"spaces, not {username!r}")
 
 
-def create_user(db: Database, username: str, password: str) -> bool:
+def create_user(db: State, username: str, password: str) -> bool:
     """Create a user unless the name exists; True when created."""
     check_username(username)
     check_password(password)
-    with db.transaction() as conn:
-        cur = conn.execute(
-            "INSERT OR IGNORE INTO users(username, password_hash, created_at) VALUES (?,?,?)",
-            (username, generate_password_hash(password), time.time()))
-        return cur.rowcount == 1
+    return db.users.create(username, generate_password_hash(password), time.time())
 
 
-def set_password(db: Database, username: str, password: str) -> bool:
+def set_password(db: State, username: str, password: str) -> bool:
     """Change an existing user's password (False: no such user); every session of the user
     ends with the old one."""
     check_password(password)
-    with db.transaction() as conn:
-        cur = conn.execute("UPDATE users SET password_hash=?, "
-                           "session_version=session_version+1 WHERE username=?",
-                           (generate_password_hash(password), username))
-        return cur.rowcount == 1
+    return db.users.set_password(username, generate_password_hash(password))
 
 
-def list_users(db: Database) -> list[UserRecord]:
-    rows = db.conn().execute("SELECT username, created_at FROM users ORDER BY id").fetchall()
-    return [UserRecord(r["username"], r["created_at"]) for r in rows]
+def list_users(db: State) -> list[UserRecord]:
+    return [UserRecord(r["username"], r["created_at"]) for r in db.users.all()]
 
 
-def delete_user(db: Database, username: str) -> bool:
+def delete_user(db: State, username: str) -> bool:
     """Delete a user (False: no such user), which ends their sessions; the last user is
     refused (UserError)."""
-    with db.transaction() as conn:
-        if conn.execute("SELECT 1 FROM users WHERE username=?", (username,)).fetchone() is None:
-            return False
-        if conn.execute("SELECT COUNT(*) FROM users").fetchone()[0] <= 1:
-            raise UserError(f"'{username}' is the last user: every user is an admin, and "
-                            "without one nobody can log in to the dashboard. Create another "
-                            "first (llmlb users create NAME)")
-        conn.execute("DELETE FROM users WHERE username=?", (username,))
-        return True
+    deleted = db.users.delete(username)
+    if deleted is None:
+        raise UserError(f"'{username}' is the last user: every user is an admin, and "
+                        "without one nobody can log in to the dashboard. Create another "
+                        "first (llmlb users create NAME)")
+    return deleted
 
 
 @functools.cache
@@ -201,27 +182,25 @@ def _dummy_hash() -> str:
     return generate_password_hash(secrets.token_urlsafe(16))
 
 
-def check_login(db: Database, username: str, password: str, *, dev: bool = False,
+def check_login(db: State, username: str, password: str, *, dev: bool = False,
                 ) -> Principal | None:
     if dev and username == DEV_USERNAME and same_secret(password, DEV_PASSWORD):
         return Principal("dev", DEV_USERNAME, frozenset(SCOPES))
-    row = db.conn().execute("SELECT password_hash FROM users WHERE username=?",
-                            (username,)).fetchone()
+    stored = db.users.password_hash(username)
     # An unknown user costs the same slow hash as a known one: the answer's timing must not
     # tell which user names exist.
-    stored = row["password_hash"] if row is not None else _dummy_hash()
-    if not check_password_hash(stored, password) or row is None:
+    if not check_password_hash(stored or _dummy_hash(), password) or stored is None:
         return None
     return Principal("user", username, frozenset(SCOPES))
 
 
-def ensure_first_admin(db: Database, username: str, password: str | None) -> str | None:
+def ensure_first_admin(db: State, username: str, password: str | None) -> str | None:
     """Create the first admin when there is no user yet.
 
     Returns the generated password when one was made (to print once), else None. Safe to call
     from every worker: only the one whose insert wins creates the user.
     """
-    if db.conn().execute("SELECT 1 FROM users LIMIT 1").fetchone():
+    if db.users.exist():
         return None
     generated = None if password else secrets.token_urlsafe(12)
     created = create_user(db, username, password or generated)

@@ -1,4 +1,5 @@
-"""The ``llmlb`` command: ``serve``, ``node``, ``keys``, ``endpoints``, ``users``, ``models``."""
+"""The ``llmlb`` command: ``serve``, ``node``, ``keys``, ``endpoints``, ``aliases``, ``users``,
+``db``, ``models``."""
 
 from __future__ import annotations
 
@@ -118,12 +119,16 @@ def keys() -> None:
 
 
 def _db(home: str | None, database: str | None):
-    from .db import Database
+    """The state this llmlb uses (LLMLB_DATABASE_URL, else the SQLite file)."""
     from .private_files import private_dir
+    from .state import StateUnavailable, open_state
 
     settings = _settings({"home": home, "database": database})
     private_dir(settings.files.home)
-    return Database(settings.files.database)
+    try:
+        return open_state(settings.files)
+    except StateUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 _db_flags = [click.option("--home", default=None, help="LLMLB_HOME to use."),
@@ -281,6 +286,58 @@ def endpoints_remove(name: str, home: str | None, database: str | None) -> None:
     click.echo(f"Removed endpoint {name}")
 
 
+# --- aliases ---------------------------------------------------------------------------------
+
+@main.group()
+def aliases() -> None:
+    """Model aliases: a name agents use (claude-sonnet-4-5, gpt-4o) standing for a list of
+    models; the first that can serve answers, the next when one fails before answering. Run
+    on the balancer's machine with its LLMLB_HOME (or LLMLB_DATABASE_URL); every worker sees
+    a change at once."""
+
+
+def _aliases(home: str | None, database: str | None):  # noqa: ANN202 - Aliases
+    from .aliases import Aliases
+
+    return Aliases(_db(home, database))
+
+
+@aliases.command("set")
+@click.argument("name")
+@click.argument("models", nargs=-1, required=True)
+@db_flags
+def aliases_set(name: str, models: tuple[str, ...], home: str | None,
+                database: str | None) -> None:
+    """Make NAME stand for MODELS (in the order they are tried); replaces what it stood for."""
+    from .aliases import alias_spec
+    from .errors import APIError
+
+    try:
+        name, targets = alias_spec(name, list(models))
+    except APIError as exc:
+        raise click.ClickException(exc.message) from None
+    _aliases(home, database).set(name, targets)
+    click.echo(f"{name} -> {', '.join(targets)}")
+
+
+@aliases.command("list")
+@db_flags
+def aliases_list(home: str | None, database: str | None) -> None:
+    """List aliases: name, then the models in order."""
+    for name, targets in _aliases(home, database).all().items():
+        click.echo(f"{name}\t{','.join(targets)}")
+
+
+@aliases.command("remove")
+@click.argument("name")
+@db_flags
+def aliases_remove(name: str, home: str | None, database: str | None) -> None:
+    """Remove an alias."""
+    if not _aliases(home, database).remove(name.lower()):
+        raise click.ClickException(f"no alias named {name}")
+    click.echo(f"Removed alias {name}")
+
+
 # --- users --------------------------------------------------------------------------------------
 
 @main.group()
@@ -351,6 +408,52 @@ def users_delete(username: str, home: str | None, database: str | None) -> None:
     if not _user_change(delete_user, _db(home, database), username):
         raise click.ClickException(f"no user named '{username}'")
     click.echo(f"Deleted user {username}")
+
+
+# --- db -----------------------------------------------------------------------------------------
+
+@main.group("db")
+def database_group() -> None:
+    """The state's database."""
+
+
+@database_group.command("copy")
+@click.option("--to", "to_url", required=True, metavar="URL",
+              help="The PostgreSQL database to copy into (postgresql://user@host/db).")
+@click.option("--force", is_flag=True, help="Replace whatever the target already holds.")
+@db_flags
+def db_copy(to_url: str, force: bool, home: str | None, database: str | None) -> None:
+    """Copy the SQLite state (keys, users, history, nodes, endpoints, pulls, settings) into
+    PostgreSQL, for balancers started with LLMLB_DATABASE_URL=URL. Stop the balancer first:
+    what it writes meanwhile would not be copied."""
+    from .state import StateUnavailable, open_database
+    from .state.copy import TargetNotEmpty, copy_state
+    from .state.postgres import describe_url
+
+    if not to_url.startswith(("postgresql://", "postgres://")):
+        raise click.UsageError("--to must be a postgresql:// URL")
+    settings = _settings({"home": home, "database": database})
+    if not settings.files.database.is_file():
+        raise click.ClickException(f"no SQLite database at {settings.files.database}")
+    source = open_database(settings.files.database)
+    try:
+        target = open_database(to_url)
+    except StateUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        counts = copy_state(source, target, force=force)
+    except TargetNotEmpty as exc:
+        raise click.ClickException(f"{describe_url(to_url)} already holds state (in "
+                                   f"{exc}); --force replaces it") from None
+    finally:
+        source.close()
+        target.close()
+    click.echo(f"Copied {settings.files.database} to {describe_url(to_url)}: " + ", ".join(
+        f"{n} {table}" for table, n in counts.items() if n))
+    key_file = settings.files.home / "endpoints.key"
+    if key_file.exists():
+        click.echo(f"Endpoints' API keys stay sealed with {key_file}: give every balancer that "
+                   "file, or its content as LLMLB_ENDPOINTS_KEY.", err=True)
 
 
 # --- models -------------------------------------------------------------------------------------

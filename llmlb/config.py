@@ -138,6 +138,26 @@ class FileSettings:
     database: Path = setting("LLMLB_DATABASE", None,
                              "SQLite database file (default: $LLMLB_HOME/llmlb.db).",
                              flag="--database")
+    database_url: str | None = setting(
+        "LLMLB_DATABASE_URL", None,
+        "PostgreSQL URL (postgresql://user:password@host/db) holding the shared state "
+        "instead of the SQLite file, so that several balancers act as one.",
+        flag="--database-url", commands=("serve",), roles=FRONT)
+    database_pool_size: int | None = setting(
+        "LLMLB_DATABASE_POOL_SIZE", None,
+        "PostgreSQL connections each worker keeps at most (default: its threads, at most "
+        "10); each worker also holds one to listen for changes and one for the leader "
+        "lock.", roles=FRONT)
+    database_timeout_seconds: float = setting(
+        "LLMLB_DATABASE_TIMEOUT_SECONDS", 3.0,
+        "Longest wait for PostgreSQL (connecting, a free pooled connection, a row lock); "
+        "past it a request gets 503 state_unavailable.", roles=FRONT)
+    endpoints_key: str | None = setting(
+        "LLMLB_ENDPOINTS_KEY", None,
+        "The key (Fernet, URL-safe base64) sealing endpoints' API keys in the database, "
+        "written to $LLMLB_HOME/endpoints.key at start (default: that file, made on first "
+        "use). Balancers sharing a PostgreSQL state need the same one, which the database "
+        "never holds.", roles=FRONT)
     supported_models: Path = setting(
         "LLMLB_SUPPORTED_MODELS", None,
         "Catalog file (default: the supported_models.json shipped with llmlb).",
@@ -236,7 +256,9 @@ class NodeSettings:
     balancer_url: str | None = setting(
         "LLMLB_BALANCER_URL", None,
         "Balancer a node registers with and may fetch model files through "
-        "(/v1/models/blob/...).", flag="--balancer-url")
+        "(/v1/models/blob/...); several balancers sharing one state, comma-separated: the "
+        "node sends its heartbeats to the first that answers and moves on to the next when "
+        "it fails.", flag="--balancer-url")
     node_api_key: str | None = setting(
         "LLMLB_NODE_API_KEY", None, "API key with the node scope, used against the balancer.")
     node_name: str = setting(
@@ -247,6 +269,11 @@ class NodeSettings:
         "LLMLB_ADVERTISE_URL", None,
         "How the balancer reaches this node (default: http://<host>:<port>).",
         flag="--advertise-url", commands=("node",))
+
+    @property
+    def balancer_urls(self) -> tuple[str, ...]:
+        """The balancers, in the order given."""
+        return tuple(url for url in (self.balancer_url or "").split(",") if url)
 
 
 @dataclass(frozen=True)
@@ -304,6 +331,44 @@ class ClusterSettings:
         "LLMLB_HISTORY_RETENTION_DAYS", 7.0,
         "How long the request history (one row per request: time, key, model, node, "
         "status, latency, tokens) is kept; 0 keeps none.")
+    responses_retention_days: float = setting(
+        "LLMLB_RESPONSES_RETENTION_DAYS", 30.0,
+        "Days a stored response of the Responses API (\"store\": true, the default) is "
+        "kept for previous_response_id and GET /v1/responses/{id}.")
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    """The hosted providers a balancer sends ``openai:``, ``anthropic:`` and ``google:``
+    model names to: their keys and where each key may go."""
+
+    read_by: ClassVar[tuple[str, ...]] = FRONT
+
+    openai_api_key: str | None = setting(
+        "OPENAI_API_KEY", None,
+        "OpenAI's API key: model names openai:<model> go to OpenAI with it (unset: such "
+        "names are a 404 that says to set it). Sent only to OPENAI_BASE_URL.")
+    openai_base_url: str = setting(
+        "OPENAI_BASE_URL", "https://api.openai.com/v1",
+        "Where openai:<model> requests go (a proxy, or a stand-in in tests).")
+    anthropic_api_key: str | None = setting(
+        "ANTHROPIC_API_KEY", None,
+        "Anthropic's API key: model names anthropic:<model> go to Anthropic with it. Sent "
+        "only to ANTHROPIC_BASE_URL.")
+    anthropic_base_url: str = setting("ANTHROPIC_BASE_URL", "https://api.anthropic.com",
+                                      "Where anthropic:<model> requests go.")
+    google_api_key: str | None = setting(
+        ("GOOGLE_API_KEY", "GEMINI_API_KEY"), None,
+        "Google's Gemini API key: model names google:<model> go to the Gemini API with it. "
+        "Sent only to GOOGLE_BASE_URL.")
+    google_base_url: str = setting("GOOGLE_BASE_URL",
+                                   "https://generativelanguage.googleapis.com",
+                                   "Where google:<model> requests go.")
+    provider_check_seconds: float = setting(
+        "LLMLB_PROVIDER_CHECK_SECONDS", 3600.0,
+        "How often the balancer asks each hosted provider it has a key for which models it "
+        "has (listed in /v1/models as <provider>:<model>); any model name of the provider "
+        "is sent on, listed or not.")
 
 
 @dataclass(frozen=True)
@@ -338,7 +403,7 @@ class UserSettings:
 SECTIONS: dict[str, type] = {
     "server": ServerSettings, "files": FileSettings, "models": ModelSettings,
     "inference": InferenceSettings, "node": NodeSettings, "cluster": ClusterSettings,
-    "users": UserSettings,
+    "providers": ProviderSettings, "users": UserSettings,
 }
 
 
@@ -358,7 +423,7 @@ OPTIONS: tuple[Option, ...] = _options()
 OPTIONS_BY_ATTR = {o.attr: o for o in OPTIONS}
 # Flat name -> its section: every setting, and what a section derives from them.
 _SECTION_OF = {**{o.attr: o.section for o in OPTIONS}, "concurrency": "server",
-               "metrics_dir": "files", "locks_dir": "models"}
+               "metrics_dir": "files", "locks_dir": "models", "balancer_urls": "node"}
 
 
 class SettingsError(ValueError):
@@ -373,6 +438,7 @@ class Settings:
     inference: InferenceSettings
     node: NodeSettings
     cluster: ClusterSettings
+    providers: ProviderSettings
     users: UserSettings
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -490,7 +556,23 @@ def load_settings(
         raise SettingsError(f"LLMLB_ADMIN_PASSWORD must have at least {MIN_PASSWORD_LENGTH} "
                             "characters")
     _cluster_values(values, sources)
+    _database_values(values)
     return Settings.from_values(values, sources)
+
+
+def _database_values(values: dict[str, Any]) -> None:
+    url = values["database_url"]
+    if url is not None:
+        if urlsplit(url).scheme not in ("postgresql", "postgres"):
+            raise SettingsError("LLMLB_DATABASE_URL must be a postgresql:// URL")
+        if values["role"] == "node":
+            raise SettingsError("LLMLB_DATABASE_URL is for balancers: a node keeps its own "
+                                "state in its SQLite file")
+    if values["database_pool_size"] is None:
+        concurrency = values["threads"] if values["worker_class"] == "gthread" else 10
+        values["database_pool_size"] = min(10, concurrency)
+    elif values["database_pool_size"] < 1:
+        raise SettingsError("LLMLB_DATABASE_POOL_SIZE must be at least 1")
 
 
 def _cluster_values(values: dict[str, Any], sources: dict[str, str]) -> None:
@@ -516,13 +598,17 @@ def _cluster_values(values: dict[str, Any], sources: dict[str, str]) -> None:
         raise SettingsError("LLMLB_WORKER_CLASS=gevent is for a balancer (LLMLB_ROLE=balancer): "
                             "engines need real threads")
     for attr in ("balancer_url", "advertise_url"):
-        url = values[attr]
-        if url is not None:
+        if values[attr] is None:
+            continue
+        checked = []
+        # Several balancers, comma-separated (a node's LLMLB_BALANCER_URL only).
+        for url in values[attr].split(",") if attr == "balancer_url" else [values[attr]]:
             try:
-                values[attr] = check_url(url)
+                checked.append(check_url(url.strip()))
             except BadURL as exc:
                 raise SettingsError(f"{OPTIONS_BY_ATTR[attr].env[0]} {exc}, not "
-                                    f"{url!r}") from None
+                                    f"{url.strip()!r}") from None
+        values[attr] = ",".join(checked)
     if values["advertise_url"] is None:
         host = values["host"]
         if host in ("", "0.0.0.0", "::"):  # listening everywhere: name the machine

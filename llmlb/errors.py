@@ -1,8 +1,10 @@
-"""Every error body llmlb sends: ``{"error": {"message", "type", "code", "param"?}}``.
+"""Every error body llmlb sends: ``{"error": {"message", "type", "code", "param"?}}``, and
+under ``/v1/messages`` Anthropic's ``{"type": "error", "error": {"type", "message"}}``.
 
 ``APIError`` carries status, type, code, message and optional headers; the constructors below
 are the one place where each code's status and wording are decided. ``init_app`` installs
-handlers so that any 4xx/5xx under the API prefixes (404, 405 and 413 included) is JSON.
+handlers so that any 4xx/5xx under the API prefixes (404, 405 and 413 included) is JSON, in
+the shape of the API the request came through.
 """
 
 from __future__ import annotations
@@ -48,12 +50,32 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.code, self.param)
 
+    def anthropic_body(self) -> dict[str, Any]:
+        """Anthropic's shape (AG-2): its error type follows from the status, as Anthropic's
+        SDK expects; llmlb's code travels along (extra fields are ignored by the SDKs)."""
+        return {"type": "error", "error": {"type": anthropic_type(self.status),
+                                           "message": self.message, "code": self.code}}
+
 
 def error_body(message: str, type: str, code: str | None, param: str | None = None) -> dict:
     error: dict[str, Any] = {"message": message, "type": type, "code": code}
     if param is not None:
         error["param"] = param
     return {"error": error}
+
+
+ANTHROPIC_PREFIX = "/v1/messages"
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_type(status: int) -> str:
+    return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
 
 
 # --- the codes -------------------------------------------------------------------------------
@@ -81,12 +103,54 @@ def prompt_too_large(what: str, count: int, limit: int, setting: str, param: str
                     code="prompt_too_large", param=param)
 
 
+def context_length_exceeded(prompt_tokens: int, context_length: int, at_least: bool = False,
+                            ) -> APIError:
+    """A prompt longer than the model's context. The wording starts as Anthropic's does
+    ("prompt is too long: N tokens > M maximum"): Claude Code compacts its conversation
+    when it reads that."""
+    more = "at least " if at_least else ""
+    return APIError(400, f"prompt is too long: {more}{prompt_tokens} tokens > {context_length} "
+                    f"maximum (the context of this model on its node; LLMLB_CONTEXT_LENGTH "
+                    f"sets it, up to the model's own limit)", code="context_length_exceeded",
+                    param="messages")
+
+
+def unsupported_field(param: str, why: str) -> APIError:
+    """A field of an agent API that would change the answer and that llmlb cannot honour."""
+    return APIError(400, f"'{param}' cannot be honoured: {why}", code="unsupported_parameter",
+                    param=param)
+
+
+def response_not_found(response_id: str, param: str | None = None) -> APIError:
+    """A stored response that does not exist, has expired, or belongs to another key."""
+    what = "Previous response" if param == "previous_response_id" else "Response"
+    return APIError(404, f"{what} with id '{response_id}' not found.", param=param,
+                    code="previous_response_not_found" if param else "response_not_found")
+
+
+def alias_not_found(name: str) -> APIError:
+    return APIError(404, f"No alias named '{name}'", code="alias_not_found")
+
+
 def model_not_found(model_id: str, *, in_catalog_hint: bool = True) -> APIError:
     if in_catalog_hint:
         message = f"Model '{model_id}' is not supported. Check supported_models.json."
     else:
         message = f"Model '{model_id}' not found"
     return APIError(404, message, code="model_not_found", param="model")
+
+
+def provider_not_configured(model: str, provider: str, variable: str) -> APIError:
+    """A hosted provider's model (``openai:gpt-4o``) on a balancer without that provider's key."""
+    return APIError(404, f"Model '{model}' is {provider}'s, and this llmlb has no {provider} "
+                    f"API key: set {variable} in the balancer's environment",
+                    code="provider_not_configured", param="model")
+
+
+def provider_cannot(provider: str, path: str) -> APIError:
+    """An API a hosted provider has no equivalent of (Anthropic's embeddings)."""
+    return APIError(400, f"{provider} has no equivalent of {path}; use another model",
+                    code="unsupported_operation", param="model")
 
 
 def model_not_allowed(model_id: str, host: str) -> APIError:
@@ -174,6 +238,12 @@ def node_failed(node: str, cause: str) -> APIError:
     """A node that broke off a response already under way (sent as a stream's last event)."""
     return APIError(502, f"Node '{node}' failed during the response: {cause}",
                     type="upstream_error", code="node_failed")
+
+
+def unreadable_upstream_answer(what: str) -> APIError:
+    """An endpoint's answer the balancer had to translate and could not read."""
+    return APIError(502, f"The endpoint's {what} could not be read", type="upstream_error",
+                    code="bad_upstream_answer")
 
 
 def client_closed() -> APIError:
@@ -288,6 +358,23 @@ def too_many_websockets(limit: int, retry_after: int = 5) -> APIError:
                     code="too_many_websockets", headers={"Retry-After": str(retry_after)})
 
 
+class StateUnavailable(Exception):
+    """Raised by the state (``llmlb/state/``): the shared state cannot be read or written
+    right now (the database down, restarting, every connection busy). The message is for the
+    log; a client sees ``state_unavailable``."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def state_unavailable(retry_after: int = 1) -> APIError:
+    """The shared state (the database) cannot be reached: nothing was done, try again."""
+    return APIError(503, "The database is unavailable right now (restarting, or unreachable); "
+                    "nothing was done. Try again shortly.", type="service_unavailable",
+                    code="state_unavailable", headers={"Retry-After": str(retry_after)})
+
+
 def login_throttled(retry_after: int) -> APIError:
     return APIError(429, f"Too many failed logins. Try again in {retry_after} seconds.",
                     type="rate_limit_error", code="login_throttled",
@@ -327,9 +414,12 @@ def internal_error() -> APIError:
 
 def from_exception(exc: BaseException) -> APIError:
     """The APIError for any exception raised while serving (the node has turned engines'
-    errors into theirs, ``invalid_prompt`` and ``engine_failed``)."""
+    errors into theirs, ``invalid_prompt`` and ``engine_failed``; the state's absence is
+    ``state_unavailable``)."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, StateUnavailable):
+        return state_unavailable(exc.retry_after)
     return internal_error()
 
 
@@ -349,7 +439,8 @@ def init_app(app) -> None:  # noqa: ANN001 - Flask app, imported lazily to keep 
     from werkzeug.exceptions import HTTPException
 
     def respond(err: APIError):
-        response = jsonify(err.body())
+        response = jsonify(err.anthropic_body() if is_anthropic_path(request.path)
+                           else err.body())
         response.status_code = err.status
         for key, value in err.headers.items():
             response.headers[key] = value
@@ -384,5 +475,7 @@ def init_app(app) -> None:  # noqa: ANN001 - Flask app, imported lazily to keep 
         if err.code == "internal_error":
             log.exception("Unhandled error on %s %s", request.method, request.path)
         if not is_api_path(request.path):
+            if err.code == "state_unavailable":  # a dashboard page: the same advice, as text
+                return err.message, err.status, err.headers
             return "Internal server error", 500
         return respond(err)

@@ -2,9 +2,9 @@
 
 Each process runs one watcher thread (while it has subscribers) that compares the hub's
 derived snapshot every ``interval`` seconds and fans the differences out to its subscribers.
-Because the snapshot is read from the shared state (files, locks, progress records, SQLite),
-a download run by another worker or node is seen as well as one run here; progress is
-reported in whole-percent steps, not per chunk.
+Because the snapshot is read from the shared state (files, locks, progress records, the
+database), a download run by another worker or node is seen as well as one run here;
+progress is reported in whole-percent steps, not per chunk.
 """
 
 from __future__ import annotations

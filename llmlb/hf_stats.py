@@ -1,5 +1,5 @@
-"""Hugging Face download and like counts for the catalog (HB-1), cached in SQLite for every
-worker. Reading never waits for the hub: stale entries are refreshed by a background thread,
+"""Hugging Face download and like counts for the catalog (HB-1), cached in the shared state
+for every worker (``state.records.HubStats``). Reading never waits for the hub: stale entries are refreshed by a background thread,
 one repository at a time with a short timeout, so the model list stays fast (with null stats)
 when the hub is slow or unreachable."""
 
@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 
-from .db import Database
+from .state import State
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ CLAIM_SECONDS = 60.0  # a worker's claim on a refresh, so workers do not all fet
 
 
 class HFStats:
-    def __init__(self, db: Database, endpoint: str, token: str | None, ttl: float,
+    def __init__(self, db: State, endpoint: str, token: str | None, ttl: float,
                  timeout: float, enabled: bool = True) -> None:
         self.db, self.endpoint, self.token = db, endpoint, token
         self.ttl, self.timeout, self.enabled = ttl, timeout, enabled
@@ -27,8 +27,7 @@ class HFStats:
         self._unreachable_until = 0.0
 
     def get_many(self, repo_ids: list[str]) -> dict[str, dict | None]:
-        rows = {r["repo_id"]: r for r in self.db.conn().execute(
-            "SELECT repo_id, downloads, likes, ok, fetched_at FROM hf_stats")}
+        rows = self.db.hf_stats.all()
         now = time.time()
         stats: dict[str, dict | None] = {}
         stale = False
@@ -53,21 +52,8 @@ class HFStats:
             self._thread.start()
 
     def _claim(self, repo: str) -> bool:
-        now = time.time()
-        with self.db.transaction() as conn:
-            row = conn.execute("SELECT ok, fetched_at, claimed_at FROM hf_stats WHERE repo_id=?",
-                               (repo,)).fetchone()
-            if row is not None:
-                fresh = now - row["fetched_at"] <= (self.ttl if row["ok"] else
-                                                    min(self.ttl, RETRY_FAILED_AFTER))
-                claimed = row["claimed_at"] and now - row["claimed_at"] < CLAIM_SECONDS
-                if fresh or claimed:
-                    return False
-                conn.execute("UPDATE hf_stats SET claimed_at=? WHERE repo_id=?", (now, repo))
-            else:
-                conn.execute("INSERT INTO hf_stats(repo_id, ok, fetched_at, claimed_at) "
-                             "VALUES (?, 0, 0, ?)", (repo, now))
-        return True
+        return self.db.hf_stats.claim(repo, time.time(), self.ttl,
+                                      min(self.ttl, RETRY_FAILED_AFTER), CLAIM_SECONDS)
 
     def _refresh(self, repo_ids: list[str]) -> None:
         import httpx2
@@ -80,14 +66,12 @@ class HFStats:
             unreachable = False
             try:
                 info = api.model_info(repo, timeout=self.timeout)
-                values = (info.downloads, info.likes, 1)
+                values = (info.downloads, info.likes, True)
             except Exception as exc:  # unreachable, private, renamed: stats stay null
                 log.debug("No Hugging Face stats for %s: %s", repo, exc)
-                values = (None, None, 0)
+                values = (None, None, False)
                 unreachable = isinstance(exc, httpx2.TransportError)
-            with self.db.transaction() as conn:
-                conn.execute("UPDATE hf_stats SET downloads=?, likes=?, ok=?, fetched_at=?, "
-                             "claimed_at=NULL WHERE repo_id=?", (*values, time.time(), repo))
+            self.db.hf_stats.store(repo, *values, time.time())
             if unreachable:  # the hub is down: stop here and leave it alone for a while
                 self._unreachable_until = time.monotonic() + RETRY_FAILED_AFTER
                 return

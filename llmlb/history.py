@@ -3,27 +3,27 @@ for ``GET /v0/requests`` and the dashboard.
 
 A request only appends its row to this worker's buffer; a writer thread per worker (started
 with the worker) inserts what has gathered once a second in one transaction, so the request
-path never waits on SQLite and the database sees one write per second per worker, not one per
-request. A worker killed outright loses at most its last second of rows. Rows older than
-``LLMLB_HISTORY_RETENTION_DAYS`` are deleted by the supervisor's ``history-prune`` task.
+path never waits on the database and the database sees one write per second per worker, not
+one per request. A worker killed outright loses at most its last second of rows. While the database is
+unavailable (PostgreSQL restarting) the rows stay in the buffer, up to ``MAX_BUFFERED``, and
+are written when it returns. Rows older than ``LLMLB_HISTORY_RETENTION_DAYS`` are deleted by
+the supervisor's ``history-prune`` task. The SQL is in ``state/records.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 
-from .db import Database
+from .state import State, StateUnavailable
 
 log = logging.getLogger(__name__)
 FLUSH_SECONDS = 1.0
-MAX_BUFFERED = 100_000  # past this (the database is stuck) new rows are dropped, not memory
-COLUMNS = ("at", "key_name", "operation", "model", "node", "status", "stream", "latency_ms",
-           "ttft_ms", "tokens_in", "tokens_out", "error")
+MAX_BUFFERED = 100_000  # past this (the database is away) new rows are dropped, not memory
+BATCH = 10_000
 
 
 @dataclass(frozen=True)
@@ -45,21 +45,24 @@ class RequestRecord:
     error: str | None
 
     def row(self) -> tuple:
-        """The ``requests`` row, in COLUMNS' order (times in milliseconds)."""
+        """The ``requests`` row in ``state.records.REQUEST_COLUMNS``' order, as both engines
+        store it (times in milliseconds, the flag as 0 or 1)."""
         return (self.at, self.key_name, self.operation, self.model, self.node, self.status,
-                self.stream, round(self.latency * 1000, 2),
+                int(self.stream), round(self.latency * 1000, 2),
                 round(self.ttft * 1000, 2) if self.ttft is not None else None,
                 self.tokens_in, self.tokens_out, self.error)
 
 
 class History:
-    def __init__(self, db: Database, retention_days: float) -> None:
+    def __init__(self, db: State, retention_days: float) -> None:
         self.db, self.retention_days = db, retention_days
         self._rows: deque[tuple] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._unwritten = False  # the last flush found the database away
+        self._dropped = 0
 
     @property
     def enabled(self) -> bool:
@@ -69,6 +72,7 @@ class History:
         if not self.enabled:
             return
         if len(self._rows) >= MAX_BUFFERED:
+            self._dropped += 1
             return
         self._rows.append(record.row())
 
@@ -89,19 +93,30 @@ class History:
             self.flush()
 
     def flush(self) -> int:
-        """Insert the buffered rows now; how many."""
-        batch = []
-        while self._rows and len(batch) < 10_000:
-            batch.append(self._rows.popleft())
-        if not batch:
-            return 0
-        try:
-            with self.db.transaction() as conn:
-                conn.executemany(f"INSERT INTO requests({','.join(COLUMNS)}) VALUES "
-                                 f"({','.join('?' * len(COLUMNS))})", batch)
-        except sqlite3.Error as exc:
-            log.warning("Request history: %d rows not written: %s", len(batch), exc)
-        return len(batch)
+        """Insert the buffered rows now; how many were written."""
+        written = 0
+        while self._rows:
+            batch = []
+            while self._rows and len(batch) < BATCH:
+                batch.append(self._rows.popleft())
+            try:
+                self.db.requests.insert(batch)
+            except StateUnavailable as exc:
+                self._rows.extendleft(reversed(batch))  # kept, in order, for the next flush
+                if not self._unwritten:
+                    log.warning("Request history: %d rows kept in memory until the database "
+                                "returns (%s)", len(self._rows), exc)
+                self._unwritten = True
+                return written
+            except Exception as exc:  # not the database being away: these rows cannot go in
+                log.warning("Request history: %d rows not written: %s", len(batch), exc)
+                continue
+            written += len(batch)
+        if self._unwritten:
+            log.warning("Request history: written again%s", f" ({self._dropped} rows over "
+                        f"the limit of {MAX_BUFFERED} were dropped)" if self._dropped else "")
+            self._unwritten, self._dropped = False, 0
+        return written
 
     def close(self) -> None:
         self._stop.set()
@@ -114,39 +129,15 @@ class History:
 
     def prune(self) -> None:
         """``history-prune``: forget rows past the retention."""
-        cutoff = time.time() - self.retention_days * 86400
-        with self.db.transaction() as conn:
-            conn.execute("DELETE FROM requests WHERE at < ?", (cutoff,))
+        self.db.requests.prune(time.time() - self.retention_days * 86400)
 
     def query(self, *, model: str | None = None, node: str | None = None,
               key_name: str | None = None, status: str | None = None,
               since: float | None = None, until: float | None = None, limit: int = 100,
               before_id: int | None = None) -> list[dict]:
         """Newest first. ``status``: one code ("429") or a class ("5xx", "error" = >= 400)."""
-        where, args = [], []
-        for column, value in (("model", model), ("node", node), ("key_name", key_name)):
-            if value:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if status:
-            if status == "error":
-                where.append("status >= 400")
-            elif len(status) == 3 and status.endswith("xx") and status[0].isdigit():
-                where.append("status / 100 = ?")
-                args.append(int(status[0]))
-            else:
-                where.append("status = ?")
-                args.append(int(status))
-        if since is not None:
-            where.append("at >= ?")
-            args.append(since)
-        if until is not None:
-            where.append("at < ?")
-            args.append(until)
-        if before_id is not None:
-            where.append("id < ?")
-            args.append(before_id)
-        sql = "SELECT * FROM requests" + (" WHERE " + " AND ".join(where) if where else "")
-        rows = self.db.conn().execute(sql + " ORDER BY id DESC LIMIT ?",
-                                      (*args, limit)).fetchall()
-        return [{**dict(r), "stream": bool(r["stream"])} for r in rows]
+        rows = self.db.requests.query(model=model, node=node, key_name=key_name, status=status,
+                                      since=since, until=until, limit=limit,
+                                      before_id=before_id)
+        return [{**r, "stream": bool(r["stream"])} for r in rows]
+

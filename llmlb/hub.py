@@ -1,8 +1,8 @@
 """The model hub (HB): catalog statuses, pulls, deletes. No Flask here.
 
 A status is derived, never stored: from the files (Ready), the resolver's lock and progress
-record (Downloading, queued, failed) and the pull requests kept in SQLite (Registered); the
-states themselves, and their HB-1 words, live in ``resolver/state.py``. Every
+record (Downloading, queued, failed) and the pull requests kept in the database
+(Registered); the states themselves, and their HB-1 words, live in ``resolver/state.py``. Every
 worker process and every restart therefore sees the same truth; a pull cut off by a restart
 is picked up again by ``reconcile`` instead of hanging in Downloading.
 
@@ -27,7 +27,6 @@ from .balancer.registry import COOLDOWN, ONLINE
 from .balancer.reports import Download
 from .balancer.upstream import NodeUnreachable
 from .catalog import Catalog, CatalogModel
-from .db import Database
 from .hf_stats import HFStats
 from .resolver import Resolver
 from .resolver.progress import ERROR
@@ -46,6 +45,7 @@ from .resolver.state import (
     UNDER_WAY,
     ModelState,
 )
+from .state import State
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class HubStatus:
 
 
 class Hub:
-    def __init__(self, db: Database, catalog: Catalog, resolver: Resolver,
+    def __init__(self, db: State, catalog: Catalog, resolver: Resolver,
                  cluster: Cluster, stats: HFStats) -> None:
         self.db, self.catalog, self.resolver = db, catalog, resolver
         self.cluster, self.stats = cluster, stats
@@ -68,7 +68,7 @@ class Hub:
 
     def _registered(self) -> dict[str, str | None]:
         """Model id -> the remote node its pull was handed to (None: this process)."""
-        return dict(self.db.conn().execute("SELECT model_id, node FROM registrations"))
+        return self.db.registrations.models()
 
     def _ready(self) -> dict[str, tuple[str, ...]]:
         """Model id -> the nodes that have it, from one listing (not one per model)."""
@@ -177,12 +177,7 @@ class Hub:
 
     def _record_registration(self, model_id: str, node: str | None = None) -> None:
         """Remember the pull (``node``: the remote node that runs it; None: this process)."""
-        now = time.time()
-        with self.db.transaction() as conn:
-            conn.execute("INSERT INTO registrations(model_id, state, requested_at, updated_at, "
-                         "node) VALUES (?, 'registered', ?, ?, ?) ON CONFLICT(model_id) DO "
-                         "UPDATE SET updated_at=excluded.updated_at, node=excluded.node",
-                         (model_id, now, now, node))
+        self.db.registrations.record(model_id, node, time.time())
 
     def _pull_target(self, model_id: str, entry: CatalogModel) -> Member:
         """The member that pulls the model (``balancer/placement.py``: the same rule a
@@ -230,16 +225,14 @@ class Hub:
             log.info("Deleted local copy of %s (%s)", model_id, local.path)
         shutil.rmtree(staging, ignore_errors=True)
         self.resolver.progress.clear(model_id)
-        with self.db.transaction() as conn:
-            conn.execute("DELETE FROM registrations WHERE model_id=?", (model_id,))
+        self.db.registrations.forget(model_id)
         return {"model_id": model_id, "deleted": True,
                 "status": AVAILABLE if self.catalog.get(model_id) else None}
 
     def reconcile(self) -> None:
         """Restart pulls of this process's that were requested but run nowhere (after a
         restart, say). A node's pulls are the node's to resume."""
-        rows = self.db.conn().execute("SELECT model_id FROM registrations WHERE node IS NULL")
-        for (model_id,) in rows.fetchall():
+        for model_id in self.db.registrations.local():
             if self.catalog.get(model_id) is None or self.resolver.find(model_id):
                 continue
             record = self.resolver.progress.read(model_id)

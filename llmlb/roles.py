@@ -7,8 +7,9 @@
   own node key); it reports to the balancer by heartbeats and keeps no request history.
 
 A builder only builds: threads start with ``Runtime.start`` in each worker, and what a role
-needs once per instance, before any worker (the first admin; a node's link to its balancer,
-checked), is its ``prepare``, which the server runs first.
+needs once per instance, before any worker (the state migrated, the endpoints' key checked and
+the first admin; a node's link to its balancer, checked), is its ``prepare``, which the server
+runs first.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from pathlib import Path
 from flask import Blueprint
 
 from . import auth, config
+from .aliases import Aliases
 from .api import (
     admin_routes,
+    alias_routes,
     dashboard_routes,
+    dialect_routes,
     endpoint_routes,
     hub_routes,
     metrics_routes,
@@ -33,14 +37,16 @@ from .api import (
     registry_routes,
     ws,
 )
+from .balancer.credentials import check_at_start
 from .balancer.endpoints import EndpointWatch, instance_id
 from .balancer.inflight import InflightCounters
 from .balancer.members import Cluster, Member
+from .balancer.providers import Providers, ProviderWatch, configured
 from .balancer.proxy import Balancer
 from .balancer.registry import NodeRegistry, StatusWatch
+from .balancer.stored_responses import StoredResponses
 from .catalog import Catalog
 from .config import Settings, SettingsError
-from .db import Database
 from .events import StatusEvents
 from .hf_stats import HFStats
 from .history import History, RequestRecord
@@ -54,16 +60,19 @@ from .node.pool import ModelPool, load_options
 from .node.transport import InProcessNode
 from .plugins import EngineRegistry, load_plugins
 from .resolver import Resolver
+from .response_store import ResponseStore
 from .runtime import ApiKeys, Authenticator, Runtime
 from .serving.protocol import PromptLimits
+from .state import StateUnavailable, open_state
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-# Every role answers the OpenAI API, /v0's manifests and status, and /metrics.
-COMMON_ROUTES = (openai_routes.bp, registry_routes.bp, metrics_routes.bp)
-BALANCER_ROUTES = (*COMMON_ROUTES, node_routes.bp, endpoint_routes.bp, admin_routes.bp,
-                   hub_routes.bp, ws.bp, dashboard_routes.bp)
+# Every role answers the OpenAI API and the agents' APIs, /v0's manifests and status, and
+# /metrics.
+COMMON_ROUTES = (openai_routes.bp, dialect_routes.bp, registry_routes.bp, metrics_routes.bp)
+BALANCER_ROUTES = (*COMMON_ROUTES, node_routes.bp, endpoint_routes.bp, alias_routes.bp,
+                   admin_routes.bp, hub_routes.bp, ws.bp, dashboard_routes.bp)
 NODE_ROUTES = (*COMMON_ROUTES, node_routes.node_bp)  # no users, no dashboard
 
 HISTORY_PRUNE_SECONDS = 600.0
@@ -109,13 +118,18 @@ class _Parts:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.models.models_dir.mkdir(parents=True, exist_ok=True)
-        self.db = Database(settings.files.database)
+        self.db = open_state(settings.files)
+        if settings.server.role in config.FRONT:  # the start refuses without it (prepare)
+            check_at_start(settings.files.home, settings.files.endpoints_key, self.db)
         self.catalog = Catalog(settings.files.supported_models)
         self.engines = EngineRegistry(load_plugins(settings.files.plugins_dir))
         self.resolver = Resolver(settings.models, settings.node, self.catalog,
                                  self.engines.format_table)
         self.inflight = InflightCounters(Path(f"{settings.files.database}.inflight"))
-        self.supervisor = Supervisor(Path(f"{settings.files.database}.supervisor.lock"))
+        # Work of this host (its pulls, its workers' counters, a node's heartbeat), and work
+        # of the whole cluster: one balancer of all that share the state runs it.
+        self.supervisor = Supervisor(Path(f"{settings.files.database}.host.lock"))
+        self.cluster_supervisor = Supervisor(self.db.leader_lock("supervisor"))
         self.instance_id = instance_id(self.db)
         self.local: Member | None = None
         self.pool: ModelPool | None = None
@@ -142,22 +156,32 @@ class _Parts:
                                      cooldown=cluster.cooldown_seconds,
                                      cooldown_max=cluster.cooldown_max_seconds)
         forget_after = self.settings.models.resolve_wait_seconds + cluster.node_timeout_seconds
-        self.supervisor.add("node-watch", 1.0, StatusWatch(self.registry, forget_after))
-        self.supervisor.add("endpoint-check", cluster.endpoint_check_seconds,
-                            EndpointWatch(cluster, self.settings.files.home, self.registry,
-                                          self.inflight, self.instance_id))
+        self.cluster_supervisor.add("node-watch", 1.0, StatusWatch(self.registry, forget_after))
+        self.cluster_supervisor.add("endpoint-check", cluster.endpoint_check_seconds,
+                                    EndpointWatch(cluster, self.settings.files.home,
+                                                  self.registry, self.inflight,
+                                                  self.instance_id))
 
     def runtime(self, summary: str, history_days: float, authenticator: Authenticator,
                 blueprints: tuple[Blueprint, ...]) -> Runtime:
         """The balancer over the members there are, the hub, and what they leave behind."""
         settings, resolver = self.settings, self.resolver
+        front = self.registry is not None  # a balancer's: not a node's
+        providers = self.hosted_providers() if front else None
         cluster = Cluster(settings.cluster, self.registry, self.inflight, self.local,
-                          home=settings.files.home, pool_size=settings.server.concurrency)
+                          home=settings.files.home, pool_size=settings.server.concurrency,
+                          providers=providers)
         metrics = Metrics(settings.files.metrics_dir, cluster.describe)
         history = History(self.db, history_days)
         balancer = Balancer(settings.cluster, cluster, self.catalog,
                             lambda request: files_here(resolver, request) is not None,
-                            self.registry, on_done=observer(metrics, history))
+                            self.registry, on_done=observer(metrics, history),
+                            aliases=Aliases(self.db) if front else None)
+        responses = None
+        if front:  # nodes are stateless: their balancer keeps the Responses API's state
+            store = ResponseStore(self.db, settings.cluster.responses_retention_days)
+            responses = StoredResponses(store, balancer)
+            self.cluster_supervisor.add("responses-prune", HISTORY_PRUNE_SECONDS, store.prune)
         models = settings.models
         stats = HFStats(self.db, models.hf_endpoint, models.hf_token,
                         models.hf_stats_ttl_seconds, models.hub_timeout_seconds)
@@ -167,11 +191,27 @@ class _Parts:
         self.supervisor.add("hub-reconcile", SWEEP_SECONDS, hub.reconcile)
         self.supervisor.add("inflight-sweep", SWEEP_SECONDS, self.inflight.sweep)
         if history.enabled:
-            self.supervisor.add("history-prune", HISTORY_PRUNE_SECONDS, history.prune)
+            self.cluster_supervisor.add("history-prune", HISTORY_PRUNE_SECONDS, history.prune)
         return Runtime(settings, summary, self.db, self.catalog, self.engines, resolver,
                        self.inflight, cluster, balancer, hub, events, metrics, history,
-                       self.supervisor, authenticator, self.instance_id, blueprints,
-                       self.registry, self.pool)
+                       self.supervisor, self.cluster_supervisor, authenticator,
+                       self.instance_id, blueprints, self.registry, self.pool, responses,
+                       providers)
+
+    def hosted_providers(self) -> Providers:
+        """The hosted providers this balancer has keys for; their registry rows (made by
+        ``prepare_balancer``) kept in step, and their model lists checked, by
+        ``provider-check``."""
+        assert self.registry is not None
+        server, cluster = self.settings.server, self.settings.cluster
+        providers = Providers(self.settings.providers, pool_size=server.concurrency,
+                              connect_timeout=cluster.proxy_connect_timeout_seconds,
+                              read_timeout=cluster.proxy_read_timeout_seconds)
+        if providers.nodes:
+            self.supervisor.add("provider-check",
+                                self.settings.providers.provider_check_seconds,
+                                ProviderWatch(providers, self.registry))
+        return providers
 
 
 def observer(metrics: Metrics, history: History) -> Callable[[RequestRecord], None]:
@@ -190,12 +230,25 @@ def observer(metrics: Metrics, history: History) -> Callable[[RequestRecord], No
 
 # --- once per instance, before its workers --------------------------------------------------
 
-def first_admin(settings: Settings) -> None:
-    """The first dashboard admin, when there is no user yet (its password shown once)."""
-    users = settings.users
-    db = Database(settings.files.database)
+def prepare_balancer(settings: Settings) -> None:
+    """The state, migrated to the current schema (once, before any worker: a database that
+    cannot be used is a SettingsError here, not a worker failing to boot); the key sealing
+    endpoints' API keys, the one the other balancers of a shared state use; the first
+    dashboard admin, when there is no user yet (its password shown once); a row for each
+    hosted provider it has a key for, so that its first request finds them."""
+    users, cluster = settings.users, settings.cluster
     try:
+        db = open_state(settings.files)
+    except StateUnavailable as exc:
+        raise SettingsError(str(exc)) from None
+    try:
+        check_at_start(settings.files.home, settings.files.endpoints_key, db)
         generated = auth.ensure_first_admin(db, users.admin_username, users.admin_password)
+        NodeRegistry(db, timeout=cluster.node_timeout_seconds, cooldown=cluster.cooldown_seconds,
+                     cooldown_max=cluster.cooldown_max_seconds).sync_providers(
+            configured(settings.providers))
+    except StateUnavailable as exc:
+        raise SettingsError(str(exc)) from None
     finally:
         db.close()
     if generated:
@@ -218,7 +271,8 @@ class Role:
     prepare: Callable[[Settings], None]
 
 
-ROLES = {"standalone": Role(standalone, first_admin), "balancer": Role(balancer, first_admin),
+ROLES = {"standalone": Role(standalone, prepare_balancer),
+         "balancer": Role(balancer, prepare_balancer),
          "node": Role(node, check_node_link)}
 assert tuple(ROLES) == config.ROLES, "each role its builder"
 

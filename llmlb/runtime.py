@@ -16,11 +16,12 @@ from flask import Blueprint
 from . import auth, errors
 from .balancer.inflight import InflightCounters
 from .balancer.members import Cluster
+from .balancer.providers import Providers
 from .balancer.proxy import Balancer
 from .balancer.registry import NodeRegistry
+from .balancer.stored_responses import StoredResponses
 from .catalog import Catalog
 from .config import Settings
-from .db import Database
 from .events import StatusEvents
 from .history import History
 from .hub import Hub
@@ -28,6 +29,7 @@ from .metrics import Metrics
 from .node.pool import ModelPool
 from .plugins import EngineRegistry
 from .resolver import Resolver
+from .state import State
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -43,11 +45,11 @@ class Authenticator(Protocol):
 
 
 class ApiKeys:
-    """The balancer's keys (its database), and the dashboard's logins."""
+    """The balancer's keys (its state), and the dashboard's logins."""
 
     sessions = True
 
-    def __init__(self, db: Database, dev: bool) -> None:
+    def __init__(self, db: State, dev: bool) -> None:
         self.db, self.dev = db, dev
 
     def principal(self, key: str) -> auth.Principal:
@@ -61,7 +63,7 @@ class ApiKeys:
 class Runtime:
     settings: Settings
     summary: str  # what this llmlb is, for its start-up line
-    db: Database
+    db: State
     catalog: Catalog
     engines: EngineRegistry
     resolver: Resolver
@@ -72,17 +74,21 @@ class Runtime:
     events: StatusEvents
     metrics: Metrics
     history: History
-    supervisor: Supervisor
+    supervisor: Supervisor  # this host's periodic work
+    cluster_supervisor: Supervisor  # the cluster's: one balancer of all that share the state
     authenticator: Authenticator
     instance_id: str  # who this llmlb is, to itself (endpoints.INSTANCE_HEADER)
     blueprints: tuple[Blueprint, ...]
     registry: NodeRegistry | None = None  # where nodes and endpoints register
     pool: ModelPool | None = None  # where models run
+    responses: StoredResponses | None = None  # the Responses API's state (not on a node)
+    providers: Providers | None = None  # the hosted providers it has keys for
 
     def start(self) -> None:
         """Start serving in this process (each gunicorn worker): the periodic tasks, the
         history's writer."""
         self.supervisor.start()
+        self.cluster_supervisor.start()
         self.history.start()
         # What exists now lives as long as the process: keep it out of the collector's full
         # passes, which otherwise stall a request for tens of milliseconds now and then.
@@ -90,7 +96,10 @@ class Runtime:
 
     def close(self) -> None:
         self.supervisor.stop()
+        self.cluster_supervisor.stop()
         self.history.close()
+        if self.providers is not None:
+            self.providers.close()
         if self.pool is not None:
             self.pool.unload_all()
         self.inflight.close()

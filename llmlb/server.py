@@ -99,8 +99,9 @@ def preflight(settings: Settings) -> None:
     """Check and prepare, in the master before any worker boots, what would make every worker
     fail (a worker that cannot start shows gunicorn's traceback and "Worker failed to boot"
     instead of the reason), then what the role needs once (``roles.prepare``: the first admin,
-    a node's link to its balancer). Raises CatalogError with the entry at fault, SettingsError
-    for a setting the role cannot run with."""
+    a node's link to its balancer; a balancer's state, migrated, and the key its endpoints'
+    API keys are sealed with). Raises CatalogError with the entry at fault, SettingsError for
+    a setting the role cannot run with (a database it cannot use included)."""
     from .catalog import load_catalog
     from .metrics import prepare_directory
     from .private_files import private_dir

@@ -2,7 +2,7 @@
 cookie stops counting. No Flask here: callers pass the session's mapping.
 
 The cookie is signed, not stored, so ending it needs state on the server: each user has a
-``session_version`` in SQLite, copied into the cookie at login and compared on every use.
+``session_version`` in the database, copied into the cookie at login and compared on every use.
 Logging out or changing the password bumps it, which ends every session of that user in every
 worker at once. A development-mode login (``admin`` / ``test``) is marked as such and counts
 only while development mode is on, so it never turns into the real ``admin`` after a restart
@@ -17,12 +17,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from .auth import DEV_USERNAME, SCOPES, Principal
-from .db import Database
+from .state import State
 
 CLOCK_SKEW = 60.0  # workers on one host agree on the time; allow a little slack anyway
 
 
-def login_fields(db: Database, principal: Principal, now: float | None = None,
+def login_fields(db: State, principal: Principal, now: float | None = None,
                  ) -> dict[str, Any]:
     """What the session holds after ``principal`` logged in."""
     fields: dict[str, Any] = {"user": principal.name, "login_at": time.time() if now is None
@@ -34,7 +34,7 @@ def login_fields(db: Database, principal: Principal, now: float | None = None,
     return fields
 
 
-def session_principal(db: Database, data: Mapping[str, Any], *, dev: bool, lifetime: float,
+def session_principal(db: State, data: Mapping[str, Any], *, dev: bool, lifetime: float,
                       now: float | None = None) -> Principal | None:
     """Who the session acts as, or None when it is not (or no longer) a valid login."""
     user, login_at = data.get("user"), data.get("login_at")
@@ -53,14 +53,10 @@ def session_principal(db: Database, data: Mapping[str, Any], *, dev: bool, lifet
     return Principal("user", user, frozenset(SCOPES))
 
 
-def end_sessions(db: Database, username: str) -> None:
+def end_sessions(db: State, username: str) -> None:
     """End every session of the user (logout, or a password set by an admin)."""
-    with db.transaction() as conn:
-        conn.execute("UPDATE users SET session_version=session_version+1 WHERE username=?",
-                     (username,))
+    db.users.end_sessions(username)
 
 
-def _version(db: Database, username: str) -> int | None:
-    row = db.conn().execute("SELECT session_version FROM users WHERE username=?",
-                            (username,)).fetchone()
-    return None if row is None else row[0]
+def _version(db: State, username: str) -> int | None:
+    return db.users.session_version(username)

@@ -1,18 +1,19 @@
-"""Periodic work of one llmlb instance, in one home: named tasks (a node's heartbeat, resuming
-pulls, clearing dead workers' counters, watching node status) run by exactly one process.
+"""Periodic work, in one home: named tasks (a node's heartbeat, resuming pulls, clearing dead
+workers' counters, watching node status, checking endpoints) run by exactly one process.
 
-Every gunicorn worker builds a ``Supervisor``; the one whose ``flock`` on the instance's lock
-file (next to its database) succeeds becomes the leader and runs the tasks, each on its own
-thread so that a slow one (a balancer that does not answer) never delays the others. The
-others keep trying the lock, so when the leader dies (the kernel drops its lock) another
-worker takes over within ``retry_seconds``. Results that other workers need go where every
-worker reads them (SQLite, files), never into the leader's memory.
+Every gunicorn worker builds its supervisors; the one that gets a supervisor's leader lock
+runs its tasks, each on its own thread so that a slow one (a balancer that does not answer)
+never delays the others. Work of one host holds a ``flock`` next to the database; work of
+the whole cluster holds the state's lock (``State.leader_lock``: the same kind of file lock
+on SQLite, an advisory lock on PostgreSQL, so one balancer of all runs it). The others keep
+trying the lock, so when the leader dies (the kernel, or PostgreSQL, drops its lock) another
+worker takes over within ``retry_seconds``; a leader that loses its lock (its database
+connection cut) pauses its tasks until it wins it again. Results that other workers need go
+where every worker reads them (the database, files), never into the leader's memory.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import threading
@@ -20,6 +21,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .locks import FileLeaderLock
+from .state import LeaderLock, StateUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +40,19 @@ class Task:
 
 
 class Supervisor:
-    def __init__(self, lock_path: Path, retry_seconds: float = 1.0) -> None:
-        self.lock_path = lock_path
+    def __init__(self, lock: LeaderLock | Path, retry_seconds: float = 1.0) -> None:
+        """``lock``: the leader lock, or the path of a file to ``flock``."""
+        self.lock = FileLeaderLock(lock) if isinstance(lock, Path) else lock
         self.retry_seconds = retry_seconds
         self.tasks: dict[str, Task] = {}
         self._stop = threading.Event()
-        self._fd: int | None = None
+        self._leading = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started = False
 
     @property
     def leader(self) -> bool:
-        return self._fd is not None
+        return self._leading.is_set()
 
     def add(self, name: str, interval: float, run: Callable[[], None]) -> None:
         """Run ``run()`` every ``interval`` seconds (and when woken) while this is the leader."""
@@ -71,15 +76,14 @@ class Supervisor:
 
     def stop(self) -> None:
         self._stop.set()
+        self._leading.set()  # wakes the task threads, which then see the stop
         for task in self.tasks.values():
             task.wake.set()
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=5)
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            with contextlib.suppress(OSError):
-                os.close(fd)  # closing the descriptor releases the flock
+        self._leading.clear()
+        self.lock.release()
 
     def describe(self) -> dict:
         return {"leader": self.leader, "pid": os.getpid(),
@@ -89,38 +93,36 @@ class Supervisor:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _try_lead(self) -> bool:
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())  # for operators: who runs the tasks
-        self._fd = fd
-        return True
-
     def _campaign(self) -> None:
+        """Win the lock (trying every ``retry_seconds``), start the tasks, and check that the
+        lock stays ours; pause the tasks while it is not."""
         while not self._stop.is_set():
             try:
-                if self._try_lead():
-                    break
+                ours = self.lock.held() if self.leader else self.lock.try_acquire()
             except OSError as exc:
-                log.warning("Supervisor lock %s unusable: %s", self.lock_path, exc)
+                log.warning("Supervisor lock unusable: %s", exc)
+                ours = False
+            if ours and not self.leader:
+                log.debug("Supervisor leader is process %d: %s", os.getpid(),
+                          ", ".join(self.tasks))
+                self._leading.set()
+                if not self._threads[1:]:
+                    for task in self.tasks.values():
+                        thread = threading.Thread(target=self._loop, args=(task,),
+                                                  daemon=True, name=f"llmlb-task-{task.name}")
+                        thread.start()
+                        self._threads.append(thread)
+            elif not ours and self.leader:
+                log.warning("Process %d lost the supervisor lock: its tasks pause",
+                            os.getpid())
+                self._leading.clear()
             self._stop.wait(self.retry_seconds)
-        if self._stop.is_set():
-            return
-        log.debug("Supervisor leader is process %d: %s", os.getpid(), ", ".join(self.tasks))
-        for task in self.tasks.values():
-            thread = threading.Thread(target=self._loop, args=(task,), daemon=True,
-                                      name=f"llmlb-task-{task.name}")
-            thread.start()
-            self._threads.append(thread)
 
     def _loop(self, task: Task) -> None:
         while not self._stop.is_set():
+            self._leading.wait()
+            if self._stop.is_set():
+                return
             task.wake.clear()
             try:
                 task.run()
@@ -130,7 +132,8 @@ class Supervisor:
             except Exception as exc:
                 message = f"{type(exc).__name__}: {exc}"
                 if message != task.last_error:  # once per distinct failure, not every tick
-                    if isinstance(exc, OSError):  # the network, a peer: no traceback needed
+                    # The network, a peer, the database away: no traceback needed.
+                    if isinstance(exc, OSError | StateUnavailable):
                         log.warning("Task %s failed: %s", task.name, exc)
                     else:
                         log.exception("Task %s failed", task.name)

@@ -136,6 +136,18 @@ def long_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "onnx": make_llama_onnx(st, root / "onnx")}
 
 
+@pytest.fixture(scope="session")
+def brief_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny Llama with a 16k context that ends its answers after a few dozen tokens, keyed
+    by format: for agents (Codex, the Agents SDK) that send no output limit and wait for
+    the model to finish."""
+    from .tinymodels import make_llama_gguf, make_llama_safetensors
+
+    root = tmp_path_factory.mktemp("brief")
+    st = make_llama_safetensors(root / "st", max_position_embeddings=16384, brief=True)
+    return {"safetensors": st, "gguf": make_llama_gguf(st, root / "gguf" / "model.gguf")}
+
+
 def install(server: LiveServer, tiny: dict[str, Path], key: str, model_id: str) -> str:
     """Copy one of the tiny models into the server's models directory, as a user would."""
     src = tiny[key]
@@ -281,13 +293,15 @@ def start_process(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
 
 
 @pytest.fixture
-def nginx(tmp_path: Path) -> Iterator[Callable[[int], Nginx]]:
+def nginx(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
     """Start Debian's nginx with the shipped site (deploy/nginx/llmlb.conf) in front of an
-    llmlb listening on the given port of 127.0.0.1."""
+    llmlb listening on the given port of 127.0.0.1 (or of several, given a list)."""
     started: list[Nginx] = []
 
-    def start(upstream_port: int) -> Nginx:
-        proxy = Nginx.start(tmp_path / f"nginx-{len(started)}", f"127.0.0.1:{upstream_port}")
+    def start(upstream_port: int | list[int]) -> Nginx:
+        ports = upstream_port if isinstance(upstream_port, list) else [upstream_port]
+        proxy = Nginx.start(tmp_path / f"nginx-{len(started)}",
+                            [f"127.0.0.1:{port}" for port in ports])
         started.append(proxy)
         return proxy
 
@@ -308,6 +322,31 @@ def postgres() -> Iterator[Postgres]:
 def pg_url(postgres: Postgres) -> str:
     """The URL of a fresh, empty PostgreSQL database for this test."""
     return postgres.new_database()
+
+
+ENGINES = ("sqlite", "postgresql")
+ENDPOINTS_KEY = "6SlU2IwtPSrNdv1h5DqTvlA1SQfjOw8AGdT0oqq6p8s="  # a Fernet key, for the tests
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest, llmlb_home: Path,
+           monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once per state engine: "sqlite" (the default file under LLMLB_HOME) and
+    "postgresql" (a fresh database, given to everything the test starts — servers in this
+    process, the CLI, subprocesses — through LLMLB_DATABASE_URL, with the key every balancer
+    on a shared database needs)."""
+    if request.param == "postgresql":
+        monkeypatch.setenv("LLMLB_DATABASE_URL", request.getfixturevalue("pg_url"))
+        monkeypatch.setenv("LLMLB_ENDPOINTS_KEY", ENDPOINTS_KEY)
+    return request.param
+
+
+def open_test_state(home: Path):  # noqa: ANN201 - a State
+    """The state a server with this home uses (SQLite file or LLMLB_DATABASE_URL)."""
+    from llmlb.config import load_settings
+    from llmlb.state import open_state
+
+    return open_state(load_settings({"home": home}).files)
 
 
 @dataclass

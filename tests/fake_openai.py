@@ -2,7 +2,9 @@
 endpoint: ``GET {prefix}/models``, chat and completions (streamed with a delay per token, usage
 when asked), embeddings, a vLLM-style Prometheus ``/metrics``, and fault modes (500, a cut
 connection, a hang, 429 with Retry-After, an HTML error page). ``prefix`` is its OpenAI base
-path (``/v1``, or ``/v1beta/openai`` as Google's); ``extra_headers`` go on every answer.
+path (``/v1``, or ``/v1beta/openai`` as Google's); ``extra_headers`` go on every answer. With
+``native=("messages",)``, Anthropic's ``/v1/messages`` as vLLM serves it, with
+``native=("responses",)`` OpenAI's ``/v1/responses``; another route is FastAPI's 404.
 Stdlib only: a ThreadingHTTPServer on loopback, HTTP/1.1 keep-alive, streams sent chunked."""
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class FakeOpenAI:
     def __init__(self, name: str, models: tuple[str, ...] = ("fake-model",), *,
                  latency: float = 0.0, token_delay: float = 0.0, tokens: int = 5,
-                 api_key: str | None = None, metrics: bool = True, prefix: str = "/v1") -> None:
-        self.name, self.models, self.prefix = name, list(models), prefix
+                 api_key: str | None = None, metrics: bool = True, prefix: str = "/v1",
+                 native: tuple[str, ...] = ()) -> None:
+        self.name, self.models, self.prefix, self.native = name, list(models), prefix, native
+        self.paths: list[str] = []  # the paths of the inference requests received
+        self.headers: list[dict] = []  # the headers of every request received
         self.latency, self.token_delay, self.tokens = latency, token_delay, tokens
         self.api_key, self.has_metrics = api_key, metrics
         # "500" | "cut" | "hang" | "429" | "down" | "no-stream-options" (an older server)
@@ -44,6 +49,12 @@ class FakeOpenAI:
                 super().setup()
                 with fake._lock:
                     fake.connections += 1
+
+            def parse_request(self) -> bool:
+                parsed = super().parse_request()
+                if parsed:
+                    fake.headers.append({k.lower(): v for k, v in self.headers.items()})
+                return parsed
 
             def send_response(self, code: int, message: str | None = None) -> None:
                 super().send_response(code, message)
@@ -75,8 +86,15 @@ class FakeOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 if not self._authorized():
                     return
+                known = ("/chat/completions", "/completions", "/embeddings",
+                         *(f"/{api}" for api in fake.native))
+                route = self.path.split("?")[0]
+                if route.startswith(fake.prefix + "/") and \
+                        route.removeprefix(fake.prefix) not in known:
+                    return self._json(404, {"detail": "Not Found"})
                 with fake._lock:
                     fake.calls.append(body)
+                    fake.paths.append(self.path)
                     fake.concurrent += 1
                     fake.max_concurrent = max(fake.max_concurrent, fake.concurrent)
                 try:
@@ -111,6 +129,10 @@ class FakeOpenAI:
                 if body.get("model") not in fake.models:
                     return self._json(404, {"error": {"message": "no such model",
                                                       "code": "model_not_found"}})
+                if self.path.startswith(fake.prefix + "/messages"):
+                    return self._message(body)
+                if self.path.startswith(fake.prefix + "/responses"):
+                    return self._response(body)
                 if self.path.endswith("/embeddings"):
                     return self._json(200, {"object": "list", "model": body["model"], "data": [
                         {"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
@@ -146,6 +168,73 @@ class FakeOpenAI:
                         "prompt_tokens": 5, "completion_tokens": fake.tokens,
                         "total_tokens": 5 + fake.tokens}})
                 self._write(b"data: [DONE]\n\n")
+                self._write(b"")
+
+            def _message(self, body: dict) -> None:
+                text = f"hello from {fake.name}"
+                usage = {"input_tokens": 5, "output_tokens": fake.tokens}
+                if not body.get("stream"):
+                    return self._json(200, {
+                        "id": "msg_x", "type": "message", "role": "assistant",
+                        "model": body["model"], "content": [{"type": "text", "text": text}],
+                        "stop_reason": "end_turn", "stop_sequence": None, "usage": usage})
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                events = [("message_start", {"type": "message_start", "message": {
+                    "id": "msg_x", "type": "message", "role": "assistant",
+                    "model": body["model"], "content": [], "stop_reason": None,
+                    "stop_sequence": None, "usage": {**usage, "output_tokens": 0}}}),
+                    ("content_block_start", {"type": "content_block_start", "index": 0,
+                                             "content_block": {"type": "text", "text": ""}}),
+                    ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                             "delta": {"type": "text_delta", "text": text}}),
+                    ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                    ("message_delta", {"type": "message_delta", "delta": {
+                        "stop_reason": "end_turn", "stop_sequence": None},
+                        "usage": {"output_tokens": fake.tokens}}),
+                    ("message_stop", {"type": "message_stop"})]
+                for name, data in events:
+                    self._write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+                self._write(b"")
+
+            def _response(self, body: dict) -> None:
+                text = f"hello from {fake.name}"
+                message = {"type": "message", "id": "msg_r", "status": "completed",
+                           "role": "assistant", "content": [
+                               {"type": "output_text", "text": text, "annotations": []}]}
+                done = {"id": "resp_native", "object": "response", "created_at": 1,
+                        "status": "completed", "model": body["model"], "output": [message],
+                        "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                        "usage": {"input_tokens": 5, "output_tokens": fake.tokens,
+                                  "total_tokens": 5 + fake.tokens}}
+                if not body.get("stream"):
+                    return self._json(200, done)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                started = {**done, "status": "in_progress", "output": [], "usage": None}
+                events = [
+                    {"type": "response.created", "response": started},
+                    {"type": "response.output_item.added", "output_index": 0,
+                     "item": {**message, "status": "in_progress", "content": []}},
+                    {"type": "response.content_part.added", "item_id": "msg_r",
+                     "output_index": 0, "content_index": 0,
+                     "part": {"type": "output_text", "text": "", "annotations": []}},
+                    {"type": "response.output_text.delta", "item_id": "msg_r",
+                     "output_index": 0, "content_index": 0, "delta": text},
+                    {"type": "response.output_text.done", "item_id": "msg_r",
+                     "output_index": 0, "content_index": 0, "text": text},
+                    {"type": "response.content_part.done", "item_id": "msg_r",
+                     "output_index": 0, "content_index": 0,
+                     "part": message["content"][0]},
+                    {"type": "response.output_item.done", "output_index": 0, "item": message},
+                    {"type": "response.completed", "response": done}]
+                for i, data in enumerate(events):
+                    data["sequence_number"] = i
+                    self._write(f"event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode())
                 self._write(b"")
 
             def _chunk(self, payload: dict) -> None:

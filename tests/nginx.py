@@ -1,7 +1,8 @@
 """Debian's real nginx in front of llmlb, serving the shipped site ``deploy/nginx/llmlb.conf``.
 
-``site_for_tests`` turns the deploy file into one the tests can run: the upstream address,
-the listen address (a free port of 127.0.0.1), the access log's path, and no TLS; every other
+``site_for_tests`` turns the deploy file into one the tests can run: the upstream addresses
+(the site's ``server`` lines, one per balancer, become the tests' own, their parameters
+kept), the listen address (a free port of 127.0.0.1), the access log's path, and no TLS; every other
 line as shipped, so the tests check the file operators install. ``Nginx.start`` runs it in
 its own directory (config, pid, logs, temp dirs), in the foreground, as a child process. The
 ``nginx`` and ``behind_nginx`` fixtures in ``conftest.py`` wrap these for tests.
@@ -42,18 +43,27 @@ http {{
 """
 
 
-def site_for_tests(text: str, upstream: str, listen: str, access_log: Path) -> str:
-    """The deploy site with the test's addresses and log, served over plain HTTP."""
+def site_for_tests(text: str, upstream: str | list[str], listen: str,
+                   access_log: Path) -> str:
+    """The deploy site with the test's addresses (one balancer or several) and log, served
+    over plain HTTP."""
+    addresses = [upstream] if isinstance(upstream, str) else list(upstream)
     out: list[str] = []
     counts = {"upstream": 0, "listen": 0, "access_log": 0}
     in_upstream = False
+    parameters = ""
     for line in text.splitlines():
         words = line.split()
         first = words[0] if words else ""
         if first == "upstream" and words[1:2] == ["llmlb"]:
             in_upstream = True
         elif in_upstream and first == "server":
-            line, counts["upstream"] = f"    server {upstream};", counts["upstream"] + 1
+            counts["upstream"] += 1
+            if counts["upstream"] > 1:
+                continue  # every address comes from the first server line's shape
+            parameters = " ".join(w for w in line.split("#")[0].split()[2:]).rstrip(";")
+            line = "\n".join(f"    server {a} {parameters};".replace(" ;", ";")
+                             for a in addresses)
         elif in_upstream and first == "}":
             in_upstream = False
         elif first == "listen":
@@ -67,7 +77,7 @@ def site_for_tests(text: str, upstream: str, listen: str, access_log: Path) -> s
             counts["access_log"] += 1
             line = f"    access_log {access_log} {' '.join(words[2:])}"
         out.append(line)
-    if counts["upstream"] != 1 or not counts["listen"] or counts["access_log"] != 1:
+    if not counts["upstream"] or not counts["listen"] or counts["access_log"] != 1:
         raise ValueError(f"{SITE} no longer has the shape the tests rewrite: {counts}")
     return "\n".join(out) + "\n"
 
@@ -121,7 +131,7 @@ class Nginx:
                        if p.exists())
 
     @classmethod
-    def start(cls, directory: Path, upstream: str, timeout: float = 20) -> Nginx:
+    def start(cls, directory: Path, upstream: str | list[str], timeout: float = 20) -> Nginx:
         if not Path(NGINX).exists():
             raise FileNotFoundError("nginx is missing: `make test` installs Debian's nginx")
         (directory / "tmp").mkdir(parents=True)

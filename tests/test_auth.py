@@ -12,9 +12,8 @@ import pytest
 import requests
 
 from llmlb import auth
-from llmlb.db import Database
 
-from .conftest import LiveServer, llmlb_command
+from .conftest import LiveServer, llmlb_command, open_test_state
 
 
 def make_key(server: LiveServer, scopes: str) -> str:
@@ -23,7 +22,8 @@ def make_key(server: LiveServer, scopes: str) -> str:
 
 
 @pytest.fixture
-def prod(make_server) -> LiveServer:
+def prod(make_server, engine: str) -> LiveServer:
+    """A production-mode server, on each state engine."""
     return make_server(dev=False, admin_password="s3cret-pass")
 
 
@@ -73,8 +73,11 @@ def test_keys_are_stored_hashed_and_revocable(prod: LiveServer) -> None:
     assert r.status_code == 201
     created = r.json()
     assert created["key"].startswith("sk-") and created["scopes"] == ["api"]
-    raw_db = Path(prod.runtime.settings.database).read_bytes()
-    assert created["key"].encode() not in raw_db
+    assert created["key"] not in repr(prod.runtime.db.keys.all())
+    if not prod.runtime.db.shared:  # the SQLite file itself, its journal included
+        raw_db = b"".join(p.read_bytes() for p in Path(prod.runtime.settings.database).parent
+                          .glob("llmlb.db*") if p.is_file())
+        assert created["key"].encode() not in raw_db
     listed = requests.get(f"{prod.url}/api/keys", headers=headers, timeout=10).json()["keys"]
     assert all("key" not in k for k in listed)
     r = requests.delete(f"{prod.url}/api/keys/{created['id']}", headers=headers, timeout=10)
@@ -87,7 +90,7 @@ def test_keys_are_stored_hashed_and_revocable(prod: LiveServer) -> None:
         assert r.status_code == 400 and r.json()["error"]["param"] == "scopes"
 
 
-def test_cli_creates_a_key_printed_once(llmlb_home: Path, make_server) -> None:
+def test_cli_creates_a_key_printed_once(llmlb_home: Path, make_server, engine: str) -> None:
     result = subprocess.run([*llmlb_command(), "keys", "create", "--name", "N", "--scope",
                              "api"], capture_output=True, text=True, check=True)
     key = result.stdout.strip()
@@ -99,26 +102,28 @@ def test_cli_creates_a_key_printed_once(llmlb_home: Path, make_server) -> None:
     assert server.client(api_key=key).models.list().data == []
 
 
-def test_first_admin_password_generated_once(llmlb_home: Path, make_server,
+def test_first_admin_password_generated_once(llmlb_home: Path, make_server, engine: str,
                                              caplog: pytest.LogCaptureFixture) -> None:
     make_server(dev=False)
     generated = [r.getMessage() for r in caplog.records if "first admin" in r.getMessage()]
     assert len(generated) == 1
     password = generated[0].split("password: ")[1].split()[0]
-    db = Database(llmlb_home / "llmlb.db")
+    db = open_test_state(llmlb_home)
     assert auth.check_login(db, "admin", password) is not None
     assert auth.check_login(db, "admin", "wrong") is None
+    db.close()
     caplog.clear()
     make_server(dev=False)  # a restart (or a second worker) never prints it again
     assert not [r for r in caplog.records if "first admin" in r.getMessage()]
 
 
-def test_first_admin_from_environment(llmlb_home: Path, make_server) -> None:
+def test_first_admin_from_environment(llmlb_home: Path, make_server, engine: str) -> None:
     make_server(dev=False, admin_username="root", admin_password="from-env-pw")
-    db = Database(llmlb_home / "llmlb.db")
+    db = open_test_state(llmlb_home)
     assert auth.check_login(db, "root", "from-env-pw") is not None
     assert auth.check_login(db, "admin", "test") is None  # no default secret outside dev
     assert auth.check_login(db, "admin", "test", dev=True) is not None
+    db.close()
 
 
 def test_status_shows_the_local_path_to_admins_only(prod: LiveServer) -> None:

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from llmlb.auth import create_api_key
-from llmlb.db import Database
+from llmlb.state import open_database
 
 from .conftest import CLOSED_ENDPOINT, HELLO, Proc, free_port, llmlb_command
 from .test_plugins import SLOW_ENGINE, write_plugin
@@ -70,7 +70,7 @@ class Cluster:
 
     def node_secret(self, name: str) -> str:
         """What a node accepts from its balancer: the secret it made, kept in its home."""
-        db = Database(self.home.parent / name / "llmlb.db")
+        db = open_database(self.home.parent / name / "llmlb.db")
         try:
             return db.get_meta("node_secret")
         finally:
@@ -103,7 +103,7 @@ def cluster(start_process, llmlb_home: Path, tmp_path: Path, tiny) -> Iterator[C
 
     def start(balancer_models: dict[str, str] | None = None, **env: str) -> Cluster:
         home = tmp_path / "balancer"
-        db = Database(home / "llmlb.db")
+        db = open_database(home / "llmlb.db")
         admin, _ = create_api_key(db, "admin", "admin")
         api, _ = create_api_key(db, "client", "api")
         node_key, _ = create_api_key(db, "nodes", "node")

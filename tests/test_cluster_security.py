@@ -9,7 +9,7 @@ import time
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmlb.db import Database
+from llmlb.state import open_database
 
 from .conftest import HELLO
 from .test_balancer import bearer, cluster  # noqa: F401 - the fixture
@@ -134,8 +134,8 @@ def test_nothing_a_member_reports_breaks_the_balancer(cluster) -> None:  # noqa:
               "legacy-report": (CLOSED, '{"models": [{"id": ["x"]}], "active_requests": "many",'
                                 ' "hardware": {"gpu_count": 1}}'),
               "legacy-json": (CLOSED, "not json")}
-    db = Database(c.home / "llmlb.db")
-    with db.transaction() as conn:
+    db = open_database(c.home / "llmlb.db")
+    with db.engine.transaction() as conn:
         for name, (url, report) in legacy.items():
             conn.execute("INSERT INTO nodes(name, kind, url, secret, report, registered_at, "
                          "last_seen) VALUES (?, 'node', ?, ?, ?, ?, ?)",

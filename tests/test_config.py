@@ -108,6 +108,13 @@ def test_roles_and_node_defaults(llmlb_home: Path, monkeypatch: pytest.MonkeyPat
         load_settings({"node_name": "bad name/.."})
     with pytest.raises(SettingsError, match="LLMLB_BALANCER_URL must be an http"):
         load_settings({"balancer_url": "file:///etc"})
+    # Several balancers sharing one state: each URL checked, kept in order.
+    several = load_settings({"balancer_url": "http://lb1:8080/, http://lb2:8080"})
+    assert several.balancer_urls == ("http://lb1:8080", "http://lb2:8080")
+    assert load_settings({"balancer_url": "http://lb1:8080"}).balancer_urls == \
+        ("http://lb1:8080",)
+    with pytest.raises(SettingsError, match="must be an http.*'file:///etc'"):
+        load_settings({"balancer_url": "http://lb1:8080,file:///etc"})
 
 
 def test_readme_documents_every_setting() -> None:

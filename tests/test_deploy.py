@@ -21,7 +21,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from llmlb import auth
-from llmlb.db import Database
+from llmlb.state import open_database
 
 from .conftest import (
     CLOSED_ENDPOINT,
@@ -41,7 +41,7 @@ PASSWORD = "correct horse battery"
 
 
 def make_key(home: Path, scopes: str) -> str:
-    return auth.create_api_key(Database(home / "llmlb.db"), f"test-{scopes}", scopes)[0]
+    return auth.create_api_key(open_database(home / "llmlb.db"), f"test-{scopes}", scopes)[0]
 
 
 def ws_url(base: str, query: str = "") -> str:

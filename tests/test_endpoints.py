@@ -105,7 +105,7 @@ def test_an_api_key_is_stored_sealed_and_never_shown(make_server, fakes, monkeyp
     assert r.json()["has_api_key"] is True and "sk-upstream" not in r.text
     assert "sk-upstream" not in requests.get(f"{server.url}/v0/nodes", headers=ADMIN,
                                              timeout=10).text
-    stored = server.runtime.db.conn().execute(
+    stored = server.runtime.db.engine.execute(
         "SELECT credential FROM nodes WHERE name='hosted'").fetchone()[0]
     assert stored.startswith("fernet:") and "sk-upstream" not in stored
     key_file = server.runtime.settings.home / "endpoints.key"
@@ -118,7 +118,7 @@ def test_an_api_key_is_stored_sealed_and_never_shown(make_server, fakes, monkeyp
     r = add(server, "hosted-env", fake.url, api_key_env="LLMLB_ENDPOINT_KEY_HOSTED")
     assert r.status_code == 201, r.text
     assert r.json()["api_key_env"] == "LLMLB_ENDPOINT_KEY_HOSTED"
-    stored = server.runtime.db.conn().execute(
+    stored = server.runtime.db.engine.execute(
         "SELECT credential FROM nodes WHERE name='hosted-env'").fetchone()[0]
     assert stored == "env:LLMLB_ENDPOINT_KEY_HOSTED"
 
@@ -374,11 +374,11 @@ def test_history_older_than_its_retention_is_forgotten(make_server) -> None:
     server = make_server(role="balancer", history_retention_days=1)
     db = server.runtime.db
     now = time.time()
-    with db.transaction() as conn:
+    with db.engine.transaction() as conn:
         for age_days in (3, 0.5):
             conn.execute("INSERT INTO requests(at, operation, status, latency_ms) "
                          "VALUES (?, 'chat', 200, 1)", (now - age_days * 86400,))
-    server.runtime.supervisor.wake("history-prune")  # the supervisor's task, run now
+    server.runtime.cluster_supervisor.wake("history-prune")  # the supervisor's task, run now
 
     def ages() -> list[float]:
         r = requests.get(f"{server.url}/v0/requests", headers=ADMIN, timeout=10)
@@ -411,7 +411,7 @@ def test_an_endpoint_reads_only_the_environment_variables_made_for_it(make_serve
 
     # An endpoint stored with such a name before (an older llmlb): it sends nothing and goes
     # offline, saying why.
-    with server.runtime.db.transaction() as conn:
+    with server.runtime.db.engine.transaction() as conn:
         conn.execute("INSERT INTO nodes(name, kind, url, credential, report, registered_at, "
                      "last_seen) VALUES ('old', 'endpoint', ?, 'env:HF_TOKEN', ?, ?, ?)",
                      (fake.url, json.dumps({"healthy": True, "models": [

@@ -189,8 +189,9 @@ def test_prompt_longer_than_the_context(server: LiveServer, models: dict[str, st
         with pytest.raises(openai.BadRequestError) as info:
             server.client().chat.completions.create(model=models[fmt], messages=long,
                                                     stream=True)
-        assert info.value.body["code"] == "invalid_prompt"
+        assert info.value.body["code"] == "context_length_exceeded"
         assert "context" in info.value.body["message"]
+        assert "tokens > 512 maximum" in info.value.body["message"]  # both numbers
 
 
 def test_metal_model_gets_a_clear_error(server: LiveServer) -> None:

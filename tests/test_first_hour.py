@@ -147,10 +147,10 @@ def test_a_node_registers_before_its_engines_are_checked(start_process, tmp_path
     import requests
 
     from llmlb.auth import create_api_key
-    from llmlb.db import Database
+    from llmlb.state import open_database
 
     home = tmp_path / "balancer"
-    db = Database(home / "llmlb.db")
+    db = open_database(home / "llmlb.db")
     admin, _ = create_api_key(db, "admin", "admin")
     node_key, _ = create_api_key(db, "nodes", "node")
     db.close()

@@ -21,9 +21,10 @@ def attempt(server: LiveServer, username: str, password: str, client: str) -> re
     return dashboard_login(server.url, password, username, browser=browser)
 
 
-def test_logins_are_throttled_per_client_and_per_user(make_server,
+def test_logins_are_throttled_per_client_and_per_user(make_server, engine: str,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    # Two apps on one home stand for two gunicorn workers: they count the same failures.
+    # Two apps on one state stand for two gunicorn workers, or two balancers: they count
+    # the same failures.
     one = make_server(dev=False, admin_password=PASSWORD, trusted_proxies=1,
                       login_max_failures=3)
     two = make_server(dev=False, admin_password=PASSWORD, trusted_proxies=1,
@@ -51,7 +52,7 @@ def test_logins_are_throttled_per_client_and_per_user(make_server,
                    for r in caplog.records)
 
 
-def test_a_login_clears_earlier_failures(make_server) -> None:
+def test_a_login_clears_earlier_failures(make_server, engine: str) -> None:
     server = make_server(dev=False, admin_password=PASSWORD, login_max_failures=3)
     for _ in range(2):
         assert dashboard_login(server.url, "typo").status_code == 401

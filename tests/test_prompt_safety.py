@@ -190,10 +190,10 @@ def test_hostile_prompts_are_refused_fast_while_another_model_answers(
         # One message of 68k control-token strings (680k characters, within
         # LLMLB_MAX_PROMPT_CHARS): tokenized as text, far over the context.
         "68k special tokens": ([{"role": "user", "content": IM_END * 68_000}],
-                               "invalid_prompt"),
+                               "context_length_exceeded"),
         # The most messages allowed, each long: within every limit, over the context.
         "2048 messages": ([{"role": "user", "content": "word " * 90}] * 2048,
-                          "invalid_prompt"),
+                          "context_length_exceeded"),
     }
     took: dict[str, float] = {}
     try:

@@ -14,7 +14,7 @@ import openai
 import pytest
 import requests
 
-from .conftest import HELLO, LiveServer, raw_get
+from .conftest import CLOSED_ENDPOINT, HELLO, LiveServer, raw_get
 from .fake_balancer import FakeBalancer
 from .fake_hub import FakeHub
 from .tinymodels import make_llama_gguf, make_llama_safetensors
@@ -263,11 +263,13 @@ def test_blob_route_serves_ranges_to_nodes(hub_server, tiny) -> None:
         assert status_code in (400, 404) and "error" in body, bad
 
 
+@pytest.mark.parametrize("others", [[], [CLOSED_ENDPOINT]], ids=["one", "after-a-dead-one"])
 def test_node_fetches_through_the_balancer(make_server, hub_server, tiny, hub: FakeHub,
-                                           tmp_path: Path) -> None:
+                                           tmp_path: Path, others: list[str]) -> None:
+    """From its balancer, or from the first of several that has the model."""
     balancer = make_server()
     shutil.copytree(tiny["llama-st"], balancer.models_dir / "tiny-st")
-    node = hub_server(balancer_url=balancer.url, node_api_key="sk_debug",
+    node = hub_server(balancer_url=",".join([*others, balancer.url]), node_api_key="sk_debug",
                      download_allowlist=["none"], models_dir=tmp_path / "node-models")
     reply = node.client().chat.completions.create(model="tiny-st", messages=HELLO,
                                                   max_tokens=2)

@@ -16,7 +16,8 @@ PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
-def prod(make_server) -> LiveServer:
+def prod(make_server, engine: str) -> LiveServer:
+    """A production-mode server, on each state engine."""
     return make_server(dev=False, admin_password=PASSWORD)
 
 
@@ -61,7 +62,7 @@ def test_a_saved_cookie_is_refused_after_a_password_change(prod: LiveServer) -> 
     assert dashboard_login(prod.url, "a new passphrase").status_code == 302
 
 
-def test_a_dev_session_does_not_survive_a_restart_without_dev(make_server) -> None:
+def test_a_dev_session_does_not_survive_a_restart_without_dev(make_server, engine: str) -> None:
     dev = make_server(dev=True)
     _, cookie, csrf = saved_cookie(dev, password="test")
     assert can_manage_keys(dev, cookie, csrf) == (200, 201)
@@ -70,7 +71,7 @@ def test_a_dev_session_does_not_survive_a_restart_without_dev(make_server) -> No
     assert can_manage_keys(prod, cookie, csrf) == (401, 401)
 
 
-def test_sessions_expire(make_server) -> None:
+def test_sessions_expire(make_server, engine: str) -> None:
     server = make_server(dev=False, admin_password=PASSWORD, session_lifetime_seconds=2)
     browser, cookie, csrf = saved_cookie(server)
     set_cookie = dashboard_login(server.url, PASSWORD).headers["Set-Cookie"]

@@ -54,14 +54,14 @@ def model_blob(rest: str):
 @require("api")
 def chat_completions():
     return relay(runtime().balancer.forward(CHAT, request_bytes(), g.principal.name,
-                                            ClientWatch.of(request.environ)))
+                                            client=ClientWatch.of(request.environ)))
 
 
 @bp.post("/completions")
 @require("api")
 def completions():
     return relay(runtime().balancer.forward(COMPLETION, request_bytes(), g.principal.name,
-                                            ClientWatch.of(request.environ)))
+                                            client=ClientWatch.of(request.environ)))
 
 
 @bp.post("/embeddings")

@@ -2,7 +2,8 @@
 (``members.Member``) and the node seam (``upstream``), and imports nothing of engines, the
 resolver, serving or the node package: the role's builder hands it the in-process member.
 
-- ``registry``: nodes in SQLite (registration, heartbeats, status, cooldown, pull assignments),
+- ``registry``: nodes and endpoints in the shared state (registration, heartbeats, status,
+  cooldown, pull assignments; the SQL in ``state/members.py``),
   each name bound to the secret of the node that first registered it
 - ``registration``: a node's registration and heartbeat bodies, checked
 - ``reports``: what a node or an endpoint reports, typed and checked where it enters
@@ -17,6 +18,11 @@ resolver, serving or the node package: the role's builder hands it the in-proces
 - ``endpoints``: external OpenAI-compatible servers as registry members (LB-5): checked when
   added, then their models, health and load refreshed by the supervisor
 - ``credentials``: an endpoint's API key as stored (an env var's name, or sealed with Fernet)
+- ``translate``: the Responses and Messages APIs for an endpoint that lacks them, translated
+  to chat completions and back by the dialect modules (``llmlb/dialects/``)
+- ``providers``: hosted providers by prefix (``openai:``, ``anthropic:``, ``google:``, AG-4) as
+  members, their keys only ever sent to their own base URLs
+- ``stored_responses``: the Responses API's state (``previous_response_id``, ``store``)
 - ``accounting``: what each forwarded request leaves for metrics and history (LB-6): status,
   latency, time to first byte, tokens from the answer's usage
 """

@@ -1,9 +1,11 @@
 """What the balancer notes about each request it forwards (LB-6): status, node, latency, time
-to the first byte, tokens, handed to ``on_done`` as one ``RequestRecord`` (metrics and history) when the answer ends.
+to the first byte, tokens, handed to ``on_done`` as one ``RequestRecord`` (metrics and
+history) when the answer ends.
 
-Tokens come from the answer's ``usage``, found without decoding the answer: a regular
-expression over the bytes of a complete answer, or over the last events of a stream. A
-stream's usage exists only when the client asks for it (``stream_options.include_usage``);
+Tokens come from the answer's ``usage`` (in any of the three APIs), found without decoding
+the answer: a regular expression over the bytes of a complete answer, or over the last events
+of a stream. A chat stream's usage exists only when the client asks for it
+(``stream_options.include_usage``);
 when it did not, the balancer asks on its behalf (``with_usage``) and removes that extra
 event (``choices: []`` with ``usage``) from what the client gets, so the client sees the
 stream it asked for.
@@ -15,12 +17,14 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 from ..history import RequestRecord
 from .upstream import CHAT, COMPLETION, NodeResponse, ProxyRequest
 
-_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+# Chat's names, and the Responses and Messages APIs' (whose streams end with their usage too).
+_PROMPT = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*(\d+)')
+_COMPLETION = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*(\d+)')
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 # With include_usage, every chunk carries ``"usage": null`` (OpenAI's shape); a client that did
 # not ask for usage must not see it.
@@ -51,8 +55,7 @@ def with_usage(request: ProxyRequest) -> tuple[ProxyRequest, bool]:
         return request, False  # invalid: the node says so
     payload = {**payload, "stream_options": {**(options or {}), "include_usage": True}}
     raw = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-    return ProxyRequest(request.operation, raw, payload, request.model_id, request,
-                        request.found, request.id_refusal, request.client), True
+    return replace(request, raw=raw, payload=payload, as_sent=request), True
 
 
 class Watch:
@@ -84,7 +87,7 @@ class Watch:
 
     def _stream(self, node: str | None, status: int, chunks: Iterator[bytes]) -> Iterator[bytes]:
         ttft = None
-        tail = b""
+        head = tail = b""  # head: Anthropic's message_start, with the prompt's tokens
         pending = b""
         usage: tuple[int | None, int | None] = (None, None)
         ended = False
@@ -92,6 +95,7 @@ class Watch:
             for chunk in chunks:
                 if ttft is None:
                     ttft = time.perf_counter() - self.started
+                    head = chunk[:TAIL_BYTES]
                 if self.strip_usage:
                     chunk, pending, found = _without_usage_event(pending + chunk)
                     if found is not None:
@@ -108,6 +112,8 @@ class Watch:
         finally:
             if not self.strip_usage:
                 usage = usage_of(tail)
+                if usage[0] is None:  # the last usage (a Messages stream's) without it
+                    usage = (usage_of(head)[0], usage[1])
             broke = b'"code":"node_failed"' in tail[-2048:]
             final = CLIENT_LEFT if not ended else 502 if broke else status
             self._finish(final, node, True, ttft, *usage,

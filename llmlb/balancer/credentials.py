@@ -13,6 +13,13 @@ Two forms, stored in the ``credential`` column of its ``nodes`` row:
   A copy of the database alone does not reveal the key.
 
 Neither form is ever sent back by the API (it says ``has_api_key``).
+
+Balancers that share a PostgreSQL state must seal and open with one key, which the database
+must not hold: each gets it from its operator, as ``LLMLB_ENDPOINTS_KEY`` (written into its
+key file at start) or as the key file itself, copied. ``check_at_start`` refuses to start a
+balancer on a shared state without it, or with another key than the one the others use (the
+database holds a token sealed with that key: it tells whether two keys match, and nothing
+about either).
 """
 
 from __future__ import annotations
@@ -21,14 +28,20 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.fernet import Fernet, InvalidToken
 
 from ..private_files import FILE_MODE
 
+if TYPE_CHECKING:
+    from ..state import State
+
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 ENV_PREFIX = "LLMLB_ENDPOINT_KEY_"
 KEY_FILE = "endpoints.key"
+CHECK_META = "endpoints_key_check"
+_CHECK_TEXT = b"llmlb endpoints key"
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,45 @@ def open_credential(home: Path, credential: str | None, allowlist: EnvAllowlist,
             raise CredentialError(f"the stored API key cannot be decrypted with "
                                   f"{home / KEY_FILE} ({type(exc).__name__})") from None
     raise CredentialError(f"unknown credential form {kind!r}")
+
+
+def check_at_start(home: Path, key: str | None, state: State) -> None:
+    """Install ``key`` (LLMLB_ENDPOINTS_KEY) as this balancer's key file, and make sure that
+    every balancer of a shared state seals with the same one. Raises SettingsError."""
+    from ..config import SettingsError
+
+    path = home / KEY_FILE
+    if key is not None:
+        try:
+            Fernet(key.encode())
+        except ValueError:
+            raise SettingsError("LLMLB_ENDPOINTS_KEY must be a Fernet key: 32 random bytes in "
+                                "URL-safe base64 (python -c 'from cryptography.fernet import "
+                                "Fernet; print(Fernet.generate_key().decode())')") from None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except FileExistsError:
+            if path.read_bytes().strip() != key.strip().encode():
+                raise SettingsError(f"LLMLB_ENDPOINTS_KEY differs from the key in {path}: "
+                                    "remove the file, or unset the variable") from None
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(key.strip().encode())
+    if not path.exists():
+        if state.shared:
+            raise SettingsError(
+                f"a balancer on a shared database ({state.description}) needs the key that "
+                f"seals endpoints' API keys, the same on every balancer: set "
+                f"LLMLB_ENDPOINTS_KEY, or copy {KEY_FILE} from another balancer to {path}")
+        return  # SQLite: made on first use, as ever
+    fernet = _fernet(home)
+    token = state.setdefault_meta(CHECK_META, fernet.encrypt(_CHECK_TEXT).decode())
+    try:
+        fernet.decrypt(token.encode())
+    except InvalidToken:
+        raise SettingsError(f"the key in {path} is not the one the other balancers on "
+                            f"{state.description} seal endpoints' API keys with: give every "
+                            f"balancer the same LLMLB_ENDPOINTS_KEY or {KEY_FILE}") from None
 
 
 def describe(credential: str | None) -> dict:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .. import errors, urls
 from ..config import NODE_NAME, ClusterSettings
-from ..db import Database
+from ..state import State
 from . import credentials, http1
 from .credentials import EnvAllowlist
 from .inflight import InflightCounters
@@ -55,7 +55,7 @@ NOT_CHECKED = "not checked by the balancer yet (its first check comes within " \
     "LLMLB_ENDPOINT_CHECK_SECONDS)"
 
 
-def instance_id(db: Database) -> str:
+def instance_id(db: State) -> str:
     """This llmlb's id (the same in every worker, kept in its database): how it recognises
     itself when asked to add itself as an endpoint."""
     return db.setdefault_meta("instance_id", secrets.token_urlsafe(16))

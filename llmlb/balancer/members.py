@@ -27,7 +27,8 @@ from ..config import ClusterSettings
 from .credentials import CredentialError, EnvAllowlist, describe, open_credential
 from .http1 import HTTPClientError
 from .inflight import InflightCounters
-from .registry import COOLDOWN, ENDPOINT, OFFLINE, ONLINE, NodeRecord, NodeRegistry
+from .providers import Providers
+from .registry import COOLDOWN, ENDPOINT, OFFLINE, ONLINE, PROVIDER, NodeRecord, NodeRegistry
 from .reports import Download, EndpointReport, ModelEntry, NodeReport, Report, model_ids
 from .upstream import Node, NodeUnreachable, ProxyRequest, RemoteNode
 
@@ -107,12 +108,32 @@ class RemoteMember:
         return self.record.report
 
 
+class ProviderMember(RemoteMember):
+    """A hosted provider (``providers.py``): ready for every model name with its prefix,
+    listed or not; it holds no files and fetches none."""
+
+    def __init__(self, record: NodeRecord, node: Node, status: str) -> None:
+        self.record, self.node, self.status = record, node, status  # type: ignore[assignment]
+        self.id, self.name, self.kind, self.url = record.id, record.name, record.kind, record.url
+        self._prefix = record.name + ":"
+
+    def ready(self, model_id: str, request: ProxyRequest | None = None) -> bool:
+        return model_id.startswith(self._prefix)
+
+    def queued(self) -> int:
+        return 0
+
+    def can_fetch(self, model_id: str, balancer_has_it: bool) -> bool:
+        return False
+
+
 class Cluster:
     def __init__(self, settings: ClusterSettings, registry: NodeRegistry | None,
                  inflight: InflightCounters, local: Member | None, *, home: Path,
-                 pool_size: int) -> None:
+                 pool_size: int, providers: Providers | None = None) -> None:
         self.settings, self.registry, self.inflight, self.local = (
             settings, registry, inflight, local)
+        self.providers = providers  # the hosted providers this balancer has keys for
         self.home, self.pool_size = home, pool_size  # endpoint keys; connections per member
         self.env_allowlist = EnvAllowlist(settings.endpoint_env_allowlist)
         self._clients: dict[int, tuple[tuple[str, str | None, str | None], RemoteNode]] = {}
@@ -128,10 +149,18 @@ class Cluster:
             for record in self.registry.nodes():
                 status = record.status(now, self.registry.timeout)
                 if status in statuses and record.unusable is None:
-                    client = self._client_or_none(record)
-                    if client is not None:
-                        found.append(RemoteMember(record, client, status))
+                    member = self._member(record, status)
+                    if member is not None:
+                        found.append(member)
         return found
+
+    def _member(self, record: NodeRecord, status: str) -> RemoteMember | None:
+        if record.kind == PROVIDER:
+            # Its URL and key are this process's own settings, never the row's.
+            node = self.providers.node(record.name) if self.providers is not None else None
+            return ProviderMember(record, node, status) if node is not None else None
+        client = self._client_or_none(record)
+        return RemoteMember(record, client, status) if client is not None else None
 
     def _client_or_none(self, record: NodeRecord) -> RemoteNode | None:
         try:
@@ -172,10 +201,14 @@ class Cluster:
             return None
 
     def endpoint_model(self, model: str) -> bool:
-        """Whether an endpoint lists this model id (which may not be a valid llmlb id)."""
-        model = model.lower()
-        return self.registry is not None and any(
-            r.kind == ENDPOINT and model in r.models for r in self.registry.nodes())
+        """Whether an endpoint lists this model id (which may not be a valid llmlb id), or it
+        is a configured hosted provider's (``openai:gpt-4o``; another provider's is a 404
+        naming the key to set)."""
+        lowered = model.lower()
+        if self.registry is not None and any(
+                r.kind == ENDPOINT and lowered in r.models for r in self.registry.nodes()):
+            return True
+        return self.providers is not None and self.providers.check(model)
 
     def load(self, member: Member) -> int:
         return self.inflight.load(member.id) + member.queued()
@@ -221,6 +254,9 @@ class Cluster:
             rows.append(_row(self.local.id, self.local.name, "node", None, ONLINE, report, now,
                              now, self.inflight.load(self.local.id)))
         for record in (self.registry.nodes(fresh=True) if self.registry else ()):
+            if record.kind == PROVIDER and (self.providers is None
+                                            or self.providers.node(record.name) is None):
+                continue  # another balancer's provider, which this one has no key for
             try:
                 rows.append(self._remote_row(record, now))
             except Exception as exc:  # noqa: BLE001 - the admin must see it to forget it
@@ -239,7 +275,11 @@ class Cluster:
                     "cooldown_until": record.cooldown_until if status == COOLDOWN else None,
                     "last_error": record.unusable or record.last_error})
         report = record.report
-        if isinstance(report, EndpointReport):
+        if record.kind == PROVIDER and isinstance(report, EndpointReport):
+            node = self.providers.node(record.name)  # type: ignore[union-attr]
+            row.update(has_api_key=True, api_key_env=node.spec.key_variable,  # type: ignore[union-attr]
+                       last_check_error=record.unusable or report.error)
+        elif isinstance(report, EndpointReport):
             row.update(describe(record.credential), load_source=report.load_source,
                        endpoint_running=report.endpoint_running,
                        endpoint_waiting=report.endpoint_waiting,

@@ -11,6 +11,7 @@ Once a stream has started, a node that fails ends it with a ``data: {"error": â€
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -18,17 +19,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .. import errors
+from ..aliases import Aliases
 from ..catalog import Catalog
 from ..config import ClusterSettings
+from ..dialects import stream_ended, stream_error
 from ..disconnect import ClientWatch
 from ..history import RequestRecord
 from ..storage import requested_model_id
-from ..wire import DONE, event, parse_json_object
+from ..wire import parse_json_object
 from . import placement, routing
 from .accounting import Watch, with_usage
 from .members import Cluster, Member, RemoteMember
 from .prefixes import PrefixRecord
-from .registry import COOLDOWN, ENDPOINT, OFFLINE, ONLINE, NodeRegistry
+from .providers import provider_of
+from .registry import COOLDOWN, ENDPOINT, OFFLINE, ONLINE, PROVIDER, NodeRegistry
+from .translate import Translator
 from .upstream import NodeResponse, NodeUnreachable, ProxyRequest
 
 log = logging.getLogger(__name__)
@@ -77,38 +82,49 @@ class _Once:
 
 class Balancer:
     """``has_files(request)``: whether this host holds the request's model files (a node
-    may then fetch them from here)."""
+    may then fetch them from here); ``aliases``: the names that stand for lists of models."""
 
     def __init__(self, settings: ClusterSettings, cluster: Cluster, catalog: Catalog,
                  has_files: Callable[[ProxyRequest], bool], registry: NodeRegistry | None,
-                 on_done: Callable[[RequestRecord], None] | None = None) -> None:
+                 on_done: Callable[[RequestRecord], None] | None = None,
+                 aliases: Aliases | None = None) -> None:
         self.settings, self.cluster, self.catalog = settings, cluster, catalog
         self.has_files, self.registry = has_files, registry
-        self.on_done = on_done
+        self.on_done, self.aliases = on_done, aliases
+        self.translator = Translator()  # the agent APIs for endpoints that lack them
         # Where recent prompt prefixes were served, beside the in-flight counters.
         self.prefixes = PrefixRecord(cluster.inflight.path.with_suffix(".prefixes"))
 
     def forward(self, operation: str, raw: bytes, caller: str | None = None,
+                payload: dict | None = None,
+                headers: tuple[tuple[str, str], ...] = (),
                 client: ClientWatch | None = None) -> Forwarded:
         """Hand the request to a node and return its answer; ``caller`` (the key's name) is
-        what the request history says sent it; ``client`` watches the client's connection
-        (an answer not yet begun stops when it closes)."""
+        what the request history says sent it; ``payload``, the body already parsed;
+        ``headers``, the client's that a hosted provider reads (``anthropic-beta``);
+        ``client`` watches the client's connection (an answer not yet begun stops when it
+        closes)."""
         if self.on_done is None:
-            return self._forward(operation, raw, None, client)
+            return self._forward(operation, raw, None, payload, headers, client)
         watch = Watch(operation, caller, self.on_done)
         try:
-            forwarded = self._forward(operation, raw, watch, client)
+            forwarded = self._forward(operation, raw, watch, payload, headers, client)
         except errors.APIError as exc:
             watch.failed(exc.status, exc.code)
             raise
         return Forwarded(forwarded.node, watch.answered(forwarded.node, forwarded.response))
 
     def _forward(self, operation: str, raw: bytes, watch: Watch | None,
+                 payload: dict | None, headers: tuple[tuple[str, str], ...],
                  client: ClientWatch | None = None) -> Forwarded:
-        payload = parse_json_object(raw)
+        if payload is None:
+            payload = parse_json_object(raw)
         model_id, refusal = self.requested_model(payload)
+        targets = self.aliases.resolve(model_id) if self.aliases is not None else None
+        if targets:
+            return self._forward_alias(operation, payload, targets, watch, headers, client)
         request = ProxyRequest(operation, raw, payload, model_id, id_refusal=refusal,
-                               client=client)
+                               headers=headers, client=client)
         if watch is not None:
             watch.model = model_id
             request, watch.strip_usage = with_usage(request)
@@ -116,10 +132,42 @@ class Balancer:
             if self.settings.affinity else None
         return self._attempt(self.candidates(request, prefix), request, prefix)
 
+    def _forward_alias(self, operation: str, payload: dict, targets: list[str],
+                       watch: Watch | None, headers: tuple[tuple[str, str], ...],
+                       client: ClientWatch | None) -> Forwarded:
+        """An alias (AG-5): its models in order, the next one when a model cannot be served
+        or its nodes fail before the first byte."""
+        failure: errors.APIError | Forwarded | None = None
+        for i, target in enumerate(targets):
+            body = {**payload, "model": target}
+            try:
+                model_id, refusal = self.requested_model(body)
+                raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+                request = ProxyRequest(operation, raw, body, model_id, id_refusal=refusal,
+                                       headers=headers, client=client)
+                if watch is not None:
+                    watch.model = model_id
+                    request, watch.strip_usage = with_usage(request)
+                prefix = routing.LazyPrefix(operation, model_id, body) \
+                    if self.settings.affinity else None
+                forwarded = self._attempt(self.candidates(request, prefix), request, prefix)
+            except errors.APIError as exc:
+                if exc.status not in (400, 404, 429, 503):
+                    raise
+                failure = exc
+                continue
+            if forwarded.response.status < 500 or i == len(targets) - 1:
+                return forwarded
+            forwarded.response.close()
+            failure = forwarded
+        if isinstance(failure, errors.APIError) or failure is None:
+            raise failure or errors.model_not_found(str(payload.get("model")))
+        return failure
+
     def requested_model(self, payload: dict) -> tuple[str, errors.APIError | None]:
         """The request's model id, checked here once; an endpoint's own ids (Ollama's
-        ``llama3.2:1b``) may hold characters llmlb's ids do not: then also why llmlb's own
-        nodes refuse it."""
+        ``llama3.2:1b``) and a hosted provider's (``openai:gpt-4o``) may hold characters
+        llmlb's ids do not: then also why llmlb's own nodes refuse it."""
         try:
             return requested_model(payload), None
         except errors.APIError as exc:
@@ -149,6 +197,9 @@ class Balancer:
             warm = routing.warmth(cut, self.prefixes.where(cut.keys))
             return routing.with_affinity(ready, lambda m: m.id, self.cluster.load, warm,
                                          self.settings.affinity_load_factor, cut.tie)
+        if provider_of(model_id) is not None:  # a hosted provider's, cooling down
+            raise errors.no_node_available(model_id, self._retry_after(
+                self.cluster.members((COOLDOWN,))))
         # Nobody has it ready: a member that can fetch it does (LB-4), one pull per model.
         entry = self.catalog.get(model_id)
         has_files = self.has_files(request)
@@ -195,7 +246,7 @@ class Balancer:
                 full = True
                 continue
             try:
-                response = member.node.send(request)
+                response = self.translator.send(member, request)
                 if request.as_sent is not None and _refused_usage(response):
                     # A server that refuses the stream_options llmlb added (an older one):
                     # the client's own request, as it sent it.
@@ -219,7 +270,8 @@ class Balancer:
                 inflight.leave(member.id)
                 if status in (401, 403):  # it refused our credentials: our problem, not the client's
                     reason = (f"{member.kind} {member.name} refused the balancer's credentials "
-                              f"({status}); " + ("check its API key" if member.kind == ENDPOINT
+                              f"({status}); " + ("check its API key" if member.kind
+                                                 in (ENDPOINT, PROVIDER)
                                                  else "it registers again with its next "
                                                  "heartbeat"))
                     self._failed(member, reason)
@@ -249,7 +301,7 @@ class Balancer:
                 self._failed(member, reason)
                 continue
             done = _Once(response.close, lambda m=member.id: inflight.leave(m))
-            body = self._relay(member, first, chunks)
+            body = self._relay(member, first, chunks, request.operation)
             return Forwarded(member.name, NodeResponse(status, response.headers, body, done))
         if relayed is not None:
             return relayed
@@ -258,9 +310,10 @@ class Balancer:
         down = [m for m in self.cluster.members((COOLDOWN,))]
         raise errors.no_node_available(request.model_id, self._retry_after(down), reason)
 
-    def _relay(self, member: Member, first: bytes, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    def _relay(self, member: Member, first: bytes, chunks: Iterator[bytes],
+               operation: str) -> Iterator[bytes]:
         """The node's stream as it comes; a node that breaks off gets the stream ended
-        properly: an error event, then ``[DONE]``."""
+        properly: an error event (then ``[DONE]`` for chat), in the API's own shape."""
         tail = first
         if first:
             yield first
@@ -269,16 +322,15 @@ class Balancer:
                 if chunk:
                     tail = chunk
                     yield chunk
-            if tail.rstrip().endswith(b"[DONE]"):
+            if stream_ended(operation, tail):
                 return
-            cause = "the stream ended before [DONE]"
+            cause = "the stream ended before its last event"
         except NodeUnreachable as exc:
             cause = str(exc)
         self._failed(member, cause)
         log.warning("Stream from node %s broke off: %s", member.name, cause)
         separator = b"" if tail.endswith(b"\n\n") or not tail else b"\n\n"
-        body = errors.node_failed(member.name, cause).body()
-        yield separator + event(body).encode() + DONE.encode()
+        yield separator + stream_error(operation, errors.node_failed(member.name, cause))
 
     def _failed(self, member: Member, reason: str, wait: float | None = None) -> None:
         if not isinstance(member, RemoteMember) or self.registry is None:

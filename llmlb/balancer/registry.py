@@ -1,4 +1,5 @@
-"""The balancer's node registry, in SQLite so that every gunicorn worker agrees (LB-1).
+"""The balancer's node registry, in the shared state so that every worker of every balancer
+agrees (LB-1, HA-2); its SQL is ``state/members.py``'s.
 
 A node registers by name (the same name after a restart is the same node: same row, same id)
 and then sends heartbeats carrying its report. A name belongs to the node that first
@@ -13,8 +14,13 @@ they were checked), ``cooldown`` while a failure's cooldown runs, else ``online`
 double with each failure in a row up to a cap (or last a node's own Retry-After) and are
 shared by all workers through the table.
 
+External endpoints (``endpoints.py``) and hosted providers (``providers.py``) are rows too:
+their cooldowns and failures work as a node's, their reports are the balancer's own checks;
+a provider is ``online`` unless it cools down.
+
 Each worker keeps the rows it read for ``CACHE_SECONDS`` (the staleness a routing decision may
-have) and drops them at once when it writes a change itself.
+have: reports, cooldowns), drops them at once when it writes a change itself, and when any
+worker of any balancer adds or removes a member (the state's ``MEMBERS`` topic).
 """
 
 from __future__ import annotations
@@ -26,14 +32,14 @@ import time
 from dataclasses import dataclass, field
 
 from ..auth import same_secret
-from ..db import Database
+from ..state import State
+from ..state.members import ENDPOINT, NODE, PROVIDER, Row
 from ..urls import BadURL, check_url
 from .reports import EndpointReport, NodeReport, Report, ReportError
 
 log = logging.getLogger(__name__)
 CACHE_SECONDS = 0.5
 ONLINE, OFFLINE, COOLDOWN = "online", "offline", "cooldown"
-NODE, ENDPOINT = "node", "endpoint"
 LOCAL_NAME = "local"  # the in-process node's name (X-LLMLB-Node: local): never a member's
 
 
@@ -41,7 +47,7 @@ LOCAL_NAME = "local"  # the in-process node's name (X-LLMLB-Node: local): never 
 class NodeRecord:
     id: int
     name: str
-    kind: str  # "node" | "endpoint"
+    kind: str  # NODE | ENDPOINT | PROVIDER
     url: str
     secret: str | None = field(repr=False)
     report: Report
@@ -59,6 +65,8 @@ class NodeRecord:
     def status(self, now: float, timeout: float) -> str:
         if self.unusable is not None:
             return OFFLINE
+        if self.kind == PROVIDER:  # a hosted API: down only while a failure cools it down
+            return COOLDOWN if self.cooldown_until > now else ONLINE
         if isinstance(self.report, EndpointReport):
             # Its health comes from the balancer's own checks (EndpointWatch); a check that
             # has not run for three rounds (no supervisor) counts as a failed one.
@@ -75,16 +83,16 @@ class NodeRecord:
 Parsed = tuple[Report, frozenset[str], str | None]  # report, model ids, why unusable
 
 
-def _parse_row(row) -> Parsed:  # noqa: ANN001 - a sqlite3.Row
+def _parse_row(row: Row) -> Parsed:
     """A row's URL and report checked again as they are read (a row an older llmlb wrote
     may hold anything): a row that fails is unusable, never an exception for its reader."""
-    kind = row["kind"]
-    report: Report = EndpointReport(healthy=False) if kind == ENDPOINT else NodeReport()
+    checked = row["kind"] in (ENDPOINT, PROVIDER)  # by the balancer: an endpoint's report
+    report: Report = EndpointReport(healthy=False) if checked else NodeReport()
     unusable = None
     try:
         check_url(row["url"])
         raw = json.loads(row["report"])
-        report = EndpointReport.parse(raw) if kind == ENDPOINT else NodeReport.parse(raw)
+        report = EndpointReport.parse(raw) if checked else NodeReport.parse(raw)
     except BadURL as exc:
         unusable = f"its stored URL {exc}; forget it (DELETE /v0/nodes/{row['name']})"
     except (ValueError, ReportError) as exc:
@@ -94,9 +102,10 @@ def _parse_row(row) -> Parsed:  # noqa: ANN001 - a sqlite3.Row
     return report, frozenset(m.id.lower() for m in report.models), unusable
 
 
-def _record(row, parsed: Parsed) -> NodeRecord:  # noqa: ANN001 - a sqlite3.Row
+def _record(row: Row, parsed: Parsed) -> NodeRecord:
     report, models, unusable = parsed
-    return NodeRecord(row["id"], row["name"], ENDPOINT if row["kind"] == ENDPOINT else NODE,
+    return NodeRecord(row["id"], row["name"],
+                      row["kind"] if row["kind"] in (ENDPOINT, PROVIDER) else NODE,
                       row["url"], row["secret"], report, row["registered_at"], row["last_seen"],
                       row["failures"], row["cooldown_until"], row["last_error"], models,
                       row["credential"], unusable)
@@ -128,11 +137,12 @@ def reserved(name: str) -> NameTaken | None:
 
 
 class NodeRegistry:
-    def __init__(self, db: Database, *, timeout: float, cooldown: float,
+    def __init__(self, db: State, *, timeout: float, cooldown: float,
                  cooldown_max: float) -> None:
-        self.db = db
+        self.db, self.members = db, db.members
         self.timeout, self.cooldown, self.cooldown_max = timeout, cooldown, cooldown_max
-        self._cache: tuple[float, tuple[NodeRecord, ...]] = (-1.0, ())
+        # (when read, the records, the members' version then)
+        self._cache: tuple[float, tuple[NodeRecord, ...], object] = (-1.0, (), None)
         self._cache_lock = threading.Lock()
         # Reports parsed, by row id, while their text is the same: parsing a 50-model report
         # costs ~1 ms, and the rows are read twice a second per worker, reports change at most
@@ -142,24 +152,24 @@ class NodeRegistry:
     # --- reading ------------------------------------------------------------------------------
 
     def nodes(self, fresh: bool = False) -> tuple[NodeRecord, ...]:
-        read_at, records = self._cache
+        read_at, records, seen = self._cache
         now = time.monotonic()
-        if fresh or now - read_at > CACHE_SECONDS:
+        version = self.members.version()
+        if fresh or now - read_at > CACHE_SECONDS or version != seen:
             with self._cache_lock:
-                read_at, records = self._cache
-                if fresh or now - read_at > CACHE_SECONDS:
-                    rows = self.db.conn().execute("SELECT * FROM nodes ORDER BY name").fetchall()
-                    records = tuple(self._record(r) for r in rows)
+                read_at, records, seen = self._cache
+                if fresh or now - read_at > CACHE_SECONDS or version != seen:
+                    records = tuple(self._record(r) for r in self.members.all())
                     for gone in self._parsed.keys() - {r.id for r in records}:
                         self._parsed.pop(gone, None)
-                    self._cache = (time.monotonic(), records)
+                    self._cache = (time.monotonic(), records, version)
         return records
 
     def get(self, name: str) -> NodeRecord | None:
-        row = self.db.conn().execute("SELECT * FROM nodes WHERE name=?", (name,)).fetchone()
+        row = self.members.get(name)
         return self._record(row) if row else None
 
-    def _record(self, row) -> NodeRecord:  # noqa: ANN001 - a sqlite3.Row
+    def _record(self, row: Row) -> NodeRecord:
         identity = (row["kind"], row["url"], row["report"])
         known = self._parsed.get(row["id"])
         if known is None or known[0] != identity:
@@ -179,22 +189,16 @@ class NodeRegistry:
         taken = reserved(name)
         if taken is not None:
             raise taken
-        now = time.time()
-        with self.db.transaction() as conn:
-            row = conn.execute("SELECT kind, secret FROM nodes WHERE name=?", (name,)).fetchone()
-            if row is not None and row["kind"] == ENDPOINT:
-                raise NameTaken(name, "belongs to an external endpoint",
+
+        def admit(row: Row | None) -> None:
+            if row is not None and row["kind"] in (ENDPOINT, PROVIDER):
+                raise NameTaken(name, "belongs to an external endpoint" if row["kind"] ==
+                                ENDPOINT else "belongs to a hosted provider",
                                 "start the node with another --name")
             if row is not None and not same_secret(secret, row["secret"] or ""):
                 raise owned_elsewhere(name)
-            conn.execute(
-                "INSERT INTO nodes(name, kind, url, secret, report, registered_at, last_seen) "
-                "VALUES (?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
-                "url=excluded.url, report=excluded.report, "
-                "registered_at=excluded.registered_at, last_seen=excluded.last_seen, "
-                "failures=0, cooldown_until=0, last_error=NULL",
-                (name, NODE, url, secret, _dumps(report), now, now))
-            row = conn.execute("SELECT * FROM nodes WHERE name=?", (name,)).fetchone()
+
+        row = self.members.register(name, url, secret, _dumps(report), time.time(), admit)
         self._invalidate()
         return self._record(row)
 
@@ -202,16 +206,24 @@ class NodeRegistry:
                      credential: str | None) -> NodeRecord:
         """Add an external endpoint; raises NameTaken when the name is taken."""
         self.check_free(name)
-        now = time.time()
-        with self.db.transaction() as conn:
-            if conn.execute("SELECT 1 FROM nodes WHERE name=?", (name,)).fetchone():
-                raise _used(name)
-            conn.execute("INSERT INTO nodes(name, kind, url, credential, report, registered_at, "
-                         "last_seen) VALUES (?,?,?,?,?,?,?)",
-                         (name, ENDPOINT, url, credential, _dumps(report), now, now))
-            row = conn.execute("SELECT * FROM nodes WHERE name=?", (name,)).fetchone()
+        row = self.members.add_endpoint(name, url, credential, _dumps(report), time.time())
+        if row is None:
+            raise _used(name)
         self._invalidate()
         return self._record(row)
+
+    def sync_providers(self, providers: dict[str, str]) -> None:
+        """The hosted providers this balancer has keys for (name -> base URL) as rows of their
+        own, which carry their cooldowns, failures and model lists like any member's. On a
+        state of its own, the rows of providers no longer configured go; on a shared one they
+        stay (another balancer may hold their keys; this one skips them when routing). A name
+        a node or endpoint holds stays theirs (logged)."""
+        taken = self.members.sync_providers(providers, _dumps(EndpointReport(healthy=True)),
+                                            time.time(), forget_others=not self.db.shared)
+        for row in taken:
+            log.warning("The %s %s holds the name %s: the hosted provider of that name cannot "
+                        "be used until it is removed", row["kind"], row["name"], row["name"])
+        self._invalidate()
 
     def check_free(self, name: str) -> None:
         """Raises NameTaken unless an endpoint may take ``name`` now (checked again when it
@@ -219,74 +231,51 @@ class NodeRegistry:
         taken = reserved(name)
         if taken is not None:
             raise taken
-        if self.db.conn().execute("SELECT 1 FROM nodes WHERE name=?", (name,)).fetchone():
+        if self.members.used(name):
             raise _used(name)
 
     def checked(self, node_id: int, report: EndpointReport) -> None:
-        """An endpoint's check result: a healthy one counts as a heartbeat."""
-        with self.db.transaction() as conn:
-            if report.healthy:
-                conn.execute("UPDATE nodes SET report=?, last_seen=? WHERE id=?",
-                             (_dumps(report), time.time(), node_id))
-            else:
-                conn.execute("UPDATE nodes SET report=?, last_error=? WHERE id=?",
-                             (_dumps(report), (report.error or "failed check")[:500], node_id))
+        """An endpoint's (or a provider's) check result: a healthy one counts as a heartbeat."""
+        self.members.checked(node_id, _dumps(report), time.time(),
+                             None if report.healthy else (report.error or "failed check")[:500])
         self._invalidate()
 
     def heartbeat(self, name: str, secret: str, report: NodeReport) -> bool:
         """Store a node's report; False when the node is unknown (it should register).
         Raises NameTaken when ``secret`` is not the one the node registered with."""
-        with self.db.transaction() as conn:
-            row = conn.execute("SELECT id, secret FROM nodes WHERE name=? AND kind=?",
-                               (name, NODE)).fetchone()
-            if row is None:
-                return False
-            if not same_secret(secret, row["secret"] or ""):
+
+        def admit(row: Row | None) -> None:
+            if row is not None and not same_secret(secret, row["secret"] or ""):
                 raise owned_elsewhere(name)
-            conn.execute("UPDATE nodes SET report=?, last_seen=? WHERE id=?",
-                         (_dumps(report), time.time(), row["id"]))
-        self._invalidate()
-        return True
+
+        known = self.members.heartbeat(name, _dumps(report), time.time(), admit)
+        if known:
+            self._invalidate()
+        return known
 
     def remove(self, name: str) -> bool:
-        with self.db.transaction() as conn:
-            row = conn.execute("SELECT id FROM nodes WHERE name=?", (name,)).fetchone()
-            if row is None:
-                return False
-            conn.execute("DELETE FROM nodes WHERE id=?", (row["id"],))
-            conn.execute("DELETE FROM pulls WHERE node_id=?", (row["id"],))
+        removed = self.members.remove(name)
         self._invalidate()
-        return True
+        return removed
 
     def record_failure(self, node_id: int, reason: str, retry_after: float | None = None,
                        ) -> float:
         """Put a node in cooldown; returns its length in seconds. A Retry-After the node sent
         is honoured (up to the cap); otherwise the cooldown doubles with each failure in a
         row."""
-        now = time.time()
-        with self.db.transaction() as conn:
-            row = conn.execute("SELECT failures, cooldown_until FROM nodes WHERE id=?",
-                               (node_id,)).fetchone()
-            if row is None:
-                return 0.0
-            if row["cooldown_until"] > now:  # another worker's failure already counts
-                seconds = row["cooldown_until"] - now
-                failures = row["failures"]
-            else:
-                failures = row["failures"] + 1
-                seconds = (retry_after if retry_after is not None
-                           else self.cooldown * 2 ** min(failures - 1, 30))
-                seconds = min(seconds, self.cooldown_max)
-            conn.execute("UPDATE nodes SET failures=?, cooldown_until=?, last_error=? "
-                         "WHERE id=?", (failures, now + seconds, reason[:500], node_id))
+
+        def cooldown(failures: int) -> float:
+            seconds = (retry_after if retry_after is not None
+                       else self.cooldown * 2 ** min(failures - 1, 30))
+            return min(seconds, self.cooldown_max)
+
+        seconds = self.members.fail(node_id, time.time(), reason[:500], cooldown)
         self._invalidate()
         return seconds
 
     def record_success(self, node_id: int) -> None:
         """A node answered after failures: the next failure starts from the base cooldown."""
-        with self.db.transaction() as conn:
-            conn.execute("UPDATE nodes SET failures=0 WHERE id=? AND failures>0 "
-                         "AND cooldown_until<=?", (node_id, time.time()))
+        self.members.succeed(node_id, time.time())
         self._invalidate()
 
     # --- one pull per model across the cluster ------------------------------------------------
@@ -294,26 +283,15 @@ class NodeRegistry:
     def assign_pull(self, model_id: str, node_id: int, valid: set[int]) -> int:
         """The node that pulls ``model_id``: the one already assigned while it is in
         ``valid``, else ``node_id``. The first worker to ask wins; the others follow it."""
-        with self.db.transaction() as conn:
-            row = conn.execute("SELECT node_id FROM pulls WHERE model_id=?",
-                               (model_id,)).fetchone()
-            if row is not None and row["node_id"] in valid:
-                return row["node_id"]
-            conn.execute("INSERT INTO pulls(model_id, node_id, assigned_at) VALUES (?,?,?) "
-                         "ON CONFLICT(model_id) DO UPDATE SET node_id=excluded.node_id, "
-                         "assigned_at=excluded.assigned_at", (model_id, node_id, time.time()))
-        return node_id
+        return self.members.assign_pull(model_id, node_id, valid, time.time())
 
     def prune_pulls(self, older_than: float) -> None:
         """Forget assignments that are done (the node has the model) or stale."""
         ready = {(r.id, m) for r in self.nodes(fresh=True) for m in r.models}
-        with self.db.transaction() as conn:
-            for row in conn.execute("SELECT * FROM pulls").fetchall():
-                if (row["node_id"], row["model_id"]) in ready or row["assigned_at"] < older_than:
-                    conn.execute("DELETE FROM pulls WHERE model_id=?", (row["model_id"],))
+        self.members.prune_pulls(ready, older_than)
 
     def _invalidate(self) -> None:
-        self._cache = (-1.0, ())
+        self._cache = (-1.0, (), None)
 
 
 class StatusWatch:

@@ -37,6 +37,7 @@ import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple, TypeVar
 
+from ..dialects import MESSAGES, RESPONSES
 from .upstream import CHAT, COMPLETION
 
 T = TypeVar("T")
@@ -104,9 +105,26 @@ def _text(content: object) -> str:
     return ""
 
 
+def _dialect_messages(operation: str, payload: dict) -> object:
+    """The Responses and Messages APIs' turns as chat's ``messages`` are cut: the system
+    prompt (``instructions``, ``system``) first, then the items or messages."""
+    if operation == RESPONSES:
+        system, turns = payload.get("instructions"), payload.get("input")
+        if isinstance(turns, str):
+            turns = [{"role": "user", "content": turns}]
+    else:
+        system, turns = payload.get("system"), payload.get("messages")
+    if not isinstance(turns, list):
+        return None
+    return ([{"role": "system", "content": system}] if system else []) + turns
+
+
 def _message(message: object) -> bytes | None:
     if not isinstance(message, dict):
         return None
+    if "role" not in message:  # a Responses item: a function call, its output…
+        return (json.dumps(message, sort_keys=True, default=str) + "\x1e").encode(
+            "utf-8", "replace")
     content = message.get("content")
     text = f"{message.get('role')}\x1f{content if isinstance(content, str) else _text(content)}"
     if len(message) > 2:  # a name, tool calls, a tool call's id
@@ -119,9 +137,11 @@ def _message(message: object) -> bytes | None:
 
 
 def prefix_of(operation: str, model_id: str, payload: dict) -> Prefix | None:
-    """The prefixes of a chat or completion prompt, or None (embeddings, token prompts)."""
-    if operation == CHAT:
-        messages = payload.get("messages")
+    """The prefixes of a chat, Responses, Messages or completion prompt, or None (embeddings,
+    token prompts)."""
+    if operation in (CHAT, RESPONSES, MESSAGES):
+        messages = (payload.get("messages") if operation == CHAT
+                    else _dialect_messages(operation, payload))
         if not isinstance(messages, list) or not messages:
             return None
         pieces = [_message(m) for m in messages]
@@ -139,7 +159,7 @@ def prefix_of(operation: str, model_id: str, payload: dict) -> Prefix | None:
         chunks, first = [prompt.encode("utf-8", "replace")], -1
     else:
         return None
-    return _cut(model_id, chunks, boundaries=operation == CHAT, first=first)
+    return _cut(model_id, chunks, boundaries=operation != COMPLETION, first=first)
 
 
 def _cut(model_id: str, chunks: list[bytes], boundaries: bool, first: int) -> Prefix:

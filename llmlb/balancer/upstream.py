@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .. import errors, urls
+from .. import dialects, errors, urls
 from ..disconnect import ClientLeft, ClientWatch
 from . import http1
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 CHAT, COMPLETION, EMBEDDINGS = "chat", "completion", "embeddings"  # the operations forwarded
 PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions",
-         EMBEDDINGS: "/v1/embeddings"}
+         EMBEDDINGS: "/v1/embeddings", **dialects.PATHS}
 SSE_HEADERS = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
                ("X-Accel-Buffering", "no")]  # nginx: pass each event on at once
 JSON_HEADERS = [("Content-Type", "application/json")]
@@ -58,11 +58,11 @@ def _passes(name: str) -> bool:      # upstream may send any)
     return low in PASSED_HEADERS or low.startswith(PASSED_PREFIXES)
 
 
-def _media_type(content_type: str | None) -> str:
+def media_type_of(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def _is_json(media_type: str, body: bytes) -> bool:
+def is_json(media_type: str, body: bytes) -> bool:
     if media_type == "application/json" or media_type.endswith("+json"):
         return True
     if media_type:
@@ -89,13 +89,14 @@ class ProxyRequest:
     ``id_refusal``: the model is an endpoint's own id (Ollama's ``llama3.2:1b``) that no llmlb
     node can hold; what llmlb's own node answers for it."""
 
-    operation: str  # CHAT | COMPLETION | EMBEDDINGS
+    operation: str  # CHAT | COMPLETION | EMBEDDINGS | a dialect's (``dialects.PATHS``)
     raw: bytes
     payload: dict
     model_id: str
     as_sent: ProxyRequest | None = None  # the client's request, when llmlb changed it
     found: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
     id_refusal: errors.APIError | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # the client's, that a hosted provider reads
     #: the client's connection: an answer not yet begun stops when it leaves
     client: ClientWatch | None = field(default=None, compare=False, repr=False)
 
@@ -139,8 +140,9 @@ def json_response(status: int, body: dict, headers: dict[str, str] | None = None
     return NodeResponse(status, JSON_HEADERS + list((headers or {}).items()), data)
 
 
-def error_response(err: errors.APIError) -> NodeResponse:
-    return json_response(err.status, err.body(), err.headers)
+def error_response(err: errors.APIError, operation: str = CHAT) -> NodeResponse:
+    """An error as a node answers it, in the shape of the operation's API."""
+    return json_response(err.status, dialects.error_body(operation, err), err.headers)
 
 
 # --- a node on another machine ----------------------------------------------------------------
@@ -187,15 +189,15 @@ class RemoteNode:
         except ClientLeft:
             return error_response(errors.client_closed())
         headers = passed_headers(response.headers)
-        media_type = _media_type(response.header("Content-Type"))
+        media_type = media_type_of(response.header("Content-Type"))
         if media_type != "text/event-stream" or response.status >= 300:
             try:  # an answer or an error is small: read it whole, so a cut is still a failover
                 data = response.read()
             except http1.HTTPClientError as exc:
                 raise NodeUnreachable(f"{self.kind} {self.name}: {exc}") from exc
-            if not _is_json(media_type, data):
+            if not is_json(media_type, data):
                 return error_response(errors.upstream_not_json(
-                    self.kind, self.name, response.status, media_type))
+                    self.kind, self.name, response.status, media_type), request.operation)
             return NodeResponse(response.status, headers, data)
         return NodeResponse(response.status, headers, self._chunks(response), response.close)
 

@@ -15,6 +15,10 @@ The node accepts nothing else (``sk_debug`` in development mode aside): not the 
 since every node holds it and whatever it opened on one node it would open on all of them,
 for each of them (a node could delete another's models); not an ``api`` key of the balancer.
 An operator reaches a node through its balancer (``/v0/nodes``, the hub).
+
+Several balancers sharing one state (``LLMLB_BALANCER_URL=http://a:8080,http://b:8080``) know
+the same nodes, so the node talks to one at a time: the one that answered last, and when it
+fails (unreachable, or a 5xx) the next in turn, which hears a registration first.
 """
 
 from __future__ import annotations
@@ -41,9 +45,9 @@ from ..balancer.reports import (
     ReportError,
 )
 from ..config import ModelSettings, NodeSettings
-from ..db import Database
 from ..plugins import EngineRegistry
 from ..resolver import Resolver
+from ..state import State
 from .hardware import describe as describe_hardware
 from .member import IN_PROCESS_SLOT, ready_models
 from .pool import ModelPool
@@ -142,17 +146,20 @@ class NodeAgent:
 
     sessions = False  # no users, no dashboard
 
-    def __init__(self, settings: NodeSettings, dev: bool, db: Database,
+    def __init__(self, settings: NodeSettings, dev: bool, db: State,
                  report: Callable[[], NodeReport]) -> None:
         self.settings, self.dev = settings, dev
         self.report = report
         # One secret per node, the same in every worker and across restarts.
         self.secret = db.setdefault_meta("node_secret", "sk-node-" + secrets.token_urlsafe(32))
+        self.balancers = settings.balancer_urls
+        self._current = 0  # the balancer that answered last
         self.registered = False
         self._announced = False
         self.last_beat = 0.0
-        self._http = urllib3.PoolManager(num_pools=2, maxsize=2, retries=False,
-                                         timeout=urllib3.Timeout(connect=5, read=BALANCER_TIMEOUT))
+        self._http = urllib3.PoolManager(
+            num_pools=max(2, len(self.balancers)), maxsize=2, retries=False,
+            timeout=urllib3.Timeout(connect=5, read=BALANCER_TIMEOUT))
 
     # --- who may call the node ----------------------------------------------------------
 
@@ -169,46 +176,68 @@ class NodeAgent:
     # --- talking to the balancer --------------------------------------------------------
 
     def beat(self) -> None:
-        """One heartbeat; registers first (again, when the balancer forgot the node)."""
+        """One heartbeat, to the balancer that answered last; when it fails (unreachable, or
+        a 5xx: its database away, nginx without it), to the next of ``LLMLB_BALANCER_URL``
+        in turn, registering there first. Raises ConnectionError when none answers."""
         report = self.report().to_json()
+        failures = []
+        for turn in range(len(self.balancers)):
+            balancer = self.balancers[(self._current + turn) % len(self.balancers)]
+            try:
+                self._beat_at(balancer, report)
+            except BalancerAway as exc:
+                failures.append(str(exc))
+                self.registered = False  # the next one hears a registration first
+                continue
+            if turn:
+                self._current = (self._current + turn) % len(self.balancers)
+                log.warning("Heartbeats go to the balancer %s now (%s)", balancer,
+                            "; ".join(failures))
+            self.last_beat = time.monotonic()
+            return
+        raise ConnectionError("; ".join(failures))
+
+    def _beat_at(self, balancer: str, report: dict) -> None:
+        """A heartbeat to ``balancer``; registers first (again, when it forgot the node)."""
         if self.registered:
-            status, body = self._post(f"/v0/nodes/{self.settings.node_name}/heartbeat",
+            status, body = self._post(balancer, f"/v0/nodes/{self.settings.node_name}/heartbeat",
                                       {"secret": self.secret, "report": report})
             if status == 404:
-                log.warning("The balancer does not know this node any more; registering again")
+                log.warning("The balancer %s does not know this node any more; registering "
+                            "again", balancer)
                 self.registered = False
             else:
                 self._check(status, body, "heartbeat")
         if not self.registered:
             if not self._announced:  # once: the supervisor logs each failure
                 self._announced = True
-                log.info("Registering with the balancer %s as node '%s'",
-                         self.settings.balancer_url, self.settings.node_name)
-            status, body = self._post("/v0/nodes", {
+                log.info("Registering with the balancer %s as node '%s'", balancer,
+                         self.settings.node_name)
+            status, body = self._post(balancer, "/v0/nodes", {
                 "name": self.settings.node_name, "url": self.settings.advertise_url,
                 "secret": self.secret, "report": report})
             self._check(status, body, "registration")
             self.registered = True
             log.info("Registered with the balancer %s as node '%s' (reachable at %s)",
-                     self.settings.balancer_url, self.settings.node_name,
-                     self.settings.advertise_url)
-        self.last_beat = time.monotonic()
+                     balancer, self.settings.node_name, self.settings.advertise_url)
 
-    def _post(self, path: str, payload: dict) -> tuple[int, dict]:
-        url = f"{self.settings.balancer_url}{path}"
+    def _post(self, balancer: str, path: str, payload: dict) -> tuple[int, dict]:
         try:
             response = self._http.request(
-                "POST", url, body=json.dumps(payload).encode(),
+                "POST", f"{balancer}{path}", body=json.dumps(payload).encode(),
                 headers={"Content-Type": "application/json",
                          "Authorization": f"Bearer {self.settings.node_api_key}"})
         except Urllib3Error as exc:
-            self.registered = False  # it may have lost us while away
-            raise ConnectionError(f"balancer {self.settings.balancer_url} unreachable: "
-                                  f"{_cause(exc)}") from None
+            raise BalancerAway(f"balancer {balancer} unreachable: {_cause(exc)}") from None
         try:
             body = json.loads(response.data or b"{}")
         except ValueError:
             body = {}
+        if response.status >= 500:
+            message = body.get("error") if isinstance(body, dict) else None
+            message = message.get("message") if isinstance(message, dict) else None
+            raise BalancerAway(f"balancer {balancer} answered HTTP {response.status}"
+                               + (f": {message}" if isinstance(message, str) else ""))
         return response.status, body if isinstance(body, dict) else {}
 
     def _check(self, status: int, body: dict, what: str) -> None:
@@ -218,6 +247,11 @@ class NodeAgent:
         hint = (" (LLMLB_NODE_API_KEY must be a key with the node scope on the balancer)"
                 if status in (401, 403) else "")
         raise PermissionError(f"the balancer refused this node's {what}: {message}{hint}")
+
+
+class BalancerAway(ConnectionError):
+    """A balancer did not answer, or answered that it cannot serve now (a 5xx): the next
+    one is asked."""
 
 
 def _cause(exc: BaseException) -> str:

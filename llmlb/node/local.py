@@ -2,7 +2,7 @@
 request), leasing the loaded model, and running one inference call on it.
 
 This is the one place llmlb calls engines, so it is also where their exceptions become API
-errors (``invalid_prompt``, ``engine_failed``): everything above speaks ``APIError``.
+errors (``invalid_prompt``, ``context_length_exceeded``, ``engine_failed``): everything above speaks ``APIError``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from engines.base import (
     CHAT,
     COMPLETION,
     EMBEDDINGS,
+    ContextOverflow,
     EngineError,
     GenerationEvent,
     InvalidPrompt,
@@ -38,6 +39,9 @@ def engine_errors(operation: str) -> Iterator[None]:
     """Engines' exceptions, raised running ``operation``, as the API errors they mean."""
     try:
         yield
+    except ContextOverflow as exc:
+        raise errors.context_length_exceeded(exc.prompt_tokens, exc.context_length,
+                                             exc.at_least) from exc
     except InvalidPrompt as exc:
         param = getattr(exc, "param", "messages")
         if operation == COMPLETION and param == "messages":

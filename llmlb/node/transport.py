@@ -21,7 +21,9 @@ from ..balancer.upstream import (
     error_response,
     json_response,
 )
+from ..dialects import COUNT_TOKENS, MESSAGES, RESPONSES
 from ..disconnect import ClientLeft, ClientWatch
+from ..serving import agents
 from ..serving import openai as serving
 from ..serving.inference import Runner
 from ..serving.protocol import PromptLimits
@@ -32,12 +34,14 @@ log = logging.getLogger(__name__)
 
 Serve = Callable[[Runner, dict, str, PromptLimits, "ClientWatch | None"], "dict | SSEStream"]
 SERVING: dict[str, Serve] = {CHAT: serving.chat_completion, COMPLETION: serving.completion,
-                             EMBEDDINGS: serving.embeddings}
+                             EMBEDDINGS: serving.embeddings,
+                             RESPONSES: agents.serve_responses, MESSAGES: agents.serve_messages,
+                             COUNT_TOKENS: agents.count_tokens}
 
 
 def _encoded(stream: SSEStream) -> Iterator[bytes]:
     for frame in stream:
-        yield frame.encode()
+        yield frame if isinstance(frame, bytes) else frame.encode()
 
 
 class InProcessNode:
@@ -61,7 +65,7 @@ class InProcessNode:
             err = errors.from_exception(exc)
             if err.code == "internal_error":
                 log.exception("Unhandled error serving %s", request.path)
-            return error_response(err)
+            return error_response(err, request.operation)
         if isinstance(result, SSEStream):
             return NodeResponse(200, list(SSE_HEADERS), _encoded(result), result.close)
         return json_response(200, result)

@@ -26,10 +26,10 @@ from huggingface_hub.utils import get_session
 from .. import errors
 from ..catalog import Catalog, CatalogModel
 from ..config import ModelSettings, NodeSettings
+from ..locks import FileLock
 from ..storage import LocalModel, find_model, merged_listing
 from . import state as model_state
 from .download import Fetch, fetch_all
-from .locks import FileLock
 from .progress import DOWNLOADING, ERROR, QUEUED, Progress, ProgressStore, key
 from .sources import BalancerSource, DownloadError, HuggingFaceSource, describe_failure
 from .state import ModelState
@@ -57,9 +57,9 @@ class Resolver:
         self.progress = ProgressStore(settings.locks_dir)
         self.hf = HuggingFaceSource(settings.hf_endpoint, settings.hf_token,
                                     settings.download_allowlist)
-        self.balancer = (BalancerSource(node.balancer_url, node.node_api_key,
+        self.balancer = (BalancerSource(node.balancer_urls, node.node_api_key,
                                         settings.download_allowlist)
-                         if node.balancer_url else None)
+                         if node.balancer_urls else None)
         self._jobs: dict[str, DownloadJob] = {}
         self._jobs_lock = threading.Lock()
         self._waiting = 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
@@ -105,42 +105,50 @@ class HuggingFaceSource:
 
 
 class BalancerSource:
-    """Files a balancer serves from ``/v1/models/blob/{model}/{filename}`` (node scope)."""
+    """Files a balancer serves from ``/v1/models/blob/{model}/{filename}`` (node scope). A
+    node given several balancers (behind nginx, one state) asks each in turn: each serves
+    the copies on its own host."""
 
     name = "the balancer"
 
-    def __init__(self, balancer_url: str, api_key: str | None,
+    def __init__(self, balancer_urls: Sequence[str], api_key: str | None,
                  allowlist: Iterable[str] = ()) -> None:
-        self.base = balancer_url.rstrip("/")
-        self.host = urlsplit(self.base).hostname or ""
+        self.bases = tuple(url.rstrip("/") for url in balancer_urls)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.allowlist = tuple(allowlist)
 
     def allows(self, url: str) -> bool:
-        """The balancer itself (scheme, host and port: another port of its host is another
+        """A balancer itself (scheme, host and port: another port of its host is another
         service), or a host of the allowlist."""
-        return _origin(url) == _origin(self.base) or (
+        return any(_origin(url) == _origin(base) for base in self.bases) or (
             urlsplit(url).scheme in ("http", "https")
             and host_allowed(urlsplit(url).hostname, self.allowlist))
 
     def plan(self, model_id: str) -> list[RemoteFile] | None:
-        """The balancer's files for the model, or None when it has no local copy."""
-        url = f"{self.base}/v0/models/registry/{quote(model_id)}/manifest.json"
+        """The first balancer's files for the model, or None when none has a local copy."""
+        for base in self.bases:
+            files = self._plan_at(base, model_id)
+            if files:
+                return files
+        return None
+
+    def _plan_at(self, base: str, model_id: str) -> list[RemoteFile] | None:
+        url = f"{base}/v0/models/registry/{quote(model_id)}/manifest.json"
         try:
             # Not followed elsewhere: whoever answers here is the balancer or nobody.
             response = get_session().get(url, headers=self.headers, timeout=METADATA_TIMEOUT,
                                          follow_redirects=False)
         except httpx2.HTTPError as exc:
-            log.warning("Balancer %s unreachable for %s: %s", self.base, model_id, exc)
+            log.warning("Balancer %s unreachable for %s: %s", base, model_id, exc)
             return None
         if response.status_code != 200:
             return None
         try:
             files = response.json().get("files", [])
         except (ValueError, AttributeError):
-            log.warning("Balancer %s sent an unreadable manifest for %s", self.base, model_id)
+            log.warning("Balancer %s sent an unreadable manifest for %s", base, model_id)
             return None
-        blob = f"{self.base}/v1/models/blob/{quote(model_id)}/"
+        blob = f"{base}/v1/models/blob/{quote(model_id)}/"
         if not isinstance(files, list) or not files or not all(
                 isinstance(f, dict) and str(f.get("url", "")).startswith(blob) for f in files):
             return None  # the balancer only knows the catalog entry, not the bytes

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from engines.base import CHAT, COMPLETION, EMBEDDINGS, SamplingParams, TopLogprob
+from engines.base import CHAT, COMPLETION, EMBEDDINGS, SamplingParams, Started, TopLogprob
 
 from .. import errors
 from ..disconnect import ClientWatch
@@ -63,8 +63,11 @@ def _start(runner: Runner, call: InferenceCall, stops: list[str],
         generation.close()
         raise
     chained = itertools.chain([first] if first is not None else [], events)
-    return TextStream(chained, stops, on_close=generation.close,
-                      check=client.check if client is not None else None)
+    stream = TextStream(chained, stops, on_close=generation.close,
+                        check=client.check if client is not None else None)
+    if isinstance(first, Started):  # known before the first token (a dialect reports it)
+        stream.prompt_tokens = first.prompt_tokens
+    return stream
 
 
 def _ids(prefix: str) -> tuple[str, int]:
@@ -73,9 +76,8 @@ def _ids(prefix: str) -> tuple[str, int]:
 
 # --- chat -------------------------------------------------------------------------------------
 
-def chat_completion(runner: Runner, body: dict, model: str,
-                    limits: protocol.PromptLimits = DEFAULT_LIMITS,
-                    client: ClientWatch | None = None) -> dict | SSEStream:
+def _chat_call(body: dict, model: str, limits: protocol.PromptLimits,
+               ) -> tuple[protocol.ChatRequest, tools.OutputPlan, InferenceCall]:
     limits.check_messages(body)
     req = protocol.parse(protocol.ChatRequest, body)
     limits.check_chars(protocol.chat_texts(req), "messages")
@@ -84,25 +86,42 @@ def chat_completion(runner: Runner, body: dict, model: str,
         raise errors.invalid_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(req, json_schema=output.json_schema, tools=output.tools, top_logprobs=top)
-    call = InferenceCall(CHAT, model, messages=tools.template_messages(req), params=params)
+    return req, output, InferenceCall(CHAT, model, messages=tools.template_messages(req),
+                                      params=params)
+
+
+def chat_completion(runner: Runner, body: dict, model: str,
+                    limits: protocol.PromptLimits = DEFAULT_LIMITS,
+                    client: ClientWatch | None = None) -> dict | SSEStream:
+    req, output, call = _chat_call(body, model, limits)
     stream = _start(runner, call, req.stops, None if req.stream else client)
     completion_id, created = _ids("chatcmpl")
     if req.stream:
         chunks = _chat_chunks(stream, output, bool(req.logprobs))
         return SSEStream(_framed(chunks, completion_id, created, model, req.include_usage,
-                                 stream), stream.close)
+                                 stream), stream.close, lambda: stream.usage)
     text = "".join(stream)
     content, calls = tools.read_calls(output, text)
     message: dict = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = calls
-    return {
-        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": message,
-                     "logprobs": _chat_logprobs(stream) if req.logprobs else None,
-                     "finish_reason": _finish(stream, bool(calls))}],
-        "usage": stream.usage,
-    }
+    choice = {"index": 0, "message": message,
+              "logprobs": _chat_logprobs(stream) if req.logprobs else None,
+              "finish_reason": _finish(stream, bool(calls))}
+    if stream.stop_sequence is not None:  # which one, as vLLM says it
+        choice["stop_reason"] = stream.stop_sequence
+    return {"id": completion_id, "object": "chat.completion", "created": created,
+            "model": model, "choices": [choice], "usage": stream.usage}
+
+
+def prompt_tokens(runner: Runner, body: dict, model: str,
+                  limits: protocol.PromptLimits = DEFAULT_LIMITS) -> int:
+    """How many tokens a chat request's prompt has (template and tools included), without
+    generating: the engine counts the prompt when it starts, and closing it stops it."""
+    _, _, call = _chat_call({**body, "stream": False}, model, limits)
+    stream = _start(runner, call, [])
+    stream.close()
+    return stream.prompt_tokens
 
 
 def _finish(stream: TextStream, called: bool) -> str:
@@ -122,9 +141,11 @@ def _framed(choices: Iterator[tuple[dict, str | None, dict | None]], cid: str, c
             model: str, include_usage: bool, stream: TextStream) -> Iterator[dict]:
     """``chat.completion.chunk`` objects around each (delta, finish_reason, logprobs)."""
     for delta, finish, logprobs in choices:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        if finish is not None and stream.stop_sequence is not None:
+            choice["stop_reason"] = stream.stop_sequence
         out = {"id": cid, "object": "chat.completion.chunk", "created": created,
-               "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
-                                            "finish_reason": finish}]}
+               "model": model, "choices": [choice]}
         if include_usage:
             out["usage"] = None
         yield out

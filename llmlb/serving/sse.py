@@ -1,5 +1,6 @@
 """Server-sent events framing: one ``data:`` line per chunk, errors as a ``data: {"error"}``
-event, always ending with ``data: [DONE]``."""
+event, always ending with ``data: [DONE]``; and a stream of frames already made (the named
+events of the Responses and Messages APIs, ``EventStream``)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,17 @@ class SSEStream:
     ends, also when the client left before the first byte, so ``on_close`` always runs (a
     generator that never started would skip its ``finally``)."""
 
-    def __init__(self, chunks: Iterable[dict], on_close: Callable[[], None]) -> None:
+    def __init__(self, chunks: Iterable[dict], on_close: Callable[[], None],
+                 usage: Callable[[], dict] | None = None) -> None:
         self._chunks, self._on_close = chunks, on_close
+        self.usage = usage  # the token counts so far (the prompt's, once it is read)
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[str | bytes]:
         return _frames(self._chunks)
+
+    def chunks(self) -> Iterable[dict]:
+        """The chunks before framing, for a dialect that frames them its own way."""
+        return self._chunks
 
     def close(self) -> None:
         self._on_close()
@@ -44,3 +51,15 @@ def _frames(chunks: Iterable[dict]) -> Iterator[str]:
         if close is not None:
             close()
     yield DONE
+
+
+class EventStream(SSEStream):
+    """A stream whose frames are already made (a dialect's named events); closing it closes
+    what it was made from."""
+
+    def __init__(self, frames: Iterable[str | bytes], on_close: Callable[[], None]) -> None:
+        super().__init__((), on_close)
+        self._frames = frames
+
+    def __iter__(self) -> Iterator[str | bytes]:
+        return iter(self._frames)

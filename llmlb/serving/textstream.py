@@ -25,6 +25,7 @@ class TextStream:
         self._stops = stops
         self._hold = max((len(s) for s in stops), default=1) - 1
         self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None  # the stop sequence that ended the text
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self._logprobs: list[TokenLogprob] = []  # of tokens read, not yet drained
@@ -60,6 +61,8 @@ class TextStream:
                 if cut is not None:
                     if pending[:cut]:
                         yield pending[:cut]
+                    self.stop_sequence = next(s for s in self._stops
+                                              if pending.startswith(s, cut))
                     pending = ""
                     self.finish_reason = "stop"
                     return

@@ -55,15 +55,18 @@ function row(n) {
     ? el("button", { class: "btn small danger", "data-role": "remove", onclick: () => removeEndpoint(n.name) }, "Remove")
     : n.status === "offline" && n.id
       ? el("button", { class: "btn small danger", onclick: () => forgetNode(n.name) }, "Forget") : null;
+  const provider = n.kind === "provider";
   const hw = endpoint
     ? el("div", {}, el("strong", {}, "endpoint"), el("div", { class: "muted small" },
       `load from ${n.load_source === "metrics" ? "its metrics" : "the balancer"}${n.has_api_key ? " · API key" : ""}`))
-    : hardware(n.hardware);
+    : provider
+      ? el("div", {}, el("strong", {}, "hosted provider"), el("div", { class: "muted small" }, `key from ${n.api_key_env}`))
+      : hardware(n.hardware);
   return el("tr", { dataset: { nodeName: n.name, status: n.status } },
     el("td", {}, el("strong", {}, n.name), el("div", { class: "muted small" }, n.url || "in this process")),
     el("td", {}, el("span", { class: `badge ${n.status}`, "data-role": "status", title: n.last_error || "" }, n.status)),
     el("td", {}, hw),
-    el("td", {}, endpoint ? el("span", { class: "muted" }, "–") : memory(n.hardware)),
+    el("td", {}, endpoint || provider ? el("span", { class: "muted" }, "–") : memory(n.hardware)),
     el("td", {}, models(n)),
     el("td", { "data-role": "active", title: "in flight from this balancer · queued at the node" },
       `${Math.max(n.in_flight, n.active_requests)} active`, n.queued_requests ? ` · ${n.queued_requests} queued` : ""),
@@ -123,5 +126,46 @@ document.getElementById("new-endpoint").addEventListener("submit", async (event)
   load();
 });
 
+// Aliases: a name agents use standing for a list of models (AG-5).
+async function loadAliases() {
+  const box = document.getElementById("aliases");
+  try {
+    const data = await api("/v0/aliases");
+    if (!data.data.length) {
+      box.replaceChildren(el("p", { class: "muted" }, "No aliases."));
+      return;
+    }
+    box.replaceChildren(el("table", {}, el("tbody", {}, data.data.map((a) =>
+      el("tr", { dataset: { alias: a.name } },
+        el("td", {}, el("code", {}, a.name)),
+        el("td", {}, a.models.join(" → ")),
+        el("td", {}, el("button", { class: "btn small", type: "button",
+          onclick: () => removeAlias(a.name) }, "Remove")))))));
+  } catch (error) {
+    box.replaceChildren(el("p", { class: "alert error" }, error.message));
+  }
+}
+
+async function removeAlias(name) {
+  await api(`/v0/aliases/${encodeURIComponent(name)}`, { method: "DELETE" }).catch((e) => toast(e.message));
+  loadAliases();
+}
+
+document.getElementById("new-alias").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = event.target;
+  const name = form.querySelector("#alias-name").value.trim();
+  const models = form.querySelector("#alias-models").value.split(",").map((m) => m.trim()).filter(Boolean);
+  try {
+    const set = await api(`/v0/aliases/${encodeURIComponent(name)}`, { method: "PUT", body: { models } });
+    toast(`${set.name} → ${set.models.join(", ")}`);
+    form.reset();
+  } catch (error) {
+    toast(error.message, 6000);
+  }
+  loadAliases();
+});
+
 load();
+loadAliases();
 setInterval(load, REFRESH_MS);

@@ -1,9 +1,11 @@
-"""Exclusive locks on files under ``models_dir/.locks/`` (RS-5).
+"""Exclusive locks on files: one per download under ``models_dir/.locks/`` (RS-5), the
+supervisor's leader lock and the database's setup lock on one host (``state/sqlite.py``).
 
 ``flock`` makes them exclusive between processes, including gunicorn workers and nodes that
-share the directory, and the kernel drops them when a process dies, so a killed download never
-leaves a lock behind. A per-path threading lock on top makes them exclusive between threads of
-one process too (on NFS, Linux emulates flock with per-process POSIX locks).
+share the directory, and the kernel drops them when a process dies, so a killed download (or
+a killed leader) never leaves a lock behind. A per-path threading lock on top makes them
+exclusive between threads of one process too (on NFS, Linux emulates flock with per-process
+POSIX locks).
 """
 
 from __future__ import annotations
@@ -82,3 +84,24 @@ class FileLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class FileLeaderLock:
+    """The leader lock on one host: ``flock`` on a file, dropped by the kernel when the
+    holder dies."""
+
+    def __init__(self, path: Path) -> None:
+        self._lock = FileLock(path)
+        self._held = False
+
+    def try_acquire(self) -> bool:
+        self._held = self._held or self._lock.try_acquire()
+        return self._held
+
+    def held(self) -> bool:
+        return self._held
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
