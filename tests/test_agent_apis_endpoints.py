@@ -11,7 +11,7 @@ import anthropic
 import openai
 import pytest
 
-from .test_endpoints import FAST, add, fakes  # noqa: F401 - the fixture
+from .test_endpoints import FAST, add
 
 
 def test_an_endpoint_without_the_apis_gets_them_translated(make_server, fakes) -> None:  # noqa: F811

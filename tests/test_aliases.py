@@ -13,7 +13,7 @@ import requests
 
 from .conftest import HELLO, llmlb_command
 from .test_dashboard import browser, dash, log_in, page  # noqa: F401 - fixtures
-from .test_endpoints import ADMIN, FAST, add, fakes  # noqa: F401 - the fixture
+from .test_endpoints import ADMIN, FAST, add
 
 
 def put(server, name: str, models: object) -> requests.Response:  # noqa: ANN001
