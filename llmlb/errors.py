@@ -104,7 +104,7 @@ def prompt_too_large(what: str, count: int, limit: int, setting: str, param: str
 
 
 def context_length_exceeded(prompt_tokens: int, context_length: int, at_least: bool = False,
-                            ) -> APIError:
+                            param: str = "messages") -> APIError:
     """A prompt longer than the model's context. The wording starts as Anthropic's does
     ("prompt is too long: N tokens > M maximum"): Claude Code compacts its conversation
     when it reads that."""
@@ -112,7 +112,7 @@ def context_length_exceeded(prompt_tokens: int, context_length: int, at_least: b
     return APIError(400, f"prompt is too long: {more}{prompt_tokens} tokens > {context_length} "
                     f"maximum (the context of this model on its node; LLMLB_CONTEXT_LENGTH "
                     f"sets it, up to the model's own limit)", code="context_length_exceeded",
-                    param="messages")
+                    param=param)
 
 
 def unsupported_field(param: str, why: str) -> APIError:
