@@ -46,6 +46,7 @@ from .events import StatusEvents
 from .hf_stats import HFStats
 from .history import History, RequestRecord
 from .hub import Hub
+from .limits import Limiter
 from .metrics import Metrics
 from .node.agent import NodeAgent, Reporter
 from .node.hardware import node_memory
@@ -165,7 +166,8 @@ class _Parts:
         history = History(self.db, history_days)
         balancer = Balancer(settings.cluster, cluster, self.catalog,
                             lambda request: files_here(resolver, request) is not None,
-                            self.registry, on_done=observer(metrics, history))
+                            self.registry, on_done=observer(metrics, history),
+                            limiter=Limiter(self.db.quotas, settings.cluster.key_lease_seconds))
         models = settings.models
         stats = HFStats(self.db, models.hf_endpoint, models.hf_token,
                         models.hf_stats_ttl_seconds, models.hub_timeout_seconds)

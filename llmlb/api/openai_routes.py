@@ -50,21 +50,28 @@ def model_blob(rest: str):
                      mimetype="application/octet-stream")
 
 
+def forward(operation: str, watch_client: bool = True):  # noqa: ANN201 - a Response
+    """Every proxied route: the request to the balancer as the caller sent it, with the
+    caller's key limits (checked there once the model is known, for every route alike)."""
+    principal = g.principal
+    return relay(runtime().balancer.forward(
+        operation, request_bytes(), principal.name,
+        ClientWatch.of(request.environ) if watch_client else None, principal.quota))
+
+
 @bp.post("/chat/completions")
 @require("api")
 def chat_completions():
-    return relay(runtime().balancer.forward(CHAT, request_bytes(), g.principal.name,
-                                            ClientWatch.of(request.environ)))
+    return forward(CHAT)
 
 
 @bp.post("/completions")
 @require("api")
 def completions():
-    return relay(runtime().balancer.forward(COMPLETION, request_bytes(), g.principal.name,
-                                            ClientWatch.of(request.environ)))
+    return forward(COMPLETION)
 
 
 @bp.post("/embeddings")
 @require("api")
 def embeddings():
-    return relay(runtime().balancer.forward(EMBEDDINGS, request_bytes(), g.principal.name))
+    return forward(EMBEDDINGS, watch_client=False)

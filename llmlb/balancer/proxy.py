@@ -22,6 +22,7 @@ from ..catalog import Catalog
 from ..config import ClusterSettings
 from ..disconnect import ClientWatch
 from ..history import RequestRecord
+from ..limits import Limiter, Quota
 from ..storage import requested_model_id
 from ..wire import DONE, event, parse_json_object
 from . import placement, routing
@@ -80,30 +81,40 @@ class Balancer:
 
     def __init__(self, settings: ClusterSettings, cluster: Cluster, catalog: Catalog,
                  has_files: Callable[[ProxyRequest], bool], registry: NodeRegistry | None,
-                 on_done: Callable[[RequestRecord], None] | None = None) -> None:
+                 on_done: Callable[[RequestRecord], None] | None = None,
+                 limiter: Limiter | None = None) -> None:
         self.settings, self.cluster, self.catalog = settings, cluster, catalog
         self.has_files, self.registry = has_files, registry
-        self.on_done = on_done
+        self.on_done, self.limiter = on_done, limiter
 
     def forward(self, operation: str, raw: bytes, caller: str | None = None,
-                client: ClientWatch | None = None) -> Forwarded:
+                client: ClientWatch | None = None, quota: Quota | None = None) -> Forwarded:
         """Hand the request to a node and return its answer; ``caller`` (the key's name) is
         what the request history says sent it; ``client`` watches the client's connection
-        (an answer not yet begun stops when it closes)."""
-        if self.on_done is None:
+        (an answer not yet begun stops when it closes); ``quota``: the key's limits, checked
+        once the model is known (403, 429), given back when the answer ends."""
+        if self.on_done is None and quota is None:
             return self._forward(operation, raw, None, client)
-        watch = Watch(operation, caller, self.on_done)
+        watch = Watch(operation, caller, self.on_done or (lambda _record: None))
         try:
-            forwarded = self._forward(operation, raw, watch, client)
+            forwarded = self._forward(operation, raw, watch, client, quota)
         except errors.APIError as exc:
+            if watch.ticket is not None and watch.ticket.headers:
+                exc.headers = {**dict(watch.ticket.headers), **exc.headers}
             watch.failed(exc.status, exc.code)
             raise
-        return Forwarded(forwarded.node, watch.answered(forwarded.node, forwarded.response))
+        response = watch.answered(forwarded.node, forwarded.response)
+        if watch.ticket is not None and watch.ticket.headers:
+            response = NodeResponse(response.status, [*response.headers, *watch.ticket.headers],
+                                    response.body, response.close)
+        return Forwarded(forwarded.node, response)
 
     def _forward(self, operation: str, raw: bytes, watch: Watch | None,
-                 client: ClientWatch | None = None) -> Forwarded:
+                 client: ClientWatch | None = None, quota: Quota | None = None) -> Forwarded:
         payload = parse_json_object(raw)
         model_id, refusal = self.requested_model(payload)
+        if quota is not None and watch is not None and self.limiter is not None:
+            watch.ticket = self.limiter.admit(quota, model_id)
         request = ProxyRequest(operation, raw, payload, model_id, id_refusal=refusal,
                                client=client)
         if watch is not None:

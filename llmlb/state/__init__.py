@@ -4,7 +4,8 @@ hub's pulls and stats, small settings, and the node registry.
 
 Two engines implement it (``engine.Engine``): SQLite, embedded, the default
 (``LLMLB_DATABASE``, one host), and PostgreSQL when ``LLMLB_DATABASE_URL=postgresql://…`` is
-set (any number of balancers). The stores (``accounts.py``, ``records.py``, ``members.py``)
+set (any number of balancers). The stores (``accounts.py``, ``records.py``, ``members.py``, ``quotas.py``,
+``usage.py``)
 hold the SQL, written once for both; nothing outside this package knows which engine runs
 (an import contract in setup.cfg keeps the engines' modules to it). A test that must write a
 row as an older llmlb would goes through ``engine``.
@@ -19,7 +20,9 @@ from typing import TYPE_CHECKING
 from .accounts import Keys, LoginFailures, Meta, Users
 from .engine import Engine, LeaderLock, StateUnavailable, Tx
 from .members import Members
+from .quotas import Quotas
 from .records import HubStats, Registrations, Requests
+from .usage import UsageRollups
 
 if TYPE_CHECKING:
     from ..config import FileSettings
@@ -38,11 +41,15 @@ class State:
     registrations: Registrations
     hf_stats: HubStats
     members: Members
+    quotas: Quotas
+    usage: UsageRollups
 
     @classmethod
     def on(cls, engine: Engine) -> State:
+        usage = UsageRollups(engine)
         return cls(engine, Meta(engine), Keys(engine), Users(engine), LoginFailures(engine),
-                   Requests(engine), Registrations(engine), HubStats(engine), Members(engine))
+                   Requests(engine, usage), Registrations(engine), HubStats(engine),
+                   Members(engine), Quotas(engine), usage)
 
     @property
     def description(self) -> str:

@@ -1,0 +1,108 @@
+"""The counters of per-key limits: one row per key and window (``key_counters``), leases of
+the requests running at once (``key_leases``). The SQL only; ``limits.py`` decides what the
+numbers mean.
+
+Each check is atomic on its own, so limits hold across workers and balancers: a window's
+count is one ``INSERT … ON CONFLICT … DO UPDATE … RETURNING`` (the row is locked while it
+changes; a window that has ended starts again in the same statement). A lease is one more
+on the key's ``concurrent`` row, granted only below the limit, with a lease row that says
+until when; on PostgreSQL both in one statement (a writable CTE), on SQLite in one
+``BEGIN IMMEDIATE`` transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .engine import Engine
+
+_RESET = "key_counters.ends <= excluded.starts"
+_COUNT = (
+    "INSERT INTO key_counters (key_id, span, starts, ends, used) VALUES {values} "
+    "ON CONFLICT (key_id, span) DO UPDATE SET "
+    f"used = CASE WHEN {_RESET} THEN excluded.used ELSE key_counters.used + excluded.used END, "
+    f"starts = CASE WHEN {_RESET} THEN excluded.starts ELSE key_counters.starts END, "
+    f"ends = CASE WHEN {_RESET} THEN excluded.ends ELSE key_counters.ends END "
+    "RETURNING span, ends, used")
+_SLOT = ("INSERT INTO key_counters (key_id, span, starts, ends, used) VALUES "
+         "(?, 'concurrent', 0, 0, 1) ON CONFLICT (key_id, span) DO UPDATE SET "
+         "used = key_counters.used + 1 WHERE key_counters.used < ? RETURNING key_id")
+_FREE = "UPDATE key_counters SET used = used - {n} WHERE key_id = {key} AND span = 'concurrent'"
+
+
+class Quotas:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def count(self, key_id: int, spans: Sequence[tuple[str, float, float, int]],
+              ) -> dict[str, tuple[int, float]]:
+        """Add to the key's windows — (span, start, end, amount) each, the start and end a
+        new window would have — and return each window's (count, end)."""
+        spans = sorted(spans)  # one order everywhere: two checks never deadlock
+        values = ", ".join(["(?, ?, ?, ?, ?)"] * len(spans))
+        params = [v for span, starts, ends, n in spans for v in (key_id, span, starts, ends, n)]
+        rows = self.engine.execute(_COUNT.format(values=values), params).fetchall()
+        return {r["span"]: (r["used"], r["ends"]) for r in rows}
+
+    def take_lease(self, key_id: int, limit: int, expires: float) -> int | None:
+        """A lease id when the key has fewer than ``limit`` running, else None."""
+        if self.engine.writable_ctes:
+            row = self.engine.execute(
+                f"WITH slot AS ({_SLOT}) INSERT INTO key_leases (key_id, expires) "
+                "SELECT key_id, ? FROM slot RETURNING id", (key_id, limit, expires)).fetchone()
+            return row["id"] if row else None
+        with self.engine.transaction() as tx:
+            if tx.execute(_SLOT, (key_id, limit)).fetchone() is None:
+                return None
+            return tx.execute("INSERT INTO key_leases (key_id, expires) VALUES (?, ?) "
+                              "RETURNING id", (key_id, expires)).fetchone()["id"]
+
+    def release_lease(self, lease: int) -> None:
+        if self.engine.writable_ctes:
+            self.engine.execute(
+                "WITH gone AS (DELETE FROM key_leases WHERE id = ? RETURNING key_id) "
+                + _FREE.format(n="1", key="(SELECT key_id FROM gone)"), (lease,))
+            return
+        with self.engine.transaction() as tx:
+            row = tx.execute("DELETE FROM key_leases WHERE id = ? RETURNING key_id",
+                             (lease,)).fetchone()
+            if row is not None:  # else it expired and was swept: counted back already
+                tx.execute(_FREE.format(n="1", key="?"), (row["key_id"],))
+
+    def sweep_leases(self, key_id: int, now: float) -> int:
+        """Give back the key's leases that expired (their process died); how many."""
+        if self.engine.writable_ctes:
+            row = self.engine.execute(
+                "WITH dead AS (DELETE FROM key_leases WHERE key_id = ? AND expires < ? "
+                "RETURNING id) " + _FREE.format(n="(SELECT COUNT(*) FROM dead)", key="?")
+                + " RETURNING (SELECT COUNT(*) FROM dead) AS n", (key_id, now, key_id)
+            ).fetchone()
+            return row["n"] if row else 0
+        with self.engine.transaction() as tx:
+            dead = tx.execute("DELETE FROM key_leases WHERE key_id = ? AND expires < ?",
+                              (key_id, now)).rowcount
+            if dead > 0:
+                tx.execute(_FREE.format(n="?", key="?"), (dead, key_id))
+        return max(dead, 0)
+
+    def renew_leases(self, leases: Sequence[int], expires: float) -> None:
+        marks = ", ".join("?" * len(leases))
+        self.engine.execute(f"UPDATE key_leases SET expires = ? WHERE id IN ({marks})",
+                            (expires, *leases))
+
+    def current(self, key_ids: Sequence[int], now: float) -> dict[int, dict[str, int]]:
+        """Per key: each window's count while it lasts, and the live leases
+        (``concurrent``)."""
+        out: dict[int, dict[str, int]] = {k: {} for k in key_ids}
+        if not key_ids:
+            return out
+        marks = ", ".join("?" * len(key_ids))
+        for r in self.engine.execute(f"SELECT key_id, span, used FROM key_counters WHERE "
+                                     f"key_id IN ({marks}) AND span <> 'concurrent' AND "
+                                     f"ends > ?", (*key_ids, now)):
+            out[r["key_id"]][r["span"]] = r["used"]
+        for r in self.engine.execute(f"SELECT key_id, COUNT(*) AS n FROM key_leases WHERE "
+                                     f"key_id IN ({marks}) AND expires >= ? GROUP BY key_id",
+                                     (*key_ids, now)):
+            out[r["key_id"]]["concurrent"] = r["n"]
+        return out

@@ -1,0 +1,109 @@
+"""Usage (QT-3): requests, tokens, errors, latency and time to first token per hour, key,
+model and node, rolled up from the request history as it is written (``history.py`` hands
+each batch of rows to ``rollup``; ``state/usage.py`` adds the sums to ``usage_hourly`` in
+the same transaction), so a year of traffic reads as a few thousand rows, never a scan of
+the history. No Flask here.
+
+Latency and time to first token are kept as histograms (counts per bucket of ``BOUNDS_MS``,
+doubling widths), which add up across rows; p50 and p95 are read from the summed histogram
+by interpolating inside the bucket that holds the rank (so within that bucket's width).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .state.usage import BUCKETS, COLUMNS, LAT, SUMS, TTFT, UsageRollups
+
+#: upper bounds of the histogram buckets, in ms; the last bucket has no upper bound
+BOUNDS_MS = (5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120, 10240, 20480, 40960, 81920)
+assert len(BOUNDS_MS) + 1 == BUCKETS
+__all__ = ["COLUMNS", "rollup", "percentile", "summary", "hour_range", "report"]
+GROUPS = {"key": "key_name", "model": "model", "node": "node"}
+SPANS = {"hour": 3600, "day": 86400}
+
+
+def bucket_of(ms: float) -> int:
+    return bisect.bisect_left(BOUNDS_MS, ms)
+
+
+def rollup(rows: Iterable[Sequence[Any]]) -> list[tuple]:
+    """History rows (``state.records.REQUEST_COLUMNS`` order) summed per (hour, key, model,
+    node): one tuple each, key first then ``COLUMNS``, sorted (a fixed order, so two writers
+    never deadlock)."""
+    sums: dict[tuple, list[int]] = {}
+    for at, key_name, _op, model, node, status, _stream, latency_ms, ttft_ms, t_in, t_out, \
+            _error in rows:
+        group = (int(at // 3600) * 3600, key_name or "", model or "", node or "")
+        s = sums.get(group)
+        if s is None:
+            s = sums[group] = [0] * len(COLUMNS)
+        s[0] += 1
+        s[1] += status >= 400
+        s[2] += t_in or 0
+        s[3] += t_out or 0
+        s[len(SUMS) + bucket_of(latency_ms)] += 1
+        if ttft_ms is not None and status < 400:
+            s[4] += 1
+            s[len(SUMS) + BUCKETS + bucket_of(ttft_ms)] += 1
+    return [(*group, *s) for group, s in sorted(sums.items())]
+
+
+def percentile(histogram: Sequence[int], q: float) -> float | None:
+    """The q-quantile (0..1) in ms of a histogram over ``BOUNDS_MS``; None when empty."""
+    total = sum(histogram)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(histogram):
+        if n and seen + n >= rank:
+            low = BOUNDS_MS[i - 1] if i > 0 else 0
+            if i >= len(BOUNDS_MS):
+                return float(low)
+            return round(low + (BOUNDS_MS[i] - low) * max(0.0, rank - seen) / n, 1)
+        seen += n
+    return float(BOUNDS_MS[-1])
+
+
+def summary(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A summed row as ``/v0/usage`` answers it."""
+    n = {c: int(row[c] or 0) for c in COLUMNS}  # PostgreSQL's SUM is a numeric
+    lat, ttft = [n[c] for c in LAT], [n[c] for c in TTFT]
+    return {"requests": n["requests"], "errors": n["errors"],
+            "tokens_in": n["tokens_in"], "tokens_out": n["tokens_out"],
+            "latency_p50_ms": percentile(lat, 0.5), "latency_p95_ms": percentile(lat, 0.95),
+            "ttft_p50_ms": percentile(ttft, 0.5), "ttft_p95_ms": percentile(ttft, 0.95)}
+
+
+def hour_range(since: float | None, until: float | None) -> tuple[int | None, int | None]:
+    """The hours (bucket starts) a time range covers: from the hour holding ``since`` to
+    the one holding ``until``."""
+    first = int(math.floor(since / 3600) * 3600) if since is not None else None
+    last = int(math.floor(until / 3600) * 3600) if until is not None else None
+    return first, last
+
+
+def report(rollups: UsageRollups, *, bucket: str, group: str | None,
+           filters: Mapping[str, str | None], since: float | None,
+           until: float | None) -> dict[str, Any]:
+    """``/v0/usage``: per bucket (and per key, model or node with ``group``) and in total."""
+    first, last = hour_range(since, until)
+    rows = rollups.query(span=SPANS[bucket], group=GROUPS[group] if group else None,
+                         filters={GROUPS[k]: v for k, v in filters.items() if v},
+                         first=first, last=last)
+    total = dict.fromkeys(COLUMNS, 0)
+    data = []
+    for row in rows:
+        for c in COLUMNS:
+            total[c] += int(row[c] or 0)
+        item = {"start": int(row["start"]), **summary(row)}
+        if group:
+            item[group] = row["grp"] or None
+        data.append(item)
+    return {"object": "usage", "bucket": bucket, "group": group, "from": first, "to": until,
+            "filters": {k: v for k, v in filters.items() if v}, "data": data,
+            "total": summary(total)}
