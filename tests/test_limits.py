@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -36,20 +36,6 @@ from .fake_openai import FakeOpenAI
 ENDPOINT_FAST = {"role": "balancer", "endpoint_check_seconds": 0.2, "cooldown_seconds": 0.5,
                  "cooldown_max_seconds": 10}
 ADMIN = {"Authorization": "Bearer sk_debug"}
-
-
-@pytest.fixture
-def fakes() -> Iterator[Callable[..., FakeOpenAI]]:
-    started: list[FakeOpenAI] = []
-
-    def start(name: str = "gpu", *models: str, **kwargs) -> FakeOpenAI:
-        fake = FakeOpenAI(name, models or ("fake-model",), **kwargs).__enter__()
-        started.append(fake)
-        return fake
-
-    yield start
-    for fake in started:
-        fake.__exit__()
 
 
 def add_endpoint(url: str, fake: FakeOpenAI, headers: dict[str, str] = ADMIN) -> None:
