@@ -76,5 +76,13 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/json_schema.py
 	$(BIN)/python bench/soak.py
 
+# The Usage page's charting library, vendored into the static files (committed; no CDN, nothing
+# to install at test time). bench/charts.py compares it with Chart.js.
+UPLOT_VERSION = 1.6.32
+vendor-uplot:
+	cd $$(mktemp -d) && npm pack uplot@$(UPLOT_VERSION) && tar xzf uplot-$(UPLOT_VERSION).tgz && \
+		cp package/dist/uPlot.iife.min.js package/dist/uPlot.min.css $(CURDIR)/llmlb/dashboard/static/ && \
+		cp package/LICENSE $(CURDIR)/llmlb/dashboard/static/uPlot.LICENSE
+
 clean:
 	rm -rf $(VENV) build *.egg-info test-artifacts bench/.work

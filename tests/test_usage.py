@@ -7,7 +7,10 @@ from __future__ import annotations
 import time
 
 import requests
+from playwright.sync_api import Page, expect
 
+from .conftest import save_artifact
+from .test_dashboard import browser, page  # noqa: F401 - Chromium, and a tab of it
 from .test_limits import ADMIN, ENDPOINT_FAST, add_endpoint, chat, new_key
 
 
@@ -76,3 +79,47 @@ def test_usage_parameters_are_checked(make_server) -> None:
         r = requests.get(f"{server.url}/v0/usage", headers=ADMIN, params=bad, timeout=30)
         assert r.status_code == 400, (bad, r.text)
         assert r.json()["error"]["param"] == next(iter(bad))
+
+
+def test_the_usage_page_draws_what_was_sent(make_server, fakes, page: Page) -> None:  # noqa: F811
+    fake = fakes("gpu", "fake-model", "other-model", latency=0.02)
+    server = make_server(**ENDPOINT_FAST)
+    add_endpoint(server.url, fake)
+    alice, bob = new_key(server.url, "alice", rpm=1000), new_key(server.url, "bob")
+    for key, model, stream in ((alice, "fake-model", False), (alice, "other-model", True),
+                               (bob, "fake-model", False), (bob, "nope", False)):
+        for _ in range(3):
+            chat(server.url, key, model, stream)
+    wait_for_requests(server.url, 12)
+
+    page.goto(server.url + "/login?next=/requests")
+    page.fill("input[name=username]", "admin")
+    page.fill("input[name=password]", "test")
+    page.click("button[type=submit]")
+    # The Requests page links a row to its key's usage.
+    page.locator("#requests tbody tr td a", has_text="alice").first.click()
+    expect(page).to_have_url(f"{server.url}/usage?key=alice")
+    expect(page.locator("#chart-requests-key")).to_have_attribute("data-points", "1")
+    expect(page.locator("#chart-requests-key .u-legend")).to_contain_text("alice")
+    expect(page.locator("#chart-requests-key .u-legend")).not_to_contain_text("bob")
+
+    page.fill("#range input[name=key]", "")
+    page.click("#range button[type=submit]")
+    expect(page.locator("#totals")).to_contain_text("12")
+    for chart in ("requests-model", "tokens-model", "requests-key", "tokens-key", "latency",
+                  "errors"):
+        locator = page.locator(f"#chart-{chart}")
+        expect(locator.locator("canvas")).to_have_count(1)
+        assert int(locator.get_attribute("data-points")) >= 1, chart
+    expect(page.locator("#chart-requests-model .u-legend")).to_contain_text("other-model")
+    save_artifact("dashboard-usage.png", page.screenshot(full_page=True))
+
+    # Live: more requests show up without a reload.
+    for _ in range(3):
+        chat(server.url, bob, "other-model")
+    expect(page.locator("#totals")).to_contain_text("15", timeout=30_000)
+
+    # The API keys page shows alice's limit and what she used of it.
+    page.goto(server.url + "/keys")
+    expect(page.locator("tr", has_text="alice").locator("[data-role=limits]")).to_contain_text(
+        "/1000 req/min")
