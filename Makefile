@@ -18,7 +18,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 ARGS ?=
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install lint bench clean vendor-uplot
 
 install: $(VENV)/.installed
 
