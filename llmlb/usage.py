@@ -21,7 +21,7 @@ from .state.usage import BUCKETS, COLUMNS, LAT, SUMS, TTFT, UsageRollups
 #: upper bounds of the histogram buckets, in ms; the last bucket has no upper bound
 BOUNDS_MS = (5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120, 10240, 20480, 40960, 81920)
 assert len(BOUNDS_MS) + 1 == BUCKETS
-__all__ = ["COLUMNS", "rollup", "percentile", "summary", "hour_range", "report"]
+__all__ = ["COLUMNS", "rollup", "percentile", "summary", "bucket_range", "report"]
 GROUPS = {"key": "key_name", "model": "model", "node": "node"}
 SPANS = {"hour": 3600, "day": 86400}
 
@@ -30,10 +30,24 @@ def bucket_of(ms: float) -> int:
     return bisect.bisect_left(BOUNDS_MS, ms)
 
 
-def rollup(rows: Iterable[Sequence[Any]]) -> list[tuple]:
+def rollup(rows: Iterable[Sequence[Any]]) -> dict[int, list[tuple]]:
     """History rows (``state.records.REQUEST_COLUMNS`` order) summed per (hour, key, model,
-    node): one tuple each, key first then ``COLUMNS``, sorted (a fixed order, so two writers
-    never deadlock)."""
+    node) and per (day, key, model, node): by bucket span (3600, 86400), one tuple each, key
+    first then ``COLUMNS``, sorted (a fixed order, so two writers never deadlock)."""
+    hourly = _hourly(rows)
+    days: dict[tuple, list[int]] = {}
+    for hour, *rest in hourly:
+        group = (hour - hour % 86400, *rest[:3])
+        s = days.get(group)
+        if s is None:
+            days[group] = list(rest[3:])
+        else:
+            for i, n in enumerate(rest[3:]):
+                s[i] += n
+    return {3600: hourly, 86400: [(*group, *s) for group, s in sorted(days.items())]}
+
+
+def _hourly(rows: Iterable[Sequence[Any]]) -> list[tuple]:
     sums: dict[tuple, list[int]] = {}
     for at, key_name, _op, model, node, status, _stream, latency_ms, ttft_ms, t_in, t_out, \
             _error in rows:
@@ -79,11 +93,12 @@ def summary(row: Mapping[str, Any]) -> dict[str, Any]:
             "ttft_p50_ms": percentile(ttft, 0.5), "ttft_p95_ms": percentile(ttft, 0.95)}
 
 
-def hour_range(since: float | None, until: float | None) -> tuple[int | None, int | None]:
-    """The hours (bucket starts) a time range covers: from the hour holding ``since`` to
-    the one holding ``until``."""
-    first = int(math.floor(since / 3600) * 3600) if since is not None else None
-    last = int(math.floor(until / 3600) * 3600) if until is not None else None
+def bucket_range(since: float | None, until: float | None, span: int,
+                 ) -> tuple[int | None, int | None]:
+    """The bucket starts a time range covers: from the bucket (of ``span`` seconds, UTC)
+    holding ``since`` to the one holding ``until``."""
+    first = int(math.floor(since / span) * span) if since is not None else None
+    last = int(math.floor(until / span) * span) if until is not None else None
     return first, last
 
 
@@ -91,7 +106,7 @@ def report(rollups: UsageRollups, *, bucket: str, group: str | None,
            filters: Mapping[str, str | None], since: float | None,
            until: float | None) -> dict[str, Any]:
     """``/v0/usage``: per bucket (and per key, model or node with ``group``) and in total."""
-    first, last = hour_range(since, until)
+    first, last = bucket_range(since, until, SPANS[bucket])
     rows = rollups.query(span=SPANS[bucket], group=GROUPS[group] if group else None,
                          filters={GROUPS[k]: v for k, v in filters.items() if v},
                          first=first, last=last)

@@ -20,14 +20,16 @@ class Requests:
         self.engine, self.usage = engine, usage
 
     def insert(self, rows: Sequence[Sequence[Any]],
-               rollups: Sequence[Sequence[Any]] = ()) -> None:
+               rollups: dict[int, Sequence[Sequence[Any]]] | None = None) -> None:
         """Rows in ``REQUEST_COLUMNS`` order, in one transaction (COPY on PostgreSQL: a
         tenth of the CPU of one INSERT per row, paid by every request), with their sums
-        added to the usage roll-ups in the same transaction."""
+        added to the usage roll-ups (per bucket span: ``usage.UsageRollups.add``) in the
+        same transaction."""
         with self.engine.transaction() as tx:
             if rows:
                 self.engine.copy_rows(tx, "requests", REQUEST_COLUMNS, rows)
-            self.usage.add(tx, rollups)
+            for span, sums in (rollups or {}).items():
+                self.usage.add(tx, span, sums)
 
     def prune(self, before: float) -> None:
         self.engine.execute("DELETE FROM requests WHERE at < ?", (before,))

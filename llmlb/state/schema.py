@@ -9,6 +9,23 @@ tables and columns (``TABLES``), which is what ``llmlb db copy`` moves.
 
 from __future__ import annotations
 
+# The counts of a usage roll-up row (``state/usage.py``), after its key (the hour or day, key
+# name, model, node): sums, then histograms of latency and of time to first token, 16
+# buckets each (``usage.BOUNDS_MS``). Fixed by the migration that made them.
+USAGE_COUNTS = ("requests", "errors", "tokens_in", "tokens_out", "ttft_count",
+                *(f"lat{i}" for i in range(16)), *(f"ttft{i}" for i in range(16)))
+
+
+def _usage_tables(if_not_exists: str, integer: str) -> str:
+    counts = "".join(f"        {c} {integer} NOT NULL DEFAULT 0,\n" for c in USAGE_COUNTS)
+    return "".join(
+        f"CREATE TABLE {if_not_exists}{table} (\n        {bucket} {integer} NOT NULL,\n"
+        f"        key_name TEXT NOT NULL,\n        model TEXT NOT NULL,\n"
+        f"        node TEXT NOT NULL,\n{counts}"
+        f"        PRIMARY KEY ({bucket}, key_name, model, node)\n    );\n    "
+        for table, bucket in (("usage_hourly", "hour"), ("usage_daily", "day")))
+
+
 SQLITE: tuple[str, ...] = (
     """
     CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -115,8 +132,8 @@ SQLITE: tuple[str, ...] = (
     """,
     # Per-key limits (limits.py): columns of the key, read with it. Counters per key and
     # window, and leases of the requests at once, kept in the state so that every worker and
-    # balancer counts the same; usage rolled up per hour, key, model and node as the history
-    # is written (usage.py), latency and time to first token as histograms (columns lat0..,
+    # balancer counts the same; usage rolled up per hour (and per day), key, model and node as
+    # the history is written (usage.py), latency and time to first token as histograms (columns lat0..,
     # ttft0.., usage.BOUNDS_MS).
     """
     ALTER TABLE api_keys ADD COLUMN rpm INTEGER;
@@ -139,19 +156,7 @@ SQLITE: tuple[str, ...] = (
         expires REAL NOT NULL
     );
     CREATE INDEX IF NOT EXISTS key_leases_key ON key_leases(key_id, expires);
-    CREATE TABLE IF NOT EXISTS usage_hourly (
-        hour INTEGER NOT NULL,
-        key_name TEXT NOT NULL,
-        model TEXT NOT NULL,
-        node TEXT NOT NULL,
-        requests INTEGER NOT NULL DEFAULT 0,
-        errors INTEGER NOT NULL DEFAULT 0,
-        tokens_in INTEGER NOT NULL DEFAULT 0,
-        tokens_out INTEGER NOT NULL DEFAULT 0,
-        ttft_count INTEGER NOT NULL DEFAULT 0,
-        lat0 INTEGER NOT NULL DEFAULT 0, lat1 INTEGER NOT NULL DEFAULT 0, lat2 INTEGER NOT NULL DEFAULT 0, lat3 INTEGER NOT NULL DEFAULT 0, lat4 INTEGER NOT NULL DEFAULT 0, lat5 INTEGER NOT NULL DEFAULT 0, lat6 INTEGER NOT NULL DEFAULT 0, lat7 INTEGER NOT NULL DEFAULT 0, lat8 INTEGER NOT NULL DEFAULT 0, lat9 INTEGER NOT NULL DEFAULT 0, lat10 INTEGER NOT NULL DEFAULT 0, lat11 INTEGER NOT NULL DEFAULT 0, lat12 INTEGER NOT NULL DEFAULT 0, lat13 INTEGER NOT NULL DEFAULT 0, lat14 INTEGER NOT NULL DEFAULT 0, lat15 INTEGER NOT NULL DEFAULT 0, ttft0 INTEGER NOT NULL DEFAULT 0, ttft1 INTEGER NOT NULL DEFAULT 0, ttft2 INTEGER NOT NULL DEFAULT 0, ttft3 INTEGER NOT NULL DEFAULT 0, ttft4 INTEGER NOT NULL DEFAULT 0, ttft5 INTEGER NOT NULL DEFAULT 0, ttft6 INTEGER NOT NULL DEFAULT 0, ttft7 INTEGER NOT NULL DEFAULT 0, ttft8 INTEGER NOT NULL DEFAULT 0, ttft9 INTEGER NOT NULL DEFAULT 0, ttft10 INTEGER NOT NULL DEFAULT 0, ttft11 INTEGER NOT NULL DEFAULT 0, ttft12 INTEGER NOT NULL DEFAULT 0, ttft13 INTEGER NOT NULL DEFAULT 0, ttft14 INTEGER NOT NULL DEFAULT 0, ttft15 INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (hour, key_name, model, node)
-    );
+    """ + _usage_tables("IF NOT EXISTS ", "INTEGER") + """
     """,
 )
 
@@ -253,26 +258,14 @@ POSTGRES: tuple[str, ...] = (
         expires DOUBLE PRECISION NOT NULL
     );
     CREATE INDEX key_leases_key ON key_leases(key_id, expires);
-    CREATE TABLE usage_hourly (
-        hour BIGINT NOT NULL,
-        key_name TEXT NOT NULL,
-        model TEXT NOT NULL,
-        node TEXT NOT NULL,
-        requests BIGINT NOT NULL DEFAULT 0,
-        errors BIGINT NOT NULL DEFAULT 0,
-        tokens_in BIGINT NOT NULL DEFAULT 0,
-        tokens_out BIGINT NOT NULL DEFAULT 0,
-        ttft_count BIGINT NOT NULL DEFAULT 0,
-        lat0 BIGINT NOT NULL DEFAULT 0, lat1 BIGINT NOT NULL DEFAULT 0, lat2 BIGINT NOT NULL DEFAULT 0, lat3 BIGINT NOT NULL DEFAULT 0, lat4 BIGINT NOT NULL DEFAULT 0, lat5 BIGINT NOT NULL DEFAULT 0, lat6 BIGINT NOT NULL DEFAULT 0, lat7 BIGINT NOT NULL DEFAULT 0, lat8 BIGINT NOT NULL DEFAULT 0, lat9 BIGINT NOT NULL DEFAULT 0, lat10 BIGINT NOT NULL DEFAULT 0, lat11 BIGINT NOT NULL DEFAULT 0, lat12 BIGINT NOT NULL DEFAULT 0, lat13 BIGINT NOT NULL DEFAULT 0, lat14 BIGINT NOT NULL DEFAULT 0, lat15 BIGINT NOT NULL DEFAULT 0, ttft0 BIGINT NOT NULL DEFAULT 0, ttft1 BIGINT NOT NULL DEFAULT 0, ttft2 BIGINT NOT NULL DEFAULT 0, ttft3 BIGINT NOT NULL DEFAULT 0, ttft4 BIGINT NOT NULL DEFAULT 0, ttft5 BIGINT NOT NULL DEFAULT 0, ttft6 BIGINT NOT NULL DEFAULT 0, ttft7 BIGINT NOT NULL DEFAULT 0, ttft8 BIGINT NOT NULL DEFAULT 0, ttft9 BIGINT NOT NULL DEFAULT 0, ttft10 BIGINT NOT NULL DEFAULT 0, ttft11 BIGINT NOT NULL DEFAULT 0, ttft12 BIGINT NOT NULL DEFAULT 0, ttft13 BIGINT NOT NULL DEFAULT 0, ttft14 BIGINT NOT NULL DEFAULT 0, ttft15 BIGINT NOT NULL DEFAULT 0,
-        PRIMARY KEY (hour, key_name, model, node)
-    );
+    """ + _usage_tables("", "BIGINT") + """
     """,
 )
 
 # Every table of the state, in an order that copies cleanly; those with an identity ``id``
 # (whose sequence must continue after a copy).
 TABLES = ("meta", "api_keys", "users", "registrations", "hf_stats", "login_failures", "nodes",
-          "pulls", "requests", "usage_hourly")
+          "pulls", "requests", "usage_hourly", "usage_daily")
 IDENTITY_TABLES = ("api_keys", "users", "nodes", "requests")
 
 
