@@ -21,7 +21,7 @@ from .state.usage import BUCKETS, COLUMNS, LAT, SUMS, TTFT, UsageRollups
 #: upper bounds of the histogram buckets, in ms; the last bucket has no upper bound
 BOUNDS_MS = (5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120, 10240, 20480, 40960, 81920)
 assert len(BOUNDS_MS) + 1 == BUCKETS
-__all__ = ["COLUMNS", "rollup", "percentile", "summary", "bucket_range", "report"]
+__all__ = ["COLUMNS", "rollup", "percentile", "percentiles", "summary", "bucket_range", "report"]
 GROUPS = {"key": "key_name", "model": "model", "node": "node"}
 SPANS = {"hour": 3600, "day": 86400}
 
@@ -68,29 +68,38 @@ def _hourly(rows: Iterable[Sequence[Any]]) -> list[tuple]:
 
 def percentile(histogram: Sequence[int], q: float) -> float | None:
     """The q-quantile (0..1) in ms of a histogram over ``BOUNDS_MS``; None when empty."""
+    return percentiles(histogram, (q,))[0]
+
+
+def percentiles(histogram: Sequence[int], qs: Sequence[float]) -> list[float | None]:
+    """The quantiles ``qs`` (ascending, 0..1) in ms, in one pass over the histogram."""
     total = sum(histogram)
-    if total == 0:
-        return None
-    rank = q * total
-    seen = 0
-    for i, n in enumerate(histogram):
-        if n and seen + n >= rank:
-            low = BOUNDS_MS[i - 1] if i > 0 else 0
-            if i >= len(BOUNDS_MS):
-                return float(low)
-            return round(low + (BOUNDS_MS[i] - low) * max(0.0, rank - seen) / n, 1)
-        seen += n
-    return float(BOUNDS_MS[-1])
+    if not total:
+        return [None] * len(qs)
+    out: list[float | None] = []
+    seen, i = 0, 0
+    for q in qs:
+        rank = q * total
+        while i < BUCKETS - 1 and (not histogram[i] or seen + histogram[i] < rank):
+            seen += histogram[i]
+            i += 1
+        n = histogram[i]
+        low = BOUNDS_MS[i - 1] if i > 0 else 0
+        if i >= len(BOUNDS_MS) or not n:
+            out.append(float(low))
+        else:
+            out.append(round(low + (BOUNDS_MS[i] - low) * max(0.0, rank - seen) / n, 1))
+    return out
 
 
 def summary(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A summed row as ``/v0/usage`` answers it."""
-    n = {c: int(row[c] or 0) for c in COLUMNS}  # PostgreSQL's SUM is a numeric
-    lat, ttft = [n[c] for c in LAT], [n[c] for c in TTFT]
-    return {"requests": n["requests"], "errors": n["errors"],
-            "tokens_in": n["tokens_in"], "tokens_out": n["tokens_out"],
-            "latency_p50_ms": percentile(lat, 0.5), "latency_p95_ms": percentile(lat, 0.95),
-            "ttft_p50_ms": percentile(ttft, 0.5), "ttft_p95_ms": percentile(ttft, 0.95)}
+    """A summed row (``UsageRollups.query``) as ``/v0/usage`` answers it."""
+    lat50, lat95 = percentiles([row[c] for c in LAT], (0.5, 0.95))
+    ttft50, ttft95 = percentiles([row[c] for c in TTFT], (0.5, 0.95))
+    return {"requests": row["requests"], "errors": row["errors"],
+            "tokens_in": row["tokens_in"], "tokens_out": row["tokens_out"],
+            "latency_p50_ms": lat50, "latency_p95_ms": lat95,
+            "ttft_p50_ms": ttft50, "ttft_p95_ms": ttft95}
 
 
 def bucket_range(since: float | None, until: float | None, span: int,
@@ -114,7 +123,7 @@ def report(rollups: UsageRollups, *, bucket: str, group: str | None,
     data = []
     for row in rows:
         for c in COLUMNS:
-            total[c] += int(row[c] or 0)
+            total[c] += row[c]
         item = {"start": int(row["start"]), **summary(row)}
         if group:
             item[group] = row["grp"] or None

@@ -57,7 +57,8 @@ class UsageRollups:
                 where.append(clause)
                 args.append(value)
         assert group is None or group in GROUP_COLUMNS
-        sums = ", ".join(f"SUM({c}) AS {c}" for c in self.columns)
+        # Whole numbers on both engines (PostgreSQL's SUM of a BIGINT is a numeric).
+        sums = ", ".join(f"CAST(SUM({c}) AS BIGINT) AS {c}" for c in self.columns)
         sql = (f"SELECT {start} AS start, {group or 'NULL'} AS grp, {sums} FROM {table}"
                + (" WHERE " + " AND ".join(where) if where else "")
                + f" GROUP BY {start}{', ' + group if group else ''} ORDER BY start"
