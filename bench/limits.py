@@ -5,10 +5,12 @@
   every limit set (rpm, tpm, max concurrent, daily and monthly tokens, a model list; all far
   above what the run sends, so nothing is refused) and with a key without limits, alternated
   in the same run: 1 connection p50 and 64 connections req/s for each.
-- ``usage``: ``N`` history rows (default 10 million, a year of traffic: 20 keys, 4 models,
-  2 nodes) written through the history's own path (batches of 10,000 rows, each batch's
-  roll-ups added in its transaction), then ``GET /v0/usage`` timed through a balancer: the
-  default view (last 24 hours, hourly, per model) and the whole year (daily, per key).
+- ``usage``: the roll-ups ``N`` history rows leave (default 10 million over the last year:
+  20 keys, 4 models, 2 nodes; rolled up by ``usage.rollup`` day by day and stored with
+  ``COPY``/``executemany``: ``/v0/usage`` never reads the history itself), then
+  ``GET /v0/usage`` timed through a balancer, from the page's default view (24 hours,
+  hourly, per model) to a whole year per key. The writer's own path (history rows and
+  roll-up upserts in one transaction per 10,000) is timed on ``--real-rows`` of them.
 
     .venv/bin/python bench/limits.py [--parts proxy,usage] [--seconds 10] [--rows 10000000]
 """
@@ -86,72 +88,95 @@ def part_proxy(pg, seconds: float, rounds: int) -> dict:  # noqa: ANN001 - tests
     return results
 
 
-def history_rows(n: int, now: float, rng: random.Random):  # noqa: ANN201 - an iterator
-    """``n`` requests spread over the year before ``now``, oldest first."""
-    span = 365 * 86400
+def day_of_rows(day: int, per_day: int, rng: random.Random) -> list[tuple]:
+    """A day's history rows (``REQUEST_COLUMNS`` order): 20 keys, 4 models, 2 nodes."""
     key_names = [f"key-{i}" for i in range(20)]
     models = ["llama-3.2-1b", "qwen2.5-0.5b", "phi-3-mini", "bge-small"]
-    for i in range(n):
-        at = now - span + span * i / n
+    rows = []
+    for i in range(per_day):
         status = 200 if rng.random() > 0.02 else 500
         latency = rng.lognormvariate(5, 1)
-        yield (at, rng.choice(key_names), "chat", rng.choice(models), rng.choice(("a", "b")),
-               status, 1, round(latency, 2), round(latency / 4, 2), rng.randint(5, 500),
-               rng.randint(1, 300), None if status == 200 else "engine_error")
+        rows.append((day + 86400 * i / per_day, rng.choice(key_names), "chat",
+                     rng.choice(models), rng.choice(("a", "b")), status, 1, round(latency, 2),
+                     round(latency / 4, 2), rng.randint(5, 500), rng.randint(1, 300),
+                     None if status == 200 else "engine_error"))
+    return rows
 
 
-def part_usage(pg, rows: int) -> dict:  # noqa: ANN001
+def part_usage(pg, rows: int, real_rows: int) -> dict:  # noqa: ANN001
+    """``rows`` history rows over the last 365 days rolled up by ``usage.rollup`` day by day
+    and the roll-ups stored (``COPY`` on PostgreSQL), as the history's writer leaves them;
+    the first ``real_rows`` of them also through the writer's own path (history rows and
+    roll-up upserts in one transaction per batch of 10,000), to time it."""
     import requests
 
     from llmlb import usage
     from llmlb.state import open_database
+    from llmlb.state.usage import GROUP_COLUMNS, TABLES
 
     results: dict[str, dict] = {}
+    now = time.time()
+    first_day = int(now // 86400) * 86400 - 364 * 86400
+    per_day = rows // 365
     for engine in ("sqlite", "postgresql"):
         db_url = pg.new_database() if engine == "postgresql" else None
         shutil.rmtree(WORK / f"usage-{engine}", ignore_errors=True)
         target = db_url or WORK / f"usage-{engine}" / "llmlb.db"
         _, _, admin = keys(target)
         db = open_database(target)
+        rng = random.Random(1)
+        sample = day_of_rows(first_day - 86400, real_rows, rng)
         started = time.perf_counter()
-        batch: list[tuple] = []
-        now = time.time()
-        for row in history_rows(rows, now, random.Random(1)):
-            batch.append(row)
-            if len(batch) == 10_000:
-                db.requests.insert(batch, usage.rollup(batch))
-                batch = []
-        if batch:
+        for i in range(0, len(sample), 10_000):
+            batch = sample[i:i + 10_000]
             db.requests.insert(batch, usage.rollup(batch))
-        written = time.perf_counter() - started
-        rollups = db.engine.execute("SELECT COUNT(*) AS n FROM usage_hourly").fetchone()["n"]
+        real_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        for d in range(365):
+            sums = usage.rollup(day_of_rows(first_day + d * 86400, per_day, rng))
+            with db.engine.transaction() as tx:
+                for span, (table, bucket) in TABLES.items():
+                    db.engine.copy_rows(tx, table, (bucket, *GROUP_COLUMNS, *usage.COLUMNS),
+                                        sums[span])
+        stored = time.perf_counter() - started
+        counts = {t: db.engine.execute(f"SELECT COUNT(*) AS n FROM {t}").fetchone()["n"]
+                  for t, _ in TABLES.values()}
         db.close()
         port = free_port()
         lb = balancer(f"usage-{engine}", port, None, db_url)
         headers = {"Authorization": f"Bearer {admin}"}
         timings: dict[str, float] = {}
         try:
-            for name, params in (("day_hourly_per_model", {"group": "model"}),
-                                 ("year_daily_per_key", {"bucket": "day", "group": "key",
-                                                         "from": now - 366 * 86400}),
-                                 ("year_daily", {"bucket": "day", "from": now - 366 * 86400})):
+            for name, params in (
+                    ("24h_hourly_per_model", {"group": "model"}),
+                    ("24h_hourly_one_key", {"key": "key-3"}),
+                    ("7d_hourly_per_key", {"group": "key", "from": now - 7 * 86400}),
+                    ("30d_daily_per_model", {"bucket": "day", "group": "model",
+                                             "from": now - 30 * 86400}),
+                    ("year_daily", {"bucket": "day", "from": now - 366 * 86400}),
+                    ("year_daily_per_model", {"bucket": "day", "group": "model",
+                                              "from": now - 366 * 86400}),
+                    ("year_daily_per_key", {"bucket": "day", "group": "key",
+                                            "from": now - 366 * 86400})):
                 samples = []
-                for _ in range(7):
+                for _ in range(5):
                     t0 = time.perf_counter()
                     r = requests.get(f"http://127.0.0.1:{port}/v0/usage", params=params,
                                      headers=headers, timeout=120)
                     samples.append((time.perf_counter() - t0) * 1000)
                     r.raise_for_status()
                 timings[name] = round(statistics.median(samples), 1)
-                total = r.json()["total"]["requests"]
-                print(f"  {engine:10s} {name}: {timings[name]} ms (median of 7; "
-                      f"{total} requests in range)", flush=True)
+                print(f"  {engine:10s} {name}: {timings[name]} ms (median of 5; "
+                      f"{r.json()['total']['requests']} requests, {len(r.json()['data'])} "
+                      f"points)", flush=True)
         finally:
             lb.stop()
-        results[engine] = {"rows": rows, "write_seconds": round(written, 1),
-                           "rollup_rows": rollups, "usage_ms": timings}
-        print(f"  {engine}: {rows} rows written in {written:.0f} s, {rollups} roll-up rows",
-              flush=True)
+        results[engine] = {"rows": per_day * 365, "rollup_rows": counts,
+                           "rollups_stored_seconds": round(stored, 1),
+                           "writer_path_rows_per_second": round(real_rows / real_seconds),
+                           "usage_ms": timings}
+        print(f"  {engine}: {per_day * 365} rows' roll-ups ({counts}) stored in {stored:.0f} "
+              f"s; the writer's path: {real_rows / real_seconds:.0f} rows/s", flush=True)
     return results
 
 
@@ -161,6 +186,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--real-rows", type=int, default=50_000)
     args = parser.parse_args()
     from tests.postgres import Postgres
 
@@ -174,7 +200,7 @@ def main() -> None:
             summary["proxy"] = part_proxy(pg, args.seconds, args.rounds)
         if "usage" in args.parts:
             print(f"GET /v0/usage over {args.rows} history rows", flush=True)
-            summary["usage"] = part_usage(pg, args.rows)
+            summary["usage"] = part_usage(pg, args.rows, args.real_rows)
     finally:
         pg.destroy()
     save_summary("limits", summary, indent=2)
