@@ -3,14 +3,13 @@ to a node (this process's own, or another machine's) and relays the answer."""
 
 from __future__ import annotations
 
-from flask import Blueprint, g, request, send_file
+from flask import Blueprint, send_file
 
 from .. import errors
 from ..balancer.upstream import CHAT, COMPLETION, EMBEDDINGS
-from ..disconnect import ClientWatch
 from ..model_info import blob_path, catalog_object, model_object
 from ..storage import requested_model_id
-from .common import relay, request_bytes, require, respond, runtime
+from .common import forward_request, require, respond, runtime
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -50,28 +49,19 @@ def model_blob(rest: str):
                      mimetype="application/octet-stream")
 
 
-def forward(operation: str, watch_client: bool = True):  # noqa: ANN201 - a Response
-    """Every proxied route: the request to the balancer as the caller sent it, with the
-    caller's key limits (checked there once the model is known, for every route alike)."""
-    principal = g.principal
-    return relay(runtime().balancer.forward(
-        operation, request_bytes(), principal.name,
-        ClientWatch.of(request.environ) if watch_client else None, principal.quota))
-
-
 @bp.post("/chat/completions")
 @require("api")
 def chat_completions():
-    return forward(CHAT)
+    return forward_request(CHAT)
 
 
 @bp.post("/completions")
 @require("api")
 def completions():
-    return forward(COMPLETION)
+    return forward_request(COMPLETION)
 
 
 @bp.post("/embeddings")
 @require("api")
 def embeddings():
-    return forward(EMBEDDINGS, watch_client=False)
+    return forward_request(EMBEDDINGS, watch_client=False)

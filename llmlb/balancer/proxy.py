@@ -88,11 +88,12 @@ class Balancer:
         self.on_done, self.limiter = on_done, limiter
 
     def forward(self, operation: str, raw: bytes, caller: str | None = None,
-                client: ClientWatch | None = None, quota: Quota | None = None) -> Forwarded:
+                client: ClientWatch | None = None, *, quota: Quota | None) -> Forwarded:
         """Hand the request to a node and return its answer; ``caller`` (the key's name) is
         what the request history says sent it; ``client`` watches the client's connection
         (an answer not yet begun stops when it closes); ``quota``: the key's limits, checked
-        once the model is known (403, 429), given back when the answer ends."""
+        once the model is known (403, 429), given back when the answer ends (required: a
+        route that forgot it would let every limit through)."""
         if self.on_done is None and quota is None:
             return self._forward(operation, raw, None, client)
         watch = Watch(operation, caller, self.on_done or (lambda _record: None))
@@ -102,6 +103,10 @@ class Balancer:
             if watch.ticket is not None and watch.ticket.headers:
                 exc.headers = {**dict(watch.ticket.headers), **exc.headers}
             watch.failed(exc.status, exc.code)
+            raise
+        except Exception as exc:  # recorded, and whatever the key's ticket holds given back
+            error = errors.from_exception(exc)
+            watch.failed(error.status, error.code)
             raise
         response = watch.answered(forwarded.node, forwarded.response)
         if watch.ticket is not None and watch.ticket.headers:
@@ -113,12 +118,13 @@ class Balancer:
                  client: ClientWatch | None = None, quota: Quota | None = None) -> Forwarded:
         payload = parse_json_object(raw)
         model_id, refusal = self.requested_model(payload)
-        if quota is not None and watch is not None and self.limiter is not None:
-            watch.ticket = self.limiter.admit(quota, model_id)
+        if watch is not None:
+            watch.model = model_id
+            if quota is not None and self.limiter is not None:
+                watch.ticket = self.limiter.admit(quota, model_id)
         request = ProxyRequest(operation, raw, payload, model_id, id_refusal=refusal,
                                client=client)
         if watch is not None:
-            watch.model = model_id
             request, watch.strip_usage = with_usage(request)
         return self._attempt(self.candidates(request), request)
 
