@@ -241,54 +241,56 @@ class Limiter:
         if not limits.counted:
             return Ticket(None, quota)
         now = time.time()
-        spans = [(NUMBERS[name][0], 1 if name == "rpm" else 0)
-                 for name in ("rpm", "tpm", "daily_tokens", "monthly_tokens")
+        spans = [(span, *window(span, now), 1 if span == "rpm" else 0)
+                 for name, span in (("rpm", "rpm"), ("tpm", "tpm"), ("daily_tokens", "day"),
+                                    ("monthly_tokens", "month"))
                  if getattr(limits, name) is not None]
-        counted = {span: Counted(*c) for span, c in self.quotas.count(
-            quota.key_id, [(s, *window(s, now), n) for s, n in spans]).items()} if spans else {}
-        broken, wait, sent = verdict(limits, counted, now)
+        expires = now + self.lease_seconds
+        found, lease = self.quotas.admit(
+            quota.key_id, spans, limits.max_concurrent, expires,
+            lambda c: verdict(limits, {s: Counted(*v) for s, v in c.items()}, now)[0] is not None)
+        broken, wait, sent = verdict(limits, {s: Counted(*v) for s, v in found.items()}, now)
         if broken is not None:
             raise errors.rate_limit_exceeded(quota.key_name, NUMBERS[broken][2], broken,
                                              getattr(limits, broken), wait, sent)
-        lease = None
         if limits.max_concurrent is not None:
-            lease = self._take(quota.key_id, limits.max_concurrent, now)
+            if lease is None and self.quotas.sweep_leases(quota.key_id, now):
+                lease = self.quotas.take_lease(quota.key_id, limits.max_concurrent, expires)
             if lease is None:
                 raise errors.rate_limit_exceeded(quota.key_name, "requests at once",
                                                  "max_concurrent", limits.max_concurrent,
                                                  1.0, sent)
+            self._hold(lease)
         return Ticket(self, quota, sent, lease)
 
-    def _take(self, key_id: int, limit: int, now: float) -> int | None:
-        lease = self.quotas.take_lease(key_id, limit, now + self.lease_seconds)
-        if lease is None and self.quotas.sweep_leases(key_id, now):
-            lease = self.quotas.take_lease(key_id, limit, now + self.lease_seconds)
-        if lease is not None:
-            with self._lock:
-                self._leases.add(lease)
-                if self._renewer is None:
-                    self._renewer = threading.Thread(target=self._renew, daemon=True,
-                                                     name="llmlb-key-leases")
-                    self._renewer.start()
-        return lease
+    def _hold(self, lease: int) -> None:
+        """Renew the lease while its request runs."""
+        with self._lock:
+            self._leases.add(lease)
+            if self._renewer is None:
+                self._renewer = threading.Thread(target=self._renew, daemon=True,
+                                                 name="llmlb-key-leases")
+                self._renewer.start()
 
     def finish(self, ticket: Ticket, tokens: int) -> None:
-        """The answer ended: its tokens counted, its lease given back (best effort: the
-        answer is already out; a lease left behind expires)."""
-        limits, key_id = ticket.quota.limits, ticket.quota.key_id
+        """The answer ended: its tokens counted, its lease given back, together (best
+        effort: the answer is already out; a lease left behind expires)."""
+        limits = ticket.quota.limits
+        now = time.time()
+        spans = [(span, *window(span, now), tokens)
+                 for name, span in (("tpm", "tpm"), ("daily_tokens", "day"),
+                                    ("monthly_tokens", "month"))
+                 if getattr(limits, name) is not None] if tokens > 0 else []
+        if ticket.lease is not None:
+            with self._lock:
+                self._leases.discard(ticket.lease)
+        if not spans and ticket.lease is None:
+            return
         try:
-            if tokens > 0:
-                now = time.time()
-                spans = [NUMBERS[name][0] for name in ("tpm", "daily_tokens", "monthly_tokens")
-                         if getattr(limits, name) is not None]
-                if spans:
-                    self.quotas.count(key_id, [(s, *window(s, now), tokens) for s in spans])
-            if ticket.lease is not None:
-                with self._lock:
-                    self._leases.discard(ticket.lease)
-                self.quotas.release_lease(ticket.lease)
+            self.quotas.settle(ticket.quota.key_id, spans, ticket.lease)
         except errors.StateUnavailable as exc:
-            log.warning("Key %s: usage not counted (%s)", ticket.quota.key_name, exc)
+            log.warning("Key %s: usage not counted, lease left to expire (%s)",
+                        ticket.quota.key_name, exc)
 
     def _renew(self) -> None:
         while True:

@@ -12,9 +12,9 @@ until when; on PostgreSQL both in one statement (a writable CTE), on SQLite in o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from .engine import Engine
+from .engine import Engine, Result, Tx
 
 _RESET = "key_counters.ends <= excluded.starts"
 _COUNT = (
@@ -30,6 +30,24 @@ _SLOT = ("INSERT INTO key_counters (key_id, span, starts, ends, used) VALUES "
 _FREE = "UPDATE key_counters SET used = used - {n} WHERE key_id = {key} AND span = 'concurrent'"
 
 
+def _count(run: Callable[..., Result], key_id: int,
+           spans: Sequence[tuple[str, float, float, int]]) -> dict[str, tuple[int, float]]:
+    if not spans:
+        return {}
+    spans = sorted(spans)  # one order everywhere: two checks never deadlock
+    values = ", ".join(["(?, ?, ?, ?, ?)"] * len(spans))
+    params = [v for span, starts, ends, n in spans for v in (key_id, span, starts, ends, n)]
+    rows = run(_COUNT.format(values=values), params).fetchall()
+    return {r["span"]: (r["used"], r["ends"]) for r in rows}
+
+
+def _take(tx: Tx, key_id: int, limit: int, expires: float) -> int | None:
+    if tx.execute(_SLOT, (key_id, limit)).fetchone() is None:
+        return None
+    return tx.execute("INSERT INTO key_leases (key_id, expires) VALUES (?, ?) RETURNING id",
+                      (key_id, expires)).fetchone()["id"]
+
+
 class Quotas:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -38,11 +56,25 @@ class Quotas:
               ) -> dict[str, tuple[int, float]]:
         """Add to the key's windows — (span, start, end, amount) each, the start and end a
         new window would have — and return each window's (count, end)."""
-        spans = sorted(spans)  # one order everywhere: two checks never deadlock
-        values = ", ".join(["(?, ?, ?, ?, ?)"] * len(spans))
-        params = [v for span, starts, ends, n in spans for v in (key_id, span, starts, ends, n)]
-        rows = self.engine.execute(_COUNT.format(values=values), params).fetchall()
-        return {r["span"]: (r["used"], r["ends"]) for r in rows}
+        return _count(self.engine.execute, key_id, spans)
+
+    def admit(self, key_id: int, spans: Sequence[tuple[str, float, float, int]],
+              slots: int | None, expires: float,
+              refused: Callable[[dict[str, tuple[int, float]]], bool],
+              ) -> tuple[dict[str, tuple[int, float]], int | None]:
+        """A request's check: its windows counted (``count``) and, unless ``refused`` says
+        no given the counts, a lease taken when the key has ``slots``: (the counts, the
+        lease id or None). One transaction on SQLite; two statements on PostgreSQL."""
+        if self.engine.writable_ctes:
+            counted = _count(self.engine.execute, key_id, spans)
+            if slots is None or refused(counted):
+                return counted, None
+            return counted, self.take_lease(key_id, slots, expires)
+        with self.engine.transaction() as tx:
+            counted = _count(tx.execute, key_id, spans)
+            if slots is None or refused(counted):
+                return counted, None
+            return counted, _take(tx, key_id, slots, expires)
 
     def take_lease(self, key_id: int, limit: int, expires: float) -> int | None:
         """A lease id when the key has fewer than ``limit`` running, else None."""
@@ -52,22 +84,32 @@ class Quotas:
                 "SELECT key_id, ? FROM slot RETURNING id", (key_id, limit, expires)).fetchone()
             return row["id"] if row else None
         with self.engine.transaction() as tx:
-            if tx.execute(_SLOT, (key_id, limit)).fetchone() is None:
-                return None
-            return tx.execute("INSERT INTO key_leases (key_id, expires) VALUES (?, ?) "
-                              "RETURNING id", (key_id, expires)).fetchone()["id"]
+            return _take(tx, key_id, limit, expires)
 
-    def release_lease(self, lease: int) -> None:
+    def settle(self, key_id: int, spans: Sequence[tuple[str, float, float, int]],
+               lease: int | None) -> None:
+        """A request's end: its tokens added to the key's windows (``count``), its lease
+        given back; one statement on PostgreSQL, one transaction on SQLite."""
         if self.engine.writable_ctes:
-            self.engine.execute(
-                "WITH gone AS (DELETE FROM key_leases WHERE id = ? RETURNING key_id) "
-                + _FREE.format(n="1", key="(SELECT key_id FROM gone)"), (lease,))
+            if lease is None:
+                _count(self.engine.execute, key_id, spans)
+                return
+            release = ("WITH gone AS (DELETE FROM key_leases WHERE id = ? RETURNING key_id), "
+                       "freed AS (" + _FREE.format(n="1", key="(SELECT key_id FROM gone)")
+                       + " RETURNING key_id) ")
+            if not spans:
+                self.engine.execute(release + "SELECT COUNT(*) AS n FROM freed", (lease,))
+                return
+            _count(lambda sql, params: self.engine.execute(release + sql, (lease, *params)),
+                   key_id, spans)
             return
         with self.engine.transaction() as tx:
-            row = tx.execute("DELETE FROM key_leases WHERE id = ? RETURNING key_id",
-                             (lease,)).fetchone()
-            if row is not None:  # else it expired and was swept: counted back already
-                tx.execute(_FREE.format(n="1", key="?"), (row["key_id"],))
+            _count(tx.execute, key_id, spans)
+            if lease is not None:
+                row = tx.execute("DELETE FROM key_leases WHERE id = ? RETURNING key_id",
+                                 (lease,)).fetchone()
+                if row is not None:  # else it expired and was swept: counted back already
+                    tx.execute(_FREE.format(n="1", key="?"), (row["key_id"],))
 
     def sweep_leases(self, key_id: int, now: float) -> int:
         """Give back the key's leases that expired (their process died); how many."""
