@@ -177,6 +177,14 @@ def verdict(limits: Limits, counted: Mapping[str, Counted], now: float,
     return broken, wait, headers(limits, counted, now)
 
 
+def highest_counts(limits: Limits) -> dict[str, int]:
+    """Per counted window, the highest count (this request included in ``rpm``) that still
+    admits a request: what ``verdict`` decides, for a check the state makes in one go."""
+    return {NUMBERS[name][0]: limit if name == "rpm" else limit - 1
+            for name in ("rpm", "tpm", "daily_tokens", "monthly_tokens")
+            if (limit := getattr(limits, name)) is not None}
+
+
 def headers(limits: Limits, counted: Mapping[str, Counted], now: float) -> list[tuple[str, str]]:
     """OpenAI's rate-limit headers: requests from ``rpm``; tokens from ``tpm``, else the
     daily, else the monthly budget."""
@@ -246,9 +254,8 @@ class Limiter:
                                     ("monthly_tokens", "month"))
                  if getattr(limits, name) is not None]
         expires = now + self.lease_seconds
-        found, lease = self.quotas.admit(
-            quota.key_id, spans, limits.max_concurrent, expires,
-            lambda c: verdict(limits, {s: Counted(*v) for s, v in c.items()}, now)[0] is not None)
+        found, lease = self.quotas.admit(quota.key_id, spans, limits.max_concurrent, expires,
+                                         highest_counts(limits))
         broken, wait, sent = verdict(limits, {s: Counted(*v) for s, v in found.items()}, now)
         if broken is not None:
             raise errors.rate_limit_exceeded(quota.key_name, NUMBERS[broken][2], broken,

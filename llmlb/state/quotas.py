@@ -59,22 +59,36 @@ class Quotas:
         return _count(self.engine.execute, key_id, spans)
 
     def admit(self, key_id: int, spans: Sequence[tuple[str, float, float, int]],
-              slots: int | None, expires: float,
-              refused: Callable[[dict[str, tuple[int, float]]], bool],
+              slots: int | None, expires: float, most: dict[str, int],
               ) -> tuple[dict[str, tuple[int, float]], int | None]:
-        """A request's check: its windows counted (``count``) and, unless ``refused`` says
-        no given the counts, a lease taken when the key has ``slots``: (the counts, the
-        lease id or None). One transaction on SQLite; two statements on PostgreSQL."""
-        if self.engine.writable_ctes:
+        """A request's check: its windows counted (``count``) and, unless a window's count
+        is then above its ``most`` (span -> the highest count that still admits), a lease
+        taken when the key has ``slots``: (the counts, the lease id or None). One
+        transaction on SQLite; one statement on PostgreSQL."""
+        if not self.engine.writable_ctes:
+            with self.engine.transaction() as tx:
+                counted = _count(tx.execute, key_id, spans)
+                if slots is None or any(c[0] > most[s] for s, c in counted.items()):
+                    return counted, None
+                return counted, _take(tx, key_id, slots, expires)
+        if slots is None or not spans:
             counted = _count(self.engine.execute, key_id, spans)
-            if slots is None or refused(counted):
-                return counted, None
-            return counted, self.take_lease(key_id, slots, expires)
-        with self.engine.transaction() as tx:
-            counted = _count(tx.execute, key_id, spans)
-            if slots is None or refused(counted):
-                return counted, None
-            return counted, _take(tx, key_id, slots, expires)
+            return counted, self.take_lease(key_id, slots, expires) if slots else None
+        spans = sorted(spans)
+        values = ", ".join(["(?, ?, ?, ?, ?)"] * len(spans))
+        params = [v for span, starts, ends, n in spans for v in (key_id, span, starts, ends, n)]
+        highest = "CASE span " + " ".join(["WHEN ? THEN CAST(? AS BIGINT)"] * len(most)) + " END"
+        rows = self.engine.execute(
+            f"WITH w AS ({_COUNT.format(values=values)}), slot AS ("
+            + _SLOT.replace("VALUES (?, 'concurrent', 0, 0, 1)",
+                            "SELECT ?, 'concurrent', 0, 0, 1 WHERE NOT EXISTS (SELECT 1 FROM w "
+                            f"WHERE used > {highest})")
+            + "), lease AS (INSERT INTO key_leases (key_id, expires) SELECT key_id, ? FROM slot "
+            "RETURNING id) SELECT w.span, w.ends, w.used, (SELECT id FROM lease) AS lease "
+            "FROM (SELECT 1 AS one) AS one LEFT JOIN w ON true",
+            (*params, key_id, *[v for item in most.items() for v in item], slots, expires)
+        ).fetchall()
+        return {r["span"]: (r["used"], r["ends"]) for r in rows if r["span"]}, rows[0]["lease"]
 
     def take_lease(self, key_id: int, limit: int, expires: float) -> int | None:
         """A lease id when the key has fewer than ``limit`` running, else None."""
