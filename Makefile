@@ -21,7 +21,7 @@ ARGS ?=
 NPM_TOOLS := .npm-tools
 AGENT_CLIS := @anthropic-ai/claude-code@2.1 @openai/codex@0.171
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install lint bench clean vendor-uplot
 
 install: $(VENV)/.installed
 
@@ -85,6 +85,14 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/json_schema.py
 	$(BIN)/python bench/dialects.py
 	$(BIN)/python bench/soak.py
+
+# The Usage page's charting library, vendored into the static files (committed; no CDN, nothing
+# to install at test time). bench/charts.py compares it with Chart.js.
+UPLOT_VERSION = 1.6.32
+vendor-uplot:
+	cd $$(mktemp -d) && npm pack uplot@$(UPLOT_VERSION) && tar xzf uplot-$(UPLOT_VERSION).tgz && \
+		cp package/dist/uPlot.iife.min.js package/dist/uPlot.min.css $(CURDIR)/llmlb/dashboard/static/ && \
+		cp package/LICENSE $(CURDIR)/llmlb/dashboard/static/uPlot.LICENSE
 
 clean:
 	rm -rf $(VENV) build *.egg-info test-artifacts bench/.work $(NPM_TOOLS)

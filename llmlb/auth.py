@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from .config import MIN_PASSWORD_LENGTH
+from .limits import NO_LIMITS, Limits, Quota
 from .state import State
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Principal:
     name: str
     scopes: frozenset[str]
     key_id: int | None = None
+    quota: Quota | None = None  # a key's limits; None: it has none (nothing to check)
 
     def allows(self, scope: str) -> bool:
         return scope in self.scopes or "admin" in self.scopes
@@ -57,6 +59,7 @@ class KeyRecord:
     created_at: float
     last_used_at: float | None
     revoked: bool
+    limits: Limits = NO_LIMITS
 
 
 def _hash_key(key: str) -> str:
@@ -77,19 +80,40 @@ def parse_scopes(scopes: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return cleaned
 
 
-def create_api_key(db: State, name: str, scopes: str | list[str]) -> tuple[str, KeyRecord]:
+def create_api_key(db: State, name: str, scopes: str | list[str],
+                   limits: Limits = NO_LIMITS) -> tuple[str, KeyRecord]:
     """Create a key; the plaintext is returned once and never stored."""
     scope_tuple = parse_scopes(scopes)
     key = "sk-" + secrets.token_urlsafe(32)
     now = time.time()
-    key_id = db.keys.insert(name, key[:10], _hash_key(key), ",".join(scope_tuple), now)
-    return key, KeyRecord(key_id, name, key[:10], scope_tuple, now, None, False)
+    key_id = db.keys.insert(name, key[:10], _hash_key(key), ",".join(scope_tuple), now,
+                            limits.columns())
+    return key, KeyRecord(key_id, name, key[:10], scope_tuple, now, None, False, limits)
+
+
+def _record(r) -> KeyRecord:  # noqa: ANN001 - a state Row
+    return KeyRecord(r["id"], r["name"], r["prefix"], tuple(r["scopes"].split(",")),
+                     r["created_at"], r["last_used_at"], r["revoked_at"] is not None,
+                     Limits.from_row(r))
 
 
 def list_api_keys(db: State) -> list[KeyRecord]:
-    return [KeyRecord(r["id"], r["name"], r["prefix"], tuple(r["scopes"].split(",")),
-                      r["created_at"], r["last_used_at"], r["revoked_at"] is not None)
-            for r in db.keys.all()]
+    return [_record(r) for r in db.keys.all()]
+
+
+def get_api_key(db: State, key_id: int) -> KeyRecord | None:
+    if not 0 < key_id <= _MAX_ID:
+        return None
+    row = db.keys.get(key_id)
+    return _record(row) if row is not None else None
+
+
+def set_key_limits(db: State, key_id: int, limits: Limits) -> KeyRecord | None:
+    """Change an active key's limits (in force in every worker of every balancer within
+    2 seconds); None when there is no such active key."""
+    if not 0 < key_id <= _MAX_ID or not db.keys.set_limits(key_id, limits.columns()):
+        return None
+    return get_api_key(db, key_id)
 
 
 def revoke_api_key(db: State, key_id: int) -> bool:
@@ -117,7 +141,9 @@ def authenticate_key(db: State, key: str, *, dev: bool = False) -> Principal | N
     now = time.time()
     if row["last_used_at"] is None or now - row["last_used_at"] > _LAST_USED_EVERY:
         db.keys.touch(key_hash, row["id"], now)
-    return Principal("key", row["name"], frozenset(row["scopes"].split(",")), row["id"])
+    limits = Limits.from_row(row)
+    return Principal("key", row["name"], frozenset(row["scopes"].split(",")), row["id"],
+                     Quota(row["id"], row["name"], limits) if limits else None)
 
 
 def key_from_headers(headers) -> str | None:  # noqa: ANN001 - any Mapping of headers

@@ -141,33 +141,91 @@ def db_flags(command: Any) -> Any:
     return command
 
 
+_limit_flags = [
+    click.option("--rpm", type=int, default=None, help="Requests per minute (0: no limit)."),
+    click.option("--tpm", type=int, default=None, help="Tokens per minute (0: no limit)."),
+    click.option("--max-concurrent", type=int, default=None,
+                 help="Requests at once (0: no limit)."),
+    click.option("--daily-tokens", type=int, default=None,
+                 help="Tokens per UTC day (0: no limit)."),
+    click.option("--monthly-tokens", type=int, default=None,
+                 help="Tokens per UTC month (0: no limit)."),
+    click.option("--models", default=None,
+                 help="Comma-separated model ids the key may use ('' : any)."),
+]
+
+
+def limit_flags(command: Any) -> Any:
+    for flag in reversed(_limit_flags):
+        command = flag(command)
+    return command
+
+
+def _given_limits(flags: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def _describe_limits(limits: Any) -> str:
+    shown = [f"{k}={','.join(v) if isinstance(v, list) else v}"
+             for k, v in limits.as_dict().items() if v is not None]
+    return " ".join(shown) or "no limits"
+
+
 @keys.command("create")
 @click.option("--name", required=True, help="What the key is for (shown in listings).")
 @click.option("--scope", "scopes", default="api", show_default=True,
               help="Comma-separated scopes: api (inference), node (model sync), admin.")
+@limit_flags
 @db_flags
-def keys_create(name: str, scopes: str, home: str | None, database: str | None) -> None:
+def keys_create(name: str, scopes: str, home: str | None, database: str | None,
+                **limits: Any) -> None:
     """Create a key and print it once (it is stored hashed)."""
     from .auth import create_api_key
+    from .limits import parse_limits
 
     try:
-        key, record = create_api_key(_db(home, database), name, scopes)
+        key, record = create_api_key(_db(home, database), name, scopes,
+                                     parse_limits(_given_limits(limits)))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(key)
-    click.echo(f"Created key {record.id} '{name}' with scopes {','.join(record.scopes)}. "
-               "It is shown only this once.", err=True)
+    click.echo(f"Created key {record.id} '{name}' with scopes {','.join(record.scopes)} "
+               f"({_describe_limits(record.limits)}). It is shown only this once.", err=True)
+
+
+@keys.command("update")
+@click.argument("key_id", type=int)
+@limit_flags
+@db_flags
+def keys_update(key_id: int, home: str | None, database: str | None, **limits: Any) -> None:
+    """Change a key's limits: the flags given (0, or '' for --models, removes one)."""
+    from .auth import get_api_key, set_key_limits
+    from .limits import parse_limits
+
+    db = _db(home, database)
+    current = get_api_key(db, key_id)
+    if current is None or current.revoked:
+        raise click.ClickException(f"no active key with id {key_id}")
+    try:
+        wanted = parse_limits(_given_limits(limits), current.limits)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    record = set_key_limits(db, key_id, wanted)
+    if record is None:
+        raise click.ClickException(f"no active key with id {key_id}")
+    click.echo(f"Key {key_id} '{record.name}': {_describe_limits(record.limits)}")
 
 
 @keys.command("list")
 @db_flags
 def keys_list(home: str | None, database: str | None) -> None:
-    """List keys (never their secret)."""
+    """List keys (never their secret), with their limits."""
     from .auth import list_api_keys
 
     for k in list_api_keys(_db(home, database)):
         state = "revoked" if k.revoked else "active"
-        click.echo(f"{k.id}\t{k.prefix}…\t{k.name}\t{','.join(k.scopes)}\t{state}")
+        click.echo(f"{k.id}\t{k.prefix}…\t{k.name}\t{','.join(k.scopes)}\t{state}\t"
+                   f"{_describe_limits(k.limits)}")
 
 
 @keys.command("revoke")

@@ -327,6 +327,11 @@ class ClusterSettings:
         "LLMLB_ENDPOINT_ENV_ALLOWLIST", None,
         "Environment variables an endpoint's API key may be read from (--api-key-env), "
         "comma-separated, besides those named LLMLB_ENDPOINT_KEY_*; any other is refused.")
+    key_lease_seconds: float = setting(
+        "LLMLB_KEY_LEASE_SECONDS", 60.0,
+        "A request of a key with --max-concurrent holds a lease on one of its slots, renewed "
+        "every third of this while it runs; a process that dies holding one frees it after "
+        "this long.")
     history_retention_days: float = setting(
         "LLMLB_HISTORY_RETENTION_DAYS", 7.0,
         "How long the request history (one row per request: time, key, model, node, "

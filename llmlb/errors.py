@@ -10,6 +10,7 @@ the shape of the API the request came through.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any
 
@@ -104,7 +105,7 @@ def prompt_too_large(what: str, count: int, limit: int, setting: str, param: str
 
 
 def context_length_exceeded(prompt_tokens: int, context_length: int, at_least: bool = False,
-                            ) -> APIError:
+                            param: str = "messages") -> APIError:
     """A prompt longer than the model's context. The wording starts as Anthropic's does
     ("prompt is too long: N tokens > M maximum"): Claude Code compacts its conversation
     when it reads that."""
@@ -112,7 +113,7 @@ def context_length_exceeded(prompt_tokens: int, context_length: int, at_least: b
     return APIError(400, f"prompt is too long: {more}{prompt_tokens} tokens > {context_length} "
                     f"maximum (the context of this model on its node; LLMLB_CONTEXT_LENGTH "
                     f"sets it, up to the model's own limit)", code="context_length_exceeded",
-                    param="messages")
+                    param=param)
 
 
 def unsupported_field(param: str, why: str) -> APIError:
@@ -373,6 +374,24 @@ def state_unavailable(retry_after: int = 1) -> APIError:
     return APIError(503, "The database is unavailable right now (restarting, or unreachable); "
                     "nothing was done. Try again shortly.", type="service_unavailable",
                     code="state_unavailable", headers={"Retry-After": str(retry_after)})
+
+
+def rate_limit_exceeded(key_name: str, what: str, name: str, limit: int, wait: float,
+                        headers: list[tuple[str, str]]) -> APIError:
+    """A key past one of its limits (``limits.py``): which one, and when to come back."""
+    retry = max(1, math.ceil(wait))
+    return APIError(429, f"Rate limit reached for key '{key_name}' on {what} ({name}): "
+                    f"limit {limit}. Try again in {retry} s.",
+                    type="tokens" if "tokens" in what else "requests",
+                    code="rate_limit_exceeded", param=name,
+                    headers={**dict(headers), "Retry-After": str(retry)})
+
+
+def model_not_permitted(model_id: str, key_name: str, allowed: tuple[str, ...]) -> APIError:
+    """A model outside the key's list of models (``limits.py``)."""
+    return APIError(403, f"Key '{key_name}' may not use model '{model_id}'; it may use: "
+                    f"{', '.join(allowed)}", type="permission_error",
+                    code="model_not_allowed", param="model")
 
 
 def login_throttled(retry_after: int) -> APIError:

@@ -7,7 +7,8 @@ path never waits on the database and the database sees one write per second per 
 one per request. A worker killed outright loses at most its last second of rows. While the database is
 unavailable (PostgreSQL restarting) the rows stay in the buffer, up to ``MAX_BUFFERED``, and
 are written when it returns. Rows older than ``LLMLB_HISTORY_RETENTION_DAYS`` are deleted by
-the supervisor's ``history-prune`` task. The SQL is in ``state/records.py``.
+the supervisor's ``history-prune`` task. Each batch also adds its sums to the usage roll-ups
+(``usage.py``), in the same transaction. The SQL is in ``state/records.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from . import usage
 from .state import State, StateUnavailable
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ class History:
             while self._rows and len(batch) < BATCH:
                 batch.append(self._rows.popleft())
             try:
-                self.db.requests.insert(batch)
+                self.db.requests.insert(batch, usage.rollup(batch))
             except StateUnavailable as exc:
                 self._rows.extendleft(reversed(batch))  # kept, in order, for the next flush
                 if not self._unwritten:

@@ -51,6 +51,7 @@ from .events import StatusEvents
 from .hf_stats import HFStats
 from .history import History, RequestRecord
 from .hub import Hub
+from .limits import Limiter
 from .metrics import Metrics
 from .node.agent import NodeAgent, Reporter
 from .node.hardware import node_memory
@@ -176,7 +177,8 @@ class _Parts:
         balancer = Balancer(settings.cluster, cluster, self.catalog,
                             lambda request: files_here(resolver, request) is not None,
                             self.registry, on_done=observer(metrics, history),
-                            aliases=Aliases(self.db) if front else None)
+                            aliases=Aliases(self.db) if front else None,
+                            limiter=Limiter(self.db.quotas, settings.cluster.key_lease_seconds))
         responses = None
         if front:  # nodes are stateless: their balancer keeps the Responses API's state
             store = ResponseStore(self.db, settings.cluster.responses_retention_days)

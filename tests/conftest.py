@@ -419,3 +419,18 @@ def raw_get(server: LiveServer, path: str) -> tuple[int, dict]:
     conn.request("GET", path, headers={"Authorization": "Bearer sk_debug"})
     response = conn.getresponse()
     return response.status, json.loads(response.read() or b"{}")
+
+
+@pytest.fixture
+def fakes() -> Iterator[Callable[..., FakeOpenAI]]:
+    """Start OpenAI-compatible stand-ins (``fake_openai.FakeOpenAI``) on loopback."""
+    started: list[FakeOpenAI] = []
+
+    def start(name: str = "gpu", *models: str, **kwargs) -> FakeOpenAI:
+        fake = FakeOpenAI(name, models or ("fake-model",), **kwargs).__enter__()
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        fake.__exit__()

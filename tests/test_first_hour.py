@@ -104,7 +104,7 @@ def test_a_long_completions_prompt_names_prompt(server, tiny) -> None:
     install(server, tiny, "llama-gguf", "tiny")
     with pytest.raises(openai.BadRequestError) as info:
         server.client().completions.create(model="tiny", prompt="hello world " * 400)
-    assert info.value.body["code"] == "invalid_prompt"
+    assert info.value.body["code"] == "context_length_exceeded"
     assert info.value.body["param"] == "prompt"
 
 

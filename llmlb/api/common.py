@@ -11,6 +11,7 @@ from flask import Response, current_app, g, jsonify, request, session
 
 from .. import auth, errors, sessions
 from ..balancer.proxy import Forwarded
+from ..disconnect import ClientWatch
 from ..runtime import Runtime
 from ..storage import requested_model_id
 from ..wire import parse_json_object
@@ -145,6 +146,19 @@ def relay(forwarded: Forwarded) -> Response:
     if forwarded.node:
         response.headers["X-LLMLB-Node"] = forwarded.node
     return response
+
+
+def forward_request(operation: str, watch_client: bool = True,
+                    headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    """Every proxied route (each dialect's): the request to the balancer as the caller sent
+    it, with the caller's key limits, checked there once the model is known (403, 429) and
+    given back when the answer ends; ``headers``, the client's that a hosted provider
+    reads."""
+    principal = g.principal
+    return relay(runtime().balancer.forward(
+        operation, request_bytes(), principal.name, headers=headers,
+        client=ClientWatch.of(request.environ) if watch_client else None,
+        quota=principal.quota))
 
 
 def respond(result: dict, status: int = 200) -> Response:

@@ -109,6 +109,12 @@ def requests_page():
     return render_template("requests.html", page="requests")
 
 
+@bp.get("/usage")
+@login_required
+def usage_page():
+    return render_template("usage.html", page="usage")
+
+
 @bp.get("/playground")
 @login_required
 def playground():

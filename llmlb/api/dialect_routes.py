@@ -12,7 +12,7 @@ from .. import errors
 from ..balancer.providers import ANTHROPIC_HEADERS
 from ..dialects import COUNT_TOKENS, MESSAGES, RESPONSES
 from ..disconnect import ClientWatch
-from .common import relay, request_bytes, require, respond, runtime
+from .common import forward_request, relay, request_bytes, require, respond, runtime
 
 bp = Blueprint("dialects", __name__, url_prefix="/v1")
 
@@ -25,27 +25,23 @@ def _anthropic_headers() -> tuple[tuple[str, str], ...]:
 @bp.post("/messages")
 @require("api")
 def messages() -> Response:
-    return relay(runtime().balancer.forward(MESSAGES, request_bytes(), g.principal.name,
-                                            headers=_anthropic_headers(),
-                                            client=ClientWatch.of(request.environ)))
+    return forward_request(MESSAGES, headers=_anthropic_headers())
 
 
 @bp.post("/messages/count_tokens")
 @require("api")
 def count_tokens() -> Response:
-    return relay(runtime().balancer.forward(COUNT_TOKENS, request_bytes(), g.principal.name,
-                                            headers=_anthropic_headers(),
-                                            client=ClientWatch.of(request.environ)))
+    return forward_request(COUNT_TOKENS, headers=_anthropic_headers())
 
 
 @bp.post("/responses")
 @require("api")
 def create_response() -> Response:
-    rt, client = runtime(), ClientWatch.of(request.environ)
+    rt = runtime()
     if rt.responses is None:  # a node: its balancer expanded and keeps the responses
-        return relay(rt.balancer.forward(RESPONSES, request_bytes(), g.principal.name,
-                                         client=client))
-    return relay(rt.responses.create(request_bytes(), g.principal, client))
+        return forward_request(RESPONSES)
+    return relay(rt.responses.create(request_bytes(), g.principal,
+                                     ClientWatch.of(request.environ)))
 
 
 def _stored():  # noqa: ANN202 - StoredResponses

@@ -3,14 +3,13 @@ to a node (this process's own, or another machine's) and relays the answer."""
 
 from __future__ import annotations
 
-from flask import Blueprint, g, request, send_file
+from flask import Blueprint, send_file
 
 from .. import errors
 from ..balancer.upstream import CHAT, COMPLETION, EMBEDDINGS
-from ..disconnect import ClientWatch
 from ..model_info import blob_path, catalog_object, model_object
 from ..storage import requested_model_id
-from .common import relay, request_bytes, require, respond, runtime
+from .common import forward_request, require, respond, runtime
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -53,18 +52,16 @@ def model_blob(rest: str):
 @bp.post("/chat/completions")
 @require("api")
 def chat_completions():
-    return relay(runtime().balancer.forward(CHAT, request_bytes(), g.principal.name,
-                                            client=ClientWatch.of(request.environ)))
+    return forward_request(CHAT)
 
 
 @bp.post("/completions")
 @require("api")
 def completions():
-    return relay(runtime().balancer.forward(COMPLETION, request_bytes(), g.principal.name,
-                                            client=ClientWatch.of(request.environ)))
+    return forward_request(COMPLETION)
 
 
 @bp.post("/embeddings")
 @require("api")
 def embeddings():
-    return relay(runtime().balancer.forward(EMBEDDINGS, request_bytes(), g.principal.name))
+    return forward_request(EMBEDDINGS, watch_client=False)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from ..history import RequestRecord
+from ..limits import Ticket
 from .upstream import CHAT, COMPLETION, NodeResponse, ProxyRequest
 
 # Chat's names, and the Responses and Messages APIs' (whose streams end with their usage too).
@@ -67,6 +68,7 @@ class Watch:
         self.at, self.started = time.time(), time.perf_counter()
         self.model: str | None = None
         self.strip_usage = False
+        self.ticket: Ticket | None = None  # a limited key's admission, given back at the end
         self._done = False
 
     def failed(self, status: int, code: str | None, node: str | None = None) -> None:
@@ -125,9 +127,13 @@ class Watch:
             return
         self._done = True
         latency = time.perf_counter() - self.started
-        self.on_done(RequestRecord(self.at, self.key_name, self.operation, self.model, node,
-                                   status, stream, latency, ttft if stream else latency,
-                                   tokens_in, tokens_out, error))
+        try:
+            self.on_done(RequestRecord(self.at, self.key_name, self.operation, self.model, node,
+                                       status, stream, latency, ttft if stream else latency,
+                                       tokens_in, tokens_out, error))
+        finally:
+            if self.ticket is not None:
+                self.ticket.finish((tokens_in or 0) + (tokens_out or 0))
 
 
 class _Watched:

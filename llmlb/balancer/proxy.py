@@ -25,6 +25,7 @@ from ..config import ClusterSettings
 from ..dialects import stream_ended, stream_error
 from ..disconnect import ClientWatch
 from ..history import RequestRecord
+from ..limits import Limiter, Quota
 from ..storage import requested_model_id
 from ..wire import parse_json_object
 from . import placement, routing
@@ -87,10 +88,10 @@ class Balancer:
     def __init__(self, settings: ClusterSettings, cluster: Cluster, catalog: Catalog,
                  has_files: Callable[[ProxyRequest], bool], registry: NodeRegistry | None,
                  on_done: Callable[[RequestRecord], None] | None = None,
-                 aliases: Aliases | None = None) -> None:
+                 aliases: Aliases | None = None, limiter: Limiter | None = None) -> None:
         self.settings, self.cluster, self.catalog = settings, cluster, catalog
         self.has_files, self.registry = has_files, registry
-        self.on_done, self.aliases = on_done, aliases
+        self.on_done, self.aliases, self.limiter = on_done, aliases, limiter
         self.translator = Translator()  # the agent APIs for endpoints that lack them
         # Where recent prompt prefixes were served, beside the in-flight counters.
         self.prefixes = PrefixRecord(cluster.inflight.path.with_suffix(".prefixes"))
@@ -98,35 +99,51 @@ class Balancer:
     def forward(self, operation: str, raw: bytes, caller: str | None = None,
                 payload: dict | None = None,
                 headers: tuple[tuple[str, str], ...] = (),
-                client: ClientWatch | None = None) -> Forwarded:
+                client: ClientWatch | None = None, *, quota: Quota | None) -> Forwarded:
         """Hand the request to a node and return its answer; ``caller`` (the key's name) is
         what the request history says sent it; ``payload``, the body already parsed;
         ``headers``, the client's that a hosted provider reads (``anthropic-beta``);
         ``client`` watches the client's connection (an answer not yet begun stops when it
-        closes)."""
-        if self.on_done is None:
+        closes); ``quota``: the key's limits, checked once the model is known (403, 429),
+        given back when the answer ends (required: a route that forgot it would let every
+        limit through)."""
+        if self.on_done is None and quota is None:
             return self._forward(operation, raw, None, payload, headers, client)
-        watch = Watch(operation, caller, self.on_done)
+        watch = Watch(operation, caller, self.on_done or (lambda _record: None))
         try:
-            forwarded = self._forward(operation, raw, watch, payload, headers, client)
+            forwarded = self._forward(operation, raw, watch, payload, headers, client, quota)
         except errors.APIError as exc:
+            if watch.ticket is not None and watch.ticket.headers:
+                exc.headers = {**dict(watch.ticket.headers), **exc.headers}
             watch.failed(exc.status, exc.code)
             raise
-        return Forwarded(forwarded.node, watch.answered(forwarded.node, forwarded.response))
+        except Exception as exc:  # recorded, and whatever the key's ticket holds given back
+            error = errors.from_exception(exc)
+            watch.failed(error.status, error.code)
+            raise
+        response = watch.answered(forwarded.node, forwarded.response)
+        if watch.ticket is not None and watch.ticket.headers:
+            response = NodeResponse(response.status, [*response.headers, *watch.ticket.headers],
+                                    response.body, response.close)
+        return Forwarded(forwarded.node, response)
 
     def _forward(self, operation: str, raw: bytes, watch: Watch | None,
                  payload: dict | None, headers: tuple[tuple[str, str], ...],
-                 client: ClientWatch | None = None) -> Forwarded:
+                 client: ClientWatch | None = None, quota: Quota | None = None) -> Forwarded:
         if payload is None:
             payload = parse_json_object(raw)
         model_id, refusal = self.requested_model(payload)
+        if watch is not None:
+            watch.model = model_id
+            if quota is not None and self.limiter is not None:
+                # the name the client asked for (an alias is allowed or not as itself)
+                watch.ticket = self.limiter.admit(quota, model_id)
         targets = self.aliases.resolve(model_id) if self.aliases is not None else None
         if targets:
             return self._forward_alias(operation, payload, targets, watch, headers, client)
         request = ProxyRequest(operation, raw, payload, model_id, id_refusal=refusal,
                                headers=headers, client=client)
         if watch is not None:
-            watch.model = model_id
             request, watch.strip_usage = with_usage(request)
         prefix = routing.LazyPrefix(request.operation, model_id, payload) \
             if self.settings.affinity else None

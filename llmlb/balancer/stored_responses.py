@@ -57,7 +57,7 @@ class StoredResponses:
             payload = {**payload, "input": items}
             raw = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         forwarded = self.balancer.forward(RESPONSES, raw, principal.name, payload,
-                                          client=client)
+                                          client=client, quota=principal.quota)
         answer = forwarded.response
         if payload.get("store") is False or answer.status != 200:
             return forwarded

@@ -40,8 +40,9 @@ def engine_errors(operation: str) -> Iterator[None]:
     try:
         yield
     except ContextOverflow as exc:
-        raise errors.context_length_exceeded(exc.prompt_tokens, exc.context_length,
-                                             exc.at_least) from exc
+        raise errors.context_length_exceeded(
+            exc.prompt_tokens, exc.context_length, exc.at_least,
+            param="prompt" if operation == COMPLETION else "messages") from exc
     except InvalidPrompt as exc:
         param = getattr(exc, "param", "messages")
         if operation == COMPLETION and param == "messages":

@@ -5,7 +5,8 @@ responses and model aliases.
 
 Two engines implement it (``engine.Engine``): SQLite, embedded, the default
 (``LLMLB_DATABASE``, one host), and PostgreSQL when ``LLMLB_DATABASE_URL=postgresql://…`` is
-set (any number of balancers). The stores (``accounts.py``, ``records.py``, ``members.py``, ``agents.py``)
+set (any number of balancers). The stores (``accounts.py``, ``records.py``, ``members.py``,
+``agents.py``, ``quotas.py``, ``usage.py``)
 hold the SQL, written once for both; nothing outside this package knows which engine runs
 (an import contract in setup.cfg keeps the engines' modules to it). A test that must write a
 row as an older llmlb would goes through ``engine``.
@@ -21,7 +22,9 @@ from .accounts import Keys, LoginFailures, Meta, Users
 from .agents import Aliases, Responses
 from .engine import Engine, LeaderLock, StateUnavailable, Tx
 from .members import Members
+from .quotas import Quotas
 from .records import HubStats, Registrations, Requests
+from .usage import UsageRollups
 
 if TYPE_CHECKING:
     from ..config import FileSettings
@@ -42,12 +45,15 @@ class State:
     members: Members
     responses: Responses
     aliases: Aliases
+    quotas: Quotas
+    usage: UsageRollups
 
     @classmethod
     def on(cls, engine: Engine) -> State:
+        usage = UsageRollups(engine)
         return cls(engine, Meta(engine), Keys(engine), Users(engine), LoginFailures(engine),
-                   Requests(engine), Registrations(engine), HubStats(engine), Members(engine),
-                   Responses(engine), Aliases(engine))
+                   Requests(engine, usage), Registrations(engine), HubStats(engine),
+                   Members(engine), Responses(engine), Aliases(engine), Quotas(engine), usage)
 
     @property
     def description(self) -> str:

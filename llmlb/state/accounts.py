@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from .engine import Cached, Engine, Row, StateUnavailable
 
 KEYS, USERS = "keys", "users"
+#: a key's limits (``limits.py``), columns of its row
+LIMIT_COLUMNS = ("rpm", "tpm", "max_concurrent", "daily_tokens", "monthly_tokens", "models")
 
 
 class Meta:
@@ -37,13 +39,29 @@ class Keys:
         self.engine = engine
         self._active = Cached(engine, KEYS)
 
-    def insert(self, name: str, prefix: str, key_hash: str, scopes: str, now: float) -> int:
+    def insert(self, name: str, prefix: str, key_hash: str, scopes: str, now: float,
+               limits: Sequence = (None,) * len(LIMIT_COLUMNS)) -> int:
+        """``limits``: the values of ``LIMIT_COLUMNS``."""
         with self.engine.transaction() as tx:
-            row = tx.execute("INSERT INTO api_keys (name, prefix, key_hash, scopes, created_at) "
-                             "VALUES (?, ?, ?, ?, ?) RETURNING id",
-                             (name, prefix, key_hash, scopes, now)).fetchone()
+            row = tx.execute(f"INSERT INTO api_keys (name, prefix, key_hash, scopes, created_at, "
+                             f"{', '.join(LIMIT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, "
+                             f"{', '.join('?' * len(LIMIT_COLUMNS))}) RETURNING id",
+                             (name, prefix, key_hash, scopes, now, *limits)).fetchone()
             tx.changed(KEYS)  # a key unknown a moment ago (and cached as such) exists now
         return row["id"]
+
+    def get(self, key_id: int) -> Row | None:
+        return self.engine.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+
+    def set_limits(self, key_id: int, limits: Sequence) -> bool:
+        """Change an active key's limits (the values of ``LIMIT_COLUMNS``); every worker's
+        cache forgets the key."""
+        with self.engine.transaction() as tx:
+            done = tx.execute(f"UPDATE api_keys SET "
+                              f"{', '.join(c + ' = ?' for c in LIMIT_COLUMNS)} WHERE id = ? "
+                              f"AND revoked_at IS NULL", (*limits, key_id)).rowcount == 1
+            tx.changed(KEYS)
+        return done
 
     def all(self) -> list[Row]:
         return self.engine.execute("SELECT * FROM api_keys ORDER BY id").fetchall()
@@ -56,10 +74,11 @@ class Keys:
         return done
 
     def active(self, key_hash: str) -> Row | None:
-        """The active key with this hash (id, name, scopes, last_used_at), or None."""
+        """The active key with this hash (id, name, scopes, last_used_at, its limits), or
+        None."""
         return self._active.get(key_hash, lambda: self.engine.execute(
-            "SELECT id, name, scopes, last_used_at FROM api_keys WHERE key_hash = ? AND "
-            "revoked_at IS NULL", (key_hash,)).fetchone())
+            f"SELECT id, name, scopes, last_used_at, {', '.join(LIMIT_COLUMNS)} FROM api_keys "
+            "WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,)).fetchone())
 
     def touch(self, key_hash: str, key_id: int, now: float) -> None:
         """Record a use (best effort: a request never fails for its bookkeeping)."""

@@ -89,6 +89,8 @@ class Engine(ABC):
     description: str
     #: whether balancers on other hosts may share it
     shared: bool = False
+    #: whether one statement may both change rows and use them (``WITH x AS (UPDATE …)``)
+    writable_ctes: bool = False
 
     @abstractmethod
     def transaction(self) -> AbstractContextManager[Tx]:

@@ -160,6 +160,7 @@ class AdvisoryLeaderLock:
 
 class PostgresEngine(Engine):
     shared = True
+    writable_ctes = True
 
     def __init__(self, url: str, *, pool_size: int, timeout: float) -> None:
         _cooperate_with_gevent()

@@ -9,20 +9,27 @@ from collections.abc import Sequence
 from typing import Any
 
 from .engine import Engine, Row
+from .usage import UsageRollups
 
 REQUEST_COLUMNS = ("at", "key_name", "operation", "model", "node", "status", "stream",
                    "latency_ms", "ttft_ms", "tokens_in", "tokens_out", "error")
 
 
 class Requests:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, usage: UsageRollups) -> None:
+        self.engine, self.usage = engine, usage
 
-    def insert(self, rows: Sequence[Sequence[Any]]) -> None:
+    def insert(self, rows: Sequence[Sequence[Any]],
+               rollups: dict[int, Sequence[Sequence[Any]]] | None = None) -> None:
         """Rows in ``REQUEST_COLUMNS`` order, in one transaction (COPY on PostgreSQL: a
-        tenth of the CPU of one INSERT per row, paid by every request)."""
+        tenth of the CPU of one INSERT per row, paid by every request), with their sums
+        added to the usage roll-ups (per bucket span: ``usage.UsageRollups.add``) in the
+        same transaction."""
         with self.engine.transaction() as tx:
-            self.engine.copy_rows(tx, "requests", REQUEST_COLUMNS, rows)
+            if rows:
+                self.engine.copy_rows(tx, "requests", REQUEST_COLUMNS, rows)
+            for span, sums in (rollups or {}).items():
+                self.usage.add(tx, span, sums)
 
     def prune(self, before: float) -> None:
         self.engine.execute("DELETE FROM requests WHERE at < ?", (before,))

@@ -1,6 +1,9 @@
 """The embedded engine: one SQLite file (WAL mode) shared by the workers of one host.
 
-One connection per thread; a transaction is ``BEGIN IMMEDIATE``, so writers queue on
+Connections are lent, one at a time, to whoever runs a statement or a transaction, and kept
+for the next (not one per thread: under gevent a thread is a greenlet, one per request, and
+opening a connection per request costs more than the statement); a transaction is ``BEGIN
+IMMEDIATE``, so writers queue on
 SQLite's lock instead of failing half-way, which also makes ``Tx.lock`` free: only one
 writer runs at a time. What changed is counted per topic in the ``changes`` table, in the
 transaction that made the change; a worker rereads those counters only when ``PRAGMA
@@ -24,6 +27,7 @@ from .engine import Engine, Result, Row, StateUnavailable
 
 # Errors that mean "not now" rather than a bug: another writer holds the lock past the busy
 # timeout, the disk is full or gone.
+IDLE_CONNECTIONS = 16  # kept for the next statement; more are closed when given back
 _TRANSIENT = ("locked", "busy", "disk i/o", "unable to open", "database or disk is full")
 
 
@@ -68,7 +72,7 @@ class SQLiteEngine(Engine):
         if not path.parent.exists():
             private_dir(path.parent)
         private_database(path)  # 0600 before SQLite creates it (and its -wal/-shm) as 0644
-        self._local = threading.local()
+        self._idle: list[sqlite3.Connection] = []  # list.pop/append: atomic, no lock needed
         self._watch_lock = threading.Lock()
         self._watch: sqlite3.Connection | None = None
         self._data_version = -1
@@ -85,34 +89,43 @@ class SQLiteEngine(Engine):
         conn.execute("PRAGMA busy_timeout=30000")
         return conn
 
-    def conn(self) -> sqlite3.Connection:
-        """This thread's connection."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
-        return conn
+    @contextmanager
+    def _borrowed(self) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self._connect()
+        try:
+            yield conn
+        finally:
+            if len(self._idle) < IDLE_CONNECTIONS:
+                self._idle.append(conn)
+            else:
+                conn.close()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
-        with _unavailable_on_transient():
-            cur = self.conn().execute(sql, params)
+        with _unavailable_on_transient(), self._borrowed() as conn:
+            cur = conn.execute(sql, params)
             return Result(cur.fetchall() if cur.description else [], cur.rowcount)
 
     @contextmanager
     def transaction(self) -> Iterator[_SQLiteTx]:
-        conn = self.conn()
-        with _unavailable_on_transient():
-            conn.execute("BEGIN IMMEDIATE")
-        tx = _SQLiteTx(conn)
-        try:
-            yield tx
-            for topic in sorted(tx.topics):
-                conn.execute("INSERT INTO changes(topic, version) VALUES (?, 1) ON CONFLICT"
-                             "(topic) DO UPDATE SET version = version + 1", (topic,))
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        with _unavailable_on_transient():
-            conn.execute("COMMIT")
+        with self._borrowed() as conn:
+            with _unavailable_on_transient():
+                conn.execute("BEGIN IMMEDIATE")
+            tx = _SQLiteTx(conn)
+            try:
+                yield tx
+                for topic in sorted(tx.topics):
+                    conn.execute("INSERT INTO changes(topic, version) VALUES (?, 1) ON "
+                                 "CONFLICT(topic) DO UPDATE SET version = version + 1",
+                                 (topic,))
+                with _unavailable_on_transient():
+                    conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # the connection goes back clean
+                    conn.execute("ROLLBACK")
+                raise
 
     # --- what changed ------------------------------------------------------------------------
 
@@ -137,7 +150,7 @@ class SQLiteEngine(Engine):
         # answers "database is locked" at once instead of waiting), so the first setup runs
         # under a file lock. WAL is a property of the file; later connections inherit it.
         with FileLock(self.path.with_name(self.path.name + ".init-lock")):
-            self.conn().execute("PRAGMA journal_mode=WAL")
+            self.execute("PRAGMA journal_mode=WAL")
             with self.transaction() as tx:
                 version = tx.execute("PRAGMA user_version").fetchone()["user_version"]
                 for i, script in enumerate(schema.SQLITE[version:], start=version + 1):
@@ -149,10 +162,8 @@ class SQLiteEngine(Engine):
         return self.execute("PRAGMA user_version").fetchone()["user_version"]
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        while self._idle:
+            self._idle.pop().close()
         with self._watch_lock:
             if self._watch is not None:
                 self._watch.close()

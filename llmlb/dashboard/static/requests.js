@@ -11,12 +11,17 @@ function ms(value) {
   return value >= 1000 ? `${(value / 1000).toFixed(2)} s` : `${Math.round(value)} ms`;
 }
 
+// A key's or a model's usage over the last 24 hours, on the Usage page.
+function usageLink(filter, text) {
+  return el("a", { href: `/usage?${new URLSearchParams(filter)}`, title: "Usage" }, text);
+}
+
 function row(r) {
   const tokens = r.tokens_in === null && r.tokens_out === null ? "–" : `${r.tokens_in ?? "–"} → ${r.tokens_out ?? "–"}`;
   return el("tr", { dataset: { status: r.status } },
     el("td", { class: "small" }, new Date(r.at * 1000).toLocaleString()),
-    el("td", {}, r.key_name || "–"),
-    el("td", {}, r.model || "–", r.stream ? el("span", { class: "muted small" }, " stream") : null),
+    el("td", {}, r.key_name ? usageLink({ key: r.key_name }, r.key_name) : "–"),
+    el("td", {}, r.model ? usageLink({ model: r.model }, r.model) : "–", r.stream ? el("span", { class: "muted small" }, " stream") : null),
     el("td", {}, r.node || "–"),
     el("td", { "data-role": "status" }, el("span", { class: `badge ${r.status < 400 ? "online" : "offline"}`, title: r.error || "" }, String(r.status))),
     el("td", {}, ms(r.latency_ms)),
