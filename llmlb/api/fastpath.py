@@ -76,7 +76,8 @@ class FastPath:
         operation, watch = route
         try:
             forwarded = self.rt.balancer.forward(
-                operation, raw, principal.name, client=ClientWatch.of(environ) if watch else None)
+                operation, raw, principal.name, client=ClientWatch.of(environ) if watch else None,
+                quota=principal.quota)
         except Exception as exc:  # noqa: BLE001 - answered as Flask's error handlers do
             err = errors.from_exception(exc)
             if err.code == "internal_error":
