@@ -202,22 +202,6 @@ def published(hub: FakeHub, tiny: dict[str, Path], tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def fakes() -> Iterator[Callable[..., FakeOpenAI]]:
-    """Start OpenAI-compatible upstreams (tests/fake_openai.py): ``fakes(name, *models,
-    **options)``; stopped at the end of the test."""
-    started: list[FakeOpenAI] = []
-
-    def start(name: str, *models: str, **kwargs) -> FakeOpenAI:
-        fake = FakeOpenAI(name, models or ("fake-model",), **kwargs).__enter__()
-        started.append(fake)
-        return fake
-
-    yield start
-    for fake in started:
-        fake.__exit__()
-
-
-@pytest.fixture
 def fake_balancer() -> Iterator[FakeBalancer]:
     """A hostile balancer on loopback (tests/fake_balancer.py)."""
     balancer = FakeBalancer()
