@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import anthropic
+import httpx
 import openai
 import psutil
 import pytest
