@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import psutil
@@ -203,6 +204,13 @@ def test_a_model_outside_the_key_list_is_403(engine: str, make_server, fakes) ->
     assert "other-model" in refused.value.body["message"]
     with pytest.raises(openai.PermissionDeniedError):
         client(server.url, key).embeddings.create(model="other-model", input="hi")
+    with pytest.raises(openai.PermissionDeniedError):  # every dialect checks the list
+        client(server.url, key).responses.create(model="other-model", input="hi")
+    with pytest.raises(anthropic.PermissionDeniedError) as refused_messages:
+        anthropic.Anthropic(base_url=server.url, api_key=key, max_retries=0).messages.create(
+            model="other-model", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert refused_messages.value.body["error"]["type"] == "permission_error"
+    assert "other-model" in refused_messages.value.body["error"]["message"]
     assert len(fake.calls) == 1
 
 
