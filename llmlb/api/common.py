@@ -154,11 +154,18 @@ def forward_request(operation: str, watch_client: bool = True,
     it, with the caller's key limits, checked there once the model is known (403, 429) and
     given back when the answer ends; ``headers``, the client's that a hosted provider
     reads."""
-    principal = g.principal
-    return relay(runtime().balancer.forward(
-        operation, request_bytes(), principal.name, headers=headers,
-        client=ClientWatch.of(request.environ) if watch_client else None,
-        quota=principal.quota))
+    return relay(forward_as(runtime(), g.principal, operation, request_bytes(),
+                            ClientWatch.of(request.environ) if watch_client else None,
+                            headers))
+
+
+def forward_as(rt: Runtime, principal: auth.Principal, operation: str, raw: bytes,
+               client: ClientWatch | None, headers: tuple[tuple[str, str], ...] = (),
+               ) -> Forwarded:
+    """The one call every proxied request makes, through Flask or the fast path
+    (``fastpath.py``): the key's name for the history, its limits for the balancer."""
+    return rt.balancer.forward(operation, raw, principal.name, headers=headers, client=client,
+                               quota=principal.quota)
 
 
 def respond(result: dict, status: int = 200) -> Response:

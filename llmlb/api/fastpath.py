@@ -27,7 +27,7 @@ from ..balancer.proxy import Forwarded
 from ..balancer.upstream import CHAT, COMPLETION, EMBEDDINGS
 from ..disconnect import ClientWatch
 from ..runtime import Runtime
-from .common import Passthrough
+from .common import Passthrough, forward_as
 from .security_headers import HEADERS
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,8 @@ class FastPath:
             return self.inner(environ, start_response)
         operation, watch = route
         try:
-            forwarded = self.rt.balancer.forward(
-                operation, raw, principal.name, client=ClientWatch.of(environ) if watch else None,
-                quota=principal.quota)
+            forwarded = forward_as(self.rt, principal, operation, raw,
+                                   ClientWatch.of(environ) if watch else None)
         except Exception as exc:  # noqa: BLE001 - answered as Flask's error handlers do
             err = errors.from_exception(exc)
             if err.code == "internal_error":
