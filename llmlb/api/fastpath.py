@@ -65,7 +65,7 @@ class FastPath:
             return self.inner(environ, start_response)
         try:
             principal = self.rt.authenticator.principal(key)
-        except errors.APIError:
+        except (errors.APIError, errors.StateUnavailable):  # Flask answers these, as ever
             return self.inner(environ, start_response)
         if not principal.allows("api"):
             return self.inner(environ, start_response)
