@@ -8,9 +8,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import openai
 import requests
+
+from llmlb.balancer.registry import CACHE_SECONDS
 
 from .conftest import CLOSED_ENDPOINT, free_port, llmlb_command
 from .test_endpoints import ADMIN, FAST, add, nodes, wait_for
@@ -121,12 +124,18 @@ def test_every_worker_of_a_balancer_knows_where_a_conversation_is_warm(start_pro
         return r.headers["X-LLMLB-Node"], [
             *messages, r.json()["choices"][0]["message"], {"role": "user", "content": "More."}]
 
+    def every_worker_sees(**queued: int) -> None:
+        # One worker answered with the new loads; the other's registry cache is at most
+        # CACHE_SECONDS older (endpoint reports do not invalidate it), so it has them after.
+        loads_seen(server, **queued)
+        time.sleep(CACHE_SECONDS + 0.1)
+
     a.running = 1
-    loads_seen(server, a=1, b=0)
+    every_worker_sees(a=1, b=0)
     started = [turn(conversation(n)) for n in range(8)]
     assert {node for node, _ in started} == {"b"}
     a.running = 0  # equally busy now: only the record says where each conversation is warm
-    loads_seen(server, a=0, b=0)
+    every_worker_sees(a=0, b=0)
     for n, (_, messages) in enumerate(started):
         for _ in range(3):
             node, messages = turn(messages)
