@@ -117,7 +117,9 @@ def test_an_answer_whose_storing_fails_still_reaches_its_client(make_server, fak
         with client.responses.stream(model="plain-model", input="Hi") as stream:
             results["streamed"] = stream.get_final_response()
 
-    blocker = sqlite3.connect(server.runtime.db.engine.path, isolation_level=None)
+    engine = server.runtime.db.engine
+    engine.busy_timeout, engine._idle = 3.0, []  # writers give up in 3 s, not 30
+    blocker = sqlite3.connect(engine.path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # every writer waits, then gives up
     try:
         threads = [threading.Thread(target=t) for t in (whole, streamed)]

@@ -72,6 +72,8 @@ class SQLiteEngine(Engine):
         if not path.parent.exists():
             private_dir(path.parent)
         private_database(path)  # 0600 before SQLite creates it (and its -wal/-shm) as 0644
+        # How long a writer waits for another's lock before the state is unavailable.
+        self.busy_timeout = 30.0
         self._idle: list[sqlite3.Connection] = []  # list.pop/append: atomic, no lock needed
         self._watch_lock = threading.Lock()
         self._watch: sqlite3.Connection | None = None
@@ -82,11 +84,11 @@ class SQLiteEngine(Engine):
     # --- connections and statements ----------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False)
         conn.row_factory = _row
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         return conn
 
     @contextmanager
