@@ -73,6 +73,34 @@ def test_the_fast_way_and_flask_give_the_same_answers(make_server, fakes) -> Non
                        path="/v1/embeddings")
     assert fast[0] == 404 and fast == flask
 
+    # The agents' APIs: an answer translated from the endpoint's chat, a stream, errors in
+    # each API's own shape (Anthropic's under /v1/messages)
+    said = [{"role": "user", "content": "Hello there"}]
+    for path, payload in (("/v1/messages", {"model": "fake-model", "max_tokens": 4,
+                                            "messages": said}),
+                          ("/v1/messages", {"model": "fake-model", "max_tokens": 4,
+                                            "messages": said, "stream": True}),
+                          ("/v1/responses", {"model": "fake-model", "input": "Hello"}),
+                          ("/v1/responses", {"model": "fake-model", "input": "Hello",
+                                             "stream": True, "store": False})):
+        fast, flask = both(server.url, payload, path=path,
+                           headers={"anthropic-version": "2023-06-01"})
+        assert fast[0] == flask[0] == 200 and fast[1] == flask[1], (path, fast, flask)
+        if not payload.get("stream"):
+            assert json.loads(fast[2]).keys() == json.loads(flask[2]).keys()
+        else:
+            assert fast[2].count(b"data: ") == flask[2].count(b"data: ") > 2
+    for path, payload in (("/v1/messages", {"model": "no-such-model", "max_tokens": 4,
+                                            "messages": said}),
+                          ("/v1/messages", b"[1, 2]"),
+                          ("/v1/responses", {"model": "no-such-model", "input": "x"}),
+                          ("/v1/responses", {"model": "fake-model", "input": "x",
+                                             "previous_response_id": "resp_nope"})):
+        fast, flask = both(server.url, payload, path=path)
+        assert fast[0] >= 400 and fast == flask, (path, payload, fast, flask)
+        error = json.loads(fast[2])
+        assert error["type"] == "error" if path == "/v1/messages" else "error" in error
+
 
 def test_what_the_fast_way_leaves_to_flask_is_answered_as_before(make_server, fakes) -> None:
     a = fakes("a")

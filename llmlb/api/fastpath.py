@@ -1,5 +1,6 @@
 """The WSGI fast path of the proxied inference routes (issue 20, part 1): ``POST
-/v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings`` with an API key go
+/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, and the agents' APIs
+(``/v1/messages``, its ``count_tokens``, ``/v1/responses``) with an API key go
 straight from the WSGI server to the balancer, without Flask's request context, URL map,
 session interface, hooks and ``Response`` object, which cost more CPU than forwarding itself
 (bench/balancer.py's profile).
@@ -23,8 +24,10 @@ from typing import Any
 from werkzeug.http import HTTP_STATUS_CODES
 
 from .. import auth, errors
+from ..balancer.providers import ANTHROPIC_HEADERS
 from ..balancer.proxy import Forwarded
 from ..balancer.upstream import CHAT, COMPLETION, EMBEDDINGS
+from ..dialects import ANTHROPIC, COUNT_TOKENS, MESSAGES, RESPONSES, error_body
 from ..disconnect import ClientWatch
 from ..runtime import Runtime
 from .common import Passthrough, forward_as
@@ -34,7 +37,11 @@ log = logging.getLogger(__name__)
 
 # path: (operation, whether the client's leaving stops the answer)
 ROUTES = {"/v1/chat/completions": (CHAT, True), "/v1/completions": (COMPLETION, True),
-          "/v1/embeddings": (EMBEDDINGS, False)}
+          "/v1/embeddings": (EMBEDDINGS, False), "/v1/messages": (MESSAGES, True),
+          "/v1/messages/count_tokens": (COUNT_TOKENS, True), "/v1/responses": (RESPONSES, True)}
+# The client's headers a hosted provider reads, as the WSGI environ names them
+_ANTHROPIC_ENVIRON = tuple((name, "HTTP_" + name.upper().replace("-", "_"))
+                           for name in ANTHROPIC_HEADERS)
 _TEXT = ("Content-Type", "text/plain; charset=utf-8")  # werkzeug's, when a node names none
 _OURS = frozenset(name.lower() for name in (*HEADERS, "X-LLMLB-Worker", "X-LLMLB-Node",
                                             "Content-Length"))
@@ -74,14 +81,19 @@ class FastPath:
             environ["wsgi.input"] = io.BytesIO(raw)
             return self.inner(environ, start_response)
         operation, watch = route
+        client = ClientWatch.of(environ) if watch else None
         try:
-            forwarded = forward_as(self.rt, principal, operation, raw,
-                                   ClientWatch.of(environ) if watch else None)
+            if operation == RESPONSES and self.rt.responses is not None:
+                forwarded = self.rt.responses.create(raw, principal, client)  # kept here
+            else:
+                headers = tuple((name, environ[key]) for name, key in _ANTHROPIC_ENVIRON
+                                if key in environ) if operation in ANTHROPIC else ()
+                forwarded = forward_as(self.rt, principal, operation, raw, client, headers)
         except Exception as exc:  # noqa: BLE001 - answered as Flask's error handlers do
             err = errors.from_exception(exc)
             if err.code == "internal_error":
                 log.exception("Unhandled error on POST %s", environ.get("PATH_INFO"))
-            return self._error(err, start_response)
+            return self._error(operation, err, start_response)
         return self._relay(forwarded, start_response)
 
     def _relay(self, forwarded: Forwarded, start_response: Callable) -> Iterable[bytes]:
@@ -100,8 +112,9 @@ class FastPath:
         start_response(_status(answer.status), headers)
         return Passthrough(answer.body, answer.close)
 
-    def _error(self, err: errors.APIError, start_response: Callable) -> Iterable[bytes]:
-        body = (self.dumps(err.body(), separators=(",", ":")) + "\n").encode()
+    def _error(self, operation: str, err: errors.APIError,
+               start_response: Callable) -> Iterable[bytes]:
+        body = (self.dumps(error_body(operation, err), separators=(",", ":")) + "\n").encode()
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                    *err.headers.items(), *self.fixed]
         start_response(_status(err.status), headers)
