@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .. import errors
+from .turns import add_turn, some_turns
 
 FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter",
           "RECITATION": "content_filter", "BLOCKLIST": "content_filter",
@@ -144,16 +145,8 @@ def _contents(messages: object, system: list[dict]) -> list[dict]:
             turn, parts = "user", [_result_part(message, param, call_ids)]
         else:
             raise errors.invalid_request(f"Invalid value for '{param}.role'", f"{param}.role")
-        if not parts:
-            continue
-        if contents and contents[-1]["role"] == turn:
-            contents[-1]["parts"].extend(parts)
-        else:
-            contents.append({"role": turn, "parts": parts})
-    if not contents:
-        raise errors.invalid_request("Invalid value for 'messages': no message to answer",
-                                     "messages")
-    return contents
+        add_turn(contents, turn, "parts", parts)
+    return some_turns(contents)
 
 
 def _tools(chat: dict) -> list[dict]:

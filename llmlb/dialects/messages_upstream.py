@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .. import errors
+from .turns import add_turn, some_turns
 
 DEFAULT_MAX_TOKENS = 4096
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop",
@@ -125,16 +126,8 @@ def _turns(messages: object, system: list[str]) -> list[dict]:
                                      "content": _blocks(content, f"{param}.content")}]
         else:
             raise errors.invalid_request(f"Invalid value for '{param}.role'", f"{param}.role")
-        if not blocks:
-            continue
-        if turns and turns[-1]["role"] == turn:
-            turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": turn, "content": blocks})
-    if not turns:
-        raise errors.invalid_request("Invalid value for 'messages': no message to answer",
-                                     "messages")
-    return turns
+        add_turn(turns, turn, "content", blocks)
+    return some_turns(turns)
 
 
 def _tools(chat: dict, body: dict) -> None:
