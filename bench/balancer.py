@@ -81,9 +81,11 @@ PROFILES = REPO / "bench" / "profiles"
 PATH = "/v1/chat/completions"
 
 
-def wrk(url: str, connections: int, seconds: float, api_key: str | None) -> dict:
-    """wrk pinned to core 0 (``endpoints.py`` uses it too)."""
-    return proxybench.wrk(url, connections, seconds, api_key, WORK)
+def wrk(url: str, connections: int, seconds: float, api_key: str | None,
+        core: int | None = 0) -> dict:
+    """wrk pinned to ``core`` (0; None: unpinned); ``endpoints.py``, ``ha.py`` and
+    ``limits.py`` use it too."""
+    return proxybench.wrk(url, connections, seconds, api_key, WORK, core=core)
 
 
 def start_upstream(port: int, log: Path, core: int | None = None, **opts: object) -> Proc:
