@@ -1,6 +1,6 @@
 """Per-key limits (QT-1, QT-2): what a key may use — requests per minute, tokens per minute,
-requests at once, tokens per day and per month, the models it may call — and their
-enforcement, exact across every worker and balancer sharing a state. No Flask here.
+requests at once, tokens per day and per month, the models it may call — what they mean,
+and their windows, verdicts and headers (``limiter.py`` enforces them). No Flask here.
 
 Windows: a minute starts with the first request after the last minute ended (so 30 requests
 sent at once fall in one window, never split across a clock minute); a day and a month are
@@ -10,9 +10,8 @@ has ended. Requests count when they arrive (refused ones too: a key hammering pa
 waits for the window, as with OpenAI); tokens count when the answer's ``usage`` is known, so
 a request that would start past a token limit is refused and one already running finishes.
 
-Requests at once are leases: a lease row per request, given back when the answer ends
-(streams and clients that leave included); renewed by this process while the request runs,
-so a process that dies holding one frees it ``LLMLB_KEY_LEASE_SECONDS`` later.
+Requests at once are leases, and a key far from its limits spends blocks of its budget
+reserved ahead: ``limiter.py`` enforces what this module defines.
 
 A key without limits costs nothing: its limits come with the key's row (read through the
 per-worker key cache), and ``Principal.limits`` is then None — no state round trip.
@@ -21,22 +20,16 @@ per-worker key cache), and ``Principal.limits`` is then None — no state round 
 from __future__ import annotations
 
 import calendar
-import logging
 import math
-import threading
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from . import errors
 from .state.accounts import LIMIT_COLUMNS
 
 if TYPE_CHECKING:
     from .state.quotas import Quotas
-
-log = logging.getLogger(__name__)
 
 MINUTE = 60.0
 #: the numeric limits: field -> (counter span, what it counts, what people call it)
@@ -205,8 +198,6 @@ def headers(limits: Limits, counted: Mapping[str, Counted], now: float) -> list[
     return out
 
 
-# --- enforcement -----------------------------------------------------------------------------
-
 @dataclass(frozen=True)
 class Quota:
     """Who is limited: the key's id and name, and its limits."""
@@ -215,100 +206,6 @@ class Quota:
     key_name: str
     limits: Limits
 
-
-@dataclass
-class Ticket:
-    """An admitted request of a limited key: the headers its answer carries, and what it
-    gives back when it ends (``finish``, once)."""
-
-    limiter: Limiter | None
-    quota: Quota
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    lease: int | None = None
-
-    def finish(self, tokens: int) -> None:
-        limiter, self.limiter = self.limiter, None
-        if limiter is not None:
-            limiter.finish(self, tokens)
-
-
-class Limiter:
-    """Admits the requests of limited keys against the shared counters."""
-
-    def __init__(self, quotas: Quotas, lease_seconds: float) -> None:
-        self.quotas, self.lease_seconds = quotas, lease_seconds
-        self._leases: set[int] = set()  # held by this process: renewed while they run
-        self._lock = threading.Lock()
-        self._renewer: threading.Thread | None = None
-
-    def admit(self, quota: Quota, model_id: str) -> Ticket:
-        """The request's ticket, or the 403/429 that refuses it."""
-        limits = quota.limits
-        if limits.models is not None and model_id.lower() not in limits.models:
-            raise errors.model_not_permitted(model_id, quota.key_name, limits.models)
-        if not limits.counted:
-            return Ticket(None, quota)
-        now = time.time()
-        spans = [(span, *window(span, now), 1 if span == "rpm" else 0)
-                 for name, span in (("rpm", "rpm"), ("tpm", "tpm"), ("daily_tokens", "day"),
-                                    ("monthly_tokens", "month"))
-                 if getattr(limits, name) is not None]
-        expires = now + self.lease_seconds
-        found, lease = self.quotas.admit(quota.key_id, spans, limits.max_concurrent, expires,
-                                         highest_counts(limits))
-        broken, wait, sent = verdict(limits, {s: Counted(*v) for s, v in found.items()}, now)
-        if broken is not None:
-            raise errors.rate_limit_exceeded(quota.key_name, NUMBERS[broken][2], broken,
-                                             getattr(limits, broken), wait, sent)
-        if limits.max_concurrent is not None:
-            if lease is None and self.quotas.sweep_leases(quota.key_id, now):
-                lease = self.quotas.take_lease(quota.key_id, limits.max_concurrent, expires)
-            if lease is None:
-                raise errors.rate_limit_exceeded(quota.key_name, "requests at once",
-                                                 "max_concurrent", limits.max_concurrent,
-                                                 1.0, sent)
-            self._hold(lease)
-        return Ticket(self, quota, sent, lease)
-
-    def _hold(self, lease: int) -> None:
-        """Renew the lease while its request runs."""
-        with self._lock:
-            self._leases.add(lease)
-            if self._renewer is None:
-                self._renewer = threading.Thread(target=self._renew, daemon=True,
-                                                 name="llmlb-key-leases")
-                self._renewer.start()
-
-    def finish(self, ticket: Ticket, tokens: int) -> None:
-        """The answer ended: its tokens counted, its lease given back, together (best
-        effort: the answer is already out; a lease left behind expires)."""
-        limits = ticket.quota.limits
-        now = time.time()
-        spans = [(span, *window(span, now), tokens)
-                 for name, span in (("tpm", "tpm"), ("daily_tokens", "day"),
-                                    ("monthly_tokens", "month"))
-                 if getattr(limits, name) is not None] if tokens > 0 else []
-        if ticket.lease is not None:
-            with self._lock:
-                self._leases.discard(ticket.lease)
-        if not spans and ticket.lease is None:
-            return
-        try:
-            self.quotas.settle(ticket.quota.key_id, spans, ticket.lease)
-        except errors.StateUnavailable as exc:
-            log.warning("Key %s: usage not counted, lease left to expire (%s)",
-                        ticket.quota.key_name, exc)
-
-    def _renew(self) -> None:
-        while True:
-            time.sleep(self.lease_seconds / 3)
-            with self._lock:
-                held = list(self._leases)
-            if held:
-                try:
-                    self.quotas.renew_leases(held, time.time() + self.lease_seconds)
-                except errors.StateUnavailable as exc:
-                    log.warning("Key leases not renewed: %s", exc)
 
 
 def current_use(quotas: Quotas, key_ids: list[int], now: float) -> dict[int, dict[str, int]]:

@@ -51,7 +51,7 @@ from .events import StatusEvents
 from .hf_stats import HFStats
 from .history import History, RequestRecord
 from .hub import Hub
-from .limits import Limiter
+from .limiter import Limiter
 from .metrics import Metrics
 from .node.agent import NodeAgent, Reporter
 from .node.hardware import node_memory

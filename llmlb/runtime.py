@@ -95,6 +95,8 @@ class Runtime:
         gc.freeze()
 
     def close(self) -> None:
+        if self.balancer.limiter is not None:
+            self.balancer.limiter.close()
         self.supervisor.stop()
         self.cluster_supervisor.stop()
         self.history.close()

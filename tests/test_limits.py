@@ -214,6 +214,51 @@ def test_a_model_outside_the_key_list_is_403(engine: str, make_server, fakes) ->
     assert len(fake.calls) == 1
 
 
+def key_use(url: str, name: str, headers: dict[str, str] = ADMIN) -> dict:
+    keys = requests.get(f"{url}/api/keys", headers=headers, timeout=30).json()["keys"]
+    return next(k for k in keys if k["name"] == name)["use"]
+
+
+def test_a_key_far_from_its_limits_is_counted_exactly(engine: str, make_server,
+                                                      fakes) -> None:
+    """Far from every limit a worker reserves blocks of the key's budget and spends them
+    without asking the state; what it did not spend goes back, and the counts come out
+    exact: every request, every token, no slot left taken."""
+    fake = fakes(tokens=5)  # 10 tokens an answer
+    server = make_server(**ENDPOINT_FAST)
+    add_endpoint(server.url, fake)
+    key = new_key(server.url, "roomy", rpm=100_000, tpm=10**9, max_concurrent=1_000,
+                  daily_tokens=10**10, monthly_tokens=10**11)
+    sent = at_once(12, lambda i: sum(chat(server.url, key, stream=j % 3 == 0) == 200
+                                     for j in range(10)))
+    assert sum(sent) == 120 and len(fake.calls) == 120
+    deadline = time.monotonic() + 15
+    while (use := key_use(server.url, "roomy")) != {
+            "rpm": 120, "tpm": 1200, "max_concurrent": 0, "daily_tokens": 1200,
+            "monthly_tokens": 1200}:
+        assert time.monotonic() < deadline, use
+        time.sleep(0.3)
+
+
+def test_blocks_never_let_more_than_the_limit_through(start_process, llmlb_home: Path,
+                                                      fakes) -> None:
+    """rpm 200 through two workers: blocks while far, one request at a time near the end;
+    never more than 200 in the minute, and what a worker held back comes back to the key:
+    exactly 200 in all."""
+    fake = fakes()
+    admin = admin_key(llmlb_home)
+    proc = serve(start_process, llmlb_home, "--workers", "2")
+    add_endpoint(proc.url, fake, admin)
+    key = new_key(proc.url, "two-hundred", admin, rpm=200)
+    wait_serving(proc.url, key)
+    burst = at_once(30, lambda i: sum(chat(proc.url, key) == 200 for _ in range(10)))
+    assert sum(burst) <= 200 and len(fake.calls) == sum(burst)
+    time.sleep(2.5)  # unused blocks go back after a second idle
+    rest = [chat(proc.url, key) for _ in range(200 - sum(burst) + 3)]
+    assert rest == [200] * (200 - sum(burst)) + [429] * 3, (sum(burst), rest)
+    assert len(fake.calls) == 200
+
+
 def test_invalid_limits_are_refused(make_server) -> None:
     server = make_server(role="balancer")
     for bad in ({"rpm": -1}, {"tpm": "lots"}, {"max_concurrent": 1.5}, {"models": 3},

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from ..history import RequestRecord
-from ..limits import Ticket
+from ..limiter import Ticket
 from .upstream import CHAT, COMPLETION, NodeResponse, ProxyRequest
 
 # Chat's names, and the Responses and Messages APIs' (whose streams end with their usage too).

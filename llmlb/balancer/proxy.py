@@ -25,7 +25,8 @@ from ..config import ClusterSettings
 from ..dialects import stream_ended, stream_error
 from ..disconnect import ClientWatch
 from ..history import RequestRecord
-from ..limits import Limiter, Quota
+from ..limiter import Limiter
+from ..limits import Quota
 from ..storage import requested_model_id
 from ..wire import parse_json_object
 from . import placement, routing

@@ -7,7 +7,9 @@ count is one ``INSERT … ON CONFLICT … DO UPDATE … RETURNING`` (the row is 
 changes; a window that has ended starts again in the same statement). A lease is one more
 on the key's ``concurrent`` row, granted only below the limit, with a lease row that says
 until when; on PostgreSQL both in one statement (a writable CTE), on SQLite in one
-``BEGIN IMMEDIATE`` transaction.
+``BEGIN IMMEDIATE`` transaction. A block of slots (``take`` > 1: a process far from the
+key's limit reserving several, ``limits.Limiter``) is that many lease rows, taken together or
+not at all.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ _COUNT = (
     f"ends = CASE WHEN {_RESET} THEN excluded.ends ELSE key_counters.ends END "
     "RETURNING span, ends, used")
 _SLOT = ("INSERT INTO key_counters (key_id, span, starts, ends, used) VALUES "
-         "(?, 'concurrent', 0, 0, 1) ON CONFLICT (key_id, span) DO UPDATE SET "
-         "used = key_counters.used + 1 WHERE key_counters.used < ? RETURNING key_id")
+         "(?, 'concurrent', 0, 0, ?) ON CONFLICT (key_id, span) DO UPDATE SET "
+         "used = key_counters.used + excluded.used "
+         "WHERE key_counters.used + excluded.used <= ? RETURNING key_id, used")
 _FREE = "UPDATE key_counters SET used = used - {n} WHERE key_id = {key} AND span = 'concurrent'"
 
 
@@ -41,11 +44,15 @@ def _count(run: Callable[..., Result], key_id: int,
     return {r["span"]: (r["used"], r["ends"]) for r in rows}
 
 
-def _take(tx: Tx, key_id: int, limit: int, expires: float) -> int | None:
-    if tx.execute(_SLOT, (key_id, limit)).fetchone() is None:
-        return None
-    return tx.execute("INSERT INTO key_leases (key_id, expires) VALUES (?, ?) RETURNING id",
-                      (key_id, expires)).fetchone()["id"]
+def _take(tx: Tx, key_id: int, limit: int, expires: float, n: int,
+          ) -> tuple[list[int], int | None]:
+    row = tx.execute(_SLOT, (key_id, n, limit)).fetchone()
+    if row is None:
+        return [], None
+    values = ", ".join(["(?, ?)"] * n)
+    leases = tx.execute(f"INSERT INTO key_leases (key_id, expires) VALUES {values} RETURNING id",
+                        [key_id, expires] * n).fetchall()
+    return [r["id"] for r in leases], row["used"]
 
 
 class Quotas:
@@ -59,46 +66,54 @@ class Quotas:
         return _count(self.engine.execute, key_id, spans)
 
     def admit(self, key_id: int, spans: Sequence[tuple[str, float, float, int]],
-              slots: int | None, expires: float, most: dict[str, int],
-              ) -> tuple[dict[str, tuple[int, float]], int | None]:
+              slots: int | None, expires: float, most: dict[str, int], take: int = 1,
+              ) -> tuple[dict[str, tuple[int, float]], list[int], int | None]:
         """A request's check: its windows counted (``count``) and, unless a window's count
-        is then above its ``most`` (span -> the highest count that still admits), a lease
-        taken when the key has ``slots``: (the counts, the lease id or None). One
-        transaction on SQLite; one statement on PostgreSQL."""
+        is then above its ``most`` (span -> the highest count that still admits), ``take``
+        leases taken when the key has ``slots``: (the counts, the lease ids, none when the
+        slots were not there, and the running count with them). One transaction on SQLite;
+        one statement on PostgreSQL."""
         if not self.engine.writable_ctes:
             with self.engine.transaction() as tx:
                 counted = _count(tx.execute, key_id, spans)
                 if slots is None or any(c[0] > most[s] for s, c in counted.items()):
-                    return counted, None
-                return counted, _take(tx, key_id, slots, expires)
+                    return counted, [], None
+                return counted, *_take(tx, key_id, slots, expires, take)
         if slots is None or not spans:
             counted = _count(self.engine.execute, key_id, spans)
-            return counted, self.take_lease(key_id, slots, expires) if slots else None
+            return (counted, *(self.take_lease(key_id, slots, expires, take) if slots
+                               else ([], None)))
         spans = sorted(spans)
         values = ", ".join(["(?, ?, ?, ?, ?)"] * len(spans))
         params = [v for span, starts, ends, n in spans for v in (key_id, span, starts, ends, n)]
         highest = "CASE span " + " ".join(["WHEN ? THEN CAST(? AS BIGINT)"] * len(most)) + " END"
         rows = self.engine.execute(
             f"WITH w AS ({_COUNT.format(values=values)}), slot AS ("
-            + _SLOT.replace("VALUES (?, 'concurrent', 0, 0, 1)",
-                            "SELECT ?, 'concurrent', 0, 0, 1 WHERE NOT EXISTS (SELECT 1 FROM w "
-                            f"WHERE used > {highest})")
-            + "), lease AS (INSERT INTO key_leases (key_id, expires) SELECT key_id, ? FROM slot "
-            "RETURNING id) SELECT w.span, w.ends, w.used, (SELECT id FROM lease) AS lease "
+            + _SLOT.replace("VALUES (?, 'concurrent', 0, 0, ?)",
+                            "SELECT ?, 'concurrent', 0, 0, CAST(? AS BIGINT) WHERE NOT EXISTS "
+                            f"(SELECT 1 FROM w WHERE used > {highest})")
+            + "), lease AS (INSERT INTO key_leases (key_id, expires) SELECT key_id, ? FROM slot, "
+            "generate_series(1, CAST(? AS INTEGER)) RETURNING id) SELECT w.span, w.ends, w.used, "
+            "(SELECT array_agg(id) FROM lease) AS leases, (SELECT used FROM slot) AS running "
             "FROM (SELECT 1 AS one) AS one LEFT JOIN w ON true",
-            (*params, key_id, *[v for item in most.items() for v in item], slots, expires)
-        ).fetchall()
-        return {r["span"]: (r["used"], r["ends"]) for r in rows if r["span"]}, rows[0]["lease"]
+            (*params, key_id, take, *[v for item in most.items() for v in item], slots, expires,
+             take)).fetchall()
+        return ({r["span"]: (r["used"], r["ends"]) for r in rows if r["span"]},
+                sorted(rows[0]["leases"] or []), rows[0]["running"])
 
-    def take_lease(self, key_id: int, limit: int, expires: float) -> int | None:
-        """A lease id when the key has fewer than ``limit`` running, else None."""
+    def take_lease(self, key_id: int, limit: int, expires: float, n: int = 1,
+                   ) -> tuple[list[int], int | None]:
+        """``n`` lease ids when the key has at most ``limit - n`` running (else none), and
+        the running count with them."""
         if self.engine.writable_ctes:
-            row = self.engine.execute(
+            rows = self.engine.execute(
                 f"WITH slot AS ({_SLOT}) INSERT INTO key_leases (key_id, expires) "
-                "SELECT key_id, ? FROM slot RETURNING id", (key_id, limit, expires)).fetchone()
-            return row["id"] if row else None
+                "SELECT key_id, ? FROM slot, generate_series(1, CAST(? AS INTEGER)) "
+                "RETURNING id, (SELECT used FROM slot) AS running",
+                (key_id, n, limit, expires, n)).fetchall()
+            return sorted(r["id"] for r in rows), rows[0]["running"] if rows else None
         with self.engine.transaction() as tx:
-            return _take(tx, key_id, limit, expires)
+            return _take(tx, key_id, limit, expires, n)
 
     def settle(self, key_id: int, spans: Sequence[tuple[str, float, float, int]],
                lease: int | None) -> None:
@@ -124,6 +139,24 @@ class Quotas:
                                  (lease,)).fetchone()
                 if row is not None:  # else it expired and was swept: counted back already
                     tx.execute(_FREE.format(n="1", key="?"), (row["key_id"],))
+
+    def give_back(self, key_id: int, spans: Sequence[tuple[str, float, float, int]],
+                  requests: tuple[float, int] | None, leases: Sequence[int]) -> None:
+        """What a process reserved and did not use, given back with the tokens it counted
+        meanwhile (``count``): ``requests`` (the minute window's end, how many: nothing when
+        that window has ended) and ``leases``. One transaction."""
+        with self.engine.transaction() as tx:
+            _count(tx.execute, key_id, spans)
+            if requests is not None and requests[1] > 0:
+                tx.execute("UPDATE key_counters SET used = CASE WHEN used > ? THEN used - ? "
+                           "ELSE 0 END WHERE key_id = ? AND span = 'rpm' AND ends = ?",
+                           (requests[1], requests[1], key_id, requests[0]))
+            if leases:
+                marks = ", ".join("?" * len(leases))
+                gone = tx.execute(f"DELETE FROM key_leases WHERE id IN ({marks})",
+                                  tuple(leases)).rowcount
+                if gone > 0:  # those that expired were counted back by a sweep already
+                    tx.execute(_FREE.format(n="?", key="?"), (gone, key_id))
 
     def sweep_leases(self, key_id: int, now: float) -> int:
         """Give back the key's leases that expired (their process died); how many."""
