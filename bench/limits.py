@@ -4,7 +4,8 @@
   upstream) on each state engine; wrk on core 0 POSTs chat completions with a key that has
   every limit set (rpm, tpm, max concurrent, daily and monthly tokens, a model list; all far
   above what the run sends, so nothing is refused) and with a key without limits, alternated
-  in the same run: 1 connection p50 and 64 connections req/s for each.
+  in the same run: 1 connection p50 and 64 connections req/s for each; and a key near one of
+  its limits (100 requests at once: every request checked in the state on its own).
 - ``usage``: the roll-ups ``N`` history rows leave (default 10 million over the last year:
   20 keys, 4 models, 2 nodes; rolled up by ``usage.rollup`` day by day and stored with
   ``COPY``/``executemany``: ``/v0/usage`` never reads the history itself), then
@@ -32,14 +33,19 @@ sys.path.insert(0, str(REPO))
 
 LIMITS = {"rpm": 10**9, "tpm": 10**12, "max_concurrent": 10**6, "daily_tokens": 10**13,
           "monthly_tokens": 10**14, "models": ["bench-model"]}
+# The same but 100 requests at once: with 64 running, a block of slots would be one, so every
+# request is checked in the state on its own (and its end written there): what a key near
+# one of its limits pays.
+NEAR = {**LIMITS, "max_concurrent": 100}
 
 
-def limited_key(port: int, admin: str) -> str:
+def limited_key(port: int, admin: str, limits: dict | None = None,
+                name: str = "bench-limited") -> str:
     import requests
 
     r = requests.post(f"http://127.0.0.1:{port}/api/keys", timeout=10,
                       headers={"Authorization": f"Bearer {admin}"},
-                      json={"name": "bench-limited", "scopes": ["api"], **LIMITS})
+                      json={"name": name, "scopes": ["api"], **(limits or LIMITS)})
     r.raise_for_status()
     return r.json()["key"]
 
@@ -56,16 +62,17 @@ def part_proxy(pg, seconds: float, rounds: int) -> dict:  # noqa: ANN001 - tests
             api, node, admin = keys(db_url or WORK / f"limits-{engine}" / "llmlb.db")
             port = free_port()
             lb = balancer(f"limits-{engine}", port, 1, db_url)
-            runs: dict[str, dict[str, list]] = {"free": {"c1": [], "c64": []},
-                                               "limited": {"c1": [], "c64": []}}
+            runs: dict[str, dict[str, list]] = {name: {"c1": [], "c64": []}
+                                               for name in ("free", "limited", "near")}
             try:
                 register_upstream(port, node, up_port)
                 limited = limited_key(port, admin)
+                near = limited_key(port, admin, NEAR, "bench-near")
                 base = f"http://127.0.0.1:{port}{path}"
-                for key in (api, limited):
+                for key in (api, limited, near):
                     wrk(base, 8, 2, key)  # warm: connections, caches, counters
                 for _ in range(rounds):
-                    for name, key in (("free", api), ("limited", limited)):
+                    for name, key in (("free", api), ("limited", limited), ("near", near)):
                         c1 = wrk(base, 1, seconds, key)
                         c64 = wrk(base, 64, seconds, key)
                         runs[name]["c1"].append(c1["p50_us"])
@@ -75,14 +82,20 @@ def part_proxy(pg, seconds: float, rounds: int) -> dict:  # noqa: ANN001 - tests
                               f"{c64['non2xx'] + c64['socket_errors']}", flush=True)
             finally:
                 lb.stop()
-            free, lim = runs["free"], runs["limited"]
+            free, lim, near_runs = runs["free"], runs["limited"], runs["near"]
             results[engine] = {
                 "runs": runs,
                 "added_p50_us": statistics.median(lim["c1"]) - statistics.median(free["c1"]),
                 "rps_ratio": round(statistics.median(lim["c64"]) / statistics.median(free["c64"]),
-                                   3)}
-            print(f"  {engine}: limits add {results[engine]['added_p50_us']} us p50, "
-                  f"{results[engine]['rps_ratio']}x req/s", flush=True)
+                                   3),
+                "near_added_p50_us": (statistics.median(near_runs["c1"])
+                                      - statistics.median(free["c1"])),
+                "near_rps_ratio": round(statistics.median(near_runs["c64"])
+                                        / statistics.median(free["c64"]), 3)}
+            r = results[engine]
+            print(f"  {engine}: far from its limits a key adds {r['added_p50_us']} us p50, "
+                  f"{r['rps_ratio']}x req/s; near one (every request checked) "
+                  f"{r['near_added_p50_us']} us, {r['near_rps_ratio']}x", flush=True)
     finally:
         upstream.stop()
     return results

@@ -158,7 +158,9 @@ class Limiter:
         self._leases: set[int] = set()  # held by requests admitted one by one: renewed
         self._allowances: dict[int, Allowance] = {}
         self._retired: list[Allowance] = []  # given back, requests still running on them
-        self._seen: dict[int, tuple[int | None, int | None]] = {}  # (minute's, running)
+        # per key, as the last check found it: (the minute's count, the running count,
+        # whether near a limit: then the next check asks for this request alone)
+        self._seen: dict[int, tuple[int | None, int | None, bool]] = {}
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
 
@@ -181,10 +183,12 @@ class Limiter:
                 pending, held.pending, held.written_at = held.pending, 0, now
                 if not held.retired and held.limits == limits:
                     spare = len(held.leases) - held.running
-            seen_requests, seen_running = self._seen.get(quota.key_id, (None, None))
-        want = block(limits.rpm, seen_requests, MOST_REQUESTS)
+            seen_requests, seen_running, near = self._seen.get(quota.key_id,
+                                                               (None, None, False))
+        want = 1 if near else block(limits.rpm, seen_requests, MOST_REQUESTS)
         # 0: the allowance still has a slot free, only its other limits are asked for
-        slots = 0 if spare > 0 else block(limits.max_concurrent, seen_running, MOST_SLOTS)
+        slots = 0 if spare > 0 else 1 if near else block(limits.max_concurrent, seen_running,
+                                                         MOST_SLOTS)
         return self._check(quota, now, want, slots, pending, held)
 
     def _check(self, quota: Quota, now: float, want: int, slots: int, pending: int,
@@ -219,9 +223,13 @@ class Limiter:
             leases, running = self.quotas.take_lease(quota.key_id, limits.max_concurrent,
                                                      expires)
         with self._lock:
-            self._seen[quota.key_id] = (rpm.used if rpm is not None else None,
-                                        running if running is not None else
-                                        self._seen.get(quota.key_id, (None, None))[1])
+            if running is None:
+                running = self._seen.get(quota.key_id, (None, None, False))[1]
+            room = ((limits.rpm is None or block(limits.rpm, rpm and rpm.used, 2) > 1)
+                    and (limits.max_concurrent is None
+                         or block(limits.max_concurrent, running, 2) > 1)
+                    and far_from_tokens(limits, counted, 0, now))
+            self._seen[quota.key_id] = (rpm and rpm.used, running, not room)
         broken, wait, sent = verdict(limits, counted, now)
         if broken is not None:
             if leases or want > 1:
