@@ -5,7 +5,9 @@
   every limit set (rpm, tpm, max concurrent, daily and monthly tokens, a model list; all far
   above what the run sends, so nothing is refused) and with a key without limits, alternated
   in the same run: 1 connection p50 and 64 connections req/s for each; and a key near one of
-  its limits (100 requests at once: every request checked in the state on its own).
+  its limits (100 requests at once: every request checked in the state on its own); and the
+  balancer's CPU per request at 64 connections (its processes' CPU time over the requests:
+  what other processes on a shared machine disturb least).
 - ``usage``: the roll-ups ``N`` history rows leave (default 10 million over the last year:
   20 keys, 4 models, 2 nodes; rolled up by ``usage.rollup`` day by day and stored with
   ``COPY``/``executemany``: ``/v0/usage`` never reads the history itself), then
@@ -27,7 +29,7 @@ import time
 
 from balancer import start_upstream, wrk
 from common import REPO, WORK_ROOT, free_port, machine_info, save_summary
-from ha import WORK, balancer, keys, register_upstream
+from ha import WORK, balancer, cpu_seconds, keys, register_upstream
 
 sys.path.insert(0, str(REPO))
 
@@ -62,7 +64,7 @@ def part_proxy(pg, seconds: float, rounds: int) -> dict:  # noqa: ANN001 - tests
             api, node, admin = keys(db_url or WORK / f"limits-{engine}" / "llmlb.db")
             port = free_port()
             lb = balancer(f"limits-{engine}", port, 1, db_url)
-            runs: dict[str, dict[str, list]] = {name: {"c1": [], "c64": []}
+            runs: dict[str, dict[str, list]] = {name: {"c1": [], "c64": [], "cpu_us": []}
                                                for name in ("free", "limited", "near")}
             try:
                 register_upstream(port, node, up_port)
@@ -74,12 +76,15 @@ def part_proxy(pg, seconds: float, rounds: int) -> dict:  # noqa: ANN001 - tests
                 for _ in range(rounds):
                     for name, key in (("free", api), ("limited", limited), ("near", near)):
                         c1 = wrk(base, 1, seconds, key)
+                        before = cpu_seconds([lb.pid])
                         c64 = wrk(base, 64, seconds, key)
+                        cpu = (cpu_seconds([lb.pid]) - before) / max(1, c64["requests"]) * 1e6
                         runs[name]["c1"].append(c1["p50_us"])
                         runs[name]["c64"].append(c64["rps"])
+                        runs[name]["cpu_us"].append(round(cpu, 1))
                         print(f"  {engine:10s} {name:8s} 1 conn p50 {c1['p50_us']} us | 64 "
-                              f"conns {c64['rps']} req/s, errors "
-                              f"{c64['non2xx'] + c64['socket_errors']}", flush=True)
+                              f"conns {c64['rps']} req/s, balancer CPU {cpu:.0f} us a request, "
+                              f"errors {c64['non2xx'] + c64['socket_errors']}", flush=True)
             finally:
                 lb.stop()
             free, lim, near_runs = runs["free"], runs["limited"], runs["near"]
@@ -91,11 +96,16 @@ def part_proxy(pg, seconds: float, rounds: int) -> dict:  # noqa: ANN001 - tests
                 "near_added_p50_us": (statistics.median(near_runs["c1"])
                                       - statistics.median(free["c1"])),
                 "near_rps_ratio": round(statistics.median(near_runs["c64"])
-                                        / statistics.median(free["c64"]), 3)}
+                                        / statistics.median(free["c64"]), 3),
+                "added_cpu_us": round(statistics.median(lim["cpu_us"])
+                                      - statistics.median(free["cpu_us"]), 1),
+                "near_added_cpu_us": round(statistics.median(near_runs["cpu_us"])
+                                           - statistics.median(free["cpu_us"]), 1)}
             r = results[engine]
             print(f"  {engine}: far from its limits a key adds {r['added_p50_us']} us p50, "
-                  f"{r['rps_ratio']}x req/s; near one (every request checked) "
-                  f"{r['near_added_p50_us']} us, {r['near_rps_ratio']}x", flush=True)
+                  f"{r['rps_ratio']}x req/s, {r['added_cpu_us']} us of CPU; near one (every "
+                  f"request checked) {r['near_added_p50_us']} us, {r['near_rps_ratio']}x, "
+                  f"{r['near_added_cpu_us']} us of CPU", flush=True)
     finally:
         upstream.stop()
     return results

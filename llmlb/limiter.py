@@ -21,7 +21,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import errors
-from .limits import NUMBERS, Counted, Limits, Quota, headers, highest_counts, verdict, window
+from .limits import (
+    NUMBERS,
+    TOKEN_SPANS,
+    Counted,
+    Limits,
+    Quota,
+    headers,
+    highest_counts,
+    verdict,
+    window,
+)
 
 if TYPE_CHECKING:
     from .state.quotas import Quotas
@@ -47,19 +57,18 @@ def block(limit: int | None, used: int | None, most: int) -> int:
     return max(1, min(most, (limit - used) // BLOCK_SHARE))
 
 
-def far_from_tokens(limits: Limits, counted: Mapping[str, Counted], extra: int, now: float,
-                    ) -> bool:
-    """Whether every token window has used less than half its limit (``extra``: tokens
-    counted here and not written yet)."""
+def token_room(limits: Limits, counted: Mapping[str, Counted], now: float) -> float:
+    """How many more tokens keep every token window under half its limit (inf without
+    token limits; 0 or less: none)."""
+    room = float("inf")
     for name, span in _TOKEN_LIMITS:
         limit = getattr(limits, name)
         if limit is None:
             continue
         c = counted.get(span)
         used = c.used if c is not None and c.ends > now else 0
-        if 2 * (used + extra) >= limit:
-            return False
-    return True
+        room = min(room, limit / 2 - used)
+    return room
 
 
 @dataclass(eq=False)
@@ -76,6 +85,7 @@ class Allowance:
     requests: int = 0  # requests left of the block
     rpm_used: int = 0  # the minute's count when reserved, the block included
     tokens: dict[str, Counted] = field(default_factory=dict)  # token windows as seen then
+    token_room: float = 0.0  # tokens to spend before a token window is half used
     pending: int = 0  # tokens of requests that ended here, not written yet
     leases: list[int] = field(default_factory=list)  # the slots reserved
     running: int = 0  # requests running on them
@@ -84,13 +94,15 @@ class Allowance:
     retired: bool = False  # given back: its running requests end one at a time
 
     def admits(self, limits: Limits, now: float) -> bool:
-        if self.retired or limits != self.limits or now >= self.until:
+        if self.retired or now >= self.until or (limits is not self.limits
+                                                   and limits != self.limits):
             return False
         if limits.rpm is not None and (self.requests < 1 or now >= self.rpm_ends):
             return False
         if limits.max_concurrent is not None and self.running >= len(self.leases):
             return False
-        return far_from_tokens(limits, self.tokens, self.pending, now)
+        # (a window that ended since only has more room)
+        return self.pending < self.token_room
 
     def take(self, now: float) -> None:
         if self.limits.rpm is not None:
@@ -99,9 +111,14 @@ class Allowance:
         self.used_at = now
 
     def counts(self) -> dict[str, Counted]:
-        """The windows as this process knows them: requests actually admitted, tokens
-        counted here included."""
-        out = {span: Counted(c.used + self.pending, c.ends) for span, c in self.tokens.items()}
+        """The windows the rate-limit headers tell of (``limits.headers``: the minute's
+        requests, the first token window) as this process knows them: requests actually
+        admitted, tokens counted here included."""
+        out = {}
+        for span in TOKEN_SPANS:
+            if (c := self.tokens.get(span)) is not None:
+                out[span] = Counted(c.used + self.pending, c.ends)
+                break
         if self.limits.rpm is not None:
             out["rpm"] = Counted(self.rpm_used - self.requests, self.rpm_ends)
         return out
@@ -228,7 +245,7 @@ class Limiter:
             room = ((limits.rpm is None or block(limits.rpm, rpm and rpm.used, 2) > 1)
                     and (limits.max_concurrent is None
                          or block(limits.max_concurrent, running, 2) > 1)
-                    and far_from_tokens(limits, counted, 0, now))
+                    and token_room(limits, counted, now) > 0)
             self._seen[quota.key_id] = (rpm and rpm.used, running, not room)
         broken, wait, sent = verdict(limits, counted, now)
         if broken is not None:
@@ -239,7 +256,7 @@ class Limiter:
                                              getattr(limits, broken), wait, sent)
         far = ((limits.rpm is None or want > 1)
                and (limits.max_concurrent is None or len(leases) > 1 or slots == 0)
-               and far_from_tokens(limits, counted, 0, now))
+               and token_room(limits, counted, now) > 0)
         if limits.max_concurrent is not None and not leases and not (far and slots == 0):
             leases = [self._own_lease(quota, now, expires, sent,
                                       (rpm.ends, want - 1) if rpm is not None else None)]
@@ -272,6 +289,7 @@ class Limiter:
                 held.rpm_ends, held.requests = rpm.ends, held.requests + want
                 held.rpm_used = rpm.used
             held.tokens = {s: c for s, c in counted.items() if s != "rpm"}
+            held.token_room = token_room(limits, counted, now)
             held.leases += leases
             held.take(now)
             short = limits.max_concurrent is not None and held.running > len(held.leases)

@@ -20,6 +20,7 @@ per-worker key cache), and ``Principal.limits`` is then None — no state round 
 from __future__ import annotations
 
 import calendar
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -56,7 +57,7 @@ class Limits:
     def __bool__(self) -> bool:
         return any(getattr(self, f.name) is not None for f in fields(self))
 
-    @property
+    @functools.cached_property  # asked on every request of a limited key
     def counted(self) -> bool:
         """Whether a request needs the state (anything but the model list)."""
         return any(getattr(self, name) is not None for name in NUMBERS)
