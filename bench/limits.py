@@ -135,7 +135,7 @@ def part_usage(pg, rows: int, real_rows: int) -> dict:  # noqa: ANN001
 
     from llmlb import usage
     from llmlb.state import open_database
-    from llmlb.state.usage import GROUP_COLUMNS, TABLES
+    from llmlb.state.usage import GROUP_COLUMNS, TABLES, by_dimension
 
     results: dict[str, dict] = {}
     now = time.time()
@@ -161,6 +161,9 @@ def part_usage(pg, rows: int, real_rows: int) -> dict:  # noqa: ANN001
                 for span, (table, bucket) in TABLES.items():
                     db.engine.copy_rows(tx, table, (bucket, *GROUP_COLUMNS, *usage.COLUMNS),
                                         sums[span])
+                    db.engine.copy_rows(tx, f"{table}_by", ("dim", bucket, "value",
+                                                            *usage.COLUMNS),
+                                        by_dimension(sums[span]))
         stored = time.perf_counter() - started
         counts = {t: db.engine.execute(f"SELECT COUNT(*) AS n FROM {t}").fetchone()["n"]
                   for t, _ in TABLES.values()}

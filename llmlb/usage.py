@@ -12,11 +12,12 @@ by interpolating inside the bucket that holds the rank (so within that bucket's 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .state.usage import BUCKETS, COLUMNS, LAT, SUMS, TTFT, UsageRollups
+from .state.usage import BUCKETS, COLUMNS, SUMS, UsageRollups
 
 #: upper bounds of the histogram buckets, in ms; the last bucket has no upper bound
 BOUNDS_MS = (5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120, 10240, 20480, 40960, 81920)
@@ -72,18 +73,21 @@ def percentile(histogram: Sequence[int], q: float) -> float | None:
 
 
 def percentiles(histogram: Sequence[int], qs: Sequence[float]) -> list[float | None]:
-    """The quantiles ``qs`` (ascending, 0..1) in ms, in one pass over the histogram."""
-    total = sum(histogram)
+    """The quantiles ``qs`` (0..1) in ms: in the first bucket whose running count reaches
+    the rank, placed linearly within it."""
+    running = list(itertools.accumulate(histogram))
+    total = running[-1]
     if not total:
         return [None] * len(qs)
     out: list[float | None] = []
-    seen, i = 0, 0
     for q in qs:
         rank = q * total
-        while i < BUCKETS - 1 and (not histogram[i] or seen + histogram[i] < rank):
-            seen += histogram[i]
-            i += 1
+        # the first bucket reaching the rank (it holds requests: a rank above 0 is reached
+        # where the running count grows); the lowest that holds any for a rank of 0
+        i = min(bisect.bisect_left(running, rank) if rank > 0 else
+                next(j for j, n in enumerate(histogram) if n), BUCKETS - 1)
         n = histogram[i]
+        seen = running[i - 1] if i > 0 else 0
         low = BOUNDS_MS[i - 1] if i > 0 else 0
         if i >= len(BOUNDS_MS) or not n:
             out.append(float(low))
@@ -92,13 +96,13 @@ def percentiles(histogram: Sequence[int], qs: Sequence[float]) -> list[float | N
     return out
 
 
-def summary(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A summed row (``UsageRollups.query``) as ``/v0/usage`` answers it."""
-    lat50, lat95 = percentiles([row[c] for c in LAT], (0.5, 0.95))
-    ttft50, ttft95 = percentiles([row[c] for c in TTFT], (0.5, 0.95))
-    return {"requests": row["requests"], "errors": row["errors"],
-            "tokens_in": row["tokens_in"], "tokens_out": row["tokens_out"],
-            "latency_p50_ms": lat50, "latency_p95_ms": lat95,
+def summary(counts: Sequence[int]) -> dict[str, Any]:
+    """A point's counts (``COLUMNS`` order, summed) as ``/v0/usage`` answers it."""
+    hist = len(SUMS)
+    lat50, lat95 = percentiles(counts[hist:hist + BUCKETS], (0.5, 0.95))
+    ttft50, ttft95 = percentiles(counts[hist + BUCKETS:], (0.5, 0.95))
+    return {"requests": counts[0], "errors": counts[1], "tokens_in": counts[2],
+            "tokens_out": counts[3], "latency_p50_ms": lat50, "latency_p95_ms": lat95,
             "ttft_p50_ms": ttft50, "ttft_p95_ms": ttft95}
 
 
@@ -119,15 +123,15 @@ def report(rollups: UsageRollups, *, bucket: str, group: str | None,
     rows = rollups.query(span=SPANS[bucket], group=GROUPS[group] if group else None,
                          filters={GROUPS[k]: v for k, v in filters.items() if v},
                          first=first, last=last)
-    total = dict.fromkeys(COLUMNS, 0)
+    points = [list(row.values()) for row in rows]  # (start, grp, *COLUMNS): by position
     data = []
-    for row in rows:
-        for c in COLUMNS:
-            total[c] += row[c]
-        item = {"start": int(row["start"]), **summary(row)}
+    for start, grp, *counts in points:
+        item = {"start": int(start), **summary(counts)}
         if group:
-            item[group] = row["grp"] or None
+            item[group] = grp or None
         data.append(item)
+    columns = itertools.islice(zip(*points, strict=True), 2, None)
+    total = [sum(column) for column in columns] if points else [0] * len(COLUMNS)
     return {"object": "usage", "bucket": bucket, "group": group, "from": first, "to": until,
             "filters": {k: v for k, v in filters.items() if v}, "data": data,
             "total": summary(total)}

@@ -69,6 +69,37 @@ def test_a_database_of_the_last_release_upgrades_in_place(tmp_path: Path) -> Non
         db.close()
 
 
+def test_usage_of_an_older_database_is_summed_per_key_model_and_node(tmp_path: Path) -> None:
+    """Version 10 adds the usage sums per key, model and node that views without filters
+    read: made from the roll-ups already there, they answer what the roll-ups add up to."""
+    from llmlb import usage
+
+    path = tmp_path / "llmlb.db"
+    old_sqlite(path, 9)
+    day = 86400 * 20_000
+    rows = [(day + 3600 * h, key, model, node, *[(h + 1) * (i + 1) for i in
+                                                  range(len(usage.COLUMNS))])
+            for h in range(3) for key in ("a", "b") for model in ("m1", "m2") for node in ("x",)]
+    names = ", ".join(("hour", "key_name", "model", "node", *usage.COLUMNS))
+    with sqlite3.connect(path) as conn:
+        conn.executemany(f"INSERT INTO usage_hourly ({names}) VALUES "
+                         f"({', '.join('?' * (4 + len(usage.COLUMNS)))})", rows)
+    db = open_database(path)
+    try:
+        assert db.engine.schema_version() == len(schema.SQLITE) >= 10
+        for group in ("key", "model", "node", None):
+            summed = usage.report(db.usage, bucket="hour", group=group, filters={},
+                                  since=day, until=day + 86400)
+            # the same view from the roll-ups themselves (a filter makes it add them up)
+            added = usage.report(db.usage, bucket="hour", group=group, filters={"node": "x"},
+                                 since=day, until=day + 86400)
+            assert summed["data"] == added["data"] and summed["total"] == added["total"]
+            assert summed["total"]["requests"] == sum(r[4] for r in rows) == 24
+            assert len(summed["data"]) == 3 * {"key": 2, "model": 2, "node": 1, None: 1}[group]
+    finally:
+        db.close()
+
+
 @pytest.fixture(params=ENGINES)
 def state(request: pytest.FixtureRequest, tmp_path: Path) -> State:
     target = (request.getfixturevalue("pg_url") if request.param == "postgresql"

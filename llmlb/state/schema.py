@@ -26,6 +26,26 @@ def _usage_tables(if_not_exists: str, integer: str) -> str:
         for table, bucket in (("usage_hourly", "hour"), ("usage_daily", "day")))
 
 
+def _usage_by_tables(integer: str) -> str:
+    """The roll-ups summed once more per key, per model, per node and in all (``dim`` 'key',
+    'model', 'node', 'all'; ``value`` the key's name, the model, the node, ''), filled from
+    the roll-ups there are: what a view grouped by one of them reads, a row per point."""
+    counts = "".join(f"        {c} {integer} NOT NULL DEFAULT 0,\n" for c in USAGE_COUNTS)
+    sums = ", ".join(f"SUM({c})" for c in USAGE_COUNTS)
+    out = []
+    for table, bucket in (("usage_hourly", "hour"), ("usage_daily", "day")):
+        out.append(f"CREATE TABLE {table}_by (\n        {bucket} {integer} NOT NULL,\n"
+                   f"        dim TEXT NOT NULL,\n        value TEXT NOT NULL,\n{counts}"
+                   f"        PRIMARY KEY (dim, {bucket}, value)\n    );\n    ")
+        for dim, column in (("key", "key_name"), ("model", "model"), ("node", "node"),
+                            ("all", "''")):
+            group = f", {column}" if dim != "all" else ""
+            out.append(f"INSERT INTO {table}_by ({bucket}, dim, value, "
+                       f"{', '.join(USAGE_COUNTS)}) SELECT {bucket}, '{dim}', {column}, {sums} "
+                       f"FROM {table} GROUP BY {bucket}{group};\n    ")
+    return "".join(out)
+
+
 SQLITE: tuple[str, ...] = (
     """
     CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -177,6 +197,8 @@ SQLITE: tuple[str, ...] = (
     CREATE INDEX IF NOT EXISTS key_leases_key ON key_leases(key_id, expires);
     """ + _usage_tables("IF NOT EXISTS ", "INTEGER") + """
     """,
+    # Usage per key, per model, per node and in all, beside the roll-ups (version 10).
+    _usage_by_tables("INTEGER"),
 )
 
 # PostgreSQL starts at SQLite's version 7, in its own types: ids are identity columns,
@@ -297,12 +319,15 @@ POSTGRES: tuple[str, ...] = (
     CREATE INDEX key_leases_key ON key_leases(key_id, expires);
     """ + _usage_tables("", "BIGINT") + """
     """,
+    # Usage per key, per model, per node and in all (SQLite's version 10).
+    _usage_by_tables("BIGINT"),
 )
 
 # Every table of the state, in an order that copies cleanly; those with an identity ``id``
 # (whose sequence must continue after a copy).
 TABLES = ("meta", "api_keys", "users", "registrations", "hf_stats", "login_failures", "nodes",
-          "pulls", "requests", "responses", "aliases", "usage_hourly", "usage_daily")
+          "pulls", "requests", "responses", "aliases", "usage_hourly", "usage_daily",
+          "usage_hourly_by", "usage_daily_by")
 IDENTITY_TABLES = ("api_keys", "users", "nodes", "requests")
 
 

@@ -2,7 +2,10 @@
 model and node, with sums and histograms (``llmlb/usage.py`` says what the columns mean).
 Added to as the history is written, in its transaction; read summed per hour (from the
 hourly rows) or per day (from the daily ones: a year is 365 rows per key, model and node),
-optionally per key, model or node. The SQL only.
+optionally per key, model or node. Their sums per key, per model, per node and in all
+(``usage_hourly_by``, ``usage_daily_by``) are added in the same statements' transaction, so
+that a view without filters reads a row per point instead of adding up every key, model
+and node of it. The SQL only.
 """
 
 from __future__ import annotations
@@ -18,26 +21,53 @@ GROUP_COLUMNS = ("key_name", "model", "node")
 COLUMNS = USAGE_COUNTS
 SUMS = COLUMNS[:5]
 BUCKETS = 16  # of each histogram
-LAT, TTFT = COLUMNS[5:5 + BUCKETS], COLUMNS[5 + BUCKETS:]
 TABLES = {3600: ("usage_hourly", "hour"), 86400: ("usage_daily", "day")}
+
+
+#: the roll-ups once more per one of their group columns, and in all (``{table}_by``)
+DIMS = {"key_name": "key", "model": "model", "node": "node"}
+
+
+def _upsert(table: str, keys: Sequence[str]) -> str:
+    names = (*keys, *COLUMNS)
+    adds = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in COLUMNS)
+    return (f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+            f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {adds}")
+
+
+def by_dimension(rows: Sequence[Sequence[Any]]) -> list[tuple]:
+    """Roll-up rows (bucket, key_name, model, node, *columns) summed per bucket and key, per
+    bucket and model, per bucket and node, and per bucket: (dim, bucket, value, *columns),
+    sorted (one order for every writer)."""
+    sums: dict[tuple, list[int]] = {}
+    for bucket, *groups_and_counts in rows:
+        counts = groups_and_counts[len(GROUP_COLUMNS):]
+        for group in (*((dim, bucket, groups_and_counts[i])
+                        for i, dim in enumerate(DIMS.values())), ("all", bucket, "")):
+            s = sums.get(group)
+            if s is None:
+                sums[group] = list(counts)
+            else:
+                for i, n in enumerate(counts):
+                    s[i] += n
+    return [(*group, *s) for group, s in sorted(sums.items())]
 
 
 class UsageRollups:
     def __init__(self, engine: Engine) -> None:
         self.engine, self.columns = engine, COLUMNS
-        self._add = {}
-        for span, (table, bucket) in TABLES.items():
-            names = (bucket, *GROUP_COLUMNS, *self.columns)
-            adds = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in self.columns)
-            self._add[span] = (f"INSERT INTO {table} ({', '.join(names)}) VALUES "
-                               f"({', '.join('?' * len(names))}) ON CONFLICT ({bucket}, "
-                               f"key_name, model, node) DO UPDATE SET {adds}")
+        self._add = {span: (_upsert(table, (bucket, *GROUP_COLUMNS)),
+                            _upsert(f"{table}_by", ("dim", bucket, "value")))
+                     for span, (table, bucket) in TABLES.items()}
 
     def add(self, tx: Tx, span: int, rows: Sequence[Sequence[Any]]) -> None:
         """Rows of (bucket start, key_name, model, node, *columns) for the hourly (``span``
-        3600) or daily (86400) roll-ups, added to what is there."""
+        3600) or daily (86400) roll-ups, added to what is there (and to their sums per key,
+        model, node and in all)."""
         if rows:
-            tx.executemany(self._add[span], rows)
+            rollups, by = self._add[span]
+            tx.executemany(rollups, rows)
+            tx.executemany(by, by_dimension(rows))
 
     def query(self, *, span: int, group: str | None = None,
               filters: dict[str, str] | None = None, first: int | None = None,
@@ -45,13 +75,23 @@ class UsageRollups:
         """Sums per bucket of ``span`` seconds (3600 or 86400), as ``start``, and per
         ``group`` column (as ``grp``) when given; oldest first. ``first`` and ``last``: the
         first and last bucket starts."""
+        table, start = TABLES[span]
+        if not filters:  # a point is one row of the sums per dimension: nothing to add up
+            where, args = ["dim = ?"], [DIMS[group] if group else "all"]
+            for clause, value in ((f"{start} >= ?", first), (f"{start} <= ?", last)):
+                if value is not None:
+                    where.append(clause)
+                    args.append(value)
+            return self.engine.execute(
+                f"SELECT {start} AS start, {'value' if group else 'NULL'} AS grp, "
+                f"{', '.join(self.columns)} FROM {table}_by WHERE {' AND '.join(where)} "
+                f"ORDER BY start{', grp' if group else ''}", args).fetchall()
         where: list[str] = []
         args: list[Any] = []
         for column, value in (filters or {}).items():
             assert column in GROUP_COLUMNS
             where.append(f"{column} = ?")
             args.append(value)
-        table, start = TABLES[span]
         for clause, value in ((f"{start} >= ?", first), (f"{start} <= ?", last)):
             if value is not None:
                 where.append(clause)
