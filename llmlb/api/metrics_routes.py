@@ -10,6 +10,7 @@ import time
 from flask import Blueprint, Response, g, request
 
 from .. import errors, usage
+from ..wire import dumps
 from .common import require, respond, runtime
 
 bp = Blueprint("metrics", __name__)
@@ -73,8 +74,10 @@ def _usage(key: str | None) -> Response:
         since = (until or time.time()) - (86400 if bucket == "hour" else 30 * 86400)
     filters = {"key": key if key is not None else args.get("key") or None,
                "model": args.get("model") or None, "node": args.get("node") or None}
-    return respond(usage.report(runtime().db.usage, bucket=bucket, group=group,
-                                filters=filters, since=since, until=until))
+    # Thousands of points: written by orjson, not the slower json behind jsonify.
+    return Response(dumps(usage.report(runtime().db.usage, bucket=bucket, group=group,
+                                       filters=filters, since=since, until=until)),
+                    mimetype="application/json")
 
 
 @bp.get("/v0/usage")
