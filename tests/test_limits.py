@@ -242,9 +242,9 @@ def test_a_key_far_from_its_limits_is_counted_exactly(engine: str, make_server,
 
 def test_blocks_never_let_more_than_the_limit_through(start_process, llmlb_home: Path,
                                                       fakes) -> None:
-    """rpm 200 through two workers: blocks while far, one request at a time near the end;
-    never more than 200 in the minute, and what a worker held back comes back to the key:
-    exactly 200 in all."""
+    """rpm 200 through two workers, 300 requests at once: each worker reserves blocks while
+    the key is far from its limit and checks one request at a time near it (giving back what
+    it held): exactly 200 answered, as with one check per request."""
     fake = fakes()
     admin = admin_key(llmlb_home)
     proc = serve(start_process, llmlb_home, "--workers", "2")
@@ -252,10 +252,8 @@ def test_blocks_never_let_more_than_the_limit_through(start_process, llmlb_home:
     key = new_key(proc.url, "two-hundred", admin, rpm=200)
     wait_serving(proc.url, key)
     burst = at_once(30, lambda i: sum(chat(proc.url, key) == 200 for _ in range(10)))
-    assert sum(burst) <= 200 and len(fake.calls) == sum(burst)
-    time.sleep(2.5)  # unused blocks go back after a second idle
-    rest = [chat(proc.url, key) for _ in range(200 - sum(burst) + 3)]
-    assert rest == [200] * (200 - sum(burst)) + [429] * 3, (sum(burst), rest)
+    assert sum(burst) == 200 and len(fake.calls) == 200, burst
+    assert [chat(proc.url, key) for _ in range(3)] == [429] * 3
     assert len(fake.calls) == 200
 
 
