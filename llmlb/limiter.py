@@ -45,7 +45,9 @@ MOST_SLOTS = 16
 #: How long a process spends a block before asking again: the token counts it admits against
 #: are never older, and the tokens it counted are written at least this often.
 ALLOWANCE_SECONDS = 1.0
-_TOKEN_LIMITS = (("tpm", "tpm"), ("daily_tokens", "day"), ("monthly_tokens", "month"))
+#: (limit field, counter span) of the token limits
+_TOKEN_LIMITS = tuple((name, NUMBERS[name][0]) for name in ("tpm", "daily_tokens",
+                                                            "monthly_tokens"))
 
 
 def block(limit: int | None, used: int | None, most: int) -> int:
@@ -55,6 +57,15 @@ def block(limit: int | None, used: int | None, most: int) -> int:
     if limit is None or used is None:
         return 1
     return max(1, min(most, (limit - used) // BLOCK_SHARE))
+
+
+def token_spans(limits: Limits, tokens: int, now: float,
+                ) -> list[tuple[str, float, float, int]]:
+    """``tokens`` to add to each of the key's token windows (none when there are none)."""
+    if tokens <= 0:
+        return []
+    return [(span, *window(span, now), tokens) for name, span in _TOKEN_LIMITS
+            if getattr(limits, name) is not None]
 
 
 def token_room(limits: Limits, counted: Mapping[str, Counted], now: float) -> float:
@@ -239,32 +250,32 @@ class Limiter:
                 and all(c.used <= most[s] for s, c in counted.items()):
             leases, running = self.quotas.take_lease(quota.key_id, limits.max_concurrent,
                                                      expires)
+        tokens_far = token_room(limits, counted, now) > 0
         with self._lock:
             if running is None:
                 running = self._seen.get(quota.key_id, (None, None, False))[1]
             room = ((limits.rpm is None or block(limits.rpm, rpm and rpm.used, 2) > 1)
                     and (limits.max_concurrent is None
                          or block(limits.max_concurrent, running, 2) > 1)
-                    and token_room(limits, counted, now) > 0)
+                    and tokens_far)
             self._seen[quota.key_id] = (rpm and rpm.used, running, not room)
+        # the requests of the block beyond this one (the minute's end, how many)
+        rest = (rpm.ends, want - 1) if rpm is not None and want > 1 else None
         broken, wait, sent = verdict(limits, counted, now)
         if broken is not None:
-            if leases or want > 1:
-                self.quotas.give_back(quota.key_id, [],
-                                      (rpm.ends, want - 1) if rpm is not None else None, leases)
+            if leases or rest:
+                self.quotas.give_back(quota.key_id, [], rest, leases)
             raise errors.rate_limit_exceeded(quota.key_name, NUMBERS[broken][2], broken,
                                              getattr(limits, broken), wait, sent)
         far = ((limits.rpm is None or want > 1)
                and (limits.max_concurrent is None or len(leases) > 1 or slots == 0)
-               and token_room(limits, counted, now) > 0)
+               and tokens_far)
         if limits.max_concurrent is not None and not leases and not (far and slots == 0):
-            leases = [self._own_lease(quota, now, expires, sent,
-                                      (rpm.ends, want - 1) if rpm is not None else None)]
+            leases = [self._own_lease(quota, now, expires, sent, rest)]
         if not far:
             extra = leases[1:]
-            if want > 1 or extra:  # near a limit after all: only this request's share kept
-                self.quotas.give_back(quota.key_id, [],
-                                      (rpm.ends, want - 1) if rpm is not None else None, extra)
+            if rest or extra:  # near a limit after all: only this request's share kept
+                self.quotas.give_back(quota.key_id, [], rest, extra)
             lease = leases[0] if leases else None
             with self._lock:
                 gone = self._allowances.get(quota.key_id)
@@ -309,14 +320,14 @@ class Limiter:
     def _own_lease(self, quota: Quota, now: float, expires: float, sent: list,
                    requests: tuple[float, int] | None) -> int:
         """A slot for this request alone (after sweeping the leases of dead processes),
-        or the 429 that says the key has none left (``requests``: a block of requests
-        taken with the check, given back then)."""
+        or the 429 that says the key has none left (``requests``: the rest of a block of
+        requests taken with the check, given back then)."""
         limits = quota.limits
         leases, _ = self.quotas.take_lease(quota.key_id, limits.max_concurrent, expires)
         if not leases and self.quotas.sweep_leases(quota.key_id, now):
             leases, _ = self.quotas.take_lease(quota.key_id, limits.max_concurrent, expires)
         if not leases:
-            if requests is not None and requests[1] > 0:
+            if requests is not None:
                 self.quotas.give_back(quota.key_id, [], requests, [])
             raise errors.rate_limit_exceeded(quota.key_name, "requests at once",
                                              "max_concurrent", limits.max_concurrent, 1.0,
@@ -341,9 +352,7 @@ class Limiter:
                 lease = held.leases.pop() if held.leases else None
                 if held.running <= 0 and held in self._retired:
                     self._retired.remove(held)
-        spans = [(span, *window(span, now), tokens)
-                 for name, span in _TOKEN_LIMITS
-                 if getattr(limits, name) is not None] if tokens > 0 else []
+        spans = token_spans(limits, tokens, now)
         if lease is not None:
             with self._lock:
                 self._leases.discard(lease)
@@ -375,16 +384,8 @@ class Limiter:
         requests, held.requests = held.requests, 0
         if held.running > 0:
             self._retired.append(held)
-        return _Return(held.key_id, held.key_name, self._token_spans(held.limits, pending),
+        return _Return(held.key_id, held.key_name, token_spans(held.limits, pending, time.time()),
                        (held.rpm_ends, requests) if requests > 0 else None, spare)
-
-    @staticmethod
-    def _token_spans(limits: Limits, tokens: int) -> list[tuple[str, float, float, int]]:
-        if tokens <= 0:
-            return []
-        now = time.time()
-        return [(span, *window(span, now), tokens) for name, span in _TOKEN_LIMITS
-                if getattr(limits, name) is not None]
 
     def _give_back(self, returns: list[_Return]) -> None:
         for r in returns:
@@ -433,6 +434,6 @@ class Limiter:
                     out.append(self._retire(held))
                 elif held.pending and now - held.written_at >= ALLOWANCE_SECONDS / 2:
                     out.append(_Return(key_id, held.key_name,
-                                       self._token_spans(held.limits, held.pending), None, []))
+                                       token_spans(held.limits, held.pending, now), None, []))
                     held.pending, held.written_at = 0, now
         return out

@@ -76,31 +76,25 @@ class UsageRollups:
         ``group`` column (as ``grp``) when given; oldest first. ``first`` and ``last``: the
         first and last bucket starts."""
         table, start = TABLES[span]
-        if not filters:  # a point is one row of the sums per dimension: nothing to add up
-            where, args = ["dim = ?"], [DIMS[group] if group else "all"]
-            for clause, value in ((f"{start} >= ?", first), (f"{start} <= ?", last)):
-                if value is not None:
-                    where.append(clause)
-                    args.append(value)
-            return self.engine.execute(
-                f"SELECT {start} AS start, {'value' if group else 'NULL'} AS grp, "
-                f"{', '.join(self.columns)} FROM {table}_by WHERE {' AND '.join(where)} "
-                f"ORDER BY start{', grp' if group else ''}", args).fetchall()
-        where: list[str] = []
-        args: list[Any] = []
-        for column, value in (filters or {}).items():
-            assert column in GROUP_COLUMNS
-            where.append(f"{column} = ?")
-            args.append(value)
+        assert group is None or group in GROUP_COLUMNS
+        assert all(column in GROUP_COLUMNS for column in filters or {})
+        # Without filters a point is one row of the sums per dimension: nothing to add up.
+        where = [f"{column} = ?" for column in filters] if filters else ["dim = ?"]
+        args: list[Any] = list(filters.values()) if filters else [
+            DIMS[group] if group else "all"]
         for clause, value in ((f"{start} >= ?", first), (f"{start} <= ?", last)):
             if value is not None:
                 where.append(clause)
                 args.append(value)
-        assert group is None or group in GROUP_COLUMNS
+        order = f" ORDER BY start{', grp' if group else ''}"
+        if not filters:
+            return self.engine.execute(
+                f"SELECT {start} AS start, {'value' if group else 'NULL'} AS grp, "
+                f"{', '.join(self.columns)} FROM {table}_by WHERE {' AND '.join(where)}"
+                + order, args).fetchall()
         # Whole numbers on both engines (PostgreSQL's SUM of a BIGINT is a numeric).
         sums = ", ".join(f"CAST(SUM({c}) AS BIGINT) AS {c}" for c in self.columns)
-        sql = (f"SELECT {start} AS start, {group or 'NULL'} AS grp, {sums} FROM {table}"
-               + (" WHERE " + " AND ".join(where) if where else "")
-               + f" GROUP BY {start}{', ' + group if group else ''} ORDER BY start"
-               + (", grp" if group else ""))
+        sql = (f"SELECT {start} AS start, {group or 'NULL'} AS grp, {sums} FROM {table} "
+               f"WHERE {' AND '.join(where)} GROUP BY {start}{', ' + group if group else ''}"
+               + order)
         return self.engine.execute(sql, args).fetchall()
