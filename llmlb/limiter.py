@@ -206,21 +206,23 @@ class Limiter:
                 held.take(now)
                 return Ticket(self, quota, headers(limits, held.counts(), now),
                               allowance=held)
-            pending = spare = 0
+            pending = spare = left = 0
             if held is not None:  # its tokens go with this check
                 pending, held.pending, held.written_at = held.pending, 0, now
                 if not held.retired and held.limits == limits:
                     spare = len(held.leases) - held.running
+                    left = held.requests if now < held.rpm_ends else 0
             seen_requests, seen_running, near = self._seen.get(quota.key_id,
                                                                (None, None, False))
-        want = 1 if near else block(limits.rpm, seen_requests, MOST_REQUESTS)
-        # 0: the allowance still has a slot free, only its other limits are asked for
+        # Only what the allowance lacks: requests while it has none of this minute left,
+        # slots (0: only its other limits asked for) while it has none free.
+        want = 1 if near or left > 0 else block(limits.rpm, seen_requests, MOST_REQUESTS)
         slots = 0 if spare > 0 else 1 if near else block(limits.max_concurrent, seen_running,
                                                          MOST_SLOTS)
-        return self._check(quota, now, want, slots, pending, held)
+        return self._check(quota, now, want, slots, pending, held, left)
 
     def _check(self, quota: Quota, now: float, want: int, slots: int, pending: int,
-               held: Allowance | None) -> Ticket:
+               held: Allowance | None, left: int = 0) -> Ticket:
         limits = quota.limits
         spans = [(span, *window(span, now), want if span == "rpm" else pending)
                  for name, span in (("rpm", "rpm"), *_TOKEN_LIMITS)
@@ -267,7 +269,7 @@ class Limiter:
                 self.quotas.give_back(quota.key_id, [], rest, leases)
             raise errors.rate_limit_exceeded(quota.key_name, NUMBERS[broken][2], broken,
                                              getattr(limits, broken), wait, sent)
-        far = ((limits.rpm is None or want > 1)
+        far = ((limits.rpm is None or want > 1 or left > 0)
                and (limits.max_concurrent is None or len(leases) > 1 or slots == 0)
                and tokens_far)
         if limits.max_concurrent is not None and not leases and not (far and slots == 0):
@@ -304,6 +306,15 @@ class Limiter:
             held.leases += leases
             held.take(now)
             short = limits.max_concurrent is not None and held.running > len(held.leases)
+            # Requests checking together each brought a block: one block's worth is kept.
+            keep = held.running + MOST_SLOTS
+            spare_leases, held.leases = held.leases[keep:], held.leases[:keep]
+            spare_requests = max(0, held.requests - MOST_REQUESTS)
+            held.requests -= spare_requests
+            if spare_leases or spare_requests:
+                returns.append(_Return(held.key_id, held.key_name, [],
+                                       (held.rpm_ends, spare_requests) if spare_requests
+                                       else None, spare_leases))
             self._start()
         self._give_back(returns)
         if short:  # another request took the free slot meanwhile: one of its own
