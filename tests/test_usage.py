@@ -9,8 +9,12 @@ import time
 import requests
 from playwright.sync_api import Page, expect
 
+from llmlb import usage as usage_api
+from llmlb.state import State
+
 from .conftest import save_artifact
 from .test_dashboard import browser, page  # noqa: F401 - Chromium, and a tab of it
+from .test_db import state  # noqa: F401 - an open state, on each engine
 from .test_limits import ADMIN, ENDPOINT_FAST, add_endpoint, chat, new_key
 
 
@@ -70,6 +74,50 @@ def test_usage_equals_what_was_sent(engine: str, make_server, fakes) -> None:
     assert requests.get(f"{server.url}/v0/requests", headers=ADMIN,
                         timeout=30).json()["data"] == []
     assert usage(server.url)["total"] == total
+
+
+def test_percentiles_are_read_from_the_histograms_on_both_engines(
+        state: State) -> None:  # noqa: F811
+    """p50 and p95 (computed by the database from the summed histograms) land inside the
+    bucket that holds the rank, placed linearly: 4 answers of 3 ms (bucket 0–5 ms) and 6 of
+    30 ms (20–40 ms) give a p50 at rank 5 of 20 + 20 × 1/6 and a p95 at rank 9.5 of
+    20 + 20 × 5.5/6; one answer past the last bound (82 s) is answered as its lower bound."""
+    hour = 3600 * 500_000
+    row = (hour + 60, "k", "chat", "m", "n", 200, 1)  # at .. stream
+    rows = [(*row, 3.0, 2.0, 5, 7, None)] * 4 + [(*row, 30.0, None, 5, 7, None)] * 6
+    slow = [(hour + 60, "slow", "chat", "m", "n", 500, 0, 100_000.0, None, 0, 0, "boom")]
+    state.requests.insert(rows + slow, usage_api.rollup(rows + slow))
+
+    def report(**filters: str) -> dict:
+        return usage_api.report(state.usage, bucket="hour", group="key", filters=filters,
+                                since=hour, until=hour + 3599)
+
+    for answer in (report(), report(model="m")):  # the sums per key, and the roll-ups added
+        points = {p["key"]: p for p in answer["data"]}
+        assert points["k"] == {
+            "start": hour, "key": "k", "requests": 10, "errors": 0, "tokens_in": 50,
+            "tokens_out": 70, "latency_p50_ms": 23.3, "latency_p95_ms": 38.3,
+            "ttft_p50_ms": 2.5, "ttft_p95_ms": 4.8}  # ttft: ranks 2, 3.8 of 4 in 0–5
+        assert (points["slow"]["latency_p50_ms"], points["slow"]["ttft_p50_ms"]) == (
+            81920.0, None)
+        # in all, 11: p50 at rank 5.5 of 20 + 20 × 1.5/6; p95 at 10.45, past the 10 below 40
+        assert answer["total"] == {
+            "requests": 11, "errors": 1, "tokens_in": 50, "tokens_out": 70,
+            "latency_p50_ms": 25.0, "latency_p95_ms": 81920.0, "ttft_p50_ms": 2.5,
+            "ttft_p95_ms": 4.8}
+    # A rank equal to a running count is in the bucket that reaches it: of 3 ms and 30 ms,
+    # p50 (rank 1) is the top of 0–5 ms; p95 (rank 1.9) is 20 + 20 × 0.9.
+    even = [(hour + 3660, "even", "chat", "m", "n", 200, 0, ms, None, 1, 1, None)
+            for ms in (3.0, 30.0)]
+    state.requests.insert(even, usage_api.rollup(even))
+    point = usage_api.report(state.usage, bucket="hour", group=None, filters={"key": "even"},
+                             since=hour, until=hour + 7199)["data"]
+    assert [(p["start"], p["latency_p50_ms"], p["latency_p95_ms"]) for p in point] == [
+        (hour + 3600, 5.0, 38.0)]
+    empty = usage_api.report(state.usage, bucket="day", group=None, filters={},
+                             since=0, until=86399)
+    assert empty["data"] == [] and empty["total"]["latency_p50_ms"] is None
+    assert empty["total"]["requests"] == 0
 
 
 def test_usage_parameters_are_checked(make_server) -> None:

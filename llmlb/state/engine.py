@@ -42,7 +42,7 @@ class Row(dict):
 class Result:
     """A statement's rows (fetched at once) and how many rows it changed."""
 
-    rows: list[Row] = field(default_factory=list)
+    rows: list[Any] = field(default_factory=list)  # Row, or tuples when asked for
     rowcount: int = -1
 
     def fetchone(self) -> Row | None:
@@ -97,8 +97,11 @@ class Engine(ABC):
         """A transaction; commits when the block ends, rolls back when it raises."""
 
     @abstractmethod
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
-        """One statement on its own (reads, and writes that need no transaction)."""
+    def execute(self, sql: str, params: Sequence[Any] = (), *, tuples: bool = False,
+                ) -> Result:
+        """One statement on its own (reads, and writes that need no transaction). With
+        ``tuples``, rows are plain tuples in the order the statement names the columns (a read
+        of thousands of rows, without a dict each)."""
 
     @abstractmethod
     def version(self, topic: str) -> Hashable | None:

@@ -34,6 +34,7 @@ from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import schema
@@ -211,15 +212,17 @@ class PostgresEngine(Engine):
         return StateUnavailable(f"the database {self.description} is unavailable: "
                                 f"{str(exc).strip() or type(exc).__name__}")
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
+    def execute(self, sql: str, params: Sequence[Any] = (), *, tuples: bool = False,
+                ) -> Result:
         self._check_up()
         # A read may be tried again on a fresh connection (the pool kept one the server has
         # since cut); a write may not, as it may have committed before the answer was lost.
         tries = 2 if sql.lstrip()[:6].upper() == "SELECT" else 1
         for attempt in range(tries):
             try:
-                with self._pool.connection() as conn:
-                    cur = conn.execute(_sql(sql), params)
+                with self._pool.connection() as conn, conn.cursor(
+                        row_factory=tuple_row if tuples else None) as cur:
+                    cur.execute(_sql(sql), params)
                     return Result(cur.fetchall() if cur.description else [], cur.rowcount)
             except PoolTimeout as exc:
                 raise self._failed(exc) from exc

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 # The counts of a usage roll-up row (``state/usage.py``), after its key (the hour or day, key
 # name, model, node): sums, then histograms of latency and of time to first token, 16
-# buckets each (``usage.BOUNDS_MS``). Fixed by the migration that made them.
+# buckets each (``state.usage.BOUNDS_MS``). Fixed by the migration that made them.
 USAGE_COUNTS = ("requests", "errors", "tokens_in", "tokens_out", "ttft_count",
                 *(f"lat{i}" for i in range(16)), *(f"ttft{i}" for i in range(16)))
 
@@ -173,7 +173,7 @@ SQLITE: tuple[str, ...] = (
     # window, and leases of the requests at once, kept in the state so that every worker and
     # balancer counts the same; usage rolled up per hour (and per day), key, model and node as
     # the history is written (usage.py), latency and time to first token as histograms (columns lat0..,
-    # ttft0.., usage.BOUNDS_MS).
+    # ttft0.., state.usage.BOUNDS_MS).
     """
     ALTER TABLE api_keys ADD COLUMN rpm INTEGER;
     ALTER TABLE api_keys ADD COLUMN tpm INTEGER;

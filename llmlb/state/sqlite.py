@@ -112,9 +112,13 @@ class SQLiteEngine(Engine):
             else:
                 conn.close()
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
+    def execute(self, sql: str, params: Sequence[Any] = (), *, tuples: bool = False,
+                ) -> Result:
         with _unavailable_on_transient(), self._borrowed() as conn:
-            cur = conn.execute(sql, params)
+            cur = conn.cursor()
+            if tuples:
+                cur.row_factory = None
+            cur.execute(sql, params)
             return Result(cur.fetchall() if cur.description else [], cur.rowcount)
 
     @contextmanager
