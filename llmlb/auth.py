@@ -141,9 +141,27 @@ def authenticate_key(db: State, key: str, *, dev: bool = False) -> Principal | N
     now = time.time()
     if row["last_used_at"] is None or now - row["last_used_at"] > _LAST_USED_EVERY:
         db.keys.touch(key_hash, row["id"], now)
+    return _principal_of(row)
+
+
+# What each key row means, per worker: the keys' cache hands out the same row object until
+# the key changes (or its last use is written), so a request of a known key builds nothing,
+# and a limited key's ``Limits`` stay one object, whose checks are remembered on it.
+_PRINCIPALS: dict[int, tuple[object, Principal]] = {}
+_PRINCIPALS_KEPT = 10_000
+
+
+def _principal_of(row) -> Principal:  # noqa: ANN001 - a key row (state.accounts.Keys.active)
+    kept = _PRINCIPALS.get(id(row))
+    if kept is not None and kept[0] is row:  # the row held here: its id is not reused
+        return kept[1]
     limits = Limits.from_row(row)
-    return Principal("key", row["name"], frozenset(row["scopes"].split(",")), row["id"],
-                     Quota(row["id"], row["name"], limits) if limits else None)
+    principal = Principal("key", row["name"], frozenset(row["scopes"].split(",")), row["id"],
+                          Quota(row["id"], row["name"], limits) if limits else None)
+    if len(_PRINCIPALS) >= _PRINCIPALS_KEPT:  # rows of keys long changed: start over
+        _PRINCIPALS.clear()
+    _PRINCIPALS[id(row)] = (row, principal)
+    return principal
 
 
 def key_from_headers(headers) -> str | None:  # noqa: ANN001 - any Mapping of headers

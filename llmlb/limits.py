@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .state.accounts import LIMIT_COLUMNS
 
@@ -139,16 +139,17 @@ def reset_text(seconds: float) -> str:
     if seconds < 1:
         return f"{max(0, math.ceil(seconds * 1000))}ms"
     whole = math.ceil(seconds)
+    if whole < 60:  # the minute's windows: every answer of a limited key
+        return f"{whole}s"
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
         return f"{hours}h{minutes}m{secs}s"
-    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+    return f"{minutes}m{secs}s"
 
 
-@dataclass(frozen=True)
-class Counted:
-    """A window's counter as the state returned it."""
+class Counted(NamedTuple):
+    """A window's counter as the state returned it (a tuple: made per request)."""
 
     used: int
     ends: float
@@ -179,22 +180,24 @@ def highest_counts(limits: Limits) -> dict[str, int]:
             if (limit := getattr(limits, name)) is not None}
 
 
+_TOKEN_HEADERS = tuple((name, NUMBERS[name][0]) for name in ("tpm", "daily_tokens",
+                                                               "monthly_tokens"))
+
+
 def headers(limits: Limits, counted: Mapping[str, Counted], now: float) -> list[tuple[str, str]]:
     """OpenAI's rate-limit headers: requests from ``rpm``; tokens from ``tpm``, else the
     daily, else the monthly budget."""
     out: list[tuple[str, str]] = []
-    if limits.rpm is not None and "rpm" in counted:
-        c = counted["rpm"]
-        out += [("x-ratelimit-limit-requests", str(limits.rpm)),
+    if limits.rpm is not None and (c := counted.get("rpm")) is not None:
+        out += (("x-ratelimit-limit-requests", str(limits.rpm)),
                 ("x-ratelimit-remaining-requests", str(max(0, limits.rpm - c.used))),
-                ("x-ratelimit-reset-requests", reset_text(c.ends - now))]
-    for name in ("tpm", "daily_tokens", "monthly_tokens"):
-        limit, span = getattr(limits, name), NUMBERS[name][0]
-        if limit is not None and span in counted:
-            c = counted[span]
-            out += [("x-ratelimit-limit-tokens", str(limit)),
+                ("x-ratelimit-reset-requests", reset_text(c.ends - now)))
+    for name, span in _TOKEN_HEADERS:
+        limit = getattr(limits, name)
+        if limit is not None and (c := counted.get(span)) is not None:
+            out += (("x-ratelimit-limit-tokens", str(limit)),
                     ("x-ratelimit-remaining-tokens", str(max(0, limit - c.used))),
-                    ("x-ratelimit-reset-tokens", reset_text(c.ends - now))]
+                    ("x-ratelimit-reset-tokens", reset_text(c.ends - now)))
             break
     return out
 
