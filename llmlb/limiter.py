@@ -45,6 +45,8 @@ MOST_SLOTS = 16
 #: How long a process spends a block before asking again: the token counts it admits against
 #: are never older, and the tokens it counted are written at least this often.
 ALLOWANCE_SECONDS = 1.0
+#: How long a request waits for another's check of the same key before looking again.
+CHECK_WAIT_SECONDS = 5.0
 #: (limit field, counter span) of the token limits
 _TOKEN_LIMITS = tuple((name, NUMBERS[name][0]) for name in ("tpm", "daily_tokens",
                                                             "monthly_tokens"))
@@ -172,14 +174,15 @@ class Limiter:
     least 2 requests and 2 slots, and every token window under half its limit — the check
     also reserves a block (``block``: a 64th of what is left, at most 64 requests and 16
     slots), which this process then spends without asking, for at most
-    ``ALLOWANCE_SECONDS``; the tokens of its requests are written with the next check or by
-    the background pass (at least every ``ALLOWANCE_SECONDS``), which also gives back what a
-    process stopped using. The state never admits more than a limit (a block is counted
-    before it is spent); what a block costs: the minute's count and the running count
-    include the unspent rest of each process's block (at most 1/64 of what was left) until
-    it is given back (a second after its last use; a process that dies loses its requests
-    until the minute ends, its slots until their leases expire), and a token limit is
-    checked against counts up to a second old while under half of it."""
+    ``ALLOWANCE_SECONDS`` (while one request reserves the next block, the key's other
+    requests in this process wait for it); the tokens of its requests are written with the
+    next check or by the background pass (at least every ``ALLOWANCE_SECONDS``), which also
+    gives back what a process stopped using. The state never admits more than a limit (a
+    block is counted before it is spent); what a block costs: the minute's count and the
+    running count include the unspent rest of each process's block (at most 1/64 of what
+    was left) until it is given back (a second after its last use; a process that dies loses
+    its requests until the minute ends, its slots until their leases expire), and a token
+    limit is checked against counts up to a second old while under half of it."""
 
     def __init__(self, quotas: Quotas, lease_seconds: float) -> None:
         self.quotas, self.lease_seconds = quotas, lease_seconds
@@ -189,6 +192,7 @@ class Limiter:
         # per key, as the last check found it: (the minute's count, the running count,
         # whether near a limit: then the next check asks for this request alone)
         self._seen: dict[int, tuple[int | None, int | None, bool]] = {}
+        self._checking: dict[int, threading.Event] = {}  # per key: a block being reserved
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
 
@@ -199,27 +203,45 @@ class Limiter:
             raise errors.model_not_permitted(model_id, quota.key_name, limits.models)
         if not limits.counted:
             return Ticket(None, quota)
-        now = time.time()
-        with self._lock:
-            held = self._allowances.get(quota.key_id)
-            if held is not None and held.admits(limits, now):
-                held.take(now)
-                return Ticket(self, quota, headers(limits, held.counts(), now),
-                              allowance=held)
-            pending = spare = left = 0
-            if held is not None:  # its tokens go with this check
-                pending, held.pending, held.written_at = held.pending, 0, now
-                if not held.retired and held.limits == limits:
-                    spare = len(held.leases) - held.running
-                    left = held.requests if now < held.rpm_ends else 0
-            seen_requests, seen_running, near = self._seen.get(quota.key_id,
-                                                               (None, None, False))
+        while True:
+            now = time.time()
+            with self._lock:
+                held = self._allowances.get(quota.key_id)
+                if held is not None and held.admits(limits, now):
+                    held.take(now)
+                    return Ticket(self, quota, headers(limits, held.counts(), now),
+                                  allowance=held)
+                seen_requests, seen_running, near = self._seen.get(quota.key_id,
+                                                                   (None, None, False))
+                checking = self._checking.get(quota.key_id)
+                if near or checking is None:
+                    pending = spare = left = 0
+                    if held is not None:  # its tokens go with this check
+                        pending, held.pending, held.written_at = held.pending, 0, now
+                        if not held.retired and held.limits == limits:
+                            spare = len(held.leases) - held.running
+                            left = held.requests if now < held.rpm_ends else 0
+                    mine = None
+                    if not near:
+                        mine = self._checking[quota.key_id] = threading.Event()
+                    break
+            # Far from the limits, one check per key at a time: the requests that find the
+            # block spent while another one refills it wait for that block instead of each
+            # reserving (and then giving back) one of their own.
+            checking.wait(CHECK_WAIT_SECONDS)
         # Only what the allowance lacks: requests while it has none of this minute left,
         # slots (0: only its other limits asked for) while it has none free.
         want = 1 if near or left > 0 else block(limits.rpm, seen_requests, MOST_REQUESTS)
         slots = 0 if spare > 0 else 1 if near else block(limits.max_concurrent, seen_running,
                                                          MOST_SLOTS)
-        return self._check(quota, now, want, slots, pending, held, left)
+        try:
+            return self._check(quota, now, want, slots, pending, held, left)
+        finally:
+            if mine is not None:
+                with self._lock:
+                    if self._checking.get(quota.key_id) is mine:
+                        del self._checking[quota.key_id]
+                mine.set()
 
     def _check(self, quota: Quota, now: float, want: int, slots: int, pending: int,
                held: Allowance | None, left: int = 0) -> Ticket:
