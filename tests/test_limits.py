@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import math
 import os
 import signal
 import threading
@@ -229,9 +230,17 @@ def test_a_key_far_from_its_limits_is_counted_exactly(engine: str, make_server,
     add_endpoint(server.url, fake)
     key = new_key(server.url, "roomy", rpm=100_000, tpm=10**9, max_concurrent=1_000,
                   daily_tokens=10**10, monthly_tokens=10**11)
+    quotas = server.runtime.balancer.limiter.quotas
+    checks, check = [], quotas.admit
+    quotas.admit = lambda *args: checks.append(1) or check(*args)  # counted, then done
+    started = time.monotonic()
     sent = at_once(12, lambda i: sum(chat(server.url, key, stream=j % 3 == 0) == 200
                                      for j in range(10)))
+    took = time.monotonic() - started
     assert sum(sent) == 120 and len(fake.calls) == 120
+    # One check per block (up to 64 requests), not one per request that found it spent:
+    # the first (one request, the count unknown), then a block at a time, each second anew.
+    assert len(checks) <= 4 + math.ceil(took), (len(checks), took)
     # Right after, the worker still holds its block: slots reserved ahead, none running;
     # one block's worth at most (64 requests; 16 slots beyond the 12 that ran at once),
     # however many requests checked together.
