@@ -17,6 +17,9 @@ export CMAKE_ARGS ?= $(LLAMA_CMAKE_ARGS)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 ARGS ?=
+# Test files run in this many processes at once (pytest-xdist; 0: one process). Most tests
+# wait on servers, nodes and timeouts rather than compute, so two share two cores well.
+TEST_WORKERS ?= 2
 # The coding agents tests/test_coding_agents.py drives, from npm into a project-local prefix.
 NPM_TOOLS := .npm-tools
 AGENT_CLIS := @anthropic-ai/claude-code@2.1 @openai/codex@0.171
@@ -59,7 +62,7 @@ run: $(VENV)/.installed
 	$(BIN)/llmlb serve $(ARGS)
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check llmlb engines plugins tests bench

@@ -289,6 +289,12 @@ class Limiter:
         if broken is not None:
             if leases or rest:
                 self.quotas.give_back(quota.key_id, [], rest, leases)
+            # A block reserved when the key was far (spent by requests whose tokens came in
+            # since) must not admit anything more: from here on each request is checked.
+            with self._lock:
+                gone = self._allowances.get(quota.key_id)
+                returns = [self._retire(gone)] if gone is not None else []
+            self._give_back(returns)
             raise errors.rate_limit_exceeded(quota.key_name, NUMBERS[broken][2], broken,
                                              getattr(limits, broken), wait, sent)
         far = ((limits.rpm is None or want > 1 or left > 0)

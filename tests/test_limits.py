@@ -22,7 +22,11 @@ import psutil
 import pytest
 import requests
 
+from llmlb import errors
 from llmlb.auth import create_api_key
+from llmlb.limiter import Limiter
+from llmlb.limits import Limits, Quota
+from llmlb.state import State
 
 from .conftest import (
     CLOSED_ENDPOINT,
@@ -34,6 +38,7 @@ from .conftest import (
     open_test_state,
 )
 from .fake_openai import FakeOpenAI
+from .test_db import state  # noqa: F401 - an open state, on each engine
 
 ENDPOINT_FAST = {"role": "balancer", "endpoint_check_seconds": 0.2, "cooldown_seconds": 0.5,
                  "cooldown_max_seconds": 10}
@@ -254,6 +259,26 @@ def test_a_key_far_from_its_limits_is_counted_exactly(engine: str, make_server,
         time.sleep(0.3)
 
 
+def test_a_refused_check_ends_the_block_its_key_held(state: State) -> None:  # noqa: F811
+    """Answers that end late (a stream's tokens counted after the next request began) let a
+    second request spend the block the first one reserved; once a check finds the key over
+    its limit, that block stops admitting: every request after the 429 is refused too."""
+    limiter = Limiter(state.quotas, 60)
+    quota = Quota(7, "daily", Limits(daily_tokens=15))
+    try:
+        first = limiter.admit(quota, "m")  # far from 15: a block is reserved
+        second = limiter.admit(quota, "m")  # spent from it: the first has not ended yet
+        first.finish(10)
+        second.finish(10)
+        for _ in range(3):  # 20 of 15 used: the check refuses, and so does every later one
+            with pytest.raises(errors.APIError) as refused:
+                limiter.admit(quota, "m")
+            assert refused.value.status == 429 and refused.value.param == "daily_tokens"
+    finally:
+        limiter.close()
+    assert state.quotas.current([7], time.time())[7]["day"] == 20
+
+
 def test_blocks_never_let_more_than_the_limit_through(start_process, llmlb_home: Path,
                                                       fakes) -> None:
     """rpm 200 through two workers, 300 requests at once: each worker reserves blocks while
@@ -295,11 +320,11 @@ def serve(start_process, home: Path, *extra: str, **env: str) -> Proc:
 
 
 def admin_key(home: Path) -> dict[str, str]:
-    state = open_test_state(home)
+    db = open_test_state(home)
     try:
-        key, _ = create_api_key(state, "admin", "admin")
+        key, _ = create_api_key(db, "admin", "admin")
     finally:
-        state.close()
+        db.close()
     return {"Authorization": f"Bearer {key}"}
 
 
