@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from . import errors
 from .limits import (
     NUMBERS,
+    TOKEN_LIMITS,
     TOKEN_SPANS,
     Counted,
     Limits,
@@ -47,9 +48,6 @@ MOST_SLOTS = 16
 ALLOWANCE_SECONDS = 1.0
 #: How long a request waits for another's check of the same key before looking again.
 CHECK_WAIT_SECONDS = 5.0
-#: (limit field, counter span) of the token limits
-_TOKEN_LIMITS = tuple((name, NUMBERS[name][0]) for name in ("tpm", "daily_tokens",
-                                                            "monthly_tokens"))
 
 
 def block(limit: int | None, used: int | None, most: int) -> int:
@@ -66,7 +64,7 @@ def token_spans(limits: Limits, tokens: int, now: float,
     """``tokens`` to add to each of the key's token windows (none when there are none)."""
     if tokens <= 0:
         return []
-    return [(span, *window(span, now), tokens) for name, span in _TOKEN_LIMITS
+    return [(span, *window(span, now), tokens) for name, span in TOKEN_LIMITS
             if getattr(limits, name) is not None]
 
 
@@ -74,7 +72,7 @@ def token_room(limits: Limits, counted: Mapping[str, Counted], now: float) -> fl
     """How many more tokens keep every token window under half its limit (inf without
     token limits; 0 or less: none)."""
     room = float("inf")
-    for name, span in _TOKEN_LIMITS:
+    for name, span in TOKEN_LIMITS:
         limit = getattr(limits, name)
         if limit is None:
             continue
@@ -247,7 +245,7 @@ class Limiter:
                held: Allowance | None, left: int = 0) -> Ticket:
         limits = quota.limits
         spans = [(span, *window(span, now), want if span == "rpm" else pending)
-                 for name, span in (("rpm", "rpm"), *_TOKEN_LIMITS)
+                 for name, span in (("rpm", "rpm"), *TOKEN_LIMITS)
                  if getattr(limits, name) is not None]
         expires = now + self.lease_seconds
         most = highest_counts(limits)
@@ -292,8 +290,7 @@ class Limiter:
             # A block reserved when the key was far (spent by requests whose tokens came in
             # since) must not admit anything more: from here on each request is checked.
             with self._lock:
-                gone = self._allowances.get(quota.key_id)
-                returns = [self._retire(gone)] if gone is not None else []
+                returns = self._retire_key(quota.key_id)
             self._give_back(returns)
             raise errors.rate_limit_exceeded(quota.key_name, NUMBERS[broken][2], broken,
                                              getattr(limits, broken), wait, sent)
@@ -308,8 +305,7 @@ class Limiter:
                 self.quotas.give_back(quota.key_id, [], rest, extra)
             lease = leases[0] if leases else None
             with self._lock:
-                gone = self._allowances.get(quota.key_id)
-                returns = [self._retire(gone)] if gone is not None else []
+                returns = self._retire_key(quota.key_id)
                 if lease is not None:
                     self._leases.add(lease)
                     self._start()
@@ -410,6 +406,11 @@ class Limiter:
         self._give_back(returns)
 
     # --- in the background -------------------------------------------------------------------
+
+    def _retire_key(self, key_id: int) -> list[_Return]:
+        """(Under the lock.) The key's block, if it holds one, retired (``_retire``)."""
+        held = self._allowances.get(key_id)
+        return [self._retire(held)] if held is not None else []
 
     def _retire(self, held: Allowance) -> _Return:
         """(Under the lock.) Stop spending ``held``; what goes back now: the requests left,

@@ -41,7 +41,10 @@ NUMBERS = {
     "monthly_tokens": ("month", "tokens", "tokens per month"),
     "max_concurrent": ("concurrent", "requests", "requests at once"),
 }
-TOKEN_SPANS = ("tpm", "day", "month")
+#: (limit field, counter span) of the token limits, in the order the headers prefer them
+TOKEN_LIMITS = tuple((name, NUMBERS[name][0]) for name in ("tpm", "daily_tokens",
+                                                           "monthly_tokens"))
+TOKEN_SPANS = tuple(span for _, span in TOKEN_LIMITS)
 _MAX = 2**62
 
 
@@ -180,10 +183,6 @@ def highest_counts(limits: Limits) -> dict[str, int]:
             if (limit := getattr(limits, name)) is not None}
 
 
-_TOKEN_HEADERS = tuple((name, NUMBERS[name][0]) for name in ("tpm", "daily_tokens",
-                                                               "monthly_tokens"))
-
-
 def headers(limits: Limits, counted: Mapping[str, Counted], now: float) -> list[tuple[str, str]]:
     """OpenAI's rate-limit headers: requests from ``rpm``; tokens from ``tpm``, else the
     daily, else the monthly budget."""
@@ -192,7 +191,7 @@ def headers(limits: Limits, counted: Mapping[str, Counted], now: float) -> list[
         out += (("x-ratelimit-limit-requests", str(limits.rpm)),
                 ("x-ratelimit-remaining-requests", str(max(0, limits.rpm - c.used))),
                 ("x-ratelimit-reset-requests", reset_text(c.ends - now)))
-    for name, span in _TOKEN_HEADERS:
+    for name, span in TOKEN_LIMITS:
         limit = getattr(limits, name)
         if limit is not None and (c := counted.get(span)) is not None:
             out += (("x-ratelimit-limit-tokens", str(limit)),

@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .state.usage import BOUNDS_MS, BUCKETS, COLUMNS, SUMS, UsageRollups
+from .state.usage import BOUNDS_MS, BUCKETS, COLUMNS, POINT, SUMS, UsageRollups
 
 __all__ = ["BOUNDS_MS", "COLUMNS", "rollup", "bucket_range", "report"]
 GROUPS = {"key": "key_name", "model": "model", "node": "node"}
@@ -66,11 +66,10 @@ def _hourly(rows: Iterable[Sequence[Any]]) -> list[tuple]:
 
 def _answer(requests: int, errors: int, tokens_in: int, tokens_out: int,
             *quantiles: float | None) -> dict[str, Any]:
-    """A point's ``POINT`` values as ``/v0/usage`` answers them (thousands per answer)."""
-    lat50, lat95, ttft50, ttft95 = (None if q is None else round(q, 1) for q in quantiles)
-    return {"requests": requests, "errors": errors, "tokens_in": tokens_in,
-            "tokens_out": tokens_out, "latency_p50_ms": lat50, "latency_p95_ms": lat95,
-            "ttft_p50_ms": ttft50, "ttft_p95_ms": ttft95}
+    """A point's ``POINT`` values as ``/v0/usage`` answers them, quantiles to 0.1 ms."""
+    return dict(zip(POINT, (requests, errors, tokens_in, tokens_out,
+                            *(None if q is None else round(q, 1) for q in quantiles)),
+                    strict=True))
 
 
 def bucket_range(since: float | None, until: float | None, span: int,

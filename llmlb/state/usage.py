@@ -91,7 +91,7 @@ def by_dimension(rows: Sequence[Sequence[Any]]) -> list[tuple]:
 
 class UsageRollups:
     def __init__(self, engine: Engine) -> None:
-        self.engine, self.columns = engine, COLUMNS
+        self.engine = engine
         self._add = {span: (_upsert(table, (bucket, *GROUP_COLUMNS)),
                             _upsert(f"{table}_by", ("dim", bucket, "value")))
                      for span, (table, bucket) in TABLES.items()}
