@@ -1,0 +1,218 @@
+"""HTTP/1.1 for the proxied routes, read and written by the gevent worker itself (issue 20).
+
+gunicorn spends more CPU on one proxied request than llmlb does: its parser, its ``Request``
+and ``Response`` objects, the environ built header by header, the head and body written in two
+sends (bench/balancer.py's profile: 42% of the samples, against 20% for the request to the
+node). A balancer's traffic is nearly all one shape: ``POST`` of a JSON body with a
+``Content-Length`` to a handful of paths, from clients (or nginx) that speak plain HTTP/1.1.
+That shape, and only that shape, is read here: the head matched whole by one regular
+expression, the environ built in one pass, the answer's head and a whole body sent together.
+
+Anything else is not parsed here at all: ``parse_head`` answers None and the worker hands the
+bytes it read to gunicorn, which serves that request exactly as before (its own checks, its
+errors, WebSockets, HTTP/1.0, chunked bodies, ``Expect``, ``Transfer-Encoding``…). So the rules
+here are only ever stricter than gunicorn's: a request that gunicorn would refuse, or would read
+differently, never matches. In particular a head with a repeated field, a field name with an
+underscore (gunicorn drops those), a bare CR or LF, obsolete line folding, a control character,
+or a line over gunicorn's limits goes to gunicorn.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable
+from email.utils import formatdate
+from typing import Any, NamedTuple
+
+_TOKEN = rb"[!#$%&'*+.^`|~0-9A-Za-z-]+"  # RFC 9110's token, less "_" (see above)
+# The whole head: "POST <target> HTTP/1.1", then "<name>:<value>" lines; a value holds no
+# control character but HTAB (so no CR or LF: a field cannot run into the next line).
+_HEAD = re.compile(rb"POST (/[!-~]*) HTTP/1\.1\r\n((?:" + _TOKEN +
+                   rb":[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n")
+# Request fields that change how the message is framed or answered: gunicorn's business.
+_NOT_HERE = frozenset({"TRANSFER-ENCODING", "EXPECT", "UPGRADE", "TE", "HTTP2-SETTINGS"})
+# Hop-by-hop answer fields, which the server (here, gunicorn elsewhere) decides, never the app.
+_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                  "te", "trailers", "transfer-encoding", "upgrade"})
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+class Limits(NamedTuple):
+    """gunicorn's limits on a head (``limit_request_*``; 0: none), and the largest body."""
+
+    line: int
+    fields: int
+    field_size: int
+    body: int
+
+
+class Head(NamedTuple):
+    """A request head read here: the path, the query, the WSGI variables of its fields, the
+    body's length, and whether the client asked to close the connection after it."""
+
+    path: str
+    query: str
+    target: str
+    fields: dict[str, str]
+    length: int
+    close: bool
+    scheme: str
+
+
+def parse_head(head: bytes, limits: Limits, secure: dict[str, str]) -> Head | None:
+    """The head (up to and with its empty line) when it is the plain shape read here, else
+    None. ``secure``: gunicorn's ``secure_scheme_headers`` when the peer is trusted to set
+    them (``forwarded_allow_ips``), else empty."""
+    match = _HEAD.fullmatch(head)
+    if match is None:
+        return None
+    target = match.group(1)
+    if limits.line and len(target) + 14 > limits.line:  # "POST " + target + " HTTP/1.1"
+        return None
+    lines = match.group(2).split(b"\r\n")
+    lines.pop()  # after the last CRLF
+    if limits.fields and len(lines) > limits.fields:
+        return None
+    fields: dict[str, str] = {}
+    length = -1
+    close = False
+    scheme = None
+    for line in lines:
+        if limits.field_size and len(line) > limits.field_size:
+            return None
+        name, _, raw = line.partition(b":")
+        key = name.decode("ascii").upper()
+        value = raw.strip(b" \t").decode("latin-1")
+        if key == "CONTENT-LENGTH":
+            if length >= 0 or not (value.isascii() and value.isdigit()):
+                return None
+            length = int(value)
+            fields["CONTENT_LENGTH"] = value
+            continue
+        if key in _NOT_HERE:
+            return None
+        wsgi = "CONTENT_TYPE" if key == "CONTENT-TYPE" else "HTTP_" + key.replace("-", "_")
+        if wsgi in fields:  # repeated: how to join it, or whether it may repeat, is gunicorn's
+            return None
+        fields[wsgi] = value
+        if key == "CONNECTION":
+            close = "close" in value.lower()
+        if key in secure:
+            said = "https" if value == secure[key] else "http"
+            if scheme is not None and said != scheme:
+                return None  # two scheme fields that disagree: gunicorn refuses the request
+            scheme = said
+    if length < 0 or length > limits.body:
+        return None
+    path, _, query = target.decode("ascii").partition("?")
+    if "%" in path or "#" in target.decode("ascii"):
+        return None  # decoding and fragments: gunicorn's
+    return Head(path, query, target.decode("ascii"), fields, length, close, scheme or "http")
+
+
+_date = (0, "")
+
+
+def http_date() -> str:
+    """The Date field, formatted once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, formatdate(now, usegmt=True))
+    return _date[1]
+
+
+_names: dict[str, tuple[bool, bool]] = {}  # field name -> (hop-by-hop, Content-Length)
+
+
+def _name(name: str) -> tuple[bool, bool]:
+    known = _names.get(name)
+    if known is None:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ValueError(f"invalid header name {name!r} in the answer")
+        lower = name.lower()
+        known = (lower in _HOP, lower == "content-length")
+        if len(_names) < 1000:
+            _names[name] = known
+    return known
+
+
+class Answer:
+    """The WSGI ``start_response`` of one request, and the head it makes: ``sent`` counts
+    the body's bytes (the access log's ``%(b)s``), ``status`` is the app's status line."""
+
+    __slots__ = ("status", "headers", "length", "sent", "close", "chunked", "head_sent")
+
+    def __init__(self) -> None:
+        self.status = ""
+        self.headers: list[tuple[str, str]] = []
+        self.length: int | None = None
+        self.sent = 0
+        self.close = False
+        self.chunked = False
+        self.head_sent = False
+
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: Any = None) -> Callable[[bytes], None]:
+        if exc_info is not None and self.head_sent:
+            raise exc_info[1].with_traceback(exc_info[2])
+        self.status, self.headers = status, headers
+        return self._write_refused
+
+    @staticmethod
+    def _write_refused(_data: bytes) -> None:
+        raise NotImplementedError("the WSGI write() callable: return the body instead")
+
+    def head(self, close: bool) -> bytes:
+        """The answer's head; ``close``: the connection ends after this answer."""
+        lines = []
+        self.length = None
+        for name, value in self.headers:
+            hop, is_length = _name(name)
+            if not isinstance(value, str) or _BAD_VALUE.search(value):
+                raise ValueError(f"invalid value of header {name!r} in the answer")
+            if hop:
+                continue
+            if is_length:
+                self.length = int(value.strip(" \t"))
+            lines.append(f"{name}: {value}\r\n")
+        code = self.status[:3]
+        self.chunked = self.length is None and code not in ("204", "304") \
+            and not code.startswith("1")
+        self.close = close
+        return (f"HTTP/1.1 {self.status}\r\nServer: gunicorn\r\nDate: {http_date()}\r\n"
+                f"Connection: {'close' if close else 'keep-alive'}\r\n"
+                + ("Transfer-Encoding: chunked\r\n" if self.chunked else "")
+                + "".join(lines) + "\r\n").encode("latin-1")
+
+    def frames(self, body: Iterable[bytes], close: bool) -> Iterable[bytes]:
+        """What to send for ``body``: the head with the first piece, then each piece (framed
+        when chunked; never past a Content-Length), the last chunk's marker at the end. The
+        head waits for the first piece: an app may call ``start_response`` that late."""
+        head = b""
+        for piece in body:
+            if not piece:
+                continue
+            if not self.head_sent:
+                head = self.head(close)
+                self.head_sent = True
+            if self.length is not None:
+                piece = piece[:self.length - self.sent]
+                if not piece:
+                    continue
+            self.sent += len(piece)
+            if self.chunked:
+                piece = b"%X\r\n%s\r\n" % (len(piece), piece)
+            if head:
+                piece, head = head + piece, b""
+            yield piece
+        if not self.head_sent:
+            head = self.head(close)
+            self.head_sent = True
+        end = b"0\r\n\r\n" if self.chunked else b""
+        if head or end:
+            yield head + end
+        if self.length is not None and self.sent < self.length:
+            self.close = True  # the app sent less than it said: the connection cannot go on
