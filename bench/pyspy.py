@@ -35,6 +35,8 @@ PARTS = [
     ("logging (access log)", r"logging/__init__\.py|gunicorn/glogging\.py|llmlb/logsafe\.py"
      r"|llmlb/gunicorn_worker\.py"),
     ("Flask and werkzeug dispatch", r"\((flask|werkzeug)/"),
+    ("llmlb's HTTP/1.1 loop (fast_http, the gevent worker)",
+     r"llmlb/(fast_http|gunicorn_gevent)\.py"),
     ("gunicorn request handling (HTTP parsing, WSGI)", r"\(gunicorn/"),
     # gevent's sockets, select and timeouts pass: their time is their caller's (a send to the
     # upstream is the pool's, writing the answer is gunicorn's).

@@ -31,7 +31,9 @@ _TOKEN = rb"[!#$%&'*+.^`|~0-9A-Za-z-]+"  # RFC 9110's token, less "_" (see above
 _HEAD = re.compile(rb"POST (/[!-~]*) HTTP/1\.1\r\n((?:" + _TOKEN +
                    rb":[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n")
 # Request fields that change how the message is framed or answered: gunicorn's business.
-_NOT_HERE = frozenset({"TRANSFER-ENCODING", "EXPECT", "UPGRADE", "TE", "HTTP2-SETTINGS"})
+_NOT_HERE = frozenset({"HTTP_TRANSFER_ENCODING", "HTTP_EXPECT", "HTTP_UPGRADE", "HTTP_TE",
+                       "HTTP_HTTP2_SETTINGS"})
+
 # Hop-by-hop answer fields, which the server (here, gunicorn elsewhere) decides, never the app.
 _HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                   "te", "trailers", "transfer-encoding", "upgrade"})
@@ -68,48 +70,40 @@ def parse_head(head: bytes, limits: Limits, secure: dict[str, str]) -> Head | No
     match = _HEAD.fullmatch(head)
     if match is None:
         return None
-    target = match.group(1)
+    target = match.group(1).decode("ascii")
     if limits.line and len(target) + 14 > limits.line:  # "POST " + target + " HTTP/1.1"
         return None
-    lines = match.group(2).split(b"\r\n")
+    lines = match.group(2).decode("latin-1").split("\r\n")
     lines.pop()  # after the last CRLF
     if limits.fields and len(lines) > limits.fields:
         return None
-    fields: dict[str, str] = {}
-    length = -1
-    close = False
+    if limits.field_size and max(map(len, lines)) > limits.field_size:
+        return None
+    # A comprehension, not a loop: this runs for every request.
+    pairs = [line.partition(":") for line in lines]
+    fields = {"HTTP_" + name.upper().replace("-", "_"): value.strip(" \t")
+              for name, _, value in pairs}
+    if len(fields) != len(pairs) or not _NOT_HERE.isdisjoint(fields):
+        return None  # a repeated field (how to join it, whether it may repeat: gunicorn's)
+    length = fields.pop("HTTP_CONTENT_LENGTH", "")
+    if not (length.isascii() and length.isdigit()) or int(length) > limits.body:
+        return None
+    fields["CONTENT_LENGTH"] = length
+    if "HTTP_CONTENT_TYPE" in fields:
+        fields["CONTENT_TYPE"] = fields.pop("HTTP_CONTENT_TYPE")
     scheme = None
-    for line in lines:
-        if limits.field_size and len(line) > limits.field_size:
-            return None
-        name, _, raw = line.partition(b":")
-        key = name.decode("ascii").upper()
-        value = raw.strip(b" \t").decode("latin-1")
-        if key == "CONTENT-LENGTH":
-            if length >= 0 or not (value.isascii() and value.isdigit()):
-                return None
-            length = int(value)
-            fields["CONTENT_LENGTH"] = value
-            continue
-        if key in _NOT_HERE:
-            return None
-        wsgi = "CONTENT_TYPE" if key == "CONTENT-TYPE" else "HTTP_" + key.replace("-", "_")
-        if wsgi in fields:  # repeated: how to join it, or whether it may repeat, is gunicorn's
-            return None
-        fields[wsgi] = value
-        if key == "CONNECTION":
-            close = "close" in value.lower()
-        if key in secure:
-            said = "https" if value == secure[key] else "http"
+    for name, wanted in secure.items() if secure else ():
+        value = fields.get("HTTP_" + name.replace("-", "_"))
+        if value is not None:
+            said = "https" if value == wanted else "http"
             if scheme is not None and said != scheme:
                 return None  # two scheme fields that disagree: gunicorn refuses the request
             scheme = said
-    if length < 0 or length > limits.body:
-        return None
-    path, _, query = target.decode("ascii").partition("?")
-    if "%" in path or "#" in target.decode("ascii"):
+    path, _, query = target.partition("?")
+    if "%" in path or "#" in target:
         return None  # decoding and fragments: gunicorn's
-    return Head(path, query, target.decode("ascii"), fields, length, close, scheme or "http")
+    close = "close" in fields.get("HTTP_CONNECTION", "").lower()
+    return Head(path, query, target, fields, int(length), close, scheme or "http")
 
 
 _date = (0, "")

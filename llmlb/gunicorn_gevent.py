@@ -171,7 +171,10 @@ class GeventWorker(JSONErrors, ggevent.GeventWorker):
         try:
             try:
                 for data in answer.frames(respiter, close):
-                    client.sendall(data)
+                    # send first: gevent's sendall asks the socket its buffer size each time
+                    sent = client.send(data)
+                    if sent < len(data):
+                        client.sendall(memoryview(data)[sent:])
             except OSError:
                 raise
             except Exception:

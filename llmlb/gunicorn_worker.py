@@ -95,10 +95,35 @@ class AccessLogger(Logger):
                 # escaped, then quoted as gunicorn's SafeAtoms quotes
                 atoms[name] = escape(value).replace('"', '\\"') if isinstance(value, str) \
                     else value
-            self.access_log.handle(self.access_log.makeRecord(
-                self.access_log.name, logging.INFO, "(access)", 0, fmt, (atoms,), None))
+            handler = self._plain_stream()
+            if handler is None:
+                self.access_log.handle(self.access_log.makeRecord(
+                    self.access_log.name, logging.INFO, "(access)", 0, fmt, (atoms,), None))
+                return
+            # What the handler would write, without a LogRecord and the handler's filters,
+            # formatter and lookups that end in just this (a tenth of a proxied request's CPU)
+            line = fmt % atoms + handler.terminator
+            handler.acquire()
+            try:
+                handler.stream.write(line)
+                handler.stream.flush()
+            finally:
+                handler.release()
         except Exception:
             self.error(traceback.format_exc())
+
+    def _plain_stream(self) -> logging.StreamHandler | None:
+        """The access log's one handler when it is a plain stream writing each message as it
+        is (gunicorn's ``accesslog = "-"``, llmlb's), else None: then logging writes it."""
+        log = self.access_log
+        if len(log.handlers) != 1 or log.filters:
+            return None
+        handler = log.handlers[0]
+        if type(handler) is not logging.StreamHandler or handler.filters \
+                or handler.formatter is None or handler.formatter._fmt != "%(message)s" \
+                or handler.level > logging.INFO:
+            return None
+        return handler
 
 
 class _Captured:

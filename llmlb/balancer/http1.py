@@ -12,7 +12,6 @@ request, keep connections, notice a dead one, and hand the body on chunk by chun
 
 from __future__ import annotations
 
-import select
 import socket
 import ssl
 import threading
@@ -23,7 +22,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from ..disconnect import peer_closed, readable_now
+from ..disconnect import INTERVAL, peer_closed, readable_now
 
 READ_SIZE = 64 * 1024
 
@@ -176,7 +175,9 @@ class Pool:
     def _exchange(self, sock: socket.socket, data: bytes,
                   client: socket.socket | None = None) -> Response:
         try:
-            sock.sendall(data)
+            sent = sock.send(data)  # most requests fit the socket's buffer: one call
+            if sent < len(data):
+                sock.sendall(memoryview(data)[sent:])
         except TimeoutError as exc:
             sock.close()
             raise HTTPClientError("the request could not be sent in time") from exc
@@ -189,8 +190,9 @@ class Pool:
         while not parsed.headers_done:
             try:
                 if client is not None:
-                    client = self._await(sock, client)
-                chunk = sock.recv(READ_SIZE)
+                    chunk, client = self._receive(sock, client)
+                else:
+                    chunk = sock.recv(READ_SIZE)
             except TimeoutError as exc:
                 sock.close()
                 raise HTTPClientError("no answer in time") from exc
@@ -211,31 +213,37 @@ class Pool:
                 raise HTTPClientError(f"invalid response: {exc}") from exc
         return Response(self, sock, parser, parsed)
 
-    def _await(self, sock: socket.socket, client: socket.socket) -> socket.socket | None:
-        """Wait until ``sock`` can be read, watching ``client`` meanwhile: ClientGone (the
-        connection closed) when it leaves first, TimeoutError after the read timeout. The
-        client to go on watching is returned: None once it sent more (it is still there, and
-        its bytes are not ours to read)."""
-        if getattr(sock, "pending", lambda: 0)():
-            return client  # TLS: bytes already decrypted wait in the buffer
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        poller.register(client, select.POLLIN)
+    def _receive(self, sock: socket.socket,
+                 client: socket.socket) -> tuple[bytes, socket.socket | None]:
+        """The next bytes of the answer, looking at ``client`` every ``INTERVAL`` seconds
+        while they are awaited: ClientGone when it left, TimeoutError after the read timeout.
+        Returned with them, the client to go on watching: None once it sent more (it is
+        still there, and its bytes are not ours to read).
+
+        A receive with a short timeout rather than a poll of both sockets: most answers come
+        within the first interval, and then this costs one receive (a poll object, under
+        gevent, costs more than the rest of the wait)."""
         deadline = time.monotonic() + self.read_timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError()
-            ready = {fd for fd, _ in poller.poll(left * 1000)}
-            if sock.fileno() in ready:
-                return client
-            if client.fileno() in ready:
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError()
+                sock.settimeout(min(INTERVAL, left))
+                try:
+                    return sock.recv(READ_SIZE), client
+                except TimeoutError:
+                    if client is None:
+                        continue
                 closed = peer_closed(client)
                 if closed:
                     sock.close()
                     raise ClientGone("the client closed its connection")
                 if closed is None:
-                    return None
+                    client = None
+        finally:
+            if sock.fileno() >= 0:
+                sock.settimeout(self.read_timeout)
 
     def _get(self) -> tuple[socket.socket, bool]:
         while True:
