@@ -26,6 +26,8 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from . import process_id
+
 log = logging.getLogger(__name__)
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -120,7 +122,7 @@ class Metrics:
             # A fresh value class: its files go to the directory just set, whatever an earlier
             # app in this process (tests) used; apps sharing a directory share the class (two
             # writers of one file would overwrite each other's entries).
-            values.ValueClass = values.MultiProcessValue()
+            values.ValueClass = values.MultiProcessValue(process_identifier=process_id.current)
             _value_class_dir = str(directory)
         labels = ("model", "node", "status")
         self.requests = Counter("llmlb_requests", "Requests answered, by model, node and HTTP "

@@ -146,3 +146,20 @@ def test_a_worker_started_without_llmlbs_master_keeps_live_workers_counts(
     monkeypatch.delenv(ENV, raising=False)
     Metrics(directory, lambda: [])
     assert not list(directory.glob("counter_*.db"))
+
+
+def test_the_kept_process_id_follows_a_fork() -> None:
+    # Each worker's metric values and in-flight slot are named by this id: a child that kept
+    # its parent's would write over the parent's counts.
+    from llmlb import process_id
+
+    assert process_id.current() == os.getpid()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(write, f"{process_id.current()} {os.getpid()}".encode())
+        os._exit(0)
+    os.close(write)
+    kept, actual = os.read(read, 100).decode().split()
+    os.waitpid(child, 0)
+    assert kept == actual == str(child)

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .. import process_id
+
 MAGIC = b"LLMLBIF1"
 WORKERS = 128  # worker processes of one instance that can count at once
 NODES = 512
@@ -150,7 +152,7 @@ class InflightCounters:
     def _mine(self) -> tuple[memoryview, int]:
         """This process's counters and slot, claiming a slot after start or fork."""
         pids, counts = self._view()
-        pid = os.getpid()
+        pid = process_id.current()
         if self._pid != pid:
             with self._file_lock():
                 free = [s for s in range(WORKERS) if pids[s] == pid]
