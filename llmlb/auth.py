@@ -62,6 +62,7 @@ class KeyRecord:
     limits: Limits = NO_LIMITS
 
 
+@functools.lru_cache(maxsize=4096)  # the same few keys on every request; sprayed ones push out
 def _hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 

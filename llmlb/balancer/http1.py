@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ import httptools
 from ..disconnect import INTERVAL, peer_closed, readable_now
 
 READ_SIZE = 64 * 1024
+FRESH_SECONDS = 1.0  # an idle connection younger than this is reused without a look
 
 
 class HTTPClientError(Exception):
@@ -144,8 +144,7 @@ class Pool:
         self.host_header = parts.netloc.rsplit("@", 1)[-1].encode("idna")
         self.maxsize, self.connect_timeout, self.read_timeout = (
             maxsize, connect_timeout, read_timeout)
-        self._idle: deque[socket.socket] = deque()
-        self._lock = threading.Lock()
+        self._idle: deque[tuple[socket.socket, float]] = deque()  # (connection, back since)
         self._tls = ssl.create_default_context() if self.scheme == "https" else None
 
     def request(self, method: str, path: str, body: bytes | None,
@@ -166,9 +165,11 @@ class Pool:
         return self._exchange(self._connect(), data, client)
 
     def close(self) -> None:
-        with self._lock:
-            while self._idle:
-                self._idle.pop().close()
+        while True:
+            try:
+                self._idle.pop()[0].close()
+            except IndexError:
+                return
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -247,19 +248,21 @@ class Pool:
 
     def _get(self) -> tuple[socket.socket, bool]:
         while True:
-            with self._lock:
-                sock = self._idle.pop() if self._idle else None
-            if sock is None:
+            try:
+                sock, since = self._idle.pop()  # deque.pop/append are atomic: no lock
+            except IndexError:
                 return self._connect(), False
-            if _alive(sock):
+            # A connection back for less than a second is taken as it is: a peer that closed it
+            # meanwhile (rare so soon) makes the request fail before any answer, and it is sent
+            # again on a new one (``_Dropped``); the look costs a system call per request.
+            if time.monotonic() - since < FRESH_SECONDS or _alive(sock):
                 return sock, True
             sock.close()
 
     def _put(self, sock: socket.socket) -> None:
-        with self._lock:
-            if len(self._idle) < self.maxsize:
-                self._idle.append(sock)
-                return
+        if len(self._idle) < self.maxsize:  # two threads at once may both add: a bound, loose
+            self._idle.append((sock, time.monotonic()))
+            return
         sock.close()
 
     def _connect(self) -> socket.socket:
