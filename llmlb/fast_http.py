@@ -37,7 +37,7 @@ _NOT_HERE = frozenset({"HTTP_TRANSFER_ENCODING", "HTTP_EXPECT", "HTTP_UPGRADE", 
 # Hop-by-hop answer fields, which the server (here, gunicorn elsewhere) decides, never the app.
 _HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                   "te", "trailers", "transfer-encoding", "upgrade"})
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # CR and LF are counted apart
 _NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
@@ -165,13 +165,21 @@ class Answer:
         self.length = None
         for name, value in self.headers:
             hop, is_length = _name(name)
-            if not isinstance(value, str) or _BAD_VALUE.search(value):
+            if not isinstance(value, str):
                 raise ValueError(f"invalid value of header {name!r} in the answer")
             if hop:
                 continue
             if is_length:
                 self.length = int(value.strip(" \t"))
             lines.append(f"{name}: {value}\r\n")
+        fields = "".join(lines)
+        # One look at all the values: no control character but HTAB, and no CR or LF but
+        # the line ends (a value cannot start a field of its own)
+        if _BAD_VALUE.search(fields) or fields.count("\n") != len(lines) \
+                or fields.count("\r") != len(lines):
+            bad = next(n for n, v in self.headers
+                       if _BAD_VALUE.search(v) or "\r" in v or "\n" in v)
+            raise ValueError(f"invalid value of header {bad!r} in the answer")
         code = self.status[:3]
         self.chunked = self.length is None and code not in ("204", "304") \
             and not code.startswith("1")
@@ -179,7 +187,7 @@ class Answer:
         return (f"HTTP/1.1 {self.status}\r\nServer: gunicorn\r\nDate: {http_date()}\r\n"
                 f"Connection: {'close' if close else 'keep-alive'}\r\n"
                 + ("Transfer-Encoding: chunked\r\n" if self.chunked else "")
-                + "".join(lines) + "\r\n").encode("latin-1")
+                + fields + "\r\n").encode("latin-1")
 
     def frames(self, body: Iterable[bytes], close: bool) -> Iterable[bytes]:
         """What to send for ``body``: the head with the first piece, then each piece (framed

@@ -19,7 +19,7 @@ import errno
 import io
 import ssl
 import time
-from datetime import datetime
+from datetime import timedelta
 from typing import Any
 
 import gevent
@@ -100,8 +100,12 @@ class GeventWorker(JSONErrors, ggevent.GeventWorker):
 
     def _serve(self, listener: Any, client: Any, addr: tuple, fast: dict[str, Any]) -> None:
         listener_name = listener.getsockname()
-        server = (str(listener_name[0]), str(listener_name[1]))
-        limits, base, keepalive = fast["limits"], fast["environ"], fast["keepalive"]
+        limits, keepalive = fast["limits"], fast["keepalive"]
+        # The environ's part that is the same for every request of this connection
+        base = {**fast["environ"], "gunicorn.socket": client, "REQUEST_METHOD": "POST",
+                "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": addr[0],
+                "REMOTE_PORT": str(addr[1]), "SERVER_NAME": str(listener_name[0]),
+                "SERVER_PORT": str(listener_name[1]), "SCRIPT_NAME": ""}
         secure = self.cfg.secure_scheme_headers if _ip_in_allow_list(
             addr[0], self.cfg.forwarded_allow_ips, self.cfg.forwarded_allow_networks()) else {}
         buf = b""
@@ -146,27 +150,26 @@ class GeventWorker(JSONErrors, ggevent.GeventWorker):
                     have += len(data)
                 buf = b"".join(parts)
             body, buf = buf[start:need], buf[need:]
-            if not self._answer(head, body, client, addr, server, base):
+            if not self._answer(head, body, client, base):
                 return
             gevent.sleep(0)  # a turn for the other connections (see handle_request)
 
-    def _answer(self, head: Any, body: bytes, client: Any, addr: tuple,
-                server: tuple[str, str], base: dict) -> bool:
+    def _answer(self, head: Any, body: bytes, client: Any, base: dict) -> bool:
         """Serve one request read here; whether the connection goes on."""
-        environ = {**base, **head.fields, "wsgi.input": io.BytesIO(body),
-                   "gunicorn.socket": client, "REQUEST_METHOD": "POST",
-                   "QUERY_STRING": head.query, "RAW_URI": head.target,
-                   "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": addr[0],
-                   "REMOTE_PORT": str(addr[1]), "SERVER_NAME": server[0],
-                   "SERVER_PORT": server[1], "PATH_INFO": head.path, "SCRIPT_NAME": "",
-                   "wsgi.url_scheme": head.scheme}
+        environ = base.copy()
+        environ.update(head.fields)
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["QUERY_STRING"] = head.query
+        environ["RAW_URI"] = head.target
+        environ["PATH_INFO"] = head.path
+        environ["wsgi.url_scheme"] = head.scheme
         self.nr += 1
         if self.nr >= self.max_requests and self.alive:
             self.log.info("Autorestarting worker after current request.")
             self.alive = False
         close = head.close or not self.alive
         answer = Answer()
-        began = datetime.now()
+        began = time.perf_counter()
         respiter = self.wsgi(environ, answer.start_response)
         try:
             try:
@@ -184,7 +187,7 @@ class GeventWorker(JSONErrors, ggevent.GeventWorker):
                 return False  # the answer has begun: all that can be done is to end it
         finally:
             self.log.access(answer, _Line(head.path, head.query, head.target), environ,
-                            datetime.now() - began)
+                            timedelta(seconds=time.perf_counter() - began))
             if hasattr(respiter, "close"):
                 respiter.close()
         return not answer.close

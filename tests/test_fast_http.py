@@ -15,7 +15,7 @@ import openai
 import pytest
 import requests
 
-from llmlb.fast_http import Limits, parse_head
+from llmlb.fast_http import Answer, Limits, parse_head
 
 from .conftest import Proc, free_port, llmlb_command
 from .test_endpoints import add
@@ -225,3 +225,30 @@ def test_scheme_fields_that_disagree_are_left_to_gunicorn() -> None:
     both = PLAIN.replace(b"Host: lb", b"X-Forwarded-Proto: https\r\nX-Forwarded-Ssl: off")
     secure = {"X-FORWARDED-PROTO": "https", "X-FORWARDED-SSL": "on"}
     assert parse_head(both, LIMITS, secure) is None
+
+
+def _answer(headers: list[tuple[str, str]], body: list[bytes], close: bool = False) -> bytes:
+    answer = Answer()
+    answer.start_response("200 OK", headers)
+    return b"".join(answer.frames(body, close))
+
+
+def test_the_answer_is_framed_as_http_1_1() -> None:
+    sent = _answer([("Content-Type", "text/plain"), ("Connection", "keep-alive"),
+                    ("Content-Length", "5")], [b"hel", b"", b"lo, and more"])
+    head, body = sent.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\nServer: gunicorn\r\nDate: ")
+    assert b"Connection: keep-alive" in head and head.count(b"Connection") == 1  # the app's
+    assert body == b"hello"  # never past its Content-Length
+    streamed = _answer([("Content-Type", "text/event-stream")], [b"data: 1\n\n", b"",
+                                                                 b"data: 2\n\n"], close=True)
+    head, body = streamed.split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding: chunked" in head and b"Connection: close" in head
+    assert body == b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb", "a\x00b", "a\x1bb"])
+def test_an_answer_field_that_would_break_the_head_is_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="X-Node"):
+        _answer([("Content-Type", "text/plain"), ("X-Node", value)], [b"x"])
+    assert _answer([("X-Node", "a\tb")], [b"x"])  # HTAB is allowed
