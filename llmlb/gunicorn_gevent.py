@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import os
 import ssl
 import time
 from datetime import timedelta
@@ -75,8 +76,6 @@ class GeventWorker(JSONErrors, ggevent.GeventWorker):
         asks for something only gunicorn does (HTTP/2, the PROXY protocol, TLS, a
         SCRIPT_NAME prefix)."""
         if self._fast is None:
-            import os
-
             cfg = self.cfg
             runtime = getattr(self.wsgi, "extensions", {}).get("llmlb")
             if runtime is None or cfg.is_ssl or "h2" in str(cfg.http_protocols) \
