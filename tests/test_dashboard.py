@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from .conftest import LiveServer, save_artifact
 from .fake_hub import FakeHub
@@ -102,7 +103,10 @@ def test_pull_shows_live_progress_then_ready(dash, page: Page, hub: FakeHub) -> 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and tiny.get_attribute("data-status") != "Ready":
         if bar.count():
-            value = bar.get_attribute("aria-valuenow")
+            try:  # the card is redrawn at each event: the bar may be gone by now
+                value = bar.get_attribute("aria-valuenow", timeout=500)
+            except PlaywrightTimeoutError:
+                continue
             if value is not None:
                 values.append(int(value))
                 if len(values) == 8:
