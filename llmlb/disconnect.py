@@ -5,9 +5,9 @@ writes nothing until the end, so without a look at the socket its generation wou
 the last token for nobody. ``ClientWatch`` looks: the connection the WSGI server read the
 request from (``gunicorn.socket`` under gunicorn, ``werkzeug.socket`` under werkzeug) becomes
 readable with end-of-file when the client closes it. The node checks between tokens (at most
-every ``INTERVAL`` seconds); the balancer waits on the node's socket and its client's together
-(``balancer/http1.py``) and drops the node's connection when its own client leaves, which the
-node in turn notices.
+every ``INTERVAL`` seconds); the balancer, while it waits for the node's answer, looks at its
+client every ``INTERVAL`` seconds too (``balancer/http1.py``) and drops the node's connection
+when its own client left, which the node in turn notices.
 """
 
 from __future__ import annotations
