@@ -19,11 +19,14 @@ or a line over gunicorn's limits goes to gunicorn.
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections.abc import Callable, Iterable
-from email.utils import formatdate
 from typing import Any, NamedTuple
+
+from gunicorn import util
+from gunicorn.http.message import TOKEN_RE
 
 _TOKEN = rb"[!#$%&'*+.^`|~0-9A-Za-z-]+"  # RFC 9110's token, less "_" (see above)
 # The whole head: "POST <target> HTTP/1.1", then "<name>:<value>" lines; a value holds no
@@ -34,11 +37,7 @@ _HEAD = re.compile(rb"POST (/[!-~]*) HTTP/1\.1\r\n((?:" + _TOKEN +
 _NOT_HERE = frozenset({"HTTP_TRANSFER_ENCODING", "HTTP_EXPECT", "HTTP_UPGRADE", "HTTP_TE",
                        "HTTP_HTTP2_SETTINGS"})
 
-# Hop-by-hop answer fields, which the server (here, gunicorn elsewhere) decides, never the app.
-_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                  "te", "trailers", "transfer-encoding", "upgrade"})
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # CR and LF are counted apart
-_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 class Limits(NamedTuple):
@@ -110,24 +109,26 @@ _date = (0, "")
 
 
 def http_date() -> str:
-    """The Date field, formatted once a second."""
+    """gunicorn's Date field, formatted once a second."""
     global _date
     now = int(time.time())
     if _date[0] != now:
-        _date = (now, formatdate(now, usegmt=True))
+        _date = (now, util.http_date(now))
     return _date[1]
 
 
-_names: dict[str, tuple[bool, bool]] = {}  # field name -> (hop-by-hop, Content-Length)
+_names: dict[str, tuple[bool, bool]] = {}  # field name -> (gunicorn's to write, Content-Length)
 
 
 def _name(name: str) -> tuple[bool, bool]:
     known = _names.get(name)
     if known is None:
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not isinstance(name, str) or not TOKEN_RE.fullmatch(name):
             raise ValueError(f"invalid header name {name!r} in the answer")
         lower = name.lower()
-        known = (lower in _HOP, lower == "content-length")
+        # Hop-by-hop fields, Date and Server are the server's, never the app's: gunicorn's
+        # list, so an answer read here has the fields it would have from gunicorn.
+        known = (lower in util.hop_headers, lower == "content-length")
         if len(_names) < 1000:
             _names[name] = known
     return known
@@ -137,7 +138,8 @@ class Answer:
     """The WSGI ``start_response`` of one request, and the head it makes: ``sent`` counts
     the body's bytes (the access log's ``%(b)s``), ``status`` is the app's status line."""
 
-    __slots__ = ("status", "headers", "length", "sent", "close", "chunked", "head_sent")
+    __slots__ = ("status", "headers", "length", "sent", "close", "chunked", "head_sent",
+                 "written")
 
     def __init__(self) -> None:
         self.status = ""
@@ -147,17 +149,16 @@ class Answer:
         self.close = False
         self.chunked = False
         self.head_sent = False
+        self.written: list[bytes] = []  # what the app gave WSGI's write() callable
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: Any = None) -> Callable[[bytes], None]:
         if exc_info is not None and self.head_sent:
             raise exc_info[1].with_traceback(exc_info[2])
         self.status, self.headers = status, headers
-        return self._write_refused
-
-    @staticmethod
-    def _write_refused(_data: bytes) -> None:
-        raise NotImplementedError("the WSGI write() callable: return the body instead")
+        # WSGI's write(), for apps that still use it (PEP 3333 allows no more than this):
+        # its bytes go out first, once the app has returned
+        return self.written.append
 
     def head(self, close: bool) -> bytes:
         """The answer's head; ``close``: the connection ends after this answer."""
@@ -194,7 +195,7 @@ class Answer:
         when chunked; never past a Content-Length), the last chunk's marker at the end. The
         head waits for the first piece: an app may call ``start_response`` that late."""
         head = b""
-        for piece in body:
+        for piece in itertools.chain(self.written, body):
             if not piece:
                 continue
             if not self.head_sent:

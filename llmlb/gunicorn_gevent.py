@@ -34,6 +34,7 @@ from .fast_http import Answer, Limits, parse_head
 from .gunicorn_worker import JSONErrors
 
 READ_SIZE = 64 * 1024
+HEAD_MAX = 64 * 1024  # the longest head worth waiting for here; a longer one is gunicorn's
 
 
 class _Line:
@@ -92,8 +93,6 @@ class GeventWorker(JSONErrors, ggevent.GeventWorker):
                                      runtime.settings.server.max_body_bytes),
                     "environ": environ,
                     "keepalive": float(cfg.keepalive),
-                    # the longest head worth waiting for here; a longer one is gunicorn's
-                    "head_max": 64 * 1024,
                 }
         return self._fast
 
@@ -113,7 +112,7 @@ class GeventWorker(JSONErrors, ggevent.GeventWorker):
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 deadline = time.monotonic() + keepalive
-                while end < 0 and len(buf) < fast["head_max"]:
+                while end < 0 and len(buf) < HEAD_MAX:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return
@@ -130,8 +129,7 @@ class GeventWorker(JSONErrors, ggevent.GeventWorker):
                     end = buf.find(b"\r\n\r\n", max(0, len(buf) - len(data) - 3))
             head = parse_head(buf[:end + 4], limits, secure) \
                 if end >= 0 and buf.startswith(b"POST ") else None
-            route = ROUTES.get(head.path) if head is not None else None
-            if head is None or route is None:
+            if head is None or head.path not in ROUTES:
                 rest = self._by_gunicorn(listener_name, client, addr, buf)
                 if rest is None:
                     return
