@@ -37,7 +37,7 @@ _HEAD = re.compile(rb"POST (/[!-~]*) HTTP/1\.1\r\n((?:" + _TOKEN +
 _NOT_HERE = frozenset({"HTTP_TRANSFER_ENCODING", "HTTP_EXPECT", "HTTP_UPGRADE", "HTTP_TE",
                        "HTTP_HTTP2_SETTINGS"})
 
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # CR and LF are counted apart
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but HTAB
 
 
 class Limits(NamedTuple):
@@ -62,6 +62,22 @@ class Head(NamedTuple):
     scheme: str
 
 
+# A field's line -> its WSGI variable and value: a client sends the same lines request after
+# request (its Host, its key, its Content-Type); only Content-Length's changes.
+_fields: dict[str, tuple[str, str]] = {}
+_FIELDS_KEPT = 4096
+
+
+def _field(line: str) -> tuple[str, str]:
+    name, _, value = line.partition(":")
+    field = ("HTTP_" + name.upper().replace("-", "_"), value.strip(" \t"))
+    if field[0] != "HTTP_CONTENT_LENGTH":
+        if len(_fields) >= _FIELDS_KEPT:
+            _fields.clear()
+        _fields[line] = field
+    return field
+
+
 def parse_head(head: bytes, limits: Limits, secure: dict[str, str]) -> Head | None:
     """The head (up to and with its empty line) when it is the plain shape read here, else
     None. ``secure``: gunicorn's ``secure_scheme_headers`` when the peer is trusted to set
@@ -78,11 +94,12 @@ def parse_head(head: bytes, limits: Limits, secure: dict[str, str]) -> Head | No
         return None
     if limits.field_size and max(map(len, lines)) > limits.field_size:
         return None
-    # A comprehension, not a loop: this runs for every request.
-    pairs = [line.partition(":") for line in lines]
-    fields = {"HTTP_" + name.upper().replace("-", "_"): value.strip(" \t")
-              for name, _, value in pairs}
-    if len(fields) != len(pairs) or not _NOT_HERE.isdisjoint(fields):
+    fields = {}
+    known = _fields.get
+    for line in lines:
+        name, value = known(line) or _field(line)
+        fields[name] = value
+    if len(fields) != len(lines) or not _NOT_HERE.isdisjoint(fields):
         return None  # a repeated field (how to join it, whether it may repeat: gunicorn's)
     length = fields.pop("HTTP_CONTENT_LENGTH", "")
     if not (length.isascii() and length.isdigit()) or int(length) > limits.body:
@@ -117,21 +134,29 @@ def http_date() -> str:
     return _date[1]
 
 
-_names: dict[str, tuple[bool, bool]] = {}  # field name -> (gunicorn's to write, Content-Length)
+# (name, value) -> the field's line as written ("" for the server's own), once checked: an
+# answer's fields repeat answer after answer (the node's, the security headers, the worker).
+_lines: dict[tuple[str, str], str] = {}
+_LINES_KEPT = 4096
 
 
-def _name(name: str) -> tuple[bool, bool]:
-    known = _names.get(name)
-    if known is None:
-        if not isinstance(name, str) or not TOKEN_RE.fullmatch(name):
-            raise ValueError(f"invalid header name {name!r} in the answer")
-        lower = name.lower()
-        # Hop-by-hop fields, Date and Server are the server's, never the app's: gunicorn's
-        # list, so an answer read here has the fields it would have from gunicorn.
-        known = (lower in util.hop_headers, lower == "content-length")
-        if len(_names) < 1000:
-            _names[name] = known
-    return known
+def _line(name: str, value: str) -> str:
+    """The checked line of one field of the answer: ValueError for a name that is not a
+    token or a value with a control character but HTAB (a CR or LF would start a field of its
+    own)."""
+    if not isinstance(name, str) or not TOKEN_RE.fullmatch(name):
+        raise ValueError(f"invalid header name {name!r} in the answer")
+    if not isinstance(value, str) or _BAD_VALUE.search(value):
+        raise ValueError(f"invalid value of header {name!r} in the answer")
+    # Hop-by-hop fields, Date and Server are the server's, never the app's: gunicorn's
+    # list, so an answer read here has the fields it would have from gunicorn.
+    lower = name.lower()
+    line = "" if lower in util.hop_headers else f"{name}: {value}\r\n"
+    if lower != "content-length":  # the one whose value changes with every answer
+        if len(_lines) >= _LINES_KEPT:
+            _lines.clear()
+        _lines[(name, value)] = line
+    return line
 
 
 class Answer:
@@ -162,25 +187,18 @@ class Answer:
 
     def head(self, close: bool) -> bytes:
         """The answer's head; ``close``: the connection ends after this answer."""
-        lines = []
         self.length = None
-        for name, value in self.headers:
-            hop, is_length = _name(name)
-            if not isinstance(value, str):
-                raise ValueError(f"invalid value of header {name!r} in the answer")
-            if hop:
-                continue
-            if is_length:
-                self.length = int(value.strip(" \t"))
-            lines.append(f"{name}: {value}\r\n")
+        lines = []
+        known = _lines.get
+        for field in self.headers:
+            line = known(field)
+            if line is None:
+                line = _line(*field)
+                if field[0].lower() == "content-length":
+                    self.length = int(field[1].strip(" \t"))
+            if line:
+                lines.append(line)
         fields = "".join(lines)
-        # One look at all the values: no control character but HTAB, and no CR or LF but
-        # the line ends (a value cannot start a field of its own)
-        if _BAD_VALUE.search(fields) or fields.count("\n") != len(lines) \
-                or fields.count("\r") != len(lines):
-            bad = next(n for n, v in self.headers
-                       if _BAD_VALUE.search(v) or "\r" in v or "\n" in v)
-            raise ValueError(f"invalid value of header {bad!r} in the answer")
         code = self.status[:3]
         self.chunked = self.length is None and code not in ("204", "304") \
             and not code.startswith("1")

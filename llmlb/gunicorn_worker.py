@@ -35,7 +35,7 @@ from gunicorn import util
 from gunicorn.glogging import Logger
 from gunicorn.workers import gthread
 
-from . import errors
+from . import errors, os_lock
 from .config import OPTIONS_BY_ATTR
 from .logsafe import escape
 
@@ -60,6 +60,17 @@ _CHEAP_ATOMS: dict[str, Callable[[Any, Any, Any], Any]] = {
 }
 
 
+_escaped: dict[str, str] = {}  # an access line's values repeat (the client, the method, the path)
+
+
+def _escape(value: str) -> str:
+    safe = escape(value)
+    if len(_escaped) >= 4096:
+        _escaped.clear()
+    _escaped[value] = safe
+    return safe
+
+
 @functools.lru_cache(maxsize=8)
 def _atoms_named(fmt: str) -> tuple[str, ...] | None:
     """The atoms a format uses, when all are cheap ones; else None."""
@@ -80,9 +91,12 @@ class AccessLogger(Logger):
         atoms = super().atoms(resp, req, environ, request_time)
         return {k: escape(v) if isinstance(v, str) else v for k, v in atoms.items()}
 
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)  # also what a configuration reload runs: the plan is made again
+        self._plan: tuple | None = None
+
     def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
-        fmt = self.cfg.access_log_format
-        names = _atoms_named(fmt)
+        names, fmt, handler = self._plan or self._make_plan()
         if names is None:
             super().access(resp, req, environ, request_time)
             return
@@ -92,10 +106,9 @@ class AccessLogger(Logger):
             atoms = {}
             for name in names:
                 value = _CHEAP_ATOMS[name](resp, environ, request_time)
-                # escaped, then quoted as gunicorn's SafeAtoms quotes
-                atoms[name] = escape(value).replace('"', '\\"') if isinstance(value, str) \
-                    else value
-            handler = self._plain_stream()
+                if isinstance(value, str):  # escaped (which quotes as gunicorn's SafeAtoms)
+                    value = _escaped.get(value) or _escape(value)
+                atoms[name] = value
             if handler is None:
                 self.access_log.handle(self.access_log.makeRecord(
                     self.access_log.name, logging.INFO, "(access)", 0, fmt, (atoms,), None))
@@ -103,14 +116,26 @@ class AccessLogger(Logger):
             # What the handler would write, without a LogRecord and the handler's filters,
             # formatter and lookups that end in just this (a tenth of a proxied request's CPU)
             line = fmt % atoms + handler.terminator
-            handler.acquire()
-            try:
+            with handler.lock:
                 handler.stream.write(line)
                 handler.stream.flush()
-            finally:
-                handler.release()
         except Exception:
             self.error(traceback.format_exc())
+
+    def _make_plan(self) -> tuple:
+        """What each access line needs, worked out once per setup: the atoms the format names
+        when all are cheap ones (else None: gunicorn's own ``access``), the format, and the
+        access log's one plain stream (see ``_plain_stream``) or None."""
+        fmt = self.cfg.access_log_format
+        handler = self._plain_stream()
+        lock = os_lock.rlock()
+        if handler is not None and type(handler.lock) is not type(lock):
+            # gevent's RLock, written in Python; what it guards writes a line and never
+            # waits, so an OS lock serves (os_lock.py). Only under gevent: no other thread
+            # can be writing meanwhile.
+            handler.lock = lock
+        self._plan = (_atoms_named(fmt), fmt, handler)
+        return self._plan
 
     def _plain_stream(self) -> logging.StreamHandler | None:
         """The access log's one handler when it is a plain stream writing each message as it

@@ -26,7 +26,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from . import process_id
+from . import os_lock, process_id
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,10 @@ class Metrics:
             # A fresh value class: its files go to the directory just set, whatever an earlier
             # app in this process (tests) used; apps sharing a directory share the class (two
             # writers of one file would overwrite each other's entries).
+            # The class's one lock is made from the ``Lock`` its module took from threading:
+            # gevent's in a gevent worker, taken seven times a request. What it guards is a
+            # write into an mmap, which never waits: an OS lock does (os_lock.py).
+            values.Lock = os_lock.lock
             values.ValueClass = values.MultiProcessValue(process_identifier=process_id.current)
             _value_class_dir = str(directory)
         labels = ("model", "node", "status")

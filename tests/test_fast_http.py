@@ -10,6 +10,8 @@ import http.client
 import io
 import json
 import socket
+import subprocess
+import sys
 
 import openai
 import pytest
@@ -262,3 +264,30 @@ def test_an_answer_field_that_would_break_the_head_is_refused(value: str) -> Non
     with pytest.raises(ValueError, match="X-Node"):
         _answer([("Content-Type", "text/plain"), ("X-Node", value)], [b"x"])
     assert _answer([("X-Node", "a\tb")], [b"x"])  # HTAB is allowed
+
+
+def test_the_hot_paths_locks_are_the_operating_systems_under_gevent() -> None:
+    """Under gevent ``threading.Lock`` is gevent's, a lock in Python; the short sections of
+    the hot path (the state's cache, the in-flight counters, prometheus' values) take the
+    operating system's (``llmlb/os_lock.py``), and a greenlet that takes one, gives the hub a
+    turn and takes it again while others do the same never blocks."""
+    code = """
+from gevent import monkey; monkey.patch_all()
+import _thread, threading, gevent
+from llmlb import os_lock
+lock = os_lock.lock()
+print(type(lock).__module__, type(lock).__name__, type(threading.Lock()).__module__)
+done = []
+def use(n):
+    for _ in range(100):
+        with lock:
+            done.append(n)
+        gevent.sleep(0)
+gevent.joinall([gevent.spawn(use, n) for n in range(50)], timeout=10)
+print(len(done))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert out[:2] == ["_thread", "lock"]  # the operating system's
+    assert out[2].startswith("gevent")     # what threading.Lock is there
+    assert out[3] == "5000"

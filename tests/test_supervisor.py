@@ -102,6 +102,47 @@ def test_counts_of_a_dead_worker_are_swept(tmp_path: Path) -> None:
     counters.close()
 
 
+def test_counts_of_workers_that_start_later_are_read(tmp_path: Path) -> None:
+    """A reader sums only the slots ever claimed: one claimed after it looked still counts."""
+    counters = InflightCounters(tmp_path / "x.inflight")
+    counters.enter(3)
+    assert counters.load(3) == 1
+    children, reads = [], []
+    for n in (1, 2):  # two more workers, each with n requests in flight, slots 1 and 2
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                child = InflightCounters(tmp_path / "x.inflight")
+                for _ in range(n):
+                    child.enter(3)
+                os.write(write, b"x")
+                time.sleep(30)
+            finally:
+                os._exit(0)
+        os.read(read, 1)
+        children.append(pid)
+        reads.append(counters.load(3))
+    try:
+        assert reads == [2, 4]
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert counters.sweep() == 2
+    assert counters.load(3) == 1
+    counters.close()
+
+
+def test_a_counter_file_of_another_layout_starts_over(tmp_path: Path) -> None:
+    path = tmp_path / "x.inflight"
+    path.write_bytes(b"LLMLBIF1" + bytes(4096))  # an earlier build's file
+    counters = InflightCounters(path)
+    counters.enter(5)
+    assert counters.load(5) == 1 and path.read_bytes()[:8] == b"LLMLBIF2"
+    counters.close()
+
+
 def _first_use(counters: InflightCounters, start: threading.Barrier,
                failures: list[Exception], sweep: bool) -> None:
     start.wait()

@@ -3,7 +3,10 @@ per request: a small memory-mapped file next to the database.
 
 The file holds one slot per worker process (its pid) and, per node, one counter per slot, laid
 out node-major so that a node's total is the sum of one contiguous run of integers. A worker
-writes only its own slot (under a thread lock: its threads share it); readers sum. A slot whose
+writes only its own slot (under a thread lock: its threads share it); readers sum. Workers
+claim the lowest free slot and the header keeps how many slots were ever claimed, so a reader
+sums that many (two, for two workers), not all ``WORKERS``: a request reads a node's load up to
+three times. A slot whose
 process died is cleared when a new worker claims a slot and by the supervisor's sweep, so a
 crashed worker's requests stop counting within a sweep.
 
@@ -23,12 +26,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .. import process_id
+from .. import os_lock, process_id
 
-MAGIC = b"LLMLBIF1"
+MAGIC = b"LLMLBIF2"  # 2: the count of slots claimed, at _USED_AT
 WORKERS = 128  # worker processes of one instance that can count at once
 NODES = 512
 _HEADER = struct.Struct("<8sII")
+_USED_AT = _HEADER.size  # an int: how many slots were ever claimed (the highest + 1)
 _PIDS_AT = 64
 _COUNTS_AT = _PIDS_AT + 8 * WORKERS
 SIZE = _COUNTS_AT + 4 * WORKERS * NODES
@@ -49,13 +53,14 @@ def _alive(pid: int) -> bool:
 class InflightCounters:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = threading.Lock()
+        self._lock = os_lock.lock()  # around the mmap's counters only: never waits
         self._attach_lock = threading.Lock()
         self._pid = -1
         self._slot = -1
         self._map: mmap.mmap | None = None
         self._pids: memoryview | None = None
         self._counts: memoryview | None = None
+        self._used: memoryview | None = None
 
     # --- writers: this worker's slot --------------------------------------------------------
 
@@ -77,7 +82,8 @@ class InflightCounters:
         """Requests in flight to ``node`` from every worker of this instance."""
         counts = self._view()[1]
         start = (node % NODES) * WORKERS
-        return max(0, sum(counts[start:start + WORKERS]))
+        assert self._used is not None
+        return max(0, sum(counts[start:start + self._used[0]]))
 
     def sweep(self) -> int:
         """Clear the slots of processes that died; returns how many were cleared."""
@@ -97,7 +103,8 @@ class InflightCounters:
             if self._map is not None and self._pid == os.getpid() and self._slot >= 0:
                 with self._file_lock():
                     self._clear(self._slot)
-            views, self._counts, self._pids = (self._pids, self._counts), None, None
+            views = (self._pids, self._counts, self._used)
+            self._counts, self._pids, self._used = None, None, None
             # A request still finishing elsewhere may hold a slice: the map then goes with
             # the process instead.
             with contextlib.suppress(BufferError, ValueError):
@@ -147,6 +154,7 @@ class InflightCounters:
             finally:
                 os.close(fd)
         self._pids = memoryview(self._map)[_PIDS_AT:_COUNTS_AT].cast("q")
+        self._used = memoryview(self._map)[_USED_AT:_USED_AT + 4].cast("i")
         self._counts = memoryview(self._map)[_COUNTS_AT:SIZE].cast("i")  # set last: "ready"
 
     def _mine(self) -> tuple[memoryview, int]:
@@ -163,6 +171,8 @@ class InflightCounters:
                 self._slot = free[0]
                 self._clear(self._slot)
                 pids[self._slot] = pid
+                assert self._used is not None
+                self._used[0] = max(self._used[0], self._slot + 1)
             self._pid = pid
         return counts, self._slot
 

@@ -13,13 +13,13 @@ raises ``StateUnavailable``, which the API answers with 503 ``state_unavailable`
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from .. import os_lock
 from ..errors import StateUnavailable
 
 __all__ = ["Cached", "Engine", "LeaderLock", "Result", "Row", "StateUnavailable", "Tx"]
@@ -106,7 +106,8 @@ class Engine(ABC):
     @abstractmethod
     def version(self, topic: str) -> Hashable | None:
         """Changes to ``topic`` so far, as a token that differs after each one; None while
-        changes might go unseen (then nothing may be served from a cache)."""
+        changes might go unseen (then nothing may be served from a cache). It never waits on
+        the network or on another greenlet: ``Cached`` asks it under an OS lock (os_lock.py)."""
 
     @abstractmethod
     def leader_lock(self, name: str) -> LeaderLock: ...
@@ -139,7 +140,7 @@ class Cached:
         self.engine, self.topic, self.limit = engine, topic, limit
         self._version: Hashable | None = None
         self._values: dict[Hashable, Any] = {}
-        self._lock = threading.Lock()
+        self._lock = os_lock.lock()  # around dict lookups only: never waits
 
     def get(self, key: Hashable, load: Callable[[], V]) -> V:
         version = self.engine.version(self.topic)

@@ -14,13 +14,13 @@ periodic work holds a file lock next to the database.
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .. import os_lock
 from ..locks import FileLeaderLock, FileLock
 from ..private_files import private_database, private_dir
 from . import schema
@@ -80,7 +80,7 @@ class SQLiteEngine(Engine):
         # How long a writer waits for another's lock before the state is unavailable.
         self.busy_timeout = 30.0
         self._idle: list[sqlite3.Connection] = []  # list.pop/append: atomic, no lock needed
-        self._watch_lock = threading.Lock()
+        self._watch_lock = os_lock.lock()  # around SQLite's C calls only: never waits
         self._watch: sqlite3.Connection | None = None
         self._data_version = -1
         self._looked_at = float("-inf")  # time.monotonic() of the last look
