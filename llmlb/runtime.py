@@ -90,6 +90,7 @@ class Runtime:
         self.supervisor.start()
         self.cluster_supervisor.start()
         self.history.start()
+        self.metrics.start()
         # What exists now lives as long as the process: keep it out of the collector's full
         # passes, which otherwise stall a request for tens of milliseconds now and then.
         gc.freeze()
@@ -100,6 +101,7 @@ class Runtime:
         self.supervisor.stop()
         self.cluster_supervisor.stop()
         self.history.close()
+        self.metrics.close()
         if self.providers is not None:
             self.providers.close()
         if self.pool is not None:

@@ -68,14 +68,15 @@ def _post_worker_init(worker: Any) -> None:
 
 
 def _worker_exit(server: Any, worker: Any) -> None:
-    """In the worker, as it exits: its buffered request history goes to the database, what
-    it reserved of keys' limits goes back, and its log is flushed and let go while the
-    process still works."""
+    """In the worker, as it exits: its buffered request history goes to the database, its
+    held metric counts to its files, what it reserved of keys' limits goes back, and its log
+    is flushed and let go while the process still works."""
     runtime = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("llmlb")
     if runtime is not None:
         if runtime.balancer.limiter is not None:
             runtime.balancer.limiter.close()
         runtime.history.close()
+        runtime.metrics.close()
     _release_log_handlers()
 
 

@@ -163,3 +163,37 @@ def test_the_kept_process_id_follows_a_fork() -> None:
     kept, actual = os.read(read, 100).decode().split()
     os.waitpid(child, 0)
     assert kept == actual == str(child)
+
+
+def _in_files(directory: Path) -> float:
+    """llmlb_requests_total as another worker's scrape reads it: from the files alone."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, str(directory))
+    return sum(s.value for family in registry.collect() for s in family.samples
+               if s.name == "llmlb_requests_total")
+
+
+def test_counts_held_in_a_worker_reach_the_other_workers(tmp_path: Path, monkeypatch) -> None:
+    """A worker holds its increments and writes them every FLUSH_SECONDS, and when it exits:
+    the other workers' scrapes see them soon, a restart loses none."""
+    from llmlb.metrics import ENV, FLUSH_SECONDS, Metrics
+
+    monkeypatch.delenv(ENV, raising=False)
+    directory = tmp_path / "metrics"
+    metrics = Metrics(directory, lambda: [])
+    metrics.start()
+    try:
+        metrics.observe("m", "n", 200, 0.01, 0.01, 3, 2)
+        deadline = time.monotonic() + FLUSH_SECONDS * 4
+        while _in_files(directory) < 1:
+            assert time.monotonic() < deadline, "never written while nobody scraped"
+            time.sleep(0.05)
+    finally:
+        metrics.close()
+    metrics.observe("m", "n", 200, 0.01, 0.01, 3, 2)
+    metrics.observe("m", "n", 500, 0.01, None, None, None)
+    metrics.close()  # as a worker exits
+    assert _in_files(directory) == 3

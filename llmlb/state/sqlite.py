@@ -30,9 +30,11 @@ from .engine import Engine, Result, Row, StateUnavailable
 # timeout, the disk is full or gone.
 IDLE_CONNECTIONS = 16  # kept for the next statement; more are closed when given back
 # How long a look at ``PRAGMA data_version`` stands for the next ones: a request asks up to
-# three times (its key, the aliases, the members), and under load many requests a millisecond.
-# Any statement of this process's own starts a new look.
-FRESH_SECONDS = 0.002
+# three times (its key, the aliases, the members), and under load a balancer serves a few
+# requests a millisecond; a look costs as much as ten of those asks (SQLite's shared lock, two
+# system calls). So another process's change is seen within 10 ms; any statement of this
+# process's own starts a new look.
+FRESH_SECONDS = 0.01
 _TRANSIENT = ("locked", "busy", "disk i/o", "unable to open", "database or disk is full")
 
 
