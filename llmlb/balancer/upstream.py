@@ -78,8 +78,8 @@ def _noop() -> None:
     return None
 
 
-@dataclass(frozen=True)
-class ProxyRequest:
+@dataclass(eq=False)  # not frozen (one per request; a frozen init costs three times as much),
+class ProxyRequest:   # yet never changed once made: ``dataclasses.replace`` makes another
     """One OpenAI request on its way to a node: the bytes as sent, and what was read of them.
 
     ``model_id`` was checked once, where the request came in, and travels down as it is.
@@ -158,13 +158,19 @@ class RemoteNode:
         self.pool = http1.Pool(url, maxsize=pool_size, connect_timeout=connect_timeout,
                                read_timeout=read_timeout)
         self.headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+        self._paths: dict[str, str] = {}
         if secret:
             self.headers["Authorization"] = f"Bearer {secret}"
 
     def path(self, path: str) -> str:
         """The path to ask for ``path`` (``/v1/chat/completions``, ``/v0/node/report``)."""
-        return urls.endpoint_path(self.url, path) if self.endpoint else \
-            urls.node_path(self.url, path)
+        found = self._paths.get(path)
+        if found is None:  # the API's few paths, each worked out once (and a model's, rarely)
+            found = urls.endpoint_path(self.url, path) if self.endpoint else \
+                urls.node_path(self.url, path)
+            if len(self._paths) < 64:
+                self._paths[path] = found
+        return found
 
     def close(self) -> None:
         self.pool.close()
