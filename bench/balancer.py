@@ -9,7 +9,9 @@ Parts (``--parts``; all but ``profile`` by default):
   direct, nginx as a proxy (keep-alive upstream, 1 worker), ``llmlb serve --role balancer``
   (1 gevent worker, its default; then gthread) with the upstream added as an **endpoint**
   (``POST /v0/endpoints``; metrics and history on, the defaults), then the same three for
-  streams (``"stream": true``). 1 connection: p50 and requests/s; 64 connections:
+  streams (``"stream": true``); and ``bench/bare_proxy.py``, Python and gevent making the same
+  system calls as llmlb's fast path and nothing else: the floor under llmlb's own cost. 1
+  connection: p50 and requests/s; 64 connections:
   requests/s, p99, errors (non-2xx and socket errors), and llmlb's CPU per request (its
   worker's CPU time over the requests: what other processes disturb least). Goals (issue
   20): <= 0.3 ms added p50, >= 3,000 req/s at 64 connections on one core, p99 <= 30 ms,
@@ -135,6 +137,10 @@ def part_proxy(seconds: float, compare: list[str], repeat: int = 1,
                      WORK)
         rows += [direct, row("nginx as proxy", f"http://127.0.0.1:{nginx_port}{PATH}", None,
                              seconds, WORK)]
+        bare_port = free_port()
+        procs.append(proxybench.start_bare_proxy(bare_port, json_port, WORK, core=1))
+        rows.append(row("bare gevent proxy (Python's floor)", f"http://127.0.0.1:{bare_port}"
+                        f"{PATH}", None, seconds, WORK, pids=[procs[-1].pid]))
         for label, env in (("llmlb balancer (gevent), upstream as an endpoint", {}),
                            ("llmlb balancer (gthread), upstream as an endpoint",
                             {"LLMLB_WORKER_CLASS": "gthread"}))[:0 if anchors_only else 2]:

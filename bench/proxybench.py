@@ -136,6 +136,16 @@ server {{
 """, core)
 
 
+def start_bare_proxy(port: int, upstream_port: int, work: Path, core: int | None) -> Proc:
+    """``bench/bare_proxy.py``: Python and gevent making the same system calls as llmlb's
+    fast path, and nothing else (the floor under llmlb's own cost)."""
+    proc = Proc(pinned(core, [sys.executable, str(REPO / "bench" / "bare_proxy.py"), str(port),
+                              str(upstream_port)]),
+                clean_env(from_options=False), work / "bare-proxy.log")
+    wait_port(port, proc)
+    return proc
+
+
 def code_env(code: Path | None) -> dict[str, str]:
     """The environment that runs another checkout's llmlb with this venv."""
     if code is None:
