@@ -30,7 +30,7 @@ from gunicorn.http.wsgi import base_environ
 from gunicorn.workers import ggevent
 
 from .api.fastpath import ROUTES
-from .fast_http import Answer, Limits, parse_head
+from .fast_http import Answer, Heads, Limits
 from .gunicorn_worker import JSONErrors
 
 READ_SIZE = 64 * 1024
@@ -106,6 +106,7 @@ class GeventWorker(JSONErrors, ggevent.GeventWorker):
                 "SERVER_PORT": str(listener_name[1]), "SCRIPT_NAME": ""}
         secure = self.cfg.secure_scheme_headers if _ip_in_allow_list(
             addr[0], self.cfg.forwarded_allow_ips, self.cfg.forwarded_allow_networks()) else {}
+        heads = Heads()
         buf = b""
         while True:
             # the next head, within the keep-alive time (gunicorn's rule for every head)
@@ -127,7 +128,7 @@ class GeventWorker(JSONErrors, ggevent.GeventWorker):
                         return
                     buf += data
                     end = buf.find(b"\r\n\r\n", max(0, len(buf) - len(data) - 3))
-            head = parse_head(buf[:end + 4], limits, secure) \
+            head = heads.parse(buf[:end + 4], limits, secure) \
                 if end >= 0 and buf.startswith(b"POST ") else None
             if head is None or head.path not in ROUTES:
                 rest = self._by_gunicorn(listener_name, client, addr, buf)

@@ -17,7 +17,7 @@ import openai
 import pytest
 import requests
 
-from llmlb.fast_http import Answer, Limits, parse_head
+from llmlb.fast_http import Answer, Heads, Limits, parse_head
 
 from .conftest import Proc, free_port, llmlb_command
 from .test_endpoints import add
@@ -221,6 +221,22 @@ def test_the_plain_head_is_read_into_the_environ() -> None:
 def test_any_other_head_is_left_to_gunicorn(old: bytes, new: bytes) -> None:
     assert parse_head(PLAIN, LIMITS, {}) is not None
     assert parse_head(PLAIN.replace(old, new, 1), LIMITS, {}) is None
+    # and by a connection whose last head was the plain one (``Heads``)
+    heads = Heads()
+    assert heads.parse(PLAIN, LIMITS, {}) is not None
+    assert heads.parse(PLAIN.replace(old, new, 1), LIMITS, {}) is None
+
+
+def test_a_head_like_the_last_but_for_its_length_is_read_as_such() -> None:
+    heads = Heads()
+    assert heads.parse(PLAIN, LIMITS, {}) == parse_head(PLAIN, LIMITS, {})
+    for length in (b"345", b"0", b"007", b"1000"):
+        head = PLAIN.replace(b"Content-Length: 12", b"Content-Length: " + length)
+        again = heads.parse(head, LIMITS, {})
+        assert again == parse_head(head, LIMITS, {}) and again.length == int(length)
+    closing = PLAIN.replace(b"Host: lb", b"Connection: close")
+    assert heads.parse(closing, LIMITS, {}).close  # another head: read anew
+    assert not heads.parse(PLAIN, LIMITS, {}).close
 
 
 def test_scheme_fields_that_disagree_are_left_to_gunicorn() -> None:
