@@ -139,19 +139,32 @@ class Cluster:
         self._clients: dict[int, tuple[tuple[str, str | None, str | None], RemoteNode]] = {}
         self._clients_lock = threading.Lock()
         self._unbuildable: set[tuple[int, str]] = set()  # logged once each
+        # per set of statuses asked for: (the registry's rows then, the members they made)
+        self._members: dict[tuple[str, ...], tuple[tuple[NodeRecord, ...], list[Member]]] = {}
 
     def members(self, statuses: tuple[str, ...] = (ONLINE,)) -> list[Member]:
         """The members whose status is one of ``statuses``, the in-process one first; a row
         that cannot be used is never among them."""
         found: list[Member] = [self.local] if self.local is not None else []
         if self.registry is not None:
+            records = self.registry.nodes()
+            kept = self._members.get(statuses)
+            if kept is not None and kept[0] is records:
+                # The same rows as the last look (the registry reads them anew every
+                # CACHE_SECONDS, or when they change): the same members. A status that turns
+                # with the clock alone (a missed heartbeat, a cooldown's end) is seen at the
+                # next read, as a change of the rows is.
+                return found + kept[1]
             now = time.time()
-            for record in self.registry.nodes():
+            remote = []
+            for record in records:
                 status = record.status(now, self.registry.timeout)
                 if status in statuses and record.unusable is None:
                     member = self._member(record, status)
                     if member is not None:
-                        found.append(member)
+                        remote.append(member)
+            self._members[statuses] = (records, remote)
+            found += remote
         return found
 
     def _member(self, record: NodeRecord, status: str) -> RemoteMember | None:
