@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,7 @@ def fold_dead_worker(pid: int, directory: str | None = None) -> None:
 FLUSH_SECONDS = 0.5
 _held_lock = os_lock.lock()  # around a few additions: never waits
 _held: list = []  # the values with increments held
+_series: dict[tuple[str, tuple[str, ...]], Any] = {}  # (sample name, label values) -> value
 
 
 def _held_back(base: type) -> type:
@@ -122,17 +124,15 @@ def _held_back(base: type) -> type:
     of a proxied request's CPU, where holding them costs a tenth of that."""
 
     class HeldBack(base):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
+        def __init__(self, typ: str, metric_name: str, name: str, labelnames: Any,
+                     labelvalues: Any, *args: Any, **kwargs: Any) -> None:
             self._pending = 0.0
             self._queued = False
-            super().__init__(*args, **kwargs)
+            super().__init__(typ, metric_name, name, labelnames, labelvalues, *args, **kwargs)
+            _series[(name, tuple(labelvalues))] = self  # found by Metrics.observe
 
         def inc(self, amount: float) -> None:
-            with _held_lock:
-                self._pending += amount
-                if not self._queued:
-                    self._queued = True
-                    _held.append(self)
+            _hold(((self, amount),))
 
         def get(self) -> float:
             with _held_lock:
@@ -148,6 +148,16 @@ def _held_back(base: type) -> type:
             super().inc(amount)
 
     return HeldBack
+
+
+def _hold(added: Any) -> None:
+    """Hold the increments ``added`` ((value, amount) pairs) until the next ``flush``."""
+    with _held_lock:
+        for value, amount in added:
+            value._pending += amount
+            if not value._queued:
+                value._queued = True
+                _held.append(value)
 
 
 def flush() -> None:
@@ -221,32 +231,53 @@ class Metrics:
         self.tokens_out = Counter("llmlb_completion_tokens", "Tokens generated, as the node "
                                   "reported them", ("model", "node"), registry=None)
         self._state = state
-        self._children: dict[tuple[str, str], tuple] = {}
-        self._requests: dict[tuple[str, str, int], object] = {}
+        self._values: dict[tuple[str, str, int], tuple] = {}
 
     def observe(self, model: str, node: str, status: int, latency: float, ttft: float | None,
                 tokens_in: int | None, tokens_out: int | None) -> None:
-        # The labelled children, looked up once per label set: prometheus_client's labels()
-        # (validation, a lock) was most of the cost of counting a request.
-        children = self._children.get((model, node))
-        if children is None:
-            children = self._children.setdefault((model, node), (
-                self.latency.labels(model, node), self.ttft.labels(model, node),
-                self.tokens_in.labels(model, node), self.tokens_out.labels(model, node)))
-        counter = self._requests.get((model, node, status))
-        if counter is None:
-            counter = self._requests.setdefault((model, node, status),
-                                                self.requests.labels(model, node, str(status)))
-        counter.inc()
-        latency_child, ttft_child, tokens_in_child, tokens_out_child = children
+        # Each series' values found once (see _values_of), then held together: what
+        # prometheus_client's labels(), inc() and observe() do around them was most of the
+        # cost of counting a request.
+        values = self._values.get((model, node, status))
+        if values is None:
+            try:
+                values = self._values_of(model, node, status)
+            except KeyError as exc:  # another prometheus_client's names: never fail a request
+                log.error("Metrics: no value for the sample %s; requests are not counted", exc)
+                return
+            values = self._values.setdefault((model, node, status), values)
+        count, latency_sum, latency_buckets, ttft_sum, ttft_buckets, prompt, completion = values
+        added = [(count, 1)]
         if status < 400:
-            latency_child.observe(latency)
+            added += ((latency_sum, latency),
+                      (latency_buckets[bisect_left(LATENCY_BUCKETS, latency)], 1))
             if ttft is not None:
-                ttft_child.observe(ttft)
+                added += ((ttft_sum, ttft), (ttft_buckets[bisect_left(LATENCY_BUCKETS, ttft)], 1))
         if tokens_in:
-            tokens_in_child.inc(tokens_in)
+            added.append((prompt, tokens_in))
         if tokens_out:
-            tokens_out_child.inc(tokens_out)
+            added.append((completion, tokens_out))
+        _hold(added)
+
+    def _values_of(self, model: str, node: str, status: int) -> tuple:
+        """The values of one request's series, made by prometheus_client's labels() (the
+        files' keys, as its collector reads them) and found by their samples' names; a
+        histogram's buckets in its bounds' order (+Inf last), as ``observe`` picks them."""
+        from prometheus_client.utils import floatToGoString
+
+        self.requests.labels(model, node, str(status))
+        for metric in (self.latency, self.ttft, self.tokens_in, self.tokens_out):
+            metric.labels(model, node)
+        pair = (model, node)
+        bounds = [floatToGoString(b) for b in (*LATENCY_BUCKETS, float("inf"))]
+        return (_series[("llmlb_requests_total", (model, node, str(status)))],
+                _series[("llmlb_request_duration_seconds_sum", pair)],
+                [_series[("llmlb_request_duration_seconds_bucket", (*pair, b))] for b in bounds],
+                _series[("llmlb_time_to_first_token_seconds_sum", pair)],
+                [_series[("llmlb_time_to_first_token_seconds_bucket", (*pair, b))]
+                 for b in bounds],
+                _series[("llmlb_prompt_tokens_total", pair)],
+                _series[("llmlb_completion_tokens_total", pair)])
 
     def start(self) -> None:
         """Write held increments every FLUSH_SECONDS from now on (once per process)."""
