@@ -76,21 +76,28 @@ def test_a_failing_task_is_logged_once_and_keeps_running(tmp_path: Path, caplog)
     assert sup.describe()["tasks"]["heartbeat"]["last_error"] is None
 
 
-def test_counts_of_a_dead_worker_are_swept(tmp_path: Path) -> None:
-    counters = InflightCounters(tmp_path / "x.inflight")
-    counters.enter(7)
+def _worker_holding(path: Path, node: int, requests: int) -> int:
+    """A forked worker process with ``requests`` requests in flight to ``node``, counted in
+    ``path``, that holds them until killed; its pid."""
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # a worker that takes two requests and dies without finishing them
+    if pid == 0:
         try:
-            child = InflightCounters(tmp_path / "x.inflight")
-            child.enter(7)
-            child.enter(7)
+            child = InflightCounters(path)
+            for _ in range(requests):
+                child.enter(node)
             os.write(write, b"x")
             time.sleep(30)
         finally:
             os._exit(0)
     os.read(read, 1)
+    return pid
+
+
+def test_counts_of_a_dead_worker_are_swept(tmp_path: Path) -> None:
+    counters = InflightCounters(tmp_path / "x.inflight")
+    counters.enter(7)
+    pid = _worker_holding(tmp_path / "x.inflight", 7, 2)  # it dies without finishing them
     assert counters.load(7) == 3
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
@@ -109,19 +116,7 @@ def test_counts_of_workers_that_start_later_are_read(tmp_path: Path) -> None:
     assert counters.load(3) == 1
     children, reads = [], []
     for n in (1, 2):  # two more workers, each with n requests in flight, slots 1 and 2
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                child = InflightCounters(tmp_path / "x.inflight")
-                for _ in range(n):
-                    child.enter(3)
-                os.write(write, b"x")
-                time.sleep(30)
-            finally:
-                os._exit(0)
-        os.read(read, 1)
-        children.append(pid)
+        children.append(_worker_holding(tmp_path / "x.inflight", 3, n))
         reads.append(counters.load(3))
     try:
         assert reads == [2, 4]
