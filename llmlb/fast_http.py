@@ -19,6 +19,7 @@ or a line over gunicorn's limits goes to gunicorn.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import time
@@ -62,20 +63,11 @@ class Head(NamedTuple):
     scheme: str
 
 
-# A field's line -> its WSGI variable and value: a client sends the same lines request after
-# request (its Host, its key, its Content-Type); only Content-Length's changes.
-_fields: dict[str, tuple[str, str]] = {}
-_FIELDS_KEPT = 4096
-
-
+@functools.lru_cache(maxsize=4096)  # a client sends the same lines request after request
 def _field(line: str) -> tuple[str, str]:
+    """A field's line as its WSGI variable and value."""
     name, _, value = line.partition(":")
-    field = ("HTTP_" + name.upper().replace("-", "_"), value.strip(" \t"))
-    if field[0] != "HTTP_CONTENT_LENGTH":
-        if len(_fields) >= _FIELDS_KEPT:
-            _fields.clear()
-        _fields[line] = field
-    return field
+    return "HTTP_" + name.upper().replace("-", "_"), value.strip(" \t")
 
 
 def parse_head(head: bytes, limits: Limits, secure: dict[str, str]) -> Head | None:
@@ -94,11 +86,7 @@ def parse_head(head: bytes, limits: Limits, secure: dict[str, str]) -> Head | No
         return None
     if limits.field_size and max(map(len, lines)) > limits.field_size:
         return None
-    fields = {}
-    known = _fields.get
-    for line in lines:
-        name, value = known(line) or _field(line)
-        fields[name] = value
+    fields = dict(map(_field, lines))
     if len(fields) != len(lines) or not _NOT_HERE.isdisjoint(fields):
         return None  # a repeated field (how to join it, whether it may repeat: gunicorn's)
     length = fields.pop("HTTP_CONTENT_LENGTH", "")
@@ -175,16 +163,11 @@ def http_date() -> str:
     return _date[1]
 
 
-# (name, value) -> the field's line as written ("" for the server's own), once checked: an
-# answer's fields repeat answer after answer (the node's, the security headers, the worker).
-_lines: dict[tuple[str, str], str] = {}
-_LINES_KEPT = 4096
-
-
-def _line(name: str, value: str) -> str:
-    """The checked line of one field of the answer: ValueError for a name that is not a
-    token or a value with a control character but HTAB (a CR or LF would start a field of its
-    own)."""
+@functools.lru_cache(maxsize=4096)  # an answer's fields repeat answer after answer
+def _line(name: str, value: str) -> tuple[str, int | None]:
+    """One field of the answer, checked: its line as written ("" for the server's own) and,
+    for Content-Length, the length. ValueError for a name that is not a token or a value with
+    a control character but HTAB (a CR or LF would start a field of its own)."""
     if not isinstance(name, str) or not TOKEN_RE.fullmatch(name):
         raise ValueError(f"invalid header name {name!r} in the answer")
     if not isinstance(value, str) or _BAD_VALUE.search(value):
@@ -192,12 +175,10 @@ def _line(name: str, value: str) -> str:
     # Hop-by-hop fields, Date and Server are the server's, never the app's: gunicorn's
     # list, so an answer read here has the fields it would have from gunicorn.
     lower = name.lower()
-    line = "" if lower in util.hop_headers else f"{name}: {value}\r\n"
-    if lower != "content-length":  # the one whose value changes with every answer
-        if len(_lines) >= _LINES_KEPT:
-            _lines.clear()
-        _lines[(name, value)] = line
-    return line
+    if lower in util.hop_headers:
+        return "", None
+    return (f"{name}: {value}\r\n",
+            int(value.strip(" \t")) if lower == "content-length" else None)
 
 
 class Answer:
@@ -230,15 +211,11 @@ class Answer:
         """The answer's head; ``close``: the connection ends after this answer."""
         self.length = None
         lines = []
-        known = _lines.get
-        for field in self.headers:
-            line = known(field)
-            if line is None:
-                line = _line(*field)
-                if field[0].lower() == "content-length":
-                    self.length = int(field[1].strip(" \t"))
-            if line:
-                lines.append(line)
+        for name, value in self.headers:
+            line, length = _line(name, value)
+            lines.append(line)
+            if length is not None:
+                self.length = length
         fields = "".join(lines)
         code = self.status[:3]
         self.chunked = self.length is None and code not in ("204", "304") \

@@ -60,15 +60,8 @@ _CHEAP_ATOMS: dict[str, Callable[[Any, Any, Any], Any]] = {
 }
 
 
-_escaped: dict[str, str] = {}  # an access line's values repeat (the client, the method, the path)
-
-
-def _escape(value: str) -> str:
-    safe = escape(value)
-    if len(_escaped) >= 4096:
-        _escaped.clear()
-    _escaped[value] = safe
-    return safe
+# An access line's values repeat (the client, the method, the path): each escaped once
+_escape = functools.lru_cache(maxsize=4096)(escape)
 
 
 @functools.lru_cache(maxsize=8)
@@ -107,7 +100,7 @@ class AccessLogger(Logger):
             for name in names:
                 value = _CHEAP_ATOMS[name](resp, environ, request_time)
                 if isinstance(value, str):  # escaped (which quotes as gunicorn's SafeAtoms)
-                    value = _escaped.get(value) or _escape(value)
+                    value = _escape(value)
                 atoms[name] = value
             if handler is None:
                 self.access_log.handle(self.access_log.makeRecord(

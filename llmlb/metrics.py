@@ -211,10 +211,6 @@ class Metrics:
             # A fresh value class: its files go to the directory just set, whatever an earlier
             # app in this process (tests) used; apps sharing a directory share the class (two
             # writers of one file would overwrite each other's entries).
-            # The class's one lock is made from the ``Lock`` its module took from threading:
-            # gevent's in a gevent worker, taken seven times a request. What it guards is a
-            # write into an mmap, which never waits: an OS lock does (os_lock.py).
-            values.Lock = os_lock.lock
             values.ValueClass = _held_back(
                 values.MultiProcessValue(process_identifier=process_id.current))
             _value_class_dir = str(directory)
@@ -233,6 +229,7 @@ class Metrics:
                                   "reported them", ("model", "node"), registry=None)
         self._state = state
         self._values: dict[tuple[str, str, int], tuple] = {}
+        self._pairs: dict[tuple[str, str], tuple] = {}
 
     def observe(self, model: str, node: str, status: int, latency: float, ttft: float | None,
                 tokens_in: int | None, tokens_out: int | None) -> None:
@@ -266,19 +263,25 @@ class Metrics:
         histogram's buckets in its bounds' order (+Inf last), as ``observe`` picks them."""
         from prometheus_client.utils import floatToGoString
 
-        self.requests.labels(model, node, str(status))
-        for metric in (self.latency, self.ttft, self.tokens_in, self.tokens_out):
-            metric.labels(model, node)
+        # Each looked up as soon as labels() made it: another Metrics of this process (a
+        # test's second app) may have registered values of the same names since.
         pair = (model, node)
-        bounds = [floatToGoString(b) for b in (*LATENCY_BUCKETS, float("inf"))]
-        return (_series[("llmlb_requests_total", (model, node, str(status)))],
+        values = self._pairs.get(pair)
+        if values is None:
+            for metric in (self.latency, self.ttft, self.tokens_in, self.tokens_out):
+                metric.labels(model, node)
+            bounds = [floatToGoString(b) for b in (*LATENCY_BUCKETS, float("inf"))]
+            values = self._pairs[pair] = (
                 _series[("llmlb_request_duration_seconds_sum", pair)],
-                [_series[("llmlb_request_duration_seconds_bucket", (*pair, b))] for b in bounds],
+                [_series[("llmlb_request_duration_seconds_bucket", (*pair, b))]
+                 for b in bounds],
                 _series[("llmlb_time_to_first_token_seconds_sum", pair)],
                 [_series[("llmlb_time_to_first_token_seconds_bucket", (*pair, b))]
                  for b in bounds],
                 _series[("llmlb_prompt_tokens_total", pair)],
                 _series[("llmlb_completion_tokens_total", pair)])
+        self.requests.labels(model, node, str(status))
+        return (_series[("llmlb_requests_total", (model, node, str(status)))], *values)
 
     def start(self) -> None:
         """Write held increments every FLUSH_SECONDS from now on (once per process)."""

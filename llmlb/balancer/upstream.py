@@ -78,6 +78,11 @@ def _noop() -> None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)  # the API's few paths per member, each worked out once
+def _path(url: str, endpoint: bool, path: str) -> str:
+    return urls.endpoint_path(url, path) if endpoint else urls.node_path(url, path)
+
+
 @dataclass(eq=False)  # not frozen (one per request; a frozen init costs three times as much),
 class ProxyRequest:   # yet never changed once made: ``dataclasses.replace`` makes another
     """One OpenAI request on its way to a node: the bytes as sent, and what was read of them.
@@ -158,19 +163,12 @@ class RemoteNode:
         self.pool = http1.Pool(url, maxsize=pool_size, connect_timeout=connect_timeout,
                                read_timeout=read_timeout)
         self.headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-        self._paths: dict[str, str] = {}
         if secret:
             self.headers["Authorization"] = f"Bearer {secret}"
 
     def path(self, path: str) -> str:
         """The path to ask for ``path`` (``/v1/chat/completions``, ``/v0/node/report``)."""
-        found = self._paths.get(path)
-        if found is None:  # the API's few paths, each worked out once (and a model's, rarely)
-            found = urls.endpoint_path(self.url, path) if self.endpoint else \
-                urls.node_path(self.url, path)
-            if len(self._paths) < 64:
-                self._paths[path] = found
-        return found
+        return _path(self.url, self.endpoint, path)
 
     def close(self) -> None:
         self.pool.close()
