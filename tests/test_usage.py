@@ -10,6 +10,7 @@ import requests
 from playwright.sync_api import Page, expect
 
 from llmlb import usage as usage_api
+from llmlb.history import BATCH, History, RequestRecord
 from llmlb.state import State
 
 from .conftest import save_artifact
@@ -118,6 +119,26 @@ def test_percentiles_are_read_from_the_histograms_on_both_engines(
                              since=0, until=86399)
     assert empty["data"] == [] and empty["total"]["latency_p50_ms"] is None
     assert empty["total"]["requests"] == 0
+
+
+def test_a_busy_seconds_history_arrives_whole_in_several_transactions(
+        state: State) -> None:  # noqa: F811
+    """A worker's second of history is written in transactions of ``BATCH`` rows (one
+    transaction of them all held a gevent worker's requests up for ~17 ms at 5,000 a second):
+    every row arrives once, and the usage roll-ups sum them all."""
+    hour = 3600 * 500_002
+    history = History(state, retention_days=1)
+    n = 2 * BATCH + 7
+    for i in range(n):
+        history.add(RequestRecord(hour + 60, "busy", "chat", "m", "n", 500 if i % 100 == 0
+                                  else 200, False, 0.003, None, 2, 3, None))
+    assert history.flush() == n
+    assert history.flush() == 0
+    total = usage_api.report(state.usage, bucket="hour", group=None, filters={"key": "busy"},
+                             since=hour, until=hour + 3599)["total"]
+    assert (total["requests"], total["errors"], total["tokens_in"], total["tokens_out"]) == (
+        n, 11, 2 * n, 3 * n)
+    assert len(history.query(key_name="busy", limit=n + 1)) == n
 
 
 def test_usage_parameters_are_checked(make_server) -> None:
