@@ -54,7 +54,7 @@ class _Parsed:
         self.keep_alive = False
         self.done = False
         self.body: list[bytes] = []
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
@@ -63,6 +63,9 @@ class _Parsed:
         self.headers_done = True
         # Asked now: llhttp forgets it once the message is complete.
         self.keep_alive = self.parser.should_keep_alive()
+        # Let go of the parser (the caller holds it): it holds this object's methods, and
+        # the pair would be a cycle that only the garbage collector frees.
+        self.parser = None
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
