@@ -7,8 +7,9 @@ the database and the database sees a few transactions of ``BATCH`` rows per seco
 worker, not one per request. A worker killed outright loses at most its last second of rows.
 While the database is unavailable (PostgreSQL restarting) the rows stay in the buffer, up to
 ``MAX_BUFFERED``, and are written when it returns. Rows older than
-``LLMLB_HISTORY_RETENTION_DAYS`` are deleted by the supervisor's ``history-prune`` task. Each batch also adds its sums to the usage roll-ups
-(``usage.py``), in the same transaction. The SQL is in ``state/records.py``.
+``LLMLB_HISTORY_RETENTION_DAYS`` are deleted by the supervisor's ``history-prune`` task. Each
+batch also adds its sums to the usage roll-ups (``usage.py``), in the same transaction. The SQL
+is in ``state/records.py``.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from .state import State, StateUnavailable
 log = logging.getLogger(__name__)
 FLUSH_SECONDS = 1.0
 MAX_BUFFERED = 100_000  # past this (the database is away) new rows are dropped, not memory
-# Rows per transaction. A transaction holds up a gevent worker's requests while it runs
-# (SQLite's C library, or psycopg formatting a COPY): at 5,000 requests a second a second's
-# rows in one transaction took ~17 ms and the p99 at 64 connections rose by ~6 ms; in
-# transactions of 500 (~1.5 ms each), with a turn for the requests between them, it does not.
+# Rows per transaction. In a gevent worker the writer is a greenlet, and a transaction holds
+# up the worker's requests while it runs in C (SQLite's library): at 5,000 requests a second,
+# a second's rows in one transaction took ~17 ms and put ~6 ms on the p99 at 64 connections;
+# in transactions of 500 (~1.5 ms each), with a turn for the requests between them, the p99
+# is what it is with the history off (bench/RESULTS.md).
 BATCH = 500
 
 
