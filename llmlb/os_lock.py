@@ -3,11 +3,12 @@
 In a gevent worker ``threading.Lock`` is gevent's (gunicorn patches ``threading`` before the app
 loads): a lock written in Python that costs about a microsecond to take, and a proxied request
 took fourteen (bench/RESULTS.md): its key, the aliases and the members through the state's
-cache, the in-flight counters, and prometheus_client's values (now held, ``metrics.py``). A section that never gives gevent's hub a
-turn (no socket, no sleep, no waiting on another greenlet: a dict, an mmap, SQLite's C library)
-runs to its end before any other greenlet of its thread runs, so no second greenlet can find it
-held. The operating system's lock then guards it as well, against the threads of a gthread
-worker as before, for a fraction of the cost.
+cache, the in-flight counters, and prometheus_client's values (now held, ``metrics.py``). A
+section that never gives gevent's hub a turn (no socket, no sleep, no waiting on another
+greenlet: a dict, an mmap, SQLite's C library) runs to its end before any other greenlet of
+its thread runs, so no second greenlet can find it held. The operating system's lock then
+guards it as well, against the threads of a gthread worker as before, for a fraction of the
+cost.
 
 Only for such sections: a greenlet that waits on an OS lock held by another greenlet of its own
 thread blocks the thread, and so both, for good. A section that may wait (a PostgreSQL query, a

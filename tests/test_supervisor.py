@@ -91,6 +91,8 @@ def _worker_holding(path: Path, node: int, requests: int) -> int:
         finally:
             os._exit(0)
     os.read(read, 1)
+    os.close(read)
+    os.close(write)
     return pid
 
 
